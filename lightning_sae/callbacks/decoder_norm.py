@@ -1,0 +1,45 @@
+"""Keep decoder rows at unit norm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from torch.optim import Optimizer
+
+
+class DecoderNormConstraint(Callback):
+    """Project out the gradient parallel to each decoder row, then renormalise rows after the step.
+
+    With unit-norm rows the L1 penalty cannot be lowered by shrinking activations and growing the
+    decoder. Removing the parallel gradient component first means Adam spends its step only on
+    changing directions, not on norm changes that the renormalisation would undo.
+    """
+
+    def __init__(self, remove_parallel_gradient: bool = True) -> None:
+        self.remove_parallel_gradient = remove_parallel_gradient
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._normalise(pl_module)
+
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
+    ) -> None:
+        W_dec, grad = pl_module.W_dec, pl_module.W_dec.grad
+        if self.remove_parallel_gradient and grad is not None:
+            directions = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            grad -= (grad * directions).sum(1, keepdim=True) * directions
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._normalise(pl_module)
+
+    @staticmethod
+    def _normalise(pl_module: LightningModule) -> None:
+        W_dec = pl_module.W_dec
+        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,311 @@
+"""The shared SAE: parameters, encode/decode, training and validation steps, metrics, optimiser.
+
+A variant subclasses :class:`SparseAutoencoder` and overrides ``activation`` (or
+``encode_normalized`` when its encoder differs) and ``loss_terms``. Everything else (logging,
+dead-feature tracking, input normalisation, the optimiser and its schedule, the optional
+orthogonality regulariser) lives here once.
+
+Activations enter and leave the public API (``encode``, ``decode``, ``forward``) in the units of
+the model they came from. With ``normalize_activations`` the SAE works internally on inputs
+scaled so that their mean norm is sqrt(d_in); the factor is a buffer, saved with the weights and
+folded into them on export.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
+from lightning_sae.metrics.similarity import mean_max_cosine_similarity
+from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
+
+
+@dataclass
+class SAEOutput:
+    """What a forward pass produces: reconstruction, feature activations, pre-activations."""
+
+    x_hat: Tensor
+    acts: Tensor
+    pre_acts: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def check_positive(name: str, value: float, option: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}: set {option} to a value > 0.")
+
+
+def check_nonnegative(name: str, value: float, option: str) -> None:
+    if value < 0:
+        raise ValueError(
+            f"{name} must be >= 0, got {value}: set {option} to zero (off) or a positive value."
+        )
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SparseAutoencoder(LightningModule):
+    """ReLU SAE with MSE loss; the base every variant builds on.
+
+    Args:
+        d_in: width of the activation vectors.
+        d_sae: number of dictionary features.
+        lr: peak learning rate.
+        optimizer: ``adam`` or ``adamw``.
+        betas: Adam betas.
+        weight_decay: AdamW weight decay (ignored by Adam).
+        lr_warmup_steps: linear warm-up of the learning rate from 0.
+        lr_decay_steps: linear decay to ``lr_end_factor * lr`` over the last this many steps.
+        lr_end_factor: learning-rate multiplier reached at the end of the decay.
+        normalize_activations: scale inputs to mean norm sqrt(d_in) (factor fitted on the first
+            training batch and stored as the buffer ``input_scale``).
+        apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
+        dead_window_tokens: a feature is dead when it has not fired for this many tokens.
+        orthogonality_coefficient: weight of the decoder orthogonality regulariser; negative
+            values pull active features towards their nearest neighbours instead.
+        orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
+        orthogonality_power: exponent p >= 2 for the ``power`` shape.
+        init_seed: seed for the weight initialisation, independent of the global RNG.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        lr: float = 4e-4,
+        optimizer: Literal["adam", "adamw"] = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        lr_warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        lr_end_factor: float = 0.0,
+        normalize_activations: bool = False,
+        apply_b_dec_to_input: bool = True,
+        dead_window_tokens: int = 10_000_000,
+        orthogonality_coefficient: float = 0.0,
+        orthogonality_shape: OrthogonalityShape = "sigmoid",
+        orthogonality_power: float = 2.0,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive("d_in", d_in, "model.init_args.d_in")
+        check_positive("d_sae", d_sae, "model.init_args.d_sae")
+        check_positive("lr", lr, "model.init_args.lr")
+        check_positive(
+            "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
+        )
+        for name in ("lr_warmup_steps", "lr_decay_steps", "weight_decay"):
+            check_nonnegative(name, locals()[name], f"model.init_args.{name}")
+        if optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {optimizer!r}.")
+        if orthogonality_shape == "power" and orthogonality_power < 2:
+            raise ValueError(
+                f"orthogonality_power must be >= 2, got {orthogonality_power}: "
+                "set model.init_args.orthogonality_power to 2 or more."
+            )
+        self.save_hyperparameters()
+        self.d_in, self.d_sae = d_in, d_sae
+
+        # Offset so that the same integer seed for data and init does not give identical draws.
+        generator = torch.Generator().manual_seed(init_seed + 0x5AE_1417)
+        W_dec = torch.randn(d_sae, d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("input_scale_fitted", torch.tensor(not normalize_activations))
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+        self.val_l0, self.val_mse, self.val_fvu = L0(), MSE(), FVU(d_in)
+        self.val_dead = DeadFraction(d_sae)
+
+    # ----------------------------------------------------------------- the SAE itself
+    def normalize(self, x: Tensor) -> Tensor:
+        return x.to(self.W_enc.dtype) * self.input_scale
+
+    def pre_activation(self, x_n: Tensor) -> Tensor:
+        if self.hparams.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        return x_n @ self.W_enc + self.b_enc
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        return torch.relu(pre_acts)
+
+    def encode_normalized(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
+        """(acts, pre_acts) for normalised inputs; variants with another encoder override this."""
+        pre_acts = self.pre_activation(x_n)
+        return self.activation(pre_acts), pre_acts
+
+    def reconstruct(self, acts: Tensor) -> Tensor:
+        """Reconstruction in normalised units."""
+        return acts @ self.W_dec + self.b_dec
+
+    def forward_normalized(self, x_n: Tensor) -> SAEOutput:
+        acts, pre_acts = self.encode_normalized(x_n)
+        return SAEOutput(x_hat=self.reconstruct(acts), acts=acts, pre_acts=pre_acts)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encode_normalized(self.normalize(x))[0]
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return self.reconstruct(acts) / self.input_scale
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        out = self.forward_normalized(self.normalize(x))
+        out.x_hat = out.x_hat / self.input_scale
+        return out
+
+    # ----------------------------------------------------------------- losses
+    def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        """Named loss terms; the total loss is their sum. Variants extend this dict."""
+        return {"mse": (out.x_hat - x_n).pow(2).sum(-1).mean()}
+
+    def warmup_factor(self, steps: int) -> float:
+        """Linear 0 -> 1 ramp over ``steps`` optimizer steps (1 when steps is 0)."""
+        return 1.0 if steps <= 0 else min(1.0, (self.global_step + 1) / steps)
+
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=1)
+
+    def dead_mask(self) -> Tensor:
+        """Features that have not fired within the last ``dead_window_tokens`` tokens."""
+        return self.tokens_since_fired >= self.hparams.dead_window_tokens
+
+    # ----------------------------------------------------------------- normalisation
+    @torch.no_grad()
+    def fit_input_scale(self, x: Tensor) -> None:
+        """Fit the input scale on a sample (averaged over DDP ranks) so mean norm = sqrt(d_in)."""
+        mean_norm = x.float().norm(dim=-1).mean()
+        if _is_distributed():
+            dist.all_reduce(mean_norm)
+            mean_norm /= dist.get_world_size()
+        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm.item())
+        self.input_scale_fitted.fill_(True)
+
+    # ----------------------------------------------------------------- steps
+    @staticmethod
+    def _batch_tensor(batch: Any) -> Tensor:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = self._batch_tensor(batch)
+        if not self.input_scale_fitted:
+            self.fit_input_scale(x)
+        x_n = self.normalize(x)
+        out = self.forward_normalized(x_n)
+        terms = self.loss_terms(x_n, out)
+        if self.hparams.orthogonality_coefficient != 0:
+            penalty, mean_cos = orthogonality_penalty(
+                self.W_dec,
+                (out.acts != 0).any(0),
+                shape=self.hparams.orthogonality_shape,
+                power=self.hparams.orthogonality_power,
+            )
+            terms["orthogonality"] = self.hparams.orthogonality_coefficient * penalty
+            self.log("train/orthogonality_mean_cos", mean_cos)
+        loss = torch.stack(list(terms.values())).sum()
+        self._log_training_stats(x_n, out, terms, loss)
+        return loss
+
+    @torch.no_grad()
+    def _log_training_stats(
+        self, x_n: Tensor, out: SAEOutput, terms: dict[str, Tensor], loss: Tensor
+    ) -> None:
+        """Log step metrics over the global batch and advance the dead-feature clock.
+
+        One all-reduce carries every sum, so under DDP the logged values are those of the
+        global batch and every rank's ``tokens_since_fired`` stays identical.
+        """
+        x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
+        sums = torch.cat(
+            [
+                (out.acts != 0).sum(0).double(),
+                x64.sum(0),
+                torch.stack(
+                    [
+                        (x_hat64 - x64).pow(2).sum(),
+                        x64.pow(2).sum(),
+                        torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
+                        loss.detach().double(),
+                        *[t.detach().double() for t in terms.values()],
+                    ]
+                ),
+            ]
+        )
+        world = 1
+        if _is_distributed():
+            dist.all_reduce(sums)
+            world = dist.get_world_size()
+        fired = sums[: self.d_sae]
+        sum_x = sums[self.d_sae : self.d_sae + self.d_in]
+        sq_err, sum_sq, n, total, *term_values = sums[self.d_sae + self.d_in :].tolist()
+
+        self.tokens_since_fired += int(n)
+        self.tokens_since_fired[fired > 0] = 0
+
+        self.log("train/loss", total / world, prog_bar=True)
+        for name, value in zip(terms, term_values):
+            self.log(f"train/loss/{name}", value / world)
+        self.log("train/l0", fired.sum().item() / n, prog_bar=True)
+        self.log("train/mse", sq_err / n)
+        self.log("train/fvu", sq_err / (sum_sq - sum_x.pow(2).sum().item() / n))
+        self.log("train/dead_fraction", self.dead_mask().float().mean())
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x_n = self.normalize(self._batch_tensor(batch))
+        out = self.forward_normalized(x_n)
+        terms = self.loss_terms(x_n, out)
+        self.log("val/loss", torch.stack(list(terms.values())).sum(), sync_dist=True)
+        for name, value in terms.items():
+            self.log(f"val/loss/{name}", value, sync_dist=True)
+        self.val_l0.update(out.acts)
+        self.val_mse.update(out.x_hat, x_n)
+        self.val_fvu.update(out.x_hat, x_n)
+        self.val_dead.update(out.acts)
+        for name in ("l0", "mse", "fvu"):
+            self.log(f"val/{name}", getattr(self, f"val_{name}"))
+        self.log("val/dead_fraction", self.val_dead)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        ground_truth = getattr(self.trainer.datamodule, "ground_truth_features", None)
+        if ground_truth is not None:
+            gt_mmcs = mean_max_cosine_similarity(ground_truth.to(self.W_dec), self.W_dec.detach())
+            self.log("geometry/gt_mmcs", gt_mmcs, sync_dist=False)
+
+    # ----------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        kwargs = {"weight_decay": hp.weight_decay} if hp.optimizer == "adamw" else {}
+        optimizer = optimizer_cls(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), **kwargs)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        decay_start = total_steps - hp.lr_decay_steps
+
+        def schedule(step: int) -> float:
+            if step < hp.lr_warmup_steps:
+                return (step + 1) / hp.lr_warmup_steps
+            if hp.lr_decay_steps and step >= decay_start:
+                progress = (step - decay_start) / hp.lr_decay_steps
+                return 1.0 - (1.0 - hp.lr_end_factor) * min(progress, 1.0)
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
