@@ -22,7 +22,9 @@ class DecoderNormConstraint(Callback):
 
     @torch.no_grad()
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._normalise(pl_module)
+        # On resume the rows are unit-norm already; renormalising would perturb the low bits.
+        if trainer.ckpt_path is None:
+            self._normalise(pl_module)
 
     @torch.no_grad()
     def on_before_optimizer_step(

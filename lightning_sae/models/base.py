@@ -195,9 +195,22 @@ class SparseAutoencoder(LightningModule):
         self.input_scale_fitted.fill_(True)
 
     # ----------------------------------------------------------------- steps
-    @staticmethod
-    def _batch_tensor(batch: Any) -> Tensor:
-        return batch[0] if isinstance(batch, (list, tuple)) else batch
+    def setup(self, stage: str) -> None:
+        data_d_in = getattr(self.trainer.datamodule, "d_in", None)
+        if data_d_in is not None and data_d_in != self.d_in:
+            raise ValueError(self._d_in_mismatch(data_d_in))
+
+    def _d_in_mismatch(self, data_d_in: int) -> str:
+        return (
+            f"d_in mismatch: the data yields vectors of width {data_d_in} but the SAE was built "
+            f"with model.init_args.d_in={self.d_in}. Set model.init_args.d_in: {data_d_in}."
+        )
+
+    def _batch_tensor(self, batch: Any) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if x.shape[-1] != self.d_in:
+            raise ValueError(self._d_in_mismatch(x.shape[-1]))
+        return x
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = self._batch_tensor(batch)
@@ -256,7 +269,7 @@ class SparseAutoencoder(LightningModule):
         self.tokens_since_fired[fired > 0] = 0
 
         self.log("train/loss", total / world, prog_bar=True)
-        for name, value in zip(terms, term_values):
+        for name, value in zip(terms, term_values, strict=True):
             self.log(f"train/loss/{name}", value / world)
         self.log("train/l0", fired.sum().item() / n, prog_bar=True)
         self.log("train/mse", sq_err / n)

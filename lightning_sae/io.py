@@ -1,0 +1,373 @@
+"""Export SAEs as SAELens-loadable folders and load such folders back into our module classes.
+
+A folder holds ``cfg.json`` and ``sae_weights.safetensors`` in the layout of SAELens 6.x
+(``SAE.load_from_disk(folder)`` reads it). The weights are in the units of the model the
+activations came from: the input scale our modules train with is folded in, so
+
+    W_enc' = s * W_enc,  W_dec' = W_dec / s,  b_dec' = b_dec / s,  (b_enc, thresholds unchanged)
+
+and the pre-activations, hence the feature activations, are exactly those of the module.
+
+``cfg.json`` carries, besides SAELens's keys, ``metadata.lightning_sae`` with our class path and
+constructor arguments, so :func:`load` rebuilds the same class; a folder written by SAELens has
+no such entry and loads into the class that implements its ``architecture``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lightning_sae import __version__
+from lightning_sae.models.base import SparseAutoencoder
+
+CONFIG_FILENAME = "cfg.json"
+# SAELens's load_from_disk reads exactly this name; ``sae.safetensors`` is accepted on load.
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+WEIGHTS_FALLBACK_FILENAME = "sae.safetensors"
+# SAELens reads cfg.json as its 6.x format when the version is at least 6.0.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+# Checkpoint data-module hyperparameters copied into SAELens metadata, under SAELens's names.
+_METADATA_SYNONYMS = {
+    "model_name": ("model_name", "model"),
+    "hook_name": ("hook_name", "hook"),
+    "context_size": ("context_size", "context_length", "seq_len"),
+    "dataset_path": ("dataset_path", "dataset", "dataset_name"),
+    "prepend_bos": ("prepend_bos",),
+    "model_revision": ("model_revision", "revision"),
+}
+
+
+# ----------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class _Architecture:
+    """How one SAELens architecture maps onto one of our classes.
+
+    ``to_saelens(sae)`` gives the architecture-specific tensors (raw units) and cfg keys;
+    ``from_saelens(weights, cfg)`` gives our parameter tensors and constructor arguments.
+    """
+
+    name: str
+    class_path: str
+    to_saelens: Callable[[SparseAutoencoder], tuple[dict[str, Tensor], dict[str, Any]]]
+    from_saelens: Callable[[dict[str, Tensor], dict[str, Any]], tuple[dict[str, Tensor], dict]]
+
+
+def _no_extras(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    return {"b_enc": sae.b_enc.detach()}, {}
+
+
+def _plain_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    return {"b_enc": weights["b_enc"]}, {}
+
+
+def _topk_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    return {"b_enc": sae.b_enc.detach()}, {
+        "k": int(sae.hparams.k),
+        "rescale_acts_by_decoder_norm": False,
+    }
+
+
+def _topk_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    return {"b_enc": weights["b_enc"]}, {"k": int(cfg["k"])}
+
+
+def _jumprelu_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    return {"b_enc": sae.b_enc.detach(), "threshold": sae.log_theta.detach().exp()}, {}
+
+
+def _jumprelu_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    # Older SAELens folders store log_threshold; a zero threshold becomes log_theta = -inf,
+    # which still gives exp(log_theta) = 0, the same activation.
+    threshold = weights["threshold"] if "threshold" in weights else weights["log_threshold"].exp()
+    return {"b_enc": weights["b_enc"], "log_theta": threshold.log()}, {}
+
+
+def _gated_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    # Our gate bias is b_enc; SAELens calls it b_gate and has no b_enc.
+    return {
+        "b_gate": sae.b_enc.detach(),
+        "b_mag": sae.b_mag.detach(),
+        "r_mag": sae.r_mag.detach(),
+    }, {}
+
+
+def _gated_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    return {"b_enc": weights["b_gate"], "b_mag": weights["b_mag"], "r_mag": weights["r_mag"]}, {}
+
+
+ARCHITECTURES: dict[str, _Architecture] = {
+    arch.name: arch
+    for arch in (
+        _Architecture(
+            "standard", "lightning_sae.models.standard.StandardSAE", _no_extras, _plain_from
+        ),
+        _Architecture("topk", "lightning_sae.models.topk.TopKSAE", _topk_to, _topk_from),
+        _Architecture(
+            "jumprelu", "lightning_sae.models.jumprelu.JumpReLUSAE", _jumprelu_to, _jumprelu_from
+        ),
+        _Architecture("gated", "lightning_sae.models.gated.GatedSAE", _gated_to, _gated_from),
+    )
+}
+# The plain ReLU base class is a standard SAE without a sparsity penalty.
+_BY_CLASS_PATH = {arch.class_path: arch for arch in ARCHITECTURES.values()} | {
+    "lightning_sae.models.base.SparseAutoencoder": ARCHITECTURES["standard"]
+}
+
+
+def architecture_of(sae: SparseAutoencoder) -> _Architecture:
+    """The SAELens architecture of ``sae``: that of the nearest known class in its MRO."""
+    for cls in type(sae).__mro__:
+        arch = _BY_CLASS_PATH.get(f"{cls.__module__}.{cls.__qualname__}")
+        if arch is not None:
+            return arch
+    raise ValueError(
+        f"{type(sae).__name__} has no SAELens equivalent; export supports subclasses of "
+        + ", ".join(sorted(_BY_CLASS_PATH))
+        + "."
+    )
+
+
+def _import_class(class_path: str) -> type[SparseAutoencoder]:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import SAE class {class_path!r}: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, SparseAutoencoder)):
+        raise ValueError(f"{class_path!r} is not a SparseAutoencoder subclass.")
+    return cls
+
+
+def _class_path(sae: SparseAutoencoder) -> str:
+    return f"{type(sae).__module__}.{type(sae).__qualname__}"
+
+
+def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments from saved hyperparameters (LightningCLI adds ``_``-prefixed keys)."""
+    return {key: value for key, value in hparams.items() if not key.startswith("_")}
+
+
+# ----------------------------------------------------------------------------- export
+@torch.no_grad()
+def saelens_state(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """SAELens weights (input scale folded in) and the architecture's cfg keys."""
+    arch = architecture_of(sae)
+    dtype = sae.W_enc.dtype
+    scale = sae.input_scale.double()
+    # Fold in float64 so that exporting an fp32 SAE rounds once, not twice.
+    weights = {
+        "W_enc": sae.W_enc.double() * scale,
+        "W_dec": sae.W_dec.double() / scale,
+        "b_dec": sae.b_dec.double() / scale,
+    }
+    extra_weights, extra_cfg = arch.to_saelens(sae)
+    weights |= extra_weights
+    return {k: v.to(dtype).contiguous().cpu() for k, v in weights.items()}, extra_cfg
+
+
+def export_sae(
+    sae: SparseAutoencoder, out_dir: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` for ``sae`` into ``out_dir``.
+
+    ``metadata`` (e.g. ``model_name``, ``hook_name``, ``context_size``) goes into SAELens's
+    ``metadata`` block, which SAELens uses to know where the SAE attaches.
+    """
+    if not bool(sae.input_scale_fitted):
+        raise ValueError(
+            "the SAE's input scale has not been fitted yet (normalize_activations=True and no "
+            "training step ran); train it before exporting."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, extra_cfg = saelens_state(sae)
+    arch = architecture_of(sae)
+    cfg = {
+        "architecture": arch.name,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": bool(sae.hparams.apply_b_dec_to_input),
+        "normalize_activations": "none",  # the input scale is folded into the weights
+        "reshape_activations": "none",
+        **extra_cfg,
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            **(metadata or {}),
+            "lightning_sae": {
+                "version": __version__,
+                "class_path": _class_path(sae),
+                "init_args": _init_args(dict(sae.hparams)),
+                "input_scale": float(sae.input_scale),
+            },
+        },
+    }
+    save_file(weights, str(out / WEIGHTS_FILENAME))
+    (out / CONFIG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def _sae_from_checkpoint(checkpoint: dict[str, Any], class_path: str | None) -> SparseAutoencoder:
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    class_path = class_path or hparams.get("_class_path")
+    if class_path is None:
+        raise ValueError(
+            "the checkpoint does not record its SAE class (it was not trained through "
+            "lightning-sae fit); pass --class_path, e.g. lightning_sae.models.topk.TopKSAE."
+        )
+    sae = _import_class(class_path)(**_init_args(hparams))
+    sae.load_state_dict(checkpoint["state_dict"])
+    return sae.eval()
+
+
+def _metadata_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    metadata = {}
+    for key, synonyms in _METADATA_SYNONYMS.items():
+        for name in synonyms:
+            value = data_hparams.get(name)
+            if isinstance(value, (str, int, float, bool)):
+                metadata[key] = value
+                break
+    return metadata
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    class_path: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Export a Lightning checkpoint of any SAE variant (loaded with ``weights_only=True``)."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file from a run's "
+            "checkpoints/ folder."
+        )
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    sae = _sae_from_checkpoint(checkpoint, class_path)
+    return export_sae(sae, out_dir, _metadata_from_checkpoint(checkpoint) | (metadata or {}))
+
+
+# ----------------------------------------------------------------------------- load
+def _weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_FILENAME, WEIGHTS_FALLBACK_FILENAME):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder} has no {WEIGHTS_FILENAME}; pass a folder written by `lightning-sae export` "
+        "or SAELens's save_model / save_inference_model."
+    )
+
+
+def _check_supported(cfg: dict[str, Any], weights: dict[str, Tensor]) -> None:
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None):
+        raise ValueError(
+            f"cfg.json has normalize_activations={normalize!r}, a run-time normalisation our "
+            "modules cannot represent; fold it into the weights in SAELens first "
+            "(e.g. sae.fold_activation_norm_scaling_factor(factor)) and save again."
+        )
+    scaling = weights.get("scaling_factor", weights.get("finetuning_scaling_factor"))
+    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
+        raise ValueError("folders with a finetuning scaling factor are not supported.")
+
+
+def _fold_topk_decoder_norm(ours: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
+    # SAELens option: pre-activations multiplied by ||W_dec_j|| and decoder rows normalised.
+    # Moving the norms into W_enc, b_enc and W_dec gives the same activations and output.
+    norms = weights["W_dec"].norm(dim=-1).clamp_min(1e-8)
+    ours["W_enc"] = weights["W_enc"] * norms
+    ours["b_enc"] = ours["b_enc"] * norms
+    ours["W_dec"] = weights["W_dec"] / norms[:, None]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Load an exported or SAELens folder into our module class, in eval mode.
+
+    Our exports come back as the class and constructor arguments they were exported from;
+    SAELens folders as StandardSAE / TopKSAE / JumpReLUSAE / GatedSAE. The returned module has
+    ``input_scale`` 1 (the scale is in the weights), so ``encode``/``decode``/``forward`` take
+    and give activations in model units, as before export.
+    """
+    folder = Path(path)
+    if not (folder / CONFIG_FILENAME).is_file():
+        raise FileNotFoundError(
+            f"{folder / CONFIG_FILENAME} does not exist; pass the folder `lightning-sae export "
+            "--out DIR` wrote, or a SAELens SAE folder."
+        )
+    cfg = json.loads((folder / CONFIG_FILENAME).read_text())
+    weights = load_file(str(_weights_file(folder)), device="cpu")
+    _check_supported(cfg, weights)
+    name = cfg.get("architecture", "standard")
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture {name!r} in {folder / CONFIG_FILENAME} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}."
+        )
+    arch = ARCHITECTURES[name]
+    params, arch_kwargs = arch.from_saelens(weights, cfg)
+    params |= {k: weights[k] for k in ("W_enc", "W_dec", "b_dec")}
+    if name == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        _fold_topk_decoder_norm(params, weights)
+
+    ours = (cfg.get("metadata") or {}).get("lightning_sae")
+    if ours:
+        cls, kwargs = _import_class(ours["class_path"]), dict(ours["init_args"])
+    else:
+        cls = _import_class(arch.class_path)
+        kwargs = {
+            "d_in": int(cfg["d_in"]),
+            "d_sae": int(cfg["d_sae"]),
+            "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
+            **arch_kwargs,
+        }
+    sae = cls(**kwargs)
+    state = sae.state_dict()
+    for key, value in params.items():
+        state[key] = value.to(state[key].dtype)
+    state["input_scale"] = torch.ones_like(state["input_scale"])
+    state["input_scale_fitted"] = torch.ones_like(state["input_scale_fitted"])
+    sae.load_state_dict(state)
+    return sae.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- command line
+def export_main(argv: list[str]) -> None:
+    """``lightning-sae export --ckpt_path X --out DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-sae export",
+        description="Write a checkpoint's SAE as cfg.json + sae_weights.safetensors, in the "
+        "layout SAELens's SAE.load_from_disk reads, with input normalisation folded in.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument(
+        "--class_path", default=None, help="SAE class, when the checkpoint does not record it"
+    )
+    parser.add_argument("--model_name", default=None, help="metadata.model_name override")
+    parser.add_argument("--hook_name", default=None, help="metadata.hook_name override")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k in ("model_name", "hook_name") if (v := getattr(args, k)) is not None}
+    try:
+        out = export_checkpoint(args.ckpt_path, args.out, args.class_path, overrides)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    cfg = json.loads((out / CONFIG_FILENAME).read_text())
+    scale = cfg["metadata"]["lightning_sae"]["input_scale"]
+    folded = "" if math.isclose(scale, 1.0) else f", input scale {scale:.6g} folded in"
+    print(f"wrote {out / WEIGHTS_FILENAME} and {out / CONFIG_FILENAME} ({cfg['architecture']}{folded})")

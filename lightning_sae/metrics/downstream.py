@@ -1,0 +1,172 @@
+"""How much of the model's behaviour survives when the SAE's reconstruction replaces an activation.
+
+The SAE is spliced in at its hook: the activation there is replaced by ``sae_fn(activation)``
+for the rest of the forward pass. For causal language models we compare next-token
+cross-entropy with clean activations, with the reconstruction and with the activation
+zero-ablated:
+
+    ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+
+(1 = the reconstruction loses nothing, 0 = no better than deleting the activation), and the
+mean over positions of KL(p_clean || p_spliced) of the next-token distributions.
+
+Encoder-only models (BERT-style, bidirectional attention) have no next-token objective, so CE
+and KL are not measured for them. For every model we measure what happens to the final hidden
+state (the output of the last block): the mean cosine similarity between clean and spliced
+vectors per position, and the relative MSE ``sum ||h_spliced - h_clean||^2 / sum ||h_clean||^2``.
+
+This module knows nothing of Lightning or of SAE classes: the SAE is any function from
+activations to reconstructions of the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ENCODER_ONLY_NOTE = (
+    "CE loss recovered and KL are not available for encoder-only (bidirectional) models such as "
+    "BERT/MiniLM: they have no next-token prediction. Reporting the final hidden state's cosine "
+    "similarity and relative MSE after splicing instead."
+)
+
+SAEFunction = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class DownstreamMetrics:
+    """Results of :func:`downstream_metrics`; CE fields are None for encoder-only models."""
+
+    final_hidden_cosine: float
+    final_hidden_rel_mse: float
+    ce_clean: float | None = None
+    ce_sae: float | None = None
+    ce_zero: float | None = None
+    ce_loss_recovered: float | None = None
+    kl: float | None = None
+    n_tokens: int = 0
+    note: str | None = None
+
+    def to_log_dict(self, prefix: str = "downstream/") -> dict[str, float]:
+        """The measured values under their logged names (``downstream/ce_loss_recovered``...)."""
+        skip = {"note", "n_tokens"}
+        return {
+            f"{prefix}{k}": float(v)
+            for k, v in asdict(self).items()
+            if k not in skip and v is not None
+        }
+
+
+def has_next_token_objective(bridge: Any) -> bool:
+    """Whether next-token CE means anything for this model (causal attention)."""
+    return getattr(bridge.cfg, "attention_dir", "causal") == "causal"
+
+
+def final_hidden_hook(bridge: Any) -> str:
+    return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
+
+
+def _splice(sae_fn: SAEFunction) -> Callable[..., Tensor]:
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        # Per-head hooks ([batch, pos, head, d_head]) are seen by the SAE flattened per position.
+        flat = activation.flatten(2) if activation.ndim > 3 else activation
+        return sae_fn(flat).to(activation.dtype).reshape(activation.shape)
+
+    return hook
+
+
+def _zero(activation: Tensor, hook: Any) -> Tensor:
+    return torch.zeros_like(activation)
+
+
+def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Summed next-token cross-entropy over every predicted position."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum"
+    )
+
+
+@torch.no_grad()
+def downstream_metrics(
+    bridge: Any,
+    hook_name: str,
+    sae_fn: SAEFunction,
+    tokens: Tensor,
+    batch_size: int = 8,
+) -> DownstreamMetrics:
+    """Splice ``sae_fn`` into ``bridge`` at ``hook_name`` and measure the damage.
+
+    Args:
+        bridge: a TransformerLens ``TransformerBridge`` (anything with ``run_with_hooks``,
+            ``cfg.n_layers`` and ``cfg.attention_dir``).
+        hook_name: where the SAE reads and writes, e.g. ``blocks.3.hook_resid_post``.
+        sae_fn: activations ``[..., d]`` in model units -> reconstructions of the same shape.
+        tokens: ``[n_windows, context]`` token ids; every position of every window counts.
+        batch_size: windows per forward pass.
+    """
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n_windows, context >= 2], got {tuple(tokens.shape)}.")
+    if hook_name not in bridge.hook_dict:
+        raise ValueError(f"hook {hook_name!r} is not a hook of this model.")
+    causal = has_next_token_objective(bridge)
+    device = next(bridge.parameters()).device
+    final_hook = final_hidden_hook(bridge)
+    splice = _splice(sae_fn)
+    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    kl_sum = cos_sum = err_sq = clean_sq = 0.0
+    n_predicted = n_positions = 0
+
+    for batch in tokens.to(device).split(batch_size):
+        hidden: dict[str, Tensor] = {}
+
+        def keep(name: str) -> Callable[..., None]:
+            def hook(activation: Tensor, hook: Any) -> None:
+                hidden[name] = activation.float()
+
+            return hook
+
+        return_type = "logits" if causal else None
+        clean_logits = bridge.run_with_hooks(
+            batch, return_type=return_type, fwd_hooks=[(final_hook, keep("clean"))]
+        )
+        # Registered second, so on the same hook point it sees the spliced activation.
+        spliced_logits = bridge.run_with_hooks(
+            batch, return_type=return_type, fwd_hooks=[(hook_name, splice), (final_hook, keep("sae"))]
+        )
+        clean_h, sae_h = hidden["clean"], hidden["sae"]
+        cos_sum += F.cosine_similarity(sae_h, clean_h, dim=-1).sum().item()
+        err_sq += (sae_h - clean_h).pow(2).sum().item()
+        clean_sq += clean_h.pow(2).sum().item()
+        n_positions += batch.numel()
+
+        if causal:
+            zero_logits = bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, _zero)])
+            ce["clean"] += _next_token_ce(clean_logits, batch).item()
+            ce["sae"] += _next_token_ce(spliced_logits, batch).item()
+            ce["zero"] += _next_token_ce(zero_logits, batch).item()
+            n_predicted += batch.shape[0] * (batch.shape[1] - 1)
+            log_p = clean_logits.float().log_softmax(-1)
+            log_q = spliced_logits.float().log_softmax(-1)
+            kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
+
+    result = DownstreamMetrics(
+        final_hidden_cosine=cos_sum / n_positions,
+        final_hidden_rel_mse=err_sq / clean_sq if clean_sq > 0 else math.nan,
+        n_tokens=n_positions,
+    )
+    if not causal:
+        result.note = ENCODER_ONLY_NOTE
+        return result
+    ce_clean, ce_sae, ce_zero = (ce[k] / n_predicted for k in ("clean", "sae", "zero"))
+    result.ce_clean, result.ce_sae, result.ce_zero = ce_clean, ce_sae, ce_zero
+    denominator = ce_zero - ce_clean
+    # When zero-ablation does not hurt, there is nothing to recover and the ratio is undefined.
+    result.ce_loss_recovered = (ce_zero - ce_sae) / denominator if denominator != 0 else math.nan
+    result.kl = kl_sum / n_positions
+    return result
