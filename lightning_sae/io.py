@@ -51,32 +51,31 @@ _METADATA_SYNONYMS = {
 
 # ----------------------------------------------------------------------------- architectures
 @dataclass(frozen=True)
-class _Architecture:
-    """How one SAELens architecture maps onto one of our classes.
+class _Format:
+    """How one of our classes maps onto a SAELens architecture.
 
-    ``to_saelens(sae)`` gives the architecture-specific tensors (raw units) and cfg keys;
-    ``from_saelens(weights, cfg)`` gives our parameter tensors and constructor arguments.
+    ``to_saelens(sae)`` gives the class-specific tensors (raw units) and cfg keys;
+    ``from_saelens(weights, cfg)`` gives our class-specific tensors and constructor arguments.
+    W_enc, W_dec and b_dec are handled once for all.
     """
 
-    name: str
     class_path: str
+    architecture: str
     to_saelens: Callable[[SparseAutoencoder], tuple[dict[str, Tensor], dict[str, Any]]]
     from_saelens: Callable[[dict[str, Tensor], dict[str, Any]], tuple[dict[str, Tensor], dict]]
 
 
-def _no_extras(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _relu_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return {"b_enc": sae.b_enc.detach()}, {}
 
 
-def _plain_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+def _relu_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
     return {"b_enc": weights["b_enc"]}, {}
 
 
 def _topk_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    return {"b_enc": sae.b_enc.detach()}, {
-        "k": int(sae.hparams.k),
-        "rescale_acts_by_decoder_norm": False,
-    }
+    cfg = {"k": int(sae.hparams.k), "rescale_acts_by_decoder_norm": False}
+    return {"b_enc": sae.b_enc.detach()}, cfg
 
 
 def _topk_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
@@ -84,57 +83,84 @@ def _topk_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, d
 
 
 def _jumprelu_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    return {"b_enc": sae.b_enc.detach(), "threshold": sae.log_theta.detach().exp()}, {}
+    return {"b_enc": sae.b_enc.detach(), "threshold": sae.log_threshold.detach().exp()}, {}
+
+
+def _saelens_threshold(weights: dict[str, Tensor]) -> Tensor:
+    # Older SAELens folders store log_threshold instead.
+    return weights["threshold"] if "threshold" in weights else weights["log_threshold"].exp()
 
 
 def _jumprelu_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
-    # Older SAELens folders store log_threshold; a zero threshold becomes log_theta = -inf,
-    # which still gives exp(log_theta) = 0, the same activation.
-    threshold = weights["threshold"] if "threshold" in weights else weights["log_threshold"].exp()
-    return {"b_enc": weights["b_enc"], "log_theta": threshold.log()}, {}
+    # A zero threshold becomes log_threshold = -inf, and exp(-inf) = 0 is the same activation.
+    return {"b_enc": weights["b_enc"], "log_threshold": _saelens_threshold(weights).log()}, {}
+
+
+def _batchtopk_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    # At inference BatchTopK is a JumpReLU with one threshold for every latent (SAELens
+    # exports its own BatchTopK the same way).
+    if int(sae.threshold_updates) == 0:
+        raise ValueError(
+            f"this {type(sae).__name__} has no inference threshold yet (no training step ran), "
+            "so its eval-mode code still depends on the batch; train it before exporting."
+        )
+    threshold = sae.threshold.detach().expand(sae.d_sae)
+    return {"b_enc": sae.b_enc.detach(), "threshold": threshold}, {}
+
+
+def _batchtopk_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    threshold = _saelens_threshold(weights)
+    if not torch.all(threshold == threshold[0]):
+        raise ValueError(
+            "a BatchTopK SAE has one threshold for all latents, but this folder's thresholds "
+            "differ; load it as a JumpReLU SAE (drop metadata.lightning_sae from cfg.json)."
+        )
+    state = {"b_enc": weights["b_enc"], "threshold": threshold[0].clone()}
+    return state | {"threshold_updates": torch.tensor(1)}, {}
 
 
 def _gated_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
     # Our gate bias is b_enc; SAELens calls it b_gate and has no b_enc.
-    return {
-        "b_gate": sae.b_enc.detach(),
-        "b_mag": sae.b_mag.detach(),
-        "r_mag": sae.r_mag.detach(),
-    }, {}
+    weights = {"b_gate": sae.b_enc, "b_mag": sae.b_mag, "r_mag": sae.r_mag}
+    return {k: v.detach() for k, v in weights.items()}, {}
 
 
 def _gated_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
     return {"b_enc": weights["b_gate"], "b_mag": weights["b_mag"], "r_mag": weights["r_mag"]}, {}
 
 
-ARCHITECTURES: dict[str, _Architecture] = {
-    arch.name: arch
-    for arch in (
-        _Architecture(
-            "standard", "lightning_sae.models.standard.StandardSAE", _no_extras, _plain_from
-        ),
-        _Architecture("topk", "lightning_sae.models.topk.TopKSAE", _topk_to, _topk_from),
-        _Architecture(
-            "jumprelu", "lightning_sae.models.jumprelu.JumpReLUSAE", _jumprelu_to, _jumprelu_from
-        ),
-        _Architecture("gated", "lightning_sae.models.gated.GatedSAE", _gated_to, _gated_from),
+_MODELS = "lightning_sae.models"
+FORMATS: dict[str, _Format] = {
+    f.class_path: f
+    for f in (
+        # The plain ReLU base class is a standard SAE without a sparsity penalty.
+        _Format(f"{_MODELS}.base.SparseAutoencoder", "standard", _relu_to, _relu_from),
+        _Format(f"{_MODELS}.standard.StandardSAE", "standard", _relu_to, _relu_from),
+        _Format(f"{_MODELS}.topk.TopKSAE", "topk", _topk_to, _topk_from),
+        _Format(f"{_MODELS}.topk.BatchTopKSAE", "jumprelu", _batchtopk_to, _batchtopk_from),
+        _Format(f"{_MODELS}.jumprelu.JumpReLUSAE", "jumprelu", _jumprelu_to, _jumprelu_from),
+        _Format(f"{_MODELS}.gated.GatedSAE", "gated", _gated_to, _gated_from),
     )
 }
-# The plain ReLU base class is a standard SAE without a sparsity penalty.
-_BY_CLASS_PATH = {arch.class_path: arch for arch in ARCHITECTURES.values()} | {
-    "lightning_sae.models.base.SparseAutoencoder": ARCHITECTURES["standard"]
+# The class a SAELens folder without our metadata loads into, per architecture.
+DEFAULT_CLASS = {
+    "standard": f"{_MODELS}.standard.StandardSAE",
+    "topk": f"{_MODELS}.topk.TopKSAE",
+    "jumprelu": f"{_MODELS}.jumprelu.JumpReLUSAE",
+    "gated": f"{_MODELS}.gated.GatedSAE",
 }
 
 
-def architecture_of(sae: SparseAutoencoder) -> _Architecture:
-    """The SAELens architecture of ``sae``: that of the nearest known class in its MRO."""
-    for cls in type(sae).__mro__:
-        arch = _BY_CLASS_PATH.get(f"{cls.__module__}.{cls.__qualname__}")
-        if arch is not None:
-            return arch
+def format_of(cls: type[SparseAutoencoder]) -> _Format:
+    """The format of ``cls``: that of the nearest known class in its MRO (so subclasses such
+    as MatryoshkaSAE export as what they are at inference, here BatchTopK)."""
+    for base in cls.__mro__:
+        found = FORMATS.get(f"{base.__module__}.{base.__qualname__}")
+        if found is not None:
+            return found
     raise ValueError(
-        f"{type(sae).__name__} has no SAELens equivalent; export supports subclasses of "
-        + ", ".join(sorted(_BY_CLASS_PATH))
+        f"{cls.__name__} has no SAELens equivalent; export supports subclasses of "
+        + ", ".join(sorted(FORMATS))
         + "."
     )
 
@@ -163,7 +189,7 @@ def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def saelens_state(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """SAELens weights (input scale folded in) and the architecture's cfg keys."""
-    arch = architecture_of(sae)
+    fmt = format_of(type(sae))
     dtype = sae.W_enc.dtype
     scale = sae.input_scale.double()
     # Fold in float64 so that exporting an fp32 SAE rounds once, not twice.
@@ -172,7 +198,7 @@ def saelens_state(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, 
         "W_dec": sae.W_dec.double() / scale,
         "b_dec": sae.b_dec.double() / scale,
     }
-    extra_weights, extra_cfg = arch.to_saelens(sae)
+    extra_weights, extra_cfg = fmt.to_saelens(sae)
     weights |= extra_weights
     return {k: v.to(dtype).contiguous().cpu() for k, v in weights.items()}, extra_cfg
 
@@ -193,9 +219,8 @@ def export_sae(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights, extra_cfg = saelens_state(sae)
-    arch = architecture_of(sae)
     cfg = {
-        "architecture": arch.name,
+        "architecture": format_of(type(sae)).architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
@@ -314,22 +339,26 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
     weights = load_file(str(_weights_file(folder)), device="cpu")
     _check_supported(cfg, weights)
     name = cfg.get("architecture", "standard")
-    if name not in ARCHITECTURES:
+    if name not in DEFAULT_CLASS:
         raise ValueError(
             f"architecture {name!r} in {folder / CONFIG_FILENAME} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}."
+            f"supported: {', '.join(DEFAULT_CLASS)}."
         )
-    arch = ARCHITECTURES[name]
-    params, arch_kwargs = arch.from_saelens(weights, cfg)
+    ours = (cfg.get("metadata") or {}).get("lightning_sae")
+    cls = _import_class(ours["class_path"] if ours else DEFAULT_CLASS[name])
+    fmt = format_of(cls)
+    if fmt.architecture != name:
+        raise ValueError(
+            f"{folder / CONFIG_FILENAME} says architecture {name!r} but class {cls.__name__}, "
+            f"which exports as {fmt.architecture!r}; the folder was edited by hand?"
+        )
+    params, arch_kwargs = fmt.from_saelens(weights, cfg)
     params |= {k: weights[k] for k in ("W_enc", "W_dec", "b_dec")}
     if name == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         _fold_topk_decoder_norm(params, weights)
-
-    ours = (cfg.get("metadata") or {}).get("lightning_sae")
     if ours:
-        cls, kwargs = _import_class(ours["class_path"]), dict(ours["init_args"])
+        kwargs = dict(ours["init_args"])
     else:
-        cls = _import_class(arch.class_path)
         kwargs = {
             "d_in": int(cfg["d_in"]),
             "d_sae": int(cfg["d_sae"]),
@@ -370,4 +399,5 @@ def export_main(argv: list[str]) -> None:
     cfg = json.loads((out / CONFIG_FILENAME).read_text())
     scale = cfg["metadata"]["lightning_sae"]["input_scale"]
     folded = "" if math.isclose(scale, 1.0) else f", input scale {scale:.6g} folded in"
-    print(f"wrote {out / WEIGHTS_FILENAME} and {out / CONFIG_FILENAME} ({cfg['architecture']}{folded})")
+    files = f"{out / WEIGHTS_FILENAME} and {out / CONFIG_FILENAME}"
+    print(f"wrote {files} ({cfg['architecture']}{folded})")

@@ -31,9 +31,11 @@ def build_callbacks(names: list[str], out: Path, every: int) -> list[L.Callback]
         module, cls = registry[name]
         callback_cls = getattr(__import__(module, fromlist=[cls]), cls)
         callbacks.append(callback_cls(**json.loads(kwargs or "{}")))
-    callbacks.append(ModelCheckpoint(
+    callbacks.append(
+        ModelCheckpoint(
             dirpath=out / "ckpt", every_n_train_steps=every, save_last=True, save_top_k=-1
-        ))
+        )
+    )
     return callbacks
 
 

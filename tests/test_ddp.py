@@ -23,9 +23,7 @@ def train(out: Path, devices: int, *args: str) -> dict[int, dict[str, torch.Tens
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return {
-        rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(devices)
-    }
+    return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(devices)}
 
 
 def logged(out: Path) -> dict[tuple[str, int], float]:
@@ -53,7 +51,10 @@ def assert_ranks_identical(states: dict[int, dict[str, torch.Tensor]]) -> None:
     ids=["standard", "topk"],
 )
 def test_ddp_matches_single_process(tmp_path: Path, model_args: list[str]) -> None:
-    if model_args and not Path(__file__).parents[1].joinpath("lightning_sae/models/topk.py").exists():
+    if (
+        model_args
+        and not Path(__file__).parents[1].joinpath("lightning_sae/models/topk.py").exists()
+    ):
         pytest.skip("TopKSAE not present")
     ddp = train(tmp_path / "ddp", 2, *model_args)
     single = train(tmp_path / "single", 1, *model_args)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_sae.data.lm import validate_hooks
+
 ENCODER_ONLY_NOTE = (
     "CE loss recovered and KL are not available for encoder-only (bidirectional) models such as "
     "BERT/MiniLM: they have no next-token prediction. Reporting the final hidden state's cosine "
@@ -72,17 +74,40 @@ def final_hidden_hook(bridge: Any) -> str:
     return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
 
 
-def _splice(sae_fn: SAEFunction) -> Callable[..., Tensor]:
+def _splice(sae_fn: SAEFunction, first_position: int) -> Callable[..., Tensor]:
     def hook(activation: Tensor, hook: Any) -> Tensor:
+        spliced = activation.clone()
+        part = activation[:, first_position:]
         # Per-head hooks ([batch, pos, head, d_head]) are seen by the SAE flattened per position.
-        flat = activation.flatten(2) if activation.ndim > 3 else activation
-        return sae_fn(flat).to(activation.dtype).reshape(activation.shape)
+        flat = part.flatten(2) if part.ndim > 3 else part
+        spliced[:, first_position:] = sae_fn(flat).to(activation.dtype).reshape(part.shape)
+        return spliced
 
     return hook
 
 
-def _zero(activation: Tensor, hook: Any) -> Tensor:
-    return torch.zeros_like(activation)
+def _zero(first_position: int) -> Callable[..., Tensor]:
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        ablated = activation.clone()
+        ablated[:, first_position:] = 0
+        return ablated
+
+    return hook
+
+
+def _run(
+    bridge: Any, tokens: Tensor, hooks: list, final_hook: str, return_type: str | None
+) -> tuple[Tensor | None, Tensor]:
+    """(logits or None, final hidden state) of one forward pass with ``hooks`` applied."""
+    captured: dict[str, Tensor] = {}
+
+    def keep(activation: Tensor, hook: Any) -> None:
+        captured["final"] = activation.float()
+
+    # Registered after ``hooks``, so on the same hook point it sees the spliced activation.
+    fwd_hooks = [*hooks, (final_hook, keep)]
+    logits = bridge.run_with_hooks(tokens, return_type=return_type, fwd_hooks=fwd_hooks)
+    return logits, captured["final"]
 
 
 def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -99,6 +124,7 @@ def downstream_metrics(
     sae_fn: SAEFunction,
     tokens: Tensor,
     batch_size: int = 8,
+    first_position: int = 0,
 ) -> DownstreamMetrics:
     """Splice ``sae_fn`` into ``bridge`` at ``hook_name`` and measure the damage.
 
@@ -109,44 +135,37 @@ def downstream_metrics(
         sae_fn: activations ``[..., d]`` in model units -> reconstructions of the same shape.
         tokens: ``[n_windows, context]`` token ids; every position of every window counts.
         batch_size: windows per forward pass.
+        first_position: the SAE (and the zero-ablation) replaces positions from this one on;
+            earlier ones keep their clean activation. Use 1 when the SAE was trained without
+            BOS activations (``exclude_bos``), which it cannot be expected to reconstruct.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_windows, context >= 2], got {tuple(tokens.shape)}.")
-    if hook_name not in bridge.hook_dict:
-        raise ValueError(f"hook {hook_name!r} is not a hook of this model.")
+    validate_hooks(bridge, [hook_name])
     causal = has_next_token_objective(bridge)
     device = next(bridge.parameters()).device
     final_hook = final_hidden_hook(bridge)
-    splice = _splice(sae_fn)
+    if not 0 <= first_position < tokens.shape[1]:
+        raise ValueError(
+            f"first_position must be in [0, {tokens.shape[1]}) for windows of "
+            f"{tokens.shape[1]} tokens, got {first_position}."
+        )
+    splice, zero = _splice(sae_fn, first_position), _zero(first_position)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl_sum = cos_sum = err_sq = clean_sq = 0.0
     n_predicted = n_positions = 0
 
+    return_type = "logits" if causal else None  # encoder-only: skip the (untrained) LM head
     for batch in tokens.to(device).split(batch_size):
-        hidden: dict[str, Tensor] = {}
-
-        def keep(name: str) -> Callable[..., None]:
-            def hook(activation: Tensor, hook: Any) -> None:
-                hidden[name] = activation.float()
-
-            return hook
-
-        return_type = "logits" if causal else None
-        clean_logits = bridge.run_with_hooks(
-            batch, return_type=return_type, fwd_hooks=[(final_hook, keep("clean"))]
-        )
-        # Registered second, so on the same hook point it sees the spliced activation.
-        spliced_logits = bridge.run_with_hooks(
-            batch, return_type=return_type, fwd_hooks=[(hook_name, splice), (final_hook, keep("sae"))]
-        )
-        clean_h, sae_h = hidden["clean"], hidden["sae"]
+        clean_logits, clean_h = _run(bridge, batch, [], final_hook, return_type)
+        spliced_logits, sae_h = _run(bridge, batch, [(hook_name, splice)], final_hook, return_type)
         cos_sum += F.cosine_similarity(sae_h, clean_h, dim=-1).sum().item()
         err_sq += (sae_h - clean_h).pow(2).sum().item()
         clean_sq += clean_h.pow(2).sum().item()
         n_positions += batch.numel()
 
         if causal:
-            zero_logits = bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, _zero)])
+            zero_logits = bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, zero)])
             ce["clean"] += _next_token_ce(clean_logits, batch).item()
             ce["sae"] += _next_token_ce(spliced_logits, batch).item()
             ce["zero"] += _next_token_ce(zero_logits, batch).item()

@@ -57,10 +57,23 @@ def faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+def resolve_backend(backend: str) -> str:
     """The backend ``auto`` stands for, by measurement (benchmarks/nearest_neighbour.py).
 
-    TODO-MEASURE
+    Self-search of n unit vectors at d=512, k=1, seconds (benchmarks/nearest_neighbour.py,
+    docs/benchmarks.md):
+
+    ==========================  =======  ========  =======  ========
+    machine                     2^14     (faiss)   2^16     (faiss)
+    ==========================  =======  ========  =======  ========
+    2 CPU cores (shared, busy)  4.63     4.95      98.1     162.7
+    16 CPU cores                0.26     1.02      4.28     15.9
+    H200 GPU (torch fp32)       0.010    1.16      0.148    19.7
+    ==========================  =======  ========  =======  ========
+
+    (faiss is faiss-cpu 1.15; on the GPU row it copies the vectors to the host.) torch was never
+    slower, so ``auto`` is torch everywhere; faiss stays selectable for faiss-gpu builds.
+    On the H200, 2^18 took 2.35 s and 2^20 took 37.7 s with torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -107,7 +120,7 @@ def nearest_neighbours(
     if not 1 <= k <= n_keys:
         raise ValueError(f"k must be between 1 and the number of keys ({n_keys}), got {k}.")
     q, kk = _unit_rows(queries.float()), _unit_rows(keys.float().to(queries.device))
-    if resolve_backend(backend, queries.device) == "faiss":
+    if resolve_backend(backend) == "faiss":
         return _search_faiss(q, kk, k, exclude_self, block_size)
     return _search_torch(q, kk, k, exclude_self, block_size)
 

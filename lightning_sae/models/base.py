@@ -75,6 +75,8 @@ class SparseAutoencoder(LightningModule):
         orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
         orthogonality_power: exponent p >= 2 for the ``power`` shape.
         init_seed: seed for the weight initialisation, independent of the global RNG.
+        compile: compile ``forward_normalized`` (encode + decode, where the FLOPs are) with
+            ``torch.compile``. Loss terms stay eager: their warm-up factors change every step.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class SparseAutoencoder(LightningModule):
         orthogonality_shape: OrthogonalityShape = "sigmoid",
         orthogonality_power: float = 2.0,
         init_seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_positive("d_in", d_in, "model.init_args.d_in")
@@ -196,6 +199,10 @@ class SparseAutoencoder(LightningModule):
 
     # ----------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
+        if self.hparams.compile and not hasattr(
+            self.forward_normalized, "_torchdynamo_orig_callable"
+        ):
+            self.forward_normalized = torch.compile(self.forward_normalized)
         data_d_in = getattr(self.trainer.datamodule, "d_in", None)
         if data_d_in is not None and data_d_in != self.d_in:
             raise ValueError(self._d_in_mismatch(data_d_in))

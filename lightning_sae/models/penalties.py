@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -60,3 +61,27 @@ def orthogonality_penalty(
     else:
         raise ValueError(f"orthogonality_shape must be sigmoid, power or linear, got {shape!r}.")
     return values.mean(), cos.mean().detach()
+
+
+def approx_l0_indicator(acts: Tensor, epsilon: float) -> Tensor:
+    """Differentiable stand-in for 1[a > 0]: a / (a + epsilon), for non-negative activations.
+
+    It is 0 at a = 0, 1/2 at a = epsilon and tends to 1 for a >> epsilon. Smaller ``epsilon``
+    counts more like a true L0; larger ``epsilon`` keeps a usable gradient
+    (epsilon / (a + epsilon)^2) for activations well above zero.
+    """
+    return acts / (acts + epsilon)
+
+
+def frequency_floor_penalty(frequencies: Tensor, min_frequency: float) -> Tensor:
+    """sum_j ReLU(log10 s_min - log10 s_j): a cost for every feature firing less than s_min.
+
+    Features with a frequency of exactly zero give no gradient through any batch statistic (a
+    ReLU feature that never fires has no gradient at all), so they are left out of the sum
+    rather than contributing an infinite constant.
+    """
+    firing = frequencies > 0
+    # clamp before the log: torch.where would otherwise send NaN gradients from log10(0)
+    log_s = torch.log10(frequencies.clamp_min(torch.finfo(frequencies.dtype).tiny))
+    shortfall = torch.relu(math.log10(min_frequency) - log_s)
+    return torch.where(firing, shortfall, 0).sum()

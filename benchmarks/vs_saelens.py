@@ -1,0 +1,193 @@
+"""Training tokens/s of lightning-sae against SAELens 6.x on the same shapes and machine.
+
+Both sides train on one pre-generated batch that sits on the device, so the data path is out of
+the picture and what is timed is each library's own training loop: forward, losses, backward,
+optimiser step and the bookkeeping each does per step (dead-feature tracking, schedules). Our
+side runs through a real Lightning ``Trainer.fit``; SAELens's through ``SAETrainer.fit``.
+
+SAELens pins TransformerLens 3.x, which conflicts with this project's 4.x, so it runs in its
+own virtual environment: pass ``--saelens-python`` (a python with ``sae-lens`` installed), or
+let the script create ``~/.cache/lightning-sae/saelens-bench`` with ``pip install sae-lens``.
+
+    python benchmarks/vs_saelens.py --device cpu --d_in 512 --d_sae 8192 --batch 4096
+    python benchmarks/vs_saelens.py --device cuda --d_in 768 --d_sae 24576 --batch 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+VARIANTS = ("standard", "topk")
+DEFAULT_VENV = Path.home() / ".cache" / "lightning-sae" / "saelens-bench"
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _batch(args: argparse.Namespace):  # noqa: ANN202 (torch imported lazily in workers)
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(args.batch, args.d_in, generator=generator).to(args.device)
+
+
+class _Clock:
+    """Start timing when the warm-up steps have been consumed, stop at the end."""
+
+    def __init__(self, device: str, warmup: int) -> None:
+        self.device, self.warmup, self.calls, self.start = device, warmup, 0, 0.0
+
+    def tick(self) -> None:
+        if self.calls == self.warmup:
+            _sync(self.device)
+            self.start = time.perf_counter()
+        self.calls += 1
+
+    def elapsed(self) -> float:
+        _sync(self.device)
+        return time.perf_counter() - self.start
+
+
+def run_ours(args: argparse.Namespace) -> float:
+    import lightning as L
+    import torch
+
+    from lightning_sae.models.standard import StandardSAE
+    from lightning_sae.models.topk import TopKSAE
+
+    x = _batch(args)
+    clock = _Clock(args.device, args.warmup)
+    total = args.warmup + args.steps
+
+    class SameBatch:
+        def __len__(self) -> int:
+            return total
+
+        def __iter__(self) -> Iterator[torch.Tensor]:
+            for _ in range(total):
+                clock.tick()
+                yield x
+
+    if args.variant == "standard":
+        sae = StandardSAE(d_in=args.d_in, d_sae=args.d_sae, weight_by_decoder_norm=True)
+    else:
+        sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k)
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        precision="bf16-mixed" if args.bf16 else "32-true",
+    )
+    trainer.fit(sae, train_dataloaders=SameBatch())
+    return args.steps * args.batch / clock.elapsed()
+
+
+def run_saelens(args: argparse.Namespace) -> float:
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    x = _batch(args)
+    clock = _Clock(args.device, args.warmup)
+    total = args.warmup + args.steps
+
+    def provider() -> Iterator:
+        while True:
+            clock.tick()
+            yield x
+
+    shapes = {"d_in": args.d_in, "d_sae": args.d_sae, "device": args.device}
+    if args.variant == "standard":
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(**shapes))
+    else:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args.k, **shapes))
+    config = SAETrainerConfig(
+        total_training_samples=total * args.batch,
+        train_batch_size_samples=args.batch,
+        device=args.device,
+        autocast=args.bf16,
+    )
+    SAETrainer(config, sae, data_provider=provider()).fit()
+    return args.steps * args.batch / clock.elapsed()
+
+
+def saelens_python(requested: str | None) -> str:
+    if requested:
+        return requested
+    python = DEFAULT_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {DEFAULT_VENV} with sae-lens (once)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(DEFAULT_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "sae-lens"], check=True)
+    return str(python)
+
+
+def worker_command(python: str, args: argparse.Namespace, side: str, variant: str) -> list[str]:
+    flags = [
+        f"--{name}={getattr(args, name)}"
+        for name in ("device", "d_in", "d_sae", "batch", "k", "steps", "warmup")
+    ]
+    return [python, __file__, "--worker", side, "--variant", variant, *flags] + (
+        ["--bf16"] if args.bf16 else []
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d_in", type=int, default=512)
+    parser.add_argument("--d_sae", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="autocast to bf16 on both sides")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--saelens-python", default=None)
+    parser.add_argument("--worker", choices=("ours", "saelens"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        run = run_ours if args.worker == "ours" else run_saelens
+        print(json.dumps({"tokens_per_s": run(args)}))
+        return
+
+    other = saelens_python(args.saelens_python)
+    print(
+        f"device={args.device} d_in={args.d_in} d_sae={args.d_sae} batch={args.batch} "
+        f"k={args.k} steps={args.steps} bf16={args.bf16}"
+    )
+    print(f"{'variant':<10}{'ours tok/s':>14}{'SAELens tok/s':>16}{'ratio':>8}")
+    for variant in args.variants:
+        results = {}
+        for side, python in (("ours", sys.executable), ("saelens", other)):
+            done = subprocess.run(
+                worker_command(python, args, side, variant), capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"{side} {variant} failed:\n{done.stderr[-3000:]}")
+            results[side] = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+        ratio = results["ours"] / results["saelens"]
+        print(f"{variant:<10}{results['ours']:>14.0f}{results['saelens']:>16.0f}{ratio:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

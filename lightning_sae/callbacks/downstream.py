@@ -1,0 +1,142 @@
+"""Downstream evaluation: the SAE spliced into its language model at every validation end."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_sae.data import lm
+from lightning_sae.metrics.downstream import downstream_metrics
+
+
+class DownstreamEval(Callback):
+    """Log ``downstream/ce_loss_recovered`` and ``downstream/kl`` at the end of validation.
+
+    The SAE's reconstruction replaces the activation at the data's hook in the data's own
+    language model (see :mod:`lightning_sae.metrics.downstream`), over a fixed set of held-out
+    token windows: the first ``ceil(n_tokens / context_size)`` windows of the activation cache's
+    validation split, the same every time. Encoder-only models (BERT/MiniLM) have no next-token
+    loss; for them it logs ``downstream/final_hidden_cosine`` and
+    ``downstream/final_hidden_rel_mse`` (logged for causal models too) and says so once.
+
+    When the data excludes the BOS position from training (``exclude_bos``), the SAE leaves
+    that position's activation alone. The model is loaded once, on rank 0 and on the SAE's
+    device; the other ranks wait for the numbers.
+
+    Needs an :class:`~lightning_sae.data.activations.ActivationDataModule` reading a model
+    (not ``activations_dir``).
+
+    Args:
+        n_tokens: token budget of each evaluation (rounded up to whole windows).
+        batch_size: windows per forward pass.
+        every_n_validations: evaluate at every n-th validation (1 = each one).
+        skip_sanity_check: do not evaluate during Lightning's sanity-check validation.
+    """
+
+    def __init__(
+        self,
+        n_tokens: int = 8192,
+        batch_size: int = 8,
+        every_n_validations: int = 1,
+        skip_sanity_check: bool = True,
+    ) -> None:
+        for name, value in (
+            ("n_tokens", n_tokens),
+            ("batch_size", batch_size),
+            ("every_n_validations", every_n_validations),
+        ):
+            if value < 1:
+                raise ValueError(f"DownstreamEval {name} must be >= 1, got {value}.")
+        self.n_tokens, self.batch_size = n_tokens, batch_size
+        self.every_n_validations, self.skip_sanity_check = every_n_validations, skip_sanity_check
+        self.validations = 0
+        self._model: Any = None
+        self._tokens: Tensor | None = None
+        self._noted = False
+
+    # ----------------------------------------------------------------- what to evaluate on
+    @staticmethod
+    def _datamodule(trainer: Trainer) -> Any:
+        data = trainer.datamodule
+        hparams = getattr(data, "hparams", {})
+        if getattr(data, "hook", None) is None or hparams.get("model") is None:
+            raise ValueError(
+                "DownstreamEval splices the SAE into the language model its activations came "
+                "from, so it needs data: ActivationDataModule with data.init_args.model and "
+                "hook set; remove the callback for toy data or activations_dir."
+            )
+        return data
+
+    def _eval_tokens(self, data: Any) -> Tensor:
+        """The first held-out windows of the cache (windows past ``n_train_windows``)."""
+        windows = np.load(data.cache_root / "tokens.npy", mmap_mode="r")
+        held_out = windows[data.layout.n_train_windows :]
+        wanted = math.ceil(self.n_tokens / windows.shape[1])
+        if len(held_out) < wanted:
+            rank_zero_warn(
+                f"DownstreamEval: n_tokens={self.n_tokens} needs {wanted} windows but the "
+                f"cache holds {len(held_out)} held-out windows; using those "
+                f"({len(held_out) * windows.shape[1]} tokens). Raise data.init_args.val_tokens "
+                "for a larger budget."
+            )
+        return torch.from_numpy(np.asarray(held_out[:wanted], dtype=np.int64))
+
+    def _load(self, data: Any, device: torch.device) -> None:
+        hp = data.hparams
+        self._model = lm.load_model(
+            hp.model,
+            device=str(device),
+            dtype=hp.model_dtype,
+            revision=hp.revision,
+            hf_config=hp.model_config,
+            seed=hp.model_seed,
+        )
+        self._tokens = self._eval_tokens(data)
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._datamodule(trainer)  # fail at the start, not at the first validation
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking and self.skip_sanity_check:
+            return
+        self.validations += 1
+        if (self.validations - 1) % self.every_n_validations:
+            return
+        data = self._datamodule(trainer)
+        values: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            values = self._measure(data, pl_module)
+        values = trainer.strategy.broadcast(values, src=0)
+        for name, value in values.items():
+            pl_module.log(name, value, sync_dist=False)
+
+    def _measure(self, data: Any, pl_module: LightningModule) -> dict[str, float]:
+        if self._model is None:
+            self._load(data, pl_module.device)
+        result = downstream_metrics(
+            self._model,
+            data.hook,
+            lambda x: pl_module(x).x_hat,
+            self._tokens,
+            batch_size=self.batch_size,
+            first_position=int(data.layout.first_position),
+        )
+        if result.note and not self._noted:
+            rank_zero_info(f"DownstreamEval: {result.note}")
+            self._noted = True
+        return result.to_log_dict()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = state_dict["validations"]

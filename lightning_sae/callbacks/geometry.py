@@ -1,0 +1,125 @@
+"""Periodic decoder geometry: MMCS, max-cosine histograms, ground-truth recovery on toy data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from lightning_sae.callbacks._reporting import log_histogram, log_scalars, run_dir
+from lightning_sae.metrics.similarity import (
+    Backend,
+    mean_max_cosine_similarity,
+    random_directions_mmcs,
+    resolve_backend,
+    self_max_cosine_similarity,
+)
+from lightning_sae.plots import max_cosine_histogram
+
+
+class FeatureGeometryMonitor(Callback):
+    """Every ``every_n_steps`` steps, how close decoder features sit to each other.
+
+    Logs ``geometry/mmcs`` (mean over features of the max cosine similarity to any other
+    decoder row, non-unique), the histogram of those max similarities
+    (``geometry/max_cos``, to W&B or TensorBoard and as ``<run folder>/geometry/step<N>.png``),
+    and ``geometry/mmcs_random_baseline``, the MMCS of random unit vectors of the decoder's
+    shape (computed once). When the datamodule has ``ground_truth_features`` (toy data) it also
+    logs ``geometry/gt_mmcs`` and, once each threshold is first reached,
+    ``geometry/gt_step_to_<threshold>``; those steps are kept in the state dict, so a resumed run
+    reports the first crossing, not a later one.
+
+    Weights are identical on every DDP rank, so rank 0 alone measures and logs.
+
+    Args:
+        every_n_steps: measurement interval in optimizer steps.
+        thresholds: ground-truth MMCS levels whose first step is recorded.
+        backend: nearest-neighbour backend (``auto``, ``torch``, ``faiss``).
+        save_png: also write the histogram as a PNG.
+        baseline_seed: seed of the random directions of the baseline.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        thresholds: list[float] | tuple[float, ...] = (0.95, 0.98, 0.99),
+        backend: Backend = "auto",
+        save_png: bool = True,
+        baseline_seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        resolve_backend(backend)  # fail at construction on a bad name
+        self.every_n_steps, self.thresholds = every_n_steps, tuple(sorted(thresholds))
+        self.backend, self.save_png, self.baseline_seed = backend, save_png, baseline_seed
+        self.random_baseline: float | None = None
+        self.first_step_at: dict[str, int] = {}
+        self.history: list[tuple[int, float, float | None]] = []  # (step, mmcs, gt_mmcs)
+        self.last_step = -1
+        self._run_dir: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._run_dir = run_dir(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self.last_step or not trainer.is_global_zero:
+            return
+        self.last_step = step
+        self.measure(trainer, pl_module)
+
+    @torch.no_grad()
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Measure and log now; returns the scalars logged."""
+        step = trainer.global_step
+        W_dec = pl_module.W_dec.detach()
+        if self.random_baseline is None:
+            self.random_baseline = random_directions_mmcs(
+                *W_dec.shape, seed=self.baseline_seed, backend=self.backend, device=W_dec.device
+            )
+        max_cos = self_max_cosine_similarity(W_dec, self.backend)
+        metrics = {
+            "geometry/mmcs": float(max_cos.mean()),
+            "geometry/mmcs_random_baseline": self.random_baseline,
+        }
+        gt_mmcs = None
+        ground_truth = getattr(trainer.datamodule, "ground_truth_features", None)
+        if ground_truth is not None:
+            gt_mmcs = float(
+                mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec, backend=self.backend)
+            )
+            metrics["geometry/gt_mmcs"] = gt_mmcs
+            for threshold in self.thresholds:
+                key = f"{threshold:g}"
+                if key not in self.first_step_at and gt_mmcs >= threshold:
+                    self.first_step_at[key] = step
+                    metrics[f"geometry/gt_step_to_{key}"] = float(step)
+        self.history.append((step, metrics["geometry/mmcs"], gt_mmcs))
+        log_scalars(trainer, metrics)
+        log_histogram(trainer, "geometry/max_cos", max_cos)
+        if self.save_png and self._run_dir is not None:
+            max_cosine_histogram(
+                max_cos,
+                self._run_dir / "geometry" / f"step{step:07d}.png",
+                step,
+                self.random_baseline,
+            )
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "random_baseline": self.random_baseline,
+            "first_step_at": dict(self.first_step_at),
+            "history": list(self.history),
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.random_baseline = state_dict["random_baseline"]
+        self.first_step_at = dict(state_dict["first_step_at"])
+        self.history = [tuple(entry) for entry in state_dict["history"]]
+        self.last_step = state_dict["last_step"]

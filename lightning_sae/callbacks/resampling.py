@@ -1,0 +1,266 @@
+"""Dead-feature resampling: point dead features at what the SAE currently reconstructs worst."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_sae.callbacks._reporting import log_scalars
+from lightning_sae.metrics.similarity import import_faiss
+
+Strategy = Literal["worst", "loss_weighted", "cluster"]
+STRATEGIES = ("worst", "loss_weighted", "cluster")
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def pick_worst(residuals: Tensor, losses: Tensor, n: int) -> Tensor:
+    """Residual directions of the ``n`` worst-reconstructed inputs."""
+    return _unit_rows(residuals[losses.topk(min(n, len(losses))).indices])
+
+
+def pick_loss_weighted(
+    residuals: Tensor, losses: Tensor, n: int, generator: torch.Generator
+) -> Tensor:
+    """Residual directions of inputs drawn with probability proportional to loss squared.
+
+    As in Anthropic's "Towards Monosemanticity" resampling, without replacement.
+    """
+    weights = losses.double().pow(2).cpu()
+    n = min(n, int((weights > 0).sum()))
+    chosen = torch.multinomial(weights, n, replacement=False, generator=generator)
+    return _unit_rows(residuals[chosen.to(residuals.device)])
+
+
+def pick_clustered(
+    residuals: Tensor,
+    losses: Tensor,
+    n: int,
+    candidate_fraction: float,
+    n_clusters: int | None,
+    seed: int,
+) -> Tensor:
+    """Directions spread over clusters of the worst-reconstructed residuals.
+
+    Picking the n worst inputs can pick the same missing feature many times, since a rare
+    feature that the SAE lacks makes every input containing it reconstruct badly. Instead the
+    worst ``candidate_fraction`` of inputs are clustered by residual direction (spherical
+    k-means, faiss) and features are handed out round-robin over the clusters, worst mean loss
+    first: the first feature given a cluster takes its centroid, later ones (only when there are
+    fewer clusters than dead features) take its members, worst first.
+    """
+    faiss = import_faiss()
+    n_candidates = max(n, int(candidate_fraction * len(losses)))
+    worst = losses.topk(min(n_candidates, len(losses))).indices
+    points, point_losses = _unit_rows(residuals[worst]).float().cpu(), losses[worst].cpu()
+    k = min(n_clusters or n, len(points))
+    kmeans = faiss.Kmeans(
+        points.shape[1], k, niter=20, seed=seed, spherical=True, min_points_per_centroid=1
+    )
+    kmeans.train(points.numpy())
+    centroids = _unit_rows(torch.from_numpy(kmeans.centroids).float())
+    assignment = torch.from_numpy(kmeans.index.search(points.numpy(), 1)[1][:, 0]).long()
+    mean_loss = torch.zeros(k).index_add_(0, assignment, point_losses.float())
+    mean_loss /= torch.bincount(assignment, minlength=k).clamp_min(1)
+    clusters = mean_loss.argsort(descending=True)
+    directions = []
+    for i in range(min(n, len(points))):
+        cluster, rank = int(clusters[i % k]), i // k
+        if rank == 0:
+            directions.append(centroids[cluster])
+            continue
+        members = (assignment == cluster).nonzero().squeeze(1)
+        members = members[point_losses[members].argsort(descending=True)]
+        directions.append(points[members[rank - 1]] if rank - 1 < len(members) else centroids[cluster])
+    return torch.stack(directions).to(residuals.device)
+
+
+class DeadFeatureResampler(Callback):
+    """Re-initialise dead features towards inputs the SAE reconstructs badly.
+
+    At each resampling step, for the features ``pl_module.dead_mask()`` reports dead, it draws
+    ``n_batches`` batches of ``batch_size`` inputs through the datamodule's ``sample(n, seed)``
+    (the training loader's position is untouched), measures each input's squared reconstruction
+    error, and picks one residual direction (input minus reconstruction, normalised space) per
+    dead feature by ``strategy``:
+
+    - ``worst``: the worst-reconstructed inputs.
+    - ``loss_weighted``: inputs sampled with probability proportional to loss squared.
+    - ``cluster``: k-means (faiss) over the worst residuals, spread evenly over the worst
+      clusters so that one missing feature is not picked many times.
+
+    The decoder row becomes the unit direction; the encoder column the same direction scaled to
+    ``encoder_norm_factor`` x the mean encoder norm of live features; ``b_enc`` 0; Adam's moments
+    for those rows and columns are zeroed, and the module's ``tokens_since_fired`` reset. The
+    choice is made on rank 0 and broadcast, so DDP ranks stay identical. It logs
+    ``resampling/n_resampled``.
+
+    Args:
+        every_n_steps: resample every this many optimizer steps, or
+        at_steps: resample at exactly these steps (give one of the two).
+        last_step: no resampling after this step.
+        strategy: ``worst``, ``loss_weighted`` or ``cluster``.
+        n_batches: batches of candidate inputs drawn per resampling.
+        batch_size: inputs per batch.
+        encoder_norm_factor: new encoder norm relative to the mean live encoder norm.
+        candidate_fraction: ``cluster``: fraction of the drawn inputs (the worst) clustered.
+        n_clusters: ``cluster``: number of clusters; default the number of dead features.
+        seed: seed of this callback's own generator (sample seeds, loss-weighted draws).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        at_steps: list[int] | None = None,
+        last_step: int | None = None,
+        strategy: Strategy = "cluster",
+        n_batches: int = 8,
+        batch_size: int = 4096,
+        encoder_norm_factor: float = 0.2,
+        candidate_fraction: float = 0.25,
+        n_clusters: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if (every_n_steps is None) == (at_steps is None):
+            raise ValueError(
+                "DeadFeatureResampler needs exactly one of every_n_steps (a period) and "
+                "at_steps (a list of steps)."
+            )
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+        if n_batches < 1 or batch_size < 1:
+            raise ValueError("n_batches and batch_size must be >= 1.")
+        if not 0 < candidate_fraction <= 1:
+            raise ValueError(f"candidate_fraction must be in (0, 1], got {candidate_fraction}.")
+        self.every_n_steps, self.at_steps = every_n_steps, set(at_steps or ())
+        self.last_step, self.strategy = last_step, strategy
+        self.n_batches, self.batch_size = n_batches, batch_size
+        self.encoder_norm_factor = encoder_norm_factor
+        self.candidate_fraction, self.n_clusters = candidate_fraction, n_clusters
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_resample_step = -1
+        self.total_resampled = 0
+
+    def is_due(self, step: int) -> bool:
+        if step <= 0 or step == self.last_resample_step:
+            return False
+        if self.last_step is not None and step > self.last_step:
+            return False
+        if self.every_n_steps is not None:
+            return step % self.every_n_steps == 0
+        return step in self.at_steps
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not callable(getattr(trainer.datamodule, "sample", None)):
+            raise ValueError(
+                "DeadFeatureResampler draws candidate inputs with the datamodule's "
+                "sample(n, seed); this run has no datamodule with such a method."
+            )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.is_due(step):
+            self.resample(trainer, pl_module)
+            self.last_resample_step = step
+
+    @torch.no_grad()
+    def resample(self, trainer: Trainer, pl_module: LightningModule) -> int:
+        """Resample the dead features now; returns how many were resampled."""
+        plan = self._plan(trainer, pl_module) if trainer.is_global_zero else None
+        plan = trainer.strategy.broadcast(plan, src=0)
+        self.generator.set_state(plan["generator_state"])  # ranks stay in step for resume
+        indices = plan["indices"].to(pl_module.device)
+        if len(indices):
+            self._apply(trainer, pl_module, indices, plan["directions"], plan["encoder_norm"])
+        self.total_resampled += len(indices)
+        if trainer.is_global_zero:
+            log_scalars(trainer, {"resampling/n_resampled": float(len(indices))})
+            rank_zero_info(
+                f"step {trainer.global_step}: resampled {len(indices)} of {plan['n_dead']} dead "
+                f"features ({self.strategy})"
+            )
+        return len(indices)
+
+    def _plan(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        dead = pl_module.dead_mask()
+        dead_indices = dead.nonzero().squeeze(1).cpu()
+        plan: dict[str, Any] = {"n_dead": len(dead_indices), "indices": dead_indices[:0]}
+        if len(dead_indices):
+            residuals, losses = self._residuals(trainer, pl_module)
+            n = len(dead_indices)
+            if self.strategy == "worst":
+                directions = pick_worst(residuals, losses, n)
+            elif self.strategy == "loss_weighted":
+                directions = pick_loss_weighted(residuals, losses, n, self.generator)
+            else:
+                seed = int(torch.randint(2**31 - 1, (), generator=self.generator))
+                directions = pick_clustered(
+                    residuals, losses, n, self.candidate_fraction, self.n_clusters, seed
+                )
+            encoder_norms = pl_module.W_enc.norm(dim=0)[~dead]
+            plan.update(
+                indices=dead_indices[: len(directions)],
+                directions=directions.cpu(),
+                encoder_norm=float(encoder_norms.mean()) if len(encoder_norms) else 1.0,
+            )
+        plan["generator_state"] = self.generator.get_state()
+        return plan
+
+    def _residuals(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+        """(residual, squared error) of each candidate input, in the SAE's normalised space."""
+        residuals, losses = [], []
+        for _ in range(self.n_batches):
+            seed = int(torch.randint(2**62, (), generator=self.generator))
+            x = trainer.datamodule.sample(self.batch_size, seed=seed).to(pl_module.device)
+            x_n = pl_module.normalize(x)
+            residual = x_n - pl_module.forward_normalized(x_n).x_hat
+            residuals.append(residual.float())
+            losses.append(residual.float().pow(2).sum(-1))
+        return torch.cat(residuals), torch.cat(losses)
+
+    def _apply(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        indices: Tensor,
+        directions: Tensor,
+        encoder_norm: float,
+    ) -> None:
+        directions = directions.to(pl_module.W_dec)
+        pl_module.W_dec[indices] = directions
+        pl_module.W_enc[:, indices] = directions.T * (self.encoder_norm_factor * encoder_norm)
+        pl_module.b_enc[indices] = 0.0
+        pl_module.tokens_since_fired[indices] = 0
+        # Stale Adam moments would push the new directions straight back where the old ones went.
+        for optimizer in trainer.optimizers:
+            for param, where in (
+                (pl_module.W_dec, (indices,)),
+                (pl_module.W_enc, (slice(None), indices)),
+                (pl_module.b_enc, (indices,)),
+            ):
+                state = optimizer.state.get(param, {})
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    if key in state:
+                        state[key][where] = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator_state": self.generator.get_state(),
+            "last_resample_step": self.last_resample_step,
+            "total_resampled": self.total_resampled,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.generator.set_state(state_dict["generator_state"])
+        self.last_resample_step = state_dict["last_resample_step"]
+        self.total_resampled = state_dict["total_resampled"]

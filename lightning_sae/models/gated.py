@@ -1,0 +1,77 @@
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving dictionary learning with gated SAEs").
+
+The encoder separates *which* features fire from *how strongly*. Both paths read the same
+projection of the centred input, x' = x - b_dec:
+
+    gate:      pi_gate = x' W_enc + b_enc                 f_gate = H(pi_gate)
+    magnitude: pi_mag  = x' (W_enc * exp(r_mag)) + b_mag  f_mag  = ReLU(pi_mag)
+    acts = f_gate * f_mag
+
+The L1 penalty falls on ReLU(pi_gate), not on the magnitudes, so it no longer shrinks the
+activations that reconstruct the input. The step H has no gradient, so the gate path learns
+from the L1 term and from an auxiliary loss: ReLU(pi_gate) must reconstruct x through a
+frozen copy of the decoder (W_dec and b_dec detached), which ties gate pre-activations to the
+scale of useful magnitudes without letting that loss move the decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonnegative
+from lightning_sae.models.penalties import l1_penalty
+
+
+class GatedSAE(SparseAutoencoder):
+    """Gated encoder; loss = MSE + L1 on the gate (decoder-norm weighted) + auxiliary MSE.
+
+    ``b_enc`` is the gate bias; ``r_mag`` (per-feature log-rescale of W_enc) and ``b_mag`` are
+    the magnitude path's own parameters, both initialised to zero. ``pre_acts`` in the output
+    are the gate pre-activations: they decide which features fire.
+
+    Args:
+        l1_coefficient: weight of sum_j ReLU(pi_gate_j) * ||W_dec_j||, ramped linearly from 0
+            over ``l1_warmup_steps``.
+        l1_warmup_steps: length of that ramp.
+        aux_coefficient: weight of the gate path's reconstruction through the detached
+            decoder (1 in the paper).
+        **kwargs: everything :class:`SparseAutoencoder` takes (d_in, d_sae, lr, ...).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        l1_coefficient: float = 1.0,
+        l1_warmup_steps: int = 0,
+        aux_coefficient: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        check_nonnegative("l1_coefficient", l1_coefficient, "model.init_args.l1_coefficient")
+        check_nonnegative("l1_warmup_steps", l1_warmup_steps, "model.init_args.l1_warmup_steps")
+        check_nonnegative("aux_coefficient", aux_coefficient, "model.init_args.aux_coefficient")
+        super().__init__(*args, **kwargs)
+        self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
+
+    def _gate_and_magnitude(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
+        x = x_n - self.b_dec if self.hparams.apply_b_dec_to_input else x_n
+        projected = x @ self.W_enc  # x (W_enc * exp(r)) = (x W_enc) * exp(r): one matmul for both
+        return projected + self.b_enc, projected * self.r_mag.exp() + self.b_mag
+
+    def encode_normalized(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
+        pi_gate, pi_mag = self._gate_and_magnitude(x_n)
+        return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag), pi_gate
+
+    def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        terms = super().loss_terms(x_n, out)
+        gate_acts = torch.relu(out.pre_acts)
+        coefficient = hp.l1_coefficient * self.warmup_factor(hp.l1_warmup_steps)
+        terms["l1"] = coefficient * l1_penalty(gate_acts, self.decoder_norms())
+        if hp.aux_coefficient > 0:
+            gate_x_hat = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+            terms["aux"] = hp.aux_coefficient * (gate_x_hat - x_n).pow(2).sum(-1).mean()
+        return terms

@@ -1,0 +1,154 @@
+"""JumpReLU SAE with straight-through threshold gradients (Rajamanoharan et al. 2024).
+
+JumpReLU_theta(z) = z * H(z - theta) zeroes every pre-activation below a learned per-feature
+threshold theta > 0. The step H has zero derivative almost everywhere, so the threshold would
+never learn from the loss; the straight-through estimator replaces the derivative with respect
+to theta by a kernel density estimate over the batch. With a rectangle kernel
+K(u) = 1[|u| < 1/2] and bandwidth epsilon:
+
+    d/dtheta JumpReLU(z) := -(theta / epsilon) K((z - theta) / epsilon)
+    d/dtheta H(z - theta) := -(1 / epsilon)     K((z - theta) / epsilon)
+
+Only pre-activations within epsilon/2 of the threshold move it. The derivative of H with
+respect to z stays zero, so the L0 penalty acts on the thresholds alone; the derivative of
+JumpReLU with respect to z is the exact one, H(z - theta).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonnegative, check_positive
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+def _sum_to_threshold(grad: Tensor, threshold: Tensor) -> Tensor:
+    """Reduce a per-element gradient over the batch dimensions to the threshold's shape."""
+    return grad.reshape(-1, grad.shape[-1]).sum(0).reshape(threshold.shape)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """z * H(z - theta), with the rectangle-kernel pseudo-derivative for theta."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * (z > threshold).to(z.dtype)
+        grad_threshold = -(threshold / eps) * _rectangle((z - threshold) / eps) * grad_out
+        return grad_z, _sum_to_threshold(grad_threshold, threshold), None
+
+
+class HeavisideFunction(torch.autograd.Function):
+    """H(z - theta), with zero derivative for z and the rectangle-kernel one for theta."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * _rectangle((z - threshold) / eps) * grad_out
+        return torch.zeros_like(z), _sum_to_threshold(grad_threshold, threshold), None
+
+
+def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    return JumpReLUFunction.apply(z, threshold, bandwidth)
+
+
+def heaviside(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    return HeavisideFunction.apply(z, threshold, bandwidth)
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU encoder with learned thresholds theta = exp(log_theta); loss = MSE + L0 terms.
+
+    Sparsity term, two modes:
+
+    - ``l0_target`` unset: ``l0_coefficient * L0``, L0 being the batch mean of
+      sum_j H(z_j - theta_j) (the paper's loss).
+    - ``l0_target`` set: ``l0_coefficient * (L0 / l0_target - 1)^2``, which pulls L0 towards
+      the target from either side instead of always down; the coefficient then sets how
+      tightly. Useful to train a family of SAEs at chosen L0s without sweeping coefficients.
+
+    Either way the coefficient ramps linearly from 0 over ``l0_warmup_steps``.
+
+    Optional pre-activation loss (Anthropic, "Circuits Updates", January 2025): for features
+    that are dead (no firing within ``dead_window_tokens``), ``preact_coefficient`` *
+    mean_batch sum_j ReLU(theta_j - z_j) * ||W_dec_j||. The L0 gradient only reaches thresholds
+    near which some pre-activation lies; a feature whose pre-activations all sit far below
+    theta gets no signal at all, and this term pulls its pre-activations back up to the
+    threshold, through the encoder.
+
+    Args:
+        threshold_init: initial theta for every feature (in normalised input units).
+        bandwidth: epsilon, the width of the rectangle kernel in the threshold gradient. It
+            should be small against typical pre-activations; the paper uses 0.001 on inputs
+            normalised to mean squared norm d_in.
+        l0_coefficient: weight of the sparsity term.
+        l0_warmup_steps: linear warm-up of that weight.
+        l0_target: when set, the target L0 of the squared-relative-error mode.
+        preact_coefficient: weight of the pre-activation loss on dead features (0 = off).
+        **kwargs: everything :class:`SparseAutoencoder` takes (d_in, d_sae, lr, ...).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        threshold_init: float = 0.001,
+        bandwidth: float = 0.001,
+        l0_coefficient: float = 1.0,
+        l0_warmup_steps: int = 0,
+        l0_target: float | None = None,
+        preact_coefficient: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        check_positive("threshold_init", threshold_init, "model.init_args.threshold_init")
+        check_positive("bandwidth", bandwidth, "model.init_args.bandwidth")
+        check_nonnegative("l0_coefficient", l0_coefficient, "model.init_args.l0_coefficient")
+        check_nonnegative("l0_warmup_steps", l0_warmup_steps, "model.init_args.l0_warmup_steps")
+        if l0_target is not None:
+            check_positive("l0_target", l0_target, "model.init_args.l0_target")
+        check_nonnegative(
+            "preact_coefficient", preact_coefficient, "model.init_args.preact_coefficient"
+        )
+        super().__init__(*args, **kwargs)
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(threshold_init)))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, pre_acts: Tensor) -> Tensor:
+        return jumprelu(pre_acts, self.threshold, self.hparams.bandwidth)
+
+    def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        terms = super().loss_terms(x_n, out)
+        threshold = self.threshold
+        l0 = heaviside(out.pre_acts, threshold, hp.bandwidth).sum(-1).mean()
+        sparsity = l0 if hp.l0_target is None else (l0 / hp.l0_target - 1).pow(2)
+        terms["l0"] = hp.l0_coefficient * self.warmup_factor(hp.l0_warmup_steps) * sparsity
+        if hp.preact_coefficient > 0:
+            dead = self.dead_mask()
+            shortfall = torch.relu(threshold - out.pre_acts) * (self.decoder_norms() * dead)
+            terms["preact"] = hp.preact_coefficient * shortfall.sum(-1).mean()
+        return terms

@@ -1,0 +1,258 @@
+"""TopK and BatchTopK SAEs with the AuxK loss for dead latents.
+
+TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") keeps the k largest
+pre-activations of every sample, so L0 is fixed and no sparsity penalty is needed. BatchTopK
+(Bussmann et al. 2024) keeps the k * batch largest over the whole batch, letting the number of
+active latents vary per sample, and learns a threshold for inference.
+
+Only k of d_sae latents are nonzero, so the decoder can sum k rows per sample instead of
+multiplying by a mostly-zero matrix. ``embedding_bag(mode="sum", per_sample_weights=...)``
+does that sum and its backward in one fused op; whether it beats the dense product depends on
+the density k / d_sae and the hardware, so ``decode_impl="auto"`` picks by a measured density
+cut-off (see ``SPARSE_DECODE_MAX_DENSITY``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_sae.models.base import (
+    SAEOutput,
+    SparseAutoencoder,
+    _is_distributed,
+    check_nonnegative,
+    check_positive,
+)
+
+DecodeImpl = Literal["auto", "dense", "sparse"]
+
+# Largest density (active latents / d_sae) at which ``auto`` decodes sparsely. Measured with
+# ``python benchmarks/train_step.py --decode-sweep`` at batch 4096, d_in 512, d_sae 8192
+# (docs/benchmarks.md): on CPU sparse decode (forward + backward) wins up to 256 of 8192 active
+# latents and loses from 512 on.
+SPARSE_DECODE_MAX_DENSITY = 1 / 32
+
+
+def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """Start of each row's run in ``rows`` (ascending row ids), as embedding_bag wants them."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return counts.cumsum(0) - counts
+
+
+@dataclass
+class SparseCode:
+    """The nonzero activations of ``n_rows`` samples, without the zeros.
+
+    Either ``indices`` and ``values`` are ``[n_rows, k]`` (the same count for every sample, as in
+    TopK) and ``rows`` is None, or they are flat ``[nnz]`` with ``rows`` giving each entry's
+    sample in ascending order (as in BatchTopK, where the count varies).
+    """
+
+    indices: Tensor
+    values: Tensor
+    n_rows: int
+    rows: Tensor | None = None
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        dense = self.values.new_zeros(self.n_rows, d_sae)
+        if self.rows is None:
+            return dense.scatter(1, self.indices, self.values)
+        return dense.index_put((self.rows, self.indices), self.values)
+
+    def decode(self, W_dec: Tensor) -> Tensor:
+        """sum_i values_i * W_dec[indices_i] per sample, shape [n_rows, d_in]; no bias."""
+        if self.rows is None:
+            return F.embedding_bag(
+                self.indices, W_dec, mode="sum", per_sample_weights=self.values
+            )
+        offsets = bag_offsets(self.rows, self.n_rows)
+        return F.embedding_bag(
+            self.indices, W_dec, offsets, mode="sum", per_sample_weights=self.values
+        )
+
+
+class TopKSAE(SparseAutoencoder):
+    """Keep the k largest pre-activations per sample (ReLU after); loss = MSE + AuxK.
+
+    AuxK (Gao et al. 2024, appendix A.2) gives dead latents a gradient: the ``aux_k`` largest
+    pre-activations among dead latents reconstruct the residual x - x_hat of the main pass. The
+    residual already excludes ``b_dec``, so the auxiliary reconstruction is W_dec-only (adding
+    ``b_dec`` again, as some implementations do, biases the target). The term is scaled by
+    min(n_dead / aux_k, 1), so that a handful of dead latents do not receive the full weight.
+    A latent is dead when it has not fired for ``dead_window_tokens`` tokens (base class).
+
+    Args:
+        k: active latents per sample.
+        aux_k: dead latents used by AuxK per sample; default ``d_in // 2``.
+        aux_coefficient: weight of AuxK; 0 turns it off.
+        decode_impl: ``dense`` (acts @ W_dec), ``sparse`` (embedding_bag over the k active rows)
+            or ``auto`` (sparse when k / d_sae <= SPARSE_DECODE_MAX_DENSITY, chosen by
+            measurement; see docs/benchmarks.md).
+        **kwargs: everything :class:`SparseAutoencoder` takes (d_in, d_sae, lr,
+            dead_window_tokens, ...).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        k: int = 32,
+        aux_k: int | None = None,
+        aux_coefficient: float = 1 / 32,
+        decode_impl: DecodeImpl = "auto",
+        **kwargs: Any,
+    ) -> None:
+        check_positive("k", k, "model.init_args.k")
+        if aux_k is not None:
+            check_positive("aux_k", aux_k, "model.init_args.aux_k")
+        check_nonnegative("aux_coefficient", aux_coefficient, "model.init_args.aux_coefficient")
+        if decode_impl not in ("auto", "dense", "sparse"):
+            raise ValueError(
+                f"decode_impl must be 'auto', 'dense' or 'sparse', got {decode_impl!r}: "
+                "set model.init_args.decode_impl."
+            )
+        super().__init__(*args, **kwargs)
+        if k > self.d_sae:
+            raise ValueError(f"k={k} exceeds d_sae={self.d_sae}: set model.init_args.k <= d_sae.")
+        self.k = k
+        self.aux_k = min(aux_k if aux_k is not None else max(self.d_in // 2, 1), self.d_sae)
+
+    def decodes_sparsely(self, active_per_sample: int) -> bool:
+        impl = self.hparams.decode_impl
+        if impl == "auto":
+            return active_per_sample <= SPARSE_DECODE_MAX_DENSITY * self.d_sae
+        return impl == "sparse"
+
+    # ----------------------------------------------------------------- encoding
+    def sparse_code(self, pre_acts: Tensor) -> SparseCode:
+        """The kept activations of [n, d_sae] pre-activations."""
+        values, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
+        return SparseCode(indices, torch.relu(values), pre_acts.shape[0])
+
+    def _encode(self, x_n: Tensor) -> tuple[SparseCode, Tensor]:
+        pre_acts = self.pre_activation(x_n).reshape(-1, self.d_sae)
+        return self.sparse_code(pre_acts), pre_acts
+
+    def encode_normalized(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
+        code, pre_acts = self._encode(x_n)
+        shape = (*x_n.shape[:-1], self.d_sae)
+        return code.to_dense(self.d_sae).reshape(shape), pre_acts.reshape(shape)
+
+    def decode_code(self, code: SparseCode, acts: Tensor) -> Tensor:
+        """W_dec-part of the reconstruction (no bias), sparse or dense as configured."""
+        if self.decodes_sparsely(self.k):
+            return code.decode(self.W_dec)
+        return acts @ self.W_dec
+
+    def forward_normalized(self, x_n: Tensor) -> SAEOutput:
+        code, pre_acts = self._encode(x_n)
+        acts = code.to_dense(self.d_sae)
+        x_hat = self.decode_code(code, acts) + self.b_dec
+        lead = x_n.shape[:-1]
+        return SAEOutput(
+            x_hat=x_hat.reshape(*lead, self.d_in),
+            acts=acts.reshape(*lead, self.d_sae),
+            pre_acts=pre_acts.reshape(*lead, self.d_sae),
+        )
+
+    # ----------------------------------------------------------------- losses
+    def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        terms = super().loss_terms(x_n, out)
+        if self.hparams.aux_coefficient > 0:
+            terms["auxk"] = self.hparams.aux_coefficient * self.auxk_loss(x_n, out)
+        return terms
+
+    def auxk_loss(self, x_n: Tensor, out: SAEOutput) -> Tensor:
+        """Squared error of the dead latents' reconstruction of the residual (0 if none dead)."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return out.x_hat.new_zeros(())
+        k_aux = min(self.aux_k, n_dead)
+        pre_acts = out.pre_acts.reshape(-1, self.d_sae)
+        values, indices = pre_acts.masked_fill(~dead, float("-inf")).topk(k_aux, sorted=False)
+        code = SparseCode(indices, torch.relu(values), pre_acts.shape[0])
+        if self.decodes_sparsely(k_aux):
+            residual_hat = code.decode(self.W_dec)
+        else:
+            residual_hat = code.to_dense(self.d_sae) @ self.W_dec
+        # The residual is the target; its gradient would push the main pass, not the dead ones.
+        residual = (x_n - out.x_hat).detach().reshape(-1, self.d_in)
+        scale = min(n_dead / self.aux_k, 1.0)
+        return scale * (residual_hat - residual).pow(2).sum(-1).mean()
+
+
+class BatchTopKSAE(TopKSAE):
+    """TopK over the whole batch in training, a learned threshold at inference.
+
+    In training the k * batch largest pre-activations of the batch are kept (ReLU after), so
+    samples use more or fewer latents as they need, with k on average. That rule makes a
+    sample's code depend on its batch-mates, which inference must not, so the module tracks a
+    threshold, the running average (exponential, ``threshold_momentum``) of the smallest
+    positive activation kept in each training batch, in the buffer ``threshold``. In eval mode
+    it encodes JumpReLU-style: a latent is on when its pre-activation exceeds the threshold.
+    Until a first training batch has been seen, eval falls back to batch top-k.
+
+    The threshold updates whenever the module runs forward in training mode (as BatchNorm's
+    statistics do); under DDP the per-rank minima are averaged, so every rank holds the same
+    threshold.
+
+    Args:
+        k: average active latents per sample.
+        threshold_momentum: weight of the old value in the running average of the threshold.
+        **kwargs: everything :class:`TopKSAE` takes (aux_k, aux_coefficient, decode_impl, ...).
+    """
+
+    def __init__(self, *args: Any, threshold_momentum: float = 0.99, **kwargs: Any) -> None:
+        if not 0 <= threshold_momentum < 1:
+            raise ValueError(
+                f"threshold_momentum must be in [0, 1), got {threshold_momentum}: "
+                "set model.init_args.threshold_momentum."
+            )
+        super().__init__(*args, **kwargs)
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
+
+    def sparse_code(self, pre_acts: Tensor) -> SparseCode:
+        if self.training or self.threshold_updates == 0:
+            code = self._batch_top_k(pre_acts)
+            if self.training:
+                self._update_threshold(code.values)
+            return code
+        rows, indices = (pre_acts > self.threshold).nonzero(as_tuple=True)
+        return SparseCode(indices, pre_acts[rows, indices], pre_acts.shape[0], rows)
+
+    def _batch_top_k(self, pre_acts: Tensor) -> SparseCode:
+        n = pre_acts.shape[0]
+        values, flat = pre_acts.flatten().topk(min(self.k * n, pre_acts.numel()), sorted=False)
+        # Sorting the flat positions groups entries by sample, as embedding_bag's offsets need.
+        flat, order = flat.sort()
+        return SparseCode(flat % self.d_sae, torch.relu(values[order]), n, flat // self.d_sae)
+
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        positive = values[values > 0]
+        stats = values.new_zeros(2)  # (smallest kept activation, 1) summed over ranks that had one
+        if positive.numel():
+            stats[0], stats[1] = positive.min(), 1.0
+        if _is_distributed():
+            dist.all_reduce(stats)
+        if stats[1] == 0:
+            return
+        batch_min = stats[0] / stats[1]
+        if self.threshold_updates == 0:
+            self.threshold.copy_(batch_min)
+        else:
+            self.threshold.lerp_(batch_min, 1 - self.hparams.threshold_momentum)
+        self.threshold_updates += 1
+
+    def decode_code(self, code: SparseCode, acts: Tensor) -> Tensor:
+        active_per_sample = code.indices.numel() // max(code.n_rows, 1)
+        if self.decodes_sparsely(active_per_sample):
+            return code.decode(self.W_dec)
+        return acts @ self.W_dec

