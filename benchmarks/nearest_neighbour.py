@@ -24,7 +24,9 @@ def time_search(directions: torch.Tensor, backend: str, repeats: int) -> tuple[f
         if directions.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        _, indices = max_cosine_similarity(directions, directions, exclude_self=True, backend=backend)
+        _, indices = max_cosine_similarity(
+            directions, directions, exclude_self=True, backend=backend
+        )
         if directions.is_cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)

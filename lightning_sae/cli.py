@@ -38,6 +38,8 @@ def final_metrics_table(trainer: Trainer) -> str:
         ("ground-truth MMCS", "geometry/gt_mmcs"),
         ("CE loss recovered", "downstream/ce_loss_recovered"),
         ("KL (clean || SAE)", "downstream/kl"),
+        ("final hidden cosine", "downstream/final_hidden_cosine"),
+        ("final hidden rel MSE", "downstream/final_hidden_rel_mse"),
     ]
     lines = ["", "final metrics", "-" * 34]
     lines += [f"{label:<20}{float(metrics[key]):>14.4f}" for label, key in rows if key in metrics]
@@ -186,7 +188,7 @@ def _register_tools() -> None:
                 _lazy("lightning_sae.data.activations", "cache_main"),
             ),
             "export": (
-                "write sae.safetensors + cfg.json",
+                "write sae_weights.safetensors + cfg.json (SAELens layout)",
                 _lazy("lightning_sae.io", "export_main"),
             ),
             "compare": (

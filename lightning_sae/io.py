@@ -267,6 +267,9 @@ def _metadata_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
             if isinstance(value, (str, int, float, bool)):
                 metadata[key] = value
                 break
+    if data_hparams.get("prepend_bos") and data_hparams.get("exclude_bos"):
+        # Trained without the BOS position: SAELens's evals then skip it too.
+        metadata["seqpos_slice"] = [1, None]
     return metadata
 
 

@@ -96,4 +96,3 @@ def curves(
     if series:
         axes.legend()
     return _save(figure, path)
-

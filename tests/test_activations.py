@@ -234,7 +234,7 @@ def test_minilm_cache_holds_100k_tokens_of_real_activations(minilm_cache: Path) 
     dm.setup("fit")
     assert dm.d_in == 384
     assert dm.layout.n_train_rows >= 100_000 and dm.layout.n_shards >= 6
-    assert len(dm.train_batches) == dm.layout.n_train_rows // 2048
+    assert len(dm.train_batches) == dm.layout.n_train_rows // dm.batch_size
 
 
 def test_served_activations_equal_a_direct_run_of_the_model(minilm_cache: Path) -> None:
@@ -254,6 +254,13 @@ def test_served_activations_equal_a_direct_run_of_the_model(minilm_cache: Path) 
     ]
     direct = torch.cat(runs)[inverse, offsets]
     torch.testing.assert_close(batch, direct, rtol=1e-4, atol=1e-4)
+
+    # TransformerLens 4.3 ignores forward(stop_at_layer=...) for BERT; the capture still stops.
+    ran: list[int] = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    lm.capture(model, tokens[:2], [MINILM_HOOK])
+    assert ran == [0]
 
 
 def test_a_killed_build_resumes_to_identical_shards(minilm_cache: Path, tmp_path: Path) -> None:

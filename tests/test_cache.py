@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
 from lightning_sae.data import lm
-from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.data.activations import ActivationDataModule, cache_main
 from lightning_sae.data.cache import CacheMismatchError, CorruptCacheError, shard_name
 from lightning_sae.data.tokens import PYDOC_TOPICS, TextSource, iter_documents, token_windows
 
@@ -349,3 +349,15 @@ def test_bad_activation_files_are_refused(tmp_path: Path) -> None:
         ActivationDataModule(activations_dir=str(tmp_path)).setup("fit")
     with pytest.raises(ValueError, match="exactly one of data.init_args.model"):
         ActivationDataModule(model="gpt2", hook=HOOK, activations_dir=str(tmp_path))
+
+
+def test_cache_command_refuses_configs_it_cannot_build(tmp_path: Path) -> None:
+    toy = Path(__file__).parents[1] / "configs" / "toy" / "standard.yaml"
+    with pytest.raises(SystemExit, match="data.class_path must be an ActivationDataModule"):
+        cache_main(["--config", str(toy)])
+    config = write_config(tmp_path / "tiny.yaml", {**OPTIONS, "cache_dir": str(tmp_path / "c")})
+    with pytest.raises(SystemExit, match="unknown argument '--trainer.max_steps'"):
+        cache_main(["--config", str(config), "--trainer.max_steps", "3"])
+    own = write_config(tmp_path / "own.yaml", {"activations_dir": str(tmp_path)})
+    with pytest.raises(SystemExit, match="nothing to cache"):
+        cache_main(["--config", str(own)])

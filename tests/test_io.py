@@ -178,11 +178,19 @@ def test_bad_paths_are_named(tmp_path: Path) -> None:
 def test_checkpoint_export_keeps_data_metadata(tmp_path: Path) -> None:
     ckpt = _train_checkpoint(tmp_path)
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["datamodule_hyper_parameters"] = {"model_name": "m", "hook_name": "blocks.1.x"}
+    # What ActivationDataModule saves, under its own names.
+    checkpoint["datamodule_hyper_parameters"] = {
+        "model": "m",
+        "hook": "blocks.1.x",
+        "context_size": 64,
+        "prepend_bos": True,
+        "exclude_bos": True,
+    }
     torch.save(checkpoint, ckpt)
     out = export_checkpoint(ckpt, tmp_path / "out", "lightning_sae.models.standard.StandardSAE")
     metadata = json.loads((out / CONFIG_FILENAME).read_text())["metadata"]
     assert metadata["model_name"] == "m" and metadata["hook_name"] == "blocks.1.x"
+    assert metadata["context_size"] == 64 and metadata["seqpos_slice"] == [1, None]
 
 
 # ----------------------------------------------------------------------------- SAELens itself

@@ -20,6 +20,11 @@ from lightning_sae.metrics.similarity import import_faiss
 Method = Literal["orthogonal", "xavier", "data", "svd", "kmeans", "outliers"]
 METHODS = ("orthogonal", "xavier", "data", "svd", "kmeans", "outliers")
 BiasInit = Literal["geometric_median", "mean", "keep"]
+# Offsets keep the callback's draws apart from other RNG streams seeded with the same small
+# integer (the toy data draws its ground-truth features from seed 0: an orthogonal init drawn
+# from the same stream would start next to them).
+_SAMPLE_SEED_OFFSET = 0x1A17_5A3D
+_GENERATOR_SEED_OFFSET = 0x6E0_1E7
 
 
 def _unit_rows(x: Tensor) -> Tensor:
@@ -79,11 +84,17 @@ def svd_directions(x: Tensor, d_sae: int, generator: torch.Generator) -> Tensor:
     return torch.cat([top, rest])
 
 
-def _spherical_kmeans(points: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(unit centroids [k, d], nearest centroid of each point) by faiss k-means on unit rows."""
+def _spherical_kmeans(
+    points: Tensor, k: int, seed: int, restarts: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(unit centroids [k, d], nearest centroid of each point) by faiss k-means on unit rows.
+
+    With ``restarts`` > 1 faiss keeps the best of that many runs (k-means from random points
+    can settle in a local optimum, e.g. one centroid for two clusters).
+    """
     faiss = import_faiss()
     data = _unit_rows(points.float()).cpu().contiguous().numpy()
-    kmeans = faiss.Kmeans(data.shape[1], k, niter=25, seed=seed, spherical=True)
+    kmeans = faiss.Kmeans(data.shape[1], k, niter=25, nredo=restarts, seed=seed, spherical=True)
     kmeans.cp.min_points_per_centroid = 1  # small samples are fine; don't warn about them
     kmeans.train(data)
     assignment = torch.from_numpy(kmeans.index.search(data, 1)[1][:, 0]).long()
@@ -107,7 +118,8 @@ def outlier_directions(
     rows are random samples, as in ``data``.
     """
     n_rare = max(1, round(rare_fraction * d_sae))
-    centroids, assignment = _spherical_kmeans(x, n_rare, seed)
+    # Few clusters, cheap to restart; a centroid caught on the rare inputs would hide them.
+    centroids, assignment = _spherical_kmeans(x, n_rare, seed, restarts=5)
     nearest = centroids[assignment].to(x.device)
     residual = x - (x * nearest).sum(1, keepdim=True) * nearest
     unexplained = residual.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
@@ -188,7 +200,7 @@ class DataInformedInit(Callback):
         needs_scale = not bool(pl_module.input_scale_fitted)
         x = None
         if needs_scale or trainer.is_global_zero:
-            x = sample(self.n_samples, seed=self.seed).to(pl_module.device)
+            x = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET).to(pl_module.device)
         if needs_scale:
             pl_module.fit_input_scale(x)
         weights = None
@@ -202,7 +214,7 @@ class DataInformedInit(Callback):
 
     def initial_weights(self, x_n: Tensor, pl_module: LightningModule) -> dict[str, Tensor]:
         """New W_dec (and W_enc, b_dec as configured), on CPU, from a normalised sample."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed + _GENERATOR_SEED_OFFSET)
         d_sae, d_in = pl_module.W_dec.shape
         b_dec = pl_module.b_dec.detach()
         if self.b_dec == "geometric_median":

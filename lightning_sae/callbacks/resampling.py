@@ -77,7 +77,8 @@ def pick_clustered(
             continue
         members = (assignment == cluster).nonzero().squeeze(1)
         members = members[point_losses[members].argsort(descending=True)]
-        directions.append(points[members[rank - 1]] if rank - 1 < len(members) else centroids[cluster])
+        fallback = rank - 1 >= len(members)  # a cluster smaller than its share: reuse the centroid
+        directions.append(centroids[cluster] if fallback else points[members[rank - 1]])
     return torch.stack(directions).to(residuals.device)
 
 

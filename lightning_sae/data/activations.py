@@ -12,8 +12,8 @@ order that mixes contexts and shards while holding at most one shuffle buffer in
    under DDP rank ``r`` serves its slice of each global batch, so ranks read disjoint rows and
    a DDP run sees what one process with the same global batch sees.
 
-Every order is a pure function of (seed, epoch), so the loader's state is two integers, saved
-in Lightning checkpoints: a resumed run continues with the next unseen batch.
+Every order is a pure function of (seed, epoch), so the loader's position is two integers,
+saved in Lightning checkpoints: a resumed run continues with the next unseen batch.
 
 With ``activations_dir`` the same module trains on your own ``.npy`` / ``.safetensors`` files of
 ``[n, d_in]`` activations instead.
@@ -29,6 +29,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,7 @@ from lightning_sae.data.cache import (
     CacheLayout,
     Compute,
     ShardedActivations,
+    host_array,
     open_activation_files,
     open_hook_cache,
 )
@@ -64,6 +66,7 @@ class ActivationBatches:
 
     It has a length, so Lightning does not prefetch, and ``state_dict`` is the exact position.
     Without ``shuffle`` the rows come in order and every pass starts from the first batch.
+    Reading a buffer and gathering a batch are split over ``threads`` threads.
     """
 
     def __init__(
@@ -77,6 +80,8 @@ class ActivationBatches:
         seed: int = 0,
         buffer_rows: int = 1 << 18,
         chunk_rows: int = 4096,
+        pin_memory: bool = False,
+        threads: int = 4,
     ) -> None:
         if stop - start < batch_size:
             raise ValueError(
@@ -84,7 +89,8 @@ class ActivationBatches:
                 "data.init_args.batch_size or cache more tokens."
             )
         self.store, self.start, self.stop, self.batch_size = store, start, stop, batch_size
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.pin_memory = shuffle, seed, pin_memory
+        self.threads = max(1, threads)
         self.chunks_per_buffer = max(1, buffer_rows // chunk_rows)
         self.chunks = self._chunk_bounds(chunk_rows)
         self.epoch, self.next_index = 0, 0
@@ -103,9 +109,9 @@ class ActivationBatches:
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
 
-    def _buffers(self, epoch: int, skip_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(first position, source rows in serving order) of each buffer that ends after
-        position ``skip_rows``; earlier buffers are skipped without being drawn."""
+    def _buffers(self, epoch: int, skip_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(first position, chunks, serving order of the buffer's rows) of each buffer that
+        ends after position ``skip_rows``; earlier buffers are skipped without being drawn."""
         chunks = (
             self.chunks[self._rng(epoch).permutation(len(self.chunks))]
             if self.shuffle
@@ -116,33 +122,75 @@ class ActivationBatches:
         offset = 0
         for g, (first, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
             if offset + size > skip_rows:
-                group = chunks[first : first + self.chunks_per_buffer]
-                rows = np.concatenate([np.arange(lo, hi) for lo, hi in group])
-                yield offset, self._rng(epoch, g + 1).permutation(rows) if self.shuffle else rows
+                order = (
+                    self._rng(epoch, g + 1).permutation(size) if self.shuffle else np.arange(size)
+                )
+                yield offset, chunks[first : first + self.chunks_per_buffer], order
             offset += size
 
-    def _rank_rows(
+    def _rank_indices(
         self, epoch: int, first_batch: int, rank: int, world: int
-    ) -> Iterator[np.ndarray]:
-        """Per buffer, the source rows this rank serves from global batch ``first_batch`` on."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per buffer, (its chunks, the buffer rows this rank serves from global batch
+        ``first_batch`` on, in serving order)."""
         local = self.batch_size // world
         begin, end = first_batch * self.batch_size, len(self) * self.batch_size
-        for offset, rows in self._buffers(epoch, begin):
+        for offset, chunks, order in self._buffers(epoch, begin):
             if offset >= end:
                 return
-            position = np.arange(offset, offset + len(rows))
+            position = np.arange(offset, offset + len(order))
             mine = (position >= begin) & (position < end)
             mine &= (position % self.batch_size) // local == rank
-            yield rows[mine]
+            yield chunks, order[mine]
 
     def batch_rows(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
         """Source rows of global batch ``index`` that ``rank`` serves (for inspection)."""
         local, found = self.batch_size // world, []
-        for rows in self._rank_rows(epoch, index, rank, world):
-            found.append(rows)
+        for chunks, indices in self._rank_indices(epoch, index, rank, world):
+            source = np.concatenate([np.arange(lo, hi) for lo, hi in chunks])
+            found.append(source[indices])
             if sum(map(len, found)) >= local:
                 break
         return np.concatenate(found)[:local]
+
+    def _read(self, chunks: np.ndarray, pool: ThreadPoolExecutor, space: np.ndarray) -> np.ndarray:
+        """The buffer: its chunks copied side by side (sequential reads from the shards) into
+        the start of ``space``."""
+        sizes = chunks[:, 1] - chunks[:, 0]
+        buffer = space[: int(sizes.sum())]
+        ends = np.cumsum(sizes).tolist()
+        starts = [0, *ends[:-1]]
+        reads = [
+            pool.submit(self.store.read, lo, hi, buffer[a:b])
+            for (lo, hi), a, b in zip(chunks.tolist(), starts, ends, strict=True)
+        ]
+        for read in reads:
+            read.result()
+        return buffer
+
+    def _take(
+        self, buffer: np.ndarray, indices: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor
+    ) -> None:
+        """``out[:] = buffer[indices]``, split over the pool (numpy releases the GIL)."""
+        cuts = np.linspace(0, len(indices), self.threads + 1).astype(int).tolist()
+        parts = [
+            pool.submit(np.take, buffer, indices[a:b], 0, out[a:b])
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+            if b > a
+        ]
+        for part in parts:
+            part.result()
+
+    def _new_batch(self, n: int) -> tuple[np.ndarray, Tensor]:
+        """A batch to fill, as (numpy view, tensor); pinned memory copies to a GPU
+        asynchronously."""
+        if self.pin_memory:
+            tensor = torch.empty(
+                (n, self.store.d_in), dtype=self.store.torch_dtype, pin_memory=True
+            )
+            return host_array(tensor), tensor
+        array = self.store.empty(n)
+        return array, self.store.to_torch(array)
 
     def __iter__(self) -> Iterator[Tensor]:
         rank, world = _rank_and_world()
@@ -156,16 +204,28 @@ class ActivationBatches:
         elif self.next_index >= len(self):  # the previous pass ran to its end
             self.epoch, self.next_index = self.epoch + 1, 0
         local = self.batch_size // world
-        carry = self.store.empty(0)
-        for rows in self._rank_rows(self.epoch, self.next_index, rank, world):
-            data = self.store.empty(len(carry) + len(rows))
-            data[: len(carry)] = carry
-            self.store.gather(rows, out=data[len(carry) :])
-            n_full = len(data) // local
-            for i in range(n_full):
-                self.next_index += 1
-                yield self.store.to_torch(data[i * local : (i + 1) * local])
-            carry = data[n_full * local :]
+        pending: list[np.ndarray] = []  # rows of a batch that continues in the next buffer
+        n_pending = 0
+        # One allocation for every buffer of the pass: fresh pages would cost a page fault each.
+        largest_chunk = int((self.chunks[:, 1] - self.chunks[:, 0]).max())
+        space = self.store.empty(
+            min(self.stop - self.start, largest_chunk * self.chunks_per_buffer)
+        )
+        with ThreadPoolExecutor(self.threads) as pool:
+            for chunks, indices in self._rank_indices(self.epoch, self.next_index, rank, world):
+                buffer, start = self._read(chunks, pool, space), 0
+                while n_pending + len(indices) - start >= local:
+                    take = local - n_pending
+                    array, batch = self._new_batch(local)
+                    if pending:
+                        array[:n_pending] = np.concatenate(pending)
+                    self._take(buffer, indices[start : start + take], array[n_pending:], pool)
+                    pending, n_pending, start = [], 0, start + take
+                    self.next_index += 1
+                    yield batch
+                if start < len(indices):  # a copy: the space is overwritten by the next buffer
+                    pending.append(buffer[indices[start:]])
+                    n_pending += len(indices) - start
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -233,6 +293,9 @@ class ActivationDataModule(LightningDataModule):
             (``checksum``; reads the whole cache once).
         build_on_all_ranks: under DDP, split the cache build across all ranks in ``setup``
             instead of building on one process in ``prepare_data``.
+        pin_memory: serve batches in pinned memory, so copies to the GPU are asynchronous
+            (default: when a GPU is available).
+        loader_threads: threads that read and gather batches (numpy copies run in parallel).
     """
 
     def __init__(
@@ -267,6 +330,8 @@ class ActivationDataModule(LightningDataModule):
         shuffle_chunk_tokens: int = 4096,
         verify: Literal["size", "checksum"] = "checksum",
         build_on_all_ranks: bool = False,
+        pin_memory: bool | None = None,
+        loader_threads: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -311,6 +376,7 @@ class ActivationDataModule(LightningDataModule):
         self._fingerprint: dict[str, Any] | None = None
         self._store: ShardedActivations | None = None
         self._built_here = False
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.train_batches: ActivationBatches | None = None
         self.val_batches: ActivationBatches | None = None
 
@@ -372,8 +438,9 @@ class ActivationDataModule(LightningDataModule):
         """Load the model on its device and return tokens -> {hook: activations}."""
         hp = self.hparams
         device = lm.resolve_device(hp.device)
-        if device == "cuda" and torch.cuda.is_available():
-            device = f"cuda:{rank % torch.cuda.device_count()}"
+        if device == "cuda" and torch.cuda.is_available():  # one GPU per process of a node
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
         model = lm.load_model(
             hp.model,
             device=device,
@@ -458,6 +525,8 @@ class ActivationDataModule(LightningDataModule):
                 seed=hp.seed,
                 buffer_rows=hp.shuffle_buffer_tokens,
                 chunk_rows=hp.shuffle_chunk_tokens,
+                pin_memory=self.pin_memory,
+                threads=hp.loader_threads,
             )
             _, world = _rank_and_world()
             val_batch = min(hp.batch_size, (val_hi - val_lo) // world * world)
@@ -470,6 +539,8 @@ class ActivationDataModule(LightningDataModule):
                     shuffle=False,
                     buffer_rows=hp.shuffle_buffer_tokens,
                     chunk_rows=hp.shuffle_chunk_tokens,
+                    pin_memory=self.pin_memory,
+                    threads=hp.loader_threads,
                 )
 
     def sample(self, n: int, seed: int | None = None) -> Tensor:
@@ -537,7 +608,10 @@ def cache_main(argv: list[str]) -> None:
     args, rest = parser.parse_known_args(argv)
     config = yaml.safe_load(Path(args.config).read_text()) or {}
     data = config.get("data") or {}
-    cls = _import(data.get("class_path", ""))
+    try:
+        cls = _import(data.get("class_path", ""))
+    except (ImportError, AttributeError, ValueError):
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, ActivationDataModule)):
         raise SystemExit(
             f"error: {args.config}: data.class_path must be an ActivationDataModule, got "
@@ -548,6 +622,8 @@ def cache_main(argv: list[str]) -> None:
         raise SystemExit("error: this config reads activations_dir; there is nothing to cache.")
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank = dist.get_rank()
     root = datamodule.build_cache(rank, world, progress=not args.no_progress)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -80,10 +81,24 @@ def _commit(tmp: Path, path: Path) -> None:
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> tuple[str, int]:
     """Write ``array`` as ``.npy`` via a temporary file; return (sha256, size in bytes)."""
+    return write_npy_chunks_atomic(path, [np.ascontiguousarray(array)])
+
+
+def write_npy_chunks_atomic(path: Path, chunks: Sequence[np.ndarray]) -> tuple[str, int]:
+    """Write the row-wise concatenation of C-contiguous ``chunks`` as one ``.npy`` file, via a
+    temporary file and without concatenating in memory; return (sha256, size in bytes)."""
+    first = chunks[0]
+    header = {
+        "descr": np.lib.format.dtype_to_descr(first.dtype),
+        "fortran_order": False,
+        "shape": (sum(len(c) for c in chunks), *first.shape[1:]),
+    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as raw:
         file = _HashingFile(raw)
-        np.lib.format.write_array(file, np.ascontiguousarray(array), allow_pickle=False)
+        np.lib.format.write_array_header_1_0(file, header)
+        for chunk in chunks:
+            file.write(memoryview(chunk).cast("B"))
         raw.flush()
         os.fsync(raw.fileno())
     _commit(tmp, path)
@@ -246,6 +261,17 @@ class ShardedActivations:
                 out[order[lo:hi]] = array[sorted_rows[lo:hi] - self.offsets[i]]
         return out
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def read(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Copy rows ``[start, stop)``, which must lie in one array, into ``out``."""
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        if stop > self.offsets[i + 1]:
+            raise ValueError(f"rows {start}:{stop} cross the end of array {i}.")
+        out[:] = self.arrays[i][start - self.offsets[i] : stop - self.offsets[i]]
+
     def to_torch(self, array: np.ndarray) -> Tensor:
         tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
@@ -352,11 +378,18 @@ def _safetensors_array(path: Path) -> tuple[np.ndarray, str]:
 Compute = Callable[[Tensor], dict[str, Tensor]]
 
 
-def _storage_array(activations: Tensor, dtype: str) -> np.ndarray:
-    tensor = activations.detach().to(getattr(torch, dtype)).cpu()
-    return (
-        tensor.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else tensor.numpy()
-    )
+def _to_storage(rows: Tensor, dtype: str) -> Tensor:
+    """``rows`` in the storage dtype on the host; from a GPU the copy is asynchronous (into
+    pinned memory), so the caller synchronises before reading it."""
+    rows = rows.detach().to(getattr(torch, dtype)).contiguous()
+    return rows.to("cpu", non_blocking=True) if rows.is_cuda else rows
+
+
+def host_array(tensor: Tensor) -> np.ndarray:
+    """A numpy view of a host tensor (bfloat16 as uint16 bit patterns)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
 
 
 class CacheBuilder:
@@ -375,11 +408,13 @@ class CacheBuilder:
         hooks: Sequence[str],
         dtype: str,
         batch_contexts: int,
+        writers: int = 4,
     ) -> None:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"cache dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}.")
         self.root, self.fingerprint, self.layout = Path(root), fingerprint, layout
         self.hooks, self.dtype, self.batch_contexts = list(hooks), dtype, batch_contexts
+        self.writers = max(1, writers)
         self.np_dtype = STORAGE_DTYPES[dtype]
 
     def hook_fingerprint(self, hook: str) -> dict[str, Any]:
@@ -460,63 +495,62 @@ class CacheBuilder:
     ) -> dict[tuple[str, int], tuple[str, int]]:
         """Compute and write this rank's missing shards (shard k belongs to rank k % world).
 
-        Returns ``{(hook, shard): (sha256, bytes)}`` of the shards written. The next shard is
-        computed while a background thread writes the previous one.
+        Returns ``{(hook, shard): (sha256, bytes)}`` of the shards written. Writer threads hash
+        and write finished shards while the next one is computed; at most ``writers`` shards
+        wait in memory.
         """
         todo = self.missing_shards(hooks, rank, world)
         if not todo:
             return {}
         windows = self.load_tokens()
         written: dict[tuple[str, int], tuple[str, int]] = {}
-        total = sum(self.layout.shard_rows(shard) for shard in todo)
         bar = tqdm(
-            total=total,
+            total=sum(self.layout.shard_rows(shard) for shard in todo),
             unit="tok",
             unit_scale=True,
             desc=f"caching {', '.join(hooks)}",
             disable=not progress or rank != 0,
             smoothing=0.1,
         )
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=self.writers) as writer:
+            pending: deque[Future] = deque()
             for shard in todo:
-                arrays = self._compute_shard(windows, shard, hooks, compute)
-                if pending is not None:
-                    written.update(pending.result())
-                pending = writer.submit(self._write_shard, shard, arrays)
+                chunks = self._compute_shard(windows, shard, hooks, compute)
+                if len(pending) >= self.writers:
+                    written.update(pending.popleft().result())
+                pending.append(writer.submit(self._write_shard, shard, chunks))
                 bar.update(self.layout.shard_rows(shard))
-            if pending is not None:
-                written.update(pending.result())
+            while pending:
+                written.update(pending.popleft().result())
         bar.close()
         return written
 
     def _compute_shard(
         self, windows: np.ndarray, shard: int, hooks: Sequence[str], compute: Compute
-    ) -> dict[str, np.ndarray]:
-        span, positions = self.layout.shard_windows(shard), self.layout.positions
-        first = self.layout.first_position
-        out: dict[str, np.ndarray] = {}
+    ) -> dict[str, list[np.ndarray]]:
+        """Per hook, the shard's rows as host arrays, one per forward batch."""
+        span, first = self.layout.shard_windows(shard), self.layout.first_position
+        chunks: dict[str, list[Tensor]] = {hook: [] for hook in hooks}
         # Always the same forward batches for a shard: its bytes do not depend on where a
         # previous build stopped.
         for start in range(span.start, span.stop, self.batch_contexts):
             stop = min(start + self.batch_contexts, span.stop)
-            tokens = torch.from_numpy(windows[start:stop].astype(np.int64))
-            activations = compute(tokens)
+            activations = compute(torch.from_numpy(windows[start:stop].astype(np.int64)))
             for hook in hooks:
                 block = activations[hook][:, first:, :]
-                rows = block.reshape(-1, block.shape[-1])
-                if hook not in out:
-                    out[hook] = np.empty((len(span) * positions, rows.shape[1]), self.np_dtype)
-                offset = (start - span.start) * positions
-                out[hook][offset : offset + len(rows)] = _storage_array(rows, self.dtype)
-        return out
+                chunks[hook].append(_to_storage(block.reshape(-1, block.shape[-1]), self.dtype))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the asynchronous copies to the host have landed
+        return {hook: [host_array(c) for c in tensors] for hook, tensors in chunks.items()}
 
     def _write_shard(
-        self, shard: int, arrays: dict[str, np.ndarray]
+        self, shard: int, chunks: dict[str, list[np.ndarray]]
     ) -> dict[tuple[str, int], tuple[str, int]]:
         return {
-            (hook, shard): write_npy_atomic(hook_folder(self.root, hook) / shard_name(shard), array)
-            for hook, array in arrays.items()
+            (hook, shard): write_npy_chunks_atomic(
+                hook_folder(self.root, hook) / shard_name(shard), arrays
+            )
+            for hook, arrays in chunks.items()
         }
 
     # ----------------------------------------------------------------- finish

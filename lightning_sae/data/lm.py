@@ -215,12 +215,6 @@ def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tenso
     return {name: cache[name] for name in names}
 
 
-def hook_width(model: Any, name: str, context_size: int = 4) -> int:
-    """Width of the activations at ``name``, measured with a tiny forward pass."""
-    tokens = torch.zeros(1, context_size, dtype=torch.long)
-    return int(capture(model, tokens, [name])[name].shape[-1])
-
-
 # --------------------------------------------------------------------------- splicing
 def replacement_hook(
     name: str, replace: Callable[[Tensor], Tensor]

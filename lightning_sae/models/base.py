@@ -229,7 +229,7 @@ class SparseAutoencoder(LightningModule):
         if self.hparams.orthogonality_coefficient != 0:
             penalty, mean_cos = orthogonality_penalty(
                 self.W_dec,
-                (out.acts != 0).any(0),
+                self._active_in_global_batch(out.acts),
                 shape=self.hparams.orthogonality_shape,
                 power=self.hparams.orthogonality_power,
             )
@@ -238,6 +238,19 @@ class SparseAutoencoder(LightningModule):
         loss = torch.stack(list(terms.values())).sum()
         self._log_training_stats(x_n, out, terms, loss)
         return loss
+
+    @torch.no_grad()
+    def _active_in_global_batch(self, acts: Tensor) -> Tensor:
+        """Features that fired anywhere in the batch, on any DDP rank.
+
+        Every rank then penalises the same features, so the averaged gradient equals what a
+        single process sees on the same global batch.
+        """
+        active = (acts != 0).reshape(-1, self.d_sae).any(0)
+        if _is_distributed():
+            active = active.to(torch.uint8)
+            dist.all_reduce(active, op=dist.ReduceOp.MAX)
+        return active.bool()
 
     @torch.no_grad()
     def _log_training_stats(

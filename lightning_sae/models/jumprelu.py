@@ -23,7 +23,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonnegative, check_positive
+from lightning_sae.models.base import (
+    SAEOutput,
+    SparseAutoencoder,
+    check_nonnegative,
+    check_positive,
+)
 
 
 def _rectangle(u: Tensor) -> Tensor:

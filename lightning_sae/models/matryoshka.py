@@ -60,7 +60,9 @@ class MatryoshkaSAE(BatchTopKSAE):
                 code.indices, code.values, code.n_rows * n_groups, code.rows * n_groups + group
             )
             return bags.decode(self.W_dec).reshape(code.n_rows, n_groups, self.d_in)
-        parts = zip(acts.split(self.group_sizes, -1), self.W_dec.split(self.group_sizes), strict=True)
+        parts = zip(
+            acts.split(self.group_sizes, -1), self.W_dec.split(self.group_sizes), strict=True
+        )
         return torch.stack([a @ w for a, w in parts], dim=1)
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:

@@ -8,8 +8,8 @@ active latents vary per sample, and learns a threshold for inference.
 Only k of d_sae latents are nonzero, so the decoder can sum k rows per sample instead of
 multiplying by a mostly-zero matrix. ``embedding_bag(mode="sum", per_sample_weights=...)``
 does that sum and its backward in one fused op; whether it beats the dense product depends on
-the density k / d_sae and the hardware, so ``decode_impl="auto"`` picks by a measured density
-cut-off (see ``SPARSE_DECODE_MAX_DENSITY``).
+the density k / d_sae and the hardware, so ``decode_impl="auto"`` picks by a density cut-off
+measured per device type (see ``SPARSE_DECODE_MAX_DENSITY``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from lightning_sae.models.base import (
 
 DecodeImpl = Literal["auto", "dense", "sparse"]
 
-# Largest density (active latents / d_sae) at which ``auto`` decodes sparsely. Measured with
-# ``python benchmarks/train_step.py --decode-sweep`` at batch 4096, d_in 512, d_sae 8192
-# (docs/benchmarks.md): on CPU sparse decode (forward + backward) wins up to 256 of 8192 active
-# latents and loses from 512 on.
-SPARSE_DECODE_MAX_DENSITY = 1 / 32
+# Largest density (active latents / d_sae) at which ``auto`` decodes sparsely, per device type.
+# Measured with ``python benchmarks/train_step.py --decode-sweep`` (forward + backward,
+# docs/benchmarks.md): on a 2-core CPU at batch 4096, d_in 512, d_sae 8192 sparse took 0.46-0.74x
+# the dense time at 512 active latents (1/16) and 1.15-1.26x at 1024; on an H200 at batch 4096,
+# d_in 768, d_sae 24576 it took 0.65x at 256 and 1.27x at 512, so about 1/64 there.
+SPARSE_DECODE_MAX_DENSITY = {"cpu": 1 / 16, "cuda": 1 / 64}
 
 
 def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
@@ -68,9 +69,7 @@ class SparseCode:
     def decode(self, W_dec: Tensor) -> Tensor:
         """sum_i values_i * W_dec[indices_i] per sample, shape [n_rows, d_in]; no bias."""
         if self.rows is None:
-            return F.embedding_bag(
-                self.indices, W_dec, mode="sum", per_sample_weights=self.values
-            )
+            return F.embedding_bag(self.indices, W_dec, mode="sum", per_sample_weights=self.values)
         offsets = bag_offsets(self.rows, self.n_rows)
         return F.embedding_bag(
             self.indices, W_dec, offsets, mode="sum", per_sample_weights=self.values
@@ -92,8 +91,8 @@ class TopKSAE(SparseAutoencoder):
         aux_k: dead latents used by AuxK per sample; default ``d_in // 2``.
         aux_coefficient: weight of AuxK; 0 turns it off.
         decode_impl: ``dense`` (acts @ W_dec), ``sparse`` (embedding_bag over the k active rows)
-            or ``auto`` (sparse when k / d_sae <= SPARSE_DECODE_MAX_DENSITY, chosen by
-            measurement; see docs/benchmarks.md).
+            or ``auto`` (sparse up to a density k / d_sae measured per device type: 1/16 on
+            CPU, 1/64 on CUDA; see ``SPARSE_DECODE_MAX_DENSITY`` and docs/benchmarks.md).
         **kwargs: everything :class:`SparseAutoencoder` takes (d_in, d_sae, lr,
             dead_window_tokens, ...).
     """
@@ -125,7 +124,8 @@ class TopKSAE(SparseAutoencoder):
     def decodes_sparsely(self, active_per_sample: int) -> bool:
         impl = self.hparams.decode_impl
         if impl == "auto":
-            return active_per_sample <= SPARSE_DECODE_MAX_DENSITY * self.d_sae
+            max_density = SPARSE_DECODE_MAX_DENSITY.get(self.W_dec.device.type, 1 / 64)
+            return active_per_sample <= max_density * self.d_sae
         return impl == "sparse"
 
     # ----------------------------------------------------------------- encoding

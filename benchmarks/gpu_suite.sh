@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one go, for a lent GPU machine that has torch and lightning but no
+# network: the missing pure-Python packages come as wheels in .devwheels/ (made beforehand with
+# `pip download --no-deps --python-version 3.12 ...`, see docs/benchmarks.md). Results go to
+# $OUT (or ./gpu-results).
+set -u
+OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+W=.devwheels
+common="beartype fancy_einsum typeguard datasets dill multiprocess wandb"
+pick() { for name in "$@"; do ls $W/${name}-*.whl; done; }
+python3 -m pip install -q --no-index --no-deps --target /tmp/ours \
+  $(pick $common jsonargparse typeshed_client docstring_parser) $W/transformer_lens-4.3.0-*.whl
+python3 -m pip install -q --no-index --no-deps --target /tmp/saelens \
+  $(pick $common sae_lens babe nltk plotly plotly_express python_dotenv simple_parsing tenacity better_abc) \
+  $W/transformer_lens-3.9.0-*.whl
+printf '#!/bin/sh\nPYTHONPATH=/tmp/saelens exec python3 "$@"\n' > /tmp/saelens-python
+chmod +x /tmp/saelens-python
+export PYTHONPATH=/tmp/ours:$PWD
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } > "$OUT/machine.txt" 2>&1
+run() { name=$1; shift; echo "== $*" > "$OUT/$name.txt"; timeout "${LIMIT:-150}" "$@" >> "$OUT/$name.txt" 2>&1; echo "exit $?" >> "$OUT/$name.txt"; }
+run train_step python3 benchmarks/train_step.py --device cuda --d_in 768 --d_sae 24576 --batch 4096 --steps 10 --warmup 3
+run vs_saelens python3 benchmarks/vs_saelens.py --device cuda --d_in 768 --d_sae 24576 --batch 4096 --steps 30 --warmup 5 --saelens-python /tmp/saelens-python
+run nearest_neighbour python3 benchmarks/nearest_neighbour.py --device cuda --backends torch --sizes 16384 65536 1048576
+run cache_throughput python3 benchmarks/cache_throughput.py --device cuda --random pythia-70m --n-tokens 262144

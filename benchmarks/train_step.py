@@ -1,0 +1,225 @@
+"""Tokens per second of one full training step per SAE variant, against a matmul roofline.
+
+A step is what Lightning runs for every batch: ``training_step`` (forward, losses, logging),
+backward, the Adam step and zeroing the gradients, timed from ``on_train_batch_start`` to
+``on_train_batch_end`` inside a real ``Trainer``. Beside it the same run times the bare matrix
+products of an SAE of the same shapes: encoder and decoder forward plus, for each, the products
+of its backward (gradient of the input and of the weight), six products in all, three times the
+forward FLOPs. That time is the "roofline" a step cannot beat without sparse kernels; the table
+prints each variant's step time as a fraction of it (roofline time / step time).
+
+``--decode-sweep`` also times decoding k active latents per sample from (indices, values) with
+``embedding_bag`` against the dense product (both forward + backward), the measurement behind
+``lightning_sae.models.topk.SPARSE_DECODE_MAX_DENSITY``.
+
+    python benchmarks/train_step.py                      # CPU: d_in 512, d_sae 8192, batch 4096
+    python benchmarks/train_step.py --decode-sweep
+    python benchmarks/train_step.py --device cuda --d_in 768 --d_sae 24576
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.jumprelu import JumpReLUSAE
+from lightning_sae.models.matryoshka import MatryoshkaSAE
+from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+
+
+def variants(k: int) -> dict[str, Callable[[int, int], SparseAutoencoder]]:
+    """Each variant with default losses; dead_window_tokens is small so AuxK really runs."""
+    dead = {"dead_window_tokens": 1}
+    return {
+        "standard (L1)": lambda d_in, d_sae: StandardSAE(d_in=d_in, d_sae=d_sae),
+        "topk (auto)": lambda d_in, d_sae: TopKSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
+        "topk (dense decode)": lambda d_in, d_sae: TopKSAE(
+            d_in=d_in, d_sae=d_sae, k=k, decode_impl="dense", **dead
+        ),
+        "batchtopk (auto)": lambda d_in, d_sae: BatchTopKSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
+        "matryoshka (auto)": lambda d_in, d_sae: MatryoshkaSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
+        "jumprelu": lambda d_in, d_sae: JumpReLUSAE(d_in=d_in, d_sae=d_sae),
+        "gated": lambda d_in, d_sae: GatedSAE(d_in=d_in, d_sae=d_sae),
+        "approx_l0": lambda d_in, d_sae: ApproxL0SAE(d_in=d_in, d_sae=d_sae),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step, from batch start to batch end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self._start = device, [], 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+class RepeatBatch:
+    """The same batch ``n`` times; data loading is not what is measured."""
+
+    def __init__(self, x: Tensor, n: int) -> None:
+        self.x, self.n = x, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self.x for _ in range(self.n))
+
+
+def time_training_step(
+    make: Callable[[int, int], SparseAutoencoder], x: Tensor, args: argparse.Namespace
+) -> float:
+    """Median seconds per training step after ``args.warmup`` untimed steps."""
+    device = torch.device(args.device)
+    module = make(args.d_in, args.d_sae)
+    timer = StepTimer(device)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, train_dataloaders=RepeatBatch(x, args.warmup + args.steps))
+    return statistics.median(timer.times[args.warmup :])
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_roofline(args: argparse.Namespace) -> float:
+    """Seconds for the six products of an SAE's forward and backward at these shapes."""
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, device=device, generator=gen)
+    W_enc = torch.randn(args.d_in, args.d_sae, device=device, generator=gen)
+    W_dec = torch.randn(args.d_sae, args.d_in, device=device, generator=gen)
+    grad_out = torch.randn(args.batch, args.d_in, device=device, generator=gen)
+
+    def products() -> None:
+        h = x @ W_enc
+        h @ W_dec  # decoder forward
+        grad_h = grad_out @ W_dec.T  # decoder backward: input, then weight
+        h.T @ grad_out
+        grad_h @ W_enc.T  # encoder backward: input, then weight
+        x.T @ grad_h
+
+    return time_fn(products, device, warmup=1, repeats=max(3, args.steps))
+
+
+def decode_sweep(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    W_dec = torch.randn(args.d_sae, args.d_in, device=device, generator=gen, requires_grad=True)
+    grad_out = torch.randn(args.batch, args.d_in, device=device, generator=gen)
+    pre = torch.randn(args.batch, args.d_sae, device=device, generator=gen)
+    print(f"\ndecode, forward + backward, batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}")
+    print(f"{'k':>6}{'density':>10}{'dense ms':>11}{'sparse ms':>11}{'sparse/dense':>14}")
+    k = 8
+    while k <= args.d_sae // 4:
+        values, indices = pre.topk(k, dim=1)
+        values = values.relu().requires_grad_()
+
+        def dense(values: Tensor = values, indices: Tensor = indices) -> None:
+            acts = torch.zeros_like(pre).scatter(1, indices, values)
+            (acts @ W_dec).backward(grad_out)
+
+        def sparse(values: Tensor = values, indices: Tensor = indices) -> None:
+            out = F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=values)
+            out.backward(grad_out)
+
+        t_dense = time_fn(dense, device, 1, 3)
+        t_sparse = time_fn(sparse, device, 1, 3)
+        print(
+            f"{k:>6}{k / args.d_sae:>10.4f}{t_dense * 1e3:>11.1f}{t_sparse * 1e3:>11.1f}"
+            f"{t_sparse / t_dense:>14.2f}"
+        )
+        k *= 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d_in", type=int, default=512)
+    parser.add_argument("--d_sae", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32, help="k of the TopK-family variants")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--only", nargs="*", help="variant names (prefixes) to run")
+    parser.add_argument("--decode-sweep", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true", help="only the decode sweep")
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, float32"
+    )
+    if not args.skip_steps:
+        roofline = time_roofline(args)
+        flops = 6 * 2 * args.batch * args.d_in * args.d_sae
+        print(
+            f"roofline (6 bare products): {roofline * 1e3:.1f} ms = "
+            f"{args.batch / roofline:,.0f} tokens/s ({flops / roofline / 1e9:,.0f} GFLOP/s)"
+        )
+        print(f"{'variant':<22}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}")
+        x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(0))
+        for label, make in variants(args.k).items():
+            if args.only and not any(label.startswith(prefix) for prefix in args.only):
+                continue
+            seconds = time_training_step(make, x, args)
+            print(
+                f"{label:<22}{seconds * 1e3:>10.1f}{args.batch / seconds:>12,.0f}"
+                f"{roofline / seconds:>13.2f}",
+                flush=True,
+            )
+    if args.decode_sweep:
+        decode_sweep(args)
+
+
+if __name__ == "__main__":
+    main()

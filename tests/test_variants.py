@@ -1,0 +1,401 @@
+"""Unit-level checks of the SAE variants: their math, gradients and buffers, on tiny shapes.
+
+Training-based acceptance checks (ground-truth MMCS, dead latents, L0 ordering, orthogonality)
+live in test_variants_training.py.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from lightning_sae.cli import main as cli_main
+from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.jumprelu import HeavisideFunction, JumpReLUFunction, JumpReLUSAE
+from lightning_sae.models.matryoshka import MatryoshkaSAE
+from lightning_sae.models.penalties import (
+    approx_l0_indicator,
+    frequency_floor_penalty,
+    orthogonality_penalty,
+)
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
+D_IN, D_SAE = 16, 48
+
+
+def _x(n: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- custom autograd functions
+def _away_from_threshold(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> None:
+    """Move entries out of the kernel window, where the true derivative exists everywhere."""
+    near = (z - threshold).abs() < bandwidth
+    z.data[near] += 2 * bandwidth
+
+
+@pytest.mark.parametrize("function", [JumpReLUFunction, HeavisideFunction])
+def test_custom_functions_pass_gradcheck_in_float64(function: type) -> None:
+    """Away from the jump the pseudo-derivatives must equal the true ones, for z and theta.
+
+    Within epsilon/2 of the threshold the straight-through estimate is by design not the
+    (zero or infinite) true derivative, so finite differences cannot check it there; the next
+    test pins those values to the formulas instead.
+    """
+    bandwidth = 0.05
+    threshold = torch.rand(6, dtype=torch.float64) * 0.5 + 0.1
+    z = torch.randn(5, 6, dtype=torch.float64)
+    _away_from_threshold(z, threshold, bandwidth)
+    z.requires_grad_()
+    threshold.requires_grad_()
+    assert gradcheck(lambda z, t: function.apply(z, t, bandwidth), (z, threshold))
+    # batched leading dimensions reduce onto the per-feature threshold too
+    z3 = z.detach().reshape(5, 1, 6).expand(5, 2, 6).clone().requires_grad_()
+    assert gradcheck(lambda z, t: function.apply(z, t, bandwidth), (z3, threshold))
+
+
+def test_straight_through_threshold_gradients_follow_the_rectangle_kernel() -> None:
+    eps = 0.1
+    threshold = torch.tensor([0.5, 0.5, 0.5, 0.5], requires_grad=True)
+    # inside the window (|z - theta| < eps/2) for entries 0 and 1, outside for 2 and 3
+    z = torch.tensor([[0.47, 0.54, 0.40, 0.70]], requires_grad=True)
+    JumpReLUFunction.apply(z, threshold, eps).sum().backward()
+    expected = -(0.5 / eps) * torch.tensor([1.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(threshold.grad, expected)
+    torch.testing.assert_close(z.grad, torch.tensor([[0.0, 1.0, 0.0, 1.0]]))
+
+    threshold.grad = None
+    z.grad = None
+    HeavisideFunction.apply(z, threshold, eps).sum().backward()
+    torch.testing.assert_close(threshold.grad, -(1 / eps) * torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    torch.testing.assert_close(z.grad, torch.zeros_like(z))
+
+
+# ---------------------------------------------------------------- TopK family
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda impl: TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, decode_impl=impl),
+        lambda impl: BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, decode_impl=impl),
+        lambda impl: MatryoshkaSAE(
+            d_in=D_IN, d_sae=D_SAE, k=4, decode_impl=impl, group_sizes=[8, 8, 32]
+        ),
+    ],
+    ids=["topk", "batchtopk", "matryoshka"],
+)
+def test_sparse_and_dense_decode_agree_in_values_and_gradients(make) -> None:
+    x = _x()
+    results = []
+    for impl in ("sparse", "dense"):
+        sae = make(impl)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.linspace(-1, 1, D_IN))
+            sae.b_enc.copy_(torch.linspace(-0.2, 0.2, D_SAE))
+        sae.tokens_since_fired[::3] = 10**9  # some dead latents, so AuxK runs
+        out = sae.forward_normalized(x)
+        total = sum(sae.loss_terms(x, out).values())
+        total.backward()
+        results.append(
+            (out.x_hat.detach(), total.detach(), {n: p.grad for n, p in sae.named_parameters()})
+        )
+    (x_sparse, loss_sparse, grads_sparse), (x_dense, loss_dense, grads_dense) = results
+    torch.testing.assert_close(x_sparse, x_dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_sparse, loss_dense, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_dense.items():
+        torch.testing.assert_close(grads_sparse[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_topk_keeps_the_k_largest_then_applies_relu() -> None:
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=5)
+    x = _x()
+    acts, pre = sae.encode_normalized(x)
+    kth = pre.topk(5, dim=-1).values[:, -1:]
+    assert ((acts != 0) <= (pre >= kth)).all()  # only top-k positions can be nonzero
+    expected = torch.where(pre >= kth, torch.relu(pre), 0)
+    torch.testing.assert_close(acts, expected)
+    # with every pre-activation negative the ReLU leaves nothing on
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)
+    assert (sae.encode_normalized(x)[0] == 0).all()
+
+
+def test_topk_accepts_leading_dimensions() -> None:
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=3)
+    x = torch.randn(2, 5, D_IN)
+    out = sae(x)
+    assert out.x_hat.shape == (2, 5, D_IN) and out.acts.shape == (2, 5, D_SAE)
+    torch.testing.assert_close(out.x_hat[1, 2], sae(x[1, 2:3]).x_hat[0])
+
+
+def test_auxk_reconstructs_the_residual_from_dead_latents_without_a_second_bias() -> None:
+    # without the pre-encoder bias, b_dec can only reach AuxK through a decode that adds it
+    sae = TopKSAE(
+        d_in=D_IN, d_sae=D_SAE, k=4, aux_k=6, aux_coefficient=1.0, apply_b_dec_to_input=False
+    )
+    with torch.no_grad():
+        sae.b_dec.fill_(3.0)  # a large bias makes a double-counted b_dec visible
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:12] = True
+    sae.tokens_since_fired[dead] = sae.hparams.dead_window_tokens
+    x = _x()
+    out = sae.forward_normalized(x)
+
+    pre_dead = out.pre_acts.detach().masked_fill(~dead, float("-inf"))
+    values, indices = pre_dead.topk(6, dim=-1)
+    z_aux = torch.zeros_like(pre_dead).scatter(1, indices, values.relu())
+    residual = x - out.x_hat.detach()
+    expected = min(12 / 6, 1.0) * (z_aux @ sae.W_dec.detach() - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(sae.auxk_loss(x, out), expected)
+
+    # the residual is a target: AuxK moves only dead latents' decoder rows, never b_dec
+    sae.auxk_loss(x, out).backward()
+    assert sae.W_dec.grad[~dead].abs().max() == 0
+    assert sae.W_dec.grad[dead].abs().max() > 0
+    assert sae.b_dec.grad is None or sae.b_dec.grad.abs().max() == 0
+
+
+def test_auxk_is_scaled_by_the_dead_fraction_of_aux_k_and_zero_without_dead_latents() -> None:
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, aux_k=8)
+    x = _x()
+    assert sae.auxk_loss(x, sae.forward_normalized(x)) == 0
+    sae.tokens_since_fired[:2] = sae.hparams.dead_window_tokens
+    two_dead = sae.auxk_loss(x, sae.forward_normalized(x))
+    # by hand: 2 dead of aux_k = 8, so a quarter of the unscaled error
+    out = sae.forward_normalized(x)
+    z = torch.zeros(32, D_SAE)
+    z[:, :2] = out.pre_acts[:, :2].relu()
+    unscaled = (z @ sae.W_dec - (x - out.x_hat)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(two_dead, 0.25 * unscaled)
+    assert TopKSAE(d_in=D_IN, d_sae=D_SAE).aux_k == D_IN // 2
+
+
+def test_batch_topk_keeps_k_per_sample_on_average_and_learns_a_threshold() -> None:
+    sae = BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, threshold_momentum=0.5)
+    x = _x(64)
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # all pre-activations positive: exactly k * batch survive the ReLU
+    out = sae.forward_normalized(x)
+    assert int((out.acts != 0).sum()) == 4 * 64
+    assert (out.acts != 0).sum(-1).unique().numel() > 1  # the count varies per sample
+    smallest_kept = out.acts[out.acts > 0].min()
+    torch.testing.assert_close(sae.threshold, smallest_kept)
+    assert int(sae.threshold_updates) == 1
+
+    second = sae.forward_normalized(_x(64, seed=1)).acts
+    torch.testing.assert_close(sae.threshold, 0.5 * smallest_kept + 0.5 * second[second > 0].min())
+
+    sae.eval()
+    threshold = sae.threshold.clone()
+    acts, pre = sae.encode_normalized(x)
+    torch.testing.assert_close(acts, torch.where(pre > threshold, pre, 0))
+    assert torch.equal(sae.threshold, threshold)  # inference does not move it
+    assert "threshold" in sae.state_dict()
+
+
+def test_matryoshka_prefixes_reconstruct_with_their_own_latents_only() -> None:
+    sae = MatryoshkaSAE(d_in=D_IN, d_sae=D_SAE, k=6, group_sizes=[8, 16, 24])
+    x = _x()
+    out = sae.forward_normalized(x)
+    prefixes = out.extras["prefix_x_hat"]
+    assert prefixes.shape == (32, 3, D_IN)
+    for end, prefix in zip((8, 24, 48), prefixes.unbind(1), strict=True):
+        by_hand = out.acts[:, :end] @ sae.W_dec[:end] + sae.b_dec
+        torch.testing.assert_close(prefix, by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.x_hat, prefixes[:, -1])
+    per_prefix = (prefixes - x[:, None]).pow(2).sum(-1).mean(0)
+    torch.testing.assert_close(sae.loss_terms(x, out)["prefix_mse"], per_prefix.mean())
+    assert MatryoshkaSAE(d_in=D_IN, d_sae=64).group_sizes == [4, 4, 8, 16, 32]
+    with pytest.raises(ValueError, match="model.init_args.group_sizes"):
+        MatryoshkaSAE(d_in=D_IN, d_sae=D_SAE, group_sizes=[8, 8])
+
+
+# ---------------------------------------------------------------- JumpReLU
+def test_jumprelu_threshold_receives_gradient_from_the_l0_term_and_the_reconstruction() -> None:
+    sae = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, threshold_init=0.5, bandwidth=0.5)
+    x = _x(256)
+    out = sae.forward_normalized(x)
+    terms = sae.loss_terms(x, out)
+    (grad_l0,) = torch.autograd.grad(terms["l0"], sae.log_threshold, retain_graph=True)
+    (grad_mse,) = torch.autograd.grad(terms["mse"], sae.log_threshold)
+    assert (grad_l0 < 0).sum() > D_SAE // 2  # raising theta lowers L0, for every feature hit
+    assert (grad_l0 > 0).sum() == 0
+    assert grad_mse.abs().sum() > 0
+
+
+def test_jumprelu_target_mode_and_preact_loss() -> None:
+    sae = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, l0_target=5.0, preact_coefficient=1.0)
+    x = _x()
+    out = sae.forward_normalized(x)
+    l0 = (out.pre_acts > sae.threshold).float().sum(-1).mean()
+    terms = sae.loss_terms(x, out)
+    torch.testing.assert_close(terms["l0"], (l0 / 5.0 - 1) ** 2)
+    assert terms["preact"] == 0  # no dead features yet
+    sae.tokens_since_fired[:4] = sae.hparams.dead_window_tokens
+    preact = sae.loss_terms(x, out)["preact"]
+    by_hand = (sae.threshold[:4] - out.pre_acts[:, :4]).relu() * sae.decoder_norms()[:4]
+    torch.testing.assert_close(preact, by_hand.sum(-1).mean())
+
+
+# ---------------------------------------------------------------- Gated
+def test_gated_encoder_and_losses() -> None:
+    sae = GatedSAE(d_in=D_IN, d_sae=D_SAE, l1_coefficient=0.5)
+    with torch.no_grad():
+        sae.r_mag.normal_()
+        sae.b_mag.normal_()
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = _x()
+    out = sae.forward_normalized(x)
+    centred = x - sae.b_dec
+    pi_gate = centred @ sae.W_enc + sae.b_enc
+    pi_mag = centred @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
+    torch.testing.assert_close(out.pre_acts, pi_gate)
+    torch.testing.assert_close(out.acts, (pi_gate > 0) * pi_mag.relu())
+
+    terms = sae.loss_terms(x, out)
+    l1 = (pi_gate.relu() * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(terms["l1"], 0.5 * l1)
+    # the auxiliary reconstruction trains the gate path, never the decoder (b_dec is still
+    # trained through the encoder's centring x - b_dec; switch that off to isolate the decode)
+    uncentred = GatedSAE(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=False)
+    aux = uncentred.loss_terms(x, uncentred.forward_normalized(x))["aux"]
+    params = [uncentred.W_dec, uncentred.b_dec, uncentred.W_enc, uncentred.b_enc]
+    grads = torch.autograd.grad(aux, params, allow_unused=True)
+    assert grads[0] is None and grads[1] is None
+    assert grads[2].abs().sum() > 0 and grads[3].abs().sum() > 0
+    # the magnitude path gets no gradient from the L1 term
+    r_grad = torch.autograd.grad(terms["l1"], sae.r_mag, allow_unused=True)[0]
+    assert r_grad is None or r_grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------- ApproxL0
+def test_approx_l0_penalties() -> None:
+    acts = torch.tensor([[0.0, 0.1, 1.0]])
+    torch.testing.assert_close(approx_l0_indicator(acts, 0.1), torch.tensor([[0.0, 0.5, 1 / 1.1]]))
+    freqs = torch.tensor([1e-3, 1e-5, 1e-6, 0.0])
+    # floor 1e-4: 1e-5 is one decade short, 1e-6 two; a frequency of exactly 0 is left out
+    torch.testing.assert_close(frequency_floor_penalty(freqs, 1e-4), torch.tensor(3.0))
+
+
+def test_frequency_floor_uses_the_window_value_with_the_batch_gradient() -> None:
+    sae = ApproxL0SAE(
+        d_in=D_IN,
+        d_sae=D_SAE,
+        epsilon=0.1,
+        frequency_floor_coefficient=1.0,
+        min_frequency=0.5,
+        frequency_window=3,
+        approx_l0_coefficient=0.0,
+    )
+    assert not sae.hparams.apply_b_dec_to_input  # the reference ran without it
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)
+    x = _x()
+    history = torch.rand(3, D_SAE) * 0.4 + 0.01
+    for row in history[:2]:
+        sae._record_frequencies(row)
+    out = sae.forward_normalized(x)
+    terms = sae.loss_terms(x, out)  # records this batch as the window's third step
+    batch = approx_l0_indicator(out.acts, 0.1).mean(0)
+    window = torch.stack([history[0], history[1], batch.detach()]).mean(0)
+    expected_value = (torch.log10(torch.tensor(0.5)) - window.log10()).relu().sum()
+    torch.testing.assert_close(terms["frequency_floor"], expected_value)
+    # gradient with respect to the batch estimate: -1 / (s ln 10) at the window value s
+    (grad,) = torch.autograd.grad(terms["frequency_floor"], out.acts)
+    grad_batch = torch.where(window < 0.5, -1 / (window * torch.log(torch.tensor(10.0))), 0)
+    a = out.acts.detach()
+    expected_grad = grad_batch / 32 * 0.1 / (a + 0.1) ** 2
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+    # the window is a ring of `frequency_window` steps and travels in the state dict
+    for _ in range(4):
+        sae.loss_terms(x, out)
+    assert int(sae.frequency_steps) == 7
+    restored = ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, frequency_window=3)
+    buffer = io.BytesIO()
+    torch.save(sae.state_dict(), buffer)
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(restored.window_frequencies(), sae.window_frequencies())
+
+    sae.eval()  # validation reads the window but does not advance it
+    sae.loss_terms(x, out)
+    assert int(sae.frequency_steps) == 7
+
+
+# ---------------------------------------------------------------- orthogonality regulariser
+def test_orthogonality_penalty_nearest_neighbour_ties_and_inactive_neighbours() -> None:
+    W = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.8, -0.6, 0.0], [0.0, 0.0, 1.0]],
+        requires_grad=True,
+    )
+    active = torch.tensor([True, False, False, False])
+    penalty, mean_cos = orthogonality_penalty(W, active, shape="linear")
+    # feature 0's nearest neighbours are rows 1 and 2 (a tie at cos 0.8): they share the push
+    torch.testing.assert_close(mean_cos, torch.tensor(0.8))
+    torch.testing.assert_close(penalty, torch.tensor(0.8))
+    penalty.backward()
+    assert W.grad[1].norm() > 0 and W.grad[2].norm() > 0  # inactive neighbours are moved
+    torch.testing.assert_close(W.grad[1].norm(), W.grad[2].norm())
+    assert W.grad[3].norm() == 0  # not a neighbour of anything active
+
+    c = torch.tensor(0.8)
+    for shape, expected in [
+        ("sigmoid", 1 / (1 + torch.exp(-10 * (c - 0.5)))),
+        ("power", c**3),
+        ("linear", c),
+    ]:
+        value, _ = orthogonality_penalty(W.detach(), active, shape=shape, power=3.0)
+        torch.testing.assert_close(value, expected)
+    zero, _ = orthogonality_penalty(W, torch.zeros(4, dtype=torch.bool))
+    assert zero == 0
+
+
+def test_orthogonality_term_is_added_by_the_base_with_either_sign() -> None:
+    x = _x()
+    for coefficient in (0.5, -0.5):
+        sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, orthogonality_coefficient=coefficient)
+        out = sae.forward_normalized(x)
+        penalty, _ = orthogonality_penalty(sae.W_dec, (out.acts != 0).any(0))
+        loss = sae.training_step(x, 0)
+        expected = sum(sae.loss_terms(x, out).values()) + coefficient * penalty
+        torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="orthogonality_power"):
+        TopKSAE(d_in=D_IN, d_sae=D_SAE, orthogonality_shape="power", orthogonality_power=1.5)
+
+
+# ---------------------------------------------------------------- errors and configs
+@pytest.mark.parametrize(
+    ("make", "option"),
+    [
+        (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, k=0), "model.init_args.k"),
+        (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, k=D_SAE + 1), "model.init_args.k"),
+        (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, decode_impl="csr"), "decode_impl"),
+        (lambda: BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, threshold_momentum=1.0), "momentum"),
+        (lambda: JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, bandwidth=0.0), "bandwidth"),
+        (lambda: JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, l0_target=-1.0), "l0_target"),
+        (lambda: GatedSAE(d_in=D_IN, d_sae=D_SAE, l1_coefficient=-1.0), "l1_coefficient"),
+        (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, epsilon=0.0), "model.init_args.epsilon"),
+        (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, frequency_window=0), "frequency_window"),
+    ],
+)
+def test_bad_arguments_name_the_option(make, option: str) -> None:
+    with pytest.raises(ValueError, match=option):
+        make()
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["topk", "batchtopk", "matryoshka", "jumprelu", "gated", "approx_l0", "tanh"],
+)
+def test_variant_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: lightning_sae.models" in capsys.readouterr().out
