@@ -41,6 +41,16 @@ from lightning_sae.metrics.similarity import (
 from lightning_sae.models.standard import StandardSAE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    # Every shape here is small: a second thread only adds synchronisation, and on a busy
+    # machine two threads per process slow these runs down several times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 

@@ -34,6 +34,8 @@ def pick_loss_weighted(
     """
     weights = losses.double().pow(2).cpu()
     n = min(n, int((weights > 0).sum()))
+    if n == 0:  # every input reconstructed exactly: nothing to aim at
+        return residuals[:0]
     chosen = torch.multinomial(weights, n, replacement=False, generator=generator)
     return _unit_rows(residuals[chosen.to(residuals.device)])
 
