@@ -123,6 +123,7 @@ def run_saelens(args: argparse.Namespace) -> float:
         train_batch_size_samples=args.batch,
         device=args.device,
         autocast=args.bf16,
+        lr_end=3e-4,  # constant schedule; SAETrainer asserts it is set
     )
     SAETrainer(config, sae, data_provider=provider()).fit()
     return args.steps * args.batch / clock.elapsed()
