@@ -283,7 +283,11 @@ class SparseAutoencoder(LightningModule):
             world = dist.get_world_size()
         fired = sums[: self.d_sae]
         sum_x = sums[self.d_sae : self.d_sae + self.d_in]
-        sq_err, sum_sq, n, total, *term_values = sums[self.d_sae + self.d_in :].tolist()
+        # One host transfer per step: every scalar the logs need comes back in a single tolist().
+        scalars = torch.cat(
+            [sums[self.d_sae + self.d_in :], fired.sum()[None], sum_x.pow(2).sum()[None]]
+        )
+        sq_err, sum_sq, n, total, *term_values, n_active, sum_x_sq = scalars.tolist()
 
         self.tokens_since_fired += int(n)
         self.tokens_since_fired[fired > 0] = 0
@@ -291,9 +295,9 @@ class SparseAutoencoder(LightningModule):
         self.log("train/loss", total / world, prog_bar=True)
         for name, value in zip(terms, term_values, strict=True):
             self.log(f"train/loss/{name}", value / world)
-        self.log("train/l0", fired.sum().item() / n, prog_bar=True)
+        self.log("train/l0", n_active / n, prog_bar=True)
         self.log("train/mse", sq_err / n)
-        self.log("train/fvu", sq_err / (sum_sq - sum_x.pow(2).sum().item() / n))
+        self.log("train/fvu", sq_err / (sum_sq - sum_x_sq / n))
         self.log("train/dead_fraction", self.dead_mask().float().mean())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
