@@ -9,10 +9,6 @@ setting only, from the same seed.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,39 +175,3 @@ def test_orthogonality_coefficient_sign_moves_decoder_mmcs() -> None:
         W = model.W_dec.detach()
         decoder_mmcs[coefficient] = max_cosine_similarity(W, W, exclude_self=True)[0].mean()
     assert decoder_mmcs[1.0] < decoder_mmcs[0.0] < decoder_mmcs[-1.0], decoder_mmcs
-
-
-# ---------------------------------------------------------------- DDP: buffers stay identical
-DDP_SCRIPT = Path(__file__).with_name("ddp_run.py")
-
-
-def _train_ddp(out: Path, devices: int, model: str, kwargs: dict[str, Any]) -> list[dict]:
-    """Run tests/ddp_run.py (gloo, CPU) and return each rank's final state dict."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-    command = [sys.executable, str(DDP_SCRIPT), "--out", str(out), "--devices", str(devices)]
-    command += ["--model", model, "--model_kwargs", json.dumps(kwargs)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(devices)]
-
-
-def test_ddp_keeps_frequency_window_and_orthogonality_as_one_process(tmp_path: Path) -> None:
-    """ApproxL0's window and the orthogonality term's active set come from the global batch."""
-    kwargs = {
-        "min_frequency": 0.05, "frequency_window": 4, "frequency_floor_coefficient": 1e-3,
-        "orthogonality_coefficient": 1.0,
-    }  # fmt: skip
-    model = "lightning_sae.models.approx_l0.ApproxL0SAE"
-    ddp = _train_ddp(tmp_path / "ddp", 2, model, kwargs)
-    (single,) = _train_ddp(tmp_path / "single", 1, model, kwargs)
-    for name, value in single.items():
-        assert torch.equal(ddp[0][name], ddp[1][name]), f"{name} differs between ranks"
-        torch.testing.assert_close(ddp[0][name], value, atol=1e-5, rtol=1e-4, msg=name)
-    assert single["frequency_history"].abs().sum() > 0
-
-
-def test_ddp_batch_topk_threshold_is_identical_on_every_rank(tmp_path: Path) -> None:
-    ranks = _train_ddp(tmp_path, 2, "lightning_sae.models.topk.BatchTopKSAE", {"k": 4})
-    assert ranks[0]["threshold"] > 0
-    for name, value in ranks[0].items():
-        assert torch.equal(value, ranks[1][name]), f"{name} differs between ranks"

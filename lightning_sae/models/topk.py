@@ -199,8 +199,9 @@ class BatchTopKSAE(TopKSAE):
     Until a first training batch has been seen, eval falls back to batch top-k.
 
     The threshold updates whenever the module runs forward in training mode (as BatchNorm's
-    statistics do); under DDP the per-rank minima are averaged, so every rank holds the same
-    threshold.
+    statistics do). Under DDP "the batch" is the global batch: the k * global batch largest
+    pre-activations over all ranks are kept, and the threshold takes the smallest of them, so a
+    DDP step equals a single-process step on the same global batch.
 
     Args:
         k: average active latents per sample.
@@ -229,22 +230,40 @@ class BatchTopKSAE(TopKSAE):
 
     def _batch_top_k(self, pre_acts: Tensor) -> SparseCode:
         n = pre_acts.shape[0]
+        if self.training and _is_distributed():
+            return self._global_batch_top_k(pre_acts)
         values, flat = pre_acts.flatten().topk(min(self.k * n, pre_acts.numel()), sorted=False)
         # Sorting the flat positions groups entries by sample, as embedding_bag's offsets need.
         flat, order = flat.sort()
         return SparseCode(flat % self.d_sae, torch.relu(values[order]), n, flat // self.d_sae)
 
+    def _global_batch_top_k(self, pre_acts: Tensor) -> SparseCode:
+        """The k * global batch largest pre-activations over all ranks, for this rank's rows.
+
+        Any rank's share of the global top set is among its own k * global batch largest, so
+        gathering those candidates (one all_gather of k * global batch values per rank, not the
+        pre-activations) gives the global cut-off exactly.
+        """
+        world = dist.get_world_size()
+        n_global = min(self.k * pre_acts.shape[0], pre_acts.numel()) * world
+        flat = pre_acts.detach().flatten()
+        candidates = flat.topk(min(n_global, flat.numel()), sorted=False).values
+        gathered = [torch.empty_like(candidates) for _ in range(world)]
+        dist.all_gather(gathered, candidates)
+        cutoff = torch.cat(gathered).topk(n_global, sorted=False).values.min()
+        # nonzero lists entries in (sample, latent) order, as embedding_bag's offsets need.
+        rows, indices = (pre_acts >= cutoff).nonzero(as_tuple=True)
+        return SparseCode(indices, torch.relu(pre_acts[rows, indices]), pre_acts.shape[0], rows)
+
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
         positive = values[values > 0]
-        stats = values.new_zeros(2)  # (smallest kept activation, 1) summed over ranks that had one
-        if positive.numel():
-            stats[0], stats[1] = positive.min(), 1.0
+        # The smallest kept activation of the global batch: the minimum over ranks' minima.
+        batch_min = positive.min() if positive.numel() else values.new_tensor(float("inf"))
         if _is_distributed():
-            dist.all_reduce(stats)
-        if stats[1] == 0:
+            dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
+        if torch.isinf(batch_min):
             return
-        batch_min = stats[0] / stats[1]
         if self.threshold_updates == 0:
             self.threshold.copy_(batch_min)
         else:
