@@ -10,7 +10,7 @@ prints each variant's step time as a fraction of it (roofline time / step time).
 
 ``--decode-sweep`` also times decoding k active latents per sample from (indices, values) with
 ``embedding_bag`` against the dense product (both forward + backward), the measurement behind
-``lightning_sae.models.topk.SPARSE_DECODE_MAX_DENSITY``.
+``lightning_sae.models.sparse.SPARSE_DECODE_MAX_DENSITY``.
 
     python benchmarks/train_step.py                      # CPU: d_in 512, d_sae 8192, batch 4096
     python benchmarks/train_step.py --decode-sweep

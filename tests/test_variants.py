@@ -23,6 +23,8 @@ from lightning_sae.models.penalties import (
     frequency_floor_penalty,
     orthogonality_penalty,
 )
+from lightning_sae.models.sparse import SparseCode
+from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
@@ -77,17 +79,33 @@ def test_straight_through_threshold_gradients_follow_the_rectangle_kernel() -> N
     torch.testing.assert_close(z.grad, torch.zeros_like(z))
 
 
-# ---------------------------------------------------------------- TopK family
+# ---------------------------------------------------------------- sparse decode
+def test_standard_auto_decode_goes_sparse_once_l0_is_low(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    decode = SparseCode.decode
+    monkeypatch.setattr(SparseCode, "decode", lambda code, W: calls.append(1) or decode(code, W))
+    sae = StandardSAE(d_in=D_IN, d_sae=D_SAE)  # auto; the CPU cut-off is a density of 1/16
+    dense_out = sae.forward_normalized(_x())
+    assert not calls and (dense_out.acts != 0).float().mean() > 1 / 16
+    with torch.no_grad():
+        sae.b_enc.fill_(-2.0)
+    sparse_out = sae.forward_normalized(_x())
+    assert calls and 0 < (sparse_out.acts != 0).float().mean() <= 1 / 16
+    expected = sparse_out.acts @ sae.W_dec + sae.b_dec
+    torch.testing.assert_close(sparse_out.x_hat, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "make",
     [
+        lambda impl: StandardSAE(d_in=D_IN, d_sae=D_SAE, decode_impl=impl),
         lambda impl: TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, decode_impl=impl),
         lambda impl: BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, decode_impl=impl),
         lambda impl: MatryoshkaSAE(
             d_in=D_IN, d_sae=D_SAE, k=4, decode_impl=impl, group_sizes=[8, 8, 32]
         ),
     ],
-    ids=["topk", "batchtopk", "matryoshka"],
+    ids=["standard", "topk", "batchtopk", "matryoshka"],
 )
 def test_sparse_and_dense_decode_agree_in_values_and_gradients(make) -> None:
     x = _x()

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 
@@ -141,7 +142,9 @@ class SparseAutoencoder(LightningModule):
     def pre_activation(self, x_n: Tensor) -> Tensor:
         if self.hparams.apply_b_dec_to_input:
             x_n = x_n - self.b_dec
-        return x_n @ self.W_enc + self.b_enc
+        # F.linear adds the bias inside the matmul, so under bf16 autocast the [batch, d_sae]
+        # pre-activations stay bf16 instead of being promoted back to float32 by the add.
+        return F.linear(x_n, self.W_enc.T, self.b_enc)
 
     def activation(self, pre_acts: Tensor) -> Tensor:
         return torch.relu(pre_acts)
@@ -153,7 +156,7 @@ class SparseAutoencoder(LightningModule):
 
     def reconstruct(self, acts: Tensor) -> Tensor:
         """Reconstruction in normalised units."""
-        return acts @ self.W_dec + self.b_dec
+        return F.linear(acts, self.W_dec.T, self.b_dec)
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
         acts, pre_acts = self.encode_normalized(x_n)

@@ -59,7 +59,10 @@ class GatedSAE(SparseAutoencoder):
     def _gate_and_magnitude(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         x = x_n - self.b_dec if self.hparams.apply_b_dec_to_input else x_n
         projected = x @ self.W_enc  # x (W_enc * exp(r)) = (x W_enc) * exp(r): one matmul for both
-        return projected + self.b_enc, projected * self.r_mag.exp() + self.b_mag
+        dtype = projected.dtype  # bf16 under autocast: keep both [batch, d_sae] tensors in it
+        pi_gate = projected + self.b_enc.to(dtype)
+        pi_mag = projected * self.r_mag.exp().to(dtype) + self.b_mag.to(dtype)
+        return pi_gate, pi_mag
 
     def encode_normalized(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         pi_gate, pi_mag = self._gate_and_magnitude(x_n)

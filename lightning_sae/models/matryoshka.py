@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from lightning_sae.models.base import SAEOutput
-from lightning_sae.models.topk import BatchTopKSAE, SparseCode
+from lightning_sae.models.sparse import SparseCode
+from lightning_sae.models.topk import BatchTopKSAE
 
 
 class MatryoshkaSAE(BatchTopKSAE):

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonnegative
 from lightning_sae.models.penalties import l1_penalty, tanh_penalty
+from lightning_sae.models.sparse import DecodeImpl, SparseCode, check_decode_impl, decodes_sparsely
 
 
 class StandardSAE(SparseAutoencoder):
@@ -21,6 +22,10 @@ class StandardSAE(SparseAutoencoder):
             shrinking activations and growing decoder rows (needed when decoder rows are free).
         sparsity_penalty: ``l1`` or ``tanh`` (sum of tanh(tanh_scale * |a_j| * ||W_dec_j||)).
         tanh_scale: the scale c inside the tanh penalty.
+        decode_impl: ``dense`` (acts @ W_dec), ``sparse`` (embedding_bag over the active
+            latents) or ``auto``: sparse in the steps whose L0 / d_sae is below the measured
+            per-device cut-off (``models/sparse.py``). Once the penalty has warmed up a ReLU SAE
+            has a low L0, so most of a run decodes sparsely; the first steps, dense.
         **kwargs: everything :class:`SparseAutoencoder` takes (d_in, d_sae, lr, ...).
     """
 
@@ -32,13 +37,28 @@ class StandardSAE(SparseAutoencoder):
         weight_by_decoder_norm: bool = False,
         sparsity_penalty: Literal["l1", "tanh"] = "l1",
         tanh_scale: float = 1.0,
+        decode_impl: DecodeImpl = "auto",
         **kwargs: Any,
     ) -> None:
+        check_decode_impl(decode_impl)
         check_nonnegative("l1_coefficient", l1_coefficient, "model.init_args.l1_coefficient")
         check_nonnegative("l1_warmup_steps", l1_warmup_steps, "model.init_args.l1_warmup_steps")
         if sparsity_penalty not in ("l1", "tanh"):
             raise ValueError(f"sparsity_penalty must be 'l1' or 'tanh', got {sparsity_penalty!r}.")
         super().__init__(*args, **kwargs)
+
+    def reconstruct(self, acts: Tensor) -> Tensor:
+        impl = self.hparams.decode_impl
+        if impl == "dense":
+            return super().reconstruct(acts)
+        flat = acts.reshape(-1, self.d_sae)
+        # The choice needs the L0 on the host: one sync, as any data-dependent decode needs.
+        active_per_sample = int(flat.count_nonzero()) / max(len(flat), 1)
+        if not decodes_sparsely(impl, active_per_sample, self.d_sae, self.W_dec.device):
+            return super().reconstruct(acts)
+        rows, indices = flat.nonzero(as_tuple=True)  # (sample, latent) order, as bags need
+        decoded = SparseCode(indices, flat[rows, indices], len(flat), rows).decode(self.W_dec)
+        return (decoded + self.b_dec).reshape(*acts.shape[:-1], self.d_in)
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams

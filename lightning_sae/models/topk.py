@@ -5,21 +5,16 @@ pre-activations of every sample, so L0 is fixed and no sparsity penalty is neede
 (Bussmann et al. 2024) keeps the k * batch largest over the whole batch, letting the number of
 active latents vary per sample, and learns a threshold for inference.
 
-Only k of d_sae latents are nonzero, so the decoder can sum k rows per sample instead of
-multiplying by a mostly-zero matrix. ``embedding_bag(mode="sum", per_sample_weights=...)``
-does that sum and its backward in one fused op; whether it beats the dense product depends on
-the density k / d_sae and the hardware, so ``decode_impl="auto"`` picks by a density cut-off
-measured per device type (see ``SPARSE_DECODE_MAX_DENSITY``).
+Only k of d_sae latents are nonzero, so decoding can sum k decoder rows per sample instead
+of multiplying by a mostly-zero matrix (``models/sparse.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sae.models.base import (
@@ -29,51 +24,12 @@ from lightning_sae.models.base import (
     check_nonnegative,
     check_positive,
 )
-
-DecodeImpl = Literal["auto", "dense", "sparse"]
-
-# Largest density (active latents / d_sae) at which ``auto`` decodes sparsely, per device type.
-# Measured with ``python benchmarks/train_step.py --decode-sweep`` (forward + backward,
-# docs/benchmarks.md): on a 2-core CPU at batch 4096, d_in 512, d_sae 8192 sparse took 0.46-0.74x
-# the dense time at 512 active latents (1/16) and 1.15-1.26x at 1024; on an H200 at batch 4096,
-# d_in 768, d_sae 24576 it took 0.65x at 256 and 1.27x at 512, so about 1/64 there.
-SPARSE_DECODE_MAX_DENSITY = {"cpu": 1 / 16, "cuda": 1 / 64}
-
-
-def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
-    """Start of each row's run in ``rows`` (ascending row ids), as embedding_bag wants them."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return counts.cumsum(0) - counts
-
-
-@dataclass
-class SparseCode:
-    """The nonzero activations of ``n_rows`` samples, without the zeros.
-
-    Either ``indices`` and ``values`` are ``[n_rows, k]`` (the same count for every sample, as in
-    TopK) and ``rows`` is None, or they are flat ``[nnz]`` with ``rows`` giving each entry's
-    sample in ascending order (as in BatchTopK, where the count varies).
-    """
-
-    indices: Tensor
-    values: Tensor
-    n_rows: int
-    rows: Tensor | None = None
-
-    def to_dense(self, d_sae: int) -> Tensor:
-        dense = self.values.new_zeros(self.n_rows, d_sae)
-        if self.rows is None:
-            return dense.scatter(1, self.indices, self.values)
-        return dense.index_put((self.rows, self.indices), self.values)
-
-    def decode(self, W_dec: Tensor) -> Tensor:
-        """sum_i values_i * W_dec[indices_i] per sample, shape [n_rows, d_in]; no bias."""
-        if self.rows is None:
-            return F.embedding_bag(self.indices, W_dec, mode="sum", per_sample_weights=self.values)
-        offsets = bag_offsets(self.rows, self.n_rows)
-        return F.embedding_bag(
-            self.indices, W_dec, offsets, mode="sum", per_sample_weights=self.values
-        )
+from lightning_sae.models.sparse import (
+    DecodeImpl,
+    SparseCode,
+    check_decode_impl,
+    decodes_sparsely,
+)
 
 
 class TopKSAE(SparseAutoencoder):
@@ -110,11 +66,7 @@ class TopKSAE(SparseAutoencoder):
         if aux_k is not None:
             check_positive("aux_k", aux_k, "model.init_args.aux_k")
         check_nonnegative("aux_coefficient", aux_coefficient, "model.init_args.aux_coefficient")
-        if decode_impl not in ("auto", "dense", "sparse"):
-            raise ValueError(
-                f"decode_impl must be 'auto', 'dense' or 'sparse', got {decode_impl!r}: "
-                "set model.init_args.decode_impl."
-            )
+        check_decode_impl(decode_impl)
         super().__init__(*args, **kwargs)
         if k > self.d_sae:
             raise ValueError(f"k={k} exceeds d_sae={self.d_sae}: set model.init_args.k <= d_sae.")
@@ -122,11 +74,9 @@ class TopKSAE(SparseAutoencoder):
         self.aux_k = min(aux_k if aux_k is not None else max(self.d_in // 2, 1), self.d_sae)
 
     def decodes_sparsely(self, active_per_sample: int) -> bool:
-        impl = self.hparams.decode_impl
-        if impl == "auto":
-            max_density = SPARSE_DECODE_MAX_DENSITY.get(self.W_dec.device.type, 1 / 64)
-            return active_per_sample <= max_density * self.d_sae
-        return impl == "sparse"
+        return decodes_sparsely(
+            self.hparams.decode_impl, active_per_sample, self.d_sae, self.W_dec.device
+        )
 
     # ----------------------------------------------------------------- encoding
     def sparse_code(self, pre_acts: Tensor) -> SparseCode:
@@ -260,6 +210,7 @@ class BatchTopKSAE(TopKSAE):
         positive = values[values > 0]
         # The smallest kept activation of the global batch: the minimum over ranks' minima.
         batch_min = positive.min() if positive.numel() else values.new_tensor(float("inf"))
+        batch_min = batch_min.to(self.threshold.dtype)  # values are bf16 under autocast
         if _is_distributed():
             dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
         if torch.isinf(batch_min):
