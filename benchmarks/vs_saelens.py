@@ -5,11 +5,18 @@ the picture and what is timed is each library's own training loop: forward, loss
 optimiser step and the bookkeeping each does per step (dead-feature tracking, schedules). Our
 side runs through a real Lightning ``Trainer.fit``; SAELens's through ``SAETrainer.fit``.
 
+At initialisation half of a ReLU SAE's latents fire; after the sparsity penalty has warmed up,
+a few dozen do, for the rest of the run. ``--l0`` times the standard variant in that regime: on
+both sides the encoder bias is shifted so that ``l0`` latents per sample fire on the batch (each
+side's own initial weights, the same rule), and the table prints each side's L0 after the timed
+steps, so the two ran at the same sparsity.
+
 SAELens pins TransformerLens 3.x, which conflicts with this project's 4.x, so it runs in its
 own virtual environment: pass ``--saelens-python`` (a python with ``sae-lens`` installed), or
 let the script create ``~/.cache/lightning-sae/saelens-bench`` with ``pip install sae-lens``.
 
     python benchmarks/vs_saelens.py --device cpu --d_in 512 --d_sae 8192 --batch 4096
+    python benchmarks/vs_saelens.py --device cpu --variants standard --l0 64   # trained sparsity
     python benchmarks/vs_saelens.py --device cuda --d_in 768 --d_sae 24576 --batch 4096
 """
 
@@ -32,6 +39,24 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _set_l0(W_enc, b_enc, x, l0: float | None) -> None:  # noqa: ANN001 (lazy torch)
+    """Shift the encoder bias so that ``l0`` latents per sample fire on ``x`` (``None``: leave
+    the initialisation's ~d_sae/2). Both sides get the same rule on their own weights, so the
+    timed steps run at the sparsity of a trained SAE rather than at initialisation's."""
+    if l0 is None:
+        return
+    import torch
+
+    with torch.no_grad():
+        pre = (x @ W_enc).flatten()
+        cutoff = pre.kthvalue(pre.numel() - int(l0 * len(x))).values
+        b_enc.fill_(-cutoff.item())
+
+
+def _l0(pre_acts) -> float:  # noqa: ANN001
+    return (pre_acts > 0).float().sum(-1).mean().item()
 
 
 def _batch(args: argparse.Namespace):  # noqa: ANN202 (torch imported lazily in workers)
@@ -58,7 +83,7 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def run_ours(args: argparse.Namespace) -> float:
+def run_ours(args: argparse.Namespace) -> tuple[float, float]:
     import lightning as L
     import torch
 
@@ -80,6 +105,7 @@ def run_ours(args: argparse.Namespace) -> float:
 
     if args.variant == "standard":
         sae = StandardSAE(d_in=args.d_in, d_sae=args.d_sae, weight_by_decoder_norm=True)
+        _set_l0(sae.W_enc, sae.b_enc, x, args.l0)
     else:
         sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k)
     trainer = L.Trainer(
@@ -95,10 +121,13 @@ def run_ours(args: argparse.Namespace) -> float:
         precision="bf16-mixed" if args.bf16 else "32-true",
     )
     trainer.fit(sae, train_dataloaders=SameBatch())
-    return args.steps * args.batch / clock.elapsed()
+    tokens_per_s = args.steps * args.batch / clock.elapsed()
+    with torch.no_grad():
+        return tokens_per_s, _l0(sae.pre_activation(x))
 
 
-def run_saelens(args: argparse.Namespace) -> float:
+def run_saelens(args: argparse.Namespace) -> tuple[float, float]:
+    import torch
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -116,6 +145,7 @@ def run_saelens(args: argparse.Namespace) -> float:
     shapes = {"d_in": args.d_in, "d_sae": args.d_sae, "device": args.device}
     if args.variant == "standard":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**shapes))
+        _set_l0(sae.W_enc, sae.b_enc, x, args.l0)
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args.k, **shapes))
     config = SAETrainerConfig(
@@ -126,7 +156,9 @@ def run_saelens(args: argparse.Namespace) -> float:
         lr_end=3e-4,  # constant schedule; SAETrainer asserts it is set
     )
     SAETrainer(config, sae, data_provider=provider()).fit()
-    return args.steps * args.batch / clock.elapsed()
+    tokens_per_s = args.steps * args.batch / clock.elapsed()
+    with torch.no_grad():
+        return tokens_per_s, _l0((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
 
 
 def saelens_python(requested: str | None) -> str:
@@ -145,9 +177,9 @@ def worker_command(python: str, args: argparse.Namespace, side: str, variant: st
         f"--{name}={getattr(args, name)}"
         for name in ("device", "d_in", "d_sae", "batch", "k", "steps", "warmup")
     ]
-    return [python, __file__, "--worker", side, "--variant", variant, *flags] + (
-        ["--bf16"] if args.bf16 else []
-    )
+    flags += ["--bf16"] if args.bf16 else []
+    flags += [f"--l0={args.l0}"] if args.l0 is not None and variant == "standard" else []
+    return [python, __file__, "--worker", side, "--variant", variant, *flags]
 
 
 def main() -> None:
@@ -160,6 +192,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--bf16", action="store_true", help="autocast to bf16 on both sides")
+    parser.add_argument(
+        "--l0", type=float, default=None, help="standard: time at this L0 (a trained SAE's)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--saelens-python", default=None)
     parser.add_argument("--worker", choices=("ours", "saelens"), help=argparse.SUPPRESS)
@@ -168,15 +203,16 @@ def main() -> None:
 
     if args.worker:
         run = run_ours if args.worker == "ours" else run_saelens
-        print(json.dumps({"tokens_per_s": run(args)}))
+        tokens_per_s, l0 = run(args)
+        print(json.dumps({"tokens_per_s": tokens_per_s, "l0_after": l0}))
         return
 
     other = saelens_python(args.saelens_python)
     print(
         f"device={args.device} d_in={args.d_in} d_sae={args.d_sae} batch={args.batch} "
-        f"k={args.k} steps={args.steps} bf16={args.bf16}"
+        f"k={args.k} steps={args.steps} bf16={args.bf16} l0={args.l0}"
     )
-    print(f"{'variant':<10}{'ours tok/s':>14}{'SAELens tok/s':>16}{'ratio':>8}")
+    print(f"{'variant':<10}{'ours tok/s':>14}{'SAELens tok/s':>16}{'ratio':>8}{'L0 after':>14}")
     for variant in args.variants:
         results = {}
         for side, python in (("ours", sys.executable), ("saelens", other)):
@@ -185,9 +221,15 @@ def main() -> None:
             )
             if done.returncode != 0:
                 raise SystemExit(f"{side} {variant} failed:\n{done.stderr[-3000:]}")
-            results[side] = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
-        ratio = results["ours"] / results["saelens"]
-        print(f"{variant:<10}{results['ours']:>14.0f}{results['saelens']:>16.0f}{ratio:>8.2f}")
+            results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        ours, theirs = results["ours"], results["saelens"]
+        ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        # TopK's L0 is k by construction; a ReLU SAE's is what the bias and training made it.
+        l0s = f"{ours['l0_after']:.0f} / {theirs['l0_after']:.0f}" if variant == "standard" else "k"
+        print(
+            f"{variant:<10}{ours['tokens_per_s']:>14.0f}{theirs['tokens_per_s']:>16.0f}"
+            f"{ratio:>8.2f}{l0s:>14}"
+        )
 
 
 if __name__ == "__main__":
