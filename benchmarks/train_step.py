@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _sparsity import shift_bias_to_l0  # benchmarks/, on sys.path when run as a script
 from torch import Tensor
 
 from lightning_sae.models.approx_l0 import ApproxL0SAE
@@ -41,11 +42,22 @@ from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 
 
-def variants(k: int) -> dict[str, Callable[[int, int], SparseAutoencoder]]:
-    """Each variant with default losses; dead_window_tokens is small so AuxK really runs."""
+def variants(
+    k: int, x: Tensor, l0: float | None
+) -> dict[str, Callable[[int, int], SparseAutoencoder]]:
+    """Each variant with default losses; dead_window_tokens is small so AuxK really runs.
+    With ``l0``, the standard SAE is also timed at that (a trained SAE's) sparsity."""
     dead = {"dead_window_tokens": 1}
+
+    def standard_at_l0(d_in: int, d_sae: int) -> StandardSAE:
+        sae = StandardSAE(d_in=d_in, d_sae=d_sae)
+        shift_bias_to_l0(sae.W_enc, sae.b_enc, x, l0)
+        return sae
+
+    trained = {f"standard (L1, L0 {l0:g})": standard_at_l0} if l0 else {}
     return {
         "standard (L1)": lambda d_in, d_sae: StandardSAE(d_in=d_in, d_sae=d_sae),
+        **trained,
         "topk (auto)": lambda d_in, d_sae: TopKSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
         "topk (dense decode)": lambda d_in, d_sae: TopKSAE(
             d_in=d_in, d_sae=d_sae, k=k, decode_impl="dense", **dead
@@ -109,6 +121,7 @@ def time_training_step(
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[timer],
+        precision="bf16-mixed" if args.bf16 else "32-true",
     )
     trainer.fit(module, train_dataloaders=RepeatBatch(x, args.warmup + args.steps))
     return statistics.median(timer.times[args.warmup :])
@@ -144,7 +157,11 @@ def time_roofline(args: argparse.Namespace) -> float:
         grad_h @ W_enc.T  # encoder backward: input, then weight
         x.T @ grad_h
 
-    return time_fn(products, device, warmup=1, repeats=max(3, args.steps))
+    def timed() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            products()
+
+    return time_fn(timed, device, warmup=1, repeats=max(3, args.steps))
 
 
 def decode_sweep(args: argparse.Namespace) -> None:
@@ -187,6 +204,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--only", nargs="*", help="variant names (prefixes) to run")
+    parser.add_argument("--l0", type=float, default=64.0, help="also time standard at this L0")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (steps and roofline)")
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--skip-steps", action="store_true", help="only the decode sweep")
     args = parser.parse_args()
@@ -197,7 +216,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, float32"
+        f"batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
+        f"{'bf16 autocast' if args.bf16 else 'float32'}"
     )
     if not args.skip_steps:
         roofline = time_roofline(args)
@@ -208,7 +228,7 @@ def main() -> None:
         )
         print(f"{'variant':<22}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}")
         x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(0))
-        for label, make in variants(args.k).items():
+        for label, make in variants(args.k, x, args.l0).items():
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
                 continue
             seconds = time_training_step(make, x, args)

@@ -30,6 +30,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from _sparsity import shift_bias_to_l0  # benchmarks/, on sys.path when run as a script
+
 VARIANTS = ("standard", "topk")
 DEFAULT_VENV = Path.home() / ".cache" / "lightning-sae" / "saelens-bench"
 
@@ -39,20 +41,6 @@ def _sync(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _set_l0(W_enc, b_enc, x, l0: float | None) -> None:  # noqa: ANN001 (lazy torch)
-    """Shift the encoder bias so that ``l0`` latents per sample fire on ``x`` (``None``: leave
-    the initialisation's ~d_sae/2). Both sides get the same rule on their own weights, so the
-    timed steps run at the sparsity of a trained SAE rather than at initialisation's."""
-    if l0 is None:
-        return
-    import torch
-
-    with torch.no_grad():
-        pre = (x @ W_enc).flatten()
-        cutoff = pre.kthvalue(pre.numel() - int(l0 * len(x))).values
-        b_enc.fill_(-cutoff.item())
 
 
 def _l0(pre_acts) -> float:  # noqa: ANN001
@@ -105,7 +93,8 @@ def run_ours(args: argparse.Namespace) -> tuple[float, float]:
 
     if args.variant == "standard":
         sae = StandardSAE(d_in=args.d_in, d_sae=args.d_sae, weight_by_decoder_norm=True)
-        _set_l0(sae.W_enc, sae.b_enc, x, args.l0)
+        if args.l0 is not None:
+            shift_bias_to_l0(sae.W_enc, sae.b_enc, x, args.l0)
     else:
         sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k)
     trainer = L.Trainer(
@@ -145,7 +134,8 @@ def run_saelens(args: argparse.Namespace) -> tuple[float, float]:
     shapes = {"d_in": args.d_in, "d_sae": args.d_sae, "device": args.device}
     if args.variant == "standard":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(**shapes))
-        _set_l0(sae.W_enc, sae.b_enc, x, args.l0)
+        if args.l0 is not None:
+            shift_bias_to_l0(sae.W_enc, sae.b_enc, x, args.l0)
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=args.k, **shapes))
     config = SAETrainerConfig(
