@@ -7,10 +7,16 @@
 2. Loader tokens/s (shuffled batches gathered from the memory-mapped shards, moved to the
    device) against what an SAE training step consumes (StandardSAE forward + backward + Adam
    step on the device): target ratio >= 10.
+3. Stall: the share of wall time a training loop waits for its next batch when the device
+   step is asynchronous (simulated by a sleep of one SAE step per batch: the host is blocked
+   until the step ends, as at the step's one host sync), with ``prefetch_batches`` 0 (read and
+   gather on the training thread) and with background prefetching. Give the cache several
+   shuffle buffers (``--shuffle-buffer-tokens``) for the reads to matter.
 
     python benchmarks/cache_throughput.py                              # MiniLM, offline, CPU
     python benchmarks/cache_throughput.py --device cuda --model EleutherAI/pythia-70m-deduped
     python benchmarks/cache_throughput.py --device cuda --random pythia-70m  # no download
+    python benchmarks/cache_throughput.py --repeats 1 --sae-batch 1024 --shuffle-buffer-tokens 8192
 
 ``--random NAME`` builds a GPT-NeoX of that shape with random weights and feeds random tokens
 (no tokenizer or hub access needed); otherwise the windows are ``pydoc_data.topics`` text
@@ -21,6 +27,7 @@ reported but not part of the ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import tempfile
 import time
@@ -133,25 +140,56 @@ def build(model: object, windows: np.ndarray, args: argparse.Namespace, root: Pa
     builder.finalize([args.hook], written)
 
 
-def loader_rate(root: Path, args: argparse.Namespace) -> tuple[float, int]:
-    """Training rows/s of the shuffled loader, batches moved to the device; and d_in."""
+def make_loader(root: Path, args: argparse.Namespace, prefetch_batches: int) -> ActivationBatches:
     store, _ = open_hook_cache(root, args.hook, None, verify="size")
-    loader = ActivationBatches(
+    return ActivationBatches(
         store,
         0,
         len(store),
         args.sae_batch,
         shuffle=True,
+        buffer_rows=args.shuffle_buffer_tokens,
         pin_memory=args.device.startswith("cuda"),
         threads=args.loader_threads,
+        prefetch_batches=prefetch_batches,
     )
+
+
+def loader_rate(root: Path, args: argparse.Namespace) -> tuple[float, int]:
+    """Training rows/s of the shuffled loader, batches moved to the device; and d_in."""
+    loader = make_loader(root, args, args.prefetch_batches)
     rows, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.loader_seconds:
         for batch in loader:
             batch.to(args.device, non_blocking=True)
             rows += len(batch)
     sync(args.device)
-    return rows / (time.perf_counter() - start), store.d_in
+    return rows / (time.perf_counter() - start), loader.store.d_in
+
+
+def stall(
+    root: Path, args: argparse.Namespace, step_s: float, prefetch_batches: int
+) -> tuple[float, float]:
+    """Shares of wall time spent waiting for the next batch, in all and for the first batch of
+    each pass, over ``--stall-passes`` passes by a loop whose host is blocked ``step_s`` per
+    batch while the device step runs."""
+    loader = make_loader(root, args, prefetch_batches)
+    waited, waited_first, start = 0.0, 0.0, time.perf_counter()
+    for _ in range(args.stall_passes):
+        iterator = iter(loader)
+        for i in itertools.count():
+            asked = time.perf_counter()
+            batch = next(iterator, None)
+            wait = time.perf_counter() - asked
+            waited += wait
+            if i == 0:
+                waited_first += wait
+            if batch is None:
+                break
+            batch.to(args.device, non_blocking=True)
+            time.sleep(step_s)
+    wall = time.perf_counter() - start
+    return waited / wall, waited_first / wall
 
 
 def sae_rate(d_in: int, args: argparse.Namespace) -> float:
@@ -191,6 +229,12 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=4, help="cache writer threads")
     parser.add_argument("--loader-threads", type=int, default=4)
     parser.add_argument("--loader-seconds", type=float, default=3.0)
+    parser.add_argument("--shuffle-buffer-tokens", type=int, default=1 << 18)
+    parser.add_argument("--prefetch-batches", type=int, default=4, help="the loader's default")
+    parser.add_argument(
+        "--step-ms", type=float, default=None, help="simulated step (default: the SAE step)"
+    )
+    parser.add_argument("--stall-passes", type=int, default=2, help="loader passes timed")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many timings")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cache-dir", default=None, help="default: a temporary folder")
@@ -213,7 +257,10 @@ def main() -> None:
             bare.append(timed(args.device, forward))
             cache.append(timed(args.device, lambda root=root: build(model, windows, args, root)))
         loader, d_in = loader_rate(root, args)
-    sae = sae_rate(d_in, args)
+        sae = sae_rate(d_in, args)
+        step_s = args.sae_batch / sae if args.step_ms is None else args.step_ms / 1000
+        stalls = {n: stall(root, args, step_s, n) for n in (0, args.prefetch_batches)}
+        batches = len(make_loader(root, args, 0))
     bare_rate, cache_rate = tokens / np.median(bare), tokens / np.median(cache)
 
     name = f"random {args.random}" if args.random else args.model
@@ -238,6 +285,17 @@ def main() -> None:
         f"(StandardSAE {d_in}x{args.expansion * d_in}, batch {args.sae_batch})"
     )
     print(f"  ratio loader / SAE step      {loader / sae:12.1f}     (target >= 10)")
+    source = "the SAE step above" if args.step_ms is None else "--step-ms"
+    print(
+        f"stall: wall time spent waiting for the next batch, the device step a "
+        f"{step_s * 1000:.1f} ms sleep ({source}); {args.stall_passes} passes of {batches} "
+        f"batches of {args.sae_batch}, shuffle buffer {args.shuffle_buffer_tokens:,} rows"
+    )
+    for n, (share, first) in stalls.items():
+        print(
+            f"  prefetch_batches={n:<3}         {share:12.1%}     "
+            f"({first:.1%} on the first batch of a pass)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_sae.data.activations as activations
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationBatches, ActivationDataModule, cache_main
+from lightning_sae.data.cache import CorruptCacheError
 from lightning_sae.models.standard import StandardSAE
 
 MINILM_CONFIG = Path(__file__).parents[1] / "configs" / "minilm" / "resid-l3-standard.yaml"
@@ -131,14 +133,152 @@ def test_ddp_ranks_read_disjoint_slices_of_the_global_batch(
 
 def test_memory_is_bounded_by_the_shuffle_buffer_not_the_data(tmp_path: Path) -> None:
     folder = own_activations(tmp_path, sizes=(20_000,) * 5, d_in=32)  # 12.8 MB of activations
-    dm = datamodule(folder, batch_size=256, shuffle_buffer_tokens=4096, shuffle_chunk_tokens=256)
-    tracemalloc.start()
-    served = sum(len(b) for b in dm.train_dataloader())
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert served == (100_000 - 200) // 256 * 256
-    buffer_bytes = 4096 * 32 * 4
-    assert peak < 4 * buffer_bytes < 12_800_000 / 6
+    peaks = {}
+    for prefetch in (0, 4):
+        dm = datamodule(
+            folder,
+            batch_size=256,
+            shuffle_buffer_tokens=4096,
+            shuffle_chunk_tokens=256,
+            prefetch_batches=prefetch,
+        )
+        tracemalloc.start()  # traces every thread, the background ones too
+        served = sum(len(b) for b in dm.train_dataloader())
+        peaks[prefetch] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert served == (100_000 - 200) // 256 * 256
+    buffer_bytes, batch_bytes = 4096 * 32 * 4, 256 * 32 * 4
+    # Besides the buffers and the queued batches: the batches in hand, the rows pending across
+    # buffers and the serving orders (int64 per buffer row), each well under a buffer here.
+    assert peaks[0] < 2 * buffer_bytes  # one buffer
+    assert peaks[4] < 3 * buffer_bytes + 4 * batch_bytes < 12_800_000 / 6  # two, and 4 batches
+
+
+def test_prefetching_serves_the_batches_of_the_inline_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
+    store = dm._open()
+
+    def loader(prefetch: int, threads: int = 4) -> ActivationBatches:
+        return ActivationBatches(
+            store, 0, 1800, 100, shuffle=True, buffer_rows=512, chunk_rows=64,
+            threads=threads, prefetch_batches=prefetch,
+        )  # fmt: skip
+
+    offsets = [offset for offset, _, _ in loader(0)._buffers(epoch=0, skip_rows=0)]
+    assert len(offsets) >= 4 and any(o % 100 for o in offsets)  # some batches span two buffers
+    for world in (1, 2):
+        for rank in range(world):
+            monkeypatch.setattr(activations, "_rank_and_world", lambda r=rank, w=world: (r, w))
+            # Two epochs, every batch kept to the end: one that shared memory with a buffer
+            # space would have been overwritten by a later read.
+            inline = loader(0)
+            expected = [batch for _ in range(2) for batch in inline]
+            assert len(expected) == 36 and all(len(b) == 100 // world for b in expected)
+            for prefetched in (loader(1), loader(4), loader(4, threads=1)):
+                batches = [batch for _ in range(2) for batch in prefetched]
+                assert len(batches) == len(expected)
+                assert all(torch.equal(a, b) for a, b in zip(batches, expected, strict=True))
+                assert prefetched.state_dict() == inline.state_dict()
+
+    monkeypatch.setattr(activations, "_rank_and_world", lambda: (0, 1))
+    options = {"val_tokens": 350, "shuffle_chunk_tokens": 64, "shuffle_buffer_tokens": 256}
+    inline = datamodule(tmp_path, **options, prefetch_batches=0)
+    prefetched = datamodule(tmp_path, **options)
+    assert inline.train_batches.prefetch_batches == 0
+    assert prefetched.train_batches.prefetch_batches == prefetched.val_batches.prefetch_batches == 4
+    for a, b in [
+        (inline.train_dataloader(), prefetched.train_dataloader()),
+        (inline.val_dataloader(), prefetched.val_dataloader()),
+    ]:
+        assert [row_ids(x) for x in a] == [row_ids(x) for x in b]
+    with pytest.raises(ValueError, match="prefetch_batches must be >= 0"):
+        datamodule(tmp_path, prefetch_batches=-1)
+
+
+def count_new_batches(loader: ActivationBatches) -> threading.Semaphore:
+    """A semaphore released each time ``loader`` starts filling a batch."""
+    made, new_batch = threading.Semaphore(0), loader._new_batch
+
+    def counted(n: int) -> tuple[np.ndarray, torch.Tensor]:
+        made.release()
+        return new_batch(n)
+
+    loader._new_batch = counted
+    return made
+
+
+def test_prefetching_keeps_the_exact_position_for_resuming(tmp_path: Path) -> None:
+    store = datamodule(own_activations(tmp_path))._open()
+
+    def loader(prefetch: int) -> ActivationBatches:
+        return ActivationBatches(
+            store, 0, 1800, 100, shuffle=True, buffer_rows=512, chunk_rows=64,
+            prefetch_batches=prefetch,
+        )  # fmt: skip
+
+    expected = [row_ids(b) for b in loader(0)]
+    for k in (1, 7, 17):
+        states = {}
+        for prefetch in (0, 4):
+            consumed = loader(prefetch)
+            made = count_new_batches(consumed)
+            iterator = iter(consumed)
+            seen = [row_ids(next(iterator)) for _ in range(k)]
+            for _ in range(min(k + prefetch, len(consumed))):
+                made.acquire()  # the background thread has run ahead of the consumer
+            states[prefetch] = consumed.state_dict()
+            assert seen == expected[:k]
+            del iterator
+        assert states[0] == states[4] and states[4]["next_index"] == k
+        for prefetch in (0, 4):
+            resumed = loader(prefetch)
+            resumed.load_state_dict(states[4])
+            assert [row_ids(b) for b in resumed] == expected[k:]
+
+
+def test_breaking_off_an_iteration_stops_the_background_threads(tmp_path: Path) -> None:
+    dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
+    loader = dm.train_dataloader()
+    before = set(threading.enumerate())
+    for i, _ in enumerate(loader):
+        if i == 0:
+            started = {t.name for t in set(threading.enumerate()) - before}
+        if i == 2:
+            break  # as Lightning does at max_steps, mid-epoch
+    assert "activation-prefetch" in started
+    assert set(threading.enumerate()) == before
+    assert loader.state_dict()["next_index"] == 3
+    iterator = iter(loader)
+    next(iterator)
+    del iterator  # an iterator dropped while held, as at Lightning's teardown
+    assert set(threading.enumerate()) == before
+    assert loader.state_dict()["next_index"] == 4
+
+
+def test_a_read_error_in_the_background_reaches_the_consumer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
+    loader, store = dm.train_dataloader(), dm._open()
+    (_, _, first_order), (_, second_chunks, _) = list(loader._buffers(epoch=0, skip_rows=0))[:2]
+    corrupt = {tuple(chunk) for chunk in second_chunks.tolist()}
+    read = store.read
+
+    def read_or_fail(start: int, stop: int, out: np.ndarray) -> None:
+        if (start, stop) in corrupt:
+            raise CorruptCacheError(f"rows {start}:{stop}: sha256 mismatch")
+        read(start, stop, out)
+
+    monkeypatch.setattr(store, "read", read_or_fail)
+    before, served = set(threading.enumerate()), []
+    with pytest.raises(CorruptCacheError, match="sha256 mismatch"):
+        for batch in loader:
+            served.append(batch)
+    assert len(served) == len(first_order) // 100  # the first buffer's batches, then the error
+    assert loader.state_dict()["next_index"] == len(served)
+    assert set(threading.enumerate()) == before
 
 
 def test_sample_is_reproducible_and_leaves_the_loader_alone(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 ``prepare_data`` builds the cache when it is missing (``lightning-sae cache --config X`` builds
 it alone), ``setup`` memory-maps it, and the training loader serves ``[batch, d_in]`` rows in an
-order that mixes contexts and shards while holding at most one shuffle buffer in memory:
+order that mixes contexts and shards while holding at most two shuffle buffers in memory:
 
 1. the training rows are cut into chunks of ``shuffle_chunk_tokens`` consecutive rows (never
    crossing a shard), and the chunks are put in a random order each epoch;
@@ -11,6 +11,10 @@ order that mixes contexts and shards while holding at most one shuffle buffer in
 3. global batch ``i`` is positions ``[i * batch_size, (i + 1) * batch_size)`` of that order;
    under DDP rank ``r`` serves its slice of each global batch, so ranks read disjoint rows and
    a DDP run sees what one process with the same global batch sees.
+
+A background thread prepares the next ``prefetch_batches`` batches while the training step
+runs, reading the next buffer while it gathers from this one: memory is at most two buffers
+plus the queued batches.
 
 Every order is a pure function of (seed, epoch), so the loader's position is two integers,
 saved in Lightning checkpoints: a resumed run continues with the next unseen batch.
@@ -28,9 +32,13 @@ import json
 import os
 import re
 import sys
+import threading
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
+from queue import Full, Queue
 from typing import Any, Literal
 
 import numpy as np
@@ -64,9 +72,12 @@ def _rank_and_world() -> tuple[int, int]:
 class ActivationBatches:
     """Batches of rows ``[start, stop)`` of a :class:`ShardedActivations`, sliced per rank.
 
-    It has a length, so Lightning does not prefetch, and ``state_dict`` is the exact position.
-    Without ``shuffle`` the rows come in order and every pass starts from the first batch.
-    Reading a buffer and gathering a batch are split over ``threads`` threads.
+    It has a length, so Lightning does not prefetch, and ``state_dict`` is the exact position
+    (the batches handed out, not those prepared ahead). Without ``shuffle`` the rows come in
+    order and every pass starts from the first batch. Reading a buffer and gathering a batch
+    are split over ``threads`` threads. With ``prefetch_batches`` > 0 a background thread keeps
+    up to that many batches ready and reads the next buffer while it gathers from this one;
+    with 0 everything runs on the caller's thread, one buffer at a time.
     """
 
     def __init__(
@@ -82,15 +93,19 @@ class ActivationBatches:
         chunk_rows: int = 4096,
         pin_memory: bool = False,
         threads: int = 4,
+        prefetch_batches: int = 4,
     ) -> None:
         if stop - start < batch_size:
             raise ValueError(
                 f"only {stop - start:,} rows for batches of {batch_size:,}: lower "
                 "data.init_args.batch_size or cache more tokens."
             )
+        if prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}.")
         self.store, self.start, self.stop, self.batch_size = store, start, stop, batch_size
         self.shuffle, self.seed, self.pin_memory = shuffle, seed, pin_memory
         self.threads = max(1, threads)
+        self.prefetch_batches = prefetch_batches
         self.chunks_per_buffer = max(1, buffer_rows // chunk_rows)
         self.chunks = self._chunk_bounds(chunk_rows)
         self.epoch, self.next_index = 0, 0
@@ -153,20 +168,56 @@ class ActivationBatches:
                 break
         return np.concatenate(found)[:local]
 
-    def _read(self, chunks: np.ndarray, pool: ThreadPoolExecutor, space: np.ndarray) -> np.ndarray:
+    def _read(
+        self,
+        chunks: np.ndarray,
+        pool: ThreadPoolExecutor,
+        space: np.ndarray,
+        stop: threading.Event | None = None,
+    ) -> np.ndarray:
         """The buffer: its chunks copied side by side (sequential reads from the shards) into
-        the start of ``space``."""
+        the start of ``space``; cut short, and not to be used, once ``stop`` is set.
+
+        At most ``threads`` chunk reads wait in the pool at a time: a read ahead submitted
+        whole would queue the gathers of the current buffer behind all of it.
+        """
         sizes = chunks[:, 1] - chunks[:, 0]
         buffer = space[: int(sizes.sum())]
         ends = np.cumsum(sizes).tolist()
         starts = [0, *ends[:-1]]
-        reads = [
-            pool.submit(self.store.read, lo, hi, buffer[a:b])
-            for (lo, hi), a, b in zip(chunks.tolist(), starts, ends, strict=True)
-        ]
+        reads: deque[Future[None]] = deque()
+        for (lo, hi), a, b in zip(chunks.tolist(), starts, ends, strict=True):
+            if stop is not None and stop.is_set():
+                break
+            if len(reads) == self.threads:
+                reads.popleft().result()
+            reads.append(pool.submit(self.store.read, lo, hi, buffer[a:b]))
         for read in reads:
             read.result()
         return buffer
+
+    def _read_ahead(
+        self,
+        steps: Iterator[tuple[np.ndarray, np.ndarray]],
+        pool: ThreadPoolExecutor,
+        stop: threading.Event,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(buffer, serving order) of each of ``steps``: buffer g + 1 is read into the other
+        of two spaces while the caller gathers from buffer g."""
+        spaces = (self._new_space(), self._new_space())
+        # One thread waits on the reads, so no pool worker waits on the pool (with threads=1
+        # that would deadlock).
+        with ThreadPoolExecutor(1, thread_name_prefix="activation-read-ahead") as reader:
+            previous: tuple[Future[np.ndarray], np.ndarray] | None = None
+            for g, (chunks, indices) in enumerate(steps):
+                # Space g % 2 held buffer g - 2, which the caller finished with before asking
+                # for buffer g - 1.
+                reading = reader.submit(self._read, chunks, pool, spaces[g % 2], stop), indices
+                if previous is not None:
+                    yield previous[0].result(), previous[1]
+                previous = reading
+            if previous is not None:
+                yield previous[0].result(), previous[1]
 
     def _take(
         self, buffer: np.ndarray, indices: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor
@@ -183,7 +234,7 @@ class ActivationBatches:
 
     def _new_batch(self, n: int) -> tuple[np.ndarray, Tensor]:
         """A batch to fill, as (numpy view, tensor); pinned memory copies to a GPU
-        asynchronously."""
+        asynchronously. Each batch is a new allocation: it outlives the buffer it came from."""
         if self.pin_memory:
             tensor = torch.empty(
                 (n, self.store.d_in), dtype=self.store.torch_dtype, pin_memory=True
@@ -191,6 +242,43 @@ class ActivationBatches:
             return host_array(tensor), tensor
         array = self.store.empty(n)
         return array, self.store.to_torch(array)
+
+    def _new_space(self) -> np.ndarray:
+        """Room for the largest buffer. One allocation serves every buffer of a pass: fresh
+        pages would cost a page fault each."""
+        largest_chunk = int((self.chunks[:, 1] - self.chunks[:, 0]).max())
+        return self.store.empty(min(self.stop - self.start, largest_chunk * self.chunks_per_buffer))
+
+    def _batches(
+        self, epoch: int, first_batch: int, rank: int, world: int, stop: threading.Event | None
+    ) -> Iterator[Tensor]:
+        """The batches ``rank`` serves from global batch ``first_batch`` on. Given ``stop``
+        (that is, run in the background), the next buffer is read while this one is gathered
+        from."""
+        local = self.batch_size // world
+        pending: list[np.ndarray] = []  # rows of a batch that continues in the next buffer
+        n_pending = 0
+        steps = self._rank_indices(epoch, first_batch, rank, world)
+        with ThreadPoolExecutor(self.threads) as pool:
+            if stop is None:
+                space = self._new_space()
+                buffers = ((self._read(chunks, pool, space), order) for chunks, order in steps)
+            else:
+                buffers = self._read_ahead(steps, pool, stop)
+            with closing(buffers):  # stop the reads before the pool shuts down
+                for buffer, indices in buffers:
+                    start = 0
+                    while n_pending + len(indices) - start >= local:
+                        take = local - n_pending
+                        array, batch = self._new_batch(local)
+                        if pending:
+                            array[:n_pending] = np.concatenate(pending)
+                        self._take(buffer, indices[start : start + take], array[n_pending:], pool)
+                        pending, n_pending, start = [], 0, start + take
+                        yield batch
+                    if start < len(indices):  # a copy: a later read overwrites the space
+                        pending.append(buffer[indices[start:]])
+                        n_pending += len(indices) - start
 
     def __iter__(self) -> Iterator[Tensor]:
         rank, world = _rank_and_world()
@@ -203,29 +291,19 @@ class ActivationBatches:
             self.next_index = 0
         elif self.next_index >= len(self):  # the previous pass ran to its end
             self.epoch, self.next_index = self.epoch + 1, 0
-        local = self.batch_size // world
-        pending: list[np.ndarray] = []  # rows of a batch that continues in the next buffer
-        n_pending = 0
-        # One allocation for every buffer of the pass: fresh pages would cost a page fault each.
-        largest_chunk = int((self.chunks[:, 1] - self.chunks[:, 0]).max())
-        space = self.store.empty(
-            min(self.stop - self.start, largest_chunk * self.chunks_per_buffer)
-        )
-        with ThreadPoolExecutor(self.threads) as pool:
-            for chunks, indices in self._rank_indices(self.epoch, self.next_index, rank, world):
-                buffer, start = self._read(chunks, pool, space), 0
-                while n_pending + len(indices) - start >= local:
-                    take = local - n_pending
-                    array, batch = self._new_batch(local)
-                    if pending:
-                        array[:n_pending] = np.concatenate(pending)
-                    self._take(buffer, indices[start : start + take], array[n_pending:], pool)
-                    pending, n_pending, start = [], 0, start + take
-                    self.next_index += 1
-                    yield batch
-                if start < len(indices):  # a copy: the space is overwritten by the next buffer
-                    pending.append(buffer[indices[start:]])
-                    n_pending += len(indices) - start
+        if self.prefetch_batches:
+            stop = threading.Event()
+            batches = _in_background(
+                self._batches(self.epoch, self.next_index, rank, world, stop),
+                self.prefetch_batches,
+                stop,
+            )
+        else:
+            batches = self._batches(self.epoch, self.next_index, rank, world, None)
+        with closing(batches):
+            for batch in batches:
+                self.next_index += 1  # counted when handed out, so a checkpoint resumes here
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -247,6 +325,49 @@ class ActivationBatches:
                 f"{self.batch_size:,}: resume with the same data and batch_size."
             )
         self.epoch, self.next_index = state["epoch"], state["next_index"]
+
+
+_END = object()  # the producer's last item when it ran to the end
+
+
+def _in_background(
+    batches: Iterator[Tensor], depth: int, stop: threading.Event
+) -> Iterator[Tensor]:
+    """``batches``, produced by a thread that runs up to ``depth`` batches ahead. Closing this
+    generator sets ``stop`` and joins the thread; an error in the thread is raised here."""
+    queue: Queue[object] = Queue(maxsize=depth)
+
+    def put(item: object) -> bool:
+        # A timeout, so a producer blocked on a full queue notices that the consumer left.
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.05)
+                return True
+            except Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            with closing(batches):
+                for batch in batches:
+                    if not put(batch):
+                        return
+        except BaseException as error:  # any: the consumer must not wait forever
+            put(error)
+        else:
+            put(_END)
+
+    thread = threading.Thread(target=produce, name="activation-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class ActivationDataModule(LightningDataModule):
@@ -287,7 +408,8 @@ class ActivationDataModule(LightningDataModule):
             model, hook and the text options are unused.
         batch_size: global batch of activation vectors (split evenly across DDP ranks).
         seed: seed of the window order and of the shuffling.
-        shuffle_buffer_tokens: rows held in memory per rank for shuffling.
+        shuffle_buffer_tokens: rows per rank shuffled together; two such buffers are in
+            memory while the next one is read ahead.
         shuffle_chunk_tokens: consecutive rows read together from disk.
         verify: on setup, check shard sizes only (``size``) or also sha256 checksums
             (``checksum``; reads the whole cache once).
@@ -296,6 +418,9 @@ class ActivationDataModule(LightningDataModule):
         pin_memory: serve batches in pinned memory, so copies to the GPU are asynchronous
             (default: when a GPU is available).
         loader_threads: threads that read and gather batches (numpy copies run in parallel).
+        prefetch_batches: batches a background thread prepares ahead of the training step,
+            reading the next shuffle buffer meanwhile (0: read and gather on the training
+            thread, one buffer at a time).
     """
 
     def __init__(
@@ -332,6 +457,7 @@ class ActivationDataModule(LightningDataModule):
         build_on_all_ranks: bool = False,
         pin_memory: bool | None = None,
         loader_threads: int = 4,
+        prefetch_batches: int = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -356,6 +482,10 @@ class ActivationDataModule(LightningDataModule):
                 raise ValueError(f"data.init_args.{name} must be positive, got {value}.")
         if val_tokens < 0:
             raise ValueError(f"data.init_args.val_tokens must be >= 0, got {val_tokens}.")
+        if prefetch_batches < 0:
+            raise ValueError(
+                f"data.init_args.prefetch_batches must be >= 0, got {prefetch_batches}."
+            )
         if verify not in ("size", "checksum"):
             raise ValueError(f"data.init_args.verify must be 'size' or 'checksum', got {verify!r}.")
         self.hook = hook
@@ -527,6 +657,7 @@ class ActivationDataModule(LightningDataModule):
                 chunk_rows=hp.shuffle_chunk_tokens,
                 pin_memory=self.pin_memory,
                 threads=hp.loader_threads,
+                prefetch_batches=hp.prefetch_batches,
             )
             _, world = _rank_and_world()
             val_batch = min(hp.batch_size, (val_hi - val_lo) // world * world)
@@ -541,6 +672,7 @@ class ActivationDataModule(LightningDataModule):
                     chunk_rows=hp.shuffle_chunk_tokens,
                     pin_memory=self.pin_memory,
                     threads=hp.loader_threads,
+                    prefetch_batches=hp.prefetch_batches,
                 )
 
     def sample(self, n: int, seed: int | None = None) -> Tensor:
