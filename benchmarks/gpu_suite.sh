@@ -18,7 +18,11 @@ chmod +x /tmp/saelens-python
 export PYTHONPATH=/tmp/ours:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } > "$OUT/machine.txt" 2>&1
 run() { name=$1; shift; echo "== $*" > "$OUT/$name.txt"; timeout "${LIMIT:-150}" "$@" >> "$OUT/$name.txt" 2>&1; echo "exit $?" >> "$OUT/$name.txt"; }
-run train_step python3 benchmarks/train_step.py --device cuda --d_in 768 --d_sae 24576 --batch 4096 --steps 10 --warmup 3
-run vs_saelens python3 benchmarks/vs_saelens.py --device cuda --d_in 768 --d_sae 24576 --batch 4096 --steps 30 --warmup 5 --saelens-python /tmp/saelens-python
+shapes="--device cuda --d_in 768 --d_sae 24576 --batch 4096"
+run train_step python3 benchmarks/train_step.py $shapes --steps 10 --warmup 3
+run train_step_bf16 python3 benchmarks/train_step.py $shapes --steps 10 --warmup 3 --bf16
+run vs_saelens python3 benchmarks/vs_saelens.py $shapes --steps 30 --warmup 5 --repeats 2 --saelens-python /tmp/saelens-python
+run vs_saelens_l0 python3 benchmarks/vs_saelens.py $shapes --steps 30 --warmup 5 --repeats 2 --variants standard --l0 64 --saelens-python /tmp/saelens-python
+run ddp_scaling python3 benchmarks/ddp_scaling.py $shapes --processes 1 $(nvidia-smi -L | wc -l)
 run nearest_neighbour python3 benchmarks/nearest_neighbour.py --device cuda --backends torch --sizes 16384 65536 1048576
 run cache_throughput python3 benchmarks/cache_throughput.py --device cuda --random pythia-70m --n-tokens 262144

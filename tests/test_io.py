@@ -267,7 +267,8 @@ def test_saelens_loads_our_exports_and_we_load_its_folders(tmp_path: Path) -> No
         theirs = load_file(str(tmp_path / "ours" / key / "saelens_out.safetensors"))
         with torch.no_grad():
             torch.testing.assert_close(theirs["acts"], sae.encode(x), msg=key)
-            torch.testing.assert_close(theirs["recon"], sae.decode(sae.encode(x)), msg=key)
+            recon = sae.decode(sae.encode(x))
+            torch.testing.assert_close(theirs["recon"], recon, atol=1e-4, rtol=1e-4, msg=key)
 
     # We read folders SAELens wrote and compute what SAELens computed.
     for folder in sorted((tmp_path / "theirs").iterdir()):
@@ -277,4 +278,8 @@ def test_saelens_loads_our_exports_and_we_load_its_folders(tmp_path: Path) -> No
             acts = loaded.encode(x)
             assert (acts != 0).any(), folder.name
             torch.testing.assert_close(acts, expected["acts"], msg=folder.name)
-            torch.testing.assert_close(loaded.decode(acts), expected["recon"], msg=folder.name)
+            # Sparse decoding (a low L0 here) sums in another order than a dense product.
+            recon = loaded.decode(acts)
+            torch.testing.assert_close(
+                recon, expected["recon"], atol=1e-4, rtol=1e-4, msg=folder.name
+            )

@@ -62,20 +62,6 @@ def _fit(model: SparseAutoencoder, data: Any, steps: int, callbacks: list[Callba
     ).fit(model, data)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """One intra-op thread for every run here.
-
-    On the shared 2-core development machine, with other jobs competing for the cores, two
-    threads made these runs 2x to 12x slower than one (the JumpReLU L0 check: 186 s vs 15 s;
-    the Matryoshka MMCS check: 409 s vs 74 s). With one thread they cost what their steps cost.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _small_data(**kwargs: Any) -> ToySuperpositionDataModule:
     defaults = {"n_features": 64, "d_in": 32, "batch_size": 256, "batches_per_epoch": 1000}
     return ToySuperpositionDataModule(**{**defaults, **kwargs})

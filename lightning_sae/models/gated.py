@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonnegative
@@ -57,8 +58,8 @@ class GatedSAE(SparseAutoencoder):
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
     def _gate_and_magnitude(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
-        x = x_n - self.b_dec if self.hparams.apply_b_dec_to_input else x_n
-        projected = x @ self.W_enc  # x (W_enc * exp(r)) = (x W_enc) * exp(r): one matmul for both
+        # x (W_enc * exp(r)) = (x W_enc) * exp(r): one matmul for both.
+        projected = F.linear(x_n, self.W_enc.T, self.input_offset())
         dtype = projected.dtype  # bf16 under autocast: keep both [batch, d_sae] tensors in it
         pi_gate = projected + self.b_enc.to(dtype)
         pi_mag = projected * self.r_mag.exp().to(dtype) + self.b_mag.to(dtype)

@@ -12,9 +12,15 @@ OrthogonalityShape = Literal["sigmoid", "power", "linear"]
 
 
 def l1_penalty(acts: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
-    """Mean over the batch of sum_j |a_j| (times ||W_dec_j|| when decoder norms are given)."""
-    weighted = acts.abs() if decoder_norms is None else acts.abs() * decoder_norms
-    return weighted.sum(-1).mean()
+    """Mean over the batch of sum_j |a_j| (times ||W_dec_j|| when decoder norms are given).
+
+    Summed over the batch before weighting: one pass over the [batch, d_sae] activations
+    forward and one backward, instead of materialising |a| * norms.
+    """
+    per_feature = acts.abs().reshape(-1, acts.shape[-1]).sum(0)
+    if decoder_norms is not None:
+        per_feature = per_feature * decoder_norms
+    return per_feature.sum() / max(acts.numel() // acts.shape[-1], 1)
 
 
 def tanh_penalty(acts: Tensor, scale: float, decoder_norms: Tensor | None = None) -> Tensor:

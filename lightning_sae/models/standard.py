@@ -10,6 +10,8 @@ from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonneg
 from lightning_sae.models.penalties import l1_penalty, tanh_penalty
 from lightning_sae.models.sparse import DecodeImpl, SparseCode, check_decode_impl, decodes_sparsely
 
+DENSITY_SAMPLE_ROWS = 256  # rows whose L0 picks the decode path of a step
+
 
 class StandardSAE(SparseAutoencoder):
     """ReLU encoder; loss = MSE + coefficient * sparsity penalty.
@@ -52,8 +54,10 @@ class StandardSAE(SparseAutoencoder):
         if impl == "dense":
             return super().reconstruct(acts)
         flat = acts.reshape(-1, self.d_sae)
-        # The choice needs the L0 on the host: one sync, as any data-dependent decode needs.
-        active_per_sample = int(flat.count_nonzero()) / max(len(flat), 1)
+        # The choice needs the density on the host (one sync); a slice of rows estimates it at
+        # a fraction of a full count's cost.
+        sample = flat[:DENSITY_SAMPLE_ROWS]
+        active_per_sample = int(sample.count_nonzero()) / max(len(sample), 1)
         if not decodes_sparsely(impl, active_per_sample, self.d_sae, self.W_dec.device):
             return super().reconstruct(acts)
         rows, indices = flat.nonzero(as_tuple=True)  # (sample, latent) order, as bags need
