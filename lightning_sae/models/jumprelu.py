@@ -31,13 +31,17 @@ from lightning_sae.models.base import (
 )
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
+def _rectangle_gradient(z: Tensor, threshold: Tensor, grad_out: Tensor, eps: float) -> Tensor:
+    """sum over the batch of grad_out * rect((z - theta) / eps), in theta's shape and dtype.
 
-
-def _sum_to_threshold(grad: Tensor, threshold: Tensor) -> Tensor:
-    """Reduce a per-element gradient over the batch dimensions to the threshold's shape."""
-    return grad.reshape(-1, grad.shape[-1]).sum(0).reshape(threshold.shape)
+    The rectangle is 1 where |z - theta| < eps / 2; selecting there and summing takes a few
+    passes over the [batch, d_sae] tensors, where building the kernel as floats takes twice as
+    many. theta is compared in z's dtype: under bf16 autocast a float32 theta would promote
+    every [batch, d_sae] operand to float32 (sums accumulate in float32 either way).
+    """
+    near = (z - threshold.to(z.dtype)).abs() < eps / 2
+    selected = torch.where(near, grad_out, 0).reshape(-1, z.shape[-1])
+    return selected.sum(0).reshape(threshold.shape).to(threshold.dtype)
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -47,15 +51,15 @@ class JumpReLUFunction(torch.autograd.Function):
     def forward(ctx: FunctionCtx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
-        return z * (z > threshold).to(z.dtype)
+        return torch.where(z > threshold.to(z.dtype), z, 0)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
         z, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_z = grad_out * (z > threshold).to(z.dtype)
-        grad_threshold = -(threshold / eps) * _rectangle((z - threshold) / eps) * grad_out
-        return grad_z, _sum_to_threshold(grad_threshold, threshold), None
+        grad_z = torch.where(z > threshold.to(z.dtype), grad_out, 0)
+        grad_threshold = -(threshold / eps) * _rectangle_gradient(z, threshold, grad_out, eps)
+        return grad_z, grad_threshold, None
 
 
 class HeavisideFunction(torch.autograd.Function):
@@ -65,14 +69,14 @@ class HeavisideFunction(torch.autograd.Function):
     def forward(ctx: FunctionCtx, z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(z, threshold)
         ctx.bandwidth = bandwidth
-        return (z > threshold).to(z.dtype)
+        return (z > threshold.to(z.dtype)).to(z.dtype)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[None, Tensor, None]:
         z, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * _rectangle((z - threshold) / eps) * grad_out
-        return torch.zeros_like(z), _sum_to_threshold(grad_threshold, threshold), None
+        # None, not zeros, for z: a zero gradient would be a [batch, d_sae] tensor to add up.
+        return None, -(1.0 / eps) * _rectangle_gradient(z, threshold, grad_out, eps), None
 
 
 def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
