@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from _trainer import quiet_trainer
 from lightning import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -68,17 +69,7 @@ def fit(
     loggers: Any = False,
     ckpt_path: str | None = None,
 ) -> Trainer:
-    trainer = Trainer(
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=loggers,
-        default_root_dir=root,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(steps, callbacks, logger=loggers, default_root_dir=root)
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer
 

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from _trainer import quiet_trainer
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.toy import ToySuperpositionDataModule
@@ -56,17 +57,7 @@ def fit(model: SparseAutoencoder, steps: int, **trainer_kwargs: Any) -> float:
     """Train on toy data; the final float32 eager MSE on held-out samples."""
     L.seed_everything(0, verbose=False)
     data = ToySuperpositionDataModule(n_features=64, d_in=32, batch_size=256, val_batches=1)
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    ).fit(model, data)
+    quiet_trainer(steps, accelerator="cpu", **trainer_kwargs).fit(model, data)
     x = data.sample(2048, seed=1)
     model.eval()
     with torch.no_grad():

@@ -5,6 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from _trainer import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
@@ -23,17 +24,7 @@ def _small_data(**kwargs: object) -> ToySuperpositionDataModule:
 
 
 def _trainer(root: Path, max_steps: int, callbacks: list, **kwargs: object) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    return quiet_trainer(max_steps, callbacks, default_root_dir=root, **kwargs)
 
 
 def test_decoder_norm_constraint_removes_parallel_gradient_and_renormalises() -> None:

@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from _trainer import quiet_trainer
 from lightning.pytorch.callbacks import Callback
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
@@ -50,16 +51,7 @@ def _from_config(
 
 
 def _fit(model: SparseAutoencoder, data: Any, steps: int, callbacks: list[Callback]) -> None:
-    L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    ).fit(model, data)
+    quiet_trainer(steps, callbacks).fit(model, data)
 
 
 def _small_data(**kwargs: Any) -> ToySuperpositionDataModule:

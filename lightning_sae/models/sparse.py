@@ -46,6 +46,13 @@ class SparseCode:
     n_rows: int
     rows: Tensor | None = None
 
+    @classmethod
+    def from_mask(cls, mask: Tensor, values: Tensor) -> SparseCode:
+        """The entries of ``values`` [n_rows, d_sae] where ``mask`` is set, flat and sorted by
+        (sample, latent), as embedding_bag's offsets need."""
+        rows, indices = mask.nonzero(as_tuple=True)
+        return cls(indices, values[rows, indices], mask.shape[0], rows)
+
     def to_dense(self, d_sae: int) -> Tensor:
         dense = self.values.new_zeros(self.n_rows, d_sae)
         if self.rows is None:

@@ -60,8 +60,7 @@ class StandardSAE(SparseAutoencoder):
         active_per_sample = int(sample.count_nonzero()) / max(len(sample), 1)
         if not decodes_sparsely(impl, active_per_sample, self.d_sae, self.W_dec.device):
             return super().reconstruct(acts)
-        rows, indices = flat.nonzero(as_tuple=True)  # (sample, latent) order, as bags need
-        decoded = SparseCode(indices, flat[rows, indices], len(flat), rows).decode(self.W_dec)
+        decoded = SparseCode.from_mask(flat != 0, flat).decode(self.W_dec)
         return (decoded + self.b_dec).reshape(*acts.shape[:-1], self.d_in)
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:

@@ -175,8 +175,7 @@ class BatchTopKSAE(TopKSAE):
             if self.training:
                 self._update_threshold(code.values)
             return code
-        rows, indices = (pre_acts > self.threshold).nonzero(as_tuple=True)
-        return SparseCode(indices, pre_acts[rows, indices], pre_acts.shape[0], rows)
+        return SparseCode.from_mask(pre_acts > self.threshold, pre_acts)
 
     def _batch_top_k(self, pre_acts: Tensor) -> SparseCode:
         n = pre_acts.shape[0]
@@ -201,9 +200,9 @@ class BatchTopKSAE(TopKSAE):
         gathered = [torch.empty_like(candidates) for _ in range(world)]
         dist.all_gather(gathered, candidates)
         cutoff = torch.cat(gathered).topk(n_global, sorted=False).values.min()
-        # nonzero lists entries in (sample, latent) order, as embedding_bag's offsets need.
-        rows, indices = (pre_acts >= cutoff).nonzero(as_tuple=True)
-        return SparseCode(indices, torch.relu(pre_acts[rows, indices]), pre_acts.shape[0], rows)
+        code = SparseCode.from_mask(pre_acts >= cutoff, pre_acts)
+        code.values = torch.relu(code.values)  # ReLU after selecting, as in one process
+        return code
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
