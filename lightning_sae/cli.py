@@ -16,74 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from lightning import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lightning_sae.models.base import SparseAutoencoder
-
-SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 
 # name -> (one-line help, entry point taking argv). Later modules add cache / export / compare.
 TOOL_COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {}
-
-
-def final_metrics_table(trainer: Trainer) -> str:
-    """A short table of the last validation metrics and where the checkpoint is."""
-    metrics = trainer.callback_metrics
-    rows = [
-        ("FVU", "val/fvu"),
-        ("L0", "val/l0"),
-        ("dead fraction", "val/dead_fraction"),
-        ("ground-truth MMCS", "geometry/gt_mmcs"),
-        ("CE loss recovered", "downstream/ce_loss_recovered"),
-        ("KL (clean || SAE)", "downstream/kl"),
-        ("final hidden cosine", "downstream/final_hidden_cosine"),
-        ("final hidden rel MSE", "downstream/final_hidden_rel_mse"),
-    ]
-    lines = ["", "final metrics", "-" * 34]
-    lines += [f"{label:<20}{float(metrics[key]):>14.4f}" for label, key in rows if key in metrics]
-    checkpoint = trainer.checkpoint_callback
-    if isinstance(checkpoint, ModelCheckpoint):
-        path = checkpoint.last_model_path or checkpoint.best_model_path
-        if path:
-            lines.append(f"{'checkpoint':<20}{path}")
-    return "\n".join(lines)
-
-
-class SAECLI(LightningCLI):
-    """LightningCLI with any SAE variant as model and any DataModule as data, by class_path."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--print_metrics",
-            type=bool,
-            default=True,
-            help="Print a table of final validation metrics after fit / validate / test.",
-        )
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, {})
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and not Path(ckpt_path).exists():
-            raise SystemExit(
-                f"error: --ckpt_path {ckpt_path} does not exist. Pass the path of a .ckpt file "
-                "(see the run's checkpoints/ folder) or --ckpt_path last to resume the latest run."
-            )
-
-    def after_fit(self) -> None:
-        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        self._print_metrics()
-
-    def after_validate(self) -> None:
-        self._print_metrics()
-
-    def after_test(self) -> None:
-        self._print_metrics()
-
-    def _print_metrics(self) -> None:
-        if self.config[self.subcommand].get("print_metrics", True) and self.trainer.is_global_zero:
-            print(final_metrics_table(self.trainer), flush=True)
 
 
 def _default_environment() -> None:
@@ -105,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
         if tools:
             print(f"tool subcommands (lightning-sae NAME --help):{tools}\n")
     check_class_paths(argv)
+    from lightning import LightningDataModule
+
+    from lightning_sae.models.base import SparseAutoencoder
+    from lightning_sae.trainer_cli import SAECLI
+
     try:
         SAECLI(
             SparseAutoencoder,
@@ -149,16 +89,20 @@ def check_class_paths(argv: list[str]) -> None:
         try:
             getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as error:
-            base = SparseAutoencoder if key == "model" else LightningDataModule
-            choices = "\n  ".join(_known_subclasses(base))
+            choices = "\n  ".join(_known_subclasses(key))
             raise SystemExit(
                 f"error: {key}.class_path {class_path!r} cannot be imported ({error}).\n"
                 f"Set {key}.class_path to one of:\n  {choices}"
             ) from None
 
 
-def _known_subclasses(base: type) -> list[str]:
-    package = "lightning_sae.models" if base is SparseAutoencoder else "lightning_sae.data"
+def _known_subclasses(key: str) -> list[str]:
+    from lightning import LightningDataModule
+
+    from lightning_sae.models.base import SparseAutoencoder
+
+    base = SparseAutoencoder if key == "model" else LightningDataModule
+    package = "lightning_sae.models" if key == "model" else "lightning_sae.data"
     for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
         with contextlib.suppress(ImportError):
             importlib.import_module(f"{package}.{module.name}")
