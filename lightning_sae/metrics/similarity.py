@@ -14,7 +14,6 @@ directions and by greedy matching beyond (see :func:`match_directions`).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from collections.abc import Mapping, Sequence
@@ -28,16 +27,22 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from lightning_sae.commands import (
+    EXPORT_WEIGHTS_FILENAMES,
+    HUNGARIAN_LIMIT,
+    NEAREST_NEIGHBOUR_BACKENDS,
+    compare_parser,
+)
+
 Backend = Literal["auto", "torch", "faiss"]
-BACKENDS = ("auto", "torch", "faiss")
+BACKENDS = NEAREST_NEIGHBOUR_BACKENDS
 QUERY_BATCH = 8192
 # Upper bound on one block of the similarity matrix (queries x keys), in elements: 2^27 float32
 # is 512 MiB, so a query batch of 8192 meets keys in chunks of 16384 whatever the dictionary size.
 MAX_BLOCK_ELEMENTS = 2**27
-# Above this many directions per side, linear_sum_assignment's dense cost matrix (n^2 float64,
-# 2 GiB at 16384) and cubic time stop being practical; match_directions switches to greedy
-# mutual-nearest-neighbour rounds until the unmatched rest fits under it.
-HUNGARIAN_LIMIT = 16384
+# HUNGARIAN_LIMIT: above this many directions per side, linear_sum_assignment's dense cost
+# matrix (n^2 float64, 2 GiB at 16384) and cubic time stop being practical; match_directions
+# switches to greedy mutual-nearest-neighbour rounds until the unmatched rest fits under it.
 
 
 # ---------------------------------------------------------------------------- backends
@@ -377,12 +382,13 @@ def load_sae_weights(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.is_dir():
-        if not (path / "sae.safetensors").is_file():
+        found = [path / name for name in EXPORT_WEIGHTS_FILENAMES if (path / name).is_file()]
+        if not found:
             raise FileNotFoundError(
-                f"{path} is a folder without sae.safetensors: pass an export folder "
-                "(lightning-sae export) or a Lightning .ckpt file."
+                f"{path} is a folder without {' or '.join(EXPORT_WEIGHTS_FILENAMES)}: pass an "
+                "export folder (lightning-sae export), a SAELens folder or a Lightning .ckpt file."
             )
-        path = path / "sae.safetensors"
+        path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a .ckpt file or an export folder.")
     if path.suffix == ".safetensors":
@@ -403,22 +409,7 @@ def load_sae_weights(path: str | Path) -> dict[str, Tensor]:
 
 def compare_main(argv: Sequence[str] | None = None) -> None:
     """``lightning-sae compare CKPT_A CKPT_B``: print how the features of two SAEs match."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-sae compare",
-        description="Match the features of two SAEs (Lightning .ckpt files or export folders): "
-        "max cosine similarity A->B and B->A, and a one-to-one matching, for decoder and "
-        "encoder directions.",
-    )
-    parser.add_argument("sae_a", help="checkpoint (.ckpt), export folder or .safetensors file")
-    parser.add_argument("sae_b", help="the same for the second SAE")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument(
-        "--hungarian-limit",
-        type=int,
-        default=HUNGARIAN_LIMIT,
-        help="exact matching up to this many features per side; greedy rounds beyond",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    parser = compare_parser()
     args = parser.parse_args(argv)
     a, b = load_sae_weights(args.sae_a), load_sae_weights(args.sae_b)
     result = compare_saes(a, b, args.hungarian_limit, args.backend)

@@ -1,0 +1,65 @@
+"""SAE variants, one module each, and the fixed table of them.
+
+:data:`VARIANTS` is the only way a class name read from a file (an export's ``cfg.json``, a
+checkpoint's ``_class_path``) becomes a class: looking it up here never imports a module that the
+file names, so a downloaded SAE folder cannot run code by naming one.
+"""
+
+from __future__ import annotations
+
+from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.jumprelu import JumpReLUSAE
+from lightning_sae.models.matryoshka import MatryoshkaSAE
+from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+
+__all__ = [
+    "VARIANTS",
+    "ApproxL0SAE",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
+    "SparseAutoencoder",
+    "StandardSAE",
+    "TopKSAE",
+    "class_path_of",
+    "variant_class",
+]
+
+# Full class path -> class, for every SAE class the project ships.
+VARIANTS: dict[str, type[SparseAutoencoder]] = {
+    f"{cls.__module__}.{cls.__qualname__}": cls
+    for cls in (
+        SparseAutoencoder,
+        StandardSAE,
+        TopKSAE,
+        BatchTopKSAE,
+        MatryoshkaSAE,
+        JumpReLUSAE,
+        GatedSAE,
+        ApproxL0SAE,
+    )
+}
+
+
+def class_path_of(cls: type[SparseAutoencoder]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def variant_class(name: str, source: str = "the class name") -> type[SparseAutoencoder]:
+    """The project's SAE class called ``name`` (full class path or short name, e.g. ``TopKSAE``).
+
+    ``source`` says where the name was read, for the error message.
+    """
+    if name in VARIANTS:
+        return VARIANTS[name]
+    by_short_name = {cls.__name__: cls for cls in VARIANTS.values()}
+    if name in by_short_name:
+        return by_short_name[name]
+    raise ValueError(
+        f"{source} names {name!r}, which is not one of lightning-sae's SAE classes; it is never "
+        "imported. Use one of: " + ", ".join(sorted(by_short_name)) + "."
+    )

@@ -1,0 +1,203 @@
+"""Every command fails with one clear line (what, which file, the fix) and a non-zero exit.
+
+Also: short class names, `--help` listing the variants and answering fast, a checkpoint of one
+variant validated with a config of another, and export folders wherever an SAE is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_sae.io import export_sae
+from lightning_sae.models.topk import TopKSAE
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+STANDARD = CONFIGS / "toy" / "standard.yaml"
+TOPK = CONFIGS / "toy" / "topk.yaml"
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_sae.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess, *expected: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for text in expected:
+        assert text in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["fit", "cache", "validate"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("a: [1, 2\n", "is not valid YAML"),
+        ("- 1\n- 2\n", "is not a mapping"),
+    ],
+    ids=["missing", "malformed", "list"],
+)
+def test_bad_config_files_give_one_line(
+    tmp_path: Path, command: str, content: str | None, message: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    if content is not None:
+        config.write_text(content)
+    result = run_cli(tmp_path, command, "--config", str(config))
+    assert_one_clear_line(result, str(config), message)
+
+
+def test_the_projects_message_naming_the_file_survives_unwrapping(tmp_path: Path) -> None:
+    activations = tmp_path / "acts"
+    activations.mkdir()
+    np.save(activations / "train.npy", np.array([{"not": "numbers"}], dtype=object))
+    result = run_cli(
+        tmp_path,
+        "fit",
+        "--config",
+        str(STANDARD),
+        "--data",
+        "lightning_sae.data.activations.ActivationDataModule",
+        "--data.init_args.activations_dir",
+        str(activations),
+        "--trainer.max_steps",
+        "1",
+    )
+    assert_one_clear_line(result, str(activations / "train.npy"), "object (pickled) arrays")
+
+
+def test_truncated_cfg_json_is_named(tmp_path: Path) -> None:
+    from lightning_sae.io import load
+
+    sae = TopKSAE(d_in=4, d_sae=8, k=2)
+    sae.fit_input_scale(torch.randn(16, 4))
+    export_sae(sae, tmp_path)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(cfg.read_text()[:40])
+    with pytest.raises(ValueError, match=f"{cfg} is not valid JSON"):
+        load(tmp_path)
+
+
+def _fit(tmp_path: Path, config: Path, *extra: str) -> Path:
+    result = run_cli(tmp_path, "fit", "--config", str(config), "--trainer.max_steps", "4", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return next((tmp_path / "runs").rglob("last.ckpt"))
+
+
+def test_validate_refuses_a_checkpoint_of_another_variant(tmp_path: Path) -> None:
+    ckpt = _fit(tmp_path, TOPK, "--trainer.val_check_interval", "4")
+    result = run_cli(tmp_path, "validate", "--config", str(STANDARD), "--ckpt_path", str(ckpt))
+    assert_one_clear_line(result, "TopKSAE", "StandardSAE", "--model.class_path")
+
+
+def test_validate_and_compare_take_an_export_folder(tmp_path: Path) -> None:
+    ckpt = _fit(tmp_path, TOPK, "--trainer.val_check_interval", "4")
+    exported = run_cli(tmp_path, "export", "--ckpt_path", str(ckpt), "--out", "exported")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    validated = run_cli(tmp_path, "validate", "--config", str(TOPK), "--ckpt_path", "exported")
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    from_ckpt = run_cli(tmp_path, "validate", "--config", str(TOPK), "--ckpt_path", str(ckpt))
+    fvu = [
+        next(line for line in out.stdout.splitlines() if line.startswith("FVU"))
+        for out in (validated, from_ckpt)
+    ]
+    assert fvu[0] == fvu[1]  # the export folds the input scale exactly
+
+    compared = run_cli(tmp_path, "compare", "exported", str(ckpt))
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "1.000" in compared.stdout  # the same features on both sides
+
+    refused = run_cli(tmp_path, "fit", "--config", str(TOPK), "--ckpt_path", "exported")
+    assert_one_clear_line(refused, "exported", "Lightning checkpoint")
+
+
+@pytest.mark.parametrize("name", ["TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE"])
+def test_short_class_names_resolve(tmp_path: Path, name: str) -> None:
+    args = ["fit", "--config", str(STANDARD), "--model", name, "--print_config"]
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class_path: lightning_sae.models." in result.stdout and name in result.stdout
+    helped = run_cli(tmp_path, "fit", "--model.help", name)
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert "d_sae" in helped.stdout
+
+
+def test_short_names_for_data_and_callbacks(tmp_path: Path) -> None:
+    args = [
+        "fit",
+        "--config",
+        str(STANDARD),
+        "--data",
+        "ToySuperpositionDataModule",
+        "--trainer.callbacks+=DeadFeatureResampler",
+        "--print_config",
+    ]
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lightning_sae.callbacks.resampling.DeadFeatureResampler" in result.stdout
+
+
+def test_fit_help_lists_the_variants(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "fit", "--help")
+    assert result.returncode == 0
+    for name in ("StandardSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE", "GatedSAE"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["export", "--help"], ["compare", "--help"]])
+def test_help_does_not_import_torch_or_lightning(tmp_path: Path, args: list[str]) -> None:
+    """``--help`` answers without the heavy imports (the 3 s CPU budget is in benchmarks)."""
+    script = (
+        "import sys\n"
+        "from lightning_sae.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted({'torch', 'lightning'} & set(sys.modules))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "usage" in result.stdout.lower() or "subcommands" in result.stdout
+
+
+def test_export_weights_have_the_run_folders_permissions(tmp_path: Path) -> None:
+    sae = TopKSAE(d_in=4, d_sae=8, k=2)
+    sae.fit_input_scale(torch.randn(16, 4))
+    old = os.umask(0o022)
+    try:
+        export_sae(sae, tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {"cfg.json": 0o644, "sae_weights.safetensors": 0o644}
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    ours = cfg["metadata"]["lightning_sae"]
+    assert ours["saelens_format"] == cfg["metadata"]["sae_lens_version"] == "6.0.0"
+    assert ours["written_by"].startswith("lightning-sae ")
+
+
+@pytest.mark.parametrize("command", ["fit", "cache"])
+def test_a_hub_model_offline_is_one_line(tmp_path: Path, command: str) -> None:
+    config = CONFIGS / "pythia-70m" / "resid-l3-standard.yaml"
+    result = run_cli(tmp_path, command, "--config", str(config))
+    # conftest sets HF_HUB_OFFLINE=1: the run must say so at once, not retry downloads.
+    assert_one_clear_line(result, "EleutherAI/pythia-70m", "HF_HUB_OFFLINE", "pkg:")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
