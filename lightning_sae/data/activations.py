@@ -53,12 +53,19 @@ from lightning_sae.data.cache import (
     CacheBuilder,
     CacheLayout,
     Compute,
+    DataError,
     ShardedActivations,
     host_array,
     open_activation_files,
     open_hook_cache,
 )
-from lightning_sae.data.tokens import PYDOC_TOPICS, TextSource, iter_documents, token_windows
+from lightning_sae.data.tokens import (
+    PYDOC_TOPICS,
+    TextSource,
+    TextSourceError,
+    iter_documents,
+    token_windows,
+)
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -618,6 +625,7 @@ class ActivationDataModule(LightningDataModule):
                     self.hook,
                     {**self.fingerprint, "hook": self.hook, "dtype": hp.dtype},
                     verify,
+                    self.layout,
                 )
         return self._store
 
@@ -738,8 +746,12 @@ def cache_main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="the YAML file given to fit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
-    data = config.get("data") or {}
+    try:
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        message = " ".join(str(error).split())  # one line
+        raise SystemExit(f"error: cannot read the config {args.config}: {message}") from None
+    data = (config.get("data") if isinstance(config, dict) else None) or {}
     try:
         cls = _import(data.get("class_path", ""))
     except (ImportError, AttributeError, ValueError):
@@ -749,7 +761,10 @@ def cache_main(argv: list[str]) -> None:
             f"error: {args.config}: data.class_path must be an ActivationDataModule, got "
             f"{data.get('class_path')!r}."
         )
-    datamodule = cls(**{**(data.get("init_args") or {}), **_overrides(rest)})
+    try:
+        datamodule = cls(**{**(data.get("init_args") or {}), **_overrides(rest)})
+    except (TypeError, ValueError) as error:  # the config's options, checked by the module
+        raise SystemExit(f"error: {args.config}: {error}") from None
     if datamodule.hparams.model is None:
         raise SystemExit("error: this config reads activations_dir; there is nothing to cache.")
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
@@ -758,11 +773,14 @@ def cache_main(argv: list[str]) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank = dist.get_rank()
-    root = datamodule.build_cache(rank, world, progress=not args.no_progress)
-    if rank == 0:
-        print(
-            f"activation cache of {datamodule.hook}: {root} (d_in {datamodule.d_in})",
-            file=sys.stderr,
-        )
+    try:
+        root = datamodule.build_cache(rank, world, progress=not args.no_progress)
+        if rank == 0:  # d_in opens, and so checks, the finished cache
+            print(
+                f"activation cache of {datamodule.hook}: {root} (d_in {datamodule.d_in})",
+                file=sys.stderr,
+            )
+    except (DataError, TextSourceError) as error:  # bad input: its message says the fix
+        raise SystemExit(f"error: {error}") from None
     if world > 1:
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ Text sources:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -27,6 +28,10 @@ import numpy as np
 PYDOC_TOPICS = "pydoc_data.topics"
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TOKENIZE_BATCH = 256
+
+
+class TextSourceError(ValueError):
+    """The text of a cache cannot be read: the message names the source and the fix."""
 
 
 @dataclass(frozen=True)
@@ -52,32 +57,68 @@ def iter_documents(source: TextSource) -> Iterator[str]:
         return
     from datasets import load_dataset
 
-    path = Path(source.name)
-    if path.exists():
-        files = (
-            sorted(p for p in path.rglob("*") if p.suffix in _FILE_BUILDERS)
-            if path.is_dir()
-            else [path]
-        )
-        kinds = {_FILE_BUILDERS.get(p.suffix) for p in files}
-        if not files or None in kinds or len(kinds) > 1:
-            raise ValueError(
-                f"dataset {source.name!r}: expected one or more files of a single kind among "
-                f"{sorted(_FILE_BUILDERS)}, found {[p.name for p in files][:10]}."
+    path = Path(source.name).expanduser()
+    if not path.exists():
+        if _looks_like_a_path(source.name):
+            raise TextSourceError(
+                f"dataset file {path} does not exist: set data.init_args.dataset to an existing "
+                "file or folder, or to a Hugging Face dataset name."
             )
-        dataset = load_dataset(
+        rows = load_dataset(
+            source.name, source.config, split=source.split, streaming=source.streaming
+        )
+        yield from _texts(rows, source)
+        return
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in _FILE_BUILDERS)
+        if path.is_dir()
+        else [path]
+    )
+    kinds = {_FILE_BUILDERS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) > 1:
+        raise TextSourceError(
+            f"dataset {source.name!r}: expected one or more files of a single kind among "
+            f"{sorted(_FILE_BUILDERS)}, found {[p.name for p in files][:10]}."
+        )
+    if all(p.stat().st_size == 0 for p in files):
+        raise TextSourceError(
+            f"dataset {source.name!r} is empty ({len(files)} file(s) of 0 bytes): point "
+            "data.init_args.dataset at files that hold text."
+        )
+    try:
+        rows = load_dataset(
             kinds.pop(),
             data_files=[str(p) for p in files],
             split="train",
             streaming=source.streaming,
         )
-    else:
-        dataset = load_dataset(
-            source.name, source.config, split=source.split, streaming=source.streaming
-        )
-    for row in dataset:
+        yield from _texts(rows, source)
+    except TextSourceError:
+        raise
+    except Exception as error:  # datasets' own errors say little; name the file and the cause
+        raise TextSourceError(
+            f"dataset {source.name!r} could not be read as {_FILE_BUILDERS[files[0].suffix]} "
+            f"({_root_cause(error)}): check the files' format."
+        ) from error
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Whether a dataset name is meant as a local path (hub names look like ``owner/name``)."""
+    return Path(name).suffix in _FILE_BUILDERS or name.startswith(("/", ".", "~", os.sep))
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause of ``error``."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _texts(rows: Iterable[dict[str, Any]], source: TextSource) -> Iterator[str]:
+    for row in rows:
         if source.text_column not in row:
-            raise ValueError(
+            raise TextSourceError(
                 f"dataset {source.name!r} has no column {source.text_column!r}; its columns are "
                 f"{sorted(row)}: set data.init_args.text_column."
             )
@@ -139,7 +180,7 @@ def token_windows(
     text = np.concatenate(chunks)[:needed] if chunks else np.zeros(0, dtype=np.int64)
     if len(text) < needed:
         available = len(text) // text_per_window
-        raise ValueError(
+        raise TextSourceError(
             f"{source_name} yields only {len(text):,} tokens, {available:,} windows of "
             f"context_size {context_size}, but {n_windows:,} are needed: lower "
             "data.init_args.n_tokens / val_tokens or use a larger dataset."
