@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -23,13 +24,60 @@ def _new_figure(width: float = 6.0, height: float = 4.0) -> Figure:
 def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
     figure.savefig(path, dpi=100, format="png")
     return path
 
 
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (parent folders created)."""
+    return _save(figure, path)
+
+
+def figure_image(figure: Figure) -> np.ndarray:
+    """The figure as an ``[height, width, 3]`` uint8 RGB array, for TensorBoard / W&B images."""
+    canvas = figure.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def _title(title: str, step: int | None) -> str:
     return title if step is None else f"{title} (step {step})"
+
+
+def density_figure(
+    log10_density: Tensor, step: int | None = None, dead_value: float = -10.0, bins: int = 40
+) -> Figure:
+    """Histogram of log10 firing frequency per feature, on an axis that fits the live features.
+
+    Dead features (at or below ``dead_value``) would stretch the axis to ``dead_value`` and
+    squeeze every live feature into a few bins, so they are counted in the title and drawn as
+    one separate bar just left of the live range instead.
+    """
+    values = log10_density.detach().float().cpu()
+    dead_mask = values <= dead_value
+    live = values[~dead_mask].numpy()
+    dead = int(dead_mask.sum())
+    if len(live):
+        low = float(np.floor(live.min() * 2) / 2) - 0.25  # half-decade edges, a little margin
+        high = min(float(np.ceil(live.max() * 2) / 2), 0.0)
+        high = max(high, low + 0.5)
+    else:
+        low, high = dead_value, dead_value + 1.0
+    figure = _new_figure()
+    axes = figure.add_subplot()
+    axes.hist(live, bins=bins, range=(low, high), color="tab:blue", label="live")
+    if dead:
+        width = (high - low) / bins * 2
+        x = low - 1.5 * width
+        axes.bar(x, dead, width=width, color="tab:red", label=f"dead ({dead})")
+        low = x - width
+    axes.set_xlim(low, high)
+    axes.set_xlabel("log10 firing frequency")
+    axes.set_ylabel("features")
+    axes.set_title(_title(f"Feature density: {dead}/{len(values)} dead", step))
+    axes.legend()
+    figure.tight_layout()
+    return figure
 
 
 def log_density_histogram(
@@ -37,28 +85,19 @@ def log_density_histogram(
     path: str | Path,
     step: int | None = None,
     dead_value: float = -10.0,
-    bins: int = 60,
+    bins: int = 40,
 ) -> Path:
-    """Histogram of log10 firing frequency per feature; dead features sit at ``dead_value``."""
-    values = log10_density.detach().float().cpu()
-    dead = int((values <= dead_value).sum())
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    axes.hist(values.numpy(), bins=bins, range=(dead_value - 0.5, 0.0), color="tab:blue")
-    axes.set_xlabel(f"log10 firing frequency (dead features at {dead_value:g})")
-    axes.set_ylabel("features")
-    axes.set_title(_title(f"Feature density: {dead}/{len(values)} dead", step))
-    return _save(figure, path)
+    """:func:`density_figure` saved as a PNG at ``path``."""
+    return _save(density_figure(log10_density, step, dead_value, bins), path)
 
 
-def max_cosine_histogram(
+def max_cosine_figure(
     max_cosine: Tensor,
-    path: str | Path,
     step: int | None = None,
     random_baseline: float | None = None,
     bins: int = 60,
     title: str = "Decoder max cosine similarity to another feature",
-) -> Path:
+) -> Figure:
     """Histogram of each feature's max cosine similarity, with MMCS and the random baseline."""
     values = max_cosine.detach().float().cpu()
     figure = _new_figure()
@@ -71,7 +110,20 @@ def max_cosine_histogram(
     axes.set_ylabel("features")
     axes.set_title(_title(title, step))
     axes.legend()
-    return _save(figure, path)
+    figure.tight_layout()
+    return figure
+
+
+def max_cosine_histogram(
+    max_cosine: Tensor,
+    path: str | Path,
+    step: int | None = None,
+    random_baseline: float | None = None,
+    bins: int = 60,
+    title: str = "Decoder max cosine similarity to another feature",
+) -> Path:
+    """:func:`max_cosine_figure` saved as a PNG at ``path``."""
+    return _save(max_cosine_figure(max_cosine, step, random_baseline, bins, title), path)
 
 
 def curves(
@@ -95,4 +147,5 @@ def curves(
         axes.set_title(title)
     if series:
         axes.legend()
+    figure.tight_layout()
     return _save(figure, path)

@@ -271,6 +271,14 @@ def final_metrics_table(
     return "\n".join(lines)
 
 
+def _is_variant(class_path: str | None, cls: type) -> bool:
+    """Whether ``class_path`` (any spelling of a project class) names ``cls``."""
+    try:
+        return class_path is not None and variant_class(class_path) is cls
+    except ValueError:
+        return False
+
+
 class SAECLI(LightningCLI):
     """LightningCLI with any SAE variant as model and any DataModule as data, by class_path."""
 
@@ -315,15 +323,18 @@ class SAECLI(LightningCLI):
             )
             saved = hparams.get("_class_path")
             if saved is not None and saved != configured:
+                source = f"the checkpoint {ckpt_path} (_class_path)"
                 try:
-                    variant_class(saved, f"the checkpoint {ckpt_path} (_class_path)")
+                    saved_class = variant_class(saved, source)
                 except ValueError as error:
                     raise SystemExit(f"error: {error}") from None
-                raise SystemExit(
-                    f"error: the checkpoint {ckpt_path} holds a {saved}, but the config's model "
-                    f"is {configured}. Pass --model.class_path {saved} (or the config the "
-                    "checkpoint was trained with) to use it."
-                )
+                if not _is_variant(configured, saved_class):
+                    raise SystemExit(
+                        f"error: the checkpoint {ckpt_path} holds a {saved_class.__name__}, but "
+                        f"the config's model is {configured}. Pass --model.class_path "
+                        f"{class_path_of(saved_class)} (or the config the checkpoint was trained "
+                        "with) to use it."
+                    )
         super()._parse_ckpt_path()
 
     def _export_folder_for(self, subcommand: str, folder: Path) -> Path:

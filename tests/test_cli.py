@@ -1,5 +1,6 @@
 """The command line as a user runs it: fit, resume with --ckpt_path last, validate, bad input."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -35,9 +36,12 @@ def test_fit_resume_and_validate_end_to_end(tmp_path: Path) -> None:
     resumed = run_cli(tmp_path, "fit", *common, "--trainer.max_steps", "40", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
-    metrics = (tmp_path / "runs/toy-standard/csv/version_1/metrics.csv").read_text().splitlines()
-    steps = [int(row.split(",")[2]) for row in metrics[1:] if row.split(",")[2]]
-    assert min(steps) >= 20 and max(steps) >= 39  # it continued from step 20, not from 0
+    # The resume appends to the first run's log version: its rows (up to step 20) are kept and
+    # the resumed rows (up to step 40) follow them.
+    assert [p.name for p in (tmp_path / "runs/toy-standard/csv").iterdir()] == ["version_0"]
+    with open(tmp_path / "runs/toy-standard/csv/version_0/metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert min(steps) < 20 and max(steps) >= 39
 
     validated = run_cli(tmp_path, "validate", "--config", str(CONFIG), "--ckpt_path", str(last))
     assert validated.returncode == 0, validated.stderr[-3000:]

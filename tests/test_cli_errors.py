@@ -132,7 +132,9 @@ def test_short_class_names_resolve(tmp_path: Path, name: str) -> None:
     args = ["fit", "--config", str(STANDARD), "--model", name, "--print_config"]
     result = run_cli(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "class_path: lightning_sae.models." in result.stdout and name in result.stdout
+    lines = result.stdout.splitlines()
+    class_path = lines[lines.index("model:") + 1].split(": ")[1]
+    assert class_path in (f"lightning_sae.{name}", f"lightning_sae.models.{name}")
     helped = run_cli(tmp_path, "fit", "--model.help", name)
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert "d_sae" in helped.stdout
@@ -150,7 +152,10 @@ def test_short_names_for_data_and_callbacks(tmp_path: Path) -> None:
     ]
     result = run_cli(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "lightning_sae.callbacks.resampling.DeadFeatureResampler" in result.stdout
+    assert "class_path: lightning_sae.DeadFeatureResampler" in result.stdout
+    lines = result.stdout.splitlines()
+    data_class = lines[lines.index("data:") + 1].split(": ")[1]
+    assert data_class.endswith(".ToySuperpositionDataModule")
 
 
 def test_fit_help_lists_the_variants(tmp_path: Path) -> None:

@@ -64,3 +64,14 @@ def test_correlation_keeps_marginals() -> None:
 def test_bad_preset_is_named() -> None:
     with pytest.raises(ValueError, match="preset must be one of"):
         ToySuperpositionDataModule(preset="64x64")  # type: ignore[arg-type]
+
+
+def test_every_validation_pass_starts_at_the_first_batch() -> None:
+    """A pass cut short (Lightning's sanity check reads 2 batches) must not shift the next."""
+    val = ToySuperpositionDataModule(val_batches=4, batch_size=8).val_dataloader()
+    whole = list(val)
+    partial = iter(val)
+    next(partial)
+    next(partial)
+    again = list(val)
+    assert len(again) == 4 and all(torch.equal(a, b) for a, b in zip(whole, again, strict=True))

@@ -7,12 +7,30 @@ from typing import Any
 
 from lightning import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from matplotlib.figure import Figure
 from torch import Tensor
+
+from lightning_sae.plots import figure_image, save_figure
 
 
 def run_dir(trainer: Trainer) -> Path:
-    """The run folder for PNGs. Call it on every rank: ``trainer.log_dir`` broadcasts."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run folder: the first logger's ``save_dir``, else ``trainer.default_root_dir``.
+
+    Under ``lightning-sae fit`` both are the run folder. In a plain ``Trainer`` a logger's
+    ``save_dir`` is where the user asked for output, while ``default_root_dir`` falls back to
+    the working directory when not given. Both are the same on every rank.
+    """
+    save_dir = trainer.loggers[0].save_dir if trainer.loggers else None
+    return Path(save_dir if save_dir is not None else trainer.default_root_dir)
+
+
+def figures_dir(trainer: Trainer) -> Path:
+    """Where the callbacks' PNGs go: one folder per run, whatever logger (or none) is used.
+
+    Not the logger's version folder: a resumed run keeps adding to the same figures, and a run
+    without a logger still writes them.
+    """
+    return run_dir(trainer) / "figures"
 
 
 def batch_tensor(batch: Any) -> Tensor:
@@ -41,3 +59,23 @@ def log_histogram(trainer: Trainer, name: str, values: Tensor) -> None:
             )
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_histogram(name, values, global_step=trainer.global_step)
+
+
+def log_figure(trainer: Trainer, name: str, figure: Figure, png: Path | None) -> None:
+    """A figure as an image to TensorBoard and W&B (tag ``<name>_figure``) and as a PNG file.
+
+    Call it on rank 0 only. The image is rendered once and shared by the loggers; the PNG is
+    written whether or not any logger is active.
+    """
+    image = None
+    for logger in trainer.loggers:
+        if isinstance(logger, (TensorBoardLogger, WandbLogger)):
+            image = figure_image(figure) if image is None else image
+            if isinstance(logger, WandbLogger):
+                logger.log_image(f"{name}_figure", [image], step=trainer.global_step)
+            else:
+                logger.experiment.add_image(
+                    f"{name}_figure", image, global_step=trainer.global_step, dataformats="HWC"
+                )
+    if png is not None:
+        save_figure(figure, png)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 
-from lightning_sae.callbacks._reporting import log_histogram, log_scalars, run_dir
+from lightning_sae.callbacks._reporting import figures_dir, log_figure, log_histogram, log_scalars
 from lightning_sae.metrics.similarity import (
     Backend,
     mean_max_cosine_similarity,
@@ -16,20 +15,22 @@ from lightning_sae.metrics.similarity import (
     resolve_backend,
     self_max_cosine_similarity,
 )
-from lightning_sae.plots import max_cosine_histogram
+from lightning_sae.plots import max_cosine_figure
 
 
 class FeatureGeometryMonitor(Callback):
     """Every ``every_n_steps`` steps, how close decoder features sit to each other.
 
     Logs ``geometry/mmcs`` (mean over features of the max cosine similarity to any other
-    decoder row, non-unique), the histogram of those max similarities
-    (``geometry/max_cos``, to W&B or TensorBoard and as ``<run folder>/geometry/step<N>.png``),
+    decoder row, non-unique), the histogram of those max similarities (``geometry/max_cos`` to
+    W&B or TensorBoard, its figure as the image ``geometry/max_cos_figure`` there and as
+    ``<run folder>/figures/geometry/step<N>.png``),
     and ``geometry/mmcs_random_baseline``, the MMCS of random unit vectors of the decoder's
     shape (computed once). When the datamodule has ``ground_truth_features`` (toy data) it also
     logs ``geometry/gt_mmcs`` and, once each threshold is first reached,
     ``geometry/gt_step_to_<threshold>``; those steps are kept in the state dict, so a resumed run
-    reports the first crossing, not a later one.
+    reports the first crossing, not a later one. The final weights are measured too, at the end
+    of training, when the last step is not a multiple of ``every_n_steps``.
 
     Weights are identical on every DDP rank, so rank 0 alone measures and logs.
 
@@ -37,7 +38,7 @@ class FeatureGeometryMonitor(Callback):
         every_n_steps: measurement interval in optimizer steps.
         thresholds: ground-truth MMCS levels whose first step is recorded.
         backend: nearest-neighbour backend (``auto``, ``torch``, ``faiss``).
-        save_png: also write the histogram as a PNG.
+        save_png: also write the histogram as a PNG (the loggers get its image either way).
         baseline_seed: seed of the random directions of the baseline.
     """
 
@@ -58,10 +59,6 @@ class FeatureGeometryMonitor(Callback):
         self.first_step_at: dict[str, int] = {}
         self.history: list[tuple[int, float, float | None]] = []  # (step, mmcs, gt_mmcs)
         self.last_step = -1
-        self._run_dir: Path | None = None
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._run_dir = run_dir(trainer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -71,6 +68,13 @@ class FeatureGeometryMonitor(Callback):
             return
         self.last_step = step
         self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The curve and the figures end at the weights the run reports, not at the last multiple
+        # of every_n_steps before them.
+        if trainer.global_step != self.last_step and trainer.is_global_zero:
+            self.last_step = trainer.global_step
+            self.measure(trainer, pl_module)
 
     @torch.no_grad()
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
@@ -101,13 +105,9 @@ class FeatureGeometryMonitor(Callback):
         self.history.append((step, metrics["geometry/mmcs"], gt_mmcs))
         log_scalars(trainer, metrics)
         log_histogram(trainer, "geometry/max_cos", max_cos)
-        if self.save_png and self._run_dir is not None:
-            max_cosine_histogram(
-                max_cos,
-                self._run_dir / "geometry" / f"step{step:07d}.png",
-                step,
-                self.random_baseline,
-            )
+        png = figures_dir(trainer) / "geometry" / f"step{step:07d}.png"
+        figure = max_cosine_figure(max_cos, step, self.random_baseline)
+        log_figure(trainer, "geometry/max_cos", figure, png if self.save_png else None)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -133,8 +133,12 @@ class ToyBatches:
                 f"data.batch_size={self.batch_size} is the global batch and must divide evenly "
                 f"over {world} processes: choose a multiple of {world}."
             )
-        if self.next_index >= self.n_batches:  # the previous pass ran to its end
-            self.epoch, self.next_index = self.epoch + int(self.fresh_each_epoch), 0
+        if not self.fresh_each_epoch:
+            # Validation: every pass is the whole split from its first batch, even after a pass
+            # cut short (the sanity check reads 2 batches), so every reported metric covers it.
+            self.next_index = 0
+        elif self.next_index >= self.n_batches:  # the previous pass ran to its end
+            self.epoch, self.next_index = self.epoch + 1, 0
         while self.next_index < self.n_batches:
             x = self.batch(self.epoch, self.next_index)
             self.next_index += 1
@@ -161,7 +165,7 @@ class ToySuperpositionDataModule(LightningDataModule):
         correlation_block: features per correlated block.
         batch_size: global batch size (split evenly across DDP ranks).
         batches_per_epoch: training batches per epoch (each epoch draws fresh samples).
-        val_batches: validation batches (fixed across epochs).
+        val_batches: validation batches (the same ones every pass, always all of them).
         seed: seed of the features and of every sample.
     """
 

@@ -50,16 +50,18 @@ def class_path_of(cls: type[SparseAutoencoder]) -> str:
 
 
 def variant_class(name: str, source: str = "the class name") -> type[SparseAutoencoder]:
-    """The project's SAE class called ``name`` (full class path or short name, e.g. ``TopKSAE``).
+    """The project's SAE class called ``name``: its full class path, a path it is re-exported
+    under (``lightning_sae.TopKSAE``, as jsonargparse records short names), or the short name.
 
     ``source`` says where the name was read, for the error message.
     """
-    if name in VARIANTS:
-        return VARIANTS[name]
-    by_short_name = {cls.__name__: cls for cls in VARIANTS.values()}
-    if name in by_short_name:
-        return by_short_name[name]
+    for cls in VARIANTS.values():
+        short = cls.__name__
+        if name in (class_path_of(cls), f"lightning_sae.models.{short}", f"lightning_sae.{short}"):
+            return cls
+        if name == short:
+            return cls
     raise ValueError(
         f"{source} names {name!r}, which is not one of lightning-sae's SAE classes; it is never "
-        "imported. Use one of: " + ", ".join(sorted(by_short_name)) + "."
+        "imported. Use one of: " + ", ".join(cls.__name__ for cls in VARIANTS.values()) + "."
     )
