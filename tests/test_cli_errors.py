@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cli import run_cli
 
 from lightning_sae.io import export_sae
 from lightning_sae.models.topk import TopKSAE
@@ -22,18 +23,6 @@ from lightning_sae.models.topk import TopKSAE
 CONFIGS = Path(__file__).parents[1] / "configs"
 STANDARD = CONFIGS / "toy" / "standard.yaml"
 TOPK = CONFIGS / "toy" / "topk.yaml"
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_sae.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess, *expected: str) -> None:
