@@ -3,8 +3,8 @@
 Under DDP they are checked with every other callback in tests/test_ddp.py."""
 
 import csv
+import itertools
 from pathlib import Path
-from statistics import mean
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,7 +38,13 @@ from lightning_sae.metrics.similarity import (
     random_directions_mmcs,
     self_max_cosine_similarity,
 )
+from lightning_sae.models import approx_l0, base, topk
+from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.jumprelu import JumpReLUSAE
+from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,7 +97,7 @@ def test_density_counts_the_window_before_each_report(tmp_path: Path) -> None:
     model = StandardSAE(d_in=32, d_sae=64, lr=1e-12)
     monitor = FeatureDensityMonitor(every_n_steps=5, window_tokens=3 * 128)
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
-    trainer = fit(model, data, [monitor], steps=5, root=tmp_path, loggers=loggers)
+    fit(model, data, [monitor], steps=5, root=tmp_path, loggers=loggers)
 
     batches = torch.cat([data.train_batches.batch(0, i) for i in (2, 3, 4)])  # steps 3, 4, 5
     with torch.no_grad():
@@ -103,7 +109,7 @@ def test_density_counts_the_window_before_each_report(tmp_path: Path) -> None:
     dead_fraction = (expected == 0).float().mean().item()
     assert logged_values["density/dead_fraction", 5] == pytest.approx(dead_fraction)
     assert logged_values["density/window_tokens", 5] == 3 * 128
-    assert (Path(trainer.log_dir) / "density" / "step0000005.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "density" / "step0000005.png").stat().st_size > 0
     events = EventAccumulator(loggers[1].log_dir)
     events.Reload()
     assert "density/log10_density" in events.Tags()["histograms"]
@@ -172,20 +178,17 @@ def without_resampling() -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("strategy", ["worst", "loss_weighted", "cluster"])
-def test_resampling_revives_features_and_recovers_more_ground_truth(
+def test_resampling_recovers_more_ground_truth(
     strategy: str, without_resampling: tuple[float, float]
 ) -> None:
-    """Every strategy recovers more ground truth (+0.04 to +0.10 MMCS over seeds 0-2). Fewer
-    features are dead at the end only with ``cluster``: ``worst`` and ``loss_weighted`` aim many
-    features at the same few inputs, and those die again (docs/callbacks.md has all seeds)."""
+    """Every strategy recovers more ground truth: +0.12 to +0.18 MMCS at seed 0, ``cluster``
+    the most (+0.15 to +0.18 over seeds 0-2). The fraction of features dead at the end stays
+    about where it was without resampling (docs/callbacks.md has all seeds)."""
     dead_before, gt_before = without_resampling
     assert dead_before > 0.05  # the setup really does produce dead features
     dead_after, gt_after = _dead_prone_run(strategy)
-    assert gt_after > gt_before + 0.02
-    if strategy == "cluster":  # one seed moves by a feature or two: compare means over three
-        dead_before = mean([dead_before] + [_dead_prone_run(None, seed)[0] for seed in (1, 2)])
-        dead_after = mean([dead_after] + [_dead_prone_run("cluster", seed)[0] for seed in (1, 2)])
-        assert dead_after < dead_before - 0.01
+    assert gt_after > gt_before + (0.12 if strategy == "cluster" else 0.06)
+    assert dead_after < dead_before + 0.06
 
 
 class _MarkDead(Callback):
@@ -205,12 +208,13 @@ class _Snapshot(Callback):
         self.W_enc = pl_module.W_enc.detach().clone()
         state = trainer.optimizers[0].state
         self.moments = {
-            name: state[getattr(pl_module, name)]["exp_avg"].clone()
+            (name, key): state[getattr(pl_module, name)][key].clone()
             for name in ("W_dec", "W_enc", "b_enc")
+            for key in ("exp_avg", "exp_avg_sq")
         }
 
 
-def test_resampling_rewrites_rows_resets_adam_and_the_dead_clock(tmp_path: Path) -> None:
+def test_resampling_rewrites_rows_restarts_adam_and_the_dead_clock(tmp_path: Path) -> None:
     dead = [3, 10, 40]
     model = StandardSAE(d_in=32, d_sae=64, lr=1e-3)
     snapshot = _Snapshot()
@@ -230,11 +234,18 @@ def test_resampling_rewrites_rows_resets_adam_and_the_dead_clock(tmp_path: Path)
 
     adam = model.trainer.optimizers[0].state
     before = snapshot.moments
-    assert (before["W_dec"][dead] != 0).any() and (before["b_enc"][dead] != 0).any()
-    for name, where in (("W_dec", (dead,)), ("W_enc", (slice(None), dead)), ("b_enc", (dead,))):
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert (adam[getattr(model, name)][key][where] == 0).all(), (name, key)
-    assert torch.equal(adam[model.W_dec]["exp_avg"][alive], before["W_dec"][alive])
+    assert (before["W_dec", "exp_avg"][dead] != 0).any()
+    assert (before["b_enc", "exp_avg"][dead] != 0).any()
+    for name, dim in (("W_dec", 0), ("W_enc", 1), ("b_enc", 0)):
+        # first moment zero, second moment the live features' mean, the rest untouched
+        first = adam[getattr(model, name)]["exp_avg"].movedim(dim, 0)
+        second = adam[getattr(model, name)]["exp_avg_sq"].movedim(dim, 0)
+        second_before = before[name, "exp_avg_sq"].movedim(dim, 0)
+        assert (first[dead] == 0).all(), name
+        live_mean = second_before[alive].mean(0)
+        torch.testing.assert_close(second[dead], live_mean.expand_as(second[dead]), msg=name)
+        assert torch.equal(first[alive], before[name, "exp_avg"].movedim(dim, 0)[alive])
+        assert torch.equal(second[alive], second_before[alive])
     assert csv_values(Path(loggers.log_dir))["resampling/n_resampled", 2] == 3
 
 
@@ -409,7 +420,7 @@ def test_geometry_logs_mmcs_baseline_histogram_and_png(tmp_path: Path) -> None:
     model = StandardSAE(d_in=32, d_sae=64, lr=1e-2)
     monitor = FeatureGeometryMonitor(every_n_steps=3)
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
-    trainer = fit(model, toy(), [monitor], 6, tmp_path, loggers)
+    fit(model, toy(), [monitor], 6, tmp_path, loggers)
 
     assert [entry[0] for entry in monitor.history] == [3, 6]
     values = csv_values(Path(loggers[0].log_dir))
@@ -418,7 +429,7 @@ def test_geometry_logs_mmcs_baseline_histogram_and_png(tmp_path: Path) -> None:
     baseline = random_directions_mmcs(64, 32, seed=0)
     assert values["geometry/mmcs_random_baseline", 3] == pytest.approx(baseline)
     assert ("geometry/gt_mmcs", 6) in values
-    assert (Path(trainer.log_dir) / "geometry" / "step0000006.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "geometry" / "step0000006.png").stat().st_size > 0
     events = EventAccumulator(loggers[1].log_dir)
     events.Reload()
     assert "geometry/max_cos" in events.Tags()["histograms"]
@@ -472,3 +483,107 @@ def test_toy_config_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ]
     )
     assert list(tmp_path.glob(f"runs/toy-{name}/csv/version_0/metrics.csv"))
+
+
+# ----------------------------------------------------------------------------- measurement
+VARIANTS = {
+    "standard": lambda: StandardSAE(d_in=32, d_sae=64),
+    "topk": lambda: TopKSAE(d_in=32, d_sae=64, k=4),
+    "batchtopk": lambda: BatchTopKSAE(d_in=32, d_sae=64, k=4),
+    "matryoshka": lambda: MatryoshkaSAE(d_in=32, d_sae=64, k=4, group_sizes=[8, 8, 16, 32]),
+    "jumprelu": lambda: JumpReLUSAE(d_in=32, d_sae=64),
+    "gated": lambda: GatedSAE(d_in=32, d_sae=64),
+    "approx_l0": lambda: ApproxL0SAE(d_in=32, d_sae=64, frequency_window=4),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_measurement_forwards_change_no_state_and_join_no_collective(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The density monitor (every rank) and the resampler (rank 0 alone) encode in the middle of
+    training: that must neither move state such as BatchTopK's threshold a second time per step
+    nor enter a collective that the other ranks never join (a deadlock under DDP)."""
+    model = VARIANTS[name]()
+    model.train()
+    data = toy()
+    trainer = SimpleNamespace(
+        global_step=1,
+        world_size=2,
+        datamodule=data,
+        strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor),
+    )
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def collective(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a measurement forward entered a collective")
+
+    for module in (topk, approx_l0, base):  # as if under DDP, with collectives that never return
+        monkeypatch.setattr(module, "_is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather", collective)
+    monkeypatch.setattr(torch.distributed, "all_reduce", collective)
+
+    monitor = FeatureDensityMonitor(every_n_steps=1000, window_tokens=None)
+    monitor.on_train_batch_end(trainer, model, None, data.sample(128, seed=1), 0)
+    DeadFeatureResampler(every_n_steps=1, n_batches=1, batch_size=128)._residuals(trainer, model)
+
+    assert model.training  # the mode the step was in comes back
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# ----------------------------------------------------------------------------- resampling 2
+class _Kill(Callback):
+    """Silence features at the start of the fit the way a Gated SAE loses them: the gate stays
+    open, the magnitude path is shut."""
+
+    def __init__(self, features: list[int]) -> None:
+        self.features = features
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: Trainer, pl_module: GatedSAE) -> None:
+        pl_module.b_mag[self.features] = -100.0
+
+
+def test_a_resampled_dead_gated_feature_fires_again() -> None:
+    dead = list(range(0, 60, 6))
+    model = GatedSAE(d_in=32, d_sae=64, lr=1e-3, dead_window_tokens=256)
+    resampler = DeadFeatureResampler(at_steps=[3], strategy="worst", n_batches=2, batch_size=256)
+    fit(model, toy(), [_Kill(dead), resampler], steps=3)
+    assert resampler.total_resampled >= len(dead)
+    with torch.no_grad():
+        fired = (model.encode(toy().sample(4096, seed=7)) != 0).sum(0)
+    assert (fired[dead] > 0).all(), fired[dead]
+
+
+class _Trajectory(Callback):
+    """W_dec after every step from ``start`` on (after the resampler, which runs before it)."""
+
+    def __init__(self, start: int) -> None:
+        self.start, self.W_dec = start, []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: StandardSAE, *args: Any) -> None:
+        if trainer.global_step >= self.start:
+            self.W_dec.append(pl_module.W_dec.detach().clone())
+
+
+def test_resampled_rows_take_steps_the_size_of_live_rows() -> None:
+    """Zeroed Adam moments under the tensor's old step count (bias corrections near 1) make a
+    resampled row's updates (1 - beta1^s) / sqrt(1 - beta2^s) learning rates s steps on,
+    whatever its gradient: up to 6.5 at the default betas, 2.1 at beta2 = 0.99, which reaches
+    that regime within this short run. Their second moment starts at the live rows' mean
+    instead, so their steps are the size of everyone else's."""
+    resampled = [3, 10, 40, 41, 50]
+    model = StandardSAE(d_in=32, d_sae=64, lr=1e-3, l1_coefficient=0.5, betas=(0.9, 0.99))
+    resampler = DeadFeatureResampler(at_steps=[300], strategy="worst", n_batches=1, batch_size=256)
+    trajectory = _Trajectory(start=300)
+    fit(model, toy(), [_MarkDead(resampled), resampler, trajectory], steps=330)
+
+    live = torch.ones(64, dtype=torch.bool)
+    live[resampled] = False
+    ratios = []
+    for before, after in itertools.pairwise(trajectory.W_dec):
+        step = (after - before).norm(dim=1)
+        ratios.append((step[resampled].mean() / step[live].mean()).item())
+    assert max(ratios) < 1.5, ratios

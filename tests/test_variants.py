@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _trainer import quiet_trainer
 from torch.autograd import gradcheck
 
 from lightning_sae.cli import main as cli_main
+from lightning_sae.data.toy import ToySuperpositionDataModule
 from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.gated import GatedSAE
 from lightning_sae.models.jumprelu import HeavisideFunction, JumpReLUFunction, JumpReLUSAE
 from lightning_sae.models.matryoshka import MatryoshkaSAE
@@ -417,3 +420,183 @@ def test_variant_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) 
         cli_main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path: lightning_sae.models" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- hardening (issue 13)
+def test_all_zero_data_with_normalisation_fails_with_a_clear_error() -> None:
+    sae = StandardSAE(d_in=D_IN, d_sae=D_SAE, normalize_activations=True)
+    with pytest.raises(ValueError, match="mean norm 0.*normalize_activations"):
+        sae.training_step(torch.zeros(8, D_IN), 0)
+
+
+@pytest.mark.parametrize(
+    ("x", "problem"),
+    [(torch.zeros(8, D_IN), "all zero"), (torch.ones(8, D_IN), "identical")],
+    ids=["zeros", "constant"],
+)
+def test_zero_variance_batches_fail_with_a_clear_error(x: torch.Tensor, problem: str) -> None:
+    # FVU divides by the batch's variance: undefined when every row is the same
+    with pytest.raises(ValueError, match=f"zero variance.*{problem}"):
+        StandardSAE(d_in=D_IN, d_sae=D_SAE).training_step(x, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_non_finite_batch_stops_training_with_a_clear_error(bad: float, normalize: bool) -> None:
+    x = _x()
+    x[3, 5] = bad
+    sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, normalize_activations=normalize)
+    with pytest.raises(ValueError, match="non-finite"):
+        sae.training_step(x, 0)
+
+
+NUMERIC_OPTIONS = [
+    (StandardSAE, name)
+    for name in (
+        "lr",
+        "weight_decay",
+        "lr_end_factor",
+        "orthogonality_coefficient",
+        "orthogonality_power",
+        "dead_window_tokens",
+        "l1_coefficient",
+        "tanh_scale",
+    )
+] + [
+    (TopKSAE, "aux_coefficient"),
+    (TopKSAE, "aux_k"),
+    (BatchTopKSAE, "threshold_momentum"),
+    (BatchTopKSAE, "threshold_start_step"),
+    (MatryoshkaSAE, "aux_coefficient"),
+    (JumpReLUSAE, "threshold_init"),
+    (JumpReLUSAE, "bandwidth"),
+    (JumpReLUSAE, "l0_coefficient"),
+    (JumpReLUSAE, "l0_target"),
+    (JumpReLUSAE, "preact_coefficient"),
+    (GatedSAE, "l1_coefficient"),
+    (GatedSAE, "aux_coefficient"),
+    (ApproxL0SAE, "approx_l0_coefficient"),
+    (ApproxL0SAE, "epsilon"),
+    (ApproxL0SAE, "frequency_floor_coefficient"),
+    (ApproxL0SAE, "min_frequency"),
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(("cls", "option"), NUMERIC_OPTIONS)
+def test_non_finite_options_are_rejected_by_name(cls: type, option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be a finite number.*init_args.{option}"):
+        cls(d_in=D_IN, d_sae=D_SAE, **{option: value})
+
+
+def test_non_finite_betas_are_rejected() -> None:
+    with pytest.raises(ValueError, match="betas must be finite numbers"):
+        StandardSAE(d_in=D_IN, d_sae=D_SAE, betas=(0.9, float("nan")))
+
+
+def _variants() -> dict[str, SparseAutoencoder]:
+    return {
+        "standard": StandardSAE(d_in=D_IN, d_sae=D_SAE),
+        "topk": TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4),
+        "batchtopk": BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=4),
+        "matryoshka": MatryoshkaSAE(d_in=D_IN, d_sae=D_SAE, k=4, group_sizes=[8, 8, 32]),
+        "jumprelu": JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, threshold_init=0.05),
+        "gated": GatedSAE(d_in=D_IN, d_sae=D_SAE),
+        "approx_l0": ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, frequency_window=4),
+    }
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+def test_reset_features_restarts_every_per_feature_state_of_the_variant(name: str) -> None:
+    sae = _variants()[name]
+    with torch.no_grad():  # a trained-looking state, features 2 and 7 long dead
+        for param in sae.parameters():
+            param.normal_()
+    sae.tokens_since_fired.fill_(10**9)
+    if name == "approx_l0":
+        for _ in range(3):
+            sae._record_frequencies(torch.rand(D_SAE))
+    indices = torch.tensor([2, 7])
+    directions = torch.nn.functional.normalize(torch.randn(2, D_IN), dim=1)
+    others = [i for i in range(D_SAE) if i not in (2, 7)]
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+
+    touched = sae.reset_features(indices, directions, encoder_norm=0.5)
+
+    torch.testing.assert_close(sae.W_dec[indices], directions)
+    torch.testing.assert_close(sae.W_enc[:, indices], 0.5 * directions.T)
+    assert (sae.b_enc[indices] == 0).all() and (sae.tokens_since_fired[indices] == 0).all()
+    feature_dims = {id(param): dim for param, dim in touched}
+    assert feature_dims[id(sae.W_dec)] == 0 and feature_dims[id(sae.W_enc)] == 1
+    for param_name, param in sae.named_parameters():
+        if id(param) not in feature_dims:  # untouched parameters are not per-feature
+            assert torch.equal(param, before[param_name]), param_name
+        else:  # and every touched one kept the other features' values
+            kept = param.detach().movedim(feature_dims[id(param)], 0)[others]
+            assert torch.equal(kept, before[param_name].movedim(feature_dims[id(param)], 0)[others])
+    if name == "gated":  # the magnitude path starts as the gate's: fires wherever the gate opens
+        assert (sae.r_mag[indices] == 0).all() and (sae.b_mag[indices] == 0).all()
+        assert {id(sae.r_mag), id(sae.b_mag)} <= set(feature_dims)
+    if name == "jumprelu":
+        torch.testing.assert_close(sae.threshold[indices], torch.full((2,), 0.05))
+        assert id(sae.log_threshold) in feature_dims
+    if name == "approx_l0":  # a new feature's frequency is its own, from its first step on
+        assert (sae.window_frequencies()[indices] == 0).all()
+        estimate = torch.rand(D_SAE)
+        sae._record_frequencies(estimate)
+        torch.testing.assert_close(sae.window_frequencies()[indices], estimate[indices])
+        expected_others = (before["frequency_history"][:3, others].sum(0) + estimate[others]) / 4
+        torch.testing.assert_close(sae.window_frequencies()[others], expected_others)
+
+
+def test_auxk_normalised_by_the_residual_variance_as_in_gao_et_al() -> None:
+    x = _x()
+    losses = {}
+    for normalization in ("none", "residual_variance"):
+        sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, aux_k=6, auxk_normalization=normalization)
+        sae.tokens_since_fired[:12] = sae.hparams.dead_window_tokens
+        out = sae.forward_normalized(x)
+        losses[normalization] = sae.auxk_loss(x, out)
+    residual = (x - out.x_hat).detach()
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(losses["residual_variance"], losses["none"] / variance)
+    with pytest.raises(ValueError, match="auxk_normalization"):
+        TopKSAE(d_in=D_IN, d_sae=D_SAE, auxk_normalization="input")
+
+
+def test_matryoshka_prefix_losses_summed_or_averaged() -> None:
+    x = _x()
+    terms = {}
+    for reduction in ("mean", "sum"):
+        sae = MatryoshkaSAE(
+            d_in=D_IN, d_sae=D_SAE, k=6, group_sizes=[8, 16, 24], prefix_loss=reduction
+        )
+        out = sae.forward_normalized(x)
+        terms[reduction] = sae.loss_terms(x, out)["prefix_mse"]
+        per_prefix = (out.extras["prefix_x_hat"] - x[:, None]).pow(2).sum(-1).mean(0)
+    torch.testing.assert_close(terms["sum"], per_prefix.sum())
+    torch.testing.assert_close(terms["mean"], per_prefix.mean())
+    with pytest.raises(ValueError, match="prefix_loss"):
+        MatryoshkaSAE(d_in=D_IN, d_sae=D_SAE, prefix_loss="max")
+
+
+def test_batch_topk_threshold_updates_only_from_its_start_step() -> None:
+    updates = {}
+    for start in (0, 2):
+        data = ToySuperpositionDataModule(n_features=32, d_in=D_IN, batch_size=64)
+        sae = BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, threshold_start_step=start)
+        quiet_trainer(3).fit(sae, data)  # training steps 0, 1 and 2
+        updates[start] = int(sae.threshold_updates)
+    assert updates == {0: 3, 2: 1}
+
+
+def test_jumprelu_without_the_pre_encoder_bias_as_in_the_paper() -> None:
+    x = _x()
+    for subtract in (True, False):
+        sae = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=subtract)
+        with torch.no_grad():
+            sae.b_dec.normal_()
+            sae.b_enc.normal_()
+        pre = sae.forward_normalized(x).pre_acts
+        centred = x - sae.b_dec if subtract else x
+        torch.testing.assert_close(pre, centred @ sae.W_enc + sae.b_enc, atol=1e-5, rtol=1e-5)

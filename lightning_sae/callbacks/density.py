@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,11 +10,12 @@ from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
     batch_tensor,
+    figures_dir,
+    log_figure,
     log_histogram,
     log_scalars,
-    run_dir,
 )
-from lightning_sae.plots import log_density_histogram
+from lightning_sae.plots import density_figure
 
 
 class FeatureDensityMonitor(Callback):
@@ -23,21 +23,25 @@ class FeatureDensityMonitor(Callback):
 
     Counting covers the last ``window_tokens`` tokens before each report (at most all tokens
     since the previous one) and starts only when that window opens, so the extra encoder pass
-    it needs costs nothing outside the window. Counts are summed over DDP ranks every counted
-    step, so every rank holds the global counts and a checkpoint from rank 0 resumes exactly.
+    it needs costs nothing outside the window. That pass runs in eval mode
+    (``pl_module.measuring()``), so it counts the inference-time code (BatchTopK's and
+    Matryoshka's learned threshold, not the batch top-k) and leaves the module's state alone.
+    Counts are summed over DDP ranks every counted step, so every rank holds the global counts
+    and a checkpoint from rank 0 resumes exactly.
 
     A report logs ``density/dead_fraction`` (features that never fired in the window),
     ``density/log10_median`` (median log10 frequency of the live ones),
     ``density/dense_fraction`` (features firing on more than 10% of tokens) and
     ``density/window_tokens`` to every logger, the histogram ``density/log10_density`` to W&B or
-    TensorBoard, and a PNG to ``<run folder>/density/step<N>.png``.
+    TensorBoard, its figure as the image ``density/log10_density_figure`` there, and the figure
+    as a PNG in ``<run folder>/figures/density/step<N>.png``.
 
     Args:
         every_n_steps: report interval in optimizer steps.
         window_tokens: tokens counted before each report; ``None`` counts every token since the
             previous report.
         dead_log10: where dead features sit in the log10 histogram.
-        save_png: also write the histogram as a PNG.
+        save_png: also write the histogram as a PNG (the loggers get its image either way).
     """
 
     def __init__(
@@ -57,10 +61,6 @@ class FeatureDensityMonitor(Callback):
         self.tokens = 0
         self.last_report_step = -1
         self.last_density: Tensor | None = None
-        self._run_dir: Path | None = None
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._run_dir = run_dir(trainer)
 
     def _counting(self, step: int, tokens_per_step: int) -> bool:
         """Whether the batch that completed ``step`` falls inside the window before the report."""
@@ -77,7 +77,9 @@ class FeatureDensityMonitor(Callback):
         x = batch_tensor(batch)
         if not self._counting(step, x.shape[0] * trainer.world_size):
             return
-        fired = (pl_module.encode(x) != 0).sum(0).double()
+        # Eval mode: a measurement must not move running state (BatchTopK's threshold).
+        with pl_module.measuring():
+            fired = (pl_module.encode(x) != 0).sum(0).double()
         counted = torch.cat([fired, fired.new_tensor([x.shape[0]])])
         counted = trainer.strategy.reduce(counted, reduce_op="sum")
         if self.counts is None:
@@ -107,10 +109,9 @@ class FeatureDensityMonitor(Callback):
             },
         )
         log_histogram(trainer, "density/log10_density", log10)
-        if self.save_png and self._run_dir is not None:
-            log_density_histogram(
-                log10, self._run_dir / "density" / f"step{step:07d}.png", step, self.dead_log10
-            )
+        png = figures_dir(trainer) / "density" / f"step{step:07d}.png"
+        figure = density_figure(log10, step, self.dead_log10)
+        log_figure(trainer, "density/log10_density", figure, png if self.save_png else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -84,6 +84,28 @@ def pick_clustered(
     return torch.stack(directions).to(residuals.device)
 
 
+def restart_adam_slices(
+    state: dict[str, Any], feature_dim: int, indices: Tensor, live: Tensor
+) -> None:
+    """Adam statistics for restarted features: first moment 0, second the live features' mean.
+
+    A stale first moment would push a new direction straight back where the old one went. A
+    zeroed second moment is no fresh start either: Adam's bias correction follows the tensor's
+    step count, long past the first steps, so it no longer scales the new slices' small
+    moments up, and their steps come out several times larger than everyone else's until the
+    second moment has built up (about 1 / (1 - beta2) steps). With the live mean they start at
+    the common scale. ``max_exp_avg_sq`` (amsgrad) is treated as the second moment.
+    """
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key not in state:
+            continue
+        by_feature = state[key].movedim(feature_dim, 0)  # a view: writes reach the state
+        if key == "exp_avg" or not live.any():
+            by_feature[indices] = 0.0
+        else:
+            by_feature[indices] = by_feature[live].mean(0)
+
+
 class DeadFeatureResampler(Callback):
     """Re-initialise dead features towards inputs the SAE reconstructs badly.
 
@@ -98,11 +120,16 @@ class DeadFeatureResampler(Callback):
     - ``cluster``: k-means (faiss) over the worst residuals, spread evenly over the worst
       clusters so that one missing feature is not picked many times.
 
-    The decoder row becomes the unit direction; the encoder column the same direction scaled to
-    ``encoder_norm_factor`` x the mean encoder norm of live features; ``b_enc`` 0; Adam's moments
-    for those rows and columns are zeroed, and the module's ``tokens_since_fired`` reset. The
-    choice is made on rank 0 and broadcast, so DDP ranks stay identical. It logs
-    ``resampling/n_resampled``.
+    The module restarts those features (``pl_module.reset_features``): decoder row = the unit
+    direction, encoder column = the same direction scaled to ``encoder_norm_factor`` x the mean
+    encoder norm of live features, ``b_enc`` 0, the dead clock reset, and whatever per-feature
+    state the variant has (Gated's magnitude path, JumpReLU's threshold, ApproxL0's frequency
+    window). In Adam's state for every restarted slice the first moment is zeroed and the
+    second set to the live features' mean, so that the new rows take steps the size of the
+    others' (zeroed second moments under the tensor's old step count made the first ~50 steps
+    3-6 times larger). The candidates are measured in eval mode (``pl_module.measuring()``),
+    which joins no collective, on rank 0 alone; the choice is broadcast, so DDP ranks stay
+    identical. It logs ``resampling/n_resampled``.
 
     Args:
         every_n_steps: resample every this many optimizer steps, or
@@ -226,7 +253,9 @@ class DeadFeatureResampler(Callback):
             seed = int(torch.randint(2**62, (), generator=self.generator))
             x = trainer.datamodule.sample(self.batch_size, seed=seed).to(pl_module.device)
             x_n = pl_module.normalize(x)
-            residual = x_n - pl_module.forward_normalized(x_n).x_hat
+            # Rank 0 alone: a training-mode forward could enter a collective (BatchTopK).
+            with pl_module.measuring():
+                residual = x_n - pl_module.forward_normalized(x_n).x_hat
             residuals.append(residual.float())
             losses.append(residual.float().pow(2).sum(-1))
         return torch.cat(residuals), torch.cat(losses)
@@ -239,22 +268,13 @@ class DeadFeatureResampler(Callback):
         directions: Tensor,
         encoder_norm: float,
     ) -> None:
-        directions = directions.to(pl_module.W_dec)
-        pl_module.W_dec[indices] = directions
-        pl_module.W_enc[:, indices] = directions.T * (self.encoder_norm_factor * encoder_norm)
-        pl_module.b_enc[indices] = 0.0
-        pl_module.tokens_since_fired[indices] = 0
-        # Stale Adam moments would push the new directions straight back where the old ones went.
+        live = ~pl_module.dead_mask()  # before the reset clears the restarted features' clocks
+        touched = pl_module.reset_features(
+            indices, directions, self.encoder_norm_factor * encoder_norm
+        )
         for optimizer in trainer.optimizers:
-            for param, where in (
-                (pl_module.W_dec, (indices,)),
-                (pl_module.W_enc, (slice(None), indices)),
-                (pl_module.b_enc, (indices,)),
-            ):
-                state = optimizer.state.get(param, {})
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    if key in state:
-                        state[key][where] = 0.0
+            for param, feature_dim in touched:
+                restart_adam_slices(optimizer.state.get(param, {}), feature_dim, indices, live)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sae.models.base import (
     SAEOutput,
@@ -30,6 +30,8 @@ from lightning_sae.models.base import (
 )
 from lightning_sae.models.penalties import approx_l0_indicator, frequency_floor_penalty
 
+UNRECORDED = -1.0  # a frequency_history entry from before its feature was (re)started
+
 
 class ApproxL0SAE(SparseAutoencoder):
     """ReLU encoder; loss = MSE + approximate L0 + frequency floor.
@@ -39,7 +41,8 @@ class ApproxL0SAE(SparseAutoencoder):
     so it is saved in checkpoints and a resumed run continues with the same window. It advances
     only in training mode; under DDP the batch estimate written into it is averaged over ranks
     first, so every rank holds the same window (the gradient part stays local and DDP averages
-    it as usual).
+    it as usual). A resampled feature's column is marked unrecorded, so that its window
+    averages its own steps only, as every feature's does at the start of training.
 
     Args:
         approx_l0_coefficient: lambda, weight of the approximate L0; ramped linearly from 0
@@ -101,9 +104,22 @@ class ApproxL0SAE(SparseAutoencoder):
         self.frequency_steps += 1
 
     def window_frequencies(self) -> Tensor:
-        """Mean batch estimate of each feature's firing frequency over the recorded window."""
+        """Mean batch estimate of each feature's firing frequency over the recorded window
+        (0 for a feature with no recorded step)."""
         filled = min(int(self.frequency_steps), self.hparams.frequency_window)
-        return self.frequency_history[:filled].mean(0)
+        history = self.frequency_history[:filled]
+        recorded = history != UNRECORDED
+        return torch.where(recorded, history, 0).sum(0) / recorded.sum(0).clamp_min(1)
+
+    @torch.no_grad()
+    def reset_features(
+        self, indices: Tensor, directions: Tensor, encoder_norm: float
+    ) -> list[tuple[nn.Parameter, int]]:
+        touched = super().reset_features(indices, directions, encoder_norm)
+        # The dead predecessor's near-zero frequencies would put the new feature under the
+        # floor's full penalty from its first step.
+        self.frequency_history[:, indices] = UNRECORDED
+        return touched
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams

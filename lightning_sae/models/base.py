@@ -9,11 +9,18 @@ Activations enter and leave the public API (``encode``, ``decode``, ``forward``)
 the model they came from. With ``normalize_activations`` the SAE works internally on inputs
 scaled so that their mean norm is sqrt(d_in); the factor is a buffer, saved with the weights and
 folded into them on export.
+
+A forward in eval mode is pure and local: it changes no state (BatchTopK's threshold and
+ApproxL0's frequency window advance only in training mode) and enters no collective (BatchTopK's
+global top-k runs only in training mode). Callbacks measure through :meth:`measuring`, which
+relies on that, so that rank 0 may measure alone under DDP.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +31,6 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
-from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
 
 
@@ -38,16 +44,36 @@ class SAEOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+def check_finite(name: str, value: float, option: str) -> None:
+    # The range checks compare with < and >, which NaN passes silently: check this first.
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}: set {option}.")
+
+
 def check_positive(name: str, value: float, option: str) -> None:
+    check_finite(name, value, option)
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}: set {option} to a value > 0.")
 
 
 def check_nonnegative(name: str, value: float, option: str) -> None:
+    check_finite(name, value, option)
     if value < 0:
         raise ValueError(
             f"{name} must be >= 0, got {value}: set {option} to zero (off) or a positive value."
         )
+
+
+def check_all_finite(hparams: Mapping[str, Any]) -> None:
+    """Every numeric option (and every number in a list option, such as betas) is finite."""
+    for name, value in hparams.items():
+        if isinstance(value, (list, tuple)):
+            if not all(math.isfinite(v) for v in value if isinstance(v, float)):
+                raise ValueError(
+                    f"{name} must be finite numbers, got {value}: set model.init_args.{name}."
+                )
+        elif isinstance(value, float):
+            check_finite(name, value, f"model.init_args.{name}")
 
 
 def _is_distributed() -> bool:
@@ -107,7 +133,7 @@ class SparseAutoencoder(LightningModule):
         check_positive(
             "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
         )
-        for name in ("lr_warmup_steps", "lr_decay_steps", "weight_decay"):
+        for name in ("lr_warmup_steps", "lr_decay_steps", "weight_decay", "lr_end_factor"):
             check_nonnegative(name, locals()[name], f"model.init_args.{name}")
         if optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be 'adam' or 'adamw', got {optimizer!r}.")
@@ -117,6 +143,10 @@ class SparseAutoencoder(LightningModule):
                 "set model.init_args.orthogonality_power to 2 or more."
             )
         self.save_hyperparameters()
+        # The hparams include every subclass's options too: one sweep covers every variant.
+        check_all_finite(self.hparams)
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}: set model.init_args.betas.")
         self.d_in, self.d_sae = d_in, d_sae
 
         # Offset so that the same integer seed for data and init does not give identical draws.
@@ -198,6 +228,42 @@ class SparseAutoencoder(LightningModule):
         """Features that have not fired within the last ``dead_window_tokens`` tokens."""
         return self.tokens_since_fired >= self.hparams.dead_window_tokens
 
+    @contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Eval mode without gradients, for forwards that only measure (callbacks).
+
+        Eval mode makes the forward pure and local (module docstring): it moves no running
+        state a second time per step, and rank 0 may run it alone under DDP. The mode the
+        module was in comes back afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def reset_features(
+        self, indices: Tensor, directions: Tensor, encoder_norm: float
+    ) -> list[tuple[nn.Parameter, int]]:
+        """Restart features ``indices`` as new ones along the unit ``directions`` [n, d_in].
+
+        Decoder row = direction, encoder column = direction * ``encoder_norm``, ``b_enc`` = 0,
+        dead clock at zero. Variants extend this to their own per-feature state, so that a
+        restarted feature carries nothing of its dead predecessor.
+
+        Returns the parameters touched, each with its feature dimension, so that the caller
+        can restart the optimizer's statistics for those slices.
+        """
+        directions = directions.to(self.W_dec)
+        self.W_dec[indices] = directions
+        self.W_enc[:, indices] = directions.T * encoder_norm
+        self.b_enc[indices] = 0.0
+        self.tokens_since_fired[indices] = 0
+        return [(self.W_dec, 0), (self.W_enc, 1), (self.b_enc, 0)]
+
     # ----------------------------------------------------------------- normalisation
     @torch.no_grad()
     def fit_input_scale(self, x: Tensor) -> None:
@@ -206,7 +272,17 @@ class SparseAutoencoder(LightningModule):
         if _is_distributed():
             dist.all_reduce(mean_norm)
             mean_norm /= dist.get_world_size()
-        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm.item())
+        mean_norm = mean_norm.item()
+        if not math.isfinite(mean_norm):
+            raise ValueError(self._non_finite_batch())
+        if mean_norm == 0:
+            raise ValueError(
+                "normalize_activations cannot scale this data: the first training batch has "
+                "mean norm 0 (every vector is zero). Check that the hook and data produce "
+                "activations (a wrong hook name or an all-padding batch gives zeros), or set "
+                "model.init_args.normalize_activations: false."
+            )
+        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm)
         self.input_scale_fitted.fill_(True)
 
     # ----------------------------------------------------------------- steps
@@ -223,6 +299,14 @@ class SparseAutoencoder(LightningModule):
         return (
             f"d_in mismatch: the data yields vectors of width {data_d_in} but the SAE was built "
             f"with model.init_args.d_in={self.d_in}. Set model.init_args.d_in: {data_d_in}."
+        )
+
+    def _non_finite_batch(self) -> str:
+        return (
+            f"non-finite training batch at step {self.global_step}: the activations contain NaN "
+            "or inf, so every weight would become NaN. Check the data source (an overflowing "
+            "float16 model or a corrupt cache shard are the usual causes; rebuild the cache or "
+            "collect activations in float32 or bfloat16)."
         )
 
     def _batch_tensor(self, batch: Any) -> Tensor:
@@ -250,6 +334,16 @@ class SparseAutoencoder(LightningModule):
         loss = torch.stack(list(terms.values())).sum()
         self._log_training_stats(x_n, out, terms, loss)
         return loss
+
+    def _zero_variance_batch(self, sum_sq: float) -> str:
+        what = "all zero" if sum_sq == 0 else "identical"
+        return (
+            f"training batch with zero variance at step {self.global_step}: its vectors are "
+            f"{what}, so the fraction of variance unexplained (train/fvu) is undefined and "
+            "there is nothing for features to learn. Check the data source: the hook name, "
+            "padding or BOS positions that were not dropped, or a cache built from the wrong "
+            "model."
+        )
 
     @torch.no_grad()
     def _active_in_global_batch(self, acts: Tensor) -> Tensor:
@@ -301,6 +395,14 @@ class SparseAutoencoder(LightningModule):
             [sums[self.d_sae + self.d_in :], fired.sum()[None], sum_x.pow(2).sum()[None]]
         )
         sq_err, sum_sq, n, total, *term_values, n_active, sum_x_sq = scalars.tolist()
+        # Guards that come free with that one transfer: the float64 sum of squares of float32
+        # (or bf16) inputs is finite exactly when every input is, on every rank (all-reduced),
+        # so all ranks stop together.
+        if not math.isfinite(sum_sq):
+            raise ValueError(self._non_finite_batch())
+        variance = sum_sq - sum_x_sq / n
+        if n > 1 and variance <= 1e-12 * sum_sq:
+            raise ValueError(self._zero_variance_batch(sum_sq))
 
         self.tokens_since_fired += int(n)
         self.tokens_since_fired[fired > 0] = 0
@@ -310,7 +412,7 @@ class SparseAutoencoder(LightningModule):
             self.log(f"train/loss/{name}", value / world)
         self.log("train/l0", n_active / n, prog_bar=True)
         self.log("train/mse", sq_err / n)
-        self.log("train/fvu", sq_err / (sum_sq - sum_x_sq / n))
+        self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
         self.log("train/dead_fraction", self.dead_mask().float().mean())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -330,12 +432,6 @@ class SparseAutoencoder(LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        ground_truth = getattr(self.trainer.datamodule, "ground_truth_features", None)
-        if ground_truth is not None:
-            gt_mmcs = mean_max_cosine_similarity(ground_truth.to(self.W_dec), self.W_dec.detach())
-            self.log("geometry/gt_mmcs", gt_mmcs, sync_dist=False)
 
     # ----------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:

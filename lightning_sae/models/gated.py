@@ -57,6 +57,18 @@ class GatedSAE(SparseAutoencoder):
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
+    @torch.no_grad()
+    def reset_features(
+        self, indices: Tensor, directions: Tensor, encoder_norm: float
+    ) -> list[tuple[nn.Parameter, int]]:
+        touched = super().reset_features(indices, directions, encoder_norm)
+        # Gated features often die with the gate open and b_mag far below zero; with r_mag and
+        # b_mag at zero the magnitude path equals the gate's, so the new feature fires wherever
+        # its gate opens.
+        self.r_mag[indices] = 0.0
+        self.b_mag[indices] = 0.0
+        return [*touched, (self.r_mag, 0), (self.b_mag, 0)]
+
     def _gate_and_magnitude(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         # x (W_enc * exp(r)) = (x W_enc) * exp(r): one matmul for both.
         projected = F.linear(x_n, self.W_enc.T, self.input_offset())

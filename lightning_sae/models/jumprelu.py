@@ -107,6 +107,9 @@ class JumpReLUSAE(SparseAutoencoder):
     theta gets no signal at all, and this term pulls its pre-activations back up to the
     threshold, through the encoder.
 
+    The paper encodes x itself, without subtracting ``b_dec`` first; the base class subtracts it
+    by default (``apply_b_dec_to_input``), so set that to false for the paper's encoder.
+
     Args:
         threshold_init: initial theta for every feature (in normalised input units).
         bandwidth: epsilon, the width of the rectangle kernel in the threshold gradient. It
@@ -145,6 +148,15 @@ class JumpReLUSAE(SparseAutoencoder):
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def reset_features(
+        self, indices: Tensor, directions: Tensor, encoder_norm: float
+    ) -> list[tuple[nn.Parameter, int]]:
+        touched = super().reset_features(indices, directions, encoder_norm)
+        # A dead feature's threshold may sit above anything its new encoder column produces.
+        self.log_threshold[indices] = math.log(self.hparams.threshold_init)
+        return [*touched, (self.log_threshold, 0)]
 
     def activation(self, pre_acts: Tensor) -> Tensor:
         return jumprelu(pre_acts, self.threshold, self.hparams.bandwidth)

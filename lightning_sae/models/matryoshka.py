@@ -8,7 +8,7 @@ feature absorption.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -19,25 +19,40 @@ from lightning_sae.models.topk import BatchTopKSAE
 
 
 class MatryoshkaSAE(BatchTopKSAE):
-    """BatchTopK whose loss is the mean of the reconstruction losses of nested prefixes.
+    """BatchTopK whose loss is the mean (or sum) of the reconstruction losses of nested prefixes.
 
     The dictionary is split into consecutive groups; prefix m is groups 0..m. Prefix m
     reconstructs x with only its latents (plus ``b_dec``), and the loss is the mean over
     prefixes of each prefix's squared error (logged as ``train/loss/prefix_mse``), plus AuxK.
-    The mean rather than the sum keeps the term on the scale of a single MSE, so learning
-    rates carry over from BatchTopK; the full-dictionary MSE is the last prefix's and is still
-    logged as ``train/mse``. Every prefix sum comes out of one pass of the decoder: per-group
-    partial reconstructions, then a cumulative sum over groups.
+    The mean (the default; ``prefix_loss`` picks the sum) keeps the term on the scale of a
+    single MSE, so its balance with AuxK carries over from BatchTopK; the full-dictionary MSE
+    is the last prefix's and is still logged as ``train/mse``. Every prefix sum comes out of
+    one pass of the decoder: per-group partial reconstructions, then a cumulative sum over
+    groups.
 
     Args:
         group_sizes: latents per group, in order, summing to d_sae. Default: prefixes of
             d_sae/16, d_sae/8, d_sae/4, d_sae/2 and d_sae (groups d_sae/16, d_sae/16, d_sae/8,
             d_sae/4, d_sae/2).
+        prefix_loss: ``mean`` (default) or ``sum`` of the prefixes' squared errors. The sum is
+            the form of Bussmann et al. and SAELens; it weighs reconstruction n_prefixes times
+            as much against AuxK (Adam's steps do not scale with the loss, that balance does).
         **kwargs: everything :class:`BatchTopKSAE` takes (k, threshold_momentum, aux_k,
             aux_coefficient, decode_impl, ...).
     """
 
-    def __init__(self, *args: Any, group_sizes: list[int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        group_sizes: list[int] | None = None,
+        prefix_loss: Literal["mean", "sum"] = "mean",
+        **kwargs: Any,
+    ) -> None:
+        if prefix_loss not in ("mean", "sum"):
+            raise ValueError(
+                f"prefix_loss must be 'mean' or 'sum', got {prefix_loss!r}: "
+                "set model.init_args.prefix_loss."
+            )
         super().__init__(*args, **kwargs)
         if group_sizes is None:
             group_sizes = [self.d_sae // 16, self.d_sae // 16, self.d_sae // 8, self.d_sae // 4]
@@ -81,7 +96,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         x = x_n.reshape(-1, 1, self.d_in)
         per_prefix = (out.extras["prefix_x_hat"] - x).pow(2).sum(-1).mean(0)
-        terms = {"prefix_mse": per_prefix.mean()}
+        reduced = per_prefix.sum() if self.hparams.prefix_loss == "sum" else per_prefix.mean()
+        terms = {"prefix_mse": reduced}
         if self.hparams.aux_coefficient > 0:
             terms["auxk"] = self.hparams.aux_coefficient * self.auxk_loss(x_n, out)
         return terms

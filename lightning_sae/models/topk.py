@@ -11,7 +11,7 @@ of multiplying by a mostly-zero matrix (``models/sparse.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from lightning_sae.models.base import (
     SAEOutput,
     SparseAutoencoder,
     _is_distributed,
+    check_finite,
     check_nonnegative,
     check_positive,
 )
@@ -46,6 +47,11 @@ class TopKSAE(SparseAutoencoder):
         k: active latents per sample.
         aux_k: dead latents used by AuxK per sample; default ``d_in // 2``.
         aux_coefficient: weight of AuxK; 0 turns it off.
+        auxk_normalization: ``none`` (the squared error as it is) or ``residual_variance``: the
+            squared error divided by the residual's variance over the (global) batch, the error
+            of its best constant predictor, as in Gao et al.'s code (a normalised MSE; their
+            coefficient of 1/32 goes with this form). It makes the term scale-free, so its
+            weight no longer moves with how well the main pass reconstructs.
         decode_impl: ``dense`` (acts @ W_dec), ``sparse`` (embedding_bag over the k active rows)
             or ``auto`` (sparse up to a density k / d_sae measured per device type: 1/16 on
             CPU, 1/64 on CUDA; see ``SPARSE_DECODE_MAX_DENSITY`` and docs/benchmarks.md).
@@ -59,10 +65,16 @@ class TopKSAE(SparseAutoencoder):
         k: int = 32,
         aux_k: int | None = None,
         aux_coefficient: float = 1 / 32,
+        auxk_normalization: Literal["none", "residual_variance"] = "none",
         decode_impl: DecodeImpl = "auto",
         **kwargs: Any,
     ) -> None:
         check_positive("k", k, "model.init_args.k")
+        if auxk_normalization not in ("none", "residual_variance"):
+            raise ValueError(
+                f"auxk_normalization must be 'none' or 'residual_variance', got "
+                f"{auxk_normalization!r}: set model.init_args.auxk_normalization."
+            )
         if aux_k is not None:
             check_positive("aux_k", aux_k, "model.init_args.aux_k")
         check_nonnegative("aux_coefficient", aux_coefficient, "model.init_args.aux_coefficient")
@@ -133,8 +145,26 @@ class TopKSAE(SparseAutoencoder):
             residual_hat = code.to_dense(self.d_sae) @ self.W_dec
         # The residual is the target; its gradient would push the main pass, not the dead ones.
         residual = (x_n - out.x_hat).detach().reshape(-1, self.d_in)
-        scale = min(n_dead / self.aux_k, 1.0)
-        return scale * (residual_hat - residual).pow(2).sum(-1).mean()
+        error = (residual_hat - residual).pow(2).sum(-1).mean()
+        if self.hparams.auxk_normalization == "residual_variance":
+            error = error / self._global_variance(residual)
+        return min(n_dead / self.aux_k, 1.0) * error
+
+    @torch.no_grad()
+    def _global_variance(self, rows: Tensor) -> Tensor:
+        """Mean squared distance of ``rows`` [n, d_in] from their mean, over the global batch.
+
+        Under DDP the sums are all-reduced, so every rank divides by the same value and a DDP
+        step equals a single-process step. Float64: the variance is a difference of sums.
+        """
+        rows = rows.double()
+        sums = torch.cat([rows.sum(0), rows.pow(2).sum()[None], rows.new_tensor([len(rows)])])
+        if _is_distributed():
+            dist.all_reduce(sums)
+        n = sums[-1]
+        variance = sums[self.d_in] / n - (sums[: self.d_in] / n).pow(2).sum()
+        # A residual that is zero everywhere gives zero error too: avoid 0 / 0.
+        return variance.clamp_min(torch.finfo(torch.float32).tiny).float()
 
 
 class BatchTopKSAE(TopKSAE):
@@ -149,17 +179,32 @@ class BatchTopKSAE(TopKSAE):
     Until a first training batch has been seen, eval falls back to batch top-k.
 
     The threshold updates whenever the module runs forward in training mode (as BatchNorm's
-    statistics do). Under DDP "the batch" is the global batch: the k * global batch largest
-    pre-activations over all ranks are kept, and the threshold takes the smallest of them, so a
-    DDP step equals a single-process step on the same global batch.
+    statistics do), from optimizer step ``threshold_start_step`` on. Under DDP "the batch" is
+    the global batch: the k * global batch largest pre-activations over all ranks are kept, and
+    the threshold takes the smallest of them, so a DDP step equals a single-process step on the
+    same global batch.
 
     Args:
         k: average active latents per sample.
         threshold_momentum: weight of the old value in the running average of the threshold.
+        threshold_start_step: the first optimizer step whose batch updates the threshold, so
+            that the first, fast-moving steps can be left out of the average. Default 0 (from
+            the start); dictionary_learning's BatchTopK trainer starts at step 1000, with
+            momentum 0.999.
         **kwargs: everything :class:`TopKSAE` takes (aux_k, aux_coefficient, decode_impl, ...).
     """
 
-    def __init__(self, *args: Any, threshold_momentum: float = 0.99, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        threshold_momentum: float = 0.99,
+        threshold_start_step: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        check_finite("threshold_momentum", threshold_momentum, "model.init_args.threshold_momentum")
+        check_nonnegative(
+            "threshold_start_step", threshold_start_step, "model.init_args.threshold_start_step"
+        )
         if not 0 <= threshold_momentum < 1:
             raise ValueError(
                 f"threshold_momentum must be in [0, 1), got {threshold_momentum}: "
@@ -172,7 +217,7 @@ class BatchTopKSAE(TopKSAE):
     def sparse_code(self, pre_acts: Tensor) -> SparseCode:
         if self.training or self.threshold_updates == 0:
             code = self._batch_top_k(pre_acts)
-            if self.training:
+            if self.training and self.global_step >= self.hparams.threshold_start_step:
                 self._update_threshold(code.values)
             return code
         return SparseCode.from_mask(pre_acts > self.threshold, pre_acts)
