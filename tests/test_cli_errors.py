@@ -195,3 +195,11 @@ def test_a_hub_model_offline_is_one_line(tmp_path: Path, command: str) -> None:
     assert_one_clear_line(result, "EleutherAI/pythia-70m", "HF_HUB_OFFLINE", "pkg:")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
+
+
+def test_a_hub_dataset_offline_is_one_line(tmp_path: Path) -> None:
+    config = CONFIGS / "minilm" / "resid-l3-standard.yaml"
+    result = run_cli(
+        tmp_path, "cache", "--config", str(config), "--data.init_args.dataset", "owner/no-such-set"
+    )
+    assert_one_clear_line(result, "dataset 'owner/no-such-set'", "HF_HUB_OFFLINE")

@@ -57,6 +57,8 @@ def iter_documents(source: TextSource) -> Iterator[str]:
         return
     from datasets import load_dataset
 
+    from lightning_sae.data.lm import hub_failure, require_hub
+
     path = Path(source.name).expanduser()
     if not path.exists():
         if _looks_like_a_path(source.name):
@@ -64,9 +66,13 @@ def iter_documents(source: TextSource) -> Iterator[str]:
                 f"dataset file {path} does not exist: set data.init_args.dataset to an existing "
                 "file or folder, or to a Hugging Face dataset name."
             )
-        rows = load_dataset(
-            source.name, source.config, split=source.split, streaming=source.streaming
-        )
+        require_hub(source.name, "dataset", repo_type="dataset")
+        try:
+            rows = load_dataset(
+                source.name, source.config, split=source.split, streaming=source.streaming
+            )
+        except (OSError, ConnectionError) as error:  # no network, or not in the local cache
+            raise hub_failure(source.name, "dataset", error) from None
         yield from _texts(rows, source)
         return
     files = (
