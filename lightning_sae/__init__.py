@@ -36,7 +36,9 @@ _EXPORTS = {
         ),
         "lightning_sae.models",
     ),
+    "SAEGroup": "lightning_sae.models.group",
     "ActivationDataModule": "lightning_sae.data.activations",
+    "StreamingActivationDataModule": "lightning_sae.data.stream",
     "ToySuperpositionDataModule": "lightning_sae.data.toy",
     "DecoderNormConstraint": "lightning_sae.callbacks.decoder_norm",
     "DeadFeatureResampler": "lightning_sae.callbacks.resampling",
@@ -59,7 +61,9 @@ __all__ = [
     "JumpReLUSAE",
     "GatedSAE",
     "ApproxL0SAE",
+    "SAEGroup",
     "ActivationDataModule",
+    "StreamingActivationDataModule",
     "ToySuperpositionDataModule",
     "DecoderNormConstraint",
     "DeadFeatureResampler",
@@ -81,6 +85,7 @@ if TYPE_CHECKING:
     from lightning_sae.callbacks.init import DataInformedInit
     from lightning_sae.callbacks.resampling import DeadFeatureResampler
     from lightning_sae.data.activations import ActivationDataModule
+    from lightning_sae.data.stream import StreamingActivationDataModule
     from lightning_sae.data.toy import ToySuperpositionDataModule
     from lightning_sae.io import export_checkpoint, export_sae, load
     from lightning_sae.metrics.similarity import compare_saes
@@ -94,6 +99,7 @@ if TYPE_CHECKING:
         StandardSAE,
         TopKSAE,
     )
+    from lightning_sae.models.group import SAEGroup
 
 
 def __getattr__(name: str) -> Any:

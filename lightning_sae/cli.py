@@ -1,8 +1,8 @@
 """The ``lightning-sae`` command: LightningCLI's fit / validate / test plus tool subcommands.
 
 Trainer subcommands go to :class:`SAECLI`. Tool subcommands that are not trainer methods
-(``cache``, ``export``, ``compare``) are registered in ``TOOL_COMMANDS`` and dispatched before
-LightningCLI parses anything.
+(``cache``, ``export``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
+dispatched before LightningCLI parses anything.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ TRAINER_COMMANDS = {
 # (``--model TopKSAE``): jsonargparse resolves a short name among the imported subclasses.
 CLASS_MODULES = (
     "lightning_sae.models",
+    "lightning_sae.models.group",
     "lightning_sae.data.toy",
     "lightning_sae.data.activations",
+    "lightning_sae.data.stream",
     "lightning_sae.callbacks.decoder_norm",
     "lightning_sae.callbacks.density",
     "lightning_sae.callbacks.downstream",
@@ -88,13 +90,14 @@ def _top_level_help() -> str:
 def _run_trainer_command(args: list[str] | None) -> None:
     for module in CLASS_MODULES:
         importlib.import_module(module)
-    from lightning import LightningDataModule
+    from lightning import LightningDataModule, LightningModule
 
-    from lightning_sae.models import SparseAutoencoder
     from lightning_sae.trainer_cli import SAECLI
 
+    # The model is an SAE variant or an SAEGroup of them; a checkpoint's class is still
+    # checked against the project's classes (SAECLI._parse_ckpt_path).
     SAECLI(
-        SparseAutoencoder,
+        LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -246,6 +249,10 @@ def _register_tools() -> None:
             "compare": (
                 "match the features of two SAEs (checkpoints or export folders)",
                 _lazy("lightning_sae.metrics.similarity", "compare_main", commands.compare_parser),
+            ),
+            "inspect": (
+                "per-feature top contexts, histograms, logit effects + static HTML browser",
+                _lazy("lightning_sae.analysis.inspector", "inspect_main", commands.inspect_parser),
             ),
         }
     )

@@ -52,3 +52,38 @@ def compare_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     return parser
+
+
+INSPECT_SPLITS = ("all", "train", "val")
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-sae inspect",
+        description="Run an SAE over the token windows of a config's activation cache and record "
+        "per feature: top-activating contexts, samples across its activation range, firing "
+        "frequency, an activation histogram, logit effects and nearest features. Writes Parquet "
+        "+ JSON data and a static HTML browser (OUT/index.html). Override data options with "
+        "--data.init_args.NAME VALUE.",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint or export folder")
+    parser.add_argument("--config", required=True, help="YAML whose data: built the cache")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--class_path", default=None, help="SAE class, if the .ckpt lacks it")
+    parser.add_argument("--split", choices=INSPECT_SPLITS, default="all", help="windows to read")
+    parser.add_argument("--n_tokens", type=int, default=None, help="at most this many tokens")
+    parser.add_argument("--features", default=None, help="only these ids, e.g. 0-99,120")
+    parser.add_argument("--n_top", type=int, default=20, help="top contexts per feature")
+    parser.add_argument("--n_intervals", type=int, default=5, help="activation intervals sampled")
+    parser.add_argument("--per_interval", type=int, default=4, help="contexts per interval")
+    parser.add_argument("--context_left", type=int, default=16, help="tokens before the max")
+    parser.add_argument("--context_right", type=int, default=8, help="tokens after the max")
+    parser.add_argument("--n_neighbours", type=int, default=8, help="nearest features shown")
+    parser.add_argument("--n_logits", type=int, default=10, help="tokens raised/lowered (0: none)")
+    parser.add_argument("--compare", default=None, help="second SAE: its best match per feature")
+    parser.add_argument("--batch_windows", type=int, default=128, help="windows encoded together")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the interval samples")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_html", action="store_true", help="data files only")
+    return parser

@@ -37,6 +37,7 @@ from lightning_sae.models import (
     class_path_of,
     variant_class,
 )
+from lightning_sae.models.group import SAEGroup, names_group
 
 CONFIG_FILENAME = "cfg.json"
 # SAELens's load_from_disk reads exactly this name; ``sae.safetensors`` is accepted on load.
@@ -280,7 +281,27 @@ def export_checkpoint(
     class_path: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Export a Lightning checkpoint of any SAE variant (loaded with ``weights_only=True``)."""
+    """Export a Lightning checkpoint of any SAE variant (loaded with ``weights_only=True``).
+
+    A checkpoint of an :class:`SAEGroup` gives one folder per member, ``out_dir/<member>``, each
+    with the member's hook as ``metadata.hook_name``.
+    """
+    _export_checkpoint(ckpt_path, out_dir, class_path, metadata)
+    return Path(out_dir)
+
+
+def _is_group_checkpoint(hparams: dict[str, Any]) -> bool:
+    saved = hparams.get("_class_path")
+    return names_group(saved) if saved is not None else "members" in hparams
+
+
+def _export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    class_path: str | None,
+    metadata: dict[str, Any] | None,
+) -> list[Path]:
+    """The folders written: ``[out_dir]``, or one per member of a group."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(
@@ -288,8 +309,25 @@ def export_checkpoint(
             "checkpoints/ folder."
         )
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    sae = _sae_from_checkpoint(checkpoint, class_path)
-    return export_sae(sae, out_dir, _metadata_from_checkpoint(checkpoint) | (metadata or {}))
+    common = _metadata_from_checkpoint(checkpoint)
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    if not _is_group_checkpoint(hparams):
+        sae = _sae_from_checkpoint(checkpoint, class_path)
+        return [export_sae(sae, out_dir, common | (metadata or {}))]
+    if class_path is not None:
+        raise ValueError(
+            f"{ckpt_path} holds an SAEGroup, whose members record their own classes; leave out "
+            "--class_path."
+        )
+    # Members are built from the checkpoint's specs through the project's class table.
+    group = SAEGroup(members=hparams["members"])
+    group.load_state_dict(checkpoint["state_dict"])
+    folders = []
+    for name, sae in group.named_saes().items():
+        hook = group.hooks[name]
+        member = common | ({"hook_name": hook} if hook else {}) | (metadata or {})
+        folders.append(export_sae(sae.eval(), Path(out_dir) / name, member))
+    return folders
 
 
 # ----------------------------------------------------------------------------- load
@@ -404,11 +442,14 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     overrides = {k: v for k in ("model_name", "hook_name") if (v := getattr(args, k)) is not None}
     try:
-        out = export_checkpoint(args.ckpt_path, args.out, args.class_path, overrides)
+        folders = _export_checkpoint(args.ckpt_path, args.out, args.class_path, overrides)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    cfg = json.loads((out / CONFIG_FILENAME).read_text())
-    scale = cfg["metadata"]["lightning_sae"]["input_scale"]
-    folded = "" if math.isclose(scale, 1.0) else f", input scale {scale:.6g} folded in"
-    files = f"{out / WEIGHTS_FILENAME} and {out / CONFIG_FILENAME}"
-    print(f"wrote {files} ({cfg['architecture']}{folded})")
+    for out in folders:
+        cfg = json.loads((out / CONFIG_FILENAME).read_text())
+        scale = cfg["metadata"]["lightning_sae"]["input_scale"]
+        folded = "" if math.isclose(scale, 1.0) else f", input scale {scale:.6g} folded in"
+        hook = cfg["metadata"].get("hook_name")
+        at = f", {hook}" if hook and len(folders) > 1 else ""
+        files = f"{out / WEIGHTS_FILENAME} and {out / CONFIG_FILENAME}"
+        print(f"wrote {files} ({cfg['architecture']}{at}{folded})")

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from lightning_sae.callbacks._reporting import saes, scoped
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.lifecycle import (
     EvaluationCoverage,
@@ -30,6 +31,7 @@ from lightning_sae.callbacks.lifecycle import (
 )
 from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 from lightning_sae.models import class_path_of, variant_class
+from lightning_sae.models.group import SAEGroup, names_group
 
 SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 RUN_CSV_LOGGER = "lightning_sae.trainer_cli.RunCSVLogger"
@@ -230,12 +232,16 @@ def place_run(subcommand: str, config: Namespace) -> tuple[Path, int | str | Non
 def final_metrics_table(
     trainer: Trainer,
     coverage: EvaluationCoverage | None = None,
-    gt_mmcs: float | None = None,
+    gt_mmcs: float | dict[str, float] | None = None,
     checkpoint: str | None = None,
     step: int | None = None,
+    members: list[str] | None = None,
 ) -> str:
     """The last evaluation's metrics, the data they cover, and the checkpoint (and its step)
-    they belong to. Without ``checkpoint``, the trainer's ``ModelCheckpoint``'s last save."""
+    they belong to. Without ``checkpoint``, the trainer's ``ModelCheckpoint``'s last save.
+
+    With ``members`` (an ``SAEGroup``'s names) there is one column per member, read from
+    ``<member>/val/...``, and ``gt_mmcs`` is by member."""
     metrics = trainer.callback_metrics
     prefix = "test" if coverage is not None and coverage.stage == "test" else "val"
     rows = [
@@ -247,17 +253,29 @@ def final_metrics_table(
         ("final hidden cosine", "downstream/final_hidden_cosine"),
         ("final hidden rel MSE", "downstream/final_hidden_rel_mse"),
     ]
-    values = [(label, float(metrics[key])) for label, key in rows if key in metrics]
+    columns = members or [""]
+    values = []
+    for label, key in rows:
+        cells = [metrics.get(scoped(name, key)) for name in columns]
+        if any(cell is not None for cell in cells):
+            values.append((label, [None if cell is None else float(cell) for cell in cells]))
     if gt_mmcs is not None:
-        values.insert(3, ("ground-truth MMCS", gt_mmcs))
+        by_member = gt_mmcs if isinstance(gt_mmcs, dict) else {"": gt_mmcs}
+        values.insert(3, ("ground-truth MMCS", [by_member.get(name) for name in columns]))
     covered = coverage is not None and coverage.stage is not None
     heading = "final metrics"
     if covered:
         split, samples, batches = coverage.stage, coverage.samples, coverage.batches
         heading += f": {split} split, {samples:,} samples in {batches:,} batches"
-    lines = ["", heading, "-" * max(34, len(heading))]
-    for label, value in values:
-        line = f"{label:<20}{value:>14.4f}"
+    widths = [max(14, len(name) + 2) for name in columns]
+    lines = ["", heading, "-" * max(20 + sum(widths), len(heading))]
+    if members:
+        lines.append(" " * 20 + "".join(f"{n:>{w}}" for n, w in zip(columns, widths, strict=True)))
+    for label, cells in values:
+        line = f"{label:<20}" + "".join(
+            f"{'-':>{w}}" if cell is None else f"{cell:>{w}.4f}"
+            for cell, w in zip(cells, widths, strict=True)
+        )
         if label == "dead fraction" and covered:
             line += f"   (never fired on those {coverage.samples:,} samples)"
         lines.append(line)
@@ -322,7 +340,16 @@ class SAECLI(LightningCLI):
                 "hyper_parameters", {}
             )
             saved = hparams.get("_class_path")
-            if saved is not None and saved != configured:
+            # The group is the one module besides the variants that a checkpoint may name; its
+            # members' classes come from the project's table.
+            if saved is not None and saved != configured and names_group(saved):
+                if configured is None or not names_group(configured):
+                    raise SystemExit(
+                        f"error: the checkpoint {ckpt_path} holds an SAEGroup, but the config's "
+                        f"model is {configured}. Pass the config the group was trained with "
+                        f"(model.class_path: {class_path_of(SAEGroup)})."
+                    )
+            elif saved is not None and saved != configured:
                 source = f"the checkpoint {ckpt_path} (_class_path)"
                 try:
                     saved_class = variant_class(saved, source)
@@ -423,17 +450,24 @@ class SAECLI(LightningCLI):
             checkpoint = str(export) if export else self.config[self.subcommand].get("ckpt_path")
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
-        table = final_metrics_table(self.trainer, self.coverage, self._gt_mmcs(), checkpoint, step)
+        members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
+        table = final_metrics_table(
+            self.trainer, self.coverage, self._gt_mmcs(), checkpoint, step, members
+        )
         print(table, flush=True)
 
-    def _gt_mmcs(self) -> float | None:
-        """Ground-truth MMCS of the weights the table reports (toy data only), measured now
-        rather than read from a log that may predate them."""
+    def _gt_mmcs(self) -> float | dict[str, float] | None:
+        """Ground-truth MMCS of the weights the table reports (toy data only; by member in a
+        group), measured now rather than read from a log that may predate them."""
         ground_truth = getattr(self.datamodule, "ground_truth_features", None)
         if ground_truth is None:
             return None
-        W_dec = self.model.W_dec.detach()
-        return float(mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec))
+        values = {
+            name: float(mean_max_cosine_similarity(ground_truth.to(sae.W_dec), sae.W_dec.detach()))
+            for name, sae in saes(self.model).items()
+            if sae.W_dec.shape[1] == ground_truth.shape[1]
+        }
+        return values if isinstance(self.model, SAEGroup) else values.get("")
 
 
 def _default_monitoring(trainer_config: Any, callbacks: list[Callback]) -> list[Callback]:

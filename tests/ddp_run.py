@@ -7,9 +7,10 @@ launch covers every variant. Run i writes ``run<i>/rank<R>.pt`` (the state dict)
 and, from rank 0, its CSV metrics under ``run<i>/csv``.
 
 ``--data toy`` trains on toy superposition data; ``--data <json>`` on an ActivationDataModule
-built from those init args (a cache the test built beforehand). ``--silence`` features start
-with a hugely negative encoder bias, so they are dead from the first step and the resampler has
-work at its first call.
+built from those init args (a cache the test built beforehand), or, when the args name
+``hooks``, on a StreamingActivationDataModule. A run's own ``"data"`` replaces ``--data``.
+``--silence`` features start with a hugely negative encoder bias, so they are dead from the
+first step and the resampler has work at its first call.
 """
 
 import argparse
@@ -22,12 +23,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_sae.callbacks._reporting import saes
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.data.lm import LanguageModel
+from lightning_sae.data.stream import StreamingActivationDataModule
+from lightning_sae.data.tokens import TextOptions
 from lightning_sae.data.toy import ToySuperpositionDataModule
 
 STANDARD = {"model": "lightning_sae.models.standard.StandardSAE", "kwargs": {}}
@@ -41,7 +46,8 @@ class Silence(L.Callback):
 
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.b_enc[self.features] = -1e3
+        for sae in saes(pl_module).values():  # every member of an SAEGroup
+            sae.b_enc[self.features] = -1e3
 
 
 def training_callbacks(silence: list[int]) -> list[L.Callback]:
@@ -60,15 +66,22 @@ def datamodule(spec: str, d_in: int) -> L.LightningDataModule:
         return ToySuperpositionDataModule(
             n_features=64, d_in=d_in, batch_size=128, batches_per_epoch=8, val_batches=2
         )
-    return ActivationDataModule(**json.loads(spec))
+    options = json.loads(spec)
+    if "hooks" in options:
+        model, text = LanguageModel(**options.pop("model")), TextOptions(**options.pop("text"))
+        return StreamingActivationDataModule(model=model, text=text, **options)
+    return ActivationDataModule(**options)
 
 
 def fit(run: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
     L.seed_everything(0)
     module, _, cls = run["model"].rpartition(".")
     model_cls = getattr(__import__(module, fromlist=[cls]), cls)
-    data = datamodule(args.data, args.d_in)
-    model = model_cls(d_in=args.d_in, d_sae=64, lr=3e-3, **run["kwargs"])
+    data = datamodule(run.get("data", args.data), args.d_in)
+    if "members" in run["kwargs"]:  # an SAEGroup: each member spec carries its own arguments
+        model = model_cls(**run["kwargs"])
+    else:
+        model = model_cls(d_in=args.d_in, d_sae=64, lr=3e-3, **run["kwargs"])
     callbacks = [DecoderNormConstraint()]
     if args.all_callbacks:
         callbacks += training_callbacks(args.silence)

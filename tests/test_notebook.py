@@ -39,3 +39,26 @@ def test_analysis_notebook_runs_and_writes_its_figures(tmp_path: Path, monkeypat
     )
     assert "not available for encoder-only" in outputs  # MiniLM: the downstream note
     assert "downstream/final_hidden_cosine" in outputs
+
+
+FEATURES_NOTEBOOK = NOTEBOOK.parent / "features.ipynb"
+
+
+def test_features_notebook_shows_features_inline(tmp_path_factory, monkeypatch) -> None:
+    """notebooks/features.ipynb on the saved data of a tiny inspect run (cheap: no training)."""
+    from tests._tiny_inspect import tiny_inspection
+
+    result = tiny_inspection(tmp_path_factory.getbasetemp() / "tiny-inspect")
+    monkeypatch.setenv("LIGHTNING_SAE_INSPECT_DIR", str(result))
+    notebook = nbformat.read(FEATURES_NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(FEATURES_NOTEBOOK.parent)}},
+    )
+    client.execute()
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert html.count("<h3>feature ") == 3 and "outline:2px solid" in html
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the histograms

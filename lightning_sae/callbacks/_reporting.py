@@ -1,15 +1,19 @@
-"""What the monitoring callbacks share: the run folder, the batch tensor, writing to loggers."""
+"""What the callbacks share: the run folder, the SAEs a module holds and their inputs, writing
+to loggers."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning import Trainer
+from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.group import SAEGroup
 from lightning_sae.plots import figure_image, save_figure
 
 
@@ -35,6 +39,44 @@ def figures_dir(trainer: Trainer) -> Path:
 
 def batch_tensor(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def batch_rows(batch: Any) -> int:
+    """Rows (tokens) in a batch: a tensor's, or, for one served per hook, any hook's (the rows
+    are aligned across hooks)."""
+    x = batch_tensor(batch)
+    return next(iter(x.values())).shape[0] if isinstance(x, Mapping) else x.shape[0]
+
+
+def saes(pl_module: LightningModule) -> dict[str, SparseAutoencoder]:
+    """The SAEs a callback acts on, by name: a group's members, or the module itself as ``""``.
+
+    Callbacks keep one state per name; ``""`` keeps a single SAE's logs, files and checkpoint
+    state exactly as they were before groups existed.
+    """
+    if isinstance(pl_module, SAEGroup):
+        return pl_module.named_saes()
+    return {"": pl_module}
+
+
+def sae_input(pl_module: LightningModule, name: str, batch: Any) -> Tensor:
+    """SAE ``name``'s input in a batch (or a datamodule sample): its hook's tensor in a group."""
+    return pl_module.input_of(name, batch) if name else batch_tensor(batch)
+
+
+def scoped(name: str, key: str) -> str:
+    """A log key (or folder) of SAE ``name``: ``<name>/<key>`` in a group, ``key`` alone."""
+    return f"{name}/{key}" if name else key
+
+
+def per_sae_state(states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A callback's checkpoint state: a single SAE's as it always was, a group's by member."""
+    return states[""] if set(states) == {""} else {"members": states}
+
+
+def states_by_sae(state_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The inverse of :func:`per_sae_state`."""
+    return dict(state_dict["members"]) if "members" in state_dict else {"": state_dict}
 
 
 def log_scalars(trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -8,13 +8,16 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
+from lightning_sae.callbacks._reporting import saes
+
 
 class DecoderNormConstraint(Callback):
     """Project out the gradient parallel to each decoder row, then renormalise rows after the step.
 
     With unit-norm rows the L1 penalty cannot be lowered by shrinking activations and growing the
     decoder. Removing the parallel gradient component first means Adam spends its step only on
-    changing directions, not on norm changes that the renormalisation would undo.
+    changing directions, not on norm changes that the renormalisation would undo. In an
+    ``SAEGroup`` every member's decoder is constrained.
     """
 
     def __init__(self, remove_parallel_gradient: bool = True) -> None:
@@ -30,10 +33,13 @@ class DecoderNormConstraint(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        W_dec, grad = pl_module.W_dec, pl_module.W_dec.grad
-        if self.remove_parallel_gradient and grad is not None:
-            directions = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            grad -= (grad * directions).sum(1, keepdim=True) * directions
+        if not self.remove_parallel_gradient:
+            return
+        for sae in saes(pl_module).values():
+            W_dec, grad = sae.W_dec, sae.W_dec.grad
+            if grad is not None:
+                directions = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                grad -= (grad * directions).sum(1, keepdim=True) * directions
 
     @torch.no_grad()
     def on_train_batch_end(
@@ -43,5 +49,5 @@ class DecoderNormConstraint(Callback):
 
     @staticmethod
     def _normalise(pl_module: LightningModule) -> None:
-        W_dec = pl_module.W_dec
-        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for sae in saes(pl_module).values():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)

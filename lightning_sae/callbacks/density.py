@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,13 +10,27 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
-    batch_tensor,
+    batch_rows,
     figures_dir,
     log_figure,
     log_histogram,
     log_scalars,
+    per_sae_state,
+    sae_input,
+    saes,
+    scoped,
+    states_by_sae,
 )
 from lightning_sae.plots import density_figure
+
+
+@dataclass
+class _Window:
+    """One SAE's counts since its last report."""
+
+    counts: Tensor | None = None  # float64 [d_sae], global over ranks
+    tokens: int = 0
+    last_density: Tensor | None = None
 
 
 class FeatureDensityMonitor(Callback):
@@ -34,7 +49,9 @@ class FeatureDensityMonitor(Callback):
     ``density/dense_fraction`` (features firing on more than 10% of tokens) and
     ``density/window_tokens`` to every logger, the histogram ``density/log10_density`` to W&B or
     TensorBoard, its figure as the image ``density/log10_density_figure`` there, and the figure
-    as a PNG in ``<run folder>/figures/density/step<N>.png``.
+    as a PNG in ``<run folder>/figures/density/step<N>.png``. In an ``SAEGroup`` each member is
+    counted and reported alike, under ``<member>/density/...`` and
+    ``figures/<member>/density/``; one all-reduce per counted step carries every member's counts.
 
     Args:
         every_n_steps: report interval in optimizer steps.
@@ -57,10 +74,13 @@ class FeatureDensityMonitor(Callback):
             raise ValueError(f"window_tokens must be >= 1 or null, got {window_tokens}.")
         self.every_n_steps, self.window_tokens = every_n_steps, window_tokens
         self.dead_log10, self.save_png = dead_log10, save_png
-        self.counts: Tensor | None = None  # float64 [d_sae], global over ranks
-        self.tokens = 0
+        self.windows: dict[str, _Window] = {}  # by SAE name ("" for a single SAE)
         self.last_report_step = -1
-        self.last_density: Tensor | None = None
+
+    @property
+    def last_density(self) -> Tensor | None:
+        """A single SAE's density at the last report (a group's: ``windows[name]``)."""
+        return self.windows.get("", _Window()).last_density
 
     def _counting(self, step: int, tokens_per_step: int) -> bool:
         """Whether the batch that completed ``step`` falls inside the window before the report."""
@@ -74,26 +94,34 @@ class FeatureDensityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        x = batch_tensor(batch)
-        if not self._counting(step, x.shape[0] * trainer.world_size):
+        rows = batch_rows(batch)
+        if not self._counting(step, rows * trainer.world_size):
             return
-        # Eval mode: a measurement must not move running state (BatchTopK's threshold).
-        with pl_module.measuring():
-            fired = (pl_module.encode(x) != 0).sum(0).double()
-        counted = torch.cat([fired, fired.new_tensor([x.shape[0]])])
+        named = saes(pl_module)
+        fired = []
+        for name, sae in named.items():
+            # Eval mode: a measurement must not move running state (BatchTopK's threshold).
+            with sae.measuring():
+                fired.append((sae.encode(sae_input(pl_module, name, batch)) != 0).sum(0).double())
+        counted = torch.cat([*fired, fired[0].new_tensor([rows])])
         counted = trainer.strategy.reduce(counted, reduce_op="sum")
-        if self.counts is None:
-            self.counts = torch.zeros_like(counted[:-1])
-        self.counts = self.counts.to(counted.device) + counted[:-1]
-        self.tokens += int(counted[-1].item())
+        tokens = int(counted[-1].item())
+        parts = counted[:-1].split([sae.d_sae for sae in named.values()])
+        for name, part in zip(named, parts, strict=True):
+            window = self.windows.setdefault(name, _Window())
+            if window.counts is None:
+                window.counts = torch.zeros_like(part)
+            window.counts = window.counts.to(part.device) + part
+            window.tokens += tokens
         if step % self.every_n_steps == 0 and step != self.last_report_step:
-            self._report(trainer, step)
+            self.last_report_step = step
+            for name in named:
+                self._report(trainer, step, name, self.windows[name])
 
-    def _report(self, trainer: Trainer, step: int) -> None:
-        density = (self.counts / max(self.tokens, 1)).float().cpu()
-        self.last_density, self.last_report_step = density, step
-        tokens = self.tokens
-        self.counts, self.tokens = None, 0
+    def _report(self, trainer: Trainer, step: int, name: str, window: _Window) -> None:
+        density = (window.counts / max(window.tokens, 1)).float().cpu()
+        window.last_density, tokens = density, window.tokens
+        window.counts, window.tokens = None, 0
         if not trainer.is_global_zero:
             return
         dead = density == 0
@@ -102,27 +130,35 @@ class FeatureDensityMonitor(Callback):
         log_scalars(
             trainer,
             {
-                "density/dead_fraction": dead.float().mean().item(),
-                "density/log10_median": live.median().item() if len(live) else self.dead_log10,
-                "density/dense_fraction": (density > 0.1).float().mean().item(),
-                "density/window_tokens": float(tokens),
+                scoped(name, "density/dead_fraction"): dead.float().mean().item(),
+                scoped(name, "density/log10_median"): (
+                    live.median().item() if len(live) else self.dead_log10
+                ),
+                scoped(name, "density/dense_fraction"): (density > 0.1).float().mean().item(),
+                scoped(name, "density/window_tokens"): float(tokens),
             },
         )
-        log_histogram(trainer, "density/log10_density", log10)
-        png = figures_dir(trainer) / "density" / f"step{step:07d}.png"
+        log_histogram(trainer, scoped(name, "density/log10_density"), log10)
+        png = figures_dir(trainer) / scoped(name, "density") / f"step{step:07d}.png"
         figure = density_figure(log10, step, self.dead_log10)
-        log_figure(trainer, "density/log10_density", figure, png if self.save_png else None)
+        log_figure(
+            trainer, scoped(name, "density/log10_density"), figure, png if self.save_png else None
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "counts": None if self.counts is None else self.counts.cpu(),
-            "tokens": self.tokens,
-            "last_report_step": self.last_report_step,
-            "last_density": self.last_density,
+        states = {
+            name: {
+                "counts": None if window.counts is None else window.counts.cpu(),
+                "tokens": window.tokens,
+                "last_density": window.last_density,
+            }
+            for name, window in (self.windows or {"": _Window()}).items()
         }
+        return {**per_sae_state(states), "last_report_step": self.last_report_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.counts = state_dict["counts"]
-        self.tokens = state_dict["tokens"]
         self.last_report_step = state_dict["last_report_step"]
-        self.last_density = state_dict["last_density"]
+        self.windows = {
+            name: _Window(state["counts"], state["tokens"], state["last_density"])
+            for name, state in states_by_sae(state_dict).items()
+        }

@@ -11,6 +11,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_sae.callbacks._reporting import saes, scoped
 from lightning_sae.data import lm
 from lightning_sae.metrics.downstream import downstream_metrics
 
@@ -30,7 +31,8 @@ class DownstreamEval(Callback):
     device; the other ranks wait for the numbers.
 
     Needs an :class:`~lightning_sae.data.activations.ActivationDataModule` reading a model
-    (not ``activations_dir``).
+    (not ``activations_dir``). In an ``SAEGroup`` each member is spliced in at its own hook
+    (one at a time) and logged under ``<member>/downstream/...``.
 
     Args:
         n_tokens: token budget of each evaluation (rounded up to whole windows).
@@ -121,18 +123,22 @@ class DownstreamEval(Callback):
     def _measure(self, data: Any, pl_module: LightningModule) -> dict[str, float]:
         if self._model is None:
             self._load(data, pl_module.device)
-        result = downstream_metrics(
-            self._model,
-            data.hook,
-            lambda x: pl_module(x).x_hat,
-            self._tokens,
-            batch_size=self.batch_size,
-            first_position=int(data.layout.first_position),
-        )
-        if result.note and not self._noted:
-            rank_zero_info(f"DownstreamEval: {result.note}")
-            self._noted = True
-        return result.to_log_dict()
+        values: dict[str, float] = {}
+        for name, sae in saes(pl_module).items():
+            hook = (pl_module.hooks[name] if name else None) or data.hook
+            result = downstream_metrics(
+                self._model,
+                hook,
+                lambda x, sae=sae: sae(x).x_hat,
+                self._tokens,
+                batch_size=self.batch_size,
+                first_position=int(data.layout.first_position),
+            )
+            if result.note and not self._noted:
+                rank_zero_info(f"DownstreamEval: {result.note}")
+                self._noted = True
+            values |= {scoped(name, key): value for key, value in result.to_log_dict().items()}
+        return values
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

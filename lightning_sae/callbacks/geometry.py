@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from torch import Tensor
 
-from lightning_sae.callbacks._reporting import figures_dir, log_figure, log_histogram, log_scalars
+from lightning_sae.callbacks._reporting import (
+    figures_dir,
+    log_figure,
+    log_histogram,
+    log_scalars,
+    per_sae_state,
+    saes,
+    scoped,
+    states_by_sae,
+)
 from lightning_sae.metrics.similarity import (
     Backend,
     mean_max_cosine_similarity,
@@ -16,6 +27,15 @@ from lightning_sae.metrics.similarity import (
     self_max_cosine_similarity,
 )
 from lightning_sae.plots import max_cosine_figure
+
+
+@dataclass
+class _Record:
+    """One SAE's geometry so far."""
+
+    random_baseline: float | None = None
+    first_step_at: dict[str, int] = field(default_factory=dict)
+    history: list[tuple[int, float, float | None]] = field(default_factory=list)  # step, mmcs, gt
 
 
 class FeatureGeometryMonitor(Callback):
@@ -32,7 +52,9 @@ class FeatureGeometryMonitor(Callback):
     reports the first crossing, not a later one. The final weights are measured too, at the end
     of training, when the last step is not a multiple of ``every_n_steps``.
 
-    Weights are identical on every DDP rank, so rank 0 alone measures and logs.
+    Weights are identical on every DDP rank, so rank 0 alone measures and logs. In an
+    ``SAEGroup`` every member is measured, under ``<member>/geometry/...`` and
+    ``figures/<member>/geometry/``, with its own baseline and threshold steps.
 
     Args:
         every_n_steps: measurement interval in optimizer steps.
@@ -55,10 +77,17 @@ class FeatureGeometryMonitor(Callback):
         resolve_backend(backend)  # fail at construction on a bad name
         self.every_n_steps, self.thresholds = every_n_steps, tuple(sorted(thresholds))
         self.backend, self.save_png, self.baseline_seed = backend, save_png, baseline_seed
-        self.random_baseline: float | None = None
-        self.first_step_at: dict[str, int] = {}
-        self.history: list[tuple[int, float, float | None]] = []  # (step, mmcs, gt_mmcs)
+        self.records: dict[str, _Record] = {}  # by SAE name ("" for a single SAE)
         self.last_step = -1
+
+    # A single SAE's record, as attributes.
+    @property
+    def first_step_at(self) -> dict[str, int]:
+        return self.records.get("", _Record()).first_step_at
+
+    @property
+    def history(self) -> list[tuple[int, float, float | None]]:
+        return self.records.get("", _Record()).history
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -78,48 +107,68 @@ class FeatureGeometryMonitor(Callback):
 
     @torch.no_grad()
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Measure and log now; returns the scalars logged."""
+        """Measure and log now, every SAE of the module; returns the scalars logged."""
+        metrics: dict[str, float] = {}
+        for name, sae in saes(pl_module).items():
+            record = self.records.setdefault(name, _Record())
+            metrics |= self._measure(trainer, name, sae.W_dec.detach(), record)
+        return metrics
+
+    def _measure(
+        self, trainer: Trainer, name: str, W_dec: Tensor, record: _Record
+    ) -> dict[str, float]:
         step = trainer.global_step
-        W_dec = pl_module.W_dec.detach()
-        if self.random_baseline is None:
-            self.random_baseline = random_directions_mmcs(
+        if record.random_baseline is None:
+            record.random_baseline = random_directions_mmcs(
                 *W_dec.shape, seed=self.baseline_seed, backend=self.backend, device=W_dec.device
             )
         max_cos = self_max_cosine_similarity(W_dec, self.backend)
         metrics = {
             "geometry/mmcs": float(max_cos.mean()),
-            "geometry/mmcs_random_baseline": self.random_baseline,
+            "geometry/mmcs_random_baseline": record.random_baseline,
         }
         gt_mmcs = None
         ground_truth = getattr(trainer.datamodule, "ground_truth_features", None)
-        if ground_truth is not None:
+        # Ground truth lives in the data's own space; an SAE on another hook has other widths.
+        if ground_truth is not None and ground_truth.shape[1] == W_dec.shape[1]:
             gt_mmcs = float(
                 mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec, backend=self.backend)
             )
             metrics["geometry/gt_mmcs"] = gt_mmcs
             for threshold in self.thresholds:
                 key = f"{threshold:g}"
-                if key not in self.first_step_at and gt_mmcs >= threshold:
-                    self.first_step_at[key] = step
+                if key not in record.first_step_at and gt_mmcs >= threshold:
+                    record.first_step_at[key] = step
                     metrics[f"geometry/gt_step_to_{key}"] = float(step)
-        self.history.append((step, metrics["geometry/mmcs"], gt_mmcs))
+        record.history.append((step, metrics["geometry/mmcs"], gt_mmcs))
+        metrics = {scoped(name, key): value for key, value in metrics.items()}
         log_scalars(trainer, metrics)
-        log_histogram(trainer, "geometry/max_cos", max_cos)
-        png = figures_dir(trainer) / "geometry" / f"step{step:07d}.png"
-        figure = max_cosine_figure(max_cos, step, self.random_baseline)
-        log_figure(trainer, "geometry/max_cos", figure, png if self.save_png else None)
+        log_histogram(trainer, scoped(name, "geometry/max_cos"), max_cos)
+        png = figures_dir(trainer) / scoped(name, "geometry") / f"step{step:07d}.png"
+        figure = max_cosine_figure(max_cos, step, record.random_baseline)
+        log_figure(
+            trainer, scoped(name, "geometry/max_cos"), figure, png if self.save_png else None
+        )
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "random_baseline": self.random_baseline,
-            "first_step_at": dict(self.first_step_at),
-            "history": list(self.history),
-            "last_step": self.last_step,
+        states = {
+            name: {
+                "random_baseline": record.random_baseline,
+                "first_step_at": dict(record.first_step_at),
+                "history": list(record.history),
+            }
+            for name, record in (self.records or {"": _Record()}).items()
         }
+        return {**per_sae_state(states), "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.random_baseline = state_dict["random_baseline"]
-        self.first_step_at = dict(state_dict["first_step_at"])
-        self.history = [tuple(entry) for entry in state_dict["history"]]
         self.last_step = state_dict["last_step"]
+        self.records = {
+            name: _Record(
+                state["random_baseline"],
+                dict(state["first_step_at"]),
+                [tuple(entry) for entry in state["history"]],
+            )
+            for name, state in states_by_sae(state_dict).items()
+        }

@@ -15,6 +15,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_sae.callbacks._reporting import sae_input, saes
 from lightning_sae.metrics.similarity import import_faiss
 
 Method = Literal["orthogonal", "xavier", "data", "svd", "kmeans", "outliers"]
@@ -149,6 +150,9 @@ class DataInformedInit(Callback):
 
     The encoder becomes the decoder's transpose (``encoder: transpose``) or stays (``keep``).
 
+    In an ``SAEGroup`` every member is initialised this way from the same sample (its own
+    hook's activations), exactly as it would be alone.
+
     Args:
         method: how decoder rows are chosen.
         n_samples: inputs drawn for the initialisation (at least d_sae for the data methods).
@@ -185,30 +189,36 @@ class DataInformedInit(Callback):
             rank_zero_info("DataInformedInit: resuming, so the weights are left as restored.")
             self.has_run = True
             return
-        d_sae = pl_module.W_dec.shape[0]
-        if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
-            raise ValueError(
-                f"DataInformedInit(method={self.method!r}) needs at least d_sae={d_sae} samples, "
-                f"got n_samples={self.n_samples}: raise n_samples."
-            )
+        named = saes(pl_module)
+        for name, sae in named.items():
+            d_sae = sae.W_dec.shape[0]
+            if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
+                raise ValueError(
+                    f"DataInformedInit(method={self.method!r}) needs at least d_sae={d_sae} "
+                    f"samples{f' (member {name!r})' if name else ''}, got "
+                    f"n_samples={self.n_samples}: raise n_samples."
+                )
         sample = getattr(trainer.datamodule, "sample", None)
         if not callable(sample):
             raise ValueError(
                 "DataInformedInit needs a datamodule with sample(n, seed); this run has none."
             )
         # Every rank fits the scale (an all-reduce); only rank 0 needs the sample otherwise.
-        needs_scale = not bool(pl_module.input_scale_fitted)
-        x = None
+        needs_scale = any(not bool(sae.input_scale_fitted) for sae in named.values())
+        drawn = None
         if needs_scale or trainer.is_global_zero:
-            x = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET).to(pl_module.device)
-        if needs_scale:
-            pl_module.fit_input_scale(x)
-        weights = None
-        if trainer.is_global_zero:
-            weights = self.initial_weights(pl_module.normalize(x), pl_module)
+            drawn = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET)
+        weights = {}
+        for name, sae in named.items():
+            x = None if drawn is None else sae_input(pl_module, name, drawn).to(sae.device)
+            if not bool(sae.input_scale_fitted):
+                sae.fit_input_scale(x)
+            if trainer.is_global_zero:
+                weights[name] = self.initial_weights(sae.normalize(x), sae)
         weights = trainer.strategy.broadcast(weights, src=0)
-        for name, value in weights.items():
-            getattr(pl_module, name).copy_(value.to(getattr(pl_module, name)))
+        for name, sae in named.items():
+            for key, value in weights[name].items():
+                getattr(sae, key).copy_(value.to(getattr(sae, key)))
         self.has_run = True
         rank_zero_info(f"DataInformedInit: decoder from {self.method}, b_dec from {self.b_dec}.")
 

@@ -14,7 +14,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from lightning_sae.callbacks._reporting import batch_tensor, log_scalars
+from lightning_sae.callbacks._reporting import batch_rows, log_scalars
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -55,7 +55,7 @@ class TokenThroughput(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        rows = batch_tensor(batch).shape[0] * trainer.world_size
+        rows = batch_rows(batch) * trainer.world_size
         self.tokens += rows
         self._window_tokens += rows
         step = trainer.global_step
@@ -103,8 +103,9 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar = self.init_train_tqdm()
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
-        bar.initial = 0
-        bar.n = trainer.global_step  # a resumed run starts where it stopped
+        # Start where the run is (a resume or a new epoch); tqdm's rate is (n - initial) per
+        # second, so counting from 0 would show the steps already done as done in no time.
+        bar.initial = bar.n = trainer.global_step
         bar.set_description(f"Training (epoch {trainer.current_epoch})")
         bar.refresh()
 
@@ -139,7 +140,7 @@ class EvaluationCoverage(Callback):
 
     def _count(self, trainer: Trainer, batch: Any) -> None:
         if not trainer.sanity_checking:
-            self._rows += batch_tensor(batch).shape[0]
+            self._rows += batch_rows(batch)
             self._batches += 1
 
     def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -9,8 +9,16 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sae.callbacks._reporting import log_scalars
+from lightning_sae.callbacks._reporting import (
+    log_scalars,
+    per_sae_state,
+    sae_input,
+    saes,
+    scoped,
+    states_by_sae,
+)
 from lightning_sae.metrics.similarity import import_faiss
+from lightning_sae.models.base import SparseAutoencoder
 
 Strategy = Literal["worst", "loss_weighted", "cluster"]
 STRATEGIES = ("worst", "loss_weighted", "cluster")
@@ -131,6 +139,10 @@ class DeadFeatureResampler(Callback):
     which joins no collective, on rank 0 alone; the choice is broadcast, so DDP ranks stay
     identical. It logs ``resampling/n_resampled``.
 
+    In an ``SAEGroup`` every member is resampled at the same steps, each from its own hook's
+    samples and with its own generator (seeded alike), so each member's resampling is the one
+    it gets when trained alone; it logs ``<member>/resampling/n_resampled``.
+
     Args:
         every_n_steps: resample every this many optimizer steps, or
         at_steps: resample at exactly these steps (give one of the two).
@@ -175,9 +187,20 @@ class DeadFeatureResampler(Callback):
         self.n_batches, self.batch_size = n_batches, batch_size
         self.encoder_norm_factor = encoder_norm_factor
         self.candidate_fraction, self.n_clusters = candidate_fraction, n_clusters
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[str, torch.Generator] = {}  # by SAE name ("" for a single SAE)
+        self.resampled: dict[str, int] = {}
         self.last_resample_step = -1
-        self.total_resampled = 0
+
+    @property
+    def total_resampled(self) -> int:
+        """Features resampled so far, over every SAE."""
+        return sum(self.resampled.values())
+
+    def _generator(self, name: str) -> torch.Generator:
+        if name not in self.generators:
+            self.generators[name] = torch.Generator().manual_seed(self.seed)
+        return self.generators[name]
 
     def is_due(self, step: int) -> bool:
         if step <= 0 or step == self.last_resample_step:
@@ -205,57 +228,68 @@ class DeadFeatureResampler(Callback):
 
     @torch.no_grad()
     def resample(self, trainer: Trainer, pl_module: LightningModule) -> int:
-        """Resample the dead features now; returns how many were resampled."""
-        plan = self._plan(trainer, pl_module) if trainer.is_global_zero else None
-        plan = trainer.strategy.broadcast(plan, src=0)
-        self.generator.set_state(plan["generator_state"])  # ranks stay in step for resume
-        indices = plan["indices"].to(pl_module.device)
-        if len(indices):
-            self._apply(trainer, pl_module, indices, plan["directions"], plan["encoder_norm"])
-        self.total_resampled += len(indices)
+        """Resample the dead features of every SAE now; returns how many were resampled."""
+        named = saes(pl_module)
+        plans = None
         if trainer.is_global_zero:
-            log_scalars(trainer, {"resampling/n_resampled": float(len(indices))})
-            rank_zero_info(
-                f"step {trainer.global_step}: resampled {len(indices)} of {plan['n_dead']} dead "
-                f"features ({self.strategy})"
-            )
-        return len(indices)
+            plans = {name: self._plan(trainer, pl_module, name) for name in named}
+        plans = trainer.strategy.broadcast(plans, src=0)
+        total = 0
+        for name, sae in named.items():
+            plan = plans[name]
+            self._generator(name).set_state(plan["generator_state"])  # ranks stay in step
+            indices = plan["indices"].to(sae.device)
+            if len(indices):
+                self._apply(trainer, sae, indices, plan["directions"], plan["encoder_norm"])
+            self.resampled[name] = self.resampled.get(name, 0) + len(indices)
+            total += len(indices)
+            if trainer.is_global_zero:
+                log_scalars(trainer, {scoped(name, "resampling/n_resampled"): float(len(indices))})
+                rank_zero_info(
+                    f"step {trainer.global_step}: {scoped(name, 'resampled')} {len(indices)} of "
+                    f"{plan['n_dead']} dead features ({self.strategy})"
+                )
+        return total
 
-    def _plan(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        dead = pl_module.dead_mask()
+    def _plan(self, trainer: Trainer, pl_module: LightningModule, name: str = "") -> dict[str, Any]:
+        sae, generator = saes(pl_module)[name], self._generator(name)
+        dead = sae.dead_mask()
         dead_indices = dead.nonzero().squeeze(1).cpu()
         plan: dict[str, Any] = {"n_dead": len(dead_indices), "indices": dead_indices[:0]}
         if len(dead_indices):
-            residuals, losses = self._residuals(trainer, pl_module)
+            residuals, losses = self._residuals(trainer, pl_module, name)
             n = len(dead_indices)
             if self.strategy == "worst":
                 directions = pick_worst(residuals, losses, n)
             elif self.strategy == "loss_weighted":
-                directions = pick_loss_weighted(residuals, losses, n, self.generator)
+                directions = pick_loss_weighted(residuals, losses, n, generator)
             else:
-                seed = int(torch.randint(2**31 - 1, (), generator=self.generator))
+                seed = int(torch.randint(2**31 - 1, (), generator=generator))
                 directions = pick_clustered(
                     residuals, losses, n, self.candidate_fraction, self.n_clusters, seed
                 )
-            encoder_norms = pl_module.W_enc.norm(dim=0)[~dead]
+            encoder_norms = sae.W_enc.norm(dim=0)[~dead]
             plan.update(
                 indices=dead_indices[: len(directions)],
                 directions=directions.cpu(),
                 encoder_norm=float(encoder_norms.mean()) if len(encoder_norms) else 1.0,
             )
-        plan["generator_state"] = self.generator.get_state()
+        plan["generator_state"] = generator.get_state()
         return plan
 
-    def _residuals(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Tensor, Tensor]:
+    def _residuals(
+        self, trainer: Trainer, pl_module: LightningModule, name: str = ""
+    ) -> tuple[Tensor, Tensor]:
         """(residual, squared error) of each candidate input, in the SAE's normalised space."""
+        sae, generator = saes(pl_module)[name], self._generator(name)
         residuals, losses = [], []
         for _ in range(self.n_batches):
-            seed = int(torch.randint(2**62, (), generator=self.generator))
-            x = trainer.datamodule.sample(self.batch_size, seed=seed).to(pl_module.device)
-            x_n = pl_module.normalize(x)
+            seed = int(torch.randint(2**62, (), generator=generator))
+            sample = trainer.datamodule.sample(self.batch_size, seed=seed)
+            x_n = sae.normalize(sae_input(pl_module, name, sample).to(sae.device))
             # Rank 0 alone: a training-mode forward could enter a collective (BatchTopK).
-            with pl_module.measuring():
-                residual = x_n - pl_module.forward_normalized(x_n).x_hat
+            with sae.measuring():
+                residual = x_n - sae.forward_normalized(x_n).x_hat
             residuals.append(residual.float())
             losses.append(residual.float().pow(2).sum(-1))
         return torch.cat(residuals), torch.cat(losses)
@@ -263,27 +297,29 @@ class DeadFeatureResampler(Callback):
     def _apply(
         self,
         trainer: Trainer,
-        pl_module: LightningModule,
+        sae: SparseAutoencoder,
         indices: Tensor,
         directions: Tensor,
         encoder_norm: float,
     ) -> None:
-        live = ~pl_module.dead_mask()  # before the reset clears the restarted features' clocks
-        touched = pl_module.reset_features(
-            indices, directions, self.encoder_norm_factor * encoder_norm
-        )
+        live = ~sae.dead_mask()  # before the reset clears the restarted features' clocks
+        touched = sae.reset_features(indices, directions, self.encoder_norm_factor * encoder_norm)
         for optimizer in trainer.optimizers:
             for param, feature_dim in touched:
                 restart_adam_slices(optimizer.state.get(param, {}), feature_dim, indices, live)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "generator_state": self.generator.get_state(),
-            "last_resample_step": self.last_resample_step,
-            "total_resampled": self.total_resampled,
+        states = {
+            name: {
+                "generator_state": self._generator(name).get_state(),
+                "total_resampled": self.resampled.get(name, 0),
+            }
+            for name in (self.generators or {"": None})
         }
+        return {**per_sae_state(states), "last_resample_step": self.last_resample_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.generator.set_state(state_dict["generator_state"])
         self.last_resample_step = state_dict["last_resample_step"]
-        self.total_resampled = state_dict["total_resampled"]
+        for name, state in states_by_sae(state_dict).items():
+            self._generator(name).set_state(state["generator_state"])
+            self.resampled[name] = state["total_resampled"]

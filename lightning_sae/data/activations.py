@@ -36,9 +36,8 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
-from queue import Full, Queue
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +58,8 @@ from lightning_sae.data.cache import (
     open_activation_files,
     open_hook_cache,
 )
+from lightning_sae.data.loader import in_background as _in_background
+from lightning_sae.data.loader import rank_and_world as _rank_and_world
 from lightning_sae.data.tokens import (
     PYDOC_TOPICS,
     TextSource,
@@ -68,12 +69,6 @@ from lightning_sae.data.tokens import (
 )
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ActivationBatches:
@@ -334,47 +329,30 @@ class ActivationBatches:
         self.epoch, self.next_index = state["epoch"], state["next_index"]
 
 
-_END = object()  # the producer's last item when it ran to the end
+class HookBatches:
+    """Several hooks' loaders served together as ``{hook: batch}``: every loader draws the
+    same rows (same layout and seed), so row ``i`` of each hook is the same token position.
+    The position is the first loader's; every loader is kept at it."""
 
+    def __init__(self, loaders: dict[str, ActivationBatches]) -> None:
+        self.loaders = loaders
+        self.first = next(iter(loaders.values()))
 
-def _in_background(
-    batches: Iterator[Tensor], depth: int, stop: threading.Event
-) -> Iterator[Tensor]:
-    """``batches``, produced by a thread that runs up to ``depth`` batches ahead. Closing this
-    generator sets ``stop`` and joins the thread; an error in the thread is raised here."""
-    queue: Queue[object] = Queue(maxsize=depth)
+    def __len__(self) -> int:
+        return len(self.first)
 
-    def put(item: object) -> bool:
-        # A timeout, so a producer blocked on a full queue notices that the consumer left.
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.05)
-                return True
-            except Full:
-                pass
-        return False
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        with ExitStack() as stack:  # stop every loader's threads when this one stops
+            iterators = [stack.enter_context(closing(iter(x))) for x in self.loaders.values()]
+            for batches in zip(*iterators, strict=True):
+                yield dict(zip(self.loaders, batches, strict=True))
 
-    def produce() -> None:
-        try:
-            with closing(batches):
-                for batch in batches:
-                    if not put(batch):
-                        return
-        except BaseException as error:  # any: the consumer must not wait forever
-            put(error)
-        else:
-            put(_END)
+    def state_dict(self) -> dict[str, int]:
+        return self.first.state_dict()
 
-    thread = threading.Thread(target=produce, name="activation-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := queue.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for loader in self.loaders.values():
+            loader.load_state_dict(state)
 
 
 class ActivationDataModule(LightningDataModule):
@@ -386,6 +364,9 @@ class ActivationDataModule(LightningDataModule):
         hook: hook point whose activations are served, e.g. ``blocks.3.hook_resid_post``.
         extra_hooks: more hooks cached in the same forward passes (each reusable by another
             run whose ``hook`` it is), not served by this module.
+        hooks: serve several hooks together, instead of ``hook``: batches are then
+            ``{hook: [batch, d_in_hook]}`` with rows aligned (row ``i`` of every hook is the same
+            token position), in the order and shuffle one hook gets. All are cached together.
         dataset: ``pydoc_data.topics`` (offline), a local .txt/.json/.jsonl/.parquet file or
             folder, or a Hugging Face dataset name.
         dataset_config: Hugging Face dataset configuration name.
@@ -435,6 +416,7 @@ class ActivationDataModule(LightningDataModule):
         model: str | None = None,
         hook: str | None = None,
         extra_hooks: list[str] | None = None,
+        hooks: list[str] | None = None,
         dataset: str = PYDOC_TOPICS,
         dataset_config: str | None = None,
         dataset_split: str = "train",
@@ -473,7 +455,18 @@ class ActivationDataModule(LightningDataModule):
                 "set exactly one of data.init_args.model (activations of a language model) and "
                 "data.init_args.activations_dir (your own activation files)."
             )
-        if model is not None and not hook:
+        if hooks is not None and (
+            activations_dir is not None or not hooks or len(set(hooks)) != len(hooks)
+        ):
+            raise ValueError(
+                f"data.init_args.hooks must name distinct hooks of a model, got {hooks}."
+            )
+        if hook and hooks and hook != hooks[0]:
+            raise ValueError(
+                f"set data.init_args.hook ({hook!r}) or hooks ({hooks}), not both: hooks are "
+                "served together, the first one in the place of hook."
+            )
+        if model is not None and not (hook or hooks):
             raise ValueError("data.init_args.hook is required, e.g. blocks.3.hook_resid_post.")
         positive = {
             "context_size": context_size,
@@ -495,8 +488,10 @@ class ActivationDataModule(LightningDataModule):
             )
         if verify not in ("size", "checksum"):
             raise ValueError(f"data.init_args.verify must be 'size' or 'checksum', got {verify!r}.")
-        self.hook = hook
-        self.hooks = [hook, *[h for h in (extra_hooks or []) if h != hook]] if hook else []
+        # Served hooks first; the cache holds them and the extra ones.
+        self.served = list(hooks or ([hook] if hook else []))
+        self.hook = self.served[0] if self.served else None
+        self.hooks = [*self.served, *[h for h in (extra_hooks or []) if h not in self.served]]
         self.batch_size, self.seed = batch_size, seed
         self.text = TextSource(dataset, dataset_config, dataset_split, text_column, streaming)
         first_position = int(prepend_bos and exclude_bos)
@@ -511,11 +506,11 @@ class ActivationDataModule(LightningDataModule):
         )
         self._tokenizer: Any = None
         self._fingerprint: dict[str, Any] | None = None
-        self._store: ShardedActivations | None = None
+        self._stores: dict[str | None, ShardedActivations] = {}
         self._built_here = False
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.train_batches: ActivationBatches | None = None
-        self.val_batches: ActivationBatches | None = None
+        self.train_batches: ActivationBatches | HookBatches | None = None
+        self.val_batches: ActivationBatches | HookBatches | None = None
 
     # ----------------------------------------------------------------- identity
     @property
@@ -613,26 +608,34 @@ class ActivationDataModule(LightningDataModule):
             self.build_cache()
 
     # ----------------------------------------------------------------- reading
-    def _open(self) -> ShardedActivations:
-        if self._store is None:
+    def _open(self, hook: str | None = None) -> ShardedActivations:
+        """The activations of ``hook`` (default: the first served one)."""
+        hook = hook or self.hook
+        if hook not in self._stores:
             hp = self.hparams
             if hp.activations_dir is not None:
-                self._store = open_activation_files(Path(hp.activations_dir))
+                self._stores[hook] = open_activation_files(Path(hp.activations_dir))
             else:
                 verify = "size" if self._built_here else hp.verify
-                self._store, _ = open_hook_cache(
+                self._stores[hook], _ = open_hook_cache(
                     self.cache_root,
-                    self.hook,
-                    {**self.fingerprint, "hook": self.hook, "dtype": hp.dtype},
+                    hook,
+                    {**self.fingerprint, "hook": hook, "dtype": hp.dtype},
                     verify,
                     self.layout,
                 )
-        return self._store
+        return self._stores[hook]
 
     @property
-    def d_in(self) -> int:
-        """Width of the activation vectors (opens the cache, which must exist)."""
-        return self._open().d_in
+    def d_ins(self) -> dict[str, int]:
+        """Width of each served hook's activations (opens the cache, which must exist)."""
+        return {hook: self._open(hook).d_in for hook in self.served}
+
+    @property
+    def d_in(self) -> int | None:
+        """Width of the activation vectors (opens the cache, which must exist); ``None`` when
+        several hooks are served (see :attr:`d_ins`)."""
+        return self._open().d_in if len(self.served) <= 1 else None
 
     def _splits(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(start, stop) rows of the training and validation splits."""
@@ -647,19 +650,19 @@ class ActivationDataModule(LightningDataModule):
             )
         return (0, n - n_val), (n - n_val, n)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.hparams.model is not None and self.hparams.build_on_all_ranks:
-            self.build_cache(*_rank_and_world())
-        store = self._open()
-        if self.train_batches is None:  # keep the loaders (and their position) across stages
-            hp = self.hparams
-            (train_lo, train_hi), (val_lo, val_hi) = self._splits()
-            self.train_batches = ActivationBatches(
-                store,
-                train_lo,
-                train_hi,
-                hp.batch_size,
-                shuffle=True,
+    def _batches(
+        self, start: int, stop: int, batch_size: int, shuffle: bool
+    ) -> ActivationBatches | HookBatches:
+        """Loaders of the served hooks over rows ``[start, stop)``: their orders depend only on
+        the layout and the seed, so the hooks' rows stay aligned."""
+        hp = self.hparams
+        loaders = {
+            hook: ActivationBatches(
+                self._open(hook),
+                start,
+                stop,
+                batch_size,
+                shuffle=shuffle,
                 seed=hp.seed,
                 buffer_rows=hp.shuffle_buffer_tokens,
                 chunk_rows=hp.shuffle_chunk_tokens,
@@ -667,44 +670,50 @@ class ActivationDataModule(LightningDataModule):
                 threads=hp.loader_threads,
                 prefetch_batches=hp.prefetch_batches,
             )
-            _, world = _rank_and_world()
-            val_batch = min(hp.batch_size, (val_hi - val_lo) // world * world)
-            if val_batch > 0:
-                self.val_batches = ActivationBatches(
-                    store,
-                    val_lo,
-                    val_hi,
-                    val_batch,
-                    shuffle=False,
-                    buffer_rows=hp.shuffle_buffer_tokens,
-                    chunk_rows=hp.shuffle_chunk_tokens,
-                    pin_memory=self.pin_memory,
-                    threads=hp.loader_threads,
-                    prefetch_batches=hp.prefetch_batches,
-                )
+            for hook in self.served or [None]
+        }
+        return HookBatches(loaders) if len(loaders) > 1 else next(iter(loaders.values()))
 
-    def sample(self, n: int, seed: int | None = None) -> Tensor:
-        """``n`` distinct random training activations as float32 ``[n, d_in]``; the training
-        loader's position is untouched."""
-        store = self._open()
+    def setup(self, stage: str | None = None) -> None:
+        if self.hparams.model is not None and self.hparams.build_on_all_ranks:
+            self.build_cache(*_rank_and_world())
+        self._open()
+        if self.train_batches is None:  # keep the loaders (and their position) across stages
+            (train_lo, train_hi), (val_lo, val_hi) = self._splits()
+            self.train_batches = self._batches(
+                train_lo, train_hi, self.hparams.batch_size, shuffle=True
+            )
+            _, world = _rank_and_world()
+            val_batch = min(self.hparams.batch_size, (val_hi - val_lo) // world * world)
+            if val_batch > 0:
+                self.val_batches = self._batches(val_lo, val_hi, val_batch, shuffle=False)
+
+    def sample(self, n: int, seed: int | None = None) -> Tensor | dict[str, Tensor]:
+        """``n`` distinct random training activations as float32 ``[n, d_in]`` (with several
+        hooks served, ``{hook: [n, d_in_hook]}`` of the same rows); the training loader's
+        position is untouched."""
         (lo, hi), _ = self._splits()
         if n > hi - lo:
             raise ValueError(f"asked for {n:,} samples but there are {hi - lo:,} training rows.")
         rng = np.random.default_rng(self.seed + 104_729 if seed is None else seed)
         rows = lo + rng.choice(hi - lo, size=n, replace=False)
-        return store.to_torch(store.gather(rows)).float()
+        samples = {}
+        for hook in self.served or [None]:
+            store = self._open(hook)
+            samples[hook] = store.to_torch(store.gather(rows)).float()
+        return samples if len(samples) > 1 else next(iter(samples.values()))
 
-    def train_dataloader(self) -> ActivationBatches:
+    def train_dataloader(self) -> ActivationBatches | HookBatches:
         if self.train_batches is None:
             self.setup("fit")
         return self.train_batches
 
-    def val_dataloader(self) -> ActivationBatches | list:
+    def val_dataloader(self) -> ActivationBatches | HookBatches | list:
         if self.train_batches is None:
             self.setup("validate")
         return self.val_batches if self.val_batches is not None else []
 
-    def test_dataloader(self) -> ActivationBatches | list:
+    def test_dataloader(self) -> ActivationBatches | HookBatches | list:
         return self.val_dataloader()
 
 

@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,48 @@ def load_model(
     return model
 
 
+@dataclass(frozen=True)
+class LanguageModel:
+    """Which model to run: the options the activation cache takes flat (``model``,
+    ``revision``, ``tokenizer``, ``model_config``, ``model_seed``, ``model_dtype``), grouped for
+    modules that run the model themselves.
+
+    Args:
+        name: hub name, local folder or ``pkg:<module>`` (see the module docstring).
+        revision: hub revision of the weights.
+        tokenizer: tokenizer spec when it is not the model's (e.g. for ``config`` models).
+        config: build a causal LM from this Hugging Face config (with ``model_type``) with
+            random weights seeded by ``seed`` instead of loading ``name``; for tests.
+        seed: seed of those random weights.
+        dtype: dtype of the weights (and so of the forward pass): ``float32``, ``float16`` or
+            ``bfloat16``.
+    """
+
+    name: str
+    revision: str | None = None
+    tokenizer: str | None = None
+    config: dict[str, Any] | None = None
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        torch_dtype(self.dtype)  # an unknown dtype fails at construction, not at the forward
+
+    def load(self, device: str = "cpu") -> Any:
+        return load_model(
+            self.name,
+            device=device,
+            dtype=self.dtype,
+            revision=self.revision,
+            hf_config=self.config,
+            seed=self.seed,
+        )
+
+    def load_tokenizer(self) -> Any:
+        revision = None if self.tokenizer else self.revision
+        return load_tokenizer(self.tokenizer or self.name, revision)
+
+
 def _random_model(
     label: str, hf_config: dict[str, Any], seed: int, dtype: torch.dtype, device: str
 ) -> Any:
@@ -288,6 +331,14 @@ def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tenso
             "hooks (attn_in, mlp_in, split qkv input) behind model.set_use_*(True) setters."
         )
     return {name: cache[name] for name in names}
+
+
+@torch.no_grad()
+def hook_widths(model: Any, names: Sequence[str]) -> dict[str, int]:
+    """Width of the activations at each hook in ``names``, from a forward pass over two tokens
+    (hooks inside attention or the MLP are not all ``d_model`` wide)."""
+    tokens = torch.zeros((1, 2), dtype=torch.long)
+    return {name: int(value.shape[-1]) for name, value in capture(model, tokens, names).items()}
 
 
 # --------------------------------------------------------------------------- splicing

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -196,3 +196,161 @@ def token_windows(
         windows = np.concatenate([np.full((n_windows, 1), bos), windows], axis=1)
     order = np.random.default_rng(seed).permutation(n_windows)
     return np.ascontiguousarray(windows[order], dtype=np.int32)
+
+
+# --------------------------------------------------------------------------- streamed windows
+@dataclass(frozen=True)
+class TextOptions:
+    """The text and how it is cut into windows: the activation cache's text options, grouped
+    for modules that read text as they train.
+
+    Args:
+        dataset: ``pydoc_data.topics`` (offline), a local .txt/.json/.jsonl/.parquet file or
+            folder, or a Hugging Face dataset name.
+        dataset_config: Hugging Face dataset configuration name.
+        dataset_split: split of a hub dataset.
+        text_column: column holding the text.
+        streaming: stream a hub dataset instead of downloading it whole.
+        context_size: tokens per window (BOS included).
+        prepend_bos: start every window with BOS ([CLS] for BERT-style tokenizers).
+        exclude_bos: leave the BOS position out of the activations.
+    """
+
+    dataset: str = PYDOC_TOPICS
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False
+    context_size: int = 128
+    prepend_bos: bool = True
+    exclude_bos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.context_size < 2:
+            raise ValueError(f"context_size must be at least 2, got {self.context_size}.")
+
+    @property
+    def source(self) -> TextSource:
+        return TextSource(
+            self.dataset, self.dataset_config, self.dataset_split, self.text_column, self.streaming
+        )
+
+    @property
+    def first_position(self) -> int:
+        """First position of a window whose activations are used (1 when BOS is left out)."""
+        return int(self.prepend_bos and self.exclude_bos)
+
+    @property
+    def positions(self) -> int:
+        """Activation rows per window."""
+        return self.context_size - self.first_position
+
+
+class TextPosition(NamedTuple):
+    """Where a reader stands: the pass over the text, the document, and the tokens of that
+    document (its separator included) already read."""
+
+    epoch: int
+    document: int
+    offset: int
+
+
+TEXT_START = TextPosition(0, 0, 0)
+
+
+class TextWindows:
+    """Consecutive ``[n, context_size]`` windows of one of ``n_streams`` streams of the text,
+    readable from any :class:`TextPosition` without tokenizing what lies before it.
+
+    Stream ``s`` reads the documents ``d >= start.document`` with ``d % n_streams == s`` (the
+    first one from ``start.offset``), so streams read disjoint text. The documents of other
+    streams and those before the position are skipped untokenized. With ``wrap`` the stream
+    starts a new epoch at ``start`` when its text runs out; without it, running out is a
+    :class:`TextSourceError`.
+    """
+
+    def __init__(
+        self,
+        source: TextSource,
+        tokenizer: Any,
+        options: TextOptions,
+        *,
+        start: TextPosition = TEXT_START,
+        position: TextPosition | None = None,
+        stream: int = 0,
+        n_streams: int = 1,
+        wrap: bool = True,
+        source_name: str = "the dataset",
+    ) -> None:
+        self.source, self.tokenizer, self.options = source, tokenizer, options
+        self.start, self.stream, self.n_streams = start, stream, n_streams
+        self.wrap, self.source_name = wrap, source_name
+        self.bos, self.separator = special_token_ids(tokenizer)
+        if options.prepend_bos and self.bos is None:
+            raise ValueError(
+                "the tokenizer has no BOS or [CLS] token to prepend: set prepend_bos to false."
+            )
+        self.position = position or start
+        self._documents: Iterator[tuple[int, int, np.ndarray]] | None = None
+        self._read_in_epoch: int | None = None  # tokens since a fresh epoch began, if one did
+        self._current = np.zeros(0, dtype=np.int64)  # the rest of the document being read
+
+    def _tokenized(self, position: TextPosition) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(index, offset, tokens) of this stream's documents from ``position`` on: a document's
+        tokens and separator, from ``offset`` (``position.offset`` for the first, else 0)."""
+        tail = [] if self.separator is None else [self.separator]
+        mine = (
+            (d, text)
+            for d, text in enumerate(iter_documents(self.source))
+            if d >= position.document and d % self.n_streams == self.stream
+        )
+        while batch := list(islice(mine, _TOKENIZE_BATCH)):
+            ids = self.tokenizer([text for _, text in batch], add_special_tokens=False)
+            for (d, _), doc in zip(batch, ids["input_ids"], strict=True):
+                offset = position.offset if d == position.document else 0
+                yield d, offset, np.array([*doc, *tail], dtype=np.int64)[offset:]
+
+    def _text(self, n: int) -> np.ndarray:
+        """The next ``n`` tokens of text, the position moved past them."""
+        parts, have = [], 0
+        while have < n:
+            if len(self._current) == 0:
+                if self._documents is None:
+                    self._documents = self._tokenized(self.position)
+                    self._read_in_epoch = 0 if self.position == self.start else None
+                found = next(self._documents, None)
+                if found is None:  # the text ran out
+                    # A whole epoch without a token would wrap forever.
+                    if not self.wrap or self._read_in_epoch == 0:
+                        raise self._too_short(have)
+                    self.position = self.start._replace(epoch=self.position.epoch + 1)
+                    self.start = self.position
+                    self._documents = None
+                    continue
+                document, offset, self._current = found
+                self.position = TextPosition(self.position.epoch, document, offset)
+                if self._read_in_epoch is not None:
+                    self._read_in_epoch += len(self._current)
+                continue
+            take = self._current[: n - have]
+            parts.append(take)
+            have += len(take)
+            self._current = self._current[len(take) :]
+            self.position = self.position._replace(offset=self.position.offset + len(take))
+        return np.concatenate(parts)
+
+    def _too_short(self, have: int) -> TextSourceError:
+        which = f" (stream {self.stream} of {self.n_streams})" if self.n_streams > 1 else ""
+        return TextSourceError(
+            f"{self.source_name}{which} ran out of text after {have:,} more tokens: it is too "
+            "short for the requested windows; lower data.init_args.val_tokens, use fewer "
+            "streams, or use a larger dataset."
+        )
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` windows as ``[n, context_size]`` int64 token ids."""
+        text_per_window = self.options.context_size - int(self.options.prepend_bos)
+        windows = self._text(n * text_per_window).reshape(n, text_per_window)
+        if self.options.prepend_bos:
+            windows = np.concatenate([np.full((n, 1), self.bos), windows], axis=1)
+        return windows

