@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_sae.data.activations as activations
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationBatches, ActivationDataModule, cache_main
-from lightning_sae.data.cache import CorruptCacheError
+from lightning_sae.data.cache import CorruptCacheError, record_path
 from lightning_sae.models.standard import StandardSAE
 
 MINILM_CONFIG = Path(__file__).parents[1] / "configs" / "minilm" / "resid-l3-standard.yaml"
@@ -409,13 +409,15 @@ def test_a_killed_build_resumes_to_identical_shards(minilm_cache: Path, tmp_path
     folder = tmp_path / MINILM_HOOK
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while len(list(folder.glob("shard_*.npy"))) < 2 and time.monotonic() < deadline:
+    while len(list(folder.glob("shard_*.npy.json"))) < 2 and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     assert process.poll() is None, "the build finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    done = sorted(folder.glob("shard_*.npy"))
+    # A shard is finished once its checksum record is written beside it; a kill between the
+    # shard and its record leaves one the resumed build must (and does) recompute.
+    done = sorted(p for p in folder.glob("shard_*.npy") if record_path(p).is_file())
     n_shards = len(snapshot(minilm_cache)) - 3  # tokens.npy, tokens.json, manifest.json
     assert 2 <= len(done) < n_shards
     assert '"complete": false' in (folder / "manifest.json").read_text()
