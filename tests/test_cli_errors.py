@@ -83,20 +83,24 @@ def test_truncated_cfg_json_is_named(tmp_path: Path) -> None:
         load(tmp_path)
 
 
-def _fit(tmp_path: Path, config: Path, *extra: str) -> Path:
-    result = run_cli(tmp_path, "fit", "--config", str(config), "--trainer.max_steps", "4", *extra)
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(working folder, last.ckpt) of a 4-step TopK fit, shared by the tests that read it."""
+    folder = tmp_path_factory.mktemp("topk-run")
+    args = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4"]
+    result = run_cli(folder, "fit", "--config", str(TOPK), *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    return next((tmp_path / "runs").rglob("last.ckpt"))
+    return folder, next((folder / "runs").rglob("last.ckpt"))
 
 
-def test_validate_refuses_a_checkpoint_of_another_variant(tmp_path: Path) -> None:
-    ckpt = _fit(tmp_path, TOPK, "--trainer.val_check_interval", "4")
+def test_validate_refuses_a_checkpoint_of_another_variant(topk_run: tuple[Path, Path]) -> None:
+    tmp_path, ckpt = topk_run
     result = run_cli(tmp_path, "validate", "--config", str(STANDARD), "--ckpt_path", str(ckpt))
     assert_one_clear_line(result, "TopKSAE", "StandardSAE", "--model.class_path")
 
 
-def test_validate_and_compare_take_an_export_folder(tmp_path: Path) -> None:
-    ckpt = _fit(tmp_path, TOPK, "--trainer.val_check_interval", "4")
+def test_validate_and_compare_take_an_export_folder(topk_run: tuple[Path, Path]) -> None:
+    tmp_path, ckpt = topk_run
     exported = run_cli(tmp_path, "export", "--ckpt_path", str(ckpt), "--out", "exported")
     assert exported.returncode == 0, exported.stderr[-3000:]
     validated = run_cli(tmp_path, "validate", "--config", str(TOPK), "--ckpt_path", "exported")
@@ -116,42 +120,47 @@ def test_validate_and_compare_take_an_export_folder(tmp_path: Path) -> None:
     assert_one_clear_line(refused, "exported", "Lightning checkpoint")
 
 
-@pytest.mark.parametrize("name", ["TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE"])
-def test_short_class_names_resolve(tmp_path: Path, name: str) -> None:
-    args = ["fit", "--config", str(STANDARD), "--model", name, "--print_config"]
-    result = run_cli(tmp_path, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    class_path = lines[lines.index("model:") + 1].split(": ")[1]
-    assert class_path in (f"lightning_sae.{name}", f"lightning_sae.models.{name}")
-    helped = run_cli(tmp_path, "fit", "--model.help", name)
-    assert helped.returncode == 0, helped.stderr[-3000:]
-    assert "d_sae" in helped.stdout
+def _cli_stdout(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``lightning-sae ARGS`` in this process (parse-only commands exit after printing)."""
+    from lightning_sae.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
 
 
-def test_short_names_for_data_and_callbacks(tmp_path: Path) -> None:
-    args = [
-        "fit",
-        "--config",
-        str(STANDARD),
-        "--data",
-        "ToySuperpositionDataModule",
-        "--trainer.callbacks+=DeadFeatureResampler",
-        "--print_config",
-    ]
-    result = run_cli(tmp_path, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "class_path: lightning_sae.DeadFeatureResampler" in result.stdout
-    lines = result.stdout.splitlines()
-    data_class = lines[lines.index("data:") + 1].split(": ")[1]
-    assert data_class.endswith(".ToySuperpositionDataModule")
+def _class_path_under(config: str, key: str) -> str:
+    lines = config.splitlines()
+    return lines[lines.index(f"{key}:") + 1].split(": ")[1]
 
 
-def test_fit_help_lists_the_variants(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "fit", "--help")
-    assert result.returncode == 0
+def test_short_class_names_resolve_for_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_sae.models import VARIANTS
+
+    for cls in VARIANTS.values():
+        name = cls.__name__
+        config = _cli_stdout(capsys, "fit", "--config", str(STANDARD), "--model", name,
+                             "--print_config")  # fmt: skip
+        assert _class_path_under(config, "model") in (
+            f"lightning_sae.{name}",
+            f"lightning_sae.models.{name}",
+        )
+    assert "d_sae" in _cli_stdout(capsys, "fit", "--model.help", "TopKSAE")
+
+
+def test_short_names_for_data_and_callbacks(capsys: pytest.CaptureFixture[str]) -> None:
+    config = _cli_stdout(capsys, "fit", "--config", str(STANDARD),
+                         "--data", "ToySuperpositionDataModule",
+                         "--trainer.callbacks+=DeadFeatureResampler", "--print_config")  # fmt: skip
+    assert "class_path: lightning_sae.DeadFeatureResampler" in config
+    assert _class_path_under(config, "data").endswith(".ToySuperpositionDataModule")
+
+
+def test_fit_help_lists_the_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    helped = _cli_stdout(capsys, "fit", "--help")
     for name in ("StandardSAE", "TopKSAE", "BatchTopKSAE", "MatryoshkaSAE", "GatedSAE"):
-        assert name in result.stdout
+        assert name in helped
 
 
 @pytest.mark.parametrize("args", [["--help"], ["export", "--help"], ["compare", "--help"]])
