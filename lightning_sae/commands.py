@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 # What an export folder's weights file is called: SAELens's name first, our old name after.
 EXPORT_WEIGHTS_FILENAMES = ("sae_weights.safetensors", "sae.safetensors")
@@ -87,3 +90,26 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--no_html", action="store_true", help="data files only")
     return parser
+
+
+def data_overrides(rest: list[str], command: str) -> dict[str, Any]:
+    """``--data.init_args.NAME VALUE`` / ``--data.init_args.NAME=VALUE`` pairs (YAML values)
+    left over by a tool's parser; anything else is a ValueError naming the argument."""
+    prefix, values, i = "--data.init_args.", {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith(prefix):
+            raise ValueError(
+                f"unknown argument {arg!r}; {command} takes --data.init_args.NAME VALUE besides "
+                f"its options (lightning-sae {command} --help)."
+            )
+        if "=" in arg:
+            key, value = arg[len(prefix) :].split("=", 1)
+            i += 1
+        elif i + 1 < len(rest):
+            key, value = arg[len(prefix) :], rest[i + 1]
+            i += 2
+        else:
+            raise ValueError(f"{arg} needs a value.")
+        values[key] = yaml.safe_load(value)
+    return values

@@ -39,7 +39,7 @@ from lightning_sae.analysis.results import (
     write_meta,
     write_table,
 )
-from lightning_sae.commands import INSPECT_SPLITS, inspect_parser
+from lightning_sae.commands import INSPECT_SPLITS, data_overrides, inspect_parser
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.cache import ShardedActivations, open_hook_cache
@@ -499,25 +499,6 @@ def _write_logits(out: Path, ids: np.ndarray, effects: LogitEffects, text: Token
 
 
 # ----------------------------------------------------------------------------- command line
-def _overrides(rest: list[str]) -> dict[str, Any]:
-    """``--data.init_args.NAME VALUE`` pairs (values read as YAML scalars)."""
-    prefix, values, i = "--data.init_args.", {}, 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith(prefix):
-            raise InspectError(f"unknown argument {arg!r}; see lightning-sae inspect --help.")
-        if "=" in arg:
-            key, value = arg[len(prefix) :].split("=", 1)
-            i += 1
-        elif i + 1 < len(rest):
-            key, value = arg[len(prefix) :], rest[i + 1]
-            i += 2
-        else:
-            raise InspectError(f"{arg} needs a value.")
-        values[key] = yaml.safe_load(value)
-    return values
-
-
 def inspect_main(argv: list[str]) -> None:
     """``lightning-sae inspect --ckpt_path CKPT --config CFG --out DIR``."""
     args, rest = inspect_parser().parse_known_args(argv)
@@ -525,9 +506,8 @@ def inspect_main(argv: list[str]) -> None:
     options["progress"] = not options.pop("no_progress")
     options["html"] = not options.pop("no_html")
     try:
-        out = inspect(
-            args.ckpt_path, args.config, args.out, **options, data_overrides=_overrides(rest)
-        )
+        overrides = data_overrides(rest, "inspect")
+        out = inspect(args.ckpt_path, args.config, args.out, **options, data_overrides=overrides)
     except (ValueError, FileNotFoundError) as error:  # bad input (InspectError, DataError...)
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {out / 'index.html'} and the data beside it ({FEATURES_FILENAME}, ...)")

@@ -47,6 +47,7 @@ import yaml
 from lightning import LightningDataModule
 from torch import Tensor
 
+from lightning_sae.commands import data_overrides
 from lightning_sae.data import lm
 from lightning_sae.data.cache import (
     CacheBuilder,
@@ -723,25 +724,6 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _overrides(rest: list[str]) -> dict[str, Any]:
-    """``--data.init_args.NAME VALUE`` / ``--data.init_args.NAME=VALUE`` pairs (YAML values)."""
-    prefix, values, i = "--data.init_args.", {}, 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith(prefix):
-            raise SystemExit(f"error: unknown argument {arg!r}; only --data.init_args.NAME VALUE.")
-        if "=" in arg:
-            key, value = arg[len(prefix) :].split("=", 1)
-            i += 1
-        elif i + 1 < len(rest):
-            key, value = arg[len(prefix) :], rest[i + 1]
-            i += 2
-        else:
-            raise SystemExit(f"error: {arg} needs a value.")
-        values[key] = yaml.safe_load(value)
-    return values
-
-
 def cache_main(argv: list[str]) -> None:
     """``lightning-sae cache --config X``: build the activation cache of a fit config alone.
 
@@ -771,7 +753,7 @@ def cache_main(argv: list[str]) -> None:
             f"{data.get('class_path')!r}."
         )
     try:
-        datamodule = cls(**{**(data.get("init_args") or {}), **_overrides(rest)})
+        datamodule = cls(**{**(data.get("init_args") or {}), **data_overrides(rest, "cache")})
     except (TypeError, ValueError) as error:  # the config's options, checked by the module
         raise SystemExit(f"error: {args.config}: {error}") from None
     if datamodule.hparams.model is None:
