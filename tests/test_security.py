@@ -31,7 +31,7 @@ def _plant_payload(folder: Path) -> Path:
             Path({str(marker)!r}).write_text("payload ran")
 
             class Evil(StandardSAE):
-                pass
+                "The class a malicious cfg.json or checkpoint names."
             """
         )
     )
