@@ -269,6 +269,17 @@ def test_data_mismatches_fail_before_any_forward(members: list, message: str) ->
     assert not forwards
 
 
+def test_a_diverging_member_stops_the_run_named_and_its_checkpoint_stays_finite(
+    tmp_path: Path,
+) -> None:
+    group = SAEGroup(members=[spec("TopKSAE", "calm", k=4), spec("StandardSAE", "hot", lr=1e30)])
+    saved = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    with pytest.raises(ValueError, match=r"member 'hot': training diverged at step \d+"):
+        fit(group, TwoHookToy(serve="resid"), 20, callbacks=[saved])
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(w).all() for w in last.values())
+
+
 def test_default_names_are_readable_and_distinct() -> None:
     group = SAEGroup(
         members=[

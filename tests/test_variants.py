@@ -450,6 +450,20 @@ def test_a_non_finite_batch_stops_training_with_a_clear_error(bad: float, normal
         sae.training_step(x, 0)
 
 
+def test_a_diverging_run_stops_before_it_saves_non_finite_weights(tmp_path: Path) -> None:
+    """A learning rate far too high makes the weights, then the loss, non-finite on finite data.
+    The run must stop naming the step and the fix, not train on and checkpoint NaN weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    sae = StandardSAE(d_in=16, d_sae=32, lr=1e30)
+    data = ToySuperpositionDataModule(n_features=32, d_in=16, batch_size=64)
+    saved = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    with pytest.raises(ValueError, match=r"diverged at step \d+.*model.init_args.lr"):
+        quiet_trainer(20, [saved]).fit(sae, data)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(w).all() for w in last.values())
+
+
 NUMERIC_OPTIONS = [
     (StandardSAE, name)
     for name in (

@@ -76,6 +76,11 @@ def check_all_finite(hparams: Mapping[str, Any]) -> None:
             check_finite(name, value, f"model.init_args.{name}")
 
 
+def _non_finite_terms(terms: Mapping[str, Tensor], values: list[float]) -> str:
+    bad = [name for name, value in zip(terms, values, strict=True) if not math.isfinite(value)]
+    return f"non-finite ({', '.join(bad)})" if bad else "non-finite"
+
+
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -335,6 +340,20 @@ class SparseAutoencoder(LightningModule):
         self._log_training_stats(x_n, out, terms, loss)
         return loss
 
+    def _diverged(self, what: str) -> str:
+        return (
+            f"training diverged at step {self.global_step}: {what} on finite data, so every "
+            "later step and checkpoint would hold NaN weights. Lower model.init_args.lr, add "
+            "warm-up (model.init_args.lr_warmup_steps) or clip gradients "
+            "(trainer.gradient_clip_val), and resume from the last good checkpoint."
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The loss check above sees non-finite weights one step late, after the checkpoint of
+        # the step that broke them: refuse that save so the last good checkpoint survives.
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+            raise ValueError(self._diverged("the weights became non-finite"))
+
     def _zero_variance_batch(self, sum_sq: float) -> str:
         what = "all zero" if sum_sq == 0 else "identical"
         return (
@@ -400,6 +419,8 @@ class SparseAutoencoder(LightningModule):
         # so all ranks stop together.
         if not math.isfinite(sum_sq):
             raise ValueError(self._non_finite_batch())
+        if not math.isfinite(total):
+            raise ValueError(self._diverged("the loss is " + _non_finite_terms(terms, term_values)))
         variance = sum_sq - sum_x_sq / n
         if n > 1 and variance <= 1e-12 * sum_sq:
             raise ValueError(self._zero_variance_batch(sum_sq))

@@ -346,6 +346,8 @@ class SAEGroup(LightningModule):
         member.log = log  # an instance attribute shadows the method until deleted
         try:
             yield
+        except ValueError as error:  # a member's data or divergence error: say which member
+            raise ValueError(f"member {name!r}: {error}") from error
         finally:
             del member.log
 
@@ -366,6 +368,11 @@ class SAEGroup(LightningModule):
         for name, member in self.members.items():
             with self._speaking_for(name, member):
                 member.test_step(self.input_of(name, batch), batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, member in self.members.items():
+            with self._speaking_for(name, member):
+                member.on_save_checkpoint(checkpoint)  # refuses non-finite weights
 
     def forward(self, batch: Any) -> dict[str, Any]:
         """Every member's :class:`SAEOutput` on its input, by name."""
