@@ -36,6 +36,21 @@ _EXPORTS = {
         ),
         "lightning_sae.models",
     ),
+    **dict.fromkeys(
+        (
+            "Transcoder",
+            "SkipTranscoder",
+            "TopKTranscoder",
+            "TopKSkipTranscoder",
+            "BatchTopKTranscoder",
+            "BatchTopKSkipTranscoder",
+            "JumpReLUTranscoder",
+            "JumpReLUSkipTranscoder",
+            "CrossCoder",
+            "TopKCrossCoder",
+        ),
+        "lightning_sae.models.transcoder",
+    ),
     "SAEGroup": "lightning_sae.models.group",
     "ActivationDataModule": "lightning_sae.data.activations",
     "StreamingActivationDataModule": "lightning_sae.data.stream",
@@ -50,6 +65,8 @@ _EXPORTS = {
     "export_sae": "lightning_sae.io",
     "export_checkpoint": "lightning_sae.io",
     "compare_saes": "lightning_sae.metrics.similarity",
+    "LatentParallelStrategy": "lightning_sae.parallel",
+    "consolidate_checkpoint": "lightning_sae.parallel",
 }
 __all__ = [
     "__version__",
@@ -61,6 +78,16 @@ __all__ = [
     "JumpReLUSAE",
     "GatedSAE",
     "ApproxL0SAE",
+    "Transcoder",
+    "SkipTranscoder",
+    "TopKTranscoder",
+    "TopKSkipTranscoder",
+    "BatchTopKTranscoder",
+    "BatchTopKSkipTranscoder",
+    "JumpReLUTranscoder",
+    "JumpReLUSkipTranscoder",
+    "CrossCoder",
+    "TopKCrossCoder",
     "SAEGroup",
     "ActivationDataModule",
     "StreamingActivationDataModule",
@@ -75,6 +102,8 @@ __all__ = [
     "export_sae",
     "export_checkpoint",
     "compare_saes",
+    "LatentParallelStrategy",
+    "consolidate_checkpoint",
 ]
 
 if TYPE_CHECKING:
@@ -100,6 +129,19 @@ if TYPE_CHECKING:
         TopKSAE,
     )
     from lightning_sae.models.group import SAEGroup
+    from lightning_sae.models.transcoder import (
+        BatchTopKSkipTranscoder,
+        BatchTopKTranscoder,
+        CrossCoder,
+        JumpReLUSkipTranscoder,
+        JumpReLUTranscoder,
+        SkipTranscoder,
+        TopKCrossCoder,
+        TopKSkipTranscoder,
+        TopKTranscoder,
+        Transcoder,
+    )
+    from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,11 @@ def export_parser() -> argparse.ArgumentParser:
         description="Write a checkpoint's SAE as cfg.json + sae_weights.safetensors, in the "
         "layout SAELens's SAE.load_from_disk reads, with input normalisation folded in.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint (.ckpt)")
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning checkpoint (.ckpt), or the folder a latent-sharded run saved",
+    )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument(
         "--class_path",

@@ -31,9 +31,13 @@ from lightning_sae.commands import EXPORT_WEIGHTS_FILENAMES, export_parser
 from lightning_sae.models import (
     GatedSAE,
     JumpReLUSAE,
+    JumpReLUSkipTranscoder,
+    JumpReLUTranscoder,
+    SkipTranscoder,
     SparseAutoencoder,
     StandardSAE,
     TopKSAE,
+    Transcoder,
     class_path_of,
     variant_class,
 )
@@ -139,7 +143,34 @@ def _gated_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, 
     return {"b_enc": weights["b_gate"], "b_mag": weights["b_mag"], "r_mag": weights["r_mag"]}, {}
 
 
+def _transcoding(
+    to: Callable[[SparseAutoencoder], tuple[dict[str, Tensor], dict[str, Any]]],
+    from_: Callable[[dict[str, Tensor], dict[str, Any]], tuple[dict[str, Tensor], dict]],
+) -> tuple[Callable, Callable]:
+    """A variant's conversions plus what a transcoder adds: ``d_out`` and the skip ``W_skip``
+    [d_out, d_in] (the input scale multiplies input and output alike, so it cancels in W_skip)."""
+
+    def to_saelens(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        weights, cfg = to(sae)
+        if sae.W_skip is not None:
+            weights["W_skip"] = sae.W_skip.detach()
+        return weights, cfg | {"d_out": int(sae.d_out)}
+
+    def from_saelens(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+        ours, kwargs = from_(weights, cfg)
+        if "W_skip" in weights:
+            ours["W_skip"] = weights["W_skip"]
+        return ours, kwargs | {"d_out": int(cfg["d_out"])}
+
+    return to_saelens, from_saelens
+
+
 _MODELS = "lightning_sae.models"
+_TC = f"{_MODELS}.transcoder"
+_RELU_TC = _transcoding(_relu_to, _relu_from)
+_TOPK_TC = _transcoding(_topk_to, _topk_from)
+_JUMPRELU_TC = _transcoding(_jumprelu_to, _jumprelu_from)
+_BATCHTOPK_TC = _transcoding(_batchtopk_to, _batchtopk_from)
 FORMATS: dict[str, _Format] = {
     f.class_path: f
     for f in (
@@ -150,6 +181,20 @@ FORMATS: dict[str, _Format] = {
         _Format(f"{_MODELS}.topk.BatchTopKSAE", "jumprelu", _batchtopk_to, _batchtopk_from),
         _Format(f"{_MODELS}.jumprelu.JumpReLUSAE", "jumprelu", _jumprelu_to, _jumprelu_from),
         _Format(f"{_MODELS}.gated.GatedSAE", "gated", _gated_to, _gated_from),
+        # Transcoders: SAELens 6 loads the ReLU and JumpReLU ones, with or without skip
+        # (BatchTopK exports as the JumpReLU it is at inference); TopK transcoders and
+        # crosscoders have no SAELens architecture and are written in our own format (the same
+        # files, an architecture name only lightning-sae's load() reads).
+        _Format(f"{_TC}.Transcoder", "transcoder", *_RELU_TC),
+        _Format(f"{_TC}.SkipTranscoder", "skip_transcoder", *_RELU_TC),
+        _Format(f"{_TC}.JumpReLUTranscoder", "jumprelu_transcoder", *_JUMPRELU_TC),
+        _Format(f"{_TC}.JumpReLUSkipTranscoder", "jumprelu_skip_transcoder", *_JUMPRELU_TC),
+        _Format(f"{_TC}.BatchTopKTranscoder", "jumprelu_transcoder", *_BATCHTOPK_TC),
+        _Format(f"{_TC}.BatchTopKSkipTranscoder", "jumprelu_skip_transcoder", *_BATCHTOPK_TC),
+        _Format(f"{_TC}.TopKTranscoder", "lightning_sae_topk_transcoder", *_TOPK_TC),
+        _Format(f"{_TC}.TopKSkipTranscoder", "lightning_sae_topk_skip_transcoder", *_TOPK_TC),
+        _Format(f"{_TC}.CrossCoder", "lightning_sae_crosscoder", _relu_to, _relu_from),
+        _Format(f"{_TC}.TopKCrossCoder", "lightning_sae_topk_crosscoder", _topk_to, _topk_from),
     )
 }
 # The class a SAELens folder without our metadata loads into, per architecture.
@@ -158,7 +203,13 @@ DEFAULT_CLASS: dict[str, type[SparseAutoencoder]] = {
     "topk": TopKSAE,
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
+    "transcoder": Transcoder,
+    "skip_transcoder": SkipTranscoder,
+    "jumprelu_transcoder": JumpReLUTranscoder,
+    "jumprelu_skip_transcoder": JumpReLUSkipTranscoder,
 }
+# Architectures only lightning-sae reads: such a folder must carry metadata.lightning_sae.
+OWN_ARCHITECTURES = {f.architecture for f in FORMATS.values()} - set(DEFAULT_CLASS)
 
 
 def format_of(cls: type[SparseAutoencoder]) -> _Format:
@@ -214,6 +265,12 @@ def export_sae(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights, extra_cfg = saelens_state(sae)
+    sites: dict[str, Any] = {}  # where a transcoder or crosscoder reads and writes
+    if getattr(sae, "maps_sites", False):
+        sites = {"hook_name": sae.input_hook, "hook_name_out": sae.output_hook}
+    elif getattr(sae, "writes_layers", False):
+        sites = {"hook_names": list(sae.hooks)}
+    sites = {key: value for key, value in sites.items() if value}
     cfg = {
         "architecture": format_of(type(sae)).architecture,
         "d_in": sae.d_in,
@@ -226,6 +283,7 @@ def export_sae(
         **extra_cfg,
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION,
+            **sites,
             **(metadata or {}),
             "lightning_sae": {
                 "version": __version__,
@@ -303,12 +361,18 @@ def _export_checkpoint(
 ) -> list[Path]:
     """The folders written: ``[out_dir]``, or one per member of a group."""
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
+    # A latent-sharded run's checkpoint is a folder of shards: reassembled here, in one process.
+    from lightning_sae.parallel.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(ckpt_path):
+        checkpoint = consolidate_checkpoint(ckpt_path)
+    elif not ckpt_path.is_file():
         raise FileNotFoundError(
             f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file from a run's "
-            "checkpoints/ folder."
+            "checkpoints/ folder (or the folder a latent-sharded run saved)."
         )
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    else:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     common = _metadata_from_checkpoint(checkpoint)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     if not _is_group_checkpoint(hparams):
@@ -395,12 +459,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
     weights = load_file(str(_weights_file(folder)), device="cpu")
     _check_supported(cfg, weights)
     name = cfg.get("architecture", "standard")
-    if name not in DEFAULT_CLASS:
+    if name not in DEFAULT_CLASS and name not in OWN_ARCHITECTURES:
         raise ValueError(
             f"architecture {name!r} in {folder / CONFIG_FILENAME} is not supported; "
-            f"supported: {', '.join(DEFAULT_CLASS)}."
+            f"supported: {', '.join([*DEFAULT_CLASS, *sorted(OWN_ARCHITECTURES)])}."
         )
     ours = (cfg.get("metadata") or {}).get("lightning_sae")
+    if not ours and name in OWN_ARCHITECTURES:
+        raise ValueError(
+            f"architecture {name!r} in {folder / CONFIG_FILENAME} is lightning-sae's own format, "
+            "but metadata.lightning_sae (the class and its options) is missing; export the "
+            "checkpoint again with `lightning-sae export`."
+        )
     cls = (
         variant_class(ours["class_path"], f"{folder / CONFIG_FILENAME} (lightning_sae.class_path)")
         if ours

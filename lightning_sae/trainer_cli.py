@@ -112,6 +112,8 @@ def _outside_error(option: str, path: str, run: Path) -> SystemExit:
 
 def _checkpoint_record(path: Path) -> dict[str, Any]:
     """The checkpoint's step and ``run`` record (see RunRecord), read without the tensors."""
+    if path.is_dir():  # a latent-sharded checkpoint: the record is in its metadata file
+        path = path / "meta.pt"
     checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     return {"global_step": checkpoint.get("global_step", 0), **checkpoint.get("run", {})}
 
@@ -289,6 +291,43 @@ def final_metrics_table(
     return "\n".join(lines)
 
 
+def _is_sharded_checkpoint(path: str) -> bool:
+    from lightning_sae.parallel.checkpoint import is_sharded_checkpoint
+
+    return is_sharded_checkpoint(path)
+
+
+def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
+    """A latent-sharded checkpoint loads into any mesh, but only under the sharded strategy."""
+    strategy = str(trainer_config.get("strategy", "auto"))
+    if trainer_config.get("latent_parallel", 1) == 1 and "LatentParallelStrategy" not in strategy:
+        raise SystemExit(
+            f"error: --ckpt_path {ckpt_path} is a latent-sharded checkpoint (a folder of shards). "
+            "Load it with trainer.latent_parallel set (any mesh shape: it is resharded on load), "
+            'or convert it for a one-process run with python -c "from lightning_sae.parallel '
+            f"import consolidate_checkpoint; consolidate_checkpoint('{ckpt_path}', "
+            "'full.ckpt')\" and pass --ckpt_path full.ckpt (`lightning-sae export --ckpt_path "
+            "<folder>` writes the SAELens export)."
+        )
+
+
+def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
+    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it is refused."""
+    from lightning_sae.parallel.strategy import LatentParallelStrategy
+
+    if trainer_config.get("strategy", "auto") != "auto":
+        raise SystemExit(
+            "error: trainer.latent_parallel sets the strategy (LatentParallelStrategy); remove "
+            f"trainer.strategy ({trainer_config.get('strategy')}) or set "
+            "trainer.latent_parallel: 1."
+        )
+    trainer_config.pop("strategy", None)
+    try:
+        return LatentParallelStrategy(latent_parallel=latent_parallel)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def _is_variant(class_path: str | None, cls: type) -> bool:
     """Whether ``class_path`` (any spelling of a project class) names ``cls``."""
     try:
@@ -301,6 +340,16 @@ class SAECLI(LightningCLI):
     """LightningCLI with any SAE variant as model and any DataModule as data, by class_path."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--trainer.latent_parallel",
+            type=int,
+            default=1,
+            help=(
+                "Devices that share one dictionary, each holding a slice of the latents "
+                "(lightning_sae.parallel.LatentParallelStrategy on a data x latent mesh of "
+                "trainer.devices x trainer.num_nodes devices). 1: not sharded."
+            ),
+        )
         parser.add_argument(
             "--print_metrics",
             type=bool,
@@ -330,7 +379,9 @@ class SAECLI(LightningCLI):
         config = self.config.get(subcommand, {}) if subcommand else {}
         ckpt_path = config.get("ckpt_path")
         self._export_folder: Path | None = None
-        if ckpt_path and Path(ckpt_path).is_dir():
+        if ckpt_path and _is_sharded_checkpoint(ckpt_path):
+            _check_sharded_resume(ckpt_path, config.get("trainer", {}))
+        if ckpt_path and Path(ckpt_path).is_dir() and not _is_sharded_checkpoint(ckpt_path):
             self._export_folder = self._export_folder_for(subcommand, Path(ckpt_path))
             config["ckpt_path"] = None
             return
@@ -415,6 +466,9 @@ class SAECLI(LightningCLI):
         """The configured trainer plus the run's lifecycle callbacks and default monitoring."""
         config = self.config.get(self.subcommand, {})
         trainer_config = self._get(self.config_init, "trainer", default={})
+        latent_parallel = trainer_config.pop("latent_parallel", 1)
+        if latent_parallel != 1:
+            kwargs["strategy"] = _latent_parallel_strategy(trainer_config, latent_parallel)
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         self.coverage = EvaluationCoverage()

@@ -171,15 +171,24 @@ def test_cached_and_streamed_activations_and_every_callback_under_ddp_match_one_
 ) -> None:
     """Data-informed init, resampling (faiss clusters), density and geometry monitors, and the
     decoder-norm constraint, on cached activations read as disjoint slices per rank, and on
-    activations streamed from the model, each rank running it on its own text."""
+    activations streamed from the model, each rank running it on its own text; and a skip
+    transcoder on streamed paired sites, its callbacks acting across the two sites."""
     # A short dead window, so the silenced features count as dead by the resampler's step 4.
     standard = {"model": "lightning_sae.models.standard.StandardSAE",
                 "kwargs": {"dead_window_tokens": 256}}  # fmt: skip
-    runs = [standard, {**standard, "data": json.dumps(STREAM)}]
+    # A skip transcoder (BatchTopK: global top-k; AuxK) on paired streamed sites, block 1's MLP.
+    sites = {"input_hook": "blocks.1.mlp.hook_in", "output_hook": "blocks.1.hook_mlp_out"}
+    transcoder = {
+        "model": "lightning_sae.models.transcoder.BatchTopKSkipTranscoder",
+        "kwargs": {**sites, "k": 4, "aux_coefficient": 1.0, "dead_window_tokens": 256},
+        "data": json.dumps({**STREAM, "hooks": list(sites.values())}),
+    }
+    runs = [standard, {**standard, "data": json.dumps(STREAM)}, transcoder]
     args = ["--data", cached_activations, "--all_callbacks", "--runs", json.dumps(runs)]
-    ddp = train(tmp_path / "ddp", 2, *args, runs=2)
-    single = train(tmp_path / "single", 1, *args, runs=2)
-    for i in range(2):
+    ddp = train(tmp_path / "ddp", 2, *args, runs=3)
+    single = train(tmp_path / "single", 1, *args, runs=3)
+    assert ddp[2][0]["W_skip"].abs().sum() > 0  # the skip trained (it starts at zero)
+    for i in range(3):
         run = f"run{i}"
         assert_ranks_identical(ddp[i])
         assert_same_run(tmp_path / "ddp" / run, tmp_path / "single" / run, ddp[i][0], single[i][0])

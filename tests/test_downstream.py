@@ -171,4 +171,9 @@ def test_encoder_only_model_reports_hidden_state_metrics_and_says_why(tokens) ->
     assert set(result.to_log_dict()) == {
         "downstream/final_hidden_cosine",
         "downstream/final_hidden_rel_mse",
+        "downstream/final_hidden_rel_mse_zero",
+        "downstream/final_hidden_recovered",
     }
+    assert result.final_hidden_recovered == pytest.approx(
+        1 - result.final_hidden_rel_mse / result.final_hidden_rel_mse_zero
+    )

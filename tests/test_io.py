@@ -256,6 +256,12 @@ def test_saelens_loads_our_exports_and_we_load_its_folders(tmp_path: Path) -> No
             key = f"{name}-apply_b_dec_to_input={apply_b_dec}"
             export_sae(sae, tmp_path / "ours" / key)
             ours[key] = sae
+    # Transcoders: one of each type SAELens 6 loads (tests/test_transcoder.py).
+    from test_transcoder import saelens_transcoders
+
+    transcoders = saelens_transcoders()
+    for key, transcoder in transcoders.items():
+        export_sae(transcoder, tmp_path / "ours" / f"tc-{key}")
     script = Path(__file__).with_name("saelens_side.py")
     run = subprocess.run(
         [str(python), str(script), str(tmp_path)], capture_output=True, text=True, timeout=600
@@ -270,6 +276,14 @@ def test_saelens_loads_our_exports_and_we_load_its_folders(tmp_path: Path) -> No
             recon = sae.decode(sae.encode(x))
             torch.testing.assert_close(theirs["recon"], recon, atol=1e-4, rtol=1e-4, msg=key)
 
+    # A transcoder's prediction is its forward (a skip transcoder's decode leaves out W_skip x).
+    for key, transcoder in transcoders.items():
+        theirs = load_file(str(tmp_path / "ours" / f"tc-{key}" / "saelens_out.safetensors"))
+        with torch.no_grad():
+            torch.testing.assert_close(theirs["acts"], transcoder.encode(x), msg=key)
+            forward = transcoder(x).x_hat
+            torch.testing.assert_close(theirs["forward"], forward, atol=1e-4, rtol=1e-4, msg=key)
+
     # We read folders SAELens wrote and compute what SAELens computed.
     for folder in sorted((tmp_path / "theirs").iterdir()):
         expected = load_file(str(folder / "saelens_out.safetensors"))
@@ -283,3 +297,8 @@ def test_saelens_loads_our_exports_and_we_load_its_folders(tmp_path: Path) -> No
             torch.testing.assert_close(
                 recon, expected["recon"], atol=1e-4, rtol=1e-4, msg=folder.name
             )
+            if "forward" in expected:  # a transcoder (its skip, if any, included)
+                forward = loaded(x).x_hat
+                torch.testing.assert_close(
+                    forward, expected["forward"], atol=1e-4, rtol=1e-4, msg=folder.name
+                )

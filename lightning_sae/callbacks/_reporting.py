@@ -60,8 +60,20 @@ def saes(pl_module: LightningModule) -> dict[str, SparseAutoencoder]:
 
 
 def sae_input(pl_module: LightningModule, name: str, batch: Any) -> Tensor:
-    """SAE ``name``'s input in a batch (or a datamodule sample): its hook's tensor in a group."""
-    return pl_module.input_of(name, batch) if name else batch_tensor(batch)
+    """SAE ``name``'s input in a batch (or a datamodule sample): its hook's tensor in a group,
+    the input site's for a transcoder."""
+    return sae_input_and_target(pl_module, name, batch)[0]
+
+
+def sae_input_and_target(
+    pl_module: LightningModule, name: str, batch: Any
+) -> tuple[Tensor, Tensor]:
+    """(input, target) of SAE ``name`` in a batch: the same tensor for an SAE; a transcoder's
+    input and output sites (:meth:`SparseAutoencoder.input_and_target`)."""
+    if name:
+        x = pl_module.input_of(name, batch)
+        return x, x
+    return pl_module.input_and_target(batch)
 
 
 def scoped(name: str, key: str) -> str:

@@ -21,6 +21,7 @@ from lightning_sae.callbacks._reporting import (
     scoped,
     states_by_sae,
 )
+from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import density_figure
 
 
@@ -98,15 +99,23 @@ class FeatureDensityMonitor(Callback):
         if not self._counting(step, rows * trainer.world_size):
             return
         named = saes(pl_module)
+        shard = shard_of(pl_module)
         fired = []
         for name, sae in named.items():
+            x = sae_input(pl_module, name, batch)
+            if shard is not None:  # a latent group encodes its data-parallel slice together
+                x = shard.gather_rows(x)
             # Eval mode: a measurement must not move running state (BatchTopK's threshold).
             with sae.measuring():
-                fired.append((sae.encode(sae_input(pl_module, name, batch)) != 0).sum(0).double())
-        counted = torch.cat([*fired, fired[0].new_tensor([rows])])
-        counted = trainer.strategy.reduce(counted, reduce_op="sum")
-        tokens = int(counted[-1].item())
-        parts = counted[:-1].split([sae.d_sae for sae in named.values()])
+                fired.append((sae.encode(x) != 0).sum(0).double())
+        if shard is None:
+            counted = torch.cat([*fired, fired[0].new_tensor([rows])])
+            counted = trainer.strategy.reduce(counted, reduce_op="sum")
+            tokens = int(counted[-1].item())
+            parts = counted[:-1].split([sae.d_sae for sae in named.values()])
+        else:  # each member counted its latents: sum over the data group, join the members'
+            parts = [shard.gather_features(shard.sum_over_data(fired[0]))]
+            tokens = rows * trainer.world_size
         for name, part in zip(named, parts, strict=True):
             window = self.windows.setdefault(name, _Window())
             if window.counts is None:

@@ -32,7 +32,8 @@ class DownstreamEval(Callback):
 
     Needs an :class:`~lightning_sae.data.activations.ActivationDataModule` reading a model
     (not ``activations_dir``). In an ``SAEGroup`` each member is spliced in at its own hook
-    (one at a time) and logged under ``<member>/downstream/...``.
+    (one at a time) and logged under ``<member>/downstream/...``. A transcoder's prediction from
+    its input hook replaces its output hook (the MLP it stands in for).
 
     Args:
         n_tokens: token budget of each evaluation (rounded up to whole windows).
@@ -104,6 +105,13 @@ class DownstreamEval(Callback):
     # ----------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._datamodule(trainer)  # fail at the start, not at the first validation
+        for name, sae in saes(pl_module).items():
+            if getattr(sae, "writes_layers", False):
+                raise ValueError(
+                    f"DownstreamEval splices one site; {scoped(name, type(sae).__name__)} is a "
+                    "crosscoder, which writes several layers at once. Remove the callback (its "
+                    "val/fvu covers every layer)."
+                )
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -126,6 +134,9 @@ class DownstreamEval(Callback):
         values: dict[str, float] = {}
         for name, sae in saes(pl_module).items():
             hook = (pl_module.hooks[name] if name else None) or data.hook
+            input_hook = None
+            if getattr(sae, "maps_sites", False):  # a transcoder replaces its output site
+                input_hook, hook = sae.input_hook, sae.output_hook
             result = downstream_metrics(
                 self._model,
                 hook,
@@ -133,6 +144,7 @@ class DownstreamEval(Callback):
                 self._tokens,
                 batch_size=self.batch_size,
                 first_position=int(data.layout.first_position),
+                input_hook=input_hook,
             )
             if result.note and not self._noted:
                 rank_zero_info(f"DownstreamEval: {result.note}")

@@ -26,6 +26,8 @@ from lightning_sae.metrics.similarity import (
     resolve_backend,
     self_max_cosine_similarity,
 )
+from lightning_sae.parallel.geometry import sharded_max_cosine_to, sharded_self_max_cosine
+from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import max_cosine_figure
 
 
@@ -93,7 +95,9 @@ class FeatureGeometryMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self.last_step or not trainer.is_global_zero:
+        # A latent-sharded decoder is measured by every member, blocked (parallel/geometry.py).
+        measures = trainer.is_global_zero or shard_of(pl_module) is not None
+        if step % self.every_n_steps or step == self.last_step or not measures:
             return
         self.last_step = step
         self.measure(trainer, pl_module)
@@ -101,7 +105,8 @@ class FeatureGeometryMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The curve and the figures end at the weights the run reports, not at the last multiple
         # of every_n_steps before them.
-        if trainer.global_step != self.last_step and trainer.is_global_zero:
+        measures = trainer.is_global_zero or shard_of(pl_module) is not None
+        if trainer.global_step != self.last_step and measures:
             self.last_step = trainer.global_step
             self.measure(trainer, pl_module)
 
@@ -111,18 +116,22 @@ class FeatureGeometryMonitor(Callback):
         metrics: dict[str, float] = {}
         for name, sae in saes(pl_module).items():
             record = self.records.setdefault(name, _Record())
-            metrics |= self._measure(trainer, name, sae.W_dec.detach(), record)
+            metrics |= self._measure(trainer, name, sae.W_dec.detach(), record, shard_of(sae))
         return metrics
 
     def _measure(
-        self, trainer: Trainer, name: str, W_dec: Tensor, record: _Record
+        self, trainer: Trainer, name: str, W_dec: Tensor, record: _Record, shard: Any = None
     ) -> dict[str, float]:
         step = trainer.global_step
-        if record.random_baseline is None:
+        if record.random_baseline is None and trainer.is_global_zero:
+            rows = W_dec.shape[0] if shard is None else shard.d_sae
             record.random_baseline = random_directions_mmcs(
-                *W_dec.shape, seed=self.baseline_seed, backend=self.backend, device=W_dec.device
+                rows, W_dec.shape[1], self.baseline_seed, self.backend, device=W_dec.device
             )
-        max_cos = self_max_cosine_similarity(W_dec, self.backend)
+        if shard is None:
+            max_cos = self_max_cosine_similarity(W_dec, self.backend)
+        else:
+            max_cos = sharded_self_max_cosine(W_dec, shard, self.backend)
         metrics = {
             "geometry/mmcs": float(max_cos.mean()),
             "geometry/mmcs_random_baseline": record.random_baseline,
@@ -131,9 +140,12 @@ class FeatureGeometryMonitor(Callback):
         ground_truth = getattr(trainer.datamodule, "ground_truth_features", None)
         # Ground truth lives in the data's own space; an SAE on another hook has other widths.
         if ground_truth is not None and ground_truth.shape[1] == W_dec.shape[1]:
-            gt_mmcs = float(
-                mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec, backend=self.backend)
-            )
+            if shard is None:
+                gt_mmcs = float(
+                    mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec, backend=self.backend)
+                )
+            else:
+                gt_mmcs = float(sharded_max_cosine_to(ground_truth.to(W_dec), W_dec, shard).mean())
             metrics["geometry/gt_mmcs"] = gt_mmcs
             for threshold in self.thresholds:
                 key = f"{threshold:g}"
@@ -142,6 +154,8 @@ class FeatureGeometryMonitor(Callback):
                     metrics[f"geometry/gt_step_to_{key}"] = float(step)
         record.history.append((step, metrics["geometry/mmcs"], gt_mmcs))
         metrics = {scoped(name, key): value for key, value in metrics.items()}
+        if not trainer.is_global_zero:  # a sharded member that helped measure: rank 0 logs
+            return metrics
         log_scalars(trainer, metrics)
         log_histogram(trainer, scoped(name, "geometry/max_cos"), max_cos)
         png = figures_dir(trainer) / scoped(name, "geometry") / f"step{step:07d}.png"

@@ -15,8 +15,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sae.callbacks._reporting import sae_input, saes
+from lightning_sae.callbacks._reporting import sae_input_and_target, saes
 from lightning_sae.metrics.similarity import import_faiss
+from lightning_sae.parallel.sharded import shard_of
 
 Method = Literal["orthogonal", "xavier", "data", "svd", "kmeans", "outliers"]
 METHODS = ("orthogonal", "xavier", "data", "svd", "kmeans", "outliers")
@@ -128,6 +129,12 @@ def outlier_directions(
     return torch.cat([rare, sample_directions(x, d_sae - n_rare, generator)])
 
 
+def _dictionary_size(sae: LightningModule) -> int:
+    """Latents of the whole dictionary (a latent-sharded SAE holds a slice of them)."""
+    shard = shard_of(sae)
+    return sae.W_dec.shape[0] if shard is None else shard.d_sae
+
+
 class DataInformedInit(Callback):
     """Initialise decoder, encoder and ``b_dec`` from a data sample when a fit starts.
 
@@ -149,6 +156,11 @@ class DataInformedInit(Callback):
       centroid, the rest random samples.
 
     The encoder becomes the decoder's transpose (``encoder: transpose``) or stays (``keep``).
+
+    A transcoder's decoder writes another site than its encoder reads: ``b_dec`` and the
+    decoder rows come from the output site's sample, and ``transpose`` gives each encoder
+    column the input-site direction that predicts its decoder row over the sample
+    (``models.transcoder.cross_directions``).
 
     In an ``SAEGroup`` every member is initialised this way from the same sample (its own
     hook's activations), exactly as it would be alone.
@@ -191,7 +203,7 @@ class DataInformedInit(Callback):
             return
         named = saes(pl_module)
         for name, sae in named.items():
-            d_sae = sae.W_dec.shape[0]
+            d_sae = _dictionary_size(sae)
             if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
                 raise ValueError(
                     f"DataInformedInit(method={self.method!r}) needs at least d_sae={d_sae} "
@@ -210,28 +222,39 @@ class DataInformedInit(Callback):
             drawn = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET)
         weights = {}
         for name, sae in named.items():
-            x = None if drawn is None else sae_input(pl_module, name, drawn).to(sae.device)
+            x = target = None
+            if drawn is not None:
+                x, target = sae_input_and_target(pl_module, name, drawn)
+                x, target = x.to(sae.device), (x if target is x else target.to(sae.device))
             if not bool(sae.input_scale_fitted):
                 sae.fit_input_scale(x)
             if trainer.is_global_zero:
-                weights[name] = self.initial_weights(sae.normalize(x), sae)
+                y_n = None if target is x else sae.normalize(target)
+                weights[name] = self.initial_weights(sae.normalize(x), sae, y_n)
         weights = trainer.strategy.broadcast(weights, src=0)
         for name, sae in named.items():
             for key, value in weights[name].items():
+                shard = shard_of(sae)  # a latent-sharded SAE takes its slice of the latents
+                if shard is not None and key in ("W_dec", "W_enc"):
+                    value = shard.local_part(value, 0 if key == "W_dec" else 1)
                 getattr(sae, key).copy_(value.to(getattr(sae, key)))
         self.has_run = True
         rank_zero_info(f"DataInformedInit: decoder from {self.method}, b_dec from {self.b_dec}.")
 
-    def initial_weights(self, x_n: Tensor, pl_module: LightningModule) -> dict[str, Tensor]:
-        """New W_dec (and W_enc, b_dec as configured), on CPU, from a normalised sample."""
+    def initial_weights(
+        self, x_n: Tensor, pl_module: LightningModule, y_n: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """New W_dec (and W_enc, b_dec as configured), on CPU, from a normalised sample; for a
+        transcoder ``y_n`` is the output site's sample of the same rows."""
         generator = torch.Generator().manual_seed(self.seed + _GENERATOR_SEED_OFFSET)
-        d_sae, d_in = pl_module.W_dec.shape
+        d_sae, d_in = _dictionary_size(pl_module), pl_module.W_dec.shape[1]
+        target = x_n if y_n is None else y_n
         b_dec = pl_module.b_dec.detach()
         if self.b_dec == "geometric_median":
-            b_dec = geometric_median(x_n)
+            b_dec = geometric_median(target)
         elif self.b_dec == "mean":
-            b_dec = x_n.mean(0)
-        centred = x_n - b_dec
+            b_dec = target.mean(0)
+        centred = target - b_dec
         if self.method == "orthogonal":
             W_dec = orthogonal_directions(d_sae, d_in, generator)
         elif self.method == "xavier":
@@ -245,7 +268,10 @@ class DataInformedInit(Callback):
         else:
             W_dec = outlier_directions(centred, d_sae, self.rare_fraction, generator, self.seed)
         weights = {"W_dec": W_dec.float().cpu(), "b_dec": b_dec.float().cpu()}
-        if self.encoder == "transpose":
+        if self.encoder == "transpose" and y_n is not None:
+            W_enc = pl_module.restart_encoder_directions(W_dec.to(x_n), x_n, centred).T
+            weights["W_enc"] = W_enc.float().cpu().contiguous()
+        elif self.encoder == "transpose":
             weights["W_enc"] = weights["W_dec"].T.contiguous()
         return weights
 

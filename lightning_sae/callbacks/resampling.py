@@ -12,13 +12,14 @@ from torch import Tensor
 from lightning_sae.callbacks._reporting import (
     log_scalars,
     per_sae_state,
-    sae_input,
+    sae_input_and_target,
     saes,
     scoped,
     states_by_sae,
 )
 from lightning_sae.metrics.similarity import import_faiss
 from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.parallel.sharded import LatentShard, shard_of
 
 Strategy = Literal["worst", "loss_weighted", "cluster"]
 STRATEGIES = ("worst", "loss_weighted", "cluster")
@@ -93,7 +94,11 @@ def pick_clustered(
 
 
 def restart_adam_slices(
-    state: dict[str, Any], feature_dim: int, indices: Tensor, live: Tensor
+    state: dict[str, Any],
+    feature_dim: int,
+    indices: Tensor,
+    live: Tensor,
+    shard: LatentShard | None = None,
 ) -> None:
     """Adam statistics for restarted features: first moment 0, second the live features' mean.
 
@@ -102,16 +107,28 @@ def restart_adam_slices(
     step count, long past the first steps, so it no longer scales the new slices' small
     moments up, and their steps come out several times larger than everyone else's until the
     second moment has built up (about 1 / (1 - beta2) steps). With the live mean they start at
-    the common scale. ``max_exp_avg_sq`` (amsgrad) is treated as the second moment.
+    the common scale. ``max_exp_avg_sq`` (amsgrad) is treated as the second moment. For a
+    latent-sharded SAE (``shard``) the mean is over the live features of every member.
     """
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         if key not in state:
             continue
         by_feature = state[key].movedim(feature_dim, 0)  # a view: writes reach the state
-        if key == "exp_avg" or not live.any():
+        if shard is not None and key != "exp_avg":
+            sums = torch.cat([by_feature[live].sum(0).flatten().double(), live.sum()[None]])
+            sums = shard.sum_over_latents(sums)
+            mean = (sums[:-1] / sums[-1]).view_as(by_feature[0]).to(by_feature.dtype)
+            by_feature[indices] = mean if sums[-1] > 0 else 0.0
+        elif key == "exp_avg" or not live.any():
             by_feature[indices] = 0.0
         else:
             by_feature[indices] = by_feature[live].mean(0)
+
+
+def _whole(sae: SparseAutoencoder, per_feature: Tensor) -> Tensor:
+    """A per-feature tensor over the whole dictionary (a latent-sharded SAE holds a slice)."""
+    shard = shard_of(sae)
+    return per_feature if shard is None else shard.gather_features(per_feature)
 
 
 class DeadFeatureResampler(Callback):
@@ -231,7 +248,9 @@ class DeadFeatureResampler(Callback):
         """Resample the dead features of every SAE now; returns how many were resampled."""
         named = saes(pl_module)
         plans = None
-        if trainer.is_global_zero:
+        # A latent-sharded forward joins its latent group's collectives, so there every rank
+        # measures; rank 0's plan still decides for all.
+        if trainer.is_global_zero or shard_of(pl_module) is not None:
             plans = {name: self._plan(trainer, pl_module, name) for name in named}
         plans = trainer.strategy.broadcast(plans, src=0)
         total = 0
@@ -240,7 +259,14 @@ class DeadFeatureResampler(Callback):
             self._generator(name).set_state(plan["generator_state"])  # ranks stay in step
             indices = plan["indices"].to(sae.device)
             if len(indices):
-                self._apply(trainer, sae, indices, plan["directions"], plan["encoder_norm"])
+                self._apply(
+                    trainer,
+                    sae,
+                    indices,
+                    plan["directions"],
+                    plan["encoder_norm"],
+                    plan.get("encoder_directions"),
+                )
             self.resampled[name] = self.resampled.get(name, 0) + len(indices)
             total += len(indices)
             if trainer.is_global_zero:
@@ -253,11 +279,11 @@ class DeadFeatureResampler(Callback):
 
     def _plan(self, trainer: Trainer, pl_module: LightningModule, name: str = "") -> dict[str, Any]:
         sae, generator = saes(pl_module)[name], self._generator(name)
-        dead = sae.dead_mask()
+        dead = _whole(sae, sae.dead_mask())
         dead_indices = dead.nonzero().squeeze(1).cpu()
         plan: dict[str, Any] = {"n_dead": len(dead_indices), "indices": dead_indices[:0]}
         if len(dead_indices):
-            residuals, losses = self._residuals(trainer, pl_module, name)
+            residuals, losses, inputs = self._residuals(trainer, pl_module, name)
             n = len(dead_indices)
             if self.strategy == "worst":
                 directions = pick_worst(residuals, losses, n)
@@ -268,31 +294,40 @@ class DeadFeatureResampler(Callback):
                 directions = pick_clustered(
                     residuals, losses, n, self.candidate_fraction, self.n_clusters, seed
                 )
-            encoder_norms = sae.W_enc.norm(dim=0)[~dead]
+            encoder_norms = _whole(sae, sae.W_enc.norm(dim=0))[~dead]
             plan.update(
                 indices=dead_indices[: len(directions)],
                 directions=directions.cpu(),
                 encoder_norm=float(encoder_norms.mean()) if len(encoder_norms) else 1.0,
             )
+            if getattr(sae, "maps_sites", False):
+                # A transcoder's encoder reads another site than its decoder writes.
+                plan["encoder_directions"] = sae.restart_encoder_directions(
+                    directions, inputs, residuals
+                ).cpu()
         plan["generator_state"] = generator.get_state()
         return plan
 
     def _residuals(
         self, trainer: Trainer, pl_module: LightningModule, name: str = ""
-    ) -> tuple[Tensor, Tensor]:
-        """(residual, squared error) of each candidate input, in the SAE's normalised space."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(residual, squared error, input) of each candidate row, in the SAE's normalised
+        space; the residual is the target's (the output site's, for a transcoder)."""
         sae, generator = saes(pl_module)[name], self._generator(name)
-        residuals, losses = [], []
+        residuals, losses, inputs = [], [], []
         for _ in range(self.n_batches):
             seed = int(torch.randint(2**62, (), generator=generator))
             sample = trainer.datamodule.sample(self.batch_size, seed=seed)
-            x_n = sae.normalize(sae_input(pl_module, name, sample).to(sae.device))
+            x, target = sae_input_and_target(pl_module, name, sample)
+            x_n = sae.normalize(x.to(sae.device))
+            y_n = x_n if target is x else sae.normalize(target.to(sae.device))
             # Rank 0 alone: a training-mode forward could enter a collective (BatchTopK).
             with sae.measuring():
-                residual = x_n - sae.forward_normalized(x_n).x_hat
+                residual = y_n - sae.forward_normalized(x_n).x_hat
             residuals.append(residual.float())
             losses.append(residual.float().pow(2).sum(-1))
-        return torch.cat(residuals), torch.cat(losses)
+            inputs.append(x_n.float())
+        return torch.cat(residuals), torch.cat(losses), torch.cat(inputs)
 
     def _apply(
         self,
@@ -301,12 +336,19 @@ class DeadFeatureResampler(Callback):
         indices: Tensor,
         directions: Tensor,
         encoder_norm: float,
+        encoder_directions: Tensor | None = None,
     ) -> None:
         live = ~sae.dead_mask()  # before the reset clears the restarted features' clocks
-        touched = sae.reset_features(indices, directions, self.encoder_norm_factor * encoder_norm)
+        touched = sae.reset_features(
+            indices, directions, self.encoder_norm_factor * encoder_norm, encoder_directions
+        )
+        shard = shard_of(sae)
+        if shard is not None:  # Adam's state holds this member's latents only
+            indices = sae.local_feature_indices(indices)
         for optimizer in trainer.optimizers:
             for param, feature_dim in touched:
-                restart_adam_slices(optimizer.state.get(param, {}), feature_dim, indices, live)
+                state = optimizer.state.get(param, {})
+                restart_adam_slices(state, feature_dim, indices, live, shard)
 
     def state_dict(self) -> dict[str, Any]:
         states = {

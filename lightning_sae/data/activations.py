@@ -394,7 +394,10 @@ class ActivationDataModule(LightningDataModule):
         model_seed: seed of those random weights.
         activations_dir: bring your own activations: a folder of ``.npy`` / ``.safetensors``
             files of shape ``[n, d_in]``; the last ``val_tokens`` rows are held out. Then
-            model, hook and the text options are unused.
+            model, hook and the text options are unused. With ``hooks`` (paired sites, for a
+            transcoder or crosscoder) each hook's files are in the subfolder named after it,
+            ``<activations_dir>/<hook>/``, file by file with the same rows (row ``i`` of every
+            hook the same token), and are served aligned like cached hooks.
         batch_size: global batch of activation vectors (split evenly across DDP ranks).
         seed: seed of the window order and of the shuffling.
         shuffle_buffer_tokens: rows per rank shuffled together; two such buffers are in
@@ -456,9 +459,7 @@ class ActivationDataModule(LightningDataModule):
                 "set exactly one of data.init_args.model (activations of a language model) and "
                 "data.init_args.activations_dir (your own activation files)."
             )
-        if hooks is not None and (
-            activations_dir is not None or not hooks or len(set(hooks)) != len(hooks)
-        ):
+        if hooks is not None and (not hooks or len(set(hooks)) != len(hooks)):
             raise ValueError(
                 f"data.init_args.hooks must name distinct hooks of a model, got {hooks}."
             )
@@ -615,7 +616,7 @@ class ActivationDataModule(LightningDataModule):
         if hook not in self._stores:
             hp = self.hparams
             if hp.activations_dir is not None:
-                self._stores[hook] = open_activation_files(Path(hp.activations_dir))
+                self._stores[hook] = open_activation_files(self._hook_folder(hook))
             else:
                 verify = "size" if self._built_here else hp.verify
                 self._stores[hook], _ = open_hook_cache(
@@ -626,6 +627,32 @@ class ActivationDataModule(LightningDataModule):
                     self.layout,
                 )
         return self._stores[hook]
+
+    def _hook_folder(self, hook: str | None) -> Path:
+        """Where one hook's own files are: the folder itself, or, with ``hooks``, its subfolder."""
+        folder = Path(self.hparams.activations_dir)
+        if not self.hparams.hooks:
+            return folder
+        if not (folder / hook).is_dir():
+            raise ValueError(
+                f"data.init_args.hooks names {hook!r}, but {folder / hook} is not a folder: with "
+                "hooks, activations_dir holds one subfolder of activation files per hook."
+            )
+        return folder / hook
+
+    def _check_aligned(self) -> None:
+        """Bring-your-own paired files: every hook's files hold the same rows, file by file."""
+        first, *others = self.served
+        bounds = self._open(first).shard_bounds
+        for hook in others:
+            if self._open(hook).shard_bounds != bounds:
+                rows = [hi - lo for lo, hi in self._open(hook).shard_bounds]
+                raise ValueError(
+                    f"the activation files of {hook!r} hold {rows} rows per file but those of "
+                    f"{first!r} hold {[hi - lo for lo, hi in bounds]}: paired hooks must have "
+                    f"the same rows (row i of each the same token), file by file. Rewrite "
+                    f"{self._hook_folder(hook)} to match."
+                )
 
     @property
     def d_ins(self) -> dict[str, int]:
@@ -679,6 +706,8 @@ class ActivationDataModule(LightningDataModule):
         if self.hparams.model is not None and self.hparams.build_on_all_ranks:
             self.build_cache(*_rank_and_world())
         self._open()
+        if self.hparams.activations_dir is not None and len(self.served) > 1:
+            self._check_aligned()
         if self.train_batches is None:  # keep the loaders (and their position) across stages
             (train_lo, train_hi), (val_lo, val_hi) = self._splits()
             self.train_batches = self._batches(

@@ -13,10 +13,19 @@ mean over positions of KL(p_clean || p_spliced) of the next-token distributions.
 Encoder-only models (BERT-style, bidirectional attention) have no next-token objective, so CE
 and KL are not measured for them. For every model we measure what happens to the final hidden
 state (the output of the last block): the mean cosine similarity between clean and spliced
-vectors per position, and the relative MSE ``sum ||h_spliced - h_clean||^2 / sum ||h_clean||^2``.
+vectors per position, the relative MSE ``sum ||h_spliced - h_clean||^2 / sum ||h_clean||^2``,
+the same for the zero-ablated activation, and from the two a CE-recovered-style score
+
+    final_hidden_recovered = 1 - rel_mse_spliced / rel_mse_zero
+
+(1 = the final hidden state is untouched, 0 = as damaged as by deleting the activation).
+
+A transcoder replaces an MLP rather than reconstructing an activation: with ``input_hook`` the
+function reads the activation at ``input_hook`` (the MLP's input) and its output replaces the
+activation at ``hook_name`` (the MLP's output); zero-ablation then zeroes the MLP's output.
 
 This module knows nothing of Lightning or of SAE classes: the SAE is any function from
-activations to reconstructions of the same shape.
+activations to reconstructions (to the output site's activations, for a transcoder).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class DownstreamMetrics:
 
     final_hidden_cosine: float
     final_hidden_rel_mse: float
+    final_hidden_rel_mse_zero: float | None = None
+    final_hidden_recovered: float | None = None
     ce_clean: float | None = None
     ce_sae: float | None = None
     ce_zero: float | None = None
@@ -84,6 +95,32 @@ def _splice(sae_fn: SAEFunction, first_position: int) -> Callable[..., Tensor]:
         return spliced
 
     return hook
+
+
+def _transcode(
+    sae_fn: SAEFunction, first_position: int, input_hook: str
+) -> tuple[Callable[..., None], Callable[..., Tensor]]:
+    """(capture at the input hook, splice at the output hook): the output site is replaced by
+    the transcoder's prediction from the same forward pass's input site."""
+    seen: dict[str, Tensor] = {}
+
+    def capture(activation: Tensor, hook: Any) -> None:
+        seen["input"] = activation
+
+    def splice(activation: Tensor, hook: Any) -> Tensor:
+        if "input" not in seen:
+            raise ValueError(
+                f"input_hook {input_hook!r} did not run before the output hook {hook.name!r}: "
+                "a transcoder's input site must come earlier in the forward pass."
+            )
+        source = seen.pop("input")[:, first_position:]
+        spliced = activation.clone()
+        flat = source.flatten(2) if source.ndim > 3 else source
+        part = spliced[:, first_position:]
+        spliced[:, first_position:] = sae_fn(flat).to(activation.dtype).reshape(part.shape)
+        return spliced
+
+    return capture, splice
 
 
 def _zero(first_position: int) -> Callable[..., Tensor]:
@@ -125,6 +162,7 @@ def downstream_metrics(
     tokens: Tensor,
     batch_size: int = 8,
     first_position: int = 0,
+    input_hook: str | None = None,
 ) -> DownstreamMetrics:
     """Splice ``sae_fn`` into ``bridge`` at ``hook_name`` and measure the damage.
 
@@ -138,10 +176,12 @@ def downstream_metrics(
         first_position: the SAE (and the zero-ablation) replaces positions from this one on;
             earlier ones keep their clean activation. Use 1 when the SAE was trained without
             BOS activations (``exclude_bos``), which it cannot be expected to reconstruct.
+        input_hook: for a transcoder, the hook ``sae_fn`` reads (e.g. ``blocks.3.hook_mlp_in``);
+            its output replaces the activation at ``hook_name`` (``blocks.3.hook_mlp_out``).
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_windows, context >= 2], got {tuple(tokens.shape)}.")
-    validate_hooks(bridge, [hook_name])
+    validate_hooks(bridge, [hook_name] if input_hook is None else [input_hook, hook_name])
     causal = has_next_token_objective(bridge)
     device = next(bridge.parameters()).device
     final_hook = final_hidden_hook(bridge)
@@ -150,22 +190,28 @@ def downstream_metrics(
             f"first_position must be in [0, {tokens.shape[1]}) for windows of "
             f"{tokens.shape[1]} tokens, got {first_position}."
         )
-    splice, zero = _splice(sae_fn, first_position), _zero(first_position)
+    zero = _zero(first_position)
+    if input_hook is None:
+        splice_hooks = [(hook_name, _splice(sae_fn, first_position))]
+    else:
+        capture, splice = _transcode(sae_fn, first_position, input_hook)
+        splice_hooks = [(input_hook, capture), (hook_name, splice)]
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    kl_sum = cos_sum = err_sq = clean_sq = 0.0
+    kl_sum = cos_sum = err_sq = zero_err_sq = clean_sq = 0.0
     n_predicted = n_positions = 0
 
     return_type = "logits" if causal else None  # encoder-only: skip the (untrained) LM head
     for batch in tokens.to(device).split(batch_size):
         clean_logits, clean_h = _run(bridge, batch, [], final_hook, return_type)
-        spliced_logits, sae_h = _run(bridge, batch, [(hook_name, splice)], final_hook, return_type)
+        spliced_logits, sae_h = _run(bridge, batch, splice_hooks, final_hook, return_type)
         cos_sum += F.cosine_similarity(sae_h, clean_h, dim=-1).sum().item()
         err_sq += (sae_h - clean_h).pow(2).sum().item()
         clean_sq += clean_h.pow(2).sum().item()
         n_positions += batch.numel()
+        zero_logits, zero_h = _run(bridge, batch, [(hook_name, zero)], final_hook, return_type)
+        zero_err_sq += (zero_h - clean_h).pow(2).sum().item()
 
         if causal:
-            zero_logits = bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, zero)])
             ce["clean"] += _next_token_ce(clean_logits, batch).item()
             ce["sae"] += _next_token_ce(spliced_logits, batch).item()
             ce["zero"] += _next_token_ce(zero_logits, batch).item()
@@ -177,8 +223,11 @@ def downstream_metrics(
     result = DownstreamMetrics(
         final_hidden_cosine=cos_sum / n_positions,
         final_hidden_rel_mse=err_sq / clean_sq if clean_sq > 0 else math.nan,
+        final_hidden_rel_mse_zero=zero_err_sq / clean_sq if clean_sq > 0 else math.nan,
         n_tokens=n_positions,
     )
+    # Undefined when deleting the activation leaves the final hidden state as it was.
+    result.final_hidden_recovered = 1 - err_sq / zero_err_sq if zero_err_sq > 0 else math.nan
     if not causal:
         result.note = ENCODER_ONLY_NOTE
         return result

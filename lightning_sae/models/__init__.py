@@ -14,6 +14,18 @@ from lightning_sae.models.jumprelu import JumpReLUSAE
 from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+from lightning_sae.models.transcoder import (
+    BatchTopKSkipTranscoder,
+    BatchTopKTranscoder,
+    CrossCoder,
+    JumpReLUSkipTranscoder,
+    JumpReLUTranscoder,
+    SkipTranscoder,
+    TopKCrossCoder,
+    TopKSkipTranscoder,
+    TopKTranscoder,
+    Transcoder,
+)
 
 __all__ = [
     "VARIANTS",
@@ -25,6 +37,16 @@ __all__ = [
     "SparseAutoencoder",
     "StandardSAE",
     "TopKSAE",
+    "BatchTopKSkipTranscoder",
+    "BatchTopKTranscoder",
+    "CrossCoder",
+    "JumpReLUSkipTranscoder",
+    "JumpReLUTranscoder",
+    "SkipTranscoder",
+    "TopKCrossCoder",
+    "TopKSkipTranscoder",
+    "TopKTranscoder",
+    "Transcoder",
     "class_path_of",
     "variant_class",
 ]
@@ -41,6 +63,16 @@ VARIANTS: dict[str, type[SparseAutoencoder]] = {
         JumpReLUSAE,
         GatedSAE,
         ApproxL0SAE,
+        Transcoder,
+        SkipTranscoder,
+        TopKTranscoder,
+        TopKSkipTranscoder,
+        BatchTopKTranscoder,
+        BatchTopKSkipTranscoder,
+        JumpReLUTranscoder,
+        JumpReLUSkipTranscoder,
+        CrossCoder,
+        TopKCrossCoder,
     )
 }
 

@@ -113,9 +113,13 @@ class ApproxL0SAE(SparseAutoencoder):
 
     @torch.no_grad()
     def reset_features(
-        self, indices: Tensor, directions: Tensor, encoder_norm: float
+        self,
+        indices: Tensor,
+        directions: Tensor,
+        encoder_norm: float,
+        encoder_directions: Tensor | None = None,
     ) -> list[tuple[nn.Parameter, int]]:
-        touched = super().reset_features(indices, directions, encoder_norm)
+        touched = super().reset_features(indices, directions, encoder_norm, encoder_directions)
         # The dead predecessor's near-zero frequencies would put the new feature under the
         # floor's full penalty from its first step.
         self.frequency_history[:, indices] = UNRECORDED

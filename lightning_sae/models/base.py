@@ -153,6 +153,8 @@ class SparseAutoencoder(LightningModule):
         if not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}: set model.init_args.betas.")
         self.d_in, self.d_sae = d_in, d_sae
+        # Width of what the decoder writes: the input's for an SAE; a transcoder's output site.
+        self.d_out = d_in
 
         # Offset so that the same integer seed for data and init does not give identical draws.
         generator = torch.Generator().manual_seed(init_seed + 0x5AE_1417)
@@ -219,7 +221,11 @@ class SparseAutoencoder(LightningModule):
 
     # ----------------------------------------------------------------- losses
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
-        """Named loss terms; the total loss is their sum. Variants extend this dict."""
+        """Named loss terms; the total loss is their sum. Variants extend this dict.
+
+        ``x_n`` is the normalised target: the input itself for an SAE, the output site for a
+        transcoder (:meth:`input_and_target`).
+        """
         return {"mse": (out.x_hat - x_n).pow(2).sum(-1).mean()}
 
     def warmup_factor(self, steps: int) -> float:
@@ -251,20 +257,26 @@ class SparseAutoencoder(LightningModule):
 
     @torch.no_grad()
     def reset_features(
-        self, indices: Tensor, directions: Tensor, encoder_norm: float
+        self,
+        indices: Tensor,
+        directions: Tensor,
+        encoder_norm: float,
+        encoder_directions: Tensor | None = None,
     ) -> list[tuple[nn.Parameter, int]]:
-        """Restart features ``indices`` as new ones along the unit ``directions`` [n, d_in].
+        """Restart features ``indices`` as new ones along the unit ``directions`` [n, d_out].
 
-        Decoder row = direction, encoder column = direction * ``encoder_norm``, ``b_enc`` = 0,
-        dead clock at zero. Variants extend this to their own per-feature state, so that a
-        restarted feature carries nothing of its dead predecessor.
+        Decoder row = direction, encoder column = direction * ``encoder_norm`` (or, for a
+        transcoder, whose encoder reads another site, ``encoder_directions`` [n, d_in]),
+        ``b_enc`` = 0, dead clock at zero. Variants extend this to their own per-feature state,
+        so that a restarted feature carries nothing of its dead predecessor.
 
         Returns the parameters touched, each with its feature dimension, so that the caller
         can restart the optimizer's statistics for those slices.
         """
         directions = directions.to(self.W_dec)
         self.W_dec[indices] = directions
-        self.W_enc[:, indices] = directions.T * encoder_norm
+        encoder = directions if encoder_directions is None else encoder_directions.to(directions)
+        self.W_enc[:, indices] = encoder.T * encoder_norm
         self.b_enc[indices] = 0.0
         self.tokens_since_fired[indices] = 0
         return [(self.W_dec, 0), (self.W_enc, 1), (self.b_enc, 0)]
@@ -320,13 +332,20 @@ class SparseAutoencoder(LightningModule):
             raise ValueError(self._d_in_mismatch(x.shape[-1]))
         return x
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def input_and_target(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """(what the encoder reads, what the decoder must reproduce) from a batch: the same
+        tensor for an SAE; transcoders (``models/transcoder.py``) read two sites."""
         x = self._batch_tensor(batch)
+        return x, x
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, target = self.input_and_target(batch)
         if not self.input_scale_fitted:
             self.fit_input_scale(x)
         x_n = self.normalize(x)
+        y_n = x_n if target is x else self.normalize(target)
         out = self.forward_normalized(x_n)
-        terms = self.loss_terms(x_n, out)
+        terms = self.loss_terms(y_n, out)
         if self.hparams.orthogonality_coefficient != 0:
             penalty, mean_cos = orthogonality_penalty(
                 self.W_dec,
@@ -337,7 +356,7 @@ class SparseAutoencoder(LightningModule):
             terms["orthogonality"] = self.hparams.orthogonality_coefficient * penalty
             self.log("train/orthogonality_mean_cos", mean_cos)
         loss = torch.stack(list(terms.values())).sum()
-        self._log_training_stats(x_n, out, terms, loss)
+        self._log_training_stats(y_n, out, terms, loss)
         return loss
 
     def _diverged(self, what: str) -> str:
@@ -408,10 +427,10 @@ class SparseAutoencoder(LightningModule):
             dist.all_reduce(sums)
             world = dist.get_world_size()
         fired = sums[: self.d_sae]
-        sum_x = sums[self.d_sae : self.d_sae + self.d_in]
+        sum_x = sums[self.d_sae : self.d_sae + self.d_out]
         # One host transfer per step: every scalar the logs need comes back in a single tolist().
         scalars = torch.cat(
-            [sums[self.d_sae + self.d_in :], fired.sum()[None], sum_x.pow(2).sum()[None]]
+            [sums[self.d_sae + self.d_out :], fired.sum()[None], sum_x.pow(2).sum()[None]]
         )
         sq_err, sum_sq, n, total, *term_values, n_active, sum_x_sq = scalars.tolist()
         # Guards that come free with that one transfer: the float64 sum of squares of float32
@@ -437,8 +456,11 @@ class SparseAutoencoder(LightningModule):
         self.log("train/dead_fraction", self.dead_mask().float().mean())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x_n = self.normalize(self._batch_tensor(batch))
+        x, target = self.input_and_target(batch)
+        x_n = self.normalize(x)
         out = self.forward_normalized(x_n)
+        if target is not x:
+            x_n = self.normalize(target)  # from here on, x_n is what out.x_hat is scored against
         terms = self.loss_terms(x_n, out)
         self.log("val/loss", torch.stack(list(terms.values())).sum(), sync_dist=True)
         for name, value in terms.items():

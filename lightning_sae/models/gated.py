@@ -59,9 +59,13 @@ class GatedSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def reset_features(
-        self, indices: Tensor, directions: Tensor, encoder_norm: float
+        self,
+        indices: Tensor,
+        directions: Tensor,
+        encoder_norm: float,
+        encoder_directions: Tensor | None = None,
     ) -> list[tuple[nn.Parameter, int]]:
-        touched = super().reset_features(indices, directions, encoder_norm)
+        touched = super().reset_features(indices, directions, encoder_norm, encoder_directions)
         # Gated features often die with the gate open and b_mag far below zero; with r_mag and
         # b_mag at zero the magnitude path equals the gate's, so the new feature fires wherever
         # its gate opens.

@@ -120,6 +120,13 @@ def build_members(specs: list[Mapping[str, Any]]) -> dict[str, tuple[SparseAutoe
             sae = contextvars.Context().run(cls, **init_args)
         except (TypeError, ValueError) as error:
             raise _member_error(repr(name), index, str(error)) from None
+        if getattr(sae, "maps_sites", False) or getattr(sae, "writes_layers", False):
+            raise _member_error(
+                repr(name),
+                index,
+                f"{cls.__name__} reads several hooks, but a group member reads one; train "
+                "transcoders and crosscoders on their own (model.class_path).",
+            )
         built[name], where[name] = (sae, hook), index
     return built
 

@@ -151,9 +151,13 @@ class JumpReLUSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def reset_features(
-        self, indices: Tensor, directions: Tensor, encoder_norm: float
+        self,
+        indices: Tensor,
+        directions: Tensor,
+        encoder_norm: float,
+        encoder_directions: Tensor | None = None,
     ) -> list[tuple[nn.Parameter, int]]:
-        touched = super().reset_features(indices, directions, encoder_norm)
+        touched = super().reset_features(indices, directions, encoder_norm, encoder_directions)
         # A dead feature's threshold may sit above anything its new encoder column produces.
         self.log_threshold[indices] = math.log(self.hparams.threshold_init)
         return [*touched, (self.log_threshold, 0)]

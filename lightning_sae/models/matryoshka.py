@@ -75,7 +75,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             bags = SparseCode(
                 code.indices, code.values, code.n_rows * n_groups, code.rows * n_groups + group
             )
-            return bags.decode(self.W_dec).reshape(code.n_rows, n_groups, self.d_in)
+            return bags.decode(self.W_dec).reshape(code.n_rows, n_groups, self.d_out)
         parts = zip(
             acts.split(self.group_sizes, -1), self.W_dec.split(self.group_sizes), strict=True
         )
@@ -87,14 +87,14 @@ class MatryoshkaSAE(BatchTopKSAE):
         prefix_x_hat = self.group_decode(code, acts).cumsum(1) + self.b_dec
         lead = x_n.shape[:-1]
         return SAEOutput(
-            x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_in),
+            x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_out),
             acts=acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
             extras={"prefix_x_hat": prefix_x_hat},
         )
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
-        x = x_n.reshape(-1, 1, self.d_in)
+        x = x_n.reshape(-1, 1, self.d_out)
         per_prefix = (out.extras["prefix_x_hat"] - x).pow(2).sum(-1).mean(0)
         reduced = per_prefix.sum() if self.hparams.prefix_loss == "sum" else per_prefix.mean()
         terms = {"prefix_mse": reduced}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_nonnegative
@@ -11,6 +13,7 @@ from lightning_sae.models.penalties import l1_penalty, tanh_penalty
 from lightning_sae.models.sparse import DecodeImpl, SparseCode, check_decode_impl, decodes_sparsely
 
 DENSITY_SAMPLE_ROWS = 256  # rows whose L0 picks the decode path of a step
+EncoderInit = Literal["transpose", "independent"]
 
 
 class StandardSAE(SparseAutoencoder):
@@ -28,6 +31,13 @@ class StandardSAE(SparseAutoencoder):
             latents) or ``auto``: sparse in the steps whose L0 / d_sae is below the measured
             per-device cut-off (``models/sparse.py``). Once the penalty has warmed up a ReLU SAE
             has a low L0, so most of a run decodes sparsely; the first steps, dense.
+        use_b_dec: ``False`` drops the decoder bias, as the reference toy-model autoencoder
+            does: ``b_dec`` becomes a zero buffer (not trained, still saved and exported, so
+            every reader of the weights works unchanged) and nothing is subtracted from the
+            input.
+        encoder_init: ``transpose`` (the encoder starts as the decoder's transpose) or
+            ``independent`` (``torch.nn.Linear``'s default, as in the reference:
+            W_enc and b_enc uniform in +-1/sqrt(d_in), drawn from ``init_seed``).
         **kwargs: everything :class:`SparseAutoencoder` takes (d_in, d_sae, lr, ...).
     """
 
@@ -40,14 +50,39 @@ class StandardSAE(SparseAutoencoder):
         sparsity_penalty: Literal["l1", "tanh"] = "l1",
         tanh_scale: float = 1.0,
         decode_impl: DecodeImpl = "auto",
+        use_b_dec: bool = True,
+        encoder_init: EncoderInit = "transpose",
         **kwargs: Any,
     ) -> None:
         check_decode_impl(decode_impl)
+        if encoder_init not in ("transpose", "independent"):
+            raise ValueError(
+                f"encoder_init must be 'transpose' or 'independent', got {encoder_init!r}: "
+                "set model.init_args.encoder_init."
+            )
         check_nonnegative("l1_coefficient", l1_coefficient, "model.init_args.l1_coefficient")
         check_nonnegative("l1_warmup_steps", l1_warmup_steps, "model.init_args.l1_warmup_steps")
         if sparsity_penalty not in ("l1", "tanh"):
             raise ValueError(f"sparsity_penalty must be 'l1' or 'tanh', got {sparsity_penalty!r}.")
         super().__init__(*args, **kwargs)
+        if not use_b_dec:
+            # A buffer, not a parameter: the optimizer never sees it and it stays exactly zero.
+            del self.b_dec
+            self.register_buffer("b_dec", torch.zeros(self.d_in))
+        if encoder_init == "independent":
+            self._init_encoder_independently()
+
+    @torch.no_grad()
+    def _init_encoder_independently(self) -> None:
+        # nn.Linear(d_in, d_sae).reset_parameters(): kaiming_uniform(a=sqrt(5)) on the weight
+        # and the bias both reduce to uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = d_in.
+        generator = torch.Generator().manual_seed(self.hparams.init_seed + 0xE4C)
+        bound = 1 / math.sqrt(self.d_in)
+        for param in (self.W_enc, self.b_enc):
+            param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
+
+    def input_offset(self) -> Tensor | None:
+        return super().input_offset() if self.hparams.use_b_dec else None
 
     def reconstruct(self, acts: Tensor) -> Tensor:
         impl = self.hparams.decode_impl
@@ -61,7 +96,7 @@ class StandardSAE(SparseAutoencoder):
         if not decodes_sparsely(impl, active_per_sample, self.d_sae, self.W_dec.device):
             return super().reconstruct(acts)
         decoded = SparseCode.from_mask(flat != 0, flat).decode(self.W_dec)
-        return (decoded + self.b_dec).reshape(*acts.shape[:-1], self.d_in)
+        return (decoded + self.b_dec).reshape(*acts.shape[:-1], self.d_out)
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams

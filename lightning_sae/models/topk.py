@@ -117,7 +117,7 @@ class TopKSAE(SparseAutoencoder):
         x_hat = self.decode_code(code, acts) + self.b_dec
         lead = x_n.shape[:-1]
         return SAEOutput(
-            x_hat=x_hat.reshape(*lead, self.d_in),
+            x_hat=x_hat.reshape(*lead, self.d_out),
             acts=acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
         )
@@ -144,7 +144,7 @@ class TopKSAE(SparseAutoencoder):
         else:
             residual_hat = code.to_dense(self.d_sae) @ self.W_dec
         # The residual is the target; its gradient would push the main pass, not the dead ones.
-        residual = (x_n - out.x_hat).detach().reshape(-1, self.d_in)
+        residual = (x_n - out.x_hat).detach().reshape(-1, self.d_out)
         error = (residual_hat - residual).pow(2).sum(-1).mean()
         if self.hparams.auxk_normalization == "residual_variance":
             error = error / self._global_variance(residual)
@@ -152,7 +152,7 @@ class TopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def _global_variance(self, rows: Tensor) -> Tensor:
-        """Mean squared distance of ``rows`` [n, d_in] from their mean, over the global batch.
+        """Mean squared distance of ``rows`` [n, d_out] from their mean, over the global batch.
 
         Under DDP the sums are all-reduced, so every rank divides by the same value and a DDP
         step equals a single-process step. Float64: the variance is a difference of sums.
@@ -162,7 +162,7 @@ class TopKSAE(SparseAutoencoder):
         if _is_distributed():
             dist.all_reduce(sums)
         n = sums[-1]
-        variance = sums[self.d_in] / n - (sums[: self.d_in] / n).pow(2).sum()
+        variance = sums[self.d_out] / n - (sums[: self.d_out] / n).pow(2).sum()
         # A residual that is zero everywhere gives zero error too: avoid 0 / 0.
         return variance.clamp_min(torch.finfo(torch.float32).tiny).float()
 

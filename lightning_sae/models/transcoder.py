@@ -1,0 +1,352 @@
+"""Dictionaries that map one site to another: transcoders, skip transcoders and crosscoders.
+
+A transcoder (Dunefsky et al. 2024) encodes an MLP's input and decodes to the MLP's output: a
+sparse, interpretable replacement for the MLP. A skip transcoder (Paulo et al. 2025) adds a
+learned linear map ``W_skip x`` (initialised at zero) that carries the MLP's linear part, so the
+features only have to explain the rest. A crosscoder (Anthropic 2024) reads several layers'
+activations at once and writes all of them back: one dictionary shared across layers.
+
+Each class here is an existing variant with its own activation function and losses (ReLU + L1,
+TopK + AuxK, BatchTopK, JumpReLU), plus one of two small mixins:
+
+- :class:`Transcoding`: the encoder reads the input site (``W_enc`` [d_in, d_sae]); the
+  decoder writes the output site (``W_dec`` [d_sae, d_out], output bias ``b_dec`` [d_out]).
+  Every loss term of the variant (MSE, AuxK's residual, FVU) is scored against the output
+  site, because the base class scores against the target :meth:`input_and_target` returns.
+- :class:`CrossCoding`: the layers' activations are concatenated, so "the sum of per-layer
+  encodes" is one matmul with ``W_enc`` [n_layers * d_layer, d_sae], and the decoder writes
+  every layer. The sparsity penalty is weighted by the sum of per-layer decoder norms
+  (:meth:`CrossCoding.decoder_norms`), as in the crosscoder paper.
+
+Batches: a dict ``{hook: [batch, width]}`` (``ActivationDataModule`` or
+``StreamingActivationDataModule`` with ``hooks: [input, output]``; rows aligned), or, from
+Python, a pair ``(x, y)`` (e.g. a ``TensorDataset``). One input scale (fitted on the input
+site) normalises both sites, so exporting folds it into the weights exactly as for an SAE and
+``W_skip`` is unchanged by the fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sae.metrics.reconstruction import FVU, MSE
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_positive
+from lightning_sae.models.jumprelu import JumpReLUSAE
+from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+
+_INIT_OFFSET = 0x7C0DE  # the decoder and encoder draws of a transcoder differ from an SAE's
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _hook_tensor(batch: Mapping[str, Tensor], hook: str | None, role: str) -> Tensor:
+    if hook is None:
+        raise ValueError(
+            f"the batch serves hooks {', '.join(batch)}, but model.init_args.{role} is not set: "
+            f"set it to the hook the {role.removesuffix('_hook')} site is read from."
+        )
+    if hook not in batch:
+        raise ValueError(
+            f"model.init_args.{role} is {hook!r}, which the batch does not hold (it holds "
+            f"{', '.join(batch)}). Add it to data.init_args.hooks or set {role} to one of those."
+        )
+    return batch[hook]
+
+
+def cross_directions(directions: Tensor, x_n: Tensor, residual: Tensor) -> Tensor:
+    """Input-space directions for output-space ``directions`` [n, d_out], from paired rows.
+
+    Direction j is sum_i <residual_i, d_j> x_i (unit norm): the inputs weighted by how much of
+    what is left to explain lies along d_j, i.e. the row of the input-output cross-covariance
+    that predicts d_j. Resampling and data-informed init use it for a transcoder's encoder,
+    which reads a different site than its decoder writes.
+    """
+    weights = residual.float() @ directions.float().T  # [rows, n]
+    return _unit_rows(weights.T @ x_n.float())
+
+
+class Transcoding:
+    """Mixin: the encoder reads ``input_hook``, the decoder writes ``output_hook``.
+
+    Put it before a variant in the bases; the variant's activation and losses are used as they
+    are. ``skip_connection`` (a class attribute) adds ``W_skip`` [d_out, d_in], initialised at
+    zero: ``y_hat = W_dec f(x) + W_skip x + b_dec``.
+
+    Args:
+        d_in: width of the input site.
+        d_out: width of the output site (default: d_in).
+        input_hook: hook whose activations the encoder reads, e.g. ``blocks.3.hook_mlp_in``.
+        output_hook: hook whose activations the decoder predicts, e.g. ``blocks.3.hook_mlp_out``.
+        **kwargs: everything the variant takes. ``apply_b_dec_to_input`` must stay false:
+            ``b_dec`` is the output bias, in another space than the input.
+    """
+
+    skip_connection: ClassVar[bool] = False
+    maps_sites: ClassVar[bool] = True  # callbacks: the target differs from the input
+
+    def __init__(
+        self,
+        *args: Any,
+        d_out: int | None = None,
+        input_hook: str | None = None,
+        output_hook: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("apply_b_dec_to_input", False):
+            raise ValueError(
+                "a transcoder cannot subtract b_dec from its input: b_dec is the bias of the "
+                "output site. Remove model.init_args.apply_b_dec_to_input (it is false here)."
+            )
+        kwargs["apply_b_dec_to_input"] = False
+        if d_out is not None:
+            check_positive("d_out", d_out, "model.init_args.d_out")
+        if input_hook is not None and input_hook == output_hook:
+            raise ValueError(
+                f"input_hook and output_hook are both {input_hook!r}: a transcoder maps one site "
+                "to another; for x -> x train an SAE instead."
+            )
+        super().__init__(*args, **kwargs)
+        # Under LightningCLI the hparams are the parsed options, which leave out what this
+        # constructor fixes; the base class reads it from there.
+        self.hparams["apply_b_dec_to_input"] = False
+        self.d_out = self.d_in if d_out is None else d_out
+        self.input_hook, self.output_hook = input_hook, output_hook
+        # Encoder and decoder live in different spaces: draw them independently (an SAE's
+        # tied start, W_enc = W_dec^T, means nothing across sites).
+        generator = torch.Generator().manual_seed(self.hparams.init_seed + _INIT_OFFSET)
+        self.W_dec = nn.Parameter(
+            _unit_rows(torch.randn(self.d_sae, self.d_out, generator=generator))
+        )
+        self.W_enc = nn.Parameter(
+            _unit_rows(torch.randn(self.d_sae, self.d_in, generator=generator)).T.contiguous()
+        )
+        if "b_dec" in self._buffers:  # StandardSAE with use_b_dec=False: a zero buffer
+            self.register_buffer("b_dec", torch.zeros(self.d_out))
+        else:
+            self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        if self.hparams.get("encoder_init") == "independent":  # StandardSAE's nn.Linear init
+            self._init_encoder_independently()
+        self.W_skip = (
+            nn.Parameter(torch.zeros(self.d_out, self.d_in)) if self.skip_connection else None
+        )
+        self.val_mse, self.val_fvu = MSE(), FVU(self.d_out)
+
+    # ----------------------------------------------------------------- the map
+    def forward_normalized(self, x_n: Tensor) -> SAEOutput:
+        out = super().forward_normalized(x_n)
+        if self.W_skip is not None:
+            out.x_hat = out.x_hat + F.linear(x_n, self.W_skip)
+        return out
+
+    # ----------------------------------------------------------------- data
+    def input_and_target(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, Mapping):
+            x = _hook_tensor(batch, self.input_hook, "input_hook")
+            y = _hook_tensor(batch, self.output_hook, "output_hook")
+        elif isinstance(batch, (list, tuple)) and len(batch) == 2:
+            x, y = batch
+        else:
+            raise ValueError(
+                f"{type(self).__name__} trains on paired batches: a dict {{hook: tensor}} (set "
+                "data.init_args.hooks: [<input hook>, <output hook>]) or a pair (x, y); got "
+                f"{type(batch).__name__}."
+            )
+        for name, tensor, width in (("input", x, self.d_in), ("output", y, self.d_out)):
+            if tensor.shape[-1] != width:
+                option = "d_in" if name == "input" else "d_out"
+                raise ValueError(
+                    f"the {name} site's vectors have width {tensor.shape[-1]} but the transcoder "
+                    f"was built with model.init_args.{option}={width}. Set {option}: "
+                    f"{tensor.shape[-1]}."
+                )
+        if x.shape[:-1] != y.shape[:-1]:
+            raise ValueError(
+                f"input and output batches hold different rows ({tuple(x.shape)} vs "
+                f"{tuple(y.shape)}): the pairs must be aligned, row i of each the same token."
+            )
+        return x, y
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        widths = getattr(self.trainer.datamodule, "d_ins", None)
+        if not isinstance(widths, Mapping) or len(widths) < 2:
+            return  # pairs from Python, or a datamodule without hook names: checked per batch
+        for role, hook, width in (
+            ("input_hook", self.input_hook, self.d_in),
+            ("output_hook", self.output_hook, self.d_out),
+        ):
+            served = widths.get(hook)
+            if served is None:
+                _hook_tensor(dict.fromkeys(widths), hook, role)  # raises, naming the fix
+            if served != width:
+                option = "d_in" if role == "input_hook" else "d_out"
+                raise ValueError(
+                    f"{role} {hook} has width {served} but model.init_args.{option} is {width}: "
+                    f"set {option}: {served}."
+                )
+
+    # ----------------------------------------------------------------- callbacks
+    def restart_encoder_directions(
+        self, directions: Tensor, x_n: Tensor, residual: Tensor
+    ) -> Tensor:
+        """Encoder columns for features restarted along ``directions`` (see
+        :func:`cross_directions`)."""
+        return cross_directions(directions, x_n, residual)
+
+    def _d_in_mismatch(self, data_d_in: int) -> str:
+        return (
+            f"the data serves one hook of width {data_d_in}; a transcoder needs two sites: set "
+            "data.init_args.hooks: [<input hook>, <output hook>] and model.init_args.input_hook "
+            "and output_hook."
+        )
+
+
+class CrossCoding:
+    """Mixin: read and write the concatenation of ``hooks`` (every layer, same order).
+
+    Args:
+        d_in: width of all layers together (n_layers * d_layer).
+        hooks: the layers' hooks, e.g. ``[blocks.1.hook_resid_post, blocks.2.hook_resid_post]``.
+        **kwargs: everything the variant takes.
+    """
+
+    maps_sites: ClassVar[bool] = False  # input and target are the same vectors
+    writes_layers: ClassVar[bool] = True  # several sites at once: no single-hook splice
+
+    def __init__(self, *args: Any, hooks: list[str] | None = None, **kwargs: Any) -> None:
+        if not hooks or len(set(hooks)) != len(hooks) or len(hooks) < 2:
+            raise ValueError(
+                f"a crosscoder reads two or more distinct layers; model.init_args.hooks is "
+                f"{hooks!r}. Set it, e.g. [blocks.1.hook_resid_post, blocks.2.hook_resid_post]."
+            )
+        super().__init__(*args, **kwargs)
+        if self.d_in % len(hooks):
+            raise ValueError(
+                f"d_in={self.d_in} is the width of the {len(hooks)} layers together, so it must "
+                f"be a multiple of {len(hooks)}: set model.init_args.d_in to n_layers * d_layer."
+            )
+        self.hooks = list(hooks)
+        self.d_layer = self.d_in // len(hooks)
+
+    def decoder_norms(self) -> Tensor:
+        """sum over layers of ||W_dec_j^layer||: what the sparsity penalty is weighted by."""
+        return self.W_dec.reshape(self.d_sae, len(self.hooks), self.d_layer).norm(dim=-1).sum(-1)
+
+    def _layers(self, batch: Any) -> Tensor:
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        if isinstance(batch, Mapping):
+            missing = [hook for hook in self.hooks if hook not in batch]
+            if missing:
+                raise ValueError(
+                    f"the crosscoder reads {', '.join(missing)}, which the batch does not hold "
+                    f"(it holds {', '.join(batch)}): set data.init_args.hooks to "
+                    "model.init_args.hooks."
+                )
+            widths = {hook: batch[hook].shape[-1] for hook in self.hooks}
+            if set(widths.values()) != {self.d_layer}:
+                raise ValueError(
+                    f"the crosscoder's layers must each have width {self.d_layer} "
+                    f"(model.init_args.d_in / len(hooks)); the batch has {widths}."
+                )
+            return torch.cat([batch[hook] for hook in self.hooks], dim=-1)
+        if batch.ndim == 3:  # [batch, n_layers, d_layer]
+            return batch.flatten(1)
+        return batch
+
+    def input_and_target(self, batch: Any) -> tuple[Tensor, Tensor]:
+        x = self._batch_tensor(self._layers(batch))
+        return x, x
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        widths = getattr(self.trainer.datamodule, "d_ins", None)
+        if isinstance(widths, Mapping) and len(widths) > 1:
+            self._layers({hook: torch.empty(0, width) for hook, width in widths.items()})
+
+
+# ----------------------------------------------------------------------------- transcoders
+class Transcoder(Transcoding, StandardSAE):
+    """ReLU transcoder, loss = MSE to the output site + L1 (SAELens architecture
+    ``transcoder``). Options: :class:`Transcoding` and :class:`StandardSAE`."""
+
+
+class SkipTranscoder(Transcoder):
+    """ReLU transcoder with a linear skip ``W_skip x`` (SAELens ``skip_transcoder``)."""
+
+    skip_connection = True
+
+
+class TopKTranscoder(Transcoding, TopKSAE):
+    """TopK transcoder, loss = MSE to the output site + AuxK. Options: :class:`Transcoding` and
+    :class:`TopKSAE`."""
+
+
+class TopKSkipTranscoder(TopKTranscoder):
+    """TopK transcoder with a linear skip ``W_skip x`` (Paulo et al. 2025)."""
+
+    skip_connection = True
+
+
+class BatchTopKTranscoder(Transcoding, BatchTopKSAE):
+    """BatchTopK transcoder; exports as SAELens ``jumprelu_transcoder`` (one threshold)."""
+
+
+class BatchTopKSkipTranscoder(BatchTopKTranscoder):
+    """BatchTopK transcoder with a linear skip; exports as ``jumprelu_skip_transcoder``."""
+
+    skip_connection = True
+
+
+class JumpReLUTranscoder(Transcoding, JumpReLUSAE):
+    """JumpReLU transcoder, loss = MSE to the output site + L0 (SAELens
+    ``jumprelu_transcoder``). Options: :class:`Transcoding` and :class:`JumpReLUSAE`."""
+
+
+class JumpReLUSkipTranscoder(JumpReLUTranscoder):
+    """JumpReLU transcoder with a linear skip (SAELens ``jumprelu_skip_transcoder``)."""
+
+    skip_connection = True
+
+
+# ----------------------------------------------------------------------------- crosscoders
+class CrossCoder(CrossCoding, StandardSAE):
+    """ReLU crosscoder, loss = MSE over every layer + L1 of each activation times the sum of
+    its per-layer decoder norms (Anthropic 2024). Options: :class:`CrossCoding` and
+    :class:`StandardSAE` (``weight_by_decoder_norm`` is always on)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("weight_by_decoder_norm") is False:
+            raise ValueError(
+                "a crosscoder weights its L1 by the sum of per-layer decoder norms; remove "
+                "model.init_args.weight_by_decoder_norm: false."
+            )
+        kwargs["weight_by_decoder_norm"] = True
+        super().__init__(*args, **kwargs)
+        self.hparams["weight_by_decoder_norm"] = True  # as apply_b_dec_to_input in Transcoding
+
+
+class TopKCrossCoder(CrossCoding, TopKSAE):
+    """TopK crosscoder (k latents per row over all layers; AuxK for dead latents). Options:
+    :class:`CrossCoding` and :class:`TopKSAE`."""
+
+
+TRANSCODERS: tuple[type[SparseAutoencoder], ...] = (
+    Transcoder,
+    SkipTranscoder,
+    TopKTranscoder,
+    TopKSkipTranscoder,
+    BatchTopKTranscoder,
+    BatchTopKSkipTranscoder,
+    JumpReLUTranscoder,
+    JumpReLUSkipTranscoder,
+)
+CROSSCODERS: tuple[type[SparseAutoencoder], ...] = (CrossCoder, TopKCrossCoder)

@@ -1,0 +1,597 @@
+"""Latent sharding: each member of a latent-parallel group holds a slice of the dictionary.
+
+Member ``t`` of a group of ``L`` holds latents ``[t * d_sae / L, (t + 1) * d_sae / L)``: those
+columns of ``W_enc``, entries of ``b_enc`` and rows of ``W_dec``, with every per-latent buffer
+and parameter of the variant (JumpReLU's thresholds, Gated's magnitude path, ApproxL0's
+frequency window, the dead-feature clock) and, through the optimizer, their Adam state.
+``b_dec`` and the input scale are replicated. The data-parallel dimension splits the global
+batch as DDP does.
+
+A sharded module is the variant itself with a layer in front: :func:`sharded_class` makes
+``LatentSharded<Variant>`` from a mixin below and the variant class, and the mixins override
+only the public steps whose maths crosses latents (selection, decoding, the terms that are
+not sums over latents). Everything else (the activation functions, the sums over latents,
+the optimiser, the schedules) is the variant's own code running on the local slice, so
+``self.d_sae`` is the local count and ``self.shard.d_sae`` the dictionary's.
+
+Exactness (the reason for each override):
+
+- Encoding is local: ``x W_enc[:, slice] + b_enc[slice]``; ``b_dec`` enters through
+  :func:`copy_to_shards` so that its gradient sums every slice's part.
+- The reconstruction is the all-reduce of the partial decodes, plus ``b_dec``.
+- TopK: each member sends its ``min(k, d_sae / L)`` best ``(value)`` per row; the global top-k
+  of those candidates is the true one (every member's share of the top k is among its own k
+  best), and each member keeps its own winners. AuxK does the same among dead latents.
+- BatchTopK: each member sends its ``k * global batch`` largest pre-activations over the whole
+  data x latent mesh; the cut-off of the global top set is exact (the single-process proof of
+  ``BatchTopKSAE._global_batch_top_k``, one more dimension).
+- Terms that sum over latents (L1, tanh, JumpReLU's L0 without a target, the pre-activation
+  loss, ApproxL0's L0 and frequency floor) are each member's share; terms of the whole
+  reconstruction (MSE, AuxK, Gated's auxiliary loss, Matryoshka's prefixes) and JumpReLU's
+  L0-target form are replicated. The logged values are the global sums.
+- Orthogonality: the active decoder rows of all members are gathered (only the active ones),
+  each member finds their nearest neighbours among its own rows, and the maxima and the tie
+  sums are reduced across members.
+- Data parallel: gradients are averaged over the data-parallel group after backward (each
+  rank's loss is the mean over its slice of the global batch, as under DDP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_sae.metrics.reconstruction import L0, DeadFraction
+from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder
+from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.jumprelu import JumpReLUSAE, heaviside
+from lightning_sae.models.matryoshka import MatryoshkaSAE
+from lightning_sae.models.penalties import OrthogonalityShape, l1_penalty
+from lightning_sae.models.sparse import SparseCode
+from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+from lightning_sae.parallel.comm import (
+    all_reduce,
+    copy_to_shards,
+    gather_last,
+    gather_rows,
+    reduce_from_shards,
+)
+
+# Every per-latent tensor a shipped variant holds, with its latent dimension. Anything else is
+# replicated; a variant with another per-latent tensor is refused rather than half-sharded.
+SHARDED_DIMS: dict[str, int] = {
+    "W_enc": 1,
+    "b_enc": 0,
+    "W_dec": 0,
+    "tokens_since_fired": 0,
+    "log_threshold": 0,
+    "r_mag": 0,
+    "b_mag": 0,
+    "frequency_history": 1,
+}
+
+
+@dataclass
+class LatentShard:
+    """Where a member sits in the data x latent mesh, and its process groups (None when the
+    dimension has size 1, so that every collective on it is skipped)."""
+
+    d_sae: int
+    latent_rank: int
+    latent_size: int
+    data_size: int
+    latent_group: dist.ProcessGroup | None
+    data_group: dist.ProcessGroup | None
+    world_group: dist.ProcessGroup | None
+
+    @property
+    def local_size(self) -> int:
+        return self.d_sae // self.latent_size
+
+    @property
+    def start(self) -> int:
+        return self.latent_rank * self.local_size
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.local_size
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """The latent group's batch slices joined: its data-parallel slice of the global batch.
+
+        A datamodule serves world rank ``r`` slice ``r`` of the global batch; the members of a
+        latent group are consecutive world ranks, so their slices joined in order are slice
+        ``data_rank`` of the batch cut into ``data_size`` parts.
+        """
+        return gather_rows(x, self.latent_group)
+
+    def sum_over_latents(self, x: Tensor) -> Tensor:
+        """``x`` summed over the latent group (in place)."""
+        return all_reduce(x, self.latent_group)
+
+    def sum_over_data(self, x: Tensor) -> Tensor:
+        """``x`` summed over the data-parallel group (in place)."""
+        return all_reduce(x, self.data_group)
+
+    def gather_features(self, x: Tensor) -> Tensor:
+        """A per-latent ``[d_sae / L, ...]`` tensor of every member, as ``[d_sae, ...]``."""
+        if x.dtype == torch.bool:  # gloo gathers no bool tensors
+            return gather_rows(x.to(torch.uint8), self.latent_group).bool()
+        return gather_rows(x, self.latent_group)
+
+    def local_part(self, full: Tensor, dim: int) -> Tensor:
+        """This member's slice of a full ``[..., d_sae, ...]`` tensor."""
+        return full.narrow(dim, self.start, self.local_size)
+
+
+def shard_of(module: Any) -> LatentShard | None:
+    """The module's latent shard, or None when it is not latent-sharded."""
+    return getattr(module, "shard", None)
+
+
+# ----------------------------------------------------------------------------- metrics
+class _ShardedL0(L0):
+    """L0 whose rows are counted by one member per latent group (the active latents by all)."""
+
+    def __init__(self, counts_rows: bool) -> None:
+        super().__init__()
+        self.counts_rows = counts_rows
+
+    def update(self, acts: Tensor) -> None:
+        self.active += (acts != 0).sum(dtype=torch.float64)
+        if self.counts_rows:
+            self.n += acts.shape[0]
+
+
+class _ShardedDeadFraction(DeadFraction):
+    """Firing counts of the whole dictionary, each member adding its slice."""
+
+    def __init__(self, d_sae: int, start: int, counts_rows: bool) -> None:
+        super().__init__(d_sae)
+        self.start, self.counts_rows = start, counts_rows
+
+    def update(self, acts: Tensor) -> None:
+        self.counts[self.start : self.start + acts.shape[-1]] += (acts != 0).sum(0)
+        if self.counts_rows:
+            self.n += acts.shape[0]
+
+
+# ----------------------------------------------------------------------------- the layer
+class ShardedSAE:
+    """Overrides shared by every variant; see the module docstring for the maths."""
+
+    shard: LatentShard
+
+    # Loss terms that are sums over latents: each member computes its share.
+    def partial_terms(self) -> set[str]:
+        return set()
+
+    def configure_model(self) -> None:
+        # ModelParallelStrategy calls this with the mesh in place; the strategy made this class.
+        if shard_of(self) is None:
+            shard_module(self, self.device_mesh)
+
+    # ------------------------------------------------------------- encode / decode
+    def input_offset(self) -> Tensor | None:
+        if not self.hparams.apply_b_dec_to_input:
+            return None
+        return -(copy_to_shards(self.b_dec, self.shard.latent_group) @ self.W_enc)
+
+    def reconstruct(self, acts: Tensor) -> Tensor:
+        partial = acts @ self.W_dec.to(acts.dtype)
+        return reduce_from_shards(partial, self.shard.latent_group) + self.b_dec
+
+    @torch.no_grad()
+    def reset_features(
+        self,
+        indices: Tensor,
+        directions: Tensor,
+        encoder_norm: float,
+        encoder_directions: Tensor | None = None,
+    ) -> list[tuple[nn.Parameter, int]]:
+        """Restart the features among ``indices`` (dictionary indices) that this member holds."""
+        mine = (indices >= self.shard.start) & (indices < self.shard.stop)
+        on_host = mine.to(directions.device)
+        if encoder_directions is not None:
+            encoder_directions = encoder_directions[on_host]
+        return super().reset_features(
+            indices[mine] - self.shard.start, directions[on_host], encoder_norm, encoder_directions
+        )
+
+    def local_feature_indices(self, indices: Tensor) -> Tensor:
+        """The dictionary ``indices`` this member holds, as local indices."""
+        mine = (indices >= self.shard.start) & (indices < self.shard.stop)
+        return indices[mine] - self.shard.start
+
+    @torch.no_grad()
+    def _active_in_global_batch(self, acts: Tensor) -> Tensor:
+        active = (acts != 0).reshape(-1, self.d_sae).any(0).to(torch.uint8)
+        return all_reduce(active, self.shard.data_group, dist.ReduceOp.MAX).bool()
+
+    # ------------------------------------------------------------- steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = self.shard.gather_rows(self._batch_tensor(batch))
+        if not self.input_scale_fitted:
+            self.fit_input_scale(x)
+        x_n = self.normalize(x)
+        out = self.forward_normalized(x_n)
+        terms = self.loss_terms(x_n, out)
+        if self.hparams.orthogonality_coefficient != 0:
+            penalty, mean_cos = sharded_orthogonality_penalty(
+                self.W_dec,
+                self._active_in_global_batch(out.acts),
+                self.shard,
+                shape=self.hparams.orthogonality_shape,
+                power=self.hparams.orthogonality_power,
+            )
+            terms["orthogonality"] = self.hparams.orthogonality_coefficient * penalty
+            self.log("train/orthogonality_mean_cos", mean_cos)
+        loss = torch.stack(list(terms.values())).sum()
+        self._log_training_stats(x_n, out, terms, loss)
+        return loss
+
+    def _global_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Detached term values with the partial ones summed over the latent group."""
+        partial = [name for name in terms if name in self.partial_terms()]
+        values = {name: value.detach().double() for name, value in terms.items()}
+        if partial and self.shard.latent_group is not None:
+            stacked = torch.stack([values[name] for name in partial])
+            all_reduce(stacked, self.shard.latent_group)
+            values.update(zip(partial, stacked, strict=True))
+        return values
+
+    @torch.no_grad()
+    def _log_training_stats(
+        self, x_n: Tensor, out: SAEOutput, terms: dict[str, Tensor], loss: Tensor
+    ) -> None:
+        """The base class's step statistics, reduced over the right groups: firing counts over
+        the data group (each member its latents), partial terms over the latent group."""
+        shard = self.shard
+        values = self._global_terms(terms)
+        x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
+        fired = (out.acts != 0).reshape(-1, self.d_sae).sum(0, dtype=torch.int32).double()
+        scalars = torch.stack(
+            [
+                (x_hat64 - x64).pow(2).sum(),
+                x64.pow(2).sum(),
+                torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
+                *values.values(),
+            ]
+        )
+        sums = all_reduce(torch.cat([fired, x64.sum(0), scalars]), shard.data_group)
+        fired, sum_x = sums[: self.d_sae], sums[self.d_sae : self.d_sae + self.d_in]
+        sq_err, sum_sq, n, *term_values = sums[self.d_sae + self.d_in :].tolist()
+        if not math.isfinite(sum_sq):
+            raise ValueError(self._non_finite_batch())
+        variance = sum_sq - float(sum_x.pow(2).sum()) / n
+        if n > 1 and variance <= 1e-12 * sum_sq:
+            raise ValueError(self._zero_variance_batch(sum_sq))
+        self.tokens_since_fired += int(n)
+        self.tokens_since_fired[fired > 0] = 0
+        latent = torch.stack([fired.sum(), self.dead_mask().sum().double()])
+        n_active, n_dead = all_reduce(latent, shard.latent_group).tolist()
+
+        data_size = shard.data_size
+        self.log("train/loss", sum(term_values) / data_size, prog_bar=True)
+        for name, value in zip(terms, term_values, strict=True):
+            self.log(f"train/loss/{name}", value / data_size)
+        self.log("train/l0", n_active / n, prog_bar=True)
+        self.log("train/mse", sq_err / n)
+        self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
+        self.log("train/dead_fraction", n_dead / shard.d_sae)
+
+    def on_after_backward(self) -> None:
+        """Average gradients over the data-parallel group: DDP's step, explicitly (the module is
+        not called through ``forward``, so torch's ``replicate`` hooks would never fire)."""
+        group = self.shard.data_group
+        if group is None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= self.shard.data_size
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(part.view_as(grad))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x_n = self.normalize(self.shard.gather_rows(self._batch_tensor(batch)))
+        out = self.forward_normalized(x_n)
+        values = {k: v.float() for k, v in self._global_terms(self.loss_terms(x_n, out)).items()}
+        self.log("val/loss", torch.stack(list(values.values())).sum(), sync_dist=True)
+        for name, value in values.items():
+            self.log(f"val/loss/{name}", value, sync_dist=True)
+        # The reconstruction is replicated over the latent group: one member counts it.
+        first = self.shard.latent_rank == 0
+        rows = slice(None) if first else slice(0, 0)
+        self.val_l0.update(out.acts)
+        self.val_mse.update(out.x_hat[rows], x_n[rows])
+        self.val_fvu.update(out.x_hat[rows], x_n[rows])
+        self.val_dead.update(out.acts)
+        for name in ("l0", "mse", "fvu"):
+            self.log(f"val/{name}", getattr(self, f"val_{name}"))
+        self.log("val/dead_fraction", self.val_dead)
+
+    # ------------------------------------------------------------- top-k across members
+    def _row_top_k(self, pre_acts: Tensor, k: int) -> SparseCode:
+        """The ``k`` largest of each row over the whole dictionary, this member's part of them
+        (flat, sorted by (row, latent)); values are ReLU'd as in one process."""
+        shard = self.shard
+        per_member = min(k, pre_acts.shape[1])
+        values, indices = pre_acts.detach().topk(per_member, dim=-1)
+        everyone = gather_last(values, shard.latent_group)  # [n, L * per_member]
+        won = torch.zeros_like(everyone, dtype=torch.bool)
+        won.scatter_(1, everyone.topk(k, dim=-1).indices, True)
+        mine = won[:, shard.latent_rank * per_member : (shard.latent_rank + 1) * per_member]
+        mask = torch.zeros_like(pre_acts, dtype=torch.bool).scatter_(1, indices, mine)
+        code = SparseCode.from_mask(mask, pre_acts)
+        code.values = torch.relu(code.values)
+        return code
+
+
+class ShardedStandard(ShardedSAE):
+    def partial_terms(self) -> set[str]:
+        return {"l1", "tanh"}
+
+    def input_offset(self) -> Tensor | None:
+        # use_b_dec: false keeps b_dec a zero buffer and subtracts nothing.
+        return super().input_offset() if self.hparams.get("use_b_dec", True) else None
+
+
+class ShardedTopK(ShardedSAE):
+    def sparse_code(self, pre_acts: Tensor) -> SparseCode:
+        return self._row_top_k(pre_acts, self.k)
+
+    def decode_code(self, code: SparseCode, acts: Tensor) -> Tensor:
+        return reduce_from_shards(super().decode_code(code, acts), self.shard.latent_group)
+
+    def auxk_loss(self, x_n: Tensor, out: SAEOutput) -> Tensor:
+        """AuxK over the whole dictionary's dead latents: their global top ``aux_k`` per row."""
+        dead = self.dead_mask()
+        n_dead = int(all_reduce(dead.sum(), self.shard.latent_group))
+        if n_dead == 0:
+            return out.x_hat.new_zeros(())
+        k_aux = min(self.aux_k, n_dead)
+        pre_acts = out.pre_acts.reshape(-1, self.d_sae).masked_fill(~dead, float("-inf"))
+        code = self._row_top_k(pre_acts, k_aux)
+        residual_hat = reduce_from_shards(code.decode(self.W_dec), self.shard.latent_group)
+        residual = (x_n - out.x_hat).detach().reshape(-1, self.d_in)
+        error = (residual_hat - residual).pow(2).sum(-1).mean()
+        if self.hparams.auxk_normalization == "residual_variance":
+            # Replicated over the latent group, so the world sums scale sums and count alike.
+            error = error / self._global_variance(residual)
+        return min(n_dead / self.aux_k, 1.0) * error
+
+
+class ShardedBatchTopK(ShardedTopK):
+    def sparse_code(self, pre_acts: Tensor) -> SparseCode:
+        return BatchTopKSAE.sparse_code(self, pre_acts)
+
+    def _batch_top_k(self, pre_acts: Tensor) -> SparseCode:
+        """The k x batch largest of the whole dictionary; in training over the global batch
+        (every rank of the mesh), in eval over the rows given (the latent group)."""
+        shard, n = self.shard, pre_acts.shape[0]
+        rows = n * shard.data_size if self.training else n
+        group = shard.world_group if self.training else shard.latent_group
+        count = min(self.k * rows, rows * shard.d_sae)
+        flat = pre_acts.detach().flatten()
+        candidates = flat.topk(min(count, flat.numel()), sorted=False).values
+        cutoff = gather_last(candidates, group).topk(count, sorted=False).values.min()
+        code = SparseCode.from_mask(pre_acts >= cutoff, pre_acts)
+        code.values = torch.relu(code.values)
+        return code
+
+
+class ShardedMatryoshka(ShardedBatchTopK):
+    def forward_normalized(self, x_n: Tensor) -> SAEOutput:
+        code, pre_acts = self._encode(x_n)
+        acts = code.to_dense(self.d_sae)
+        start, bounds = self.shard.start, [0, *self.group_ends.tolist()]
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            lo, hi = (min(max(b - start, 0), self.d_sae) for b in (lo, hi))
+            parts.append(acts[:, lo:hi] @ self.W_dec[lo:hi].to(acts.dtype))
+        partial = torch.stack(parts, dim=1)  # [n, n_groups, d_in], this member's latents
+        prefix_x_hat = reduce_from_shards(partial, self.shard.latent_group).cumsum(1) + self.b_dec
+        lead = x_n.shape[:-1]
+        return SAEOutput(
+            x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_in),
+            acts=acts.reshape(*lead, self.d_sae),
+            pre_acts=pre_acts.reshape(*lead, self.d_sae),
+            extras={"prefix_x_hat": prefix_x_hat},
+        )
+
+
+class ShardedJumpReLU(ShardedSAE):
+    def partial_terms(self) -> set[str]:
+        return {"preact"} | ({"l0"} if self.hparams.l0_target is None else set())
+
+    def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        terms = SparseAutoencoder.loss_terms(self, x_n, out)
+        threshold = self.threshold
+        l0 = heaviside(out.pre_acts, threshold, hp.bandwidth).sum(-1).mean()
+        # Without a target, this member's share of a sum over latents; with one, a function of
+        # the whole L0 of the global batch, replicated.
+        target = hp.l0_target
+        sparsity = l0 if target is None else (self._global_l0(l0) / target - 1).pow(2)
+        terms["l0"] = hp.l0_coefficient * self.warmup_factor(hp.l0_warmup_steps) * sparsity
+        if hp.preact_coefficient > 0:
+            dead = self.dead_mask()
+            shortfall = torch.relu(threshold - out.pre_acts) * (self.decoder_norms() * dead)
+            terms["preact"] = hp.preact_coefficient * shortfall.sum(-1).mean()
+        return terms
+
+    def _global_l0(self, l0: Tensor) -> Tensor:
+        """The L0 of the global batch over the whole dictionary, from this member's share on its
+        data slice. Over the data group the value is the mean and the gradient stays the
+        slice's own: averaged over the group (the data-parallel step), the gradients are those
+        of f(global L0), which f(slice L0) averaged would not be for a nonlinear f."""
+        total = reduce_from_shards(l0, self.shard.latent_group)
+        if self.shard.data_group is None:
+            return total
+        mean = all_reduce(total.detach().clone(), self.shard.data_group) / self.shard.data_size
+        return total + (mean - total.detach())
+
+
+class ShardedGated(ShardedSAE):
+    def partial_terms(self) -> set[str]:
+        return {"l1"}
+
+    def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        terms = SparseAutoencoder.loss_terms(self, x_n, out)
+        gate_acts = torch.relu(out.pre_acts)
+        coefficient = hp.l1_coefficient * self.warmup_factor(hp.l1_warmup_steps)
+        terms["l1"] = coefficient * l1_penalty(gate_acts, self.decoder_norms())
+        if hp.aux_coefficient > 0:
+            partial = gate_acts @ self.W_dec.detach().to(gate_acts.dtype)
+            gate_x_hat = reduce_from_shards(partial, self.shard.latent_group) + self.b_dec.detach()
+            terms["aux"] = hp.aux_coefficient * (gate_x_hat - x_n).pow(2).sum(-1).mean()
+        return terms
+
+
+class ShardedApproxL0(ShardedSAE):
+    def partial_terms(self) -> set[str]:
+        return {"approx_l0", "frequency_floor"}
+
+    @torch.no_grad()
+    def _record_frequencies(self, batch_estimate: Tensor) -> None:
+        # Each member its latents, averaged over the data group (not the whole world).
+        batch_estimate = all_reduce(batch_estimate.clone(), self.shard.data_group)
+        batch_estimate /= self.shard.data_size
+        slot = int(self.frequency_steps) % self.hparams.frequency_window
+        self.frequency_history[slot] = batch_estimate
+        self.frequency_steps += 1
+
+
+# The layer of each shipped variant, by exact class: a subclass from elsewhere may override
+# what the layer relies on, so it is refused rather than assumed.
+LAYERS: dict[type[SparseAutoencoder], type[ShardedSAE]] = {
+    SparseAutoencoder: ShardedSAE,
+    StandardSAE: ShardedStandard,
+    TopKSAE: ShardedTopK,
+    BatchTopKSAE: ShardedBatchTopK,
+    MatryoshkaSAE: ShardedMatryoshka,
+    JumpReLUSAE: ShardedJumpReLU,
+    GatedSAE: ShardedGated,
+    ApproxL0SAE: ShardedApproxL0,
+}
+_CLASSES: dict[type, type] = {}
+
+
+def sharded_class(cls: type) -> type:
+    """``LatentSharded<cls>``: the layer of ``cls`` in front of ``cls`` (made once per class)."""
+    if cls in _CLASSES.values():
+        return cls
+    if cls not in LAYERS:
+        raise ValueError(
+            f"{cls.__name__} cannot be latent-sharded: only lightning-sae's SAE classes "
+            f"({', '.join(c.__name__ for c in LAYERS)}) have a sharded layer. Set "
+            "trainer.latent_parallel: 1 (plain DDP) for this model."
+        )
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"LatentSharded{cls.__name__}", (LAYERS[cls], cls), {})
+    return _CLASSES[cls]
+
+
+def check_shardable(module: SparseAutoencoder, latent_parallel: int) -> None:
+    """Bad input, before any process group work: clear errors naming the option to change."""
+    sharded_class(type(module))
+    d_sae = module.hparams.d_sae
+    if d_sae % latent_parallel:
+        raise ValueError(
+            f"d_sae={d_sae} is not divisible by latent_parallel={latent_parallel}: set "
+            f"model.init_args.d_sae to a multiple of {latent_parallel}, or trainer.latent_parallel "
+            f"to a divisor of {d_sae}."
+        )
+    if module.hparams.get("compile"):
+        raise ValueError(
+            "model.init_args.compile is not supported with latent sharding (the step holds "
+            "collectives); set model.init_args.compile: false or trainer.latent_parallel: 1."
+        )
+
+
+@torch.no_grad()
+def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
+    """Slice ``module`` in place to this rank's latents of the ``("data_parallel",
+    "tensor_parallel")`` device mesh and give it the sharded layer. Returns it."""
+    latent_mesh, data_mesh = mesh["tensor_parallel"], mesh["data_parallel"]
+    latent_size = latent_mesh.size()
+    check_shardable(module, latent_size)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shard = LatentShard(
+        d_sae=module.d_sae,
+        latent_rank=latent_mesh.get_local_rank(),
+        latent_size=latent_size,
+        data_size=data_mesh.size(),
+        latent_group=latent_mesh.get_group() if latent_size > 1 else None,
+        data_group=data_mesh.get_group() if data_mesh.size() > 1 else None,
+        world_group=dist.group.WORLD if world > 1 else None,
+    )
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        dim = SHARDED_DIMS.get(name)
+        if dim is None:
+            continue
+        local = shard.local_part(tensor.detach(), dim).clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(local, requires_grad=tensor.requires_grad))
+        else:
+            module._buffers[name] = local
+    module.__class__ = sharded_class(type(module))
+    module.shard, module.d_sae = shard, shard.local_size
+    first = shard.latent_rank == 0
+    module.val_l0 = _ShardedL0(counts_rows=first)
+    module.val_dead = _ShardedDeadFraction(shard.d_sae, shard.start, counts_rows=first)
+    return module
+
+
+def sharded_orthogonality_penalty(
+    W_dec: Tensor,
+    active: Tensor,
+    shard: LatentShard,
+    shape: OrthogonalityShape = "sigmoid",
+    power: float = 2.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~lightning_sae.models.penalties.orthogonality_penalty` over the whole dictionary.
+
+    Only the active rows travel: each member's (padded to the largest count) are gathered with a
+    gradient, each member scores them against its own rows, and the nearest value, the tie sums
+    and the tie counts are reduced over the latent group.
+    """
+    group = shard.latent_group
+    directions = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    active_idx = active.nonzero().squeeze(-1)
+    counts = gather_last(active_idx.new_tensor([len(active_idx)]), group)
+    if int(counts.sum()) == 0:
+        zero = W_dec.sum() * 0
+        return zero, zero.detach()
+    most = int(counts.max())
+    mine = directions[active_idx]
+    padded = torch.cat([mine, mine.new_zeros(most - len(mine), mine.shape[1])])
+    everyone = gather_rows(padded, group, differentiable=True)  # [L * most, d_in]
+    sims = everyone @ directions.T  # [L * most, d_sae / L]
+    own_rows = shard.latent_rank * most + torch.arange(len(active_idx), device=sims.device)
+    sims = sims.index_put((own_rows, active_idx), sims.new_tensor(float("-inf")))
+    nearest = all_reduce(sims.detach().max(dim=1).values, group, dist.ReduceOp.MAX)
+    ties = sims.detach() == nearest[:, None]
+    n_ties = all_reduce(ties.sum(1).to(sims.dtype), group)
+    tie_sum = reduce_from_shards(sims.where(ties, 0).sum(1), group)
+    slot = torch.arange(len(counts) * most, device=sims.device)
+    valid = (slot % most) < counts.to(sims.device)[slot // most]
+    cos = (tie_sum / n_ties.clamp_min(1))[valid]
+    if shape == "sigmoid":
+        values = torch.sigmoid(10 * (cos - 0.5))
+    elif shape == "power":
+        values = cos.clamp_min(0).pow(power)
+    elif shape == "linear":
+        values = cos
+    else:
+        raise ValueError(f"orthogonality_shape must be sigmoid, power or linear, got {shape!r}.")
+    return values.mean(), cos.mean().detach()

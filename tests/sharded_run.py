@@ -1,0 +1,138 @@
+"""Latent-sharded fits on N CPU processes (gloo), for tests/test_sharded.py.
+
+Lightning's launcher re-executes this script once per extra rank, so it is a standalone
+program; the test also imports :func:`fit` to train the one-process reference in-process.
+One launch runs every mesh of its world size (``--latent_parallel 2 1``: meshes 1x2 and 2x1 on
+two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
+"<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
+training-dynamics callback, else the decoder-norm constraint alone; checkpoint: save every
+``--checkpoint_every`` steps and at the end), then every resume of ``--resumes`` (``[source
+latent_parallel, target latent_parallel, name]``: the run restarted from its
+step-``--checkpoint_every`` checkpoint on the target mesh). A fit writes ``rank<R>.pt`` (the
+rank's state dict and latent rank), CSV metrics from rank 0 under ``csv`` and its checkpoints
+under ``ckpt``, in ``lp<latent_parallel>/<name>`` (a resume: ``<name>-resumed-from-lp<S>``).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.init import DataInformedInit
+from lightning_sae.callbacks.resampling import DeadFeatureResampler
+from lightning_sae.data.toy import ToySuperpositionDataModule
+from lightning_sae.parallel import LatentParallelStrategy, shard_of
+
+D_IN, D_SAE, BATCH = 16, 64, 64
+STEPS, EVERY = 8, 4  # steps per fit; a checkpoint every EVERY steps
+
+
+class Silence(L.Callback):
+    """Kills chosen dictionary features at the start of the fit (after any init), so that the
+    resampler has work at its first call; each member silences the ones it holds."""
+
+    def __init__(self, features: list[int]) -> None:
+        self.features = torch.tensor(features)
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shard = shard_of(pl_module)
+        features = (
+            self.features if shard is None else pl_module.local_feature_indices(self.features)
+        )
+        pl_module.b_enc[features] = -1e3
+
+
+def callbacks(steps: int) -> list[L.Callback]:
+    return [
+        DecoderNormConstraint(),
+        DataInformedInit(method="kmeans", n_samples=D_SAE * 2),
+        Silence([1, 5, 40, 63]),
+        DeadFeatureResampler(at_steps=[steps // 2], strategy="cluster", n_batches=1, batch_size=64),
+        FeatureDensityMonitor(every_n_steps=steps // 2, window_tokens=BATCH * 2, save_png=False),
+        FeatureGeometryMonitor(every_n_steps=steps // 2, save_png=False),
+    ]
+
+
+def fit(
+    run: dict[str, Any], out: Path, devices: int, latent_parallel: int | None, steps: int,
+    every: int, ckpt_path: str | None = None,
+) -> L.LightningModule:  # fmt: skip
+    """One fit; ``latent_parallel=None`` is the plain one-process reference."""
+    L.seed_everything(0)
+    module, _, cls = run["model"].rpartition(".")
+    model_cls = getattr(__import__(module, fromlist=[cls]), cls)
+    model = model_cls(d_in=D_IN, d_sae=D_SAE, lr=3e-3, dead_window_tokens=128, **run["kwargs"])
+    data = ToySuperpositionDataModule(
+        n_features=48, d_in=D_IN, batch_size=BATCH, batches_per_epoch=steps, val_batches=1
+    )
+    checkpoints = [
+        ModelCheckpoint(
+            dirpath=out / "ckpt",
+            filename="{step}",
+            every_n_train_steps=every,
+            save_last=True,
+            save_top_k=-1,
+        )
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="auto" if latent_parallel is None else LatentParallelStrategy(latent_parallel),
+        max_steps=steps,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=1,
+        logger=CSVLogger(out, name="csv", version=0),
+        callbacks=[
+            *(callbacks(steps) if run.get("callbacks") else [DecoderNormConstraint()]),
+            *(checkpoints if run.get("checkpoint") else []),
+        ],
+        enable_checkpointing=bool(run.get("checkpoint")),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    shard = shard_of(model)
+    torch.save(
+        {"state": model.state_dict(), "latent_rank": 0 if shard is None else shard.latent_rank},
+        out / f"rank{trainer.global_rank}.pt",
+    )
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--latent_parallel", type=int, nargs="+", required=True)
+    parser.add_argument("--runs", type=json.loads, required=True)
+    parser.add_argument("--resumes", type=json.loads, default=[])
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--checkpoint_every", type=int, default=EVERY)
+    args = parser.parse_args()
+    for lp in args.latent_parallel:
+        for name, run in args.runs.items():
+            out = args.out / f"lp{lp}" / name
+            fit(run, out, args.devices, lp, args.steps, args.checkpoint_every)
+    for source, target, name in args.resumes:
+        ckpt = args.out / f"lp{source}" / name / "ckpt" / f"step={args.checkpoint_every}.ckpt"
+        out = args.out / f"lp{target}" / f"{name}-resumed-from-lp{source}"
+        run = args.runs[name]
+        fit(run, out, args.devices, target, args.steps, args.checkpoint_every, str(ckpt))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())

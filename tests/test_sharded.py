@@ -1,0 +1,231 @@
+"""Latent sharding end to end: 2 and 4 CPU processes (gloo) against one process.
+
+One launch per world size (tests/sharded_run.py) trains every variant on every mesh of that
+size (1x2 and 2x1 on two processes, 2x2 on four), with every training-dynamics callback, and
+resumes from a mid-run sharded checkpoint on the same mesh and on another; the one-process
+reference runs in this process. Sharded weights (reassembled from the members' slices) and
+every logged metric equal the reference's within float tolerance, resumed runs equal straight
+ones, and the export of a sharded checkpoint equals the one-process export.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning import LightningDataModule
+from safetensors.torch import load_file
+
+from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
+from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.topk import TopKSAE
+from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
+from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable
+from lightning_sae.trainer_cli import SAECLI
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sharded_run  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("sharded_run.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+STEPS, EVERY = sharded_run.STEPS, sharded_run.EVERY
+
+M = "lightning_sae.models."
+# callbacks: every training-dynamics callback (else the decoder-norm constraint alone);
+# checkpoint: sharded checkpoints, for the resumes and exports below.
+RUNS = {
+    "standard": {"model": M + "standard.StandardSAE", "kwargs": {}},
+    "tanh": {"model": M + "standard.StandardSAE", "kwargs": {"sparsity_penalty": "tanh"}},
+    "topk": {
+        "model": M + "topk.TopKSAE",
+        "kwargs": {"k": 4, "aux_coefficient": 1.0},
+        "callbacks": True,
+        "checkpoint": True,
+    },
+    # k above a member's 64 / 2 = 32 latents on the 1x2 mesh: each member offers all it has.
+    "topk_wide": {
+        "model": M + "topk.TopKSAE",
+        "kwargs": {"k": 40, "auxk_normalization": "residual_variance"},
+    },
+    "batchtopk": {
+        "model": M + "topk.BatchTopKSAE",
+        "kwargs": {"k": 4},
+        "callbacks": True,
+        "checkpoint": True,
+    },
+    # Groups that straddle the members' slices.
+    "matryoshka": {
+        "model": M + "matryoshka.MatryoshkaSAE",
+        "kwargs": {"k": 4, "group_sizes": [8, 12, 20, 24]},
+    },
+    # The L0-target form is a function of the global batch's L0 over every latent.
+    "jumprelu": {
+        "model": M + "jumprelu.JumpReLUSAE",
+        "kwargs": {"l0_target": 8.0, "preact_coefficient": 1.0},
+        "checkpoint": True,
+    },
+    "gated": {"model": M + "gated.GatedSAE", "kwargs": {}},
+    "approx_l0": {
+        "model": M + "approx_l0.ApproxL0SAE",
+        "kwargs": {
+            "min_frequency": 0.05,
+            "frequency_window": 4,
+            "frequency_floor_coefficient": 1e-3,
+            "orthogonality_coefficient": 1.0,
+        },
+    },
+}
+# On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
+# dimensions: global selection over the whole mesh, per-row selection and AuxK with callbacks,
+# a target on the global L0, the frequency window and the orthogonality term, straddled groups.
+FOUR = ["topk", "batchtopk", "jumprelu", "approx_l0", "matryoshka"]
+WALL_CLOCK = {"train/tokens_per_sec"}
+
+
+def launch(out: Path, devices: int, meshes: list[int], names: list[str], resumes: list) -> None:
+    command = [
+        sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(devices),
+        "--latent_parallel", *map(str, meshes),
+        "--runs", json.dumps({name: RUNS[name] for name in names}),
+        "--resumes", json.dumps(resumes),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+
+
+def reassembled(folder: Path, devices: int) -> dict[str, torch.Tensor]:
+    """The whole dictionary from the members' slices; every data-parallel replica of a slice
+    must be identical."""
+    saved = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+    by_member: dict[int, dict[str, torch.Tensor]] = {}
+    for rank in saved:
+        first = by_member.setdefault(rank["latent_rank"], rank["state"])
+        for name, value in rank["state"].items():
+            assert torch.equal(value, first[name]), f"{folder}: {name} differs between replicas"
+    members = [by_member[t] for t in sorted(by_member)]
+    return {
+        name: torch.cat([m[name] for m in members], dim=SHARDED_DIMS[name])
+        if name in SHARDED_DIMS
+        else value
+        for name, value in members[0].items()
+    }
+
+
+def logged(folder: Path) -> dict[tuple[str, int], float]:
+    values = {}
+    with open(folder / "csv" / "version_0" / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value:
+                    values[key, int(row["step"])] = float(value)
+    return values
+
+
+def assert_same_run(sharded: Path, single: Path, devices: int, label: str) -> None:
+    reference = torch.load(single / "rank0.pt", weights_only=True)["state"]
+    state = reassembled(sharded, devices)
+    assert set(state) == set(reference), label
+    for name, value in reference.items():
+        torch.testing.assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=f"{label} {name}")
+    ours, theirs = logged(sharded), logged(single)
+    assert set(ours) == set(theirs), f"{label}: {set(ours) ^ set(theirs)}"
+    for key, value in theirs.items():
+        if key[0] not in WALL_CLOCK:
+            assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{label} {key}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process reference of every run, trained in this process."""
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, run in RUNS.items():
+        sharded_run.fit(run, out / name, 1, None, STEPS, EVERY)
+    torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("devices", "meshes", "names", "resumes"),
+    # resumes: [source latent_parallel, target latent_parallel, run]; 2 -> 1 and 2 -> 4 resume
+    # into another mesh shape.
+    [
+        (2, [2, 1], list(RUNS), [[2, 2, "topk"], [2, 1, "batchtopk"]]),
+        (4, [2], FOUR, [[2, 4, "topk"]]),
+    ],
+    ids=["1x2+2x1", "2x2"],
+)
+def test_sharded_fits_resumes_and_exports_equal_one_process(
+    tmp_path: Path, single: Path, devices: int, meshes: list[int], names: list[str], resumes: list
+) -> None:
+    launch(tmp_path, devices, meshes, names, resumes)
+    for lp in meshes:
+        for name in names:
+            label = f"{devices // lp}x{lp} {name}"
+            assert_same_run(tmp_path / f"lp{lp}" / name, single / name, devices, label)
+    for name in ("topk", "batchtopk"):  # every callback acted
+        logs = logged(tmp_path / f"lp{meshes[0]}" / name)
+        assert logs["resampling/n_resampled", STEPS // 2] >= 4  # the silenced features at least
+        assert ("geometry/mmcs", STEPS) in logs and ("density/dead_fraction", STEPS) in logs
+
+    for source, target, name in resumes:
+        resumed = reassembled(tmp_path / f"lp{target}" / f"{name}-resumed-from-lp{source}", devices)
+        straight = reassembled(tmp_path / f"lp{source}" / name, devices)
+        for key, value in straight.items():
+            torch.testing.assert_close(resumed[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+    # The consolidated export of the last sharded checkpoint is the one-process export.
+    for name in ("topk", "jumprelu"):
+        cls = RUNS[name]["model"]
+        ckpt = tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt"
+        ours = export_checkpoint(ckpt, tmp_path / f"export-{name}", class_path=cls)
+        theirs = single / name / "ckpt" / "last.ckpt"
+        theirs = export_checkpoint(theirs, tmp_path / f"reference-{name}", class_path=cls)
+        ours, theirs = (load_file(folder / WEIGHTS_FILENAME) for folder in (ours, theirs))
+        assert set(ours) == set(theirs)
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    # ... and the whole Adam state comes back, by parameter index as torch lays it out.
+    full = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / "topk" / "ckpt" / "last.ckpt")
+    order = [name for name, _ in TopKSAE(d_in=16, d_sae=64).named_parameters()]
+    for index, name in enumerate(order):
+        moments = full["optimizer_states"][0]["state"][index]
+        assert moments["exp_avg_sq"].shape == full["state_dict"][name].shape, name
+
+
+def test_bad_meshes_and_sizes_name_the_option() -> None:
+    sae = TopKSAE(d_in=16, d_sae=60, k=4)
+    with pytest.raises(ValueError, match=r"d_sae=60 is not divisible by latent_parallel=8.*"
+                       r"model.init_args.d_sae"):  # fmt: skip
+        check_shardable(sae, 8)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="trainer.latent_parallel"):
+            LatentParallelStrategy(latent_parallel=bad)
+    # Clipping by norm would clip each member by its own slice's norm.
+    clipping = SimpleNamespace(gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    with pytest.raises(ValueError, match="trainer.gradient_clip_algorithm: value"):
+        LatentParallelStrategy(latent_parallel=2).setup(clipping)
+    # Three devices cannot form a mesh with a latent group of two: refused before any launch.
+    with pytest.raises(ValueError, match=r"latent_parallel=2 does not divide the 3 devices"):
+        L.Trainer(accelerator="cpu", devices=3, strategy=LatentParallelStrategy(latent_parallel=2))
+
+
+def test_yaml_latent_parallel_option_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    """``trainer.latent_parallel`` beside ``trainer.devices`` in YAML (the example config)."""
+    config = Path(__file__).parents[1] / "configs" / "toy" / "topk-sharded.yaml"
+    with pytest.raises(SystemExit) as stopped:  # --print_config prints, then exits
+        SAECLI(
+            SparseAutoencoder, LightningDataModule, subclass_mode_model=True,
+            subclass_mode_data=True, args=["fit", "--config", str(config), "--print_config"],
+        )  # fmt: skip
+    assert stopped.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert (printed["devices"], printed["latent_parallel"]) == (4, 2)
