@@ -270,6 +270,8 @@ class ShardedSAE:
         sq_err, sum_sq, n, *term_values = sums[self.d_sae + self.d_in :].tolist()
         if not math.isfinite(sum_sq):
             raise ValueError(self._non_finite_batch())
+        if not math.isfinite(sum(term_values)):  # the same sums on every rank: all stop
+            raise ValueError(self._diverged("the loss is non-finite"))
         variance = sum_sq - float(sum_x.pow(2).sum()) / n
         if n > 1 and variance <= 1e-12 * sum_sq:
             raise ValueError(self._zero_variance_batch(sum_sq))
@@ -286,6 +288,14 @@ class ShardedSAE:
         self.log("train/mse", sq_err / n)
         self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
         self.log("train/dead_fraction", n_dead / shard.d_sae)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The base class's refusal of non-finite weights, decided together: a member alone
+        # refusing would leave the others waiting in the checkpoint's collectives.
+        finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
+        finite = torch.tensor(float(finite), device=self.b_dec.device)
+        if not all_reduce(finite, self.shard.world_group, dist.ReduceOp.MIN).item():
+            raise ValueError(self._diverged("the weights became non-finite"))
 
     def on_after_backward(self) -> None:
         """Average gradients over the data-parallel group: DDP's step, explicitly (the module is
