@@ -115,6 +115,17 @@ def test_shapes_losses_and_clear_errors() -> None:
         tc.input_and_target(x)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_input_site_stops_training_as_bad_data(bad: float) -> None:
+    """The step's free finiteness check covers the site the encoder reads, not only the target
+    (which alone would report bad input data as a diverging run)."""
+    tc = TopKTranscoder(d_in=D_IN, d_out=D_OUT, d_sae=32, k=4)
+    x, y = toy_map(64)
+    x[3, 1] = bad
+    with pytest.raises(ValueError, match="non-finite training batch"):
+        tc.training_step((x, y), 0)
+
+
 def test_crosscoder_reads_and_writes_every_layer_with_per_layer_norm_penalty() -> None:
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     cc = CrossCoder(d_in=3 * 4, d_sae=16, hooks=hooks, l1_coefficient=0.5)

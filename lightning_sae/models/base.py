@@ -356,7 +356,7 @@ class SparseAutoencoder(LightningModule):
             terms["orthogonality"] = self.hparams.orthogonality_coefficient * penalty
             self.log("train/orthogonality_mean_cos", mean_cos)
         loss = torch.stack(list(terms.values())).sum()
-        self._log_training_stats(y_n, out, terms, loss)
+        self._log_training_stats(y_n, out, terms, loss, read=None if y_n is x_n else x_n)
         return loss
 
     def _diverged(self, what: str) -> str:
@@ -398,14 +398,22 @@ class SparseAutoencoder(LightningModule):
 
     @torch.no_grad()
     def _log_training_stats(
-        self, x_n: Tensor, out: SAEOutput, terms: dict[str, Tensor], loss: Tensor
+        self,
+        x_n: Tensor,
+        out: SAEOutput,
+        terms: dict[str, Tensor],
+        loss: Tensor,
+        read: Tensor | None = None,
     ) -> None:
         """Log step metrics over the global batch and advance the dead-feature clock.
 
         One all-reduce carries every sum, so under DDP the logged values are those of the
-        global batch and every rank's ``tokens_since_fired`` stays identical.
+        global batch and every rank's ``tokens_since_fired`` stays identical. ``x_n`` is what
+        the reconstruction is scored against; ``read``, what the encoder read when that is
+        another site (a transcoder's input), checked for finiteness with it.
         """
         x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
+        read_sq = x64.new_zeros(()) if read is None else read.double().pow(2).sum()
         sums = torch.cat(
             [
                 # int32: a bool sum at the default int64 is several times slower on CPU.
@@ -416,6 +424,7 @@ class SparseAutoencoder(LightningModule):
                         (x_hat64 - x64).pow(2).sum(),
                         x64.pow(2).sum(),
                         torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
+                        read_sq,
                         loss.detach().double(),
                         *[t.detach().double() for t in terms.values()],
                     ]
@@ -432,11 +441,11 @@ class SparseAutoencoder(LightningModule):
         scalars = torch.cat(
             [sums[self.d_sae + self.d_out :], fired.sum()[None], sum_x.pow(2).sum()[None]]
         )
-        sq_err, sum_sq, n, total, *term_values, n_active, sum_x_sq = scalars.tolist()
+        sq_err, sum_sq, n, read_sq, total, *term_values, n_active, sum_x_sq = scalars.tolist()
         # Guards that come free with that one transfer: the float64 sum of squares of float32
         # (or bf16) inputs is finite exactly when every input is, on every rank (all-reduced),
         # so all ranks stop together.
-        if not math.isfinite(sum_sq):
+        if not (math.isfinite(sum_sq) and math.isfinite(read_sq)):
             raise ValueError(self._non_finite_batch())
         if not math.isfinite(total):
             raise ValueError(self._diverged("the loss is " + _non_finite_terms(terms, term_values)))
