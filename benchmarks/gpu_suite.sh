@@ -26,3 +26,9 @@ run vs_saelens_l0 python3 benchmarks/vs_saelens.py $shapes --steps 30 --warmup 5
 run ddp_scaling python3 benchmarks/ddp_scaling.py $shapes --processes 1 $(nvidia-smi -L | wc -l)
 run nearest_neighbour python3 benchmarks/nearest_neighbour.py --device cuda --backends torch --sizes 16384 65536 1048576
 run cache_throughput python3 benchmarks/cache_throughput.py --device cuda --random pythia-70m --n-tokens 262144
+# Latent sharding needs two GPUs or more (a one-GPU machine has only the unsharded run).
+gpus=$(nvidia-smi -L | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  sizes="1 2"; [ "$gpus" -ge 4 ] && sizes="$sizes 4"; [ "$gpus" -ge 8 ] && sizes="$sizes 8"
+  run sharded python3 benchmarks/sharded.py --accelerator gpu --d_in 4096 --d_sae 262144 --batch 4096 --sizes $sizes
+fi
