@@ -58,6 +58,13 @@ def orthogonality_penalty(
     nearest = sims.max(dim=1, keepdim=True).values
     ties = sims == nearest
     cos = sims.where(ties, 0).sum(1) / ties.sum(1)
+    return shaped_orthogonality(cos, shape, power)
+
+
+def shaped_orthogonality(
+    cos: Tensor, shape: OrthogonalityShape, power: float
+) -> tuple[Tensor, Tensor]:
+    """``(mean f(cos), mean cos)`` for the nearest-neighbour cosines of the active features."""
     if shape == "sigmoid":
         values = torch.sigmoid(10 * (cos - 0.5))
     elif shape == "power":

@@ -52,7 +52,11 @@ from lightning_sae.models.base import SAEOutput, SparseAutoencoder
 from lightning_sae.models.gated import GatedSAE
 from lightning_sae.models.jumprelu import JumpReLUSAE, heaviside
 from lightning_sae.models.matryoshka import MatryoshkaSAE
-from lightning_sae.models.penalties import OrthogonalityShape, l1_penalty
+from lightning_sae.models.penalties import (
+    OrthogonalityShape,
+    l1_penalty,
+    shaped_orthogonality,
+)
 from lightning_sae.models.sparse import SparseCode
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
@@ -596,12 +600,4 @@ def sharded_orthogonality_penalty(
     slot = torch.arange(len(counts) * most, device=sims.device)
     valid = (slot % most) < counts.to(sims.device)[slot // most]
     cos = (tie_sum / n_ties.clamp_min(1))[valid]
-    if shape == "sigmoid":
-        values = torch.sigmoid(10 * (cos - 0.5))
-    elif shape == "power":
-        values = cos.clamp_min(0).pow(power)
-    elif shape == "linear":
-        values = cos
-    else:
-        raise ValueError(f"orthogonality_shape must be sigmoid, power or linear, got {shape!r}.")
-    return values.mean(), cos.mean().detach()
+    return shaped_orthogonality(cos, shape, power)
