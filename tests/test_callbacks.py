@@ -587,3 +587,22 @@ def test_resampled_rows_take_steps_the_size_of_live_rows() -> None:
         step = (after - before).norm(dim=1)
         ratios.append((step[resampled].mean() / step[live].mean()).item())
     assert max(ratios) < 1.5, ratios
+
+
+def test_monitors_draw_no_figure_that_nothing_would_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``save_png: false`` and no image-taking logger a figure has nowhere to go: drawing it
+    anyway cost more than the training steps when measuring often."""
+    from lightning_sae.callbacks import density, geometry
+
+    drawn: list[str] = []
+    for module, name in ((geometry, "max_cosine_figure"), (density, "density_figure")):
+        draw = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _d=draw, _n=name: drawn.append(_n) or _d(*a))
+    sae = StandardSAE(d_in=16, d_sae=32)
+    data = ToySuperpositionDataModule(n_features=32, d_in=16, batch_size=64)
+    monitors = [
+        FeatureGeometryMonitor(every_n_steps=1, save_png=False),
+        FeatureDensityMonitor(every_n_steps=1, window_tokens=64, save_png=False),
+    ]
+    quiet_trainer(3, monitors).fit(sae, data)
+    assert monitors[0].history and not drawn

@@ -3,7 +3,7 @@ to loggers."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +115,27 @@ def log_histogram(trainer: Trainer, name: str, values: Tensor) -> None:
             logger.experiment.add_histogram(name, values, global_step=trainer.global_step)
 
 
-def log_figure(trainer: Trainer, name: str, figure: Figure, png: Path | None) -> None:
-    """A figure as an image to TensorBoard and W&B (tag ``<name>_figure``) and as a PNG file.
+def log_figure(trainer: Trainer, name: str, draw: Callable[[], Figure], png: Path | None) -> None:
+    """The figure ``draw()`` makes, as an image to TensorBoard and W&B (tag ``<name>_figure``)
+    and as a PNG file.
 
-    Call it on rank 0 only. The image is rendered once and shared by the loggers; the PNG is
-    written whether or not any logger is active.
+    Call it on rank 0 only. The figure is drawn only when a logger takes images or ``png`` is
+    set, and rendered once for all loggers; the PNG is written whether or not any logger is
+    active.
     """
-    image = None
-    for logger in trainer.loggers:
-        if isinstance(logger, (TensorBoardLogger, WandbLogger)):
-            image = figure_image(figure) if image is None else image
-            if isinstance(logger, WandbLogger):
-                logger.log_image(f"{name}_figure", [image], step=trainer.global_step)
-            else:
-                logger.experiment.add_image(
-                    f"{name}_figure", image, global_step=trainer.global_step, dataformats="HWC"
-                )
+    takes_images = [
+        logger for logger in trainer.loggers if isinstance(logger, (TensorBoardLogger, WandbLogger))
+    ]
+    if not takes_images and png is None:
+        return
+    figure = draw()
+    image = figure_image(figure) if takes_images else None
+    for logger in takes_images:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(f"{name}_figure", [image], step=trainer.global_step)
+        else:
+            logger.experiment.add_image(
+                f"{name}_figure", image, global_step=trainer.global_step, dataformats="HWC"
+            )
     if png is not None:
         save_figure(figure, png)

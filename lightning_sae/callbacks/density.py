@@ -149,9 +149,11 @@ class FeatureDensityMonitor(Callback):
         )
         log_histogram(trainer, scoped(name, "density/log10_density"), log10)
         png = figures_dir(trainer) / scoped(name, "density") / f"step{step:07d}.png"
-        figure = density_figure(log10, step, self.dead_log10)
         log_figure(
-            trainer, scoped(name, "density/log10_density"), figure, png if self.save_png else None
+            trainer,
+            scoped(name, "density/log10_density"),
+            lambda: density_figure(log10, step, self.dead_log10),
+            png if self.save_png else None,
         )
 
     def state_dict(self) -> dict[str, Any]:

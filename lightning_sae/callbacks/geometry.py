@@ -159,9 +159,11 @@ class FeatureGeometryMonitor(Callback):
         log_scalars(trainer, metrics)
         log_histogram(trainer, scoped(name, "geometry/max_cos"), max_cos)
         png = figures_dir(trainer) / scoped(name, "geometry") / f"step{step:07d}.png"
-        figure = max_cosine_figure(max_cos, step, record.random_baseline)
         log_figure(
-            trainer, scoped(name, "geometry/max_cos"), figure, png if self.save_png else None
+            trainer,
+            scoped(name, "geometry/max_cos"),
+            lambda: max_cosine_figure(max_cos, step, record.random_baseline),
+            png if self.save_png else None,
         )
         return metrics
 
