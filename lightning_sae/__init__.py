@@ -48,6 +48,7 @@ _EXPORTS = {
             "JumpReLUSkipTranscoder",
             "CrossCoder",
             "TopKCrossCoder",
+            "BatchTopKCrossCoder",
         ),
         "lightning_sae.models.transcoder",
     ),
@@ -88,6 +89,7 @@ __all__ = [
     "JumpReLUSkipTranscoder",
     "CrossCoder",
     "TopKCrossCoder",
+    "BatchTopKCrossCoder",
     "SAEGroup",
     "ActivationDataModule",
     "StreamingActivationDataModule",
@@ -130,6 +132,7 @@ if TYPE_CHECKING:
     )
     from lightning_sae.models.group import SAEGroup
     from lightning_sae.models.transcoder import (
+        BatchTopKCrossCoder,
         BatchTopKSkipTranscoder,
         BatchTopKTranscoder,
         CrossCoder,

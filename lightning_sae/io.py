@@ -195,6 +195,12 @@ FORMATS: dict[str, _Format] = {
         _Format(f"{_TC}.TopKSkipTranscoder", "lightning_sae_topk_skip_transcoder", *_TOPK_TC),
         _Format(f"{_TC}.CrossCoder", "lightning_sae_crosscoder", _relu_to, _relu_from),
         _Format(f"{_TC}.TopKCrossCoder", "lightning_sae_topk_crosscoder", _topk_to, _topk_from),
+        _Format(
+            f"{_TC}.BatchTopKCrossCoder",
+            "lightning_sae_batchtopk_crosscoder",
+            _batchtopk_to,
+            _batchtopk_from,
+        ),
     )
 }
 # The class a SAELens folder without our metadata loads into, per architecture.

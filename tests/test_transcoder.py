@@ -31,6 +31,8 @@ from lightning_sae.metrics.downstream import downstream_metrics
 from lightning_sae.models import VARIANTS, TopKSAE, variant_class
 from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.transcoder import (
+    CROSSCODERS,
+    BatchTopKCrossCoder,
     BatchTopKSkipTranscoder,
     CrossCoder,
     JumpReLUSkipTranscoder,
@@ -145,6 +147,12 @@ def test_crosscoder_reads_and_writes_every_layer_with_per_layer_norm_penalty() -
     assert cc.global_step == 2
     with pytest.raises(ValueError, match="each have width 4"):
         cc.input_and_target({**layers, hooks[1]: torch.randn(8, 5)})
+    # The BatchTopK crosscoder selects k per row on average over the batch, every layer at once.
+    batch_cc = BatchTopKCrossCoder(d_in=3 * 4, d_sae=16, hooks=hooks, k=2)
+    quiet_trainer(2).fit(batch_cc, DataLoader(rows, batch_size=16))
+    with torch.no_grad():
+        acts = batch_cc.forward_normalized(batch_cc.input_and_target(layers)[0]).acts
+    assert batch_cc.threshold_updates > 0 and (acts != 0).sum() > 0
     with pytest.raises(ValueError, match="two or more distinct layers"):
         TopKCrossCoder(d_in=8, d_sae=16, k=4, hooks=hooks[:1])
     with pytest.raises(ValueError, match="multiple of 3"):
@@ -325,6 +333,7 @@ EXPORTS = {
     "batchtopk_skip": (BatchTopKSkipTranscoder, {"k": 4}, "jumprelu_skip_transcoder"),
     "topk_skip": (TopKSkipTranscoder, {"k": 4}, "lightning_sae_topk_skip_transcoder"),
     "crosscoder": (TopKCrossCoder, {"k": 4}, "lightning_sae_topk_crosscoder"),
+    "batchtopk_crosscoder": (BatchTopKCrossCoder, {"k": 4}, "lightning_sae_batchtopk_crosscoder"),
 }
 
 
@@ -341,19 +350,20 @@ def saelens_transcoders() -> dict[str, L.LightningModule]:
 def test_export_load_round_trip_in_saelens_or_our_format(tmp_path: Path) -> None:
     x = toy_map(32)[0] * 7
     for name, (cls, kwargs, architecture) in EXPORTS.items():
-        if cls is TopKCrossCoder:
+        if cls in CROSSCODERS:
             hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-            model = TopKCrossCoder(
-                d_in=D_IN, d_sae=24, hooks=hooks, normalize_activations=True, k=4
-            )
+            model = cls(d_in=D_IN, d_sae=24, hooks=hooks, normalize_activations=True, **kwargs)
             model.fit_input_scale(x)
+            if cls is BatchTopKCrossCoder:  # a learned threshold, as after training
+                model.threshold.fill_(0.3)
+                model.threshold_updates.fill_(1)
             model.eval()
         else:
             model = _trained(cls, **kwargs)
         folder = export_sae(model, tmp_path / name)
         cfg = json.loads((folder / "cfg.json").read_text())
         assert cfg["architecture"] == architecture
-        if cls is not TopKCrossCoder:
+        if cls not in CROSSCODERS:
             assert cfg["d_out"] == D_OUT and not cfg["apply_b_dec_to_input"]
             assert cfg["metadata"]["hook_name"] == IN and cfg["metadata"]["hook_name_out"] == OUT
         loaded = load(folder)

@@ -15,6 +15,9 @@ from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 from lightning_sae.models.transcoder import (
+    CROSSCODERS,
+    TRANSCODERS,
+    BatchTopKCrossCoder,
     BatchTopKSkipTranscoder,
     BatchTopKTranscoder,
     CrossCoder,
@@ -37,6 +40,7 @@ __all__ = [
     "SparseAutoencoder",
     "StandardSAE",
     "TopKSAE",
+    "BatchTopKCrossCoder",
     "BatchTopKSkipTranscoder",
     "BatchTopKTranscoder",
     "CrossCoder",
@@ -63,16 +67,8 @@ VARIANTS: dict[str, type[SparseAutoencoder]] = {
         JumpReLUSAE,
         GatedSAE,
         ApproxL0SAE,
-        Transcoder,
-        SkipTranscoder,
-        TopKTranscoder,
-        TopKSkipTranscoder,
-        BatchTopKTranscoder,
-        BatchTopKSkipTranscoder,
-        JumpReLUTranscoder,
-        JumpReLUSkipTranscoder,
-        CrossCoder,
-        TopKCrossCoder,
+        *TRANSCODERS,
+        *CROSSCODERS,
     )
 }
 

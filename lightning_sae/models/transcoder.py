@@ -339,6 +339,12 @@ class TopKCrossCoder(CrossCoding, TopKSAE):
     :class:`CrossCoding` and :class:`TopKSAE`."""
 
 
+class BatchTopKCrossCoder(CrossCoding, BatchTopKSAE):
+    """BatchTopK crosscoder (k latents per row on average over the batch, all layers together;
+    the model-diffing crosscoders of Minder et al. 2025). Options: :class:`CrossCoding` and
+    :class:`BatchTopKSAE`."""
+
+
 TRANSCODERS: tuple[type[SparseAutoencoder], ...] = (
     Transcoder,
     SkipTranscoder,
@@ -349,4 +355,4 @@ TRANSCODERS: tuple[type[SparseAutoencoder], ...] = (
     JumpReLUTranscoder,
     JumpReLUSkipTranscoder,
 )
-CROSSCODERS: tuple[type[SparseAutoencoder], ...] = (CrossCoder, TopKCrossCoder)
+CROSSCODERS: tuple[type[SparseAutoencoder], ...] = (CrossCoder, TopKCrossCoder, BatchTopKCrossCoder)
