@@ -179,6 +179,36 @@ def test_each_member_trains_exactly_as_alone(serve: str) -> None:
         assert group_cbs[4].records[name].history == alone_cbs[4].history
 
 
+def test_transcoders_are_members_that_read_their_own_sites(tmp_path: Path) -> None:
+    """One stream, an SAE and a skip transcoder (resid -> mlp): each trains with every callback
+    exactly as alone, and the group's export gives the transcoder its two sites."""
+    transcoder = {
+        "class_path": "TopKSkipTranscoder",
+        "name": "tc",
+        "init_args": {"d_in": D_IN, "d_out": D_MLP, "d_sae": 64, "k": 4, "lr": 3e-3,
+                      "input_hook": "resid", "output_hook": "mlp", "dead_window_tokens": 256},
+    }  # fmt: skip
+    members = [MEMBERS[0], transcoder]
+    group, group_cbs = SAEGroup(members=copy.deepcopy(members)), callbacks()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(group, TwoHookToy(), 12, callbacks=[*group_cbs, saver])
+    for member in members:
+        alone, alone_cbs = solo(member), callbacks()
+        fit(alone, TwoHookToy(serve=member.get("hook")), 12, callbacks=alone_cbs)
+        assert_same_weights(alone, group.members[member["name"]], member["name"])
+        assert group_cbs[-1].resampled[member["name"]] == alone_cbs[-1].total_resampled >= 3
+    out = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export")
+    cfg = json.loads((out / "tc" / "cfg.json").read_text())
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == ("resid", "mlp")
+    assert type(load(out / "tc")).__name__ == "TopKSkipTranscoder"
+    with pytest.raises(ValueError, match="remove it"):
+        SAEGroup(members=[transcoder | {"hook": "resid"}])
+    wide = copy.deepcopy(transcoder)
+    wide["init_args"]["d_out"] = 40
+    with pytest.raises(ValueError, match="member 'tc': output_hook mlp has width 48"):
+        fit(SAEGroup(members=[wide]), TwoHookToy(), 1)
+
+
 def test_group_resumes_exactly(tmp_path: Path) -> None:
     """N steps straight and N/2 + resume give the same member weights, optimizer and callback
     states, bitwise."""

@@ -29,7 +29,6 @@ from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.io import export_sae, load
 from lightning_sae.metrics.downstream import downstream_metrics
 from lightning_sae.models import VARIANTS, TopKSAE, variant_class
-from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.transcoder import (
     CROSSCODERS,
     BatchTopKCrossCoder,
@@ -103,8 +102,6 @@ def test_shapes_losses_and_clear_errors() -> None:
     quiet_trainer(2).fit(tc, DataLoader(TensorDataset(x, y), batch_size=32))
     assert tc.global_step == 2
 
-    with pytest.raises(ValueError, match="reads several hooks"):
-        SAEGroup(members=[{"class_path": "TopKTranscoder", "init_args": {"d_in": 4, "d_sae": 64}}])
     with pytest.raises(ValueError, match="apply_b_dec_to_input"):
         Transcoder(d_in=D_IN, d_sae=8, apply_b_dec_to_input=True)
     with pytest.raises(ValueError, match="output_hook"):

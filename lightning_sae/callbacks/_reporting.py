@@ -71,8 +71,7 @@ def sae_input_and_target(
     """(input, target) of SAE ``name`` in a batch: the same tensor for an SAE; a transcoder's
     input and output sites (:meth:`SparseAutoencoder.input_and_target`)."""
     if name:
-        x = pl_module.input_of(name, batch)
-        return x, x
+        return pl_module.members[name].input_and_target(pl_module.input_of(name, batch))
     return pl_module.input_and_target(batch)
 
 

@@ -57,7 +57,14 @@ def _slug(hook: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", hook.replace("hook_", "")).strip("_-")
 
 
+def reads_sites(sae: SparseAutoencoder) -> bool:
+    """Whether ``sae`` picks its own hooks from a ``{hook: tensor}`` batch (a transcoder's two
+    sites, a crosscoder's layers) instead of being handed one hook's tensor."""
+    return getattr(sae, "maps_sites", False) or getattr(sae, "writes_layers", False)
+
+
 def _default_name(cls: type[SparseAutoencoder], init_args: Mapping[str, Any], hook: Any) -> str:
+    hook = init_args.get("input_hook") if hook is None else hook  # a transcoder: where it reads
     parts = [_slug(hook)] if isinstance(hook, str) and _slug(hook) else []
     parts.append(cls.__name__.removesuffix("SAE").lower() or "sae")
     if "k" in init_args:
@@ -120,12 +127,12 @@ def build_members(specs: list[Mapping[str, Any]]) -> dict[str, tuple[SparseAutoe
             sae = contextvars.Context().run(cls, **init_args)
         except (TypeError, ValueError) as error:
             raise _member_error(repr(name), index, str(error)) from None
-        if getattr(sae, "maps_sites", False) or getattr(sae, "writes_layers", False):
+        if reads_sites(sae) and hook is not None:
             raise _member_error(
                 repr(name),
                 index,
-                f"{cls.__name__} reads several hooks, but a group member reads one; train "
-                "transcoders and crosscoders on their own (model.class_path).",
+                f"{cls.__name__} names its own sites (init_args.input_hook and output_hook, or "
+                f"hooks), so the member's hook: {hook!r} would be ignored: remove it.",
             )
         built[name], where[name] = (sae, hook), index
     return built
@@ -287,6 +294,13 @@ class SAEGroup(LightningModule):
             return
         named = [hook for hook in widths if hook is not None]
         for name, member in self.members.items():
+            if reads_sites(member):
+                if named:  # else data without hook names: its batches are checked per step
+                    try:
+                        member.check_sites({hook: widths[hook] for hook in named})
+                    except ValueError as error:
+                        raise ValueError(f"member {name!r}: {error}") from None
+                continue
             hook = self.hooks[name]
             if hook is None and len(widths) > 1:
                 raise ValueError(
@@ -312,8 +326,11 @@ class SAEGroup(LightningModule):
                     f"{member.d_in})."
                 )
 
-    def input_of(self, name: str, batch: Any) -> Tensor:
-        """Member ``name``'s input from a batch: its hook's tensor, or the batch's only one."""
+    def input_of(self, name: str, batch: Any) -> Any:
+        """Member ``name``'s input from a batch: its hook's tensor, or the batch's only one; the
+        whole batch for a transcoder or crosscoder, which picks its own sites."""
+        if reads_sites(self.members[name]):
+            return batch
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if not isinstance(x, Mapping):
             return x

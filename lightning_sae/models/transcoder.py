@@ -177,8 +177,12 @@ class Transcoding:
     def setup(self, stage: str) -> None:
         super().setup(stage)
         widths = getattr(self.trainer.datamodule, "d_ins", None)
-        if not isinstance(widths, Mapping) or len(widths) < 2:
-            return  # pairs from Python, or a datamodule without hook names: checked per batch
+        if isinstance(widths, Mapping) and len(widths) >= 2:
+            self.check_sites(widths)
+        # else pairs from Python, or a datamodule without hook names: checked per batch
+
+    def check_sites(self, widths: Mapping[str, int]) -> None:
+        """Both sites are among the data's hooks ``{hook: width}``, at this transcoder's widths."""
         for role, hook, width in (
             ("input_hook", self.input_hook, self.d_in),
             ("output_hook", self.output_hook, self.d_out),
@@ -270,7 +274,11 @@ class CrossCoding:
         super().setup(stage)
         widths = getattr(self.trainer.datamodule, "d_ins", None)
         if isinstance(widths, Mapping) and len(widths) > 1:
-            self._layers({hook: torch.empty(0, width) for hook, width in widths.items()})
+            self.check_sites(widths)
+
+    def check_sites(self, widths: Mapping[str, int]) -> None:
+        """Every layer is among the data's hooks ``{hook: width}``, each ``d_layer`` wide."""
+        self._layers({hook: torch.empty(0, width) for hook, width in widths.items()})
 
 
 # ----------------------------------------------------------------------------- transcoders
