@@ -31,6 +31,7 @@ from lightning_sae.metrics.downstream import downstream_metrics
 from lightning_sae.models import VARIANTS, TopKSAE, variant_class
 from lightning_sae.models.transcoder import (
     CROSSCODERS,
+    TRANSCODERS,
     BatchTopKCrossCoder,
     BatchTopKSkipTranscoder,
     CrossCoder,
@@ -384,6 +385,7 @@ def test_export_load_round_trip_in_saelens_or_our_format(tmp_path: Path) -> None
         ["minilm/transcoder-l3.yaml"],
         ["minilm/transcoder-l3.yaml", "minilm/skip-transcoder-l3.yaml"],
         ["pythia-70m/transcoder-l3.yaml"],
+        ["minilm/transcoders-all-layers.yaml"],
     ],
 )
 def test_transcoder_configs_parse(configs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -394,7 +396,9 @@ def test_transcoder_configs_parse(configs: list[str], capsys: pytest.CaptureFixt
         cli_main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"].startswith("lightning_sae.models.transcoder.")
-    hooks = printed["data"]["init_args"]["hooks"]
-    sites = [printed["model"]["init_args"][f"{site}_hook"] for site in ("input", "output")]
-    assert hooks == sites
+    model = printed["model"]
+    transcoders = model["init_args"].get("members", [model])  # a group: one per layer
+    sites = [tc["init_args"][f"{site}_hook"] for tc in transcoders for site in ("input", "output")]
+    assert printed["data"]["init_args"]["hooks"] == sites
+    for tc in transcoders:
+        assert variant_class(tc["class_path"]) in TRANSCODERS
