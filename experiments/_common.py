@@ -52,6 +52,13 @@ def write_json(out: Path, name: str, payload: Any) -> Path:
     return write(out, name, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
+def publish(out: Path, text: str, results: Any, results_name: str = "results.json") -> None:
+    """Print an experiment's table and write it (``table.md``) with its raw numbers."""
+    print(text)
+    write(out, "table.md", text)
+    write_json(out, results_name, results)
+
+
 def quiet_trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:
     """A CPU trainer without logger, checkpoints, progress bar or validation."""
     return Trainer(

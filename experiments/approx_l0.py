@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from experiments import _minilm  # noqa: E402
-from experiments._common import markdown_table, parser, start, write, write_json  # noqa: E402
+from experiments._common import markdown_table, parser, publish, start  # noqa: E402
 from lightning_sae.models.approx_l0 import ApproxL0SAE  # noqa: E402
 from lightning_sae.models.standard import StandardSAE  # noqa: E402
 
@@ -99,9 +99,7 @@ def main() -> None:
         f"Floor: coefficient {args.floor:g}, s_min {args.min_frequency:g}, window 100 steps.\n\n"
         + markdown_table(header, rows)
     )
-    print(text)
-    write(out, "table.md", text)
-    write_json(out, "results.json", results)
+    publish(out, text, results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from experiments import _minilm
-from experiments._common import markdown_table, parser, start, write, write_json
+from experiments._common import markdown_table, parser, publish, start
 from lightning_sae import plots
 from lightning_sae.models.topk import TopKSAE
 
@@ -92,9 +92,7 @@ def main() -> None:
         "latents with no activation over all training tokens after training.\n\n"
         + markdown_table(header, rows)
     )
-    print(text)
-    write(out, "table.md", text)
-    write_json(out, "results.json", results)
+    publish(out, text, results)
 
 
 if __name__ == "__main__":

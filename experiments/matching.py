@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from experiments import _minilm
-from experiments._common import markdown_table, parser, start, write, write_json
+from experiments._common import markdown_table, parser, publish, start
 from lightning_sae.data import lm
 from lightning_sae.io import export_sae
 from lightning_sae.metrics.downstream import downstream_metrics
@@ -159,9 +159,7 @@ def main() -> None:
         f"({len(tokens)} windows), positions from {first} on replaced:\n\n"
         + markdown_table(header, splice_rows)
     )
-    print(text)
-    write(out, "table.md", text)
-    write_json(out, "results.json", results)
+    publish(out, text, results)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from safetensors.torch import load_file, save_file
 
-from experiments._common import markdown_table, parser, quiet_trainer, start, write, write_json
+from experiments._common import markdown_table, parser, publish, quiet_trainer, start
 from experiments.toy_eval import toy_metrics
 from lightning_sae import plots
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
@@ -166,9 +166,7 @@ def main() -> None:
         f"L1 {args.l1} (standard), k {args.k} (TopK). Measured on {len(data['eval'])} held-out "
         "samples at the end of training:\n\n" + markdown_table(header, rows)
     )
-    print(text)
-    write(out, "table.md", text)
-    write_json(out, "curves.json", results)
+    publish(out, text, results, "curves.json")
 
 
 if __name__ == "__main__":
