@@ -123,3 +123,33 @@ def test_pkg_model_spec_is_resolved_without_running_the_package(
     assert not marker.exists()
     with pytest.raises(ValueError, match="top-level package name"):
         resolve_model_path("pkg:shipped_model.sub")
+
+
+class _Payload:
+    """Unpickles into a call that writes a marker file: what a hostile pickle could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_a_sharded_checkpoint_folder_cannot_run_code_through_its_dcp_metadata(
+    tmp_path: Path,
+) -> None:
+    """torch's distributed checkpoint reads a folder's ``.metadata`` with plain pickle: a
+    downloaded sharded folder must be refused before that, by export and by resume alike."""
+    import pickle
+
+    from lightning_sae.parallel import consolidate_checkpoint
+
+    folder, marker = tmp_path / "sharded", tmp_path / "ran"
+    folder.mkdir()
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, folder / "meta.pt")
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match="refused"):
+        export_checkpoint(folder, tmp_path / "out")
+    with pytest.raises(ValueError, match="refused"):
+        consolidate_checkpoint(folder)
+    assert not marker.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,50 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from lightning_sae.parallel.strategy import META_FILENAME
+META_FILENAME = "meta.pt"  # loops, callbacks, hyperparameters: everything but the shards
+DCP_METADATA_FILENAME = ".metadata"  # torch's index of the shards, a pickle
+
+# What torch's distributed checkpoint pickles into its index: the metadata classes of these two
+# modules, torch sizes, dtypes and layouts, paths, plain containers.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_SAFE_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout by name
+    ("collections", "OrderedDict"),
+    *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles only what a distributed-checkpoint index holds; anything else (a function to
+    call, a class of another package) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(found, torch.dtype) or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module in _DCP_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Refuse a sharded folder whose ``.metadata`` would do more than describe its shards.
+
+    torch reads that file with plain ``pickle``, which can run any code a downloaded folder
+    chooses; it is read here first with an unpickler that allows only the index's own types.
+    """
+    try:
+        with open(path / DCP_METADATA_FILENAME, "rb") as file:
+            _DCPMetadataUnpickler(file).load()
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"{path / DCP_METADATA_FILENAME} refused: {error}. A latent-sharded checkpoint's "
+            "index names only torch's checkpoint types; this folder was not written by "
+            "lightning-sae's LatentParallelStrategy (or is damaged), so it is not read."
+        ) from None
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -29,6 +73,7 @@ def consolidate_checkpoint(path: str | Path, out: str | Path | None = None) -> d
         raise ValueError(
             f"{path} is not a latent-sharded checkpoint folder (it has no {META_FILENAME})."
         )
+    check_dcp_metadata(path)
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "full.pt")
         full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)

@@ -26,9 +26,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
+from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
 from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable, shard_of, sharded_class
-
-META_FILENAME = "meta.pt"
 
 
 class LatentParallelStrategy(ModelParallelStrategy):
@@ -155,6 +154,7 @@ class LatentParallelStrategy(ModelParallelStrategy):
             f"optimizer_{i}": {"state": self.optimizer_state(o)["state"]}
             for i, o in enumerate(optimizers)
         }
+        check_dcp_metadata(path)  # torch unpickles it; a downloaded folder could run code
         dcp.load(tensors, checkpoint_id=path)  # in place: the DTensors view the live tensors
         meta = torch.load(path / META_FILENAME, map_location="cpu", weights_only=True)
         for optimizer, groups in zip(
