@@ -22,14 +22,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from lightning_sae.callbacks._reporting import saes, scoped
-from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
+from lightning_sae.callbacks.init_from import InitFrom
 from lightning_sae.callbacks.lifecycle import (
     EvaluationCoverage,
     RunRecord,
     StepProgressBar,
     TokenThroughput,
 )
-from lightning_sae.metrics.similarity import mean_max_cosine_similarity
+from lightning_sae.data.identity import DataMismatchError, check_same_data, saved_identity
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.group import SAEGroup, names_group
 
@@ -351,6 +352,17 @@ class SAECLI(LightningCLI):
             ),
         )
         parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help=(
+                "fit: start a new run from the weights of this checkpoint (.ckpt or sharded "
+                "folder), on any data: weights only, a fresh optimizer from step 0 "
+                "(lightning_sae.callbacks.init_from.InitFrom). --ckpt_path instead resumes a run "
+                "exactly, on the data it was trained on."
+            ),
+        )
+        parser.add_argument(
             "--print_metrics",
             type=bool,
             default=True,
@@ -475,9 +487,42 @@ class SAECLI(LightningCLI):
         extra: list[Callback] = [self.coverage]
         if self.subcommand == "fit":
             extra.append(RunRecord(str(self.run_dir), self.log_version))
+        init_from = config.get("init_from")
+        if init_from and self.subcommand != "fit":
+            raise SystemExit(
+                f"error: --init_from starts a fit from trained weights; {self.subcommand} "
+                "evaluates a checkpoint: pass it as --ckpt_path instead."
+            )
+        if init_from and not config.get("ckpt_path"):  # a resume restores its own weights
+            extra.append(InitFrom(init_from))
         if self.subcommand == "fit" and config.get("default_callbacks", True):
             extra += _default_monitoring(trainer_config, callbacks)
         return super().instantiate_trainer(callbacks=callbacks + extra, **kwargs)
+
+    def before_fit(self) -> None:
+        """A resume must continue on the data its checkpoint was trained on (checked here,
+        before any cache is built for other data; the datamodule checks again on restore)."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            folders = [Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if c.dirpath]
+            ckpt_path = _newest_last(folders)
+        identify = getattr(self.datamodule, "data_identity", None)
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS or not callable(identify):
+            return
+        path = Path(ckpt_path)
+        checkpoint = torch.load(
+            path / "meta.pt" if path.is_dir() else path,
+            weights_only=True,
+            map_location="cpu",
+            mmap=True,
+        )
+        here = {"data": type(self.datamodule).__name__, **identify()}
+        try:
+            check_same_data(saved_identity(checkpoint), here, f"--ckpt_path {ckpt_path}")
+        except DataMismatchError as error:
+            raise SystemExit(
+                f"error: {str(error).replace('<checkpoint>', str(ckpt_path))}"
+            ) from None
 
     def after_fit(self) -> None:
         # Validation already ran at the final step (val_check_interval divides max_steps): its
@@ -496,6 +541,7 @@ class SAECLI(LightningCLI):
     def _print_metrics(self) -> None:
         if not (self.config[self.subcommand].get("print_metrics", True)):
             return
+        gt_mmcs = self._gt_mmcs()  # every rank: a latent-sharded dictionary is measured together
         if not self.trainer.is_global_zero:
             return
         checkpoint, step = None, self.trainer.global_step
@@ -505,19 +551,18 @@ class SAECLI(LightningCLI):
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
         members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
-        table = final_metrics_table(
-            self.trainer, self.coverage, self._gt_mmcs(), checkpoint, step, members
-        )
+        table = final_metrics_table(self.trainer, self.coverage, gt_mmcs, checkpoint, step, members)
         print(table, flush=True)
 
     def _gt_mmcs(self) -> float | dict[str, float] | None:
         """Ground-truth MMCS of the weights the table reports (toy data only; by member in a
-        group), measured now rather than read from a log that may predate them."""
+        group), measured now rather than read from a log that may predate them. Every rank
+        calls this: a latent-sharded member holds a slice of the dictionary."""
         ground_truth = getattr(self.datamodule, "ground_truth_features", None)
         if ground_truth is None:
             return None
         values = {
-            name: float(mean_max_cosine_similarity(ground_truth.to(sae.W_dec), sae.W_dec.detach()))
+            name: ground_truth_mmcs(ground_truth, sae)
             for name, sae in saes(self.model).items()
             if sae.W_dec.shape[1] == ground_truth.shape[1]
         }

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from lightning_sae.data import lm
 from lightning_sae.data.cache import NonFiniteDataError
+from lightning_sae.data.identity import IdentifiedData
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.loader import in_background, rank_and_world
 from lightning_sae.data.tokens import TEXT_START, TextOptions, TextPosition, TextWindows
@@ -326,7 +327,7 @@ class StreamValBatches:
         yield from in_background(self._batches(stop), 2, stop, "activation-stream-val")
 
 
-class StreamingActivationDataModule(LightningDataModule):
+class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
     """Activations of a TransformerLens model computed during training, shuffled in a bounded
     buffer, never written to disk (see the module docstring for the order and the resume).
 
@@ -417,6 +418,13 @@ class StreamingActivationDataModule(LightningDataModule):
         self.train_batches: StreamBatches | None = None
         self.val_batches: StreamValBatches | None = None
         self._train_start: TextPosition | None = None
+
+    def data_identity(self) -> dict[str, Any]:
+        """What the streamed rows are: the model, the hooks, the text and its windows, the
+        held-out part, the dtype and the seed of the order (the cache's fingerprint fields)."""
+        hp = self.hparams
+        names = ("model", "hooks", "text", "val_tokens", "dtype", "seed")
+        return {name: hp[name] for name in names}
 
     # ----------------------------------------------------------------- the model
     def _device(self) -> str:
