@@ -5,10 +5,12 @@ Lightning's launcher re-executes this script once per extra rank. The fit trains
 on a cached activation set of a tiny GPT-NeoX (built by the test beforehand) with
 DownstreamEval (the SAE spliced into the model: a sharded forward every rank must join), the
 run's lifecycle callbacks and the ground-truth MMCS the command line prints, measured on every
-rank. A gloo timeout (60 s: the rendezvous on a busy machine needs some) turns a collective
+rank; then a second fit starts from the first one's sharded checkpoint with InitFrom. A gloo
+timeout (60 s: the rendezvous on a busy machine needs some) turns a collective
 that some ranks skip into a failure, not a hang.
-Each rank writes ``rank<R>.pt``: its state dict, latent rank, the evaluation coverage and that
-MMCS against ``--queries``; rank 0 logs CSV metrics under ``csv``.
+Each rank writes ``rank<R>.pt``: its state dict, latent rank, the evaluation coverage, that MMCS
+against ``queries.pt`` and the weights and step the second fit started from; rank 0 logs CSV
+metrics under ``csv``.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sae.callbacks.downstream import DownstreamEval
 from lightning_sae.callbacks.geometry import ground_truth_mmcs
+from lightning_sae.callbacks.init_from import InitFrom
 from lightning_sae.callbacks.lifecycle import EvaluationCoverage, RunCheckpoint, TokenThroughput
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.models.topk import TopKSAE
@@ -66,15 +69,38 @@ def main() -> None:
     trainer.fit(model, data)
     queries = torch.load(args.out / "queries.pt", weights_only=True)
     shard = shard_of(model)
-    torch.save(
-        {
-            "state": model.state_dict(),
-            "latent_rank": 0 if shard is None else shard.latent_rank,
-            "coverage": coverage.samples,
-            "gt_mmcs": ground_truth_mmcs(queries, model),
-        },
-        args.out / f"rank{trainer.global_rank}.pt",
+    saved = {
+        "state": model.state_dict(),
+        "latent_rank": 0 if shard is None else shard.latent_rank,
+        "coverage": coverage.samples,
+        "gt_mmcs": ground_truth_mmcs(queries, model),
+    }
+
+    # A new run from that run's sharded checkpoint: each member starts from its slice of it.
+    start = FirstStep()
+    tuned = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=LatentParallelStrategy(2, timeout=timedelta(seconds=args.timeout_s)),
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[InitFrom(str(args.out / "ckpt" / "last.ckpt")), start],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
+    tuned.fit(TopKSAE(d_in=32, d_sae=D_SAE, k=4, lr=3e-3), ActivationDataModule(**args.data))
+    saved |= {"init_from": start.state, "init_from_step": start.step}
+    torch.save(saved, args.out / f"rank{trainer.global_rank}.pt")
+
+
+class FirstStep(L.Callback):
+    """The weights and the step a fit's training starts from."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
 
 if __name__ == "__main__":

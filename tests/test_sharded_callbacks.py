@@ -4,7 +4,8 @@ and what they report equals the same measurement on the reassembled dictionary.
 
 DownstreamEval splices the SAE into the language model: a sharded forward, which every member
 of the latent group must run. The command line's ground-truth MMCS is taken over the whole
-dictionary, not rank 0's slice. EvaluationCoverage counts the global validation batch.
+dictionary, not rank 0's slice. EvaluationCoverage counts the global validation batch. InitFrom
+starts a new sharded run from a sharded checkpoint, each member from its slice.
 """
 
 import csv
@@ -90,6 +91,12 @@ def test_sharded_callbacks_join_every_collective_and_measure_the_whole_dictionar
     )
     for key, value in expected.to_log_dict().items():
         assert float(logged[key]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+    # InitFrom gave each member its slice of the sharded checkpoint, at step 0.
+    for rank in ranks:
+        assert rank["init_from_step"] == 0
+        for name, value in rank["state"].items():
+            assert torch.equal(rank["init_from"][name], value), name
 
     # Every rank reports the whole dictionary's ground-truth MMCS and the global coverage.
     whole = float(mean_max_cosine_similarity(queries, state["W_dec"]))

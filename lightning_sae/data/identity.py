@@ -62,8 +62,8 @@ def check_same_data(
         raise DataMismatchError(
             f"{checkpoint} was trained on other data ({'; '.join(found)}): resume it with the "
             "data it was trained on, or start a new run from its weights with init_from "
-            "(`lightning-sae fit --init_from <checkpoint>`: weights only, a fresh optimizer from "
-            "step 0)."
+            "(`lightning-sae fit --init_from <checkpoint> --trainer.default_root_dir <new run "
+            "folder>`: weights only, a fresh optimizer from step 0)."
         )
 
 
