@@ -493,6 +493,11 @@ class SAECLI(LightningCLI):
                 f"error: --init_from starts a fit from trained weights; {self.subcommand} "
                 "evaluates a checkpoint: pass it as --ckpt_path instead."
             )
+        if init_from and not Path(init_from).exists():
+            raise SystemExit(
+                f"error: --init_from {init_from} does not exist. Pass the .ckpt of a trained run "
+                "(e.g. runs/<run>/checkpoints/last.ckpt)."
+            )
         if init_from and not config.get("ckpt_path"):  # a resume restores its own weights
             extra.append(InitFrom(init_from))
         if self.subcommand == "fit" and config.get("default_callbacks", True):
