@@ -21,6 +21,7 @@ import torch
 from lightning_sae.callbacks.downstream import DownstreamEval
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.data.identity import saved_identity
 from lightning_sae.metrics.downstream import downstream_metrics
 from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 from lightning_sae.models.topk import TopKSAE
@@ -91,6 +92,10 @@ def test_sharded_callbacks_join_every_collective_and_measure_the_whole_dictionar
     )
     for key, value in expected.to_log_dict().items():
         assert float(logged[key]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+    # The sharded checkpoint records its data, as a one-process one does.
+    meta = torch.load(tmp_path / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)
+    assert saved_identity(meta)["hook"] == HOOK
 
     # InitFrom gave each member its slice of the sharded checkpoint, at step 0.
     for rank in ranks:
