@@ -30,7 +30,12 @@ METADATA_LIMIT = 1 << 30
 
 
 class UnreadableFileError(ValueError):
-    """A file that is not what its folder says it is; the message names it and the fix."""
+    """A file that is not what its folder says it is: ``"{path} {problem}: {fix}"``. Callers
+    with a better fix (a cache: delete and build again) reuse ``problem``."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str) -> None:
+        super().__init__(f"{path} {problem}: {fix}.")
+        self.path, self.problem = Path(path), problem
 
 
 def _kind(mode: int) -> str:
@@ -62,13 +67,17 @@ def open_regular(path: str | Path, limit: int | None = None) -> Iterator[BinaryI
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise UnreadableFileError(
-                f"{path} is not a regular file (it is {_kind(info.st_mode)}); a cache, export "
-                "or checkpoint folder holds only regular files: replace it with the real file."
+                path,
+                f"is not a regular file (it is {_kind(info.st_mode)})",
+                "a cache, export or checkpoint folder holds only regular files; replace it with "
+                "the real file",
             )
         if limit is not None and info.st_size > limit:
             raise UnreadableFileError(
-                f"{path} is {_size(info.st_size)}, larger than the {_size(limit)} this kind of "
-                "file may hold; it was not written by lightning-sae (or is damaged): replace it."
+                path,
+                f"is {_size(info.st_size)}, larger than the {_size(limit)} this kind of file "
+                "may hold",
+                "it was not written by lightning-sae (or is damaged); replace it",
             )
         os.set_blocking(descriptor, True)
         file = os.fdopen(descriptor, "rb")
@@ -85,7 +94,7 @@ def read_bounded(path: str | Path, limit: int = JSON_LIMIT) -> bytes:
         content = file.read(limit + 1)  # a file that grew since it was checked stops here
     if len(content) > limit:
         raise UnreadableFileError(
-            f"{path} grew past {_size(limit)} while it was read: replace it with the real file."
+            path, f"grew past {_size(limit)} while it was read", "replace it with the real file"
         )
     return content
 
@@ -122,8 +131,10 @@ def load_torch_file(
     with open_regular(path, limit) as file:
         if os.fstat(file.fileno()).st_size == 0:
             raise UnreadableFileError(
-                f"{path} is empty (0 bytes): the {what} was cut short while it was written or "
-                f"copied; copy it again or use another {what}."
+                path,
+                "is empty (0 bytes)",
+                f"the {what} was cut short while it was written or copied; copy it again or use "
+                f"another {what}",
             )
         try:
             source = str(path) if mmap else file
@@ -131,9 +142,10 @@ def load_torch_file(
         except pickle.UnpicklingError as error:
             if "Unsupported global" in str(error) or "WeightsUnpickler" in str(error):
                 raise UnreadableFileError(
-                    f"{path} holds {_unsupported(error)}, which lightning-sae never unpickles "
-                    f"(a {what} of lightning-sae holds only tensors and plain values): it was not "
-                    f"written by lightning-sae, or was edited; use a {what} a run wrote."
+                    path,
+                    f"holds {_unsupported(error)}, which lightning-sae never unpickles (its "
+                    f"{what}s hold only tensors and plain values)",
+                    f"it was not written by lightning-sae, or was edited; use a {what} a run wrote",
                 ) from None
             raise _damaged(path, what, error) from None
         except (RuntimeError, EOFError, ValueError, OSError) as error:
@@ -143,8 +155,9 @@ def load_torch_file(
 def _damaged(path: str | Path, what: str, error: Exception) -> UnreadableFileError:
     detail = str(error).split("\n", 1)[0].split(". ", 1)[0].strip() or type(error).__name__
     return UnreadableFileError(
-        f"{path} is truncated or damaged, not a readable {what} ({detail}); it was cut short "
-        f"while it was written or copied: copy it again or use another {what}."
+        path,
+        f"is truncated or damaged, not a readable {what} ({detail})",
+        f"it was cut short while it was written or copied; copy it again or use another {what}",
     )
 
 
@@ -160,8 +173,9 @@ def load_safetensors_file(path: str | Path) -> dict[str, Any]:
         return load_file(str(path), device="cpu")
     except SafetensorError as error:
         raise UnreadableFileError(
-            f"{path} is not a complete safetensors file ({error}); it is truncated or "
-            "damaged: export or download the folder again."
+            path,
+            f"is not a complete safetensors file ({error})",
+            "it is truncated or damaged; export or download the folder again",
         ) from None
 
 
