@@ -385,7 +385,8 @@ class SAECLI(LightningCLI):
             self._export_folder = self._export_folder_for(subcommand, Path(ckpt_path))
             config["ckpt_path"] = None
             return
-        if ckpt_path and Path(ckpt_path).is_file():
+        # Any file, not only a regular one: what is not a checkpoint is refused when read.
+        if ckpt_path and Path(ckpt_path).exists() and not Path(ckpt_path).is_dir():
             configured = config.get("model", {}).get("class_path")
             try:
                 hparams = load_torch_file(ckpt_path, mmap=True).get("hyper_parameters", {})

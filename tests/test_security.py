@@ -356,3 +356,19 @@ def test_read_bounded_reads_regular_files_only_and_up_to_its_limit(tmp_path: Pat
         read_bounded(tmp_path / "fifo")
     with pytest.raises(UnreadableFileError, match="not a regular file .*a folder"):
         read_bounded(tmp_path)
+
+
+def test_a_sharded_folder_with_a_short_or_linked_shard_file_is_refused(tmp_path: Path) -> None:
+    """torch reads the byte ranges its index names: a shard file cut short, or a link to
+    /dev/zero, is refused by name first."""
+    from lightning_sae.parallel import consolidate_checkpoint
+
+    folder = _dcp_save(tmp_path / "sharded", {"state_dict": _trained_sae().state_dict()})
+    torch.save({"hyper_parameters": {}}, folder / "meta.pt")
+    (shard,) = folder.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=f"{shard} is truncated"):
+        consolidate_checkpoint(folder)
+    _link_to_dev_zero(shard)
+    with pytest.raises(ValueError, match=f"{shard} is not a regular file"):
+        consolidate_checkpoint(folder)

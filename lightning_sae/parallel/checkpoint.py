@@ -65,9 +65,9 @@ def check_dcp_metadata(path: Path, expected: Mapping[str, torch.Size] | None = N
             "index names only torch's checkpoint types; this folder was not written by "
             "lightning-sae's LatentParallelStrategy (or is damaged), so it is not read."
         ) from None
-    if not isinstance(metadata, Metadata):
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(metadata, Metadata) or not isinstance(entries, dict):
         raise ValueError(f"{index} refused: it holds a {type(metadata).__name__}, not an index.")
-    entries = metadata.state_dict_metadata
     stored_as_bytes = sorted(
         name for name, m in entries.items() if isinstance(m, BytesStorageMetadata)
     )
@@ -96,15 +96,19 @@ def _check_shard_files(path: Path, metadata: Metadata) -> None:
     """Every shard file is a regular file inside ``path`` that covers the bytes the index says
     it holds (torch would otherwise read past it, or read a link to /dev/zero without end)."""
     sizes: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        name = str(getattr(info, "relative_path", ""))
-        if not name or Path(name).name != name:
+    storage = metadata.storage_data
+    for info in storage.values() if isinstance(storage, dict) else [storage]:
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(name, str) or not name or Path(name).name != name:
             raise ValueError(f"{path} refused: its index names the shard file {name!r}.")
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise ValueError(f"{path} refused: its index places {name} at {offset!r}+{length!r}.")
         if name not in sizes:
             with open_regular(path / name) as file:
                 sizes[name] = os.fstat(file.fileno()).st_size
-        end = int(info.offset) + int(info.length)
-        if info.offset < 0 or info.length < 0 or end > sizes[name]:
+        end = offset + length
+        if end > sizes[name]:
             raise ValueError(
                 f"{path / name} is truncated: its index says it holds bytes up to {end}, it has "
                 f"{sizes[name]}; copy the checkpoint folder again."
