@@ -17,6 +17,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_sae.callbacks.init import DataInformedInit
+from lightning_sae.files import load_torch_file
 from lightning_sae.models import variant_class
 from lightning_sae.models.group import SAEGroup, names_group
 from lightning_sae.parallel.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
@@ -29,7 +30,7 @@ def checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str |
     if is_sharded_checkpoint(path):
         checkpoint = consolidate_checkpoint(path)
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_torch_file(path)
     elif path.is_dir():
         raise ValueError(
             f"init_from {path} is a folder without a checkpoint: pass a Lightning checkpoint "
