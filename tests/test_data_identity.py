@@ -76,6 +76,15 @@ def test_a_datamodule_refuses_a_checkpoint_of_other_data_naming_the_field(case: 
         make(**changed).load_state_dict(saved)
 
 
+def test_toy_epoch_length_is_data_only_for_a_fixed_training_set() -> None:
+    # Fresh samples follow the global batch index, whatever the epoch length.
+    toy(batches_per_epoch=7).load_state_dict(toy().state_dict())
+    with pytest.raises(DataMismatchError, match=r"other data \(batches_per_epoch: 50 there, 7"):
+        toy(batches_per_epoch=7, fixed_train_set=True).load_state_dict(
+            toy(fixed_train_set=True).state_dict()
+        )
+
+
 def test_your_own_files_are_identified_by_their_contents(tmp_path: Path) -> None:
     saved = own_files(tmp_path / "a", seed=0).state_dict()
     own_files(tmp_path / "moved", seed=0).load_state_dict(saved)  # the same files, elsewhere

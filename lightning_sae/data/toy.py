@@ -312,10 +312,12 @@ class ToySuperpositionDataModule(IdentifiedData, LightningDataModule):
         self.val_data = ToyBatches(self.toy, batch_size, val_batches, "val", fresh_each_epoch=False)
 
     def data_identity(self) -> dict[str, Any]:
-        """The generating parameters and seed: the samples of batch ``i`` depend on them all."""
+        """The generating parameters, the batch size and the seed: the samples of global batch
+        ``i`` depend on them all. Fresh samples follow the global batch index whatever the
+        epoch length, so ``batches_per_epoch`` counts only as a fixed training set's size."""
         hp = self.hparams
         names = ("mean_active", "decay", "correlation", "correlation_block", "seed")
-        return {
+        identity = {
             "n_features": self.n_features,
             "d_in": self.d_in,
             **{name: hp[name] for name in names},
@@ -323,8 +325,10 @@ class ToySuperpositionDataModule(IdentifiedData, LightningDataModule):
             "empty_sample_rule": hp.empty_sample_rule,
             "fixed_train_set": hp.fixed_train_set,
             "batch_size": hp.batch_size,
-            "batches_per_epoch": hp.batches_per_epoch,
         }
+        if hp.fixed_train_set:
+            identity["batches_per_epoch"] = hp.batches_per_epoch
+        return identity
 
     @property
     def ground_truth_features(self) -> Tensor:
