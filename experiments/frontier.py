@@ -361,8 +361,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "frontier")
     _minilm.add_data_options(p)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--d-sae", type=int, default=1536)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--d-sae", type=int, default=768)
     p.add_argument("--lr", type=float, default=1e-3, help="lightning-sae and SAELens")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--k", type=int, nargs="+", default=[16, 32, 64], help="TopK k")
@@ -413,24 +413,29 @@ def main() -> None:
             path.unlink()
             print(json.dumps(row), flush=True)
 
-    with Timer() as timer:
-        started = []
-        for library in peers:
-            mine = [r for r in runs if r[0].library == library]
-            for part in range(args.processes_per_peer):
-                share = mine[part :: args.processes_per_peer]
-                if share:
-                    started.append((library, part, start_peer(library, share, args, part)))
-        for setting, seed in runs:
-            if setting.library == OURS:
-                train_ours(setting, data, args, seed, args.work)
+    started: list[tuple[str, int, subprocess.Popen]] = []
+    try:
+        with Timer() as timer:
+            for library in peers:
+                mine = [r for r in runs if r[0].library == library]
+                for part in range(args.processes_per_peer):
+                    share = mine[part :: args.processes_per_peer]
+                    if share:
+                        started.append((library, part, start_peer(library, share, args, part)))
+            for setting, seed in runs:
+                if setting.library == OURS:
+                    train_ours(setting, data, args, seed, args.work)
+                    measure_finished()
+            while any(process.poll() is None for *_, process in started):
                 measure_finished()
-        while any(process.poll() is None for *_, process in started):
+                time.sleep(5)
+            for library, part, process in started:
+                check_peer(library, part, process, args.work)
             measure_finished()
-            time.sleep(5)
-        for library, part, process in started:
-            check_peer(library, part, process, args.work)
-        measure_finished()
+    finally:  # stopped or failed: the peers' processes stop too
+        for *_, process in started:
+            if process.poll() is None:
+                process.kill()
     print(f"{len(runs)} runs trained and measured in {timer.seconds:.0f} s", flush=True)
     names = [setting.run_name(seed) for setting, seed in runs]
     results.sort(key=lambda r: names.index(r["run"]))
