@@ -374,8 +374,15 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/lightning-sae-frontier"))
     p.add_argument("--libraries", nargs="+", default=[OURS, SAELENS, SPARSIFY])
     p.add_argument("--processes-per-peer", type=int, default=2, help="peer runs split over")
+    p.add_argument(
+        "--report-from", type=Path, help="a results.json: only redo its table and figure"
+    )
     args = p.parse_args()
     out = start(args)
+    if args.report_from is not None:
+        saved = json.loads(args.report_from.read_text())
+        report(out, saved["runs"], saved["meta"], update_docs=args.out == DOCS / "frontier")
+        return
     if args.smoke:
         args.steps, args.batch_size, args.d_sae, args.seeds = 3, 64, 64, [0]
         args.k, args.batch_k, args.target_l0 = [4], 4, 4.0
@@ -440,15 +447,30 @@ def main() -> None:
     names = [setting.run_name(seed) for setting, seed in runs]
     results.sort(key=lambda r: names.index(r["run"]))
 
+    meta = {
+        "hook": data["hook"], "d_in": data["d_in"], "d_sae": args.d_sae, "steps": args.steps,
+        "batch_size": args.batch_size, "n_train": len(data["tensors"]["train"]),
+        "n_val": len(val), "lr": args.lr, "seeds": args.seeds, "peers": peers,
+        "eval_windows": min(args.eval_windows, len(data["tokens"])),
+        "seconds": round(timer.seconds),
+    }  # fmt: skip
+    report(out, results, meta, update_docs=not args.smoke and args.out == DOCS / "frontier")
+
+
+def report(
+    out: Path, results: list[dict[str, Any]], meta: dict[str, Any], update_docs: bool
+) -> None:
+    """The table (``table.md``, and the generated block of docs/experiments.md when asked),
+    the figure and ``results.json`` (every run and the run's settings) from measured runs."""
     points = summarise(results)
-    n_train = len(data["tensors"]["train"])
+    tokens = meta["steps"] * meta["batch_size"]
     scale = (
-        f"MiniLM `{data['hook']}`, d_in {data['d_in']}, d_sae {args.d_sae}; {args.steps} steps "
-        f"of batch {args.batch_size} ({args.steps * args.batch_size:,} tokens, "
-        f"{args.steps * args.batch_size / n_train:.1f} epochs of {n_train:,} training tokens, "
-        f"identical batches and order for every library); lr {args.lr:g} (lightning-sae, "
-        f"SAELens; sparsify its own); seeds {args.seeds}. Measured on {len(val):,} held-out "
-        f"tokens; the splice on {min(args.eval_windows, len(data['tokens']))} held-out windows."
+        f"MiniLM `{meta['hook']}`, d_in {meta['d_in']}, d_sae {meta['d_sae']}; {meta['steps']} "
+        f"steps of batch {meta['batch_size']} ({tokens:,} tokens, "
+        f"{tokens / meta['n_train']:.1f} epochs of {meta['n_train']:,} training tokens, "
+        f"identical batches and order for every library); lr {meta['lr']:g} (lightning-sae, "
+        f"SAELens; sparsify its own); seeds {meta['seeds']}. Measured on {meta['n_val']:,} "
+        f"held-out tokens; the splice on {meta['eval_windows']} held-out windows."
     )
     header = ["library", "SAE", "setting", "L0", "FVU", "FVU range", "final hidden rel MSE",
               "final hidden cos", "dead (held out)"]  # fmt: skip
@@ -460,23 +482,24 @@ def main() -> None:
         for p in sorted(points, key=lambda p: (order[p["library"]], p["variant"], p["l0"]))
     ]  # fmt: skip
     text = scale + "\n\n" + markdown_table(header, rows)
-    if peers:
+    if meta["peers"]:
         compare = ["SAE", "setting", "L0", "FVU (ours)", "best peer at this L0",
                    "ours - peer", "verdict"]  # fmt: skip
         text += (
             "\nAgainst the best peer at the same L0 (its points' frontier, linear in log L0; "
             "'spread' is the larger seed-to-seed FVU range of the two):\n\n"
-            + markdown_table(compare, verdicts(points, peers))
+            + markdown_table(compare, verdicts(points, meta["peers"]))
         )
     else:
         text += "\nNo peer venv found: the project's side only.\n"
-    plot(points, out / "frontier.png", f"MiniLM block 3, d_sae {args.d_sae}, {args.steps} steps")
+    title = f"MiniLM block 3, d_sae {meta['d_sae']}, {meta['steps']} steps"
+    plot(points, out / "frontier.png", title)
     print(text)
     (out / "table.md").write_text(text)
-    payload = {"runs": results, "points": points, "train_seconds": timer.seconds}
+    payload = {"meta": meta, "runs": results, "points": points}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     print(f"wrote {out / 'table.md'}, {out / 'results.json'}, {out / 'frontier.png'}")
-    if not args.smoke and args.out == DOCS / "frontier":
+    if update_docs:
         update_doc_page(text)
 
 
