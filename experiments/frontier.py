@@ -168,7 +168,8 @@ def train_ours(setting: Setting, data: dict[str, Any], args: Any, seed: int, wor
     tensors = data["tensors"]
     sae = build_ours(setting, data["d_in"], args, seed)
     order = training_batches(tensors, seed)
-    trainer = quiet_trainer(len(order), [DecoderNormConstraint()])
+    clip = {} if args.gradient_clip is None else {"gradient_clip_val": args.gradient_clip}
+    trainer = quiet_trainer(len(order), [DecoderNormConstraint()], **clip)
     trainer.fit(sae, SavedOrder(tensors["train"], order))
     sae.eval()
 
@@ -356,6 +357,22 @@ def update_doc_page(text: str) -> None:
 
 # --------------------------------------------------------------------------- main
 
+SCALE_KEYS = ("d_sae", "steps", "batch_size", "n_train", "lr", "seeds")
+
+
+def reuse_peer_runs(args: Any, n_train: int) -> list[dict[str, Any]]:
+    saved = json.loads(args.peers_from.read_text())
+    now = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": args.batch_size,
+           "n_train": n_train, "lr": args.lr, "seeds": args.seeds}  # fmt: skip
+    differ = [k for k in SCALE_KEYS if saved["meta"][k] != now[k]]
+    if differ:
+        theirs = ", ".join(f"{k} {saved['meta'][k]}" for k in differ)
+        raise SystemExit(
+            f"error: {args.peers_from} was run with other settings ({theirs}): rerun the "
+            "peers, or pass the same options."
+        )
+    return [r for r in saved["runs"] if r["library"] != OURS]
+
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "frontier")
@@ -374,6 +391,12 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/lightning-sae-frontier"))
     p.add_argument("--libraries", nargs="+", default=[OURS, SAELENS, SPARSIFY])
     p.add_argument("--processes-per-peer", type=int, default=2, help="peer runs split over")
+    p.add_argument(
+        "--gradient-clip", type=float, default=None, help="gradient_clip_val of our Trainer"
+    )
+    p.add_argument(
+        "--peers-from", type=Path, help="a results.json at the same scale: reuse its peer runs"
+    )
     p.add_argument(
         "--report-from", type=Path, help="a results.json: only redo its table and figure"
     )
@@ -399,6 +422,11 @@ def main() -> None:
     libraries = [OURS, *peers] if OURS in args.libraries else peers
     data = prepare_data(args, args.work)
     val = data["tensors"]["val"]
+    reused: list[dict[str, Any]] = []
+    if args.peers_from is not None:  # the peers' runs of an earlier run at the same scale
+        reused = reuse_peer_runs(args, len(data["tensors"]["train"]))
+        peers = sorted({r["library"] for r in reused})
+        libraries = [OURS]
     model = lm.load_model(data["model"])
 
     runs = [(s, seed) for s in settings(args) if s.library in libraries for seed in args.seeds]
@@ -420,6 +448,7 @@ def main() -> None:
             path.unlink()
             print(json.dumps(row), flush=True)
 
+    results += reused
     started: list[tuple[str, int, subprocess.Popen]] = []
     try:
         with Timer() as timer:
@@ -445,14 +474,15 @@ def main() -> None:
                 process.kill()
     print(f"{len(runs)} runs trained and measured in {timer.seconds:.0f} s", flush=True)
     names = [setting.run_name(seed) for setting, seed in runs]
-    results.sort(key=lambda r: names.index(r["run"]))
+    results.sort(key=lambda r: names.index(r["run"]) if r["run"] in names else -1)
 
     meta = {
         "hook": data["hook"], "d_in": data["d_in"], "d_sae": args.d_sae, "steps": args.steps,
         "batch_size": args.batch_size, "n_train": len(data["tensors"]["train"]),
         "n_val": len(val), "lr": args.lr, "seeds": args.seeds, "peers": peers,
         "eval_windows": min(args.eval_windows, len(data["tokens"])),
-        "seconds": round(timer.seconds),
+        "seconds": round(timer.seconds), "gradient_clip": args.gradient_clip,
+        "peers_from": None if args.peers_from is None else str(args.peers_from),
     }  # fmt: skip
     report(out, results, meta, update_docs=not args.smoke and args.out == DOCS / "frontier")
 
