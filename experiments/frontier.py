@@ -271,22 +271,18 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def peer_fvu_at(points: list[dict[str, Any]], library: str, l0: float) -> tuple[float, float]:
-    """(FVU, seed range) of ``library``'s frontier at ``l0``: its points' lower envelope,
-    linear in log L0 between the two points around ``l0``; NaN outside its L0 range."""
-    mine = sorted((p for p in points if p["library"] == library), key=lambda p: p["l0"])
-    best = (math.nan, math.nan)
-    for lo, hi in zip(mine, mine[1:], strict=False):
-        if lo["l0"] <= l0 <= hi["l0"]:
-            span = math.log(hi["l0"]) - math.log(lo["l0"])
-            t = (math.log(l0) - math.log(lo["l0"])) / span if span > 0 else 0.0
-            fvu = (1 - t) * lo["fvu"] + t * hi["fvu"]
-            spread = max(lo["fvu_range"], hi["fvu_range"])
-            if math.isnan(best[0]) or fvu < best[0]:
-                best = (fvu, spread)
-    for p in mine:  # a point of the peer at this very L0 (within 2%) counts as it is
-        if abs(p["l0"] - l0) <= 0.02 * l0 and (math.isnan(best[0]) or p["fvu"] < best[0]):
-            best = (p["fvu"], p["fvu_range"])
-    return best
+    """(FVU, seed range) of ``library``'s frontier at ``l0``: the best of its points at this L0
+    (within 2%) and of every pair of its points around ``l0`` (any variants), linear in log
+    L0 between the pair; NaN outside its L0 range."""
+    mine = [p for p in points if p["library"] == library]
+    candidates = [(p["fvu"], p["fvu_range"]) for p in mine if abs(p["l0"] - l0) <= 0.02 * l0]
+    for lo in mine:
+        for hi in mine:
+            if lo["l0"] < l0 < hi["l0"]:
+                t = math.log(l0 / lo["l0"]) / math.log(hi["l0"] / lo["l0"])
+                fvu = (1 - t) * lo["fvu"] + t * hi["fvu"]
+                candidates.append((fvu, max(lo["fvu_range"], hi["fvu_range"])))
+    return min(candidates, default=(math.nan, math.nan))
 
 
 def verdicts(points: list[dict[str, Any]], peers: list[str]) -> list[list[Any]]:
@@ -324,15 +320,17 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
         (axes[1], "final_hidden_rel_mse", "final hidden rel. MSE (spliced)"),
     ):
         for library, colour in colours.items():
-            mine = sorted((p for p in points if p["library"] == library), key=lambda p: p["l0"])
-            if not mine:
-                continue
-            axis.plot([p["l0"] for p in mine], [p[metric] for p in mine], color=colour,
-                      alpha=0.35, label=library)  # fmt: skip
-            for p in mine:
-                axis.errorbar(p["l0"], p[metric], xerr=p["l0_range"] / 2,
-                              yerr=p[f"{metric}_range"] / 2, color=colour,
-                              marker=markers[p["variant"]], capsize=2)  # fmt: skip
+            mine = [p for p in points if p["library"] == library]
+            for variant, marker in markers.items():
+                line = sorted((p for p in mine if p["variant"] == variant), key=lambda p: p["l0"])
+                if not line:
+                    continue
+                axis.errorbar([p["l0"] for p in line], [p[metric] for p in line],
+                              xerr=[p["l0_range"] / 2 for p in line],
+                              yerr=[p[f"{metric}_range"] / 2 for p in line], color=colour,
+                              marker=marker, capsize=2, alpha=0.8)  # fmt: skip
+            if mine:
+                axis.plot([], [], color=colour, label=library)
         axis.set(xscale="log", xlabel="L0 (held out)", ylabel=label)
     for variant, marker in markers.items():
         axes[0].plot([], [], "k" + marker, linestyle="none", label=variant)
