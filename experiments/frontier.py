@@ -285,29 +285,36 @@ def peer_fvu_at(points: list[dict[str, Any]], library: str, l0: float) -> tuple[
     return min(candidates, default=(math.nan, math.nan))
 
 
+def compare_with_peers(
+    ours: dict[str, Any], points: list[dict[str, Any]], peers: list[str]
+) -> list[str]:
+    """[best peer and its FVU at our L0, our FVU minus it (and the spread), verdict]."""
+    found = [(peer, *peer_fvu_at(points, peer, ours["l0"])) for peer in peers]
+    found = [f for f in found if not math.isnan(f[1])]
+    if not found:
+        return ["-", "-", "no peer point around this L0"]
+    peer, fvu, peer_range = min(found, key=lambda f: f[1])
+    gap = ours["fvu"] - fvu
+    spread = max(ours["fvu_range"], peer_range)
+    if gap <= 0:
+        verdict = "at or below"
+    elif gap <= spread:
+        verdict = "above, within seed spread"
+    else:
+        verdict = f"above: {peer} wins"
+    return [f"{peer} {fvu:.4f}", f"{gap:+.4f} (spread {spread:.4f})", verdict]
+
+
 def verdicts(points: list[dict[str, Any]], peers: list[str]) -> list[list[Any]]:
+    """Per point of ours: against the best peer point of any SAE, then of the same SAE."""
     rows = []
     for p in sorted((p for p in points if p["library"] == OURS), key=lambda p: p["l0"]):
-        found = [(peer, *peer_fvu_at(points, peer, p["l0"])) for peer in peers]
-        found = [f for f in found if not math.isnan(f[1])]
-        if not found:
-            rows.append(
-                [p["variant"], p["setting"], f"{p['l0']:.1f}", f"{p['fvu']:.4f}"] + ["-"] * 3
-            )
-            continue
-        peer, fvu, peer_range = min(found, key=lambda f: f[1])
-        gap = p["fvu"] - fvu
-        spread = max(p["fvu_range"], peer_range)
-        if gap <= 0:
-            verdict = "at or below"
-        elif gap <= spread:
-            verdict = "above, within seed spread"
-        else:
-            verdict = f"above: {peer} wins"
+        same = [q for q in points if q["variant"] == p["variant"]]
         rows.append(
-            [p["variant"], p["setting"], f"{p['l0']:.1f}", f"{p['fvu']:.4f}",
-             f"{peer} {fvu:.4f}", f"{gap:+.4f} (spread {spread:.4f})", verdict]
-        )  # fmt: skip
+            [p["variant"], p["setting"], f"{p['l0']:.1f}", f"{p['fvu']:.4f}"]
+            + compare_with_peers(p, points, peers)
+            + compare_with_peers(p, same, peers)
+        )
     return rows
 
 
@@ -500,6 +507,10 @@ def report(
         f"SAELens; sparsify its own); seeds {meta['seeds']}. Measured on {meta['n_val']:,} "
         f"held-out tokens; the splice on {meta['eval_windows']} held-out windows."
     )
+    if meta.get("gradient_clip") is not None:
+        scale += f" lightning-sae trained with gradient_clip_val {meta['gradient_clip']:g}."
+    if meta.get("peers_from"):
+        scale += f" The peers' runs are those of {meta['peers_from']} (same data and scale)."
     header = ["library", "SAE", "setting", "L0", "FVU", "FVU range", "final hidden rel MSE",
               "final hidden cos", "dead (held out)"]  # fmt: skip
     order = {name: i for i, name in enumerate((OURS, SAELENS, SPARSIFY))}
@@ -512,10 +523,12 @@ def report(
     text = scale + "\n\n" + markdown_table(header, rows)
     if meta["peers"]:
         compare = ["SAE", "setting", "L0", "FVU (ours)", "best peer at this L0",
-                   "ours - peer", "verdict"]  # fmt: skip
+                   "ours - peer", "verdict", "same SAE: best peer", "ours - peer",
+                   "verdict"]  # fmt: skip
         text += (
             "\nAgainst the best peer at the same L0 (its points' frontier, linear in log L0; "
-            "'spread' is the larger seed-to-seed FVU range of the two):\n\n"
+            "'spread' is the larger seed-to-seed FVU range of the two), from any of its SAEs "
+            "and from the same kind of SAE:\n\n"
             + markdown_table(compare, verdicts(points, meta["peers"]))
         )
     else:

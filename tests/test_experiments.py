@@ -237,15 +237,17 @@ def test_frontier_batch_order_is_epochs_of_permutations() -> None:
 def test_frontier_compares_against_the_best_peer_at_the_same_l0() -> None:
     from experiments.frontier import OURS, peer_fvu_at, verdicts
 
-    def point(library: str, l0: float, fvu: float, spread: float = 0.01) -> dict:
-        return {"library": library, "variant": "topk", "setting": f"k {l0:g}", "l0": l0,
+    def point(library: str, l0: float, fvu: float, spread: float = 0.01, variant="topk") -> dict:
+        return {"library": library, "variant": variant, "setting": f"k {l0:g}", "l0": l0,
                 "fvu": fvu, "fvu_range": spread}  # fmt: skip
 
-    peers = [point("A", 16, 0.4), point("A", 64, 0.2), point("B", 32, 0.25)]
+    peers = [point("A", 16, 0.4), point("A", 64, 0.2), point("B", 32, 0.25, variant="standard")]
     fvu, spread = peer_fvu_at(peers, "A", 32)  # halfway in log L0 between 16 and 64
     assert math.isclose(fvu, 0.3) and spread == 0.01
     assert math.isnan(peer_fvu_at(peers, "A", 100)[0])  # outside A's range: no claim
     ours = [point(OURS, 32, 0.24), point(OURS, 16, 0.45, spread=0.02), point(OURS, 64, 0.1)]
     rows = verdicts(peers + ours, ["A", "B"])
-    assert [row[-1] for row in rows] == ["above: A wins", "at or below", "at or below"]
+    assert [row[6] for row in rows] == ["above: A wins", "at or below", "at or below"]
     assert rows[1][4] == "B 0.2500"  # at L0 32, B's point beats A's interpolated 0.3
+    # Against the same kind of SAE only, B's standard SAE does not count: A's TopK frontier does.
+    assert rows[1][7:] == ["A 0.3000", "-0.0600 (spread 0.0100)", "at or below"]
