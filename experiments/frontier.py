@@ -365,8 +365,19 @@ def update_doc_page(text: str) -> None:
 SCALE_KEYS = ("d_sae", "steps", "batch_size", "n_train", "lr", "seeds")
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json written by this script (its runs and their settings), or one error line."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SystemExit(f"error: cannot read {path}: {error}") from None
+    if not isinstance(saved, dict) or not {"meta", "runs"} <= saved.keys():
+        raise SystemExit(f"error: {path} is not a results.json written by experiments.frontier")
+    return saved
+
+
 def reuse_peer_runs(args: Any, n_train: int) -> list[dict[str, Any]]:
-    saved = json.loads(args.peers_from.read_text())
+    saved = read_results(args.peers_from)
     now = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": args.batch_size,
            "n_train": n_train, "lr": args.lr, "seeds": args.seeds}  # fmt: skip
     differ = [k for k in SCALE_KEYS if saved["meta"][k] != now[k]]
@@ -394,7 +405,8 @@ def main() -> None:
     p.add_argument("--saelens-l1", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows spliced")
     p.add_argument("--work", type=Path, default=Path("/tmp/lightning-sae-frontier"))
-    p.add_argument("--libraries", nargs="+", default=[OURS, SAELENS, SPARSIFY])
+    every = [OURS, SAELENS, SPARSIFY]
+    p.add_argument("--libraries", nargs="+", choices=every, default=every)
     p.add_argument("--processes-per-peer", type=int, default=2, help="peer runs split over")
     p.add_argument(
         "--gradient-clip", type=float, default=None, help="gradient_clip_val of our Trainer"
@@ -408,7 +420,7 @@ def main() -> None:
     args = p.parse_args()
     out = start(args)
     if args.report_from is not None:
-        saved = json.loads(args.report_from.read_text())
+        saved = read_results(args.report_from)
         report(out, saved["runs"], saved["meta"], update_docs=args.out == DOCS / "frontier")
         return
     if args.smoke:
@@ -439,6 +451,8 @@ def main() -> None:
     # measured as soon as its reconstructions are written.
     results: list[dict[str, Any]] = []
     pending = list(runs)
+    for setting, seed in runs:  # a stopped earlier run may have left some: never measure those
+        (args.work / f"{setting.run_name(seed)}.safetensors").unlink(missing_ok=True)
 
     def measure_finished() -> None:
         for setting, seed in list(pending):
@@ -447,7 +461,7 @@ def main() -> None:
                 continue
             row = measure(path, val, data, model, args.eval_windows)
             row |= {"library": setting.library, "variant": setting.variant, "seed": seed,
-                        "setting": setting.label, "run": setting.run_name(seed)}  # fmt: skip
+                    "setting": setting.label, "run": setting.run_name(seed)}  # fmt: skip
             results.append(row)
             pending.remove((setting, seed))
             path.unlink()
