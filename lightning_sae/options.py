@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +79,13 @@ def read_table() -> dict[str, Any] | None:
         return None
 
 
-def write_table(table: Mapping[str, Any]) -> None:
-    """Atomically; a cache that cannot be written is no error (the check just waits)."""
+def write_table(build: Callable[[], Mapping[str, Any]]) -> None:
+    """The table ``build`` returns, written atomically; where the cache cannot be written,
+    nothing is built (the check just waits for the full parser)."""
     path = table_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        table = build()
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as file:
             json.dump(table, file)
         os.replace(file.name, path)

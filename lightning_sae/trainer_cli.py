@@ -505,7 +505,7 @@ class SAECLI(LightningCLI):
         if add_subcommands:
             SAEArgumentParser.commands = self._subcommand_parsers
             if read_table() is None:
-                write_table(self._option_table())
+                write_table(self._option_table)
 
     def _option_table(self) -> dict[str, Any]:
         """What :mod:`lightning_sae.options` checks a command line against before the imports."""

@@ -126,14 +126,35 @@ def test_a_path_outside_the_run_folder_is_refused(
     assert not list(tmp_path.iterdir())
 
 
-def test_resume_appends_to_the_same_log_version_and_validate_logs_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_one_run_per_folder_resume_appends_to_its_log_version_and_validate_logs_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
     common = [*SMALL, "--trainer.val_check_interval", "5"]
     cli("fit", *common, "--trainer.max_steps", "5")
-    cli("fit", *common, "--trainer.max_steps", "10", "--ckpt_path", "last")
     run = tmp_path / "runs" / "toy-standard"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+
+    # A second fit into the folder is refused, naming both ways out, and writes nothing.
+    with pytest.raises(SystemExit, match="already holds a run") as refused:
+        cli("fit", *common, "--trainer.max_steps", "5")
+    assert "--ckpt_path last" in str(refused.value.code)
+    assert "--trainer.default_root_dir" in str(refused.value.code)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # Resuming the finished run says so and exits 0, without training or validating again.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as finished:
+        cli("fit", *common, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    assert finished.value.code == 0
+    assert "is finished" in capsys.readouterr().out
+    # `last` is the run's last.ckpt, even beside a newer last-v1.ckpt (what a second run wrote
+    # before runs were refused; Lightning's own `last` takes the newest last*.ckpt).
+    stale = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    stale["global_step"] = 2
+    torch.save(stale, run / "checkpoints" / "last-v1.ckpt")
+
+    resumed = cli("fit", *common, "--trainer.max_steps", "10", "--ckpt_path", "last")
+    assert Path(resumed.trainer.ckpt_path).resolve() == (run / "checkpoints/last.ckpt").resolve()
     assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0"]
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["version_0"]
     rows = csv_rows(run / "csv" / "version_0" / "metrics.csv")
