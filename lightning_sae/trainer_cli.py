@@ -6,11 +6,13 @@ subcommands and ``--help`` of :mod:`lightning_sae.cli` must answer without them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import inspect
 import logging
 import os
+import pkgutil
 import re
 import sys
 import warnings
@@ -169,8 +171,8 @@ def resume_checkpoint(
         if last is None and found and is_rank_zero:
             raise SystemExit(
                 f"error: --ckpt_path last: the run folder {run} has no checkpoints/last.ckpt to "
-                f"resume (it holds {found[0].relative_to(run)}); pass one of its checkpoints as "
-                f"--ckpt_path, or start a new run with --trainer.default_root_dir {run}-2."
+                f"resume (it holds {os.path.relpath(found[0], run)}); pass one of its checkpoints "
+                f"as --ckpt_path, or start a new run with --trainer.default_root_dir {run}-2."
             )
         if last is None:
             return None, {}  # nothing to resume: the run starts here
@@ -179,14 +181,14 @@ def resume_checkpoint(
     written_by = record.get("run_dir")
     continues_this_run = written_by is not None and Path(written_by).resolve() == run.resolve()
     if found and not continues_this_run and is_rank_zero:
-        held = found[0].relative_to(run)
+        held = os.path.relpath(_run_last(checkpoint_dirs) or found[0], run)
         raise SystemExit(f"error: the run folder {run} already holds a run ({held}); {ways_out}.")
     step = record.get("global_step", 0)
     if ckpt_path and max_steps is not None and 0 < max_steps <= step:
         raise RunFinished(
-            f"the run in {run} is finished: {ckpt_path} is at step {step} and trainer.max_steps "
-            f"is {max_steps}. Raise --trainer.max_steps to train on; `lightning-sae validate` "
-            f"with --ckpt_path {ckpt_path} reports its metrics."
+            f"the run is finished: {ckpt_path} is at step {step} and trainer.max_steps is "
+            f"{max_steps}. Raise --trainer.max_steps to train on; `lightning-sae validate` with "
+            f"--ckpt_path {ckpt_path} reports its metrics."
         )
     return ckpt_path, record
 
@@ -414,6 +416,12 @@ def project_classes(group: str) -> dict[str, type]:
     """The project's model (or data) classes by full path, those a bare name may name."""
     from lightning import LightningDataModule, LightningModule
 
+    package = importlib.import_module(
+        "lightning_sae.models" if group == "model" else "lightning_sae.data"
+    )
+    for module in pkgutil.iter_modules(package.__path__):
+        with contextlib.suppress(ImportError):  # a module needing an optional extra
+            importlib.import_module(f"{package.__name__}.{module.name}")
     stack, found = [LightningModule if group == "model" else LightningDataModule], {}
     while stack:
         for sub in stack.pop().__subclasses__():
@@ -461,7 +469,7 @@ class SAEArgumentParser(LightningArgumentParser):
         raise SystemExit(f"error: {line}")
 
 
-class _NoTips(logging.Filter):
+class _LightningNoise(logging.Filter):
     """Drops Lightning's advertisements (litlogger, litmodels) from its info log, and its note
     that ``max_steps`` was reached: the step bar shows it, and in a terminal the note lands on
     the bar's line just before the bar prints its last state again."""
@@ -475,8 +483,8 @@ def quiet_lightning(subcommand: str) -> None:
     """Silence what Lightning prints that says nothing about this run."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)  # where Lightning's rank_zero_info writes
-        if not any(isinstance(f, _NoTips) for f in logger.filters):
-            logger.addFilter(_NoTips())
+        if not any(isinstance(f, _LightningNoise) for f in logger.filters):
+            logger.addFilter(_LightningNoise())
     # Raised inside Lightning's own _pytree module by the torch it runs on; nothing to act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     if subcommand != "fit":
