@@ -172,6 +172,26 @@ def test_one_run_per_folder_resume_appends_to_its_log_version_and_validate_logs_
     assert saved["run"]["log_version"] == 0
 
 
+def test_a_run_folder_with_logs_but_no_checkpoint_is_not_a_fresh_folder(tmp_path: Path) -> None:
+    """A run that died before its first checkpoint still owns its folder (its logs)."""
+    from lightning_sae.trainer_cli import resume_checkpoint
+
+    run, checkpoints, logs = (
+        tmp_path / "run",
+        [tmp_path / "run/checkpoints"],
+        [tmp_path / "run/csv"],
+    )
+    assert resume_checkpoint(run, None, checkpoints, logs, 10) == (None, {})
+    assert resume_checkpoint(run, "last", checkpoints, logs, 10) == (None, {})  # starts here
+    (run / "csv" / "version_0").mkdir(parents=True)
+    for ckpt_path in (None, "last"):
+        with pytest.raises(SystemExit, match="--trainer.default_root_dir") as refused:
+            resume_checkpoint(run, ckpt_path, checkpoints, logs, 10)
+        assert "csv/version_0" in str(refused.value.code)
+    # Processes other than rank 0 start when rank 0 may already be writing: they do not judge.
+    assert resume_checkpoint(run, None, checkpoints, logs, 10, is_rank_zero=False) == (None, {})
+
+
 # ------------------------------------------------------------ item 8: default monitoring
 def test_fit_logs_lr_tokens_per_second_and_counts_steps_in_the_progress_bar(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
