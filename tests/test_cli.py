@@ -1,6 +1,7 @@
 """The command line as a user runs it: fit, resume with --ckpt_path last, validate, bad input."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -80,3 +81,13 @@ def test_bad_input_names_the_option_and_the_fix(
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_notebook_command_is_installed_by_the_dev_extra() -> None:
+    """`pip install -e ".[dev]"` brings what the README's `jupyter nbconvert` command runs."""
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    assert "jupyter nbconvert --to html --execute notebooks/analysis.ipynb" in readme
+    dev = (root / "pyproject.toml").read_text().split("dev = [", 1)[1].split("]", 1)[0]
+    assert '"nbconvert>=' in dev
+    assert importlib.util.find_spec("nbconvert") is not None  # the environment has the extra
