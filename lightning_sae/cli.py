@@ -228,9 +228,11 @@ def check_class_paths(argv: list[str]) -> None:
         try:
             getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as error:
+            known = _known_subclasses(key)
             raise CommandError(
-                f"{key}.class_path {class_path!r} cannot be imported ({error}). "
-                f"Set {key}.class_path to one of: {', '.join(_known_subclasses(key))}."
+                f"{key}.class_path {class_path!r} cannot be imported ({error})."
+                f"{did_you_mean(class_path, known)} Set {key}.class_path to one of: "
+                f"{', '.join(known)}."
             ) from None
 
 
