@@ -714,10 +714,7 @@ class SAECLI(LightningCLI):
     def before_fit(self) -> None:
         """A resume must continue on the data its checkpoint was trained on (checked here,
         before any cache is built for other data; the datamodule checks again on restore)."""
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path == "last":
-            folders = [Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if c.dirpath]
-            ckpt_path = _newest_last(folders)
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")  # "last" resolved by place_run
         identify = getattr(self.datamodule, "data_identity", None)
         if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS or not callable(identify):
             return
