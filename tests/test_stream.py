@@ -50,14 +50,27 @@ def _one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
+def budget(
+    windows: int, hooks: int = 2, spread: int = 1, stream_batch: int = 60, dtype_bytes: int = 4
+) -> int:
+    """The buffer_bytes that buys generations of ``windows`` windows (15 rows of 32 per hook),
+    the stream's share of 5 queued batches included (the module's own arithmetic)."""
+    row = 32 * hooks * dtype_bytes
+    return -(-windows * 15 * (spread + 3) // 2) * row + 5 * stream_batch * 32 * hooks * 4
+
+
 def tiny(**overrides: Any) -> StreamingActivationDataModule:
+    """A stream without mixing across generations (one cursor, one refill per generation):
+    each generation's rows served alone, in a random order."""
     options: dict[str, Any] = {
         "model": MODEL,
         "hooks": HOOKS,
         "text": TEXT,
         "val_tokens": 300,  # 20 windows
         "batch_size": 60,
-        "buffer_tokens": 300,  # generations of 20 windows, 300 rows: batches straddle them
+        "buffer_bytes": budget(20),  # generations of 20 windows, 300 rows: batches straddle them
+        "mix_refills": 1,
+        "cursors": 1,
         "model_batch_size": 8,
         "device": "cpu",
     }
@@ -160,7 +173,7 @@ def test_memory_stays_flat_however_long_the_run(tmp_path: Path) -> None:
             sizes.append(_live_tensor_bytes())
     iterator.close()
     assert sizes[1] <= sizes[0] * 1.1, sizes
-    assert dm.train_batches.positions[0].epoch >= 2  # the text was looped over, twice
+    assert dm.train_batches.positions[0][0].epoch >= 2  # the text was looped over, twice
 
 
 def _live_tensor_bytes() -> int:
@@ -182,7 +195,7 @@ def test_streams_read_disjoint_text_and_make_the_global_batch() -> None:
     dm.setup("fit")
     start = dm._train_start
     for s in (0, 1):
-        reader = dm.train_batches.reader(s, dm.train_batches.positions[s])
+        (reader,) = dm.train_batches.cursors(s, dm.train_batches.positions[s]).readers
         reader.take(30)
         documents = {d for d, _, _ in reader._tokenized(TextPosition(0, start.document, 0))}
         assert all(d % 2 == s for d in documents)
@@ -195,7 +208,7 @@ def fit(root: Path, max_steps: int, ckpt_path: str | None = None) -> StandardSAE
     sae = StandardSAE(d_in=32, d_sae=64, lr=3e-3)
     checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=7, save_top_k=-1)
     trainer = quiet_trainer(max_steps, [checkpoint], accelerator="cpu", deterministic=True)
-    data = tiny(hooks=HOOKS[:1], streams=2, batch_size=64, buffer_tokens=150)
+    data = tiny(hooks=HOOKS[:1], streams=2, batch_size=64, buffer_bytes=budget(10, 1, 1, 32))
     trainer.fit(sae, datamodule=data, ckpt_path=ckpt_path)
     return sae
 

@@ -17,7 +17,7 @@ Text sources:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -310,9 +310,10 @@ class TextWindows:
                 offset = position.offset if d == position.document else 0
                 yield d, offset, np.array([*doc, *tail], dtype=np.int64)[offset:]
 
-    def _text(self, n: int) -> np.ndarray:
-        """The next ``n`` tokens of text, the position moved past them."""
-        parts, have = [], 0
+    def _text(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` tokens of text and the document of each, the position moved past
+        them."""
+        parts, documents, have = [], [], 0
         while have < n:
             if len(self._current) == 0:
                 if self._documents is None:
@@ -334,10 +335,11 @@ class TextWindows:
                 continue
             take = self._current[: n - have]
             parts.append(take)
+            documents.append(np.full(len(take), self.position.document))
             have += len(take)
             self._current = self._current[len(take) :]
             self.position = self.position._replace(offset=self.position.offset + len(take))
-        return np.concatenate(parts)
+        return np.concatenate(parts), np.concatenate(documents)
 
     def _too_short(self, have: int) -> TextSourceError:
         which = f" (stream {self.stream} of {self.n_streams})" if self.n_streams > 1 else ""
@@ -349,8 +351,84 @@ class TextWindows:
 
     def take(self, n: int) -> np.ndarray:
         """The next ``n`` windows as ``[n, context_size]`` int64 token ids."""
+        return self.take_labelled(n)[0]
+
+    def take_labelled(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` windows, and the document index of each of their tokens (BOS: the
+        document of the token after it), both ``[n, context_size]``."""
         text_per_window = self.options.context_size - int(self.options.prepend_bos)
-        windows = self._text(n * text_per_window).reshape(n, text_per_window)
+        tokens, documents = self._text(n * text_per_window)
+        windows = tokens.reshape(n, text_per_window)
+        documents = documents.reshape(n, text_per_window)
         if self.options.prepend_bos:
             windows = np.concatenate([np.full((n, 1), self.bos), windows], axis=1)
-        return windows
+            documents = np.concatenate([documents[:, :1], documents], axis=1)
+        return windows, documents
+
+
+def document_count(source: TextSource) -> int | None:
+    """How many documents the source holds, when that is known without reading a streamed
+    dataset whole (``None`` then)."""
+    if source.streaming:
+        return None
+    if source.name == PYDOC_TOPICS:
+        from pydoc_data import topics
+
+        return len(topics.topics)
+    return sum(1 for _ in iter_documents(source))
+
+
+class TextCursors:
+    """``len(positions)`` readers of one stream of the text, spaced over it, whose windows are
+    taken in turn: window ``w`` of the stream comes from cursor ``w % cursors``. Reading many
+    places at once puts many documents in every stretch of windows.
+
+    Every cursor reads all of the stream's documents and wraps at the end to ``start``; the
+    cursors begin at evenly spaced documents (see :func:`spaced_cursors`), so together they
+    read the text in disjoint runs until they drift into each other's.
+    """
+
+    def __init__(
+        self, open_reader: Callable[[TextPosition], TextWindows], positions: Sequence[TextPosition]
+    ) -> None:
+        self.readers = [open_reader(position) for position in positions]
+
+    @property
+    def positions(self) -> list[TextPosition]:
+        return [reader.position for reader in self.readers]
+
+    def take_labelled(self, n: int, first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows ``first .. first + n`` of the stream, their tokens' documents, and each
+        window's cursor."""
+        cursors = (first + np.arange(n)) % len(self.readers)
+        counts = np.bincount(cursors, minlength=len(self.readers))
+        windows = np.empty((n, self.readers[0].options.context_size), dtype=np.int64)
+        documents = np.empty_like(windows)
+        for k, (reader, count) in enumerate(zip(self.readers, counts.tolist(), strict=True)):
+            if count:
+                windows[cursors == k], documents[cursors == k] = reader.take_labelled(count)
+        return windows, documents, cursors
+
+
+def spaced_cursors(
+    start: TextPosition, stream: int, n_streams: int, cursors: int, n_documents: int | None
+) -> list[TextPosition]:
+    """Where each of a stream's ``cursors`` begins: the first at ``start``, the others at
+    documents of the stream spaced evenly over the rest of the text. Without a document count
+    (a streamed dataset) they cannot be spaced: one cursor is all that reads distinct text."""
+    if n_documents is None or cursors == 1:
+        return [start] * cursors if cursors == 1 else _refuse_cursors(cursors)
+    span = max(n_documents - start.document, 1)
+    positions = [start]
+    for k in range(1, cursors):
+        document = start.document + k * span // cursors
+        document += (stream - document) % n_streams  # the next document of this stream
+        positions.append(TextPosition(0, document, 0))
+    return positions
+
+
+def _refuse_cursors(cursors: int) -> list[TextPosition]:
+    raise ValueError(
+        f"data.init_args.cursors={cursors} spaces cursors over the documents, whose number a "
+        "streamed dataset does not tell: set cursors to 1 or text.streaming to false."
+    )
