@@ -304,7 +304,11 @@ class TextWindows:
             for d, text in enumerate(iter_documents(self.source))
             if d >= position.document and d % self.n_streams == self.stream
         )
-        while batch := list(islice(mine, _TOKENIZE_BATCH)):
+        # Batches growing from one document: a reader that takes a few windows (one of many
+        # cursors, a resume) tokenizes little more than it reads.
+        size = 1
+        while batch := list(islice(mine, size)):
+            size = min(2 * size, _TOKENIZE_BATCH)
             ids = self.tokenizer([text for _, text in batch], add_special_tokens=False)
             for (d, _), doc in zip(batch, ids["input_ids"], strict=True):
                 offset = position.offset if d == position.document else 0
