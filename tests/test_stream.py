@@ -56,9 +56,9 @@ def budget(
     windows: int, hooks: int = 2, spread: int = 1, stream_batch: int = 60, dtype_bytes: int = 4
 ) -> int:
     """The buffer_bytes that buys generations of ``windows`` windows (15 rows of 32 per hook),
-    the stream's share of 5 queued batches included (the module's own arithmetic)."""
+    the stream's share of 3 queued batches included (the module's own arithmetic)."""
     row = 32 * hooks * dtype_bytes
-    return -(-windows * 15 * (spread + 3) // 2) * row + 5 * stream_batch * 32 * hooks * 4
+    return -(-windows * 15 * (spread + 3) // 2) * row + 3 * stream_batch * 32 * hooks * 4
 
 
 def tiny(**overrides: Any) -> StreamingActivationDataModule:

@@ -181,6 +181,7 @@ class MixingBuffer:
                         for g, j in plan.pool(refill):
                             held[g].parts[j] = None
                         held.pop(refill - plan.spread + 1, None)  # wholly served
+                        pool = []  # its parts are freed before the next generation is made
                         made = ahead.result()
                         if made is None:
                             return

@@ -424,13 +424,13 @@ class StreamingActivationDataModule(LightningDataModule):
         buffer_bytes: int = 1 << 30,
         buffer_dtype: ServedDtype | None = None,
         mix_refills: int = 16,
-        cursors: int = 16,
+        cursors: int = 32,
         model_batch_size: int = 32,
         dtype: ServedDtype = "float32",
         device: str | None = None,
         streams: int | None = None,
         seed: int = 0,
-        prefetch_batches: int = 4,
+        prefetch_batches: int = 2,
     ) -> None:
         super().__init__()
         text = text or TextOptions()
