@@ -13,7 +13,9 @@ from pydoc_data.topics, context 128, batches of 1024: ``configs/minilm/stream-st
      labelled (context, document) in LLM batches of ``model_batch_size`` windows: the text in
      order as one reader reads it (what SAELens does), and ``saelens+cursors``: the mixing
      stream's cursor order (SAELens's buffer on our text order). Its peak memory is about twice
-     ``buffer_size`` (the permuted copy), so equal ``buffer_size`` favours it.
+     ``buffer_size`` (the permuted copy), so equal ``buffer_size`` favours it: ``@equal_peak``
+     runs it at the ``buffer_size`` whose measured peak (twice the most rows it permutes)
+     equals the mixing stream's measured peak of live tensors (model replaced by random rows).
    Measured on batches ``--skip`` .. ``--skip + --batches`` (after every buffer has filled).
 2. ``--fvu``: held-out FVU of a StandardSAE (the config's) trained ``--steps`` steps on the
    mixing stream, and on the shuffled cache of the same tokens: the training text's activations
@@ -139,61 +141,70 @@ def mixing_table(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 # --------------------------------------------------------------------------- memory
-# SAELens's mixing_buffer on random float32 rows of width 384 in LLM batches; prints the growth
-# of resident memory (peak during the loop over resident before it) in bytes.
+# SAELens's mixing_buffer, its module's torch.randperm observed (behaviour unchanged): the
+# rows it permutes. Indexing them with the permutation copies them, so its peak holds twice
+# those rows. Prints the most rows permuted at once.
 SAELENS_PEAK = """
-import resource, sys, torch
-from sae_lens.training.mixing_buffer import mixing_buffer
-def rss():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
+import sys, torch
+import sae_lens.training.mixing_buffer as module
 buffer_size, batch, chunk, n = (int(a) for a in sys.argv[1:5])
-chunks = (torch.randn(chunk, 384) for _ in range(10**9))
-before = rss()
-for i, served in enumerate(mixing_buffer(buffer_size, batch, chunks, mix_fraction=0.5)):
+permuted, randperm = [], torch.randperm
+class Observed:
+    def __getattr__(self, name):
+        return getattr(torch, name)
+    @staticmethod
+    def randperm(rows, *args, **kwargs):
+        permuted.append(rows)
+        return randperm(rows, *args, **kwargs)
+module.torch = Observed()
+chunks = (torch.zeros(chunk, 1) for _ in range(10**9))
+for i, _ in enumerate(module.mixing_buffer(buffer_size, batch, chunks, mix_fraction=0.5)):
     if i == n:
         break
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print(max(permuted))
 """
 
 
-def resident() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024
+def live_tensor_bytes() -> int:
+    import gc
+
+    gc.collect()
+    return sum(
+        o.untyped_storage().nbytes()
+        for o in gc.get_objects()
+        if type(o) is torch.Tensor and o.device.type == "cpu"
+    )
 
 
 def peak_run(buffer_bytes: int, mix_refills: int, cursors: int, batches: int) -> None:
     """(In a child process.) Serves ``batches`` batches of the mixing stream whose model is
-    replaced by random rows, so the memory measured is the buffer's, and prints the growth of
-    resident memory over the loop."""
-    import resource
-
+    replaced by random rows, and prints the most bytes of live tensors seen after a batch
+    (the buffer, the queue, and whatever the worker making a generation holds then)."""
     dm = stream(buffer_bytes, mix_refills, cursors)
     dm.setup("fit")
     dm._forward.capture = lambda windows, labels: {HOOK: torch.randn(len(windows), 128, 384)}
     iterator = iter(dm.train_dataloader())
-    before = resident()
+    before, most = live_tensor_bytes(), 0
     for _ in range(batches):
         next(iterator)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+        most = max(most, live_tensor_bytes() - before)
     iterator.close()
+    print(most)
 
 
 def peaks(args: argparse.Namespace, saelens_rows: int) -> tuple[int, int]:
-    """Measured peak memory growth of the mixing stream and of SAELens's buffer, in bytes."""
+    """Peak bytes of the mixing stream's live tensors (measured) and of SAELens's buffer at
+    ``saelens_rows`` (twice the most rows it permutes at once, measured), float32 rows of 384."""
     ours = [sys.executable, __file__, "--peak-run", "--buffer-bytes", str(args.buffer_bytes),
             "--mix-refills", str(args.mix_refills), "--cursors", str(args.cursors)]  # fmt: skip
     chunk = MODEL_BATCH * TEXT.positions
     theirs = [str(args.saelens_python), "-c", SAELENS_PEAK, str(saelens_rows), str(BATCH),
               str(chunk), str(args.skip + args.batches)]  # fmt: skip
-    # Large blocks mapped and unmapped as they are allocated and freed, so resident memory
-    # follows the live tensors rather than what the allocator keeps for later.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     measured = []
     for command in (ours, theirs):
-        run = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        run = subprocess.run(command, capture_output=True, text=True, check=True)
         measured.append(int(run.stdout.strip().splitlines()[-1]))
-    return measured[0], measured[1]
+    return measured[0], 2 * measured[1] * 384 * 4
 
 
 # --------------------------------------------------------------------------- FVU
@@ -284,7 +295,7 @@ def main() -> None:
     parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_run:
-        return peak_run(args.buffer_bytes, args.mix_refills, args.cursors, 150)
+        return peak_run(args.buffer_bytes, args.mix_refills, args.cursors, 120)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
