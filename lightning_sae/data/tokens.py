@@ -370,16 +370,12 @@ class TextWindows:
         return windows, documents
 
 
-def document_count(source: TextSource) -> int | None:
-    """How many documents the source holds, when that is known without reading a streamed
-    dataset whole (``None`` then)."""
+def document_lengths(source: TextSource) -> list[int] | None:
+    """Characters of each document, when they can be known without reading a streamed dataset
+    whole (``None`` then)."""
     if source.streaming:
         return None
-    if source.name == PYDOC_TOPICS:
-        from pydoc_data import topics
-
-        return len(topics.topics)
-    return sum(1 for _ in iter_documents(source))
+    return [len(text) for text in iter_documents(source)]
 
 
 class TextCursors:
@@ -415,19 +411,36 @@ class TextCursors:
 
 
 def spaced_cursors(
-    start: TextPosition, stream: int, n_streams: int, cursors: int, n_documents: int | None
+    start: TextPosition,
+    stream: int,
+    n_streams: int,
+    cursors: int,
+    lengths: Sequence[int] | None,
+    tokens_before: Callable[[list[tuple[int, int]]], list[int]],
 ) -> list[TextPosition]:
-    """Where each of a stream's ``cursors`` begins: the first at ``start``, the others at
-    documents of the stream spaced evenly over the rest of the text. Without a document count
-    (a streamed dataset) they cannot be spaced: one cursor is all that reads distinct text."""
-    if n_documents is None or cursors == 1:
-        return [start] * cursors if cursors == 1 else _refuse_cursors(cursors)
-    span = max(n_documents - start.document, 1)
-    positions = [start]
+    """Where each of a stream's ``cursors`` begins: the first at ``start``, the others spaced
+    evenly over the characters of the stream's documents from ``start.document`` on (cursor
+    ``k`` at the ``k / cursors`` point; ``tokens_before`` maps (document, characters) points to
+    tokens into their documents). All cursors read as fast, so they stay evenly spaced and
+    together cover the text uniformly. Without the lengths (a streamed dataset) they cannot be
+    spaced: one cursor is all that reads distinct text."""
+    if cursors == 1:
+        return [start]
+    if lengths is None:
+        return _refuse_cursors(cursors)
+    mine = [d for d in range(start.document, len(lengths)) if d % n_streams == stream]
+    ends = np.cumsum([lengths[d] for d in mine])
+    points = []
     for k in range(1, cursors):
-        document = start.document + k * span // cursors
-        document += (stream - document) % n_streams  # the next document of this stream
-        positions.append(TextPosition(0, document, 0))
+        point = k * int(ends[-1]) // cursors
+        i = min(int(np.searchsorted(ends, point, side="right")), len(mine) - 1)
+        points.append((mine[i], point - (int(ends[i - 1]) if i else 0)))
+    offsets = tokens_before(points)
+    positions = [start]
+    for (document, _), offset in zip(points, offsets, strict=True):
+        if document == start.document:
+            offset = max(offset, start.offset)
+        positions.append(TextPosition(0, document, offset))
     return positions
 
 
