@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.lifecycle import (
     EvaluationCoverage,
@@ -544,4 +545,6 @@ def _default_monitoring(trainer_config: Any, callbacks: list[Callback]) -> list[
             isinstance(interval, int) and trainer_config.get("check_val_every_n_epoch") is None
         )
         extra.append(FeatureGeometryMonitor(every_n_steps=interval if by_steps else 1000))
+    if not has(TrainingFigures):
+        extra.append(TrainingFigures())
     return extra

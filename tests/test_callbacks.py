@@ -74,8 +74,11 @@ def fit(
     root: Path | None = None,
     loggers: Any = False,
     ckpt_path: str | None = None,
+    **trainer_options: Any,
 ) -> Trainer:
-    trainer = quiet_trainer(steps, callbacks, logger=loggers, default_root_dir=root)
+    trainer = quiet_trainer(
+        steps, callbacks, logger=loggers, default_root_dir=root, **trainer_options
+    )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer
 
@@ -113,6 +116,18 @@ def test_density_counts_the_window_before_each_report(tmp_path: Path) -> None:
     events = EventAccumulator(loggers[1].log_dir)
     events.Reload()
     assert "density/log10_density" in events.Tags()["histograms"]
+
+
+def test_train_dead_fraction_is_logged_only_once_a_dead_window_has_passed(tmp_path: Path) -> None:
+    """Before ``dead_window_tokens`` tokens no feature can have gone a window without firing:
+    a 0 logged then would be true by construction, not a measurement."""
+    model = StandardSAE(d_in=32, d_sae=64, dead_window_tokens=3 * 128)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(model, toy(), [], 5, tmp_path, [logger], log_every_n_steps=1)
+    values = csv_values(Path(logger.log_dir))
+    # Tokens seen after the batch of step s: (s + 1) * 128; the window is full from step 2.
+    assert [s for s in range(5) if ("train/dead_fraction", s) in values] == [2, 3, 4]
+    assert all(("train/l0", s) in values for s in range(5))
 
 
 def test_histograms_go_to_wandb_as_wandb_histograms() -> None:

@@ -205,11 +205,17 @@ def test_figures_go_to_tensorboard_and_the_run_figures_folder(
     run = tmp_path / "runs" / "toy-geometry"
     assert (run / "figures" / "geometry" / "step0000004.png").stat().st_size > 0
     assert (run / "figures" / "density" / "step0000004.png").stat().st_size > 0
+    # What every fit ends with: the curves and the density on the validation samples.
+    assert (run / "figures" / "training_curves.png").stat().st_size > 0
+    assert (run / "figures" / "feature_density.png").stat().st_size > 0
     events = EventAccumulator(str(run / "tensorboard" / "version_0"))
     events.Reload()
-    assert {"geometry/max_cos_figure", "density/log10_density_figure"} <= set(
-        events.Tags()["images"]
-    )
+    assert {
+        "geometry/max_cos_figure",
+        "density/log10_density_figure",
+        "curves/training_figure",
+        "val/log10_density_figure",
+    } <= set(events.Tags()["images"])
 
 
 def test_density_histogram_axis_fits_the_data() -> None:
