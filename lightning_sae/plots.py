@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 from torch import Tensor
 
@@ -208,31 +209,31 @@ Series = Mapping[str, Sequence[float]]  # "step" and each metric, aligned
 def training_curves_figure(train: Mapping[str, Series], val: Mapping[str, Series]) -> Figure:
     """Loss, L0 and FVU against the optimizer step, one panel each: a line per SAE for training
     (``train[name]``) and markers for validation (``val[name]``). ``name`` is ``""`` for a
-    single SAE, a member's name in a group. Non-finite and non-positive values are left out
-    (log axes)."""
+    single SAE, a member's name in a group (a colour each, named once in the legend).
+    Non-finite and non-positive values are left out (log axes)."""
     figure = _new_figure(12.0, 3.8)
     names = list(dict.fromkeys([*train, *val]))
     colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    styles = {"train": {"linestyle": "-"}, "val": {"linestyle": "--", "marker": "o"}}
     for index, (key, ylabel, log) in enumerate(CURVE_PANELS):
         axes = figure.add_subplot(1, len(CURVE_PANELS), index + 1)
         for kind, runs in (("train", train), ("val", val)):
             for name, series in runs.items():
                 steps, values = _finite(series.get("step", ()), series.get(key, ()), log)
-                if not steps:
-                    continue
-                label = f"{name} {kind}".strip()
-                if kind == "train":
-                    axes.plot(steps, values, color=colours[name], linewidth=1.2, label=label)
-                else:
-                    axes.plot(steps, values, "o--", color=colours[name], markersize=4, label=label)
+                if steps:
+                    axes.plot(steps, values, color=colours[name], markersize=4, **styles[kind])
         if log and axes.has_data():
             _log_scale(axes, "y")
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(ylabel)
         axes.set_title(ylabel.split(" (")[0])
         axes.grid(alpha=0.3, which="both")
-        if axes.has_data():
-            axes.legend(fontsize="small")
+    handles = [Line2D([], [], color=colours[name], label=name) for name in names if name]
+    handles += [
+        Line2D([], [], color="black", label="train", **styles["train"]),
+        Line2D([], [], color="black", markersize=4, label="validation", **styles["val"]),
+    ]
+    figure.axes[0].legend(handles=handles, fontsize="small")
     figure.tight_layout()
     return figure
 

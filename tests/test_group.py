@@ -388,6 +388,10 @@ def test_cli_fits_validates_and_exports_a_group(tmp_path: Path) -> None:
     lines = [line.split() for line in fitted.stdout.splitlines()]
     assert ["topk-k4", "topk-k8", "l1"] in lines, fitted.stdout  # one column per member
     assert "ground-truth MMCS" in fitted.stdout
+    figures = tmp_path / "runs" / "group" / "figures"
+    # The sweep's frontier, everyone's curves in one figure, each member's density.
+    for png in ("frontier.png", "training_curves.png", "topk-k4/feature_density.png"):
+        assert (figures / png).stat().st_size > 0, png
     last = tmp_path / "runs" / "group" / "checkpoints" / "last.ckpt"
     validated = cli("validate", "--config", "group.yaml", "--ckpt_path", str(last))
     fvu = next(line for line in validated.stdout.splitlines() if line.startswith("FVU"))
