@@ -234,7 +234,8 @@ def training_curves_figure(train: Mapping[str, Series], val: Mapping[str, Series
         Line2D([], [], color="black", markersize=4, label="validation", **styles["val"]),
     ]
     figure.axes[0].legend(handles=handles, fontsize="small")
-    figure.tight_layout()
+    # Fixed margins rather than tight_layout, which draws the figure once more to measure it.
+    figure.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.32)
     return figure
 
 
