@@ -198,18 +198,20 @@ def test_a_group_member_is_inspected_by_name(base: Path, result: Path, tmp_path:
     ckpt = tmp_path / "group.ckpt"
     torch.save({"state_dict": group.state_dict(), "hyper_parameters": dict(group.hparams)}, ckpt)
     args = ["inspect", "--ckpt_path", str(ckpt), "--config", str(config), "--no_progress"]
-    args += ["--features", "0-4", "--n_logits", "0", "--n_neighbours", "2"]
-
-    main([*args, "--out", str(tmp_path / "one"), "--member", "k8"])
-    inspected, full = load_inspection(tmp_path / "one"), load_inspection(result)
-    np.testing.assert_allclose(inspected.features.max_act, full.features.max_act[:5], rtol=1e-5)
-    assert inspected.meta["sae"]["member"] == "k8"
+    args += ["--features", "0-4", "--n_logits", "0", "--n_neighbours", "2", "--n_tokens", "1024"]
 
     main([*args, "--out", str(tmp_path / "all"), "--member", "all"])
-    k4 = load_inspection(tmp_path / "all" / "k4")
-    assert (tmp_path / "all" / "k8" / "index.html").is_file() and k4.meta["sae"]["member"] == "k4"
-    assert (k4.features.n_fired <= inspected.features.n_fired).all()  # top-4 fires less
-    assert "k4" in capsys.readouterr().out
+    k4, k8 = (load_inspection(tmp_path / "all" / name) for name in ("k4", "k8"))
+    assert (k4.meta["sae"]["member"], k8.meta["sae"]["member"]) == ("k4", "k8")
+    assert (k4.features.n_fired <= k8.features.n_fired).all()  # the same weights, top-4 of 8
+    assert (tmp_path / "all" / "k4" / "index.html").is_file() and "k4" in capsys.readouterr().out
+
+    main([*args, "--out", str(tmp_path / "one"), "--member", "k8"])  # into --out itself
+    one = load_inspection(tmp_path / "one")
+    assert one.meta["sae"]["member"] == "k8"
+    np.testing.assert_array_equal(one.features.n_fired, k8.features.n_fired)
+    single = load_inspection(result)  # the same SAE inspected alone, on every token
+    assert (one.features.max_act <= single.features.max_act[:5] + 1e-6).all()
 
     message = one_line_error([*args, "--out", str(tmp_path / "x"), "--member", "k2"], capsys)
     assert "k2" in message and "k4, k8" in message
