@@ -28,6 +28,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
 from lightning_sae.callbacks.init_from import InitFrom
 from lightning_sae.callbacks.lifecycle import (
@@ -338,9 +339,16 @@ def final_metrics_table(
         cells = [metrics.get(scoped(name, key)) for name in columns]
         if any(cell is not None for cell in cells):
             values.append((label, [None if cell is None else float(cell) for cell in cells]))
+    # Two different MMCS, named apart: recovery of the toy data's true features, and how close
+    # the decoder's own rows sit to each other.
+    mmcs_rows = []
     if gt_mmcs is not None:
         by_member = gt_mmcs if isinstance(gt_mmcs, dict) else {"": gt_mmcs}
-        values.insert(3, ("ground-truth MMCS", [by_member.get(name) for name in columns]))
+        mmcs_rows.append(("ground-truth MMCS", [by_member.get(name) for name in columns]))
+    self_mmcs = _decoder_self_mmcs(trainer)
+    if any(name in self_mmcs for name in columns):
+        mmcs_rows.append(("decoder self-MMCS", [self_mmcs.get(name) for name in columns]))
+    values[3:3] = mmcs_rows
     covered = coverage is not None and coverage.stage is not None
     heading = "final metrics"
     if covered:
@@ -350,13 +358,19 @@ def final_metrics_table(
     lines = ["", heading, "-" * max(20 + sum(widths), len(heading))]
     if members:
         lines.append(" " * 20 + "".join(f"{n:>{w}}" for n, w in zip(columns, widths, strict=True)))
+    samples = f"those {coverage.samples:,} {coverage.stage}" if covered else f"the {prefix}"
+    notes = {
+        "dead fraction": f"features that never fired on {samples} samples",
+        "ground-truth MMCS": "each true feature's best cosine to a decoder row, averaged",
+        "decoder self-MMCS": "each decoder row's max cosine to another row, averaged",
+    }
     for label, cells in values:
         line = f"{label:<20}" + "".join(
             f"{'-':>{w}}" if cell is None else f"{cell:>{w}.4f}"
             for cell, w in zip(cells, widths, strict=True)
         )
-        if label == "dead fraction" and covered:
-            line += f"   (never fired on those {coverage.samples:,} samples)"
+        if label in notes:
+            line += f"   ({notes[label]})"
         lines.append(line)
     if checkpoint is None:
         callback = trainer.checkpoint_callback
@@ -366,6 +380,19 @@ def final_metrics_table(
         at = f" (step {step})" if step is not None else ""
         lines.append(f"{'checkpoint':<20}{checkpoint}{at}")
     return "\n".join(lines)
+
+
+def _decoder_self_mmcs(trainer: Trainer) -> dict[str, float]:
+    """Decoder self-MMCS by SAE name, where the geometry monitor measured it at the final step
+    (it measures the final weights at the end of training)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, FeatureGeometryMonitor):
+            return {
+                name: record.history[-1][1]
+                for name, record in callback.records.items()
+                if record.history and record.history[-1][0] == trainer.global_step
+            }
+    return {}
 
 
 def _is_sharded_checkpoint(path: str) -> bool:
@@ -793,4 +820,6 @@ def _default_monitoring(trainer_config: Any, callbacks: list[Callback]) -> list[
             isinstance(interval, int) and trainer_config.get("check_val_every_n_epoch") is None
         )
         extra.append(FeatureGeometryMonitor(every_n_steps=interval if by_steps else 1000))
+    if not has(TrainingFigures):
+        extra.append(TrainingFigures())
     return extra

@@ -131,6 +131,11 @@ def test_group_with_every_callback_under_ddp_matches_one_process(tmp_path: Path)
         assert logs[f"{name}/resampling/n_resampled", 4] >= 6  # the silenced features at least
         assert (f"{name}/geometry/mmcs", 8) in logs
         assert any(key == f"{name}/val/fvu" for key, _ in logs)
+    # The figures' validation firing counts are synced over the ranks (a collective all join).
+    figures = tmp_path / "ddp" / "run0" / "figures"
+    assert (figures / "frontier.png").is_file()
+    for name in ("topk", "btk"):
+        assert (figures / name / "feature_density.png").is_file()
 
 
 NEOX = {

@@ -234,7 +234,10 @@ def test_group_resumes_exactly(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- logging
 def test_members_log_under_their_names(tmp_path: Path) -> None:
-    group = SAEGroup(members=copy.deepcopy(MEMBERS[:2]))
+    members = copy.deepcopy(MEMBERS[:2])
+    members[0]["init_args"]["dead_window_tokens"] = 4 * 128  # full after step 3 (batch 128)
+    members[1]["init_args"]["dead_window_tokens"] = 10_000_000
+    group = SAEGroup(members=members)
     monitor = FeatureGeometryMonitor(every_n_steps=4, save_png=False)
     logger = CSVLogger(tmp_path, name="csv", version=0)
     fit(
@@ -248,7 +251,11 @@ def test_members_log_under_their_names(tmp_path: Path) -> None:
         val_check_interval=8,
     )
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
-        columns = set(next(csv.reader(handle)))
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    # Each member's dead fraction once its own window of tokens has passed (l1's: 10M, never).
+    dead = [int(row["step"]) for row in rows if row.get("k4/train/dead_fraction")]
+    assert dead == [3, 4, 5, 6, 7] and "l1/train/dead_fraction" not in columns
     for name in ("k4", "l1"):
         for key in ("train/loss", "train/loss/mse", "train/l0", "train/fvu", "val/fvu"):
             assert f"{name}/{key}" in columns, (name, key, sorted(columns))
@@ -388,6 +395,10 @@ def test_cli_fits_validates_and_exports_a_group(tmp_path: Path) -> None:
     lines = [line.split() for line in fitted.stdout.splitlines()]
     assert ["topk-k4", "topk-k8", "l1"] in lines, fitted.stdout  # one column per member
     assert "ground-truth MMCS" in fitted.stdout
+    figures = tmp_path / "runs" / "group" / "figures"
+    # The sweep's frontier, everyone's curves in one figure, each member's density.
+    for png in ("frontier.png", "training_curves.png", "topk-k4/feature_density.png"):
+        assert (figures / png).stat().st_size > 0, png
     last = tmp_path / "runs" / "group" / "checkpoints" / "last.ckpt"
     validated = cli("validate", "--config", "group.yaml", "--ckpt_path", str(last))
     fvu = next(line for line in validated.stdout.splitlines() if line.startswith("FVU"))

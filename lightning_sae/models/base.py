@@ -126,6 +126,7 @@ class SparseAutoencoder(LightningModule):
             training batch and stored as the buffer ``input_scale``).
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
         dead_window_tokens: a feature is dead when it has not fired for this many tokens.
+            ``train/dead_fraction`` is logged once this many tokens have been trained on.
         orthogonality_coefficient: weight of the decoder orthogonality regulariser; negative
             values pull active features towards their nearest neighbours instead.
         orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
@@ -263,6 +264,15 @@ class SparseAutoencoder(LightningModule):
     def dead_mask(self) -> Tensor:
         """Features that have not fired within the last ``dead_window_tokens`` tokens."""
         return self.tokens_since_fired >= self.hparams.dead_window_tokens
+
+    def dead_window_passed(self, batch_tokens: int) -> bool:
+        """Whether a whole dead window of tokens has been trained on, counting this step's
+        global batch of ``batch_tokens``. Before that no feature can be dead (its clock cannot
+        have reached the window), so a dead fraction would be 0 by construction, not measured.
+
+        Tokens are counted as optimizer steps x this batch: with gradient accumulation that
+        undercounts, which only delays the first report."""
+        return (self.global_step + 1) * batch_tokens >= self.hparams.dead_window_tokens
 
     @contextmanager
     def measuring(self) -> Iterator[None]:
@@ -487,7 +497,8 @@ class SparseAutoencoder(LightningModule):
         self.log("train/l0", n_active / n, prog_bar=True)
         self.log("train/mse", sq_err / n)
         self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
-        self.log("train/dead_fraction", self.dead_mask().float().mean())
+        if self.dead_window_passed(int(n)):
+            self.log("train/dead_fraction", self.dead_mask().float().mean())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, target = self.input_and_target(batch)

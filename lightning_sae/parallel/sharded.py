@@ -291,7 +291,8 @@ class ShardedSAE:
         self.log("train/l0", n_active / n, prog_bar=True)
         self.log("train/mse", sq_err / n)
         self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
-        self.log("train/dead_fraction", n_dead / shard.d_sae)
+        if self.dead_window_passed(int(n)):
+            self.log("train/dead_fraction", n_dead / shard.d_sae)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The base class's refusal of non-finite weights, decided together: a member alone
