@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -32,16 +31,53 @@ from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
 from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
+from lightning_sae.models.sparse import SparseCode
 
 
-@dataclass
 class SAEOutput:
-    """What a forward pass produces: reconstruction, feature activations, pre-activations."""
+    """What a forward pass produces: reconstruction, feature activations, pre-activations.
 
-    x_hat: Tensor
-    acts: Tensor
-    pre_acts: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    A variant with a sparse code (the TopK family) may pass ``code`` instead of ``acts``: the
+    dense ``acts`` [..., d_sae] (``acts_shape``) are then built on first use only, and the
+    step's firing counts (:meth:`fired`) come from the code, so a training step that needs no
+    dense activations makes none.
+    """
+
+    def __init__(
+        self,
+        x_hat: Tensor,
+        acts: Tensor | None = None,
+        pre_acts: Tensor | None = None,
+        extras: dict[str, Tensor] | None = None,
+        *,
+        code: SparseCode | None = None,
+        acts_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        if acts is None and (code is None or acts_shape is None):
+            raise ValueError("SAEOutput needs acts, or a code with acts_shape")
+        self.x_hat, self._acts, self.pre_acts = x_hat, acts, pre_acts
+        self.extras = {} if extras is None else extras
+        self.code, self.acts_shape = code, acts_shape
+
+    @property
+    def acts(self) -> Tensor:
+        if self._acts is None:
+            d_sae = self.acts_shape[-1]
+            self._acts = self.code.to_dense(d_sae).reshape(self.acts_shape)
+        return self._acts
+
+    @acts.setter
+    def acts(self, value: Tensor) -> None:
+        self._acts = value
+
+    def fired(self, d_sae: int) -> Tensor:
+        """How many rows each latent is nonzero in, [d_sae] int32."""
+        if self._acts is None:
+            counts = torch.zeros(d_sae, dtype=torch.int32, device=self.code.values.device)
+            nonzero = (self.code.values != 0).reshape(-1).to(torch.int32)
+            return counts.index_add_(0, self.code.indices.reshape(-1), nonzero)
+        # int32: a bool sum at the default int64 is several times slower on CPU.
+        return (self.acts != 0).reshape(-1, d_sae).sum(0, dtype=torch.int32)
 
 
 def check_finite(name: str, value: float, option: str) -> None:
@@ -185,9 +221,13 @@ class SparseAutoencoder(LightningModule):
         """
         return -(self.b_dec @ self.W_enc) if self.hparams.apply_b_dec_to_input else None
 
-    def pre_activation(self, x_n: Tensor) -> Tensor:
+    def encoder_bias(self) -> Tensor:
+        """``b_enc``, with the input offset folded in when there is one."""
         offset = self.input_offset()
-        bias = self.b_enc if offset is None else self.b_enc + offset
+        return self.b_enc if offset is None else self.b_enc + offset
+
+    def pre_activation(self, x_n: Tensor) -> Tensor:
+        bias = self.encoder_bias()
         # F.linear adds the bias inside the matmul, so under bf16 autocast the [batch, d_sae]
         # pre-activations stay bf16 instead of being promoted back to float32 by the add.
         return F.linear(x_n, self.W_enc.T, bias)
@@ -416,8 +456,7 @@ class SparseAutoencoder(LightningModule):
         read_sq = x64.new_zeros(()) if read is None else read.double().pow(2).sum()
         sums = torch.cat(
             [
-                # int32: a bool sum at the default int64 is several times slower on CPU.
-                (out.acts != 0).reshape(-1, self.d_sae).sum(0, dtype=torch.int32).double(),
+                out.fired(self.d_sae).double(),
                 x64.sum(0),
                 torch.stack(
                     [
