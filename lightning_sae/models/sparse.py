@@ -150,7 +150,9 @@ class _SparseEncoderGather(torch.autograd.Function):
         grad_x = grad_W = grad_bias = None
         if needs_W:
             # One bag per latent holding the rows that selected it (latents sorted, rows along).
-            by_latent, order = latents.sort()
+            # Stable: each latent's rows in row order, so the sums are reproducible (and the
+            # stable integer sort is the faster one on CPU).
+            by_latent, order = latents.sort(stable=True)
             starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
             entry_rows = _entry_rows(indices, rows)[order]
             grad_W = F.embedding_bag(

@@ -158,14 +158,13 @@ class TopKSAE(SparseAutoencoder):
 
     def auxk_loss(self, x_n: Tensor, out: SAEOutput) -> Tensor:
         """Squared error of the dead latents' reconstruction of the residual (0 if none dead)."""
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
+        n_dead = self.dead_count()  # known from the last step's statistics: no transfer
         if n_dead == 0:
             return out.x_hat.new_zeros(())
         k_aux = min(self.aux_k, n_dead)
         pre_acts = out.pre_acts.reshape(-1, self.d_sae)
         # Among the dead columns only: a [n, n_dead] selection, not a pass over all latents.
-        dead_latents = dead.nonzero().squeeze(1)
+        dead_latents = torch.nonzero_static(self.dead_mask(), size=n_dead).squeeze(1)
         slots = pre_acts.index_select(1, dead_latents).topk(k_aux, sorted=False).indices
         code = SparseCode(dead_latents[slots], pre_acts.new_empty(0), pre_acts.shape[0])
         code.values = self.encoder_values(code, out)
@@ -281,19 +280,18 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
-        positive = values[values > 0]
-        # The smallest kept activation of the global batch: the minimum over ranks' minima.
-        batch_min = positive.min() if positive.numel() else values.new_tensor(float("inf"))
+        # The smallest kept positive activation of the global batch (inf when none): the
+        # minimum over ranks' minima. Decided on the device: no host transfer per step.
+        inf = values.new_tensor(float("inf"))
+        batch_min = torch.where(values > 0, values, inf).min() if values.numel() else inf
         batch_min = batch_min.to(self.threshold.dtype)  # values are bf16 under autocast
         if _is_distributed():
             dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
-        if torch.isinf(batch_min):
-            return
-        if self.threshold_updates == 0:
-            self.threshold.copy_(batch_min)
-        else:
-            self.threshold.lerp_(batch_min, 1 - self.hparams.threshold_momentum)
-        self.threshold_updates += 1
+        seen = torch.isfinite(batch_min)
+        averaged = self.threshold.lerp(batch_min, 1 - self.hparams.threshold_momentum)
+        updated = torch.where(self.threshold_updates == 0, batch_min, averaged)
+        self.threshold.copy_(torch.where(seen, updated, self.threshold))
+        self.threshold_updates += seen.long()
 
     def decodes_code_sparsely(self, code: SparseCode) -> bool:
         return self.decodes_sparsely(code.indices.numel() // max(code.n_rows, 1))
