@@ -113,6 +113,7 @@ def time_training_step(
     """Median seconds per training step after ``args.warmup`` untimed steps."""
     device = torch.device(args.device)
     module = make(args.d_in, args.d_sae)
+    module.hparams.compile = args.compile  # setup() compiles forward_normalized
     timer = StepTimer(device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variant names (prefixes) to run")
     parser.add_argument("--l0", type=float, default=64.0, help="also time standard at this L0")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (steps and roofline)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--skip-steps", action="store_true", help="only the decode sweep")
     args = parser.parse_args()
@@ -237,7 +239,7 @@ def main() -> None:
     print(
         f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
-        f"{'bf16 autocast' if args.bf16 else 'float32'}"
+        f"{'bf16 autocast' if args.bf16 else 'float32'}{', compiled' if args.compile else ''}"
     )
     if not args.skip_steps:
         roofline = time_roofline(args)

@@ -111,7 +111,7 @@ def run_ours(args: argparse.Namespace) -> float:
 
 def run_sparsify(args: argparse.Namespace) -> float:
     import torch
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
     from torch import nn
 
     x = _batch(args)
