@@ -21,6 +21,7 @@ NEAREST_NEIGHBOUR_BACKENDS = ("auto", "torch", "faiss")
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae export",
         description="Write a checkpoint's SAE as cfg.json + sae_weights.safetensors, in the "
         "layout SAELens's SAE.load_from_disk reads, with input normalisation folded in.",
@@ -31,6 +32,11 @@ def export_parser() -> argparse.ArgumentParser:
         help="Lightning checkpoint (.ckpt), or the folder a latent-sharded run saved",
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the SAE that --out already holds (refused without this)",
+    )
     parser.add_argument(
         "--class_path",
         default=None,
@@ -43,6 +49,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae compare",
         description="Match the features of two SAEs (Lightning .ckpt files or export folders): "
         "max cosine similarity A->B and B->A, and a one-to-one matching, for decoder and "
@@ -66,6 +73,7 @@ INSPECT_SPLITS = ("all", "train", "val")
 
 def inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae inspect",
         description="Run an SAE over the token windows of a config's activation cache and record "
         "per feature: top-activating contexts, samples across its activation range, firing "

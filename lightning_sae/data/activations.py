@@ -68,6 +68,7 @@ from lightning_sae.data.tokens import (
     iter_documents,
     token_windows,
 )
+from lightning_sae.files import read_text_bounded
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -631,6 +632,11 @@ class ActivationDataModule(LightningDataModule):
     def _hook_folder(self, hook: str | None) -> Path:
         """Where one hook's own files are: the folder itself, or, with ``hooks``, its subfolder."""
         folder = Path(self.hparams.activations_dir)
+        if not folder.is_dir():
+            raise ValueError(
+                f"data.init_args.activations_dir {folder} is not a folder; pass the folder that "
+                "holds your .npy / .safetensors activation files."
+            )
         if not self.hparams.hooks:
             return folder
         if not (folder / hook).is_dir():
@@ -760,6 +766,7 @@ def cache_main(argv: list[str]) -> None:
     """
     parser = argparse.ArgumentParser(
         prog="lightning-sae cache",
+        allow_abbrev=False,  # an abbreviated option is refused, never expanded
         description="Build the activation cache described by the data: section of a fit config "
         "(resumes an interrupted build). Override options with --data.init_args.NAME VALUE.",
     )
@@ -767,8 +774,8 @@ def cache_main(argv: list[str]) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
     try:
-        config = yaml.safe_load(Path(args.config).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
+        config = yaml.safe_load(read_text_bounded(args.config)) or {}
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not text, not a file
         message = " ".join(str(error).split())  # one line
         raise SystemExit(f"error: cannot read the config {args.config}: {message}") from None
     data = (config.get("data") if isinstance(config, dict) else None) or {}
