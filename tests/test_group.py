@@ -154,6 +154,46 @@ def assert_same_weights(a: L.LightningModule, b: L.LightningModule, label: str) 
         assert torch.equal(value, b.state_dict()[key]), f"{label}: {key} differs"
 
 
+class HostTransfers:
+    """Counts what makes the host wait for the device (``item``, ``tolist``, a tensor's
+    ``bool``/``int``/``float``) during each call of a wrapped step."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def counting(self, step: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+            self.per_step.append(0)
+
+            def wrap(original: Any) -> Any:
+                def method(tensor: Tensor, *a: Any, **k: Any) -> Any:
+                    self.per_step[-1] += 1
+                    # The originals call each other (tolist of a 0-d tensor): count once.
+                    for name, value in originals.items():
+                        setattr(torch.Tensor, name, value)
+                    try:
+                        return original(tensor, *a, **k)
+                    finally:
+                        for name, value in wrapped.items():
+                            setattr(torch.Tensor, name, value)
+
+                return method
+
+            wrapped = {name: wrap(original) for name, original in originals.items()}
+            for name, value in wrapped.items():
+                setattr(torch.Tensor, name, value)
+            try:
+                return step(*args, **kwargs)
+            finally:
+                for name, value in originals.items():
+                    setattr(torch.Tensor, name, value)
+
+        return counted
+
+
 # ----------------------------------------------------------------------------- equality
 @pytest.mark.parametrize("serve", ["dict", "tensor"])
 def test_each_member_trains_exactly_as_alone(serve: str) -> None:
@@ -177,6 +217,30 @@ def test_each_member_trains_exactly_as_alone(serve: str) -> None:
             f"{name}: density differs"
         )
         assert group_cbs[4].records[name].history == alone_cbs[4].history
+
+
+def test_a_group_step_waits_for_the_device_once() -> None:
+    """Every member's statistics come back in one transfer per group step; AuxK's dead count
+    comes with them, BatchTopK's threshold and the input-scale check stay on the device. (There
+    were one transfer per member and more per TopK, BatchTopK and input-scale check.) The first
+    step counts the dead features and reads the input-scale flag once; a StandardSAE's
+    ``decode_impl: auto`` adds its own density check, so this one decodes densely."""
+    members = [
+        spec("TopKSAE", "k4", "resid", k=4, dead_window_tokens=128),
+        spec("BatchTopKSAE", "btk", "resid", k=4, dead_window_tokens=128),
+        spec("StandardSAE", "l1", "mlp", decode_impl="dense"),
+        spec("TopKTranscoder", "tc", None, k=4, d_out=D_MLP, input_hook="resid",
+             output_hook="mlp", dead_window_tokens=128),
+    ]  # fmt: skip
+    group = SAEGroup(members=members)
+    with torch.no_grad():
+        for name in ("k4", "btk", "tc"):  # never fire, so dead after a step: AuxK runs
+            group.members[name].b_enc[[1, 5, 9]] = -1e3
+    transfers = HostTransfers()
+    group.training_step = transfers.counting(group.training_step)
+    fit(group, TwoHookToy(batches_per_epoch=5), 5)
+    assert all(int(group.members[name].dead_mask().sum()) > 0 for name in ("k4", "btk", "tc"))
+    assert transfers.per_step[1:] == [1] * 4, transfers.per_step
 
 
 def test_transcoders_are_members_that_read_their_own_sites(tmp_path: Path) -> None:
