@@ -7,8 +7,11 @@ parser lives here and the tool's module (which needs torch) parses with it.
 from __future__ import annotations
 
 import argparse
+import difflib
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -19,9 +22,39 @@ HUNGARIAN_LIMIT = 16384
 NEAREST_NEIGHBOUR_BACKENDS = ("auto", "torch", "faiss")
 
 
+class ToolParser(argparse.ArgumentParser):
+    """A tool command's parser: an abbreviation (``--ckpt`` for ``--ckpt_path``) is refused, not
+    expanded, and any mistake is one line naming the closest option, not argparse's usage block.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+        self._given: list[str] = []
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        unknown = [
+            arg.split("=", 1)[0]
+            for arg in self._given
+            if arg.startswith("--") and arg.split("=", 1)[0] not in known
+        ]
+        hint = ""
+        for arg in unknown:
+            close = difflib.get_close_matches(arg, known, n=1, cutoff=0.6)
+            if close:
+                hint = f" Did you mean `{close[0]}`? (given: {arg})"
+                break
+        raise SystemExit(f"error: {self.prog}: {message}.{hint} ({self.prog} --help lists them)")
+
+
 def export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
+    parser = ToolParser(
         prog="lightning-sae export",
         description="Write a checkpoint's SAE as cfg.json + sae_weights.safetensors, in the "
         "layout SAELens's SAE.load_from_disk reads, with input normalisation folded in.",
@@ -48,8 +81,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
+    parser = ToolParser(
         prog="lightning-sae compare",
         description="Match the features of two SAEs (Lightning .ckpt files or export folders): "
         "max cosine similarity A->B and B->A, and a one-to-one matching, for decoder and "
@@ -72,8 +104,7 @@ INSPECT_SPLITS = ("all", "train", "val")
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
+    parser = ToolParser(
         prog="lightning-sae inspect",
         description="Run an SAE (or an SAEGroup's members) over the token windows of a config's "
         "activation cache and record "

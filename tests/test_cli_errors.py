@@ -306,16 +306,27 @@ def test_option_check_leaves_what_it_cannot_judge_to_the_full_parser() -> None:
         check_options("fit", [], {"model": "TopK"}, table)
 
 
-def test_tool_commands_refuse_abbreviations() -> None:
+def test_tool_commands_refuse_abbreviations_in_one_line_naming_the_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from lightning_sae.commands import compare_parser, export_parser, inspect_parser
 
-    for parser, argv in (
-        (export_parser(), ["--ckpt", "a.ckpt", "--out", "x"]),
-        (compare_parser(), ["a", "b", "--hungarian", "3"]),
-        (inspect_parser(), ["--ckpt_path", "a", "--config", "c", "--out", "o", "--n_to", "3"]),
+    for parser, argv, meant in (
+        (export_parser(), ["--ckpt", "a.ckpt", "--out", "x"], "--ckpt_path"),
+        (compare_parser(), ["a", "b", "--hungarian", "3"], "--hungarian-limit"),
+        (
+            inspect_parser(),
+            ["--ckpt_path", "a", "--config", "c", "--out", "o", "--n_to", "3"],
+            "--n_top",
+        ),
     ):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             parser.parse_args(argv)
+        message = str(exit_.value.code)
+        # One line, the closest option named, no usage block printed before it.
+        assert message.startswith(f"error: {parser.prog}: ") and "\n" not in message, message
+        assert f"Did you mean `{meant}`?" in message, message
+        assert capsys.readouterr().err == ""
 
 
 def test_a_missing_activations_dir_is_named(tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ With ``activations_dir`` the same module trains on your own ``.npy`` / ``.safete
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
@@ -47,7 +46,7 @@ import yaml
 from lightning import LightningDataModule
 from torch import Tensor
 
-from lightning_sae.commands import data_overrides
+from lightning_sae.commands import ToolParser, data_overrides
 from lightning_sae.data import lm
 from lightning_sae.data.cache import (
     CacheBuilder,
@@ -778,9 +777,8 @@ def cache_main(argv: list[str]) -> None:
 
     Under ``torchrun`` the build is split across the launched processes.
     """
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="lightning-sae cache",
-        allow_abbrev=False,  # an abbreviated option is refused, never expanded
         description="Build the activation cache described by the data: section of a fit config "
         "(resumes an interrupted build). Override options with --data.init_args.NAME VALUE.",
     )
