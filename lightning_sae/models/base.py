@@ -107,6 +107,11 @@ class SparseAutoencoder(LightningModule):
         orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
         orthogonality_power: exponent p >= 2 for the ``power`` shape.
         init_seed: seed for the weight initialisation, independent of the global RNG.
+        encoder_init_scale: the encoder starts as this multiple of the decoder's transpose
+            (decoder rows at unit norm). ``None``: the variant's measured default
+            (:meth:`default_encoder_init_scale`; docs/defaults.md): a ReLU SAE whose start
+            reconstructs twice its input (half of d_sae directions fire) learns slower, because
+            its first large gradients inflate Adam's second moment for the rest of the run.
         compile: compile ``forward_normalized`` (encode + decode, where the FLOPs are) with
             ``torch.compile``. Loss terms stay eager: their warm-up factors change every step.
     """
@@ -129,12 +134,17 @@ class SparseAutoencoder(LightningModule):
         orthogonality_shape: OrthogonalityShape = "sigmoid",
         orthogonality_power: float = 2.0,
         init_seed: int = 0,
+        encoder_init_scale: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
         check_positive("d_in", d_in, "model.init_args.d_in")
         check_positive("d_sae", d_sae, "model.init_args.d_sae")
         check_positive("lr", lr, "model.init_args.lr")
+        if encoder_init_scale is not None:
+            check_positive(
+                "encoder_init_scale", encoder_init_scale, "model.init_args.encoder_init_scale"
+            )
         check_positive(
             "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
         )
@@ -161,7 +171,7 @@ class SparseAutoencoder(LightningModule):
         W_dec = torch.randn(d_sae, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.W_enc = nn.Parameter(W_dec.T * self.encoder_init_factor())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
@@ -171,6 +181,14 @@ class SparseAutoencoder(LightningModule):
 
         self.val_l0, self.val_mse, self.val_fvu = L0(), MSE(), FVU(d_in)
         self.val_dead = DeadFraction(d_sae)
+
+    def default_encoder_init_scale(self) -> float:
+        """The encoder's starting scale relative to the decoder's transpose, when not given."""
+        return 1.0
+
+    def encoder_init_factor(self) -> float:
+        scale = self.hparams.get("encoder_init_scale")
+        return self.default_encoder_init_scale() if scale is None else scale
 
     # ----------------------------------------------------------------- the SAE itself
     def normalize(self, x: Tensor) -> Tensor:
@@ -212,11 +230,11 @@ class SparseAutoencoder(LightningModule):
         return self.encode_normalized(self.normalize(x))[0]
 
     def decode(self, acts: Tensor) -> Tensor:
-        return self.reconstruct(acts) / self.input_scale
+        return self.reconstruct(acts) / self.target_scale()
 
     def forward(self, x: Tensor) -> SAEOutput:
         out = self.forward_normalized(self.normalize(x))
-        out.x_hat = out.x_hat / self.input_scale
+        out.x_hat = out.x_hat / self.target_scale()
         return out
 
     # ----------------------------------------------------------------- losses
@@ -283,24 +301,50 @@ class SparseAutoencoder(LightningModule):
 
     # ----------------------------------------------------------------- normalisation
     @torch.no_grad()
-    def fit_input_scale(self, x: Tensor) -> None:
-        """Fit the input scale on a sample (averaged over DDP ranks) so mean norm = sqrt(d_in)."""
-        mean_norm = x.float().norm(dim=-1).mean()
+    def fit_input_scale(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Fit the input scale on a sample (averaged over DDP ranks) so mean norm = sqrt(d_in).
+
+        ``target`` is what the decoder reproduces when that is another site: an SAE ignores it
+        (its target is its input); transcoders and crosscoders fit one scale per site
+        (``models/transcoder.py``).
+        """
+        self.input_scale.fill_(self.site_scales([x], [self.d_in])[0])
+        self.input_scale_fitted.fill_(True)
+
+    def site_scales(self, samples: list[Tensor], widths: list[int]) -> Tensor:
+        """Per site, the factor that brings the mean norm of its sample to sqrt(width).
+
+        The mean norms of every site travel in one all-reduce, averaged over DDP ranks, so
+        every rank fits the same factors.
+        """
+        mean_norms = torch.stack([x.float().norm(dim=-1).mean() for x in samples])
         if _is_distributed():
-            dist.all_reduce(mean_norm)
-            mean_norm /= dist.get_world_size()
-        mean_norm = mean_norm.item()
-        if not math.isfinite(mean_norm):
+            dist.all_reduce(mean_norms)
+            mean_norms /= dist.get_world_size()
+        mean_norms = mean_norms.cpu().double()
+        if not bool(torch.isfinite(mean_norms).all()):
             raise ValueError(self._non_finite_batch())
-        if mean_norm == 0:
+        if bool((mean_norms == 0).any()):
             raise ValueError(
                 "normalize_activations cannot scale this data: the first training batch has "
-                "mean norm 0 (every vector is zero). Check that the hook and data produce "
-                "activations (a wrong hook name or an all-padding batch gives zeros), or set "
-                "model.init_args.normalize_activations: false."
+                "mean norm 0 (every vector is zero) at one of the sites. Check that the hook "
+                "and data produce activations (a wrong hook name or an all-padding batch gives "
+                "zeros), or set model.init_args.normalize_activations: false."
             )
-        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm)
-        self.input_scale_fitted.fill_(True)
+        return torch.tensor(widths, dtype=torch.float64).sqrt() / mean_norms
+
+    def target_scale(self) -> Tensor:
+        """The factor of the site the decoder writes: the input's for an SAE (a transcoder's
+        output site has its own)."""
+        return self.input_scale
+
+    def scale_metadata(self) -> dict[str, Any]:
+        """The fitted factors, as the export records them (they are folded into its weights)."""
+        return {"input_scale": float(self.input_scale)}
+
+    def normalize_target(self, y: Tensor) -> Tensor:
+        """The decoder's target in normalised units."""
+        return y.to(self.W_enc.dtype) * self.target_scale()
 
     # ----------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
@@ -341,9 +385,9 @@ class SparseAutoencoder(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, target = self.input_and_target(batch)
         if not self.input_scale_fitted:
-            self.fit_input_scale(x)
+            self.fit_input_scale(x, target)
         x_n = self.normalize(x)
-        y_n = x_n if target is x else self.normalize(target)
+        y_n = x_n if target is x else self.normalize_target(target)
         out = self.forward_normalized(x_n)
         terms = self.loss_terms(y_n, out)
         if self.hparams.orthogonality_coefficient != 0:
@@ -469,7 +513,7 @@ class SparseAutoencoder(LightningModule):
         x_n = self.normalize(x)
         out = self.forward_normalized(x_n)
         if target is not x:
-            x_n = self.normalize(target)  # from here on, x_n is what out.x_hat is scored against
+            x_n = self.normalize_target(target)  # from here on, what out.x_hat is scored against
         terms = self.loss_terms(x_n, out)
         self.log("val/loss", torch.stack(list(terms.values())).sum(), sync_dist=True)
         for name, value in terms.items():
