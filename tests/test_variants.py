@@ -87,7 +87,9 @@ def test_standard_auto_decode_goes_sparse_once_l0_is_low(monkeypatch: pytest.Mon
     calls = []
     decode = SparseCode.decode
     monkeypatch.setattr(SparseCode, "decode", lambda code, W: calls.append(1) or decode(code, W))
-    sae = StandardSAE(d_in=D_IN, d_sae=D_SAE)  # auto; the CPU cut-off is a density of 1/16
+    # auto; the CPU cut-off is a density of 1/16. The transpose start (scale 1): its
+    # pre-activations put a few latents above the b_enc of -2 below.
+    sae = StandardSAE(d_in=D_IN, d_sae=D_SAE, encoder_init_scale=1.0)
     dense_out = sae.forward_normalized(_x())
     assert not calls and (dense_out.acts != 0).float().mean() > 1 / 16
     with torch.no_grad():

@@ -93,7 +93,8 @@ class SparseAutoencoder(LightningModule):
         d_sae: number of dictionary features.
         lr: peak learning rate.
         optimizer: ``adam`` or ``adamw``.
-        betas: Adam betas.
+        betas: Adam betas. ``None``: the variant's measured default (:meth:`default_betas`;
+            docs/defaults.md): (0.9, 0.999), and (0.9, 0.99) for the L1 SAEs.
         weight_decay: AdamW weight decay (ignored by Adam).
         lr_warmup_steps: linear warm-up of the learning rate from 0.
         lr_decay_steps: linear decay to ``lr_end_factor * lr`` over the last this many steps.
@@ -122,7 +123,7 @@ class SparseAutoencoder(LightningModule):
         d_sae: int,
         lr: float = 4e-4,
         optimizer: Literal["adam", "adamw"] = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] | None = None,
         weight_decay: float = 0.0,
         lr_warmup_steps: int = 0,
         lr_decay_steps: int = 0,
@@ -160,7 +161,7 @@ class SparseAutoencoder(LightningModule):
         self.save_hyperparameters()
         # The hparams include every subclass's options too: one sweep covers every variant.
         check_all_finite(self.hparams)
-        if not all(0 <= beta < 1 for beta in betas):
+        if betas is not None and not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}: set model.init_args.betas.")
         self.d_in, self.d_sae = d_in, d_sae
         # Width of what the decoder writes: the input's for an SAE; a transcoder's output site.
@@ -185,6 +186,14 @@ class SparseAutoencoder(LightningModule):
     def default_encoder_init_scale(self) -> float:
         """The encoder's starting scale relative to the decoder's transpose, when not given."""
         return 1.0
+
+    def default_betas(self) -> tuple[float, float]:
+        """Adam's betas when not given."""
+        return (0.9, 0.999)
+
+    def adam_betas(self) -> tuple[float, float]:
+        betas = self.hparams.get("betas")
+        return self.default_betas() if betas is None else (float(betas[0]), float(betas[1]))
 
     def encoder_init_factor(self) -> float:
         scale = self.hparams.get("encoder_init_scale")
@@ -536,7 +545,7 @@ class SparseAutoencoder(LightningModule):
         kwargs = {"weight_decay": hp.weight_decay} if hp.optimizer == "adamw" else {}
         # The fused kernel updates all parameters in one pass (CPU and CUDA).
         kwargs["fused"] = self.device.type in ("cpu", "cuda")
-        optimizer = optimizer_cls(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), **kwargs)
+        optimizer = optimizer_cls(self.parameters(), lr=hp.lr, betas=self.adam_betas(), **kwargs)
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         decay_start = total_steps - hp.lr_decay_steps
 

@@ -78,6 +78,11 @@ class StandardSAE(SparseAutoencoder):
         # input. d_in/d_sae brings that to ~half the input (docs/defaults.md measures it).
         return min(1.0, self.d_in / self.d_sae)
 
+    def default_betas(self) -> tuple[float, float]:
+        # Measured (docs/defaults.md): beta2 0.99 recovers more ground truth on the toy
+        # side-by-side and reaches a lower FVU at a lower L0 on MiniLM than 0.999.
+        return (0.9, 0.99)
+
     @torch.no_grad()
     def _init_encoder_independently(self) -> None:
         # nn.Linear(d_in, d_sae).reset_parameters(): kaiming_uniform(a=sqrt(5)) on the weight
