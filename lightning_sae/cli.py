@@ -144,14 +144,17 @@ def _config_paths(argv: list[str]) -> list[str]:
 
 def read_config_file(path: str) -> dict:
     """A YAML config as a mapping, or a :class:`CommandError` naming the file and the fix."""
-    file = Path(path)
-    if not file.is_file():
+    from lightning_sae.files import UnreadableFileError, read_text_bounded
+
+    if not Path(path).exists():
         raise CommandError(
             f"the config file {path} does not exist; pass the path of a YAML config, "
             "e.g. --config configs/toy/standard.yaml."
         )
     try:
-        config = yaml.safe_load(file.read_text())
+        config = yaml.safe_load(read_text_bounded(path))
+    except UnreadableFileError as error:
+        raise CommandError(str(error)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         detail = " ".join(str(error).split())
         raise CommandError(f"the config file {path} is not valid YAML ({detail}).") from None

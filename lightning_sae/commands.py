@@ -32,6 +32,11 @@ def export_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the SAE that --out already holds (refused without this)",
+    )
+    parser.add_argument(
         "--class_path",
         default=None,
         help="SAE class (e.g. TopKSAE), when the checkpoint does not record it",

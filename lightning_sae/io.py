@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from lightning_sae import __version__
 from lightning_sae.commands import EXPORT_WEIGHTS_FILENAMES, export_parser
+from lightning_sae.files import load_safetensors_file, load_torch_file, read_text_bounded
 from lightning_sae.models import (
     GatedSAE,
     JumpReLUSAE,
@@ -314,7 +315,9 @@ def export_sae(
     return out
 
 
-def _sae_from_checkpoint(checkpoint: dict[str, Any], class_path: str | None) -> SparseAutoencoder:
+def _sae_from_checkpoint(
+    checkpoint: dict[str, Any], class_path: str | None, ckpt_path: Path
+) -> SparseAutoencoder:
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     source = "--class_path"
     if class_path is None and "_class_path" in hparams:
@@ -325,7 +328,7 @@ def _sae_from_checkpoint(checkpoint: dict[str, Any], class_path: str | None) -> 
             "lightning-sae fit); pass --class_path, e.g. lightning_sae.models.topk.TopKSAE."
         )
     sae = variant_class(class_path, source)(**_init_args(hparams))
-    sae.load_state_dict(checkpoint["state_dict"])
+    _load_weights(sae, checkpoint, ckpt_path)
     return sae.eval()
 
 
@@ -349,13 +352,15 @@ def export_checkpoint(
     out_dir: str | Path,
     class_path: str | None = None,
     metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export a Lightning checkpoint of any SAE variant (loaded with ``weights_only=True``).
 
     A checkpoint of an :class:`SAEGroup` gives one folder per member, ``out_dir/<member>``, each
-    with the member's hook as ``metadata.hook_name``.
+    with the member's hook as ``metadata.hook_name``. A folder that already holds an SAE is
+    refused, before anything is written, unless ``overwrite``.
     """
-    _export_checkpoint(ckpt_path, out_dir, class_path, metadata)
+    _export_checkpoint(ckpt_path, out_dir, class_path, metadata, overwrite)
     return Path(out_dir)
 
 
@@ -369,25 +374,18 @@ def _export_checkpoint(
     out_dir: str | Path,
     class_path: str | None,
     metadata: dict[str, Any] | None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """The folders written: ``[out_dir]``, or one per member of a group."""
-    ckpt_path = Path(ckpt_path)
-    # A latent-sharded run's checkpoint is a folder of shards: reassembled here, in one process.
-    from lightning_sae.parallel.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
-
-    if is_sharded_checkpoint(ckpt_path):
-        checkpoint = consolidate_checkpoint(ckpt_path)
-    elif not ckpt_path.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file from a run's "
-            "checkpoints/ folder (or the folder a latent-sharded run saved)."
-        )
-    else:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; pass a folder (it is created if missing).")
+    checkpoint = _read_checkpoint(ckpt_path)
     common = _metadata_from_checkpoint(checkpoint)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     if not _is_group_checkpoint(hparams):
-        sae = _sae_from_checkpoint(checkpoint, class_path)
+        sae = _sae_from_checkpoint(checkpoint, class_path, ckpt_path)
+        _check_export_folder(out_dir, overwrite)
         return [export_sae(sae, out_dir, common | (metadata or {}))]
     if class_path is not None:
         raise ValueError(
@@ -396,20 +394,81 @@ def _export_checkpoint(
         )
     # Members are built from the checkpoint's specs through the project's class table.
     group = SAEGroup(members=hparams["members"])
-    group.load_state_dict(checkpoint["state_dict"])
+    _load_weights(group, checkpoint, ckpt_path)
+    for name in group.named_saes():
+        _check_export_folder(out_dir / name, overwrite)
     folders = []
     for name, sae in group.named_saes().items():
         hook = group.hooks[name]
         member = common | ({"hook_name": hook} if hook else {}) | (metadata or {})
-        folders.append(export_sae(sae.eval(), Path(out_dir) / name, member))
+        folders.append(export_sae(sae.eval(), out_dir / name, member))
     return folders
+
+
+def _read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
+    # A latent-sharded run's checkpoint is a folder of shards: reassembled here, in one process.
+    from lightning_sae.parallel.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(ckpt_path):
+        return consolidate_checkpoint(ckpt_path)
+    if ckpt_path.is_dir():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path} is a folder but holds no checkpoint (a latent-sharded "
+            "run's checkpoint folder holds meta.pt and its shards); pass a .ckpt file from a "
+            "run's checkpoints/ folder."
+        )
+    if not ckpt_path.exists():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path} does not exist; pass a .ckpt file from a run's "
+            "checkpoints/ folder (or the folder a latent-sharded run saved)."
+        )
+    checkpoint = load_torch_file(ckpt_path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(
+            f"{ckpt_path} holds no state_dict of weights; pass a Lightning checkpoint (.ckpt) "
+            "that lightning-sae fit wrote."
+        )
+    return checkpoint
+
+
+def _check_export_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a file where the folder goes, and (unless ``overwrite``) a folder that already
+    holds an SAE, before anything is written."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, where the export folder goes; pass another --out.")
+    names = (CONFIG_FILENAME, *EXPORT_WEIGHTS_FILENAMES)
+    held = [name for name in names if (folder / name).exists()]
+    if held and not overwrite:
+        raise ValueError(
+            f"{folder} already holds an SAE ({', '.join(held)}); pass --overwrite to replace it, "
+            "or another --out."
+        )
+
+
+def _load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], ckpt_path: Path) -> None:
+    """The checkpoint's weights into ``module``; missing, unexpected or misshapen ones are one
+    error naming them."""
+    try:
+        missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    except RuntimeError as error:  # a shape that does not match
+        detail = " ".join(str(error).split("\n")[1:2]).strip() or str(error)
+        raise ValueError(
+            f"{ckpt_path} does not fit a {type(module).__name__} built from its own "
+            f"hyperparameters ({detail}); the checkpoint is damaged or was edited."
+        ) from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt_path} does not hold the weights of a {type(module).__name__}: missing "
+            f"{list(missing)}, unexpected {list(unexpected)}; the checkpoint is incomplete or "
+            "was written by another program."
+        )
 
 
 # ----------------------------------------------------------------------------- load
 def _weights_file(folder: Path) -> Path:
     for name in (WEIGHTS_FILENAME, WEIGHTS_FALLBACK_FILENAME):
-        if (folder / name).is_file():
-            return folder / name
+        if (folder / name).exists():
+            return folder / name  # one that is not a regular file is refused when read
     raise FileNotFoundError(
         f"{folder} has no {WEIGHTS_FILENAME}; pass a folder written by `lightning-sae export` "
         "or SAELens's save_model / save_inference_model."
@@ -441,7 +500,7 @@ def _fold_topk_decoder_norm(ours: dict[str, Tensor], weights: dict[str, Tensor])
 def read_config(path: Path) -> dict[str, Any]:
     """``cfg.json`` as a dict; a truncated or hand-broken file is named in the error."""
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(read_text_bounded(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(
             f"{path} is not valid JSON ({error}); the folder is incomplete or damaged: export or "
@@ -461,13 +520,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
     and give activations in model units, as before export.
     """
     folder = Path(path)
-    if not (folder / CONFIG_FILENAME).is_file():
+    if not (folder / CONFIG_FILENAME).exists():
         raise FileNotFoundError(
             f"{folder / CONFIG_FILENAME} does not exist; pass the folder `lightning-sae export "
             "--out DIR` wrote, or a SAELens SAE folder."
         )
     cfg = read_config(folder / CONFIG_FILENAME)
-    weights = load_file(str(_weights_file(folder)), device="cpu")
+    weights = load_safetensors_file(_weights_file(folder))
     _check_supported(cfg, weights)
     name = cfg.get("architecture", "standard")
     if name not in DEFAULT_CLASS and name not in OWN_ARCHITECTURES:
@@ -536,11 +595,13 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     overrides = {k: v for k in ("model_name", "hook_name") if (v := getattr(args, k)) is not None}
     try:
-        folders = _export_checkpoint(args.ckpt_path, args.out, args.class_path, overrides)
+        folders = _export_checkpoint(
+            args.ckpt_path, args.out, args.class_path, overrides, args.overwrite
+        )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     for out in folders:
-        cfg = json.loads((out / CONFIG_FILENAME).read_text())
+        cfg = read_config(out / CONFIG_FILENAME)
         ours = cfg["metadata"]["lightning_sae"]
         folded = _folded_scales(ours.get("input_scale", 1.0), ours.get("output_scale", 1.0))
         hook = cfg["metadata"].get("hook_name")

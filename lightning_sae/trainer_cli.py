@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -29,6 +28,7 @@ from lightning_sae.callbacks.lifecycle import (
     StepProgressBar,
     TokenThroughput,
 )
+from lightning_sae.files import load_torch_file
 from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.group import SAEGroup, names_group
@@ -114,7 +114,7 @@ def _checkpoint_record(path: Path) -> dict[str, Any]:
     """The checkpoint's step and ``run`` record (see RunRecord), read without the tensors."""
     if path.is_dir():  # a latent-sharded checkpoint: the record is in its metadata file
         path = path / "meta.pt"
-    checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    checkpoint = load_torch_file(path, mmap=True)
     return {"global_step": checkpoint.get("global_step", 0), **checkpoint.get("run", {})}
 
 
@@ -385,11 +385,13 @@ class SAECLI(LightningCLI):
             self._export_folder = self._export_folder_for(subcommand, Path(ckpt_path))
             config["ckpt_path"] = None
             return
-        if ckpt_path and Path(ckpt_path).is_file():
+        # Any file, not only a regular one: what is not a checkpoint is refused when read.
+        if ckpt_path and Path(ckpt_path).exists() and not Path(ckpt_path).is_dir():
             configured = config.get("model", {}).get("class_path")
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-                "hyper_parameters", {}
-            )
+            try:
+                hparams = load_torch_file(ckpt_path, mmap=True).get("hyper_parameters", {})
+            except ValueError as error:
+                raise SystemExit(f"error: {error}") from None
             saved = hparams.get("_class_path")
             # The group is the one module besides the variants that a checkpoint may name; its
             # members' classes come from the project's table.

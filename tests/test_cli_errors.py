@@ -212,3 +212,136 @@ def test_a_hub_dataset_offline_is_one_line(tmp_path: Path) -> None:
         tmp_path, "cache", "--config", str(config), "--data.init_args.dataset", "owner/no-such-set"
     )
     assert_one_clear_line(result, "dataset 'owner/no-such-set'", "HF_HUB_OFFLINE")
+
+
+# ----------------------------------------------------------------------------- damaged files
+def _cli_error(*args: str) -> str:
+    """The first line of what ``lightning-sae ARGS`` (run in this process) exits with."""
+    from lightning_sae.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    message = str(exit_.value.code)
+    assert message.startswith("error: "), message
+    assert "Traceback" not in message and "weights_only=False" not in message, message
+    return message.splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A good checkpoint and export folder, and damaged copies of each."""
+    import argparse
+
+    folder = tmp_path_factory.mktemp("damaged")
+    sae = TopKSAE(d_in=4, d_sae=8, k=2)
+    sae.fit_input_scale(torch.randn(16, 4))
+    hparams = {**dict(sae.hparams), "_class_path": "lightning_sae.models.topk.TopKSAE"}
+    torch.save({"state_dict": sae.state_dict(), "hyper_parameters": hparams}, folder / "good.ckpt")
+    content = (folder / "good.ckpt").read_bytes()
+    (folder / "truncated.ckpt").write_bytes(content[: len(content) // 2])
+    (folder / "empty.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}, "options": argparse.Namespace(lr=1)}, folder / "pickled.ckpt")
+    export = export_sae(sae, folder / "truncated-export")
+    weights = export / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return {p.stem: p for p in folder.iterdir()}
+
+
+def _commands(target: Path, files: dict[str, Path]) -> dict[str, list[str]]:
+    out = str(files["good"].parent / "out")
+    return {
+        "export": ["export", "--ckpt_path", str(target), "--out", out],
+        "compare": ["compare", str(target), str(files["good"])],
+        "inspect": ["inspect", "--ckpt_path", str(target), "--config", str(TOPK), "--out", out],
+        "validate": ["validate", "--config", str(TOPK), "--ckpt_path", str(target)],
+        "fit": ["fit", "--config", str(TOPK), "--ckpt_path", str(target)],
+    }
+
+
+PROBLEMS = {
+    "empty": "is empty",
+    "truncated": "is truncated or damaged",
+    "pickled": "holds the Python object argparse.Namespace, which lightning-sae never unpickles",
+}
+
+
+# Every damage through export, every command with one damage: all read through one function.
+@pytest.mark.parametrize(
+    ("command", "damage"),
+    [
+        *(("export", damage) for damage in PROBLEMS),
+        ("fit", "truncated"),
+        ("validate", "pickled"),
+        ("compare", "empty"),
+        ("inspect", "truncated"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_naming_it(
+    damaged: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    damage: str,
+) -> None:
+    monkeypatch.chdir(damaged["good"].parent)  # fit's run folder, were it to start
+    target = damaged[damage]
+    line = _cli_error(*_commands(target, damaged)[command])
+    assert f"{target} {PROBLEMS[damage]}" in line, line
+
+
+@pytest.mark.parametrize("command", ["validate", "compare", "inspect"])
+def test_a_truncated_safetensors_file_is_one_line_naming_it(
+    damaged: dict[str, Path], command: str
+) -> None:
+    folder = damaged["truncated-export"]
+    line = _cli_error(*_commands(folder, damaged)[command])
+    assert f"{folder / 'sae_weights.safetensors'} is not a complete safetensors file" in line
+
+
+def test_a_checkpoint_weights_only_refuses_is_one_line_from_the_command(
+    damaged: dict[str, Path],
+) -> None:
+    """The same through a real ``lightning-sae`` process: no traceback, no advice to unpickle."""
+    target = damaged["pickled"]
+    result = run_cli(target.parent, "validate", "--config", str(TOPK), "--ckpt_path", str(target))
+    assert_one_clear_line(result, str(target), "argparse.Namespace")
+    assert "weights_only" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+# ----------------------------------------------------------------------------- export targets
+def test_export_refuses_to_overwrite_an_sae_unless_asked(
+    damaged: dict[str, Path], tmp_path: Path
+) -> None:
+    from lightning_sae.cli import main
+
+    good, out = str(damaged["good"]), tmp_path / "sae"
+    main(["export", "--ckpt_path", good, "--out", str(out)])
+    (out / "cfg.json").write_text((out / "cfg.json").read_text().replace('"topk"', '"mine"'))
+    line = _cli_error("export", "--ckpt_path", good, "--out", str(out))
+    assert f"{out} already holds an SAE" in line and "--overwrite" in line
+    assert '"mine"' in (out / "cfg.json").read_text()  # untouched
+    main(["export", "--ckpt_path", good, "--out", str(out), "--overwrite"])
+    assert '"mine"' not in (out / "cfg.json").read_text()
+
+
+def test_export_names_an_out_file_and_an_empty_checkpoint_folder(
+    damaged: dict[str, Path], tmp_path: Path
+) -> None:
+    good = str(damaged["good"])
+    (tmp_path / "file").write_text("")
+    line = _cli_error("export", "--ckpt_path", good, "--out", str(tmp_path / "file"))
+    assert f"--out {tmp_path / 'file'} is a file" in line
+    (tmp_path / "empty").mkdir()
+    line = _cli_error("export", "--ckpt_path", str(tmp_path / "empty"), "--out", "x")
+    assert f"{tmp_path / 'empty'} is a folder" in line and "holds no checkpoint" in line
+    assert "does not exist" not in line
+
+
+def test_an_sae_too_large_for_memory_is_refused_before_it_is_allocated(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.init_args.d_sae", "20000000000", "--trainer.max_steps", "1"]
+    line = _cli_error("fit", "--config", str(TOPK), *args)
+    assert "model.init_args.d_sae" in line and "bytes" in line and "Adam" in line, line
+    assert "DefaultCPUAllocator" not in line

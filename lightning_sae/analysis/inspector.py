@@ -43,6 +43,7 @@ from lightning_sae.commands import INSPECT_SPLITS, data_overrides, inspect_parse
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.cache import ShardedActivations, open_hook_cache
+from lightning_sae.files import UnreadableFileError, read_text_bounded
 from lightning_sae.io import CONFIG_FILENAME, export_checkpoint, load, read_config
 from lightning_sae.metrics.similarity import load_sae_weights, nearest_neighbours
 from lightning_sae.models import SparseAutoencoder
@@ -86,8 +87,8 @@ def datamodule_from_config(
 ) -> ActivationDataModule:
     """The config's ``data:`` section as an ActivationDataModule (the only class accepted)."""
     try:
-        content = yaml.safe_load(Path(config).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        content = yaml.safe_load(read_text_bounded(config))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, UnreadableFileError) as error:
         detail = " ".join(str(error).split())
         raise InspectError(f"cannot read the config {config}: {detail}") from None
     data = (content or {}).get("data") if isinstance(content, dict) else None

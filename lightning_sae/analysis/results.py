@@ -31,6 +31,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lightning_sae.files import read_text_bounded
+
 META_FILENAME = "inspect.json"
 FEATURES_FILENAME = "features.parquet"
 CONTEXTS_FILENAME = "contexts.parquet"
@@ -95,12 +97,12 @@ def load_inspection(folder: str | Path) -> Inspection:
     """Read the folder that ``lightning-sae inspect`` (or :func:`~lightning_sae.analysis.inspect`)
     wrote."""
     folder = Path(folder)
-    if not (folder / META_FILENAME).is_file():
+    if not (folder / META_FILENAME).exists():
         raise FileNotFoundError(
             f"{folder / META_FILENAME} does not exist: pass the --out folder of lightning-sae "
             "inspect."
         )
-    meta = json.loads((folder / META_FILENAME).read_text())
+    meta = json.loads(read_text_bounded(folder / META_FILENAME))
     features = pd.read_parquet(folder / FEATURES_FILENAME).set_index("feature", drop=False)
     return Inspection(
         folder=folder,

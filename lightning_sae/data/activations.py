@@ -68,6 +68,7 @@ from lightning_sae.data.tokens import (
     iter_documents,
     token_windows,
 )
+from lightning_sae.files import read_text_bounded
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -767,8 +768,8 @@ def cache_main(argv: list[str]) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
     try:
-        config = yaml.safe_load(Path(args.config).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
+        config = yaml.safe_load(read_text_bounded(args.config)) or {}
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not text, not a file
         message = " ".join(str(error).split())  # one line
         raise SystemExit(f"error: cannot read the config {args.config}: {message}") from None
     data = (config.get("data") if isinstance(config, dict) else None) or {}

@@ -50,6 +50,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_sae.files import UnreadableFileError, open_regular, read_text_bounded
+
 FORMAT = "lightning-sae-activation-cache"
 VERSION = 1
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -148,10 +150,12 @@ def _corrupt(path: Path, problem: str, root: Path) -> CorruptCacheError:
 def read_json(path: Path, root: Path | None = None) -> dict[str, Any] | None:
     """The JSON object in ``path``, or ``None`` when there is no such file. ``root`` is the
     folder the error message tells the user to delete (default: the file's folder)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(read_text_bounded(path))
+    except UnreadableFileError as error:
+        raise _corrupt(path, error.problem, root or path.parent) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _corrupt(path, f"is not valid JSON ({error})", root or path.parent) from error
     if not isinstance(content, dict):
@@ -169,7 +173,7 @@ def fingerprint_of(path: Path, content: dict[str, Any], root: Path) -> dict[str,
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open_regular(path) as file:  # a link to /dev/zero would never end
         while block := file.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()

@@ -33,6 +33,7 @@ from lightning_sae.commands import (
     NEAREST_NEIGHBOUR_BACKENDS,
     compare_parser,
 )
+from lightning_sae.files import load_safetensors_file, load_torch_file
 
 Backend = Literal["auto", "torch", "faiss"]
 BACKENDS = NEAREST_NEIGHBOUR_BACKENDS
@@ -382,21 +383,21 @@ def load_sae_weights(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in EXPORT_WEIGHTS_FILENAMES if (path / name).is_file()]
+        found = [path / name for name in EXPORT_WEIGHTS_FILENAMES if (path / name).exists()]
         if not found:
             raise FileNotFoundError(
                 f"{path} is a folder without {' or '.join(EXPORT_WEIGHTS_FILENAMES)}: pass an "
                 "export folder (lightning-sae export), a SAELens folder or a Lightning .ckpt file."
             )
         path = found[0]
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass a .ckpt file or an export folder.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Mapping[str, Tensor] = load_file(path)
+        state: Mapping[str, Tensor] = load_safetensors_file(path)
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_torch_file(path)
+        if not isinstance(checkpoint, Mapping):
+            raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint.")
         state = checkpoint.get("state_dict", checkpoint)
     weights = {name: _find_key(state, name) for name in ("W_dec", "W_enc")}
     if weights["W_dec"] is None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+from lightning_sae.files import METADATA_LIMIT, bytes_io, load_torch_file, open_regular
 
 META_FILENAME = "meta.pt"  # loops, callbacks, hyperparameters: everything but the shards
 DCP_METADATA_FILENAME = ".metadata"  # torch's index of the shards, a pickle
@@ -39,21 +44,75 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
 
 
-def check_dcp_metadata(path: Path) -> None:
+def check_dcp_metadata(path: Path, expected: Mapping[str, torch.Size] | None = None) -> None:
     """Refuse a sharded folder whose ``.metadata`` would do more than describe its shards.
 
     torch reads that file with plain ``pickle``, which can run any code a downloaded folder
     chooses; it is read here first with an unpickler that allows only the index's own types.
+    Every entry must be a tensor: torch unpickles an entry stored as bytes with plain
+    ``pickle`` (and a resume would silently keep its own value where the entry
+    replaced one of its tensors). Every shard file it names must be a regular file of the
+    folder that holds the bytes it is said to hold. With ``expected`` (flattened name ->
+    shape, as torch's checkpoint names them), every expected tensor must be there, in that
+    shape.
     """
+    index = path / DCP_METADATA_FILENAME
     try:
-        with open(path / DCP_METADATA_FILENAME, "rb") as file:
-            _DCPMetadataUnpickler(file).load()
+        metadata = _DCPMetadataUnpickler(bytes_io(index)).load()
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
         raise ValueError(
-            f"{path / DCP_METADATA_FILENAME} refused: {error}. A latent-sharded checkpoint's "
+            f"{index} refused: {error}. A latent-sharded checkpoint's "
             "index names only torch's checkpoint types; this folder was not written by "
             "lightning-sae's LatentParallelStrategy (or is damaged), so it is not read."
         ) from None
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(metadata, Metadata) or not isinstance(entries, dict):
+        raise ValueError(f"{index} refused: it holds a {type(metadata).__name__}, not an index.")
+    stored_as_bytes = sorted(
+        name for name, m in entries.items() if isinstance(m, BytesStorageMetadata)
+    )
+    if stored_as_bytes:
+        raise ValueError(
+            f"{path} refused: its entries {stored_as_bytes} are stored as bytes (pickled Python "
+            "objects, which torch unpickles, running any code they name); lightning-sae's "
+            "sharded checkpoints hold only tensors, so this folder was not written by it."
+        )
+    _check_shard_files(path, metadata)
+    for name, shape in (expected or {}).items():
+        found = entries.get(name)
+        if found is None:
+            raise ValueError(
+                f"{path} lacks the tensor {name!r} that this run needs; it is incomplete or "
+                "was written for another model: resume from a checkpoint of this run."
+            )
+        if tuple(found.size) != tuple(shape):
+            raise ValueError(
+                f"{path} holds {name!r} of shape {tuple(found.size)}, this run's is "
+                f"{tuple(shape)}: resume with the configuration the checkpoint was trained with."
+            )
+
+
+def _check_shard_files(path: Path, metadata: Metadata) -> None:
+    """Every shard file is a regular file inside ``path`` that covers the bytes the index says
+    it holds (torch would otherwise read past it, or read a link to /dev/zero without end)."""
+    sizes: dict[str, int] = {}
+    storage = metadata.storage_data
+    for info in storage.values() if isinstance(storage, dict) else [storage]:
+        name = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise ValueError(f"{path} refused: its index names the shard file {name!r}.")
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            raise ValueError(f"{path} refused: its index places {name} at {offset!r}+{length!r}.")
+        if name not in sizes:
+            with open_regular(path / name) as file:
+                sizes[name] = os.fstat(file.fileno()).st_size
+        end = offset + length
+        if end > sizes[name]:
+            raise ValueError(
+                f"{path / name} is truncated: its index says it holds bytes up to {end}, it has "
+                f"{sizes[name]}; copy the checkpoint folder again."
+            )
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -77,7 +136,7 @@ def consolidate_checkpoint(path: str | Path, out: str | Path | None = None) -> d
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "full.pt")
         full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
-    checkpoint = torch.load(path / META_FILENAME, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path / META_FILENAME, METADATA_LIMIT, what="checkpoint's meta.pt")
     checkpoint["state_dict"] = full["state_dict"]
     optimizer_states = []
     for i, groups in enumerate(checkpoint.pop("optimizer_param_groups", [])):

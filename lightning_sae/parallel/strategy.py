@@ -15,6 +15,7 @@ callbacks, schedulers, hyperparameters) goes to ``meta.pt`` as in Lightning's ow
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
+from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
 from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable, shard_of, sharded_class
 
@@ -154,15 +156,30 @@ class LatentParallelStrategy(ModelParallelStrategy):
             f"optimizer_{i}": {"state": self.optimizer_state(o)["state"]}
             for i, o in enumerate(optimizers)
         }
-        check_dcp_metadata(path)  # torch unpickles it; a downloaded folder could run code
+        # torch unpickles the index and any bytes entry: a downloaded folder could run code, or
+        # leave out a tensor that the in-place load would then silently keep from this run.
+        check_dcp_metadata(path, expected=_flat_shapes(tensors))
         dcp.load(tensors, checkpoint_id=path)  # in place: the DTensors view the live tensors
-        meta = torch.load(path / META_FILENAME, map_location="cpu", weights_only=True)
+        meta = load_torch_file(path / META_FILENAME, METADATA_LIMIT, what="checkpoint's meta.pt")
         for optimizer, groups in zip(
             optimizers, meta.get("optimizer_param_groups", []), strict=False
         ):
             for group, saved in zip(optimizer.param_groups, groups, strict=True):
                 group.update({k: v for k, v in saved.items() if k != "params"})
         return meta
+
+
+def _flat_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Size]:
+    """Global shape of every tensor of a nested dict, under the name torch's distributed
+    checkpoint gives it (the keys on the way, joined by dots)."""
+    shapes: dict[str, torch.Size] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            shapes |= _flat_shapes(value, f"{name}.")
+        elif isinstance(value, Tensor):
+            shapes[name] = value.shape  # a DTensor's shape is the global one
+    return shapes
 
 
 def _create_adam_state(optimizer: Optimizer) -> None:
