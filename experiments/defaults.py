@@ -5,7 +5,6 @@ python -m experiments.defaults_sweep NAME [NAME ...] --seeds 0 1
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -13,13 +12,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from experiments._common import markdown_table, publish, quiet_trainer
+from experiments._common import markdown_table, parser, publish, quiet_trainer, start
 from experiments.vs_saelens import Measure, SavedBatches, make_data
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import TopKSAE
 
-WORK = Path("/tmp/init-sweep")
+WORK = Path("/tmp/lightning-sae-defaults")
 CANDIDATES = {
     # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
     "std_s1": ("standard", {}, 1.0, None, None),
@@ -101,7 +100,7 @@ def table(work: Path, out: Path) -> None:
 
         seeds = ",".join(str(r["seed"]) for r in sorted(runs[name], key=lambda r: r["seed"]))
         rows.append(
-            [name, seeds, cell("gt_mmcs", 3), cell("l0", 2), cell("fvu", 3), cell("dead", 0)]
+            [name, seeds, cell("gt_mmcs", 3), cell("l0", 2), cell("fvu", 3), cell("dead", 1)]
         )
     header = ["candidate", "seeds", "GT MMCS", "L0", "FVU", "dead (of 512)"]
     out.mkdir(parents=True, exist_ok=True)
@@ -109,24 +108,28 @@ def table(work: Path, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("names", nargs="*")
+    p = parser(__doc__.splitlines()[0], "defaults")
+    p.add_argument("names", nargs="*", help=f"candidates: {', '.join(CANDIDATES)}")
     p.add_argument("--table", action="store_true", help="tabulate the runs in --work")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--every", type=int, default=100)
+    p.add_argument("--work", type=Path, default=WORK, help="data and one JSON per run")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    if args.table:
-        table(WORK, Path(__file__).resolve().parent.parent / "docs" / "experiments" / "defaults")
+    start(args)
+    if args.smoke:  # tiny data, two candidates, then the table
+        args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2"], [0], 3
+    if not args.smoke and args.table:
+        table(args.work, args.out)
         return
-    WORK.mkdir(exist_ok=True)
-    path = WORK / "data.safetensors"
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / "data.safetensors"
     if not path.exists():
-        make_data(path, 1500, 256, eval_size=8192)
+        steps, batch, eval_size = (6, 32, 512) if args.smoke else (1500, 256, 8192)
+        make_data(path, steps, batch, eval_size=eval_size)
     data = load_file(str(path))
     for seed in args.seeds:
         for name in args.names:
-            out = WORK / f"{name}_s{seed}.json"
+            out = args.work / f"{name}_s{seed}.json"
             if out.exists():
                 continue
             result = run(name, seed, data, args.every)
@@ -137,6 +140,8 @@ def main() -> None:
                 f"dead {f['dead']} ({result['seconds']:.0f}s)",
                 flush=True,
             )
+    if args.smoke:
+        table(args.work, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from experiments._common import markdown_table, write, write_json
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import TopKSAE
 
-WORK = Path("/tmp/init-sweep-minilm")
+WORK = Path("/tmp/lightning-sae-defaults-minilm")
 STEPS = 300
 CANDIDATES = {  # name: (variant, options, encoder scale)
     **{

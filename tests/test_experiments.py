@@ -193,3 +193,14 @@ def test_smoke_vs_saelens_ours_side(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         steps = [row["step"] for row in curves[variant]["lightning-sae"]]
         assert steps == [0, 3, 6]
         assert curves[variant]["lightning-sae"][-1]["l0"] > 0
+
+
+def test_smoke_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import defaults
+
+    argv = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
+    run_main(defaults, argv, monkeypatch)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| std_s1 | 0 |" in table and "| std_s0.25_b2 | 0 |" in table
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["step"] for row in runs["std_s1"][0]["curve"]] == [0, 3, 6]
