@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from lightning_sae.options import OptionError, check_options, did_you_mean, read_table
+
 # name -> (one-line help, entry point taking argv). Later modules add cache / export / compare.
 TOOL_COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {}
 
@@ -63,13 +65,19 @@ def main(argv: list[str] | None = None) -> None:
         print(_top_level_help())
         return
     try:
+        check_command(argv[0])
         check_config_files(argv)
         if argv[0] in TOOL_COMMANDS:
             TOOL_COMMANDS[argv[0]][1](argv[1:])
             return
+        check_trainer_options(argv)
         check_class_paths(argv)
         _run_trainer_command(argv if not from_command_line else None)
-    except (CommandError, ValueError, OSError) as error:
+    except (CommandError, OptionError) as error:
+        if os.environ.get("LIGHTNING_SAE_DEBUG"):
+            raise
+        raise SystemExit(f"error: {error}") from None
+    except (ValueError, OSError) as error:
         if os.environ.get("LIGHTNING_SAE_DEBUG"):
             raise
         raise SystemExit(
@@ -77,8 +85,21 @@ def main(argv: list[str] | None = None) -> None:
         ) from None
 
 
+def _commands() -> dict[str, str]:
+    """Every command and its one-line help."""
+    return {**TRAINER_COMMANDS, **{name: help_ for name, (help_, _) in TOOL_COMMANDS.items()}}
+
+
+def check_command(name: str) -> None:
+    if name not in _commands():
+        raise CommandError(
+            f"unknown command {name!r}.{did_you_mean(name, _commands())} The commands: "
+            f"{', '.join(_commands())} (lightning-sae --help says what each does)."
+        )
+
+
 def _top_level_help() -> str:
-    rows = {**TRAINER_COMMANDS, **{name: help_ for name, (help_, _) in TOOL_COMMANDS.items()}}
+    rows = _commands()
     commands = "".join(f"\n  {name:<10}{help_}" for name, help_ in rows.items())
     return (
         "usage: lightning-sae COMMAND [options]   (lightning-sae COMMAND --help for its options)\n"
@@ -171,6 +192,20 @@ def check_config_files(argv: list[str]) -> None:
         read_config_file(path)
 
 
+def _options_in(argv: list[str]) -> list[str]:
+    """The ``--name`` tokens of a command line (a value is never one: none starts with --)."""
+    return [arg for arg in argv if arg.startswith("--") and arg != "--"]
+
+
+def check_trainer_options(argv: list[str]) -> None:
+    """Refuse a mistyped option or class name before torch is imported, when the option
+    table of an earlier run is at hand (see :mod:`lightning_sae.options`)."""
+    table = read_table()
+    if table is None or argv[0] not in table["commands"]:
+        return
+    check_options(argv[0], _options_in(argv[1:]), _class_paths_in(argv), table)
+
+
 def _class_paths_in(argv: list[str]) -> dict[str, str]:
     """model/data class_path values from --config files and command-line overrides."""
     found: dict[str, str] = {}
@@ -196,10 +231,11 @@ def check_class_paths(argv: list[str]) -> None:
         try:
             getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as error:
-            choices = "\n  ".join(_known_subclasses(key))
-            raise SystemExit(
-                f"error: {key}.class_path {class_path!r} cannot be imported ({error}).\n"
-                f"Set {key}.class_path to one of:\n  {choices}"
+            known = _known_subclasses(key)
+            raise CommandError(
+                f"{key}.class_path {class_path!r} cannot be imported ({error})."
+                f"{did_you_mean(class_path, known)} Set {key}.class_path to one of: "
+                f"{', '.join(known)}."
             ) from None
 
 

@@ -21,6 +21,7 @@ NEAREST_NEIGHBOUR_BACKENDS = ("auto", "torch", "faiss")
 
 def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae export",
         description="Write a checkpoint's SAE as cfg.json + sae_weights.safetensors, in the "
         "layout SAELens's SAE.load_from_disk reads, with input normalisation folded in.",
@@ -48,6 +49,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def compare_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae compare",
         description="Match the features of two SAEs (Lightning .ckpt files or export folders): "
         "max cosine similarity A->B and B->A, and a one-to-one matching, for decoder and "
@@ -71,6 +73,7 @@ INSPECT_SPLITS = ("all", "train", "val")
 
 def inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae inspect",
         description="Run an SAE over the token windows of a config's activation cache and record "
         "per feature: top-activating contexts, samples across its activation range, firing "

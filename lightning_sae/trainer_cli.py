@@ -6,19 +6,26 @@ subcommands and ``--help`` of :mod:`lightning_sae.cli` must answer without them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import inspect
+import logging
 import os
+import pkgutil
+import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_sae.callbacks._reporting import saes, scoped
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
@@ -32,6 +39,7 @@ from lightning_sae.files import load_torch_file
 from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.group import SAEGroup, names_group
+from lightning_sae.options import CLASS_GROUPS, parser_error_line, read_table, write_table
 
 SPECIAL_CKPT_PATHS = {"last", "best", "hpc", "registry"}
 RUN_CSV_LOGGER = "lightning_sae.trainer_cli.RunCSVLogger"
@@ -118,10 +126,71 @@ def _checkpoint_record(path: Path) -> dict[str, Any]:
     return {"global_step": checkpoint.get("global_step", 0), **checkpoint.get("run", {})}
 
 
-def _newest_last(folders: list[Path]) -> Path | None:
-    """What Lightning's ``--ckpt_path last`` picks: the newest ``last*.ckpt``."""
-    found = [p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+class RunFinished(Exception):
+    """``fit --ckpt_path`` of a run that already reached ``trainer.max_steps``; the message
+    says so (the CLI prints it and exits 0: the run asked for exists)."""
+
+
+def _run_contents(checkpoint_dirs: list[Path], log_folders: list[Path]) -> list[Path]:
+    """What a previous run left in the run folder: checkpoints and training log versions."""
+    checkpoints = [
+        p for folder in checkpoint_dirs if folder.is_dir() for p in folder.glob("*.ckpt")
+    ]
+    logs = [p for folder in log_folders if folder.is_dir() for p in folder.glob("version_*")]
+    return sorted(checkpoints) + sorted(logs)
+
+
+def _run_last(checkpoint_dirs: list[Path]) -> Path | None:
+    """The run's final checkpoint, ``last.ckpt`` of its checkpoint folder (never a newer
+    ``last-v1.ckpt`` of another run, as Lightning's newest-``last*`` rule would pick)."""
+    return next((d / "last.ckpt" for d in checkpoint_dirs if (d / "last.ckpt").exists()), None)
+
+
+def resume_checkpoint(
+    run: Path,
+    ckpt_path: str | None,
+    checkpoint_dirs: list[Path],
+    log_folders: list[Path],
+    max_steps: int | None,
+    is_rank_zero: bool = True,
+) -> tuple[str | None, dict[str, Any]]:
+    """The checkpoint a ``fit`` starts from (``last`` resolved to the run's ``last.ckpt``) and
+    its record (see :func:`_checkpoint_record`).
+
+    A run folder holds one run: a fit into a folder that already holds one resumes it or is
+    refused, and a resume of a run that reached ``max_steps`` raises :class:`RunFinished`.
+    Only rank 0 judges the folder: the other processes start when it may already be writing.
+    """
+    found = _run_contents(checkpoint_dirs, log_folders)
+    ways_out = (
+        f"resume it with --ckpt_path last, or start a new run in another folder with "
+        f"--trainer.default_root_dir {run}-2"
+    )
+    if ckpt_path == "last":
+        last = _run_last(checkpoint_dirs)
+        if last is None and found and is_rank_zero:
+            raise SystemExit(
+                f"error: --ckpt_path last: the run folder {run} has no checkpoints/last.ckpt to "
+                f"resume (it holds {os.path.relpath(found[0], run)}); pass one of its checkpoints "
+                f"as --ckpt_path, or start a new run with --trainer.default_root_dir {run}-2."
+            )
+        if last is None:
+            return None, {}  # nothing to resume: the run starts here
+        ckpt_path = str(last)
+    record = _checkpoint_record(Path(ckpt_path)) if ckpt_path else {}
+    written_by = record.get("run_dir")
+    continues_this_run = written_by is not None and Path(written_by).resolve() == run.resolve()
+    if found and not continues_this_run and is_rank_zero:
+        held = os.path.relpath(_run_last(checkpoint_dirs) or found[0], run)
+        raise SystemExit(f"error: the run folder {run} already holds a run ({held}); {ways_out}.")
+    step = record.get("global_step", 0)
+    if ckpt_path and max_steps is not None and 0 < max_steps <= step:
+        raise RunFinished(
+            f"the run is finished: {ckpt_path} is at step {step} and trainer.max_steps is "
+            f"{max_steps}. Raise --trainer.max_steps to train on; `lightning-sae validate` with "
+            f"--ckpt_path {ckpt_path} reports its metrics."
+        )
+    return ckpt_path, record
 
 
 def _next_version(folders: list[Path], prefix: str) -> int:
@@ -177,8 +246,8 @@ def place_run(subcommand: str, config: Namespace) -> tuple[Path, int | str | Non
 
     loggers = trainer.get("logger")
     if loggers is False:
-        return run, None
-    if loggers is None or loggers is True:
+        loggers = []  # none; the run folder is still judged by its checkpoints
+    elif loggers is None or loggers is True:
         loggers = [
             Namespace(class_path=RUN_CSV_LOGGER, init_args=Namespace(name="csv")),
             Namespace(
@@ -186,8 +255,8 @@ def place_run(subcommand: str, config: Namespace) -> tuple[Path, int | str | Non
                 init_args=Namespace(name="tensorboard"),
             ),
         ]
-    loggers = loggers if isinstance(loggers, list) else [loggers]
     versioned = []  # (namespace, folder holding its versions)
+    loggers = loggers if isinstance(loggers, list) else [loggers]
     for logger in loggers:
         if not isinstance(logger, Namespace) or "class_path" not in logger:
             continue
@@ -211,10 +280,15 @@ def place_run(subcommand: str, config: Namespace) -> tuple[Path, int | str | Non
     purge_step = None
     folders = [folder for _, _, folder in versioned]
     if subcommand == "fit":
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last":
-            ckpt_path = _newest_last(checkpoint_dirs)
-        record = _checkpoint_record(Path(ckpt_path)) if ckpt_path else {}
+        ckpt_path, record = resume_checkpoint(
+            run,
+            config.get("ckpt_path"),
+            checkpoint_dirs,
+            folders,
+            trainer.get("max_steps"),
+            is_rank_zero=rank_zero_only.rank == 0,
+        )
+        config.ckpt_path = ckpt_path
         written_by = record.get("run_dir")
         if written_by is not None and Path(written_by).resolve() == run.resolve():
             version, purge_step = record.get("log_version"), record["global_step"] + 1
@@ -226,6 +300,8 @@ def place_run(subcommand: str, config: Namespace) -> tuple[Path, int | str | Non
         args.version = version
         if purge_step is not None and issubclass(cls, (RunCSVLogger, TensorBoardLogger)):
             args.purge_step = purge_step  # TensorBoardLogger hands it to its SummaryWriter
+    if not loggers:
+        return run, None
     trainer.logger = loggers
     return run, version
 
@@ -336,8 +412,133 @@ def _is_variant(class_path: str | None, cls: type) -> bool:
         return False
 
 
+def project_classes(group: str) -> dict[str, type]:
+    """The project's model (or data) classes by full path, those a bare name may name."""
+    from lightning import LightningDataModule, LightningModule
+
+    package = importlib.import_module(
+        "lightning_sae.models" if group == "model" else "lightning_sae.data"
+    )
+    for module in pkgutil.iter_modules(package.__path__):
+        with contextlib.suppress(ImportError):  # a module needing an optional extra
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    stack, found = [LightningModule if group == "model" else LightningDataModule], {}
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            if sub.__module__.startswith("lightning_sae.") and not sub.__name__.startswith("_"):
+                found[f"{sub.__module__}.{sub.__qualname__}"] = sub
+    return found
+
+
+def init_arg_names(cls: type) -> list[str]:
+    """The init arguments LightningCLI takes for ``cls`` (``**kwargs`` followed as it does)."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "x", sub_configs=True)
+    return sorted({action.dest[2:].split(".")[0] for action in parser._actions
+                   if action.dest.startswith("x.")})  # fmt: skip
+
+
+def _long_options(parser: ArgumentParser) -> list[str]:
+    return sorted({o for action in parser._actions for o in action.option_strings if o[:2] == "--"})
+
+
+class SAEArgumentParser(LightningArgumentParser):
+    """No abbreviated options (``--trainer.max_step`` is not ``max_steps``), and a parse error
+    is one line naming the closest valid option or the classes there are, not the usage and
+    every union alternative. ``LIGHTNING_SAE_DEBUG=1`` shows jsonargparse's own message."""
+
+    command = "fit"  # the subcommand whose options an error is judged against
+    commands: dict[str, ArgumentParser] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error or os.environ.get("LIGHTNING_SAE_DEBUG"):
+            return super().error(message, ex)
+        parser = self.commands.get(self.command, self)
+        classes = {group: project_classes(group) for group in CLASS_GROUPS}
+        path = re.search(r"class_path '([^']+)'", message)
+        cls = None
+        if path:
+            cls = next((c for g in classes.values() for p, c in g.items() if p == path[1]), None)
+        init_args = {path[1]: init_arg_names(cls)} if cls is not None else {}
+        line = parser_error_line(message, self.command, _long_options(parser), classes, init_args)
+        raise SystemExit(f"error: {line}")
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning's advertisements (litlogger, litmodels) from its info log, and its note
+    that ``max_steps`` was reached: the step bar shows it, and in a terminal the note lands on
+    the bar's line just before the bar prints its last state again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not message.startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps="))
+
+
+def quiet_lightning(subcommand: str) -> None:
+    """Silence what Lightning prints that says nothing about this run."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)  # where Lightning's rank_zero_info writes
+        if not any(isinstance(f, _LightningNoise) for f in logger.filters):
+            logger.addFilter(_LightningNoise())
+    # Raised inside Lightning's own _pytree module by the torch it runs on; nothing to act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if subcommand != "fit":
+        # Evaluating a checkpoint needs none of the training callbacks whose state it holds.
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`")
+
+
 class SAECLI(LightningCLI):
     """LightningCLI with any SAE variant as model and any DataModule as data, by class_path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", SAEArgumentParser)
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (an SAE has nothing to ``predict``)."""
+        return {
+            name: skip
+            for name, skip in LightningCLI.subcommands().items()
+            if name in ("fit", "validate", "test")
+        }
+
+    def setup_parser(self, add_subcommands: bool, *args: Any) -> None:
+        super().setup_parser(add_subcommands, *args)
+        if add_subcommands:
+            SAEArgumentParser.commands = self._subcommand_parsers
+            if read_table() is None:
+                write_table(self._option_table)
+
+    def _option_table(self) -> dict[str, Any]:
+        """What :mod:`lightning_sae.options` checks a command line against before the imports."""
+        table: dict[str, Any] = {
+            "commands": {name: _long_options(p) for name, p in self._subcommand_parsers.items()}
+        }
+        for group in CLASS_GROUPS:
+            table[group] = {
+                path: init_arg_names(cls) for path, cls in project_classes(group).items()
+            }
+        return table
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "verbose" in parser.get_defaults():
+            # Lightning's table of every logged value, printed before ours: ours is enough.
+            parser.set_defaults(verbose=False)
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        given = sys.argv[1:] if args is None else args
+        if isinstance(given, list):
+            SAEArgumentParser.command = next((a for a in given if a in self.subcommands()), "fit")
+        quiet_lightning(SAEArgumentParser.command)
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -462,7 +663,11 @@ class SAECLI(LightningCLI):
                 f"error: --ckpt_path {ckpt_path} does not exist. Pass the path of a .ckpt file "
                 "(see the run's checkpoints/ folder) or --ckpt_path last to resume the latest run."
             )
-        self.run_dir, self.log_version = place_run(self.subcommand, config)
+        try:
+            self.run_dir, self.log_version = place_run(self.subcommand, config)
+        except RunFinished as finished:
+            print(finished, flush=True)
+            raise SystemExit(0) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer plus the run's lifecycle callbacks and default monitoring."""

@@ -1,6 +1,7 @@
 """The command line as a user runs it: fit, resume with --ckpt_path last, validate, bad input."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -32,6 +33,10 @@ def test_fit_resume_and_validate_end_to_end(tmp_path: Path) -> None:
         assert label in first.stdout, first.stdout
     last = tmp_path / "runs" / "toy-standard" / "checkpoints" / "last.ckpt"
     assert last.exists()
+    assert_quiet(first)
+    # The bar's final state is drawn once when the last step ends and once when it closes
+    # (not again after the final validation and at the epoch's end).
+    assert first.stdout.count("20/20 [") == 2, first.stdout[-3000:]
 
     resumed = run_cli(tmp_path, "fit", *common, "--trainer.max_steps", "40", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -46,6 +51,16 @@ def test_fit_resume_and_validate_end_to_end(tmp_path: Path) -> None:
     validated = run_cli(tmp_path, "validate", "--config", str(CONFIG), "--ckpt_path", str(last))
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "ground-truth MMCS" in validated.stdout
+    assert_quiet(validated)
+    assert "Please add the following callbacks" not in validated.stderr  # not needed to validate
+    assert "val/loss" not in validated.stdout  # Lightning's table of every value: ours only
+
+
+def assert_quiet(result: subprocess.CompletedProcess) -> None:
+    """None of Lightning's output that says nothing about the run."""
+    output = result.stdout + result.stderr
+    for noise in ("💡 Tip", "litlogger", "litmodels", "LeafSpec", "`Trainer.fit` stopped"):
+        assert noise not in output, output[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -66,3 +81,13 @@ def test_bad_input_names_the_option_and_the_fix(
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_notebook_command_is_installed_by_the_dev_extra() -> None:
+    """`pip install -e ".[dev]"` brings what the README's `jupyter nbconvert` command runs."""
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    assert "jupyter nbconvert --to html --execute notebooks/analysis.ipynb" in readme
+    dev = (root / "pyproject.toml").read_text().split("dev = [", 1)[1].split("]", 1)[0]
+    assert '"nbconvert>=' in dev
+    assert importlib.util.find_spec("nbconvert") is not None  # the environment has the extra

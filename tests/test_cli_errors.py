@@ -214,6 +214,118 @@ def test_a_hub_dataset_offline_is_one_line(tmp_path: Path) -> None:
     assert_one_clear_line(result, "dataset 'owner/no-such-set'", "HF_HUB_OFFLINE")
 
 
+# --------------------------------------------------------- typos, abbreviations, unknown commands
+def _error_of(*argv: str) -> str:
+    """The one error line ``lightning-sae ARGV`` exits with, run in this process."""
+    from lightning_sae.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_the_full_parser_names_the_closest_option_and_refuses_abbreviations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the option table (a fresh cache) the full parser answers, in one line."""
+    import lightning_sae.cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    # No early check: the full parser answers.
+    monkeypatch.setattr(lightning_sae.cli, "read_table", lambda: None, raising=False)
+    fit = ["fit", "--config", str(STANDARD)]
+    # argparse would expand this to --trainer.max_steps and train 10 steps
+    assert "Did you mean `--trainer.max_steps`?" in _error_of(*fit, "--trainer.max_step", "10")
+    typo = _error_of(*fit, "--model.init_args.l1_coeficient", "0.1")
+    assert "Did you mean `--model.init_args.l1_coefficient`?" in typo
+    wrong_class = _error_of(*fit, "--model", "TopKSEA")
+    assert "Did you mean `TopKSAE`?" in wrong_class
+    assert all(name in wrong_class for name in ("StandardSAE", "JumpReLUSAE", "SAEGroup"))
+    config = tmp_path / "typo.yaml"
+    config.write_text("trainer:\n  max_stepz: 3\n")
+    assert "`trainer.max_steps`" in _error_of(*fit, "--config", str(config))
+
+
+def test_a_typo_is_answered_before_torch_is_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run leaves the option table in the cache; the next typo is checked against it first."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _error_of("fit", "--config", str(STANDARD), "--trainer.max_stepz", "1")  # writes the table
+    script = (
+        "import sys\n"
+        "from lightning_sae.cli import main\n"
+        f"for argv in {_TYPOS!r}:\n"
+        "    try:\n        main(argv)\n    except SystemExit as error:\n        print(error)\n"
+        "print('HEAVY', sorted({'torch', 'lightning', 'jsonargparse'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "HEAVY []", result.stdout + result.stderr[-2000:]
+    expected = ["`fit`", "`--trainer.max_steps`", "`--model.init_args.l1_coefficient`", "`TopKSAE`"]
+    assert len(lines) == len(expected) + 1, result.stdout
+    for line, suggestion in zip(lines, expected, strict=False):
+        assert line.startswith("error: ") and f"Did you mean {suggestion}?" in line, line
+    assert "cache, export, compare, inspect" in lines[0]  # every command, not only the trainer's
+
+
+_TYPOS = [
+    ["fitt"],
+    ["fit", "--config", str(STANDARD), "--trainer.max_step", "10"],
+    ["fit", "--config", str(STANDARD), "--model.init_args.l1_coeficient", "0.1"],
+    ["fit", "--config", str(STANDARD), "--model", "TopKSEA"],
+]
+
+
+def test_option_check_leaves_what_it_cannot_judge_to_the_full_parser() -> None:
+    from lightning_sae.options import OptionError, check_options
+
+    table = {
+        "commands": {"fit": ["--trainer.max_steps", "--trainer.callbacks", "--model", "--data"]},
+        "model": {"lightning_sae.models.topk.TopKSAE": ["k", "d_in"]},
+        "data": {},
+    }
+    fine = [
+        "--trainer.max_steps=5",
+        "--trainer.callbacks+=X",
+        "--trainer.callbacks.init_args.every_n_train_steps",  # any callback's own options
+        "--model.init_args.k",
+        "--model.k",
+        "--model.help",
+    ]
+    check_options("fit", fine, {"model": "TopKSAE"}, table)
+    check_options("fit", ["--model.init_args.anything"], {"model": "my.own.SAE"}, table)
+    for wrong in (["--trainer.max_step"], ["--max_steps"], ["--model.init_args.kk"]):
+        with pytest.raises(OptionError, match="Did you mean"):
+            check_options("fit", wrong, {"model": "TopKSAE"}, table)
+    with pytest.raises(OptionError, match="TopKSAE"):
+        check_options("fit", [], {"model": "TopK"}, table)
+
+
+def test_tool_commands_refuse_abbreviations() -> None:
+    from lightning_sae.commands import compare_parser, export_parser, inspect_parser
+
+    for parser, argv in (
+        (export_parser(), ["--ckpt", "a.ckpt", "--out", "x"]),
+        (compare_parser(), ["a", "b", "--hungarian", "3"]),
+        (inspect_parser(), ["--ckpt_path", "a", "--config", "c", "--out", "o", "--n_to", "3"]),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+def test_a_missing_activations_dir_is_named(tmp_path: Path) -> None:
+    from lightning_sae.data.activations import ActivationDataModule
+
+    data = ActivationDataModule(activations_dir=str(tmp_path / "missing"), batch_size=4)
+    with pytest.raises(ValueError, match=r"data.init_args.activations_dir .*missing is not a"):
+        data.setup("fit")
+
+
 # ----------------------------------------------------------------------------- damaged files
 def _cli_error(*args: str) -> str:
     """The first line of what ``lightning-sae ARGS`` (run in this process) exits with."""

@@ -204,3 +204,62 @@ def test_smoke_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "| std_s1 | 0 |" in table and "| std_s0.25_b2 | 0 |" in table
     runs = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["step"] for row in runs["std_s1"][0]["curve"]] == [0, 3, 6]
+
+
+def test_smoke_frontier_ours_side(
+    minilm_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The peers need their own virtualenvs; absent ones are skipped with a message. Here only
+    # our side, the shared data files, the measurements (splice included) and the report run.
+    from experiments import frontier
+
+    absent = {peer: tmp_path / "no-venv" for peer in frontier.VENVS}
+    monkeypatch.setattr(frontier, "VENVS", absent)
+    argv = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
+    run_main(frontier, [*argv, "--cache-dir", str(minilm_cache)], monkeypatch)
+    printed = capsys.readouterr().out
+    assert "SAELens venv not found" in printed and "sparsify venv not found" in printed
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {r["variant"] for r in runs} == {"topk", "batchtopk", "jumprelu", "standard"}
+    assert {r["library"] for r in runs} == {"lightning-sae"}
+    for run in runs:
+        assert 0 < run["l0"] <= 64 and math.isfinite(run["fvu"])
+        assert run["final_hidden_rel_mse"] > 0 and -1 <= run["final_hidden_cosine"] <= 1
+    topk = next(r for r in runs if r["variant"] == "topk")
+    assert topk["l0"] == 4  # k is exact per row
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
+    assert "| lightning-sae | topk | k 4 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_frontier_batch_order_is_epochs_of_permutations() -> None:
+    from experiments.frontier_data import batch_order
+
+    order = batch_order(n_train=10, steps=5, batch_size=4, seed=0)  # two epochs
+    assert order.shape == (5, 4)
+    first, second = order.flatten()[:10], order.flatten()[10:]
+    assert sorted(first.tolist()) == list(range(10))  # every row once per epoch
+    assert len(set(second.tolist())) == 10  # the second epoch is cut at the last step
+    assert torch.equal(order, batch_order(10, 5, 4, seed=0))
+    assert not torch.equal(order, batch_order(10, 5, 4, seed=1))
+
+
+def test_frontier_compares_against_the_best_peer_at_the_same_l0() -> None:
+    from experiments.frontier import OURS, peer_fvu_at, verdicts
+
+    def point(library: str, l0: float, fvu: float, spread: float = 0.01, variant="topk") -> dict:
+        return {"library": library, "variant": variant, "setting": f"k {l0:g}", "l0": l0,
+                "fvu": fvu, "fvu_range": spread}  # fmt: skip
+
+    peers = [point("A", 16, 0.4), point("A", 64, 0.2), point("B", 32, 0.25, variant="standard")]
+    fvu, spread = peer_fvu_at(peers, "A", 32)  # halfway in log L0 between 16 and 64
+    assert math.isclose(fvu, 0.3) and spread == 0.01
+    assert math.isnan(peer_fvu_at(peers, "A", 100)[0])  # outside A's range: no claim
+    ours = [point(OURS, 32, 0.24), point(OURS, 16, 0.45, spread=0.02), point(OURS, 64, 0.1)]
+    rows = verdicts(peers + ours, ["A", "B"])
+    assert [row[6] for row in rows] == ["above: A wins", "at or below", "at or below"]
+    assert rows[1][4] == "B 0.2500"  # at L0 32, B's point beats A's interpolated 0.3
+    # Against the same kind of SAE only, B's standard SAE does not count: A's TopK frontier does.
+    assert rows[1][7:] == ["A 0.3000", "-0.0600 (spread 0.0100)", "at or below"]

@@ -126,14 +126,35 @@ def test_a_path_outside_the_run_folder_is_refused(
     assert not list(tmp_path.iterdir())
 
 
-def test_resume_appends_to_the_same_log_version_and_validate_logs_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_one_run_per_folder_resume_appends_to_its_log_version_and_validate_logs_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.chdir(tmp_path)
     common = [*SMALL, "--trainer.val_check_interval", "5"]
     cli("fit", *common, "--trainer.max_steps", "5")
-    cli("fit", *common, "--trainer.max_steps", "10", "--ckpt_path", "last")
     run = tmp_path / "runs" / "toy-standard"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+
+    # A second fit into the folder is refused, naming both ways out, and writes nothing.
+    with pytest.raises(SystemExit, match="already holds a run") as refused:
+        cli("fit", *common, "--trainer.max_steps", "5")
+    assert "--ckpt_path last" in str(refused.value.code)
+    assert "--trainer.default_root_dir" in str(refused.value.code)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # Resuming the finished run says so and exits 0, without training or validating again.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as finished:
+        cli("fit", *common, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    assert finished.value.code == 0
+    assert "is finished" in capsys.readouterr().out
+    # `last` is the run's last.ckpt, even beside a newer last-v1.ckpt (what a second run wrote
+    # before runs were refused; Lightning's own `last` takes the newest last*.ckpt).
+    stale = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    stale["global_step"] = 2
+    torch.save(stale, run / "checkpoints" / "last-v1.ckpt")
+
+    resumed = cli("fit", *common, "--trainer.max_steps", "10", "--ckpt_path", "last")
+    assert Path(resumed.trainer.ckpt_path).resolve() == (run / "checkpoints/last.ckpt").resolve()
     assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0"]
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == ["version_0"]
     rows = csv_rows(run / "csv" / "version_0" / "metrics.csv")
@@ -149,6 +170,26 @@ def test_resume_appends_to_the_same_log_version_and_validate_logs_apart(
     assert [p.name for p in (run / "csv").glob("version_*")] == ["version_0"]
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert saved["run"]["log_version"] == 0
+
+
+def test_a_run_folder_with_logs_but_no_checkpoint_is_not_a_fresh_folder(tmp_path: Path) -> None:
+    """A run that died before its first checkpoint still owns its folder (its logs)."""
+    from lightning_sae.trainer_cli import resume_checkpoint
+
+    run, checkpoints, logs = (
+        tmp_path / "run",
+        [tmp_path / "run/checkpoints"],
+        [tmp_path / "run/csv"],
+    )
+    assert resume_checkpoint(run, None, checkpoints, logs, 10) == (None, {})
+    assert resume_checkpoint(run, "last", checkpoints, logs, 10) == (None, {})  # starts here
+    (run / "csv" / "version_0").mkdir(parents=True)
+    for ckpt_path in (None, "last"):
+        with pytest.raises(SystemExit, match="--trainer.default_root_dir") as refused:
+            resume_checkpoint(run, ckpt_path, checkpoints, logs, 10)
+        assert "csv/version_0" in str(refused.value.code)
+    # Processes other than rank 0 start when rank 0 may already be writing: they do not judge.
+    assert resume_checkpoint(run, None, checkpoints, logs, 10, is_rank_zero=False) == (None, {})
 
 
 # ------------------------------------------------------------ item 8: default monitoring

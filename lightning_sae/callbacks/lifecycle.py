@@ -24,7 +24,13 @@ class RunCheckpoint(ModelCheckpoint):
     with ``every_n_train_steps=100`` and ``max_steps=150`` it keeps step 100, so a run would
     report a checkpoint older than its own final metrics. This saves ``last`` again at the end
     of training whenever the newest save is older than the final step.
+
+    A run folder holds one run, so a file name is never versioned (``last-v1.ckpt``): a resume
+    overwrites the checkpoints it writes again, and ``last.ckpt`` is always the run's last.
     """
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -119,6 +125,29 @@ class StepProgressBar(TQDMProgressBar):
         if bar is not None and self._should_update(step, bar.total):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._counts_steps(trainer) or trainer.global_step < trainer.max_steps:
+            super().on_validation_end(trainer, pl_module)
+            return
+        # The final validation: its numbers go into the bar that closing it prints once (a
+        # refresh here, one at the epoch's end and the close would print the last line 3 times).
+        self.val_progress_bar.close()
+        self.reset_dataloader_idx_tracker()
+        if self._train_progress_bar is not None and trainer.state.fn == "fit":
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._counts_steps(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+            return
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        if self._leave:
+            self.train_progress_bar.close()
+
+    @staticmethod
+    def _counts_steps(trainer: Trainer) -> bool:
+        return trainer.max_steps is not None and trainer.max_steps >= 0
 
 
 class EvaluationCoverage(Callback):

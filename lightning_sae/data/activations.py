@@ -632,6 +632,11 @@ class ActivationDataModule(LightningDataModule):
     def _hook_folder(self, hook: str | None) -> Path:
         """Where one hook's own files are: the folder itself, or, with ``hooks``, its subfolder."""
         folder = Path(self.hparams.activations_dir)
+        if not folder.is_dir():
+            raise ValueError(
+                f"data.init_args.activations_dir {folder} is not a folder; pass the folder that "
+                "holds your .npy / .safetensors activation files."
+            )
         if not self.hparams.hooks:
             return folder
         if not (folder / hook).is_dir():
@@ -761,6 +766,7 @@ def cache_main(argv: list[str]) -> None:
     """
     parser = argparse.ArgumentParser(
         prog="lightning-sae cache",
+        allow_abbrev=False,  # an abbreviated option is refused, never expanded
         description="Build the activation cache described by the data: section of a fit config "
         "(resumes an interrupted build). Override options with --data.init_args.NAME VALUE.",
     )
