@@ -77,7 +77,7 @@ def test_zero_sae_recovers_none_of_the_loss(models, tokens) -> None:
     assert result.kl > 0
 
 
-@pytest.mark.parametrize("first_position", [0, 1, 12])
+@pytest.mark.parametrize("first_position", [0, 12])
 def test_lossy_sae_matches_splicing_into_the_hf_model_directly(
     models, tokens, first_position: int
 ) -> None:
