@@ -50,7 +50,7 @@ def data(batch_size: int) -> StreamingActivationDataModule:
         text=TextOptions(dataset="pydoc_data.topics", context_size=128),
         val_tokens=0,
         batch_size=batch_size,
-        buffer_tokens=8 * batch_size,
+        buffer_bytes=19 * batch_size * 384 * 4,  # the memory of 2 generations of 8 batches
         seed=0,
     )
 

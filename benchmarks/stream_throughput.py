@@ -93,7 +93,10 @@ def stream(val_tokens: int = 0) -> StreamingActivationDataModule:
         text=TextOptions(context_size=CONTEXT),
         val_tokens=val_tokens,
         batch_size=BATCH,
-        buffer_tokens=BUFFER,
+        # Generations of BUFFER rows served alone, from one reader: the bare loop's windows.
+        buffer_bytes=(2 * BUFFER + 3 * BATCH) * 384 * 4,
+        mix_refills=1,
+        cursors=1,
         model_batch_size=WINDOWS_PER_BATCH,
         device="cpu",
     )

@@ -6,7 +6,10 @@ backward, the Adam step and zeroing the gradients, timed from ``on_train_batch_s
 products of an SAE of the same shapes: encoder and decoder forward plus, for each, the products
 of its backward (gradient of the input and of the weight), six products in all, three times the
 forward FLOPs. That time is the "roofline" a step cannot beat without sparse kernels; the table
-prints each variant's step time as a fraction of it (roofline time / step time).
+prints each variant's step time as a fraction of it (roofline time / step time). The last
+column is the step time as a multiple of ONE dense encoder product [batch, d_in] x [d_in, d_sae]
+(timed right after each variant): a TopK step cannot cost less, since selecting needs every
+pre-activation, and with the sparse encoder backward it should cost little more.
 
 ``--decode-sweep`` also times decoding k active latents per sample from (indices, values) with
 ``embedding_bag`` against the dense product (both forward + backward), the measurement behind
@@ -59,6 +62,7 @@ def variants(
         "standard (L1)": lambda d_in, d_sae: StandardSAE(d_in=d_in, d_sae=d_sae),
         **trained,
         "topk (auto)": lambda d_in, d_sae: TopKSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
+        "topk (auto, no dead)": lambda d_in, d_sae: TopKSAE(d_in=d_in, d_sae=d_sae, k=k),
         "topk (dense decode)": lambda d_in, d_sae: TopKSAE(
             d_in=d_in, d_sae=d_sae, k=k, decode_impl="dense", **dead
         ),
@@ -109,6 +113,7 @@ def time_training_step(
     """Median seconds per training step after ``args.warmup`` untimed steps."""
     device = torch.device(args.device)
     module = make(args.d_in, args.d_sae)
+    module.hparams.compile = args.compile  # setup() compiles forward_normalized
     timer = StepTimer(device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -164,6 +169,22 @@ def time_roofline(args: argparse.Namespace) -> float:
     return time_fn(timed, device, warmup=1, repeats=max(3, args.steps))
 
 
+def time_encoder_gemm(args: argparse.Namespace) -> float:
+    """Seconds for one dense encoder product [batch, d_in] x [d_in, d_sae] (with its bias): the
+    least a TopK step can cost, since selecting needs every pre-activation."""
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, device=device, generator=gen)
+    W_enc = torch.randn(args.d_in, args.d_sae, device=device, generator=gen)
+    b_enc = torch.randn(args.d_sae, device=device, generator=gen)
+
+    def timed() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            F.linear(x, W_enc.T, b_enc)
+
+    return time_fn(timed, device, warmup=1, repeats=max(3, args.steps))
+
+
 def decode_sweep(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -206,6 +227,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variant names (prefixes) to run")
     parser.add_argument("--l0", type=float, default=64.0, help="also time standard at this L0")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (steps and roofline)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     parser.add_argument("--decode-sweep", action="store_true")
     parser.add_argument("--skip-steps", action="store_true", help="only the decode sweep")
     args = parser.parse_args()
@@ -217,7 +239,7 @@ def main() -> None:
     print(
         f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"batch {args.batch}, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
-        f"{'bf16 autocast' if args.bf16 else 'float32'}"
+        f"{'bf16 autocast' if args.bf16 else 'float32'}{', compiled' if args.compile else ''}"
     )
     if not args.skip_steps:
         roofline = time_roofline(args)
@@ -226,15 +248,19 @@ def main() -> None:
             f"roofline (6 bare products): {roofline * 1e3:.1f} ms = "
             f"{args.batch / roofline:,.0f} tokens/s ({flops / roofline / 1e9:,.0f} GFLOP/s)"
         )
-        print(f"{'variant':<22}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}")
+        gemm = time_encoder_gemm(args)
+        print(f"one encoder GEMM [batch, d_in] x [d_in, d_sae]: {gemm * 1e3:.1f} ms")
+        print(f"{'variant':<24}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}{'x GEMM':>9}")
         x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(0))
         for label, make in variants(args.k, x, args.l0).items():
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
                 continue
             seconds = time_training_step(make, x, args)
+            # The GEMM is timed again beside each variant: on a shared machine the load drifts.
+            gemm = time_encoder_gemm(args)
             print(
-                f"{label:<22}{seconds * 1e3:>10.1f}{args.batch / seconds:>12,.0f}"
-                f"{roofline / seconds:>13.2f}",
+                f"{label:<24}{seconds * 1e3:>10.1f}{args.batch / seconds:>12,.0f}"
+                f"{roofline / seconds:>13.2f}{seconds / gemm:>9.2f}",
                 flush=True,
             )
     if args.decode_sweep:

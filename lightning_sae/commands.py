@@ -75,15 +75,27 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,  # an abbreviation (--ckpt for --ckpt_path) is refused, not expanded
         prog="lightning-sae inspect",
-        description="Run an SAE over the token windows of a config's activation cache and record "
+        description="Run an SAE (or an SAEGroup's members) over the token windows of a config's "
+        "activation cache and record "
         "per feature: top-activating contexts, samples across its activation range, firing "
         "frequency, an activation histogram, logit effects and nearest features. Writes Parquet "
         "+ JSON data and a static HTML browser (OUT/index.html). Override data options with "
         "--data.init_args.NAME VALUE.",
     )
     parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint or export folder")
-    parser.add_argument("--config", required=True, help="YAML whose data: built the cache")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="YAML whose data: built the cache (a streamed run's config: a cache of its text "
+        "is built)",
+    )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument(
+        "--member",
+        default=None,
+        help="an SAEGroup's member to inspect, by name (written to OUT), or 'all' (each to "
+        "OUT/<member>/); default: all",
+    )
     parser.add_argument("--class_path", default=None, help="SAE class, if the .ckpt lacks it")
     parser.add_argument("--split", choices=INSPECT_SPLITS, default="all", help="windows to read")
     parser.add_argument("--n_tokens", type=int, default=None, help="at most this many tokens")

@@ -28,15 +28,17 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_sae.callbacks._reporting import saes, scoped
-from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
+from lightning_sae.callbacks.init_from import InitFrom
 from lightning_sae.callbacks.lifecycle import (
     EvaluationCoverage,
     RunRecord,
     StepProgressBar,
     TokenThroughput,
 )
+from lightning_sae.data.identity import DataMismatchError, check_same_data, saved_identity
 from lightning_sae.files import load_torch_file
-from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.group import SAEGroup, names_group
 from lightning_sae.options import CLASS_GROUPS, parser_error_line, read_table, write_table
@@ -337,9 +339,16 @@ def final_metrics_table(
         cells = [metrics.get(scoped(name, key)) for name in columns]
         if any(cell is not None for cell in cells):
             values.append((label, [None if cell is None else float(cell) for cell in cells]))
+    # Two different MMCS, named apart: recovery of the toy data's true features, and how close
+    # the decoder's own rows sit to each other.
+    mmcs_rows = []
     if gt_mmcs is not None:
         by_member = gt_mmcs if isinstance(gt_mmcs, dict) else {"": gt_mmcs}
-        values.insert(3, ("ground-truth MMCS", [by_member.get(name) for name in columns]))
+        mmcs_rows.append(("ground-truth MMCS", [by_member.get(name) for name in columns]))
+    self_mmcs = _decoder_self_mmcs(trainer)
+    if any(name in self_mmcs for name in columns):
+        mmcs_rows.append(("decoder self-MMCS", [self_mmcs.get(name) for name in columns]))
+    values[3:3] = mmcs_rows
     covered = coverage is not None and coverage.stage is not None
     heading = "final metrics"
     if covered:
@@ -349,13 +358,19 @@ def final_metrics_table(
     lines = ["", heading, "-" * max(20 + sum(widths), len(heading))]
     if members:
         lines.append(" " * 20 + "".join(f"{n:>{w}}" for n, w in zip(columns, widths, strict=True)))
+    samples = f"those {coverage.samples:,} {coverage.stage}" if covered else f"the {prefix}"
+    notes = {
+        "dead fraction": f"features that never fired on {samples} samples",
+        "ground-truth MMCS": "each true feature's best cosine to a decoder row, averaged",
+        "decoder self-MMCS": "each decoder row's max cosine to another row, averaged",
+    }
     for label, cells in values:
         line = f"{label:<20}" + "".join(
             f"{'-':>{w}}" if cell is None else f"{cell:>{w}.4f}"
             for cell, w in zip(cells, widths, strict=True)
         )
-        if label == "dead fraction" and covered:
-            line += f"   (never fired on those {coverage.samples:,} samples)"
+        if label in notes:
+            line += f"   ({notes[label]})"
         lines.append(line)
     if checkpoint is None:
         callback = trainer.checkpoint_callback
@@ -365,6 +380,19 @@ def final_metrics_table(
         at = f" (step {step})" if step is not None else ""
         lines.append(f"{'checkpoint':<20}{checkpoint}{at}")
     return "\n".join(lines)
+
+
+def _decoder_self_mmcs(trainer: Trainer) -> dict[str, float]:
+    """Decoder self-MMCS by SAE name, where the geometry monitor measured it at the final step
+    (it measures the final weights at the end of training)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, FeatureGeometryMonitor):
+            return {
+                name: record.history[-1][1]
+                for name, record in callback.records.items()
+                if record.history and record.history[-1][0] == trainer.global_step
+            }
+    return {}
 
 
 def _is_sharded_checkpoint(path: str) -> bool:
@@ -552,6 +580,17 @@ class SAECLI(LightningCLI):
             ),
         )
         parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help=(
+                "fit: start a new run from the weights of this checkpoint (.ckpt or sharded "
+                "folder), on any data: weights only, a fresh optimizer from step 0 "
+                "(lightning_sae.callbacks.init_from.InitFrom). --ckpt_path instead resumes a run "
+                "exactly, on the data it was trained on."
+            ),
+        )
+        parser.add_argument(
             "--print_metrics",
             type=bool,
             default=True,
@@ -682,9 +721,39 @@ class SAECLI(LightningCLI):
         extra: list[Callback] = [self.coverage]
         if self.subcommand == "fit":
             extra.append(RunRecord(str(self.run_dir), self.log_version))
+        init_from = config.get("init_from")
+        if init_from and self.subcommand != "fit":
+            raise SystemExit(
+                f"error: --init_from starts a fit from trained weights; {self.subcommand} "
+                "evaluates a checkpoint: pass it as --ckpt_path instead."
+            )
+        if init_from and not Path(init_from).exists():
+            raise SystemExit(
+                f"error: --init_from {init_from} does not exist. Pass the .ckpt of a trained run "
+                "(e.g. runs/<run>/checkpoints/last.ckpt)."
+            )
+        if init_from and not config.get("ckpt_path"):  # a resume restores its own weights
+            extra.append(InitFrom(init_from))
         if self.subcommand == "fit" and config.get("default_callbacks", True):
             extra += _default_monitoring(trainer_config, callbacks)
         return super().instantiate_trainer(callbacks=callbacks + extra, **kwargs)
+
+    def before_fit(self) -> None:
+        """A resume must continue on the data its checkpoint was trained on (checked here,
+        before any cache is built for other data; the datamodule checks again on restore)."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")  # "last" resolved by place_run
+        identify = getattr(self.datamodule, "data_identity", None)
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS or not callable(identify):
+            return
+        path = Path(ckpt_path)
+        checkpoint = load_torch_file(path / "meta.pt" if path.is_dir() else path, mmap=True)
+        here = {"data": type(self.datamodule).__name__, **identify()}
+        try:
+            check_same_data(saved_identity(checkpoint), here, f"--ckpt_path {ckpt_path}")
+        except DataMismatchError as error:
+            raise SystemExit(
+                f"error: {str(error).replace('<checkpoint>', str(ckpt_path))}"
+            ) from None
 
     def after_fit(self) -> None:
         # Validation already ran at the final step (val_check_interval divides max_steps): its
@@ -703,6 +772,7 @@ class SAECLI(LightningCLI):
     def _print_metrics(self) -> None:
         if not (self.config[self.subcommand].get("print_metrics", True)):
             return
+        gt_mmcs = self._gt_mmcs()  # every rank: a latent-sharded dictionary is measured together
         if not self.trainer.is_global_zero:
             return
         checkpoint, step = None, self.trainer.global_step
@@ -712,19 +782,18 @@ class SAECLI(LightningCLI):
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
         members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
-        table = final_metrics_table(
-            self.trainer, self.coverage, self._gt_mmcs(), checkpoint, step, members
-        )
+        table = final_metrics_table(self.trainer, self.coverage, gt_mmcs, checkpoint, step, members)
         print(table, flush=True)
 
     def _gt_mmcs(self) -> float | dict[str, float] | None:
         """Ground-truth MMCS of the weights the table reports (toy data only; by member in a
-        group), measured now rather than read from a log that may predate them."""
+        group), measured now rather than read from a log that may predate them. Every rank
+        calls this: a latent-sharded member holds a slice of the dictionary."""
         ground_truth = getattr(self.datamodule, "ground_truth_features", None)
         if ground_truth is None:
             return None
         values = {
-            name: float(mean_max_cosine_similarity(ground_truth.to(sae.W_dec), sae.W_dec.detach()))
+            name: ground_truth_mmcs(ground_truth, sae)
             for name, sae in saes(self.model).items()
             if sae.W_dec.shape[1] == ground_truth.shape[1]
         }
@@ -751,4 +820,6 @@ def _default_monitoring(trainer_config: Any, callbacks: list[Callback]) -> list[
             isinstance(interval, int) and trainer_config.get("check_val_every_n_epoch") is None
         )
         extra.append(FeatureGeometryMonitor(every_n_steps=interval if by_steps else 1000))
+    if not has(TrainingFigures):
+        extra.append(TrainingFigures())
     return extra

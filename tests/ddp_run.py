@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_sae.callbacks._reporting import saes
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
@@ -58,6 +59,7 @@ def training_callbacks(silence: list[int]) -> list[L.Callback]:
         DeadFeatureResampler(at_steps=[4], strategy="cluster", n_batches=2, batch_size=128),
         FeatureDensityMonitor(every_n_steps=4, window_tokens=256),
         FeatureGeometryMonitor(every_n_steps=4),
+        TrainingFigures(every_n_steps=4),  # syncs the validation firing counts: a collective
     ]
 
 

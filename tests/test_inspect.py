@@ -19,7 +19,10 @@ from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.cache import CacheLayout, open_hook_cache
 from lightning_sae.io import export_sae, load
 from lightning_sae.models import TopKSAE
+from lightning_sae.models.group import SAEGroup
 from tests._tiny_inspect import D_SAE, tiny_inspection, tiny_run
+
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +182,62 @@ def test_logit_effects_follow_the_models_final_norm_and_unembedding() -> None:
         assert effects.up_ids[f].tolist() == change.topk(7).indices.tolist()
         assert effects.down_ids[f].tolist() == (-change).topk(7).indices.tolist()
         np.testing.assert_allclose(effects.up_values[f], change.topk(7).values, rtol=2e-2)
+
+
+def test_a_group_member_is_inspected_by_name(base: Path, result: Path, tmp_path: Path, capsys):
+    """A group checkpoint holds several SAEs: ``--member`` picks one (or ``all``), and an
+    unknown name lists the members."""
+    config, _, export = tiny_run(base / "run")
+    members = [
+        {"name": name, "class_path": "TopKSAE", "init_args": {"d_in": 384, "d_sae": D_SAE, "k": k}}
+        for name, k in (("k8", 8), ("k4", 4))
+    ]
+    group = SAEGroup(members=members)
+    for member in group.members.values():
+        member.load_state_dict(load(export).state_dict())
+    ckpt = tmp_path / "group.ckpt"
+    torch.save({"state_dict": group.state_dict(), "hyper_parameters": dict(group.hparams)}, ckpt)
+    args = ["inspect", "--ckpt_path", str(ckpt), "--config", str(config), "--no_progress"]
+    args += ["--features", "0-4", "--n_logits", "0", "--n_neighbours", "2", "--n_tokens", "1024"]
+
+    main([*args, "--out", str(tmp_path / "all"), "--member", "all"])
+    k4, k8 = (load_inspection(tmp_path / "all" / name) for name in ("k4", "k8"))
+    assert (k4.meta["sae"]["member"], k8.meta["sae"]["member"]) == ("k4", "k8")
+    assert (k4.features.n_fired <= k8.features.n_fired).all()  # the same weights, top-4 of 8
+    assert (tmp_path / "all" / "k4" / "index.html").is_file() and "k4" in capsys.readouterr().out
+
+    main([*args, "--out", str(tmp_path / "one"), "--member", "k8"])  # into --out itself
+    one = load_inspection(tmp_path / "one")
+    assert one.meta["sae"]["member"] == "k8"
+    np.testing.assert_array_equal(one.features.n_fired, k8.features.n_fired)
+    single = load_inspection(result)  # the same SAE inspected alone, on every token
+    assert (one.features.max_act <= single.features.max_act[:5] + 1e-6).all()
+
+    message = one_line_error([*args, "--out", str(tmp_path / "x"), "--member", "k2"], capsys)
+    assert "k2" in message and "k4, k8" in message
+
+
+def test_a_streamed_runs_config_inspects_a_cache_of_its_text(
+    base: Path, result: Path, tmp_path: Path, capsys
+) -> None:
+    """A stream writes no tokens to disk: inspect builds (or reuses) the activation cache of the
+    same model, hook and text, and says so in one line."""
+    config, _, export = tiny_run(base / "run")
+    cache = yaml.safe_load(config.read_text())["data"]["init_args"]["cache_dir"]
+    stream = yaml.safe_load((ROOT / "configs" / "minilm" / "stream-standard.yaml").read_text())
+    stream["data"]["init_args"]["text"]["context_size"] = 64
+    stream["data"]["init_args"]["val_tokens"] = 1024
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(stream))
+    main(
+        [
+            "inspect", "--ckpt_path", str(export), "--config", str(tmp_path / "stream.yaml"),
+            "--out", str(tmp_path / "out"), "--features", "0-4", "--n_logits", "0",
+            "--no_progress", "--data.init_args.cache_dir", cache,
+            "--data.init_args.n_tokens", "4096", "--data.init_args.shard_tokens", "2048",
+        ]
+    )  # fmt: skip
+    said = capsys.readouterr().err
+    assert "streams its activations" in said and cache in said, said
+    # The same model, hook and text as the tiny cache: the very same windows are read.
+    inspected, full = load_inspection(tmp_path / "out"), load_inspection(result)
+    np.testing.assert_allclose(inspected.features.max_act, full.features.max_act[:5], rtol=1e-5)

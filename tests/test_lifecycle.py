@@ -89,6 +89,10 @@ def test_fresh_fit_final_metrics_equal_validate_on_its_checkpoint(
     fitted = cli("fit", *SMALL, "--trainer.max_steps", "6", "--trainer.val_check_interval", "500")
     table = capsys.readouterr().out
     assert "validation split" in table and "256 samples" in table, table
+    # What each number measures, the two MMCS named apart.
+    assert "features that never fired on those 256 validation samples" in table, table
+    assert "ground-truth MMCS" in table and "true feature's best cosine to a decoder row" in table
+    assert "decoder self-MMCS" in table and "max cosine to another row" in table
     checkpoint = fitted.trainer.checkpoint_callback.last_model_path
     validated = cli("validate", *SMALL, "--ckpt_path", checkpoint)
     assert "256 samples" in capsys.readouterr().out
@@ -246,11 +250,17 @@ def test_figures_go_to_tensorboard_and_the_run_figures_folder(
     run = tmp_path / "runs" / "toy-geometry"
     assert (run / "figures" / "geometry" / "step0000004.png").stat().st_size > 0
     assert (run / "figures" / "density" / "step0000004.png").stat().st_size > 0
+    # What every fit ends with: the curves and the density on the validation samples.
+    assert (run / "figures" / "training_curves.png").stat().st_size > 0
+    assert (run / "figures" / "feature_density.png").stat().st_size > 0
     events = EventAccumulator(str(run / "tensorboard" / "version_0"))
     events.Reload()
-    assert {"geometry/max_cos_figure", "density/log10_density_figure"} <= set(
-        events.Tags()["images"]
-    )
+    assert {
+        "geometry/max_cos_figure",
+        "density/log10_density_figure",
+        "curves/training_figure",
+        "val/log10_density_figure",
+    } <= set(events.Tags()["images"])
 
 
 def test_density_histogram_axis_fits_the_data() -> None:
@@ -261,3 +271,42 @@ def test_density_histogram_axis_fits_the_data() -> None:
     low, high = axes.get_xlim()
     assert -4.5 < low < -3.2 and -1.1 < high <= 0.0  # live features fill the axis
     assert "4/64 dead" in axes.get_title()
+
+
+def test_figures_have_labelled_axes_that_fit_their_data() -> None:
+    from lightning_sae.plots import (
+        density_figure,
+        frontier_figure,
+        max_cosine_figure,
+        training_curves_figure,
+    )
+
+    density = density_figure(torch.cat([torch.linspace(-3, -1, 50), torch.full((3,), -10.0)]))
+    axes = density.axes[0]
+    ticks = [label.get_text() for label in axes.get_xticklabels()]
+    assert ticks[0] == "never" and "-2" in ticks and axes.get_ylabel() == "features"
+    assert "log10 firing frequency" in axes.get_xlabel()
+
+    axes = max_cosine_figure(torch.rand(200) * 0.3 + 0.1, random_baseline=0.2).axes[0]
+    low, high = axes.get_xlim()
+    assert -0.05 <= low < 0.1 and 0.4 < high <= 0.5  # no empty half up to 1
+    assert {"MMCS, decoder self", "random directions"} <= {
+        text.get_text().split(" =")[0] for text in axes.get_legend().get_texts()
+    }
+
+    steps = {"step": [1, 10, 20], "loss": [2.0, 1.0, 0.5], "l0": [90, 40, 30], "fvu": [1, 0.3, 0.1]}
+    curves = training_curves_figure({"k8": steps, "k16": steps}, {"k8": steps})
+    assert [a.get_ylabel().split(" (")[0] for a in curves.axes] == ["loss", "L0", "FVU"]
+    assert all(a.get_xlabel() == "optimizer step" for a in curves.axes)
+    legend = [t.get_text() for t in curves.axes[0].get_legend().get_texts()]
+    assert legend == ["k8", "k16", "train", "validation"]
+    assert len(curves.axes[1].get_lines()) == 3  # k8 and k16 trained, k8 validated
+    curves.canvas.draw()
+    assert any(label.get_text() for label in curves.axes[2].get_yticklabels())
+
+    frontier = frontier_figure({"k8": (8.0, 0.3), "k16": (16.0, 0.2), "l1": (20.0, 0.4)})
+    axes = frontier.axes[0]
+    assert axes.get_xlabel().startswith("L0") and axes.get_ylabel().startswith("FVU")
+    assert sorted(text.get_text() for text in axes.texts) == ["k16", "k8", "l1"]
+    (line,) = axes.get_lines()  # the frontier: k8 and k16, not l1 (worse on both)
+    assert list(line.get_xdata()) == [8.0, 16.0]

@@ -5,7 +5,8 @@ size (1x2 and 2x1 on two processes, 2x2 on four), with every training-dynamics c
 resumes from a mid-run sharded checkpoint on the same mesh and on another; the one-process
 reference runs in this process. Sharded weights (reassembled from the members' slices) and
 every logged metric equal the reference's within float tolerance, resumed runs equal straight
-ones, and the export of a sharded checkpoint equals the one-process export.
+ones, the export of a sharded checkpoint equals the one-process export, and on every member the
+TopK family's sparse encoder backward equals dense autograd at the last step.
 """
 
 import csv
@@ -45,6 +46,7 @@ RUNS = {
     "tanh": {"model": M + "standard.StandardSAE", "kwargs": {"sparsity_penalty": "tanh"}},
     "topk": {
         "model": M + "topk.TopKSAE",
+        "sparse_check": True,
         "kwargs": {"k": 4, "aux_coefficient": 1.0},
         "callbacks": True,
         "checkpoint": True,
@@ -52,10 +54,12 @@ RUNS = {
     # k above a member's 64 / 2 = 32 latents on the 1x2 mesh: each member offers all it has.
     "topk_wide": {
         "model": M + "topk.TopKSAE",
+        "sparse_check": True,
         "kwargs": {"k": 40, "auxk_normalization": "residual_variance"},
     },
     "batchtopk": {
         "model": M + "topk.BatchTopKSAE",
+        "sparse_check": True,
         "kwargs": {"k": 4},
         "callbacks": True,
         "checkpoint": True,
@@ -63,6 +67,7 @@ RUNS = {
     # Groups that straddle the members' slices.
     "matryoshka": {
         "model": M + "matryoshka.MatryoshkaSAE",
+        "sparse_check": True,
         "kwargs": {"k": 4, "group_sizes": [8, 12, 20, 24]},
     },
     # The L0-target form is a function of the global batch's L0 over every latent.
@@ -141,6 +146,17 @@ def assert_same_run(sharded: Path, single: Path, devices: int, label: str) -> No
             assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{label} {key}"
 
 
+def assert_sparse_backward_exact(folder: Path, devices: int, label: str) -> None:
+    """Each rank's last-step comparison (tests/sharded_run.py, SparseBackwardCheck): the same
+    reconstruction bit for bit, every gradient within float tolerance of dense autograd."""
+    for rank in range(devices):
+        report = torch.load(folder / f"rank{rank}.pt", weights_only=True)["sparse_check"]
+        assert report and report.pop("equal_x_hat"), f"{label} rank {rank}: {report}"
+        dead = report.pop("dead")
+        assert {"W_enc", "b_enc", "W_dec", "b_dec"} <= set(report), f"{label}: {report}"
+        assert max(report.values()) < 1e-5, f"{label} rank {rank} ({dead} dead): {report}"
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one-process reference of every run, trained in this process."""
@@ -171,6 +187,9 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
         for name in names:
             label = f"{devices // lp}x{lp} {name}"
             assert_same_run(tmp_path / f"lp{lp}" / name, single / name, devices, label)
+    for lp in meshes:  # the sparse encoder backward equals dense autograd on every member
+        for name in (name for name in names if RUNS[name].get("sparse_check")):
+            assert_sparse_backward_exact(tmp_path / f"lp{lp}" / name, devices, f"{lp} {name}")
     for name in ("topk", "batchtopk"):  # every callback acted
         logs = logged(tmp_path / f"lp{meshes[0]}" / name)
         assert logs["resampling/n_resampled", STEPS // 2] >= 4  # the silenced features at least

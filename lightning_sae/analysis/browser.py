@@ -48,7 +48,42 @@ def _context(record: dict[str, Any]) -> dict[str, Any]:
         "strs": record["strs"],
         "acts": [round(_finite(a), 5) for a in record["acts"]],
         "max_index": record["max_index"],
+        "repeats": 1,
     }
+
+
+def _unique(contexts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Contexts with the same tokens shown once (the first, the strongest of a ranked list),
+    counting how often each appeared: repeated text (boilerplate, a quoted line) would
+    otherwise fill the list with copies."""
+    kept: dict[tuple[int, ...], dict[str, Any]] = {}
+    for context in contexts:
+        key = tuple(context["tokens"])
+        if key in kept:
+            kept[key]["repeats"] += 1
+        else:
+            kept[key] = context
+    return list(kept.values())
+
+
+def _interval_colours(n: int) -> list[str]:
+    """One colour per activation interval, light (low) to dark (high) orange."""
+    light, dark = np.array([253, 186, 116]), np.array([154, 52, 18])
+    steps = np.linspace(0, 1, n) if n > 1 else np.ones(1)
+    rgbs = [np.rint(light + (dark - light) * t).astype(int) for t in steps]
+    return ["#" + "".join(f"{value:02x}" for value in rgb) for rgb in rgbs]
+
+
+def _bin_intervals(edges: np.ndarray, max_act: float, n_intervals: int) -> list[int]:
+    """The activation interval (equal-width in (0, max]) each log-spaced bin's centre is in."""
+    if max_act <= 0 or n_intervals == 0 or len(edges) < 2:
+        return [0] * max(len(edges) - 1, 0)
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    return (
+        np.clip(np.ceil(centres / max_act * n_intervals) - 1, 0, n_intervals - 1)
+        .astype(int)
+        .tolist()
+    )
 
 
 def _by_feature(folder: Path, filename: str) -> dict[int, list[dict[str, Any]]]:
@@ -87,15 +122,20 @@ def _feature_page(
     n_intervals = meta["options"]["n_intervals"]
     max_act = _finite(row.max_act)
     # contexts.parquet lists each feature's top contexts by rank, then its intervals.
-    top = [_context(c) for c in contexts if c["kind"] == "top"]
+    top = _unique([_context(c) for c in contexts if c["kind"] == "top"])
+    colours = _interval_colours(n_intervals)
     intervals = [
         {
             "lo": max_act * i / n_intervals,
             "hi": max_act * (i + 1) / n_intervals,
-            "contexts": [_context(c) for c in contexts if c["interval"] == i],
+            "colour": colours[i],
+            "contexts": _unique([_context(c) for c in contexts if c["interval"] == i]),
         }
         for i in (reversed(range(n_intervals)) if max_act > 0 else ())
     ]
+    shown = edges[lo : hi + 1]
+    bins = _bin_intervals(shown, max_act, n_intervals)
+    bin_colours = [colours[i] for i in bins] if n_intervals else ["#ea7a3c"] * len(bins)
     match = None
     if "match" in row._fields:
         match = {"id": int(row.match), "cos": float(row.match_cos), "sae": meta["compare"]["path"]}
@@ -106,7 +146,12 @@ def _feature_page(
         "n_tokens": int(meta["n_tokens"]),
         "mean_act": _finite(row.mean_act),
         "max_act": max_act,
-        "hist": {"edges": edges[lo : hi + 1].tolist(), "counts": counts[lo:hi].tolist()},
+        "hist": {
+            "edges": shown.tolist(),
+            "counts": counts[lo:hi].tolist(),
+            "interval": bins,  # which interval's samples (below) each bin's values belong to
+            "colours": bin_colours,
+        },
         "logits": {
             direction: [[r["str"], r["effect"]] for r in logits if r["direction"] == direction]
             for direction in ("up", "down")

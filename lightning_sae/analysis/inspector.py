@@ -13,6 +13,7 @@ and the files described in :mod:`lightning_sae.analysis.results` plus the static
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -54,6 +55,18 @@ DATA_CLASS_PATHS = (
     "lightning_sae.ActivationDataModule",
     "ActivationDataModule",
 )
+# A streamed run's config: its data computes activations as it trains and keeps no tokens, so
+# inspect builds an activation cache of the same model, hooks and text (compared by name).
+STREAM_CLASS_PATHS = (
+    "lightning_sae.data.stream.StreamingActivationDataModule",
+    "lightning_sae.StreamingActivationDataModule",
+    "StreamingActivationDataModule",
+)
+STREAM_CACHE_TOKENS = 100_000  # training tokens of that cache unless data.init_args.n_tokens
+TEXT_OPTIONS = (
+    "dataset", "dataset_config", "dataset_split", "text_column", "streaming", "context_size",
+    "prepend_bos", "exclude_bos",
+)  # fmt: skip
 # Upper bound on one batch's activations (tokens x features), so memory stays flat: 2^25
 # float32 values are 128 MiB.
 MAX_BATCH_ELEMENTS = 1 << 25
@@ -64,18 +77,51 @@ class InspectError(ValueError):
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_sae(path: str | Path, class_path: str | None = None) -> tuple[SparseAutoencoder, dict]:
-    """(SAE in model units, its export metadata) from a Lightning checkpoint or export folder.
+def load_saes(
+    path: str | Path, class_path: str | None = None, member: str | None = None
+) -> dict[str, tuple[SparseAutoencoder, dict]]:
+    """{name: (SAE in model units, its export metadata)} from a Lightning checkpoint or export
+    folder: ``{"": ...}`` for one SAE; an SAEGroup's members (``member``: one name, or ``None``
+    / ``"all"`` for every one), by name.
 
     A checkpoint goes through ``export_checkpoint`` into a scratch folder: that folds the input
     scale into the weights and records the checkpoint's model and hook, as an export would.
     """
     path = Path(path)
     if path.is_dir():
-        return load(path), _metadata(path)
+        return _pick_members(path, path, member)
     with tempfile.TemporaryDirectory(prefix="lightning-sae-inspect-") as scratch:
-        folder = export_checkpoint(path, scratch, class_path)
-        return load(folder), _metadata(folder)
+        export_checkpoint(path, scratch, class_path)
+        return _pick_members(Path(scratch), path, member)
+
+
+def load_sae(path: str | Path, class_path: str | None = None) -> tuple[SparseAutoencoder, dict]:
+    """(SAE in model units, its export metadata) of a checkpoint or export folder of one SAE."""
+    ((sae, meta),) = load_saes(path, class_path, member=None).values()
+    return sae, meta
+
+
+def _pick_members(
+    folder: Path, given: Path, member: str | None
+) -> dict[str, tuple[SparseAutoencoder, dict]]:
+    """The SAEs of an export ``folder`` (one, or a group's member folders) that ``member``
+    names; ``given`` is the path the user gave, for messages."""
+    members = (
+        sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILENAME).is_file())
+        if folder.is_dir() and not (folder / CONFIG_FILENAME).is_file()
+        else []
+    )
+    if not members:  # one SAE (load() explains a folder that is none)
+        if member not in (None, "all"):
+            raise InspectError(f"{given} holds one SAE, not an SAEGroup: leave out --member.")
+        return {"": (load(folder), _metadata(folder))}
+    if member not in (None, "all", *members):
+        raise InspectError(
+            f"--member {member!r} is not in {given}; its members: {', '.join(members)} "
+            "(or --member all)."
+        )
+    names = members if member in (None, "all") else [member]
+    return {name: (load(folder / name), _metadata(folder / name)) for name in names}
 
 
 def _metadata(folder: Path) -> dict[str, Any]:
@@ -83,44 +129,91 @@ def _metadata(folder: Path) -> dict[str, Any]:
 
 
 def datamodule_from_config(
-    config: str | Path, overrides: dict[str, Any] | None = None
+    config: str | Path,
+    overrides: dict[str, Any] | None = None,
+    extra_hooks: Sequence[str] = (),
+    say: Any = None,
 ) -> ActivationDataModule:
-    """The config's ``data:`` section as an ActivationDataModule (the only class accepted)."""
+    """The config's ``data:`` section as an ActivationDataModule, caching ``extra_hooks`` too.
+
+    A StreamingActivationDataModule's options become those of the cache of the same model,
+    hooks and text (``STREAM_CACHE_TOKENS`` training tokens unless ``overrides`` sets
+    ``n_tokens``; ``overrides`` name the cache's options), announced through ``say``.
+    """
     try:
         content = yaml.safe_load(read_text_bounded(config))
     except (OSError, yaml.YAMLError, UnicodeDecodeError, UnreadableFileError) as error:
         detail = " ".join(str(error).split())
         raise InspectError(f"cannot read the config {config}: {detail}") from None
     data = (content or {}).get("data") if isinstance(content, dict) else None
-    if not isinstance(data, dict) or data.get("class_path") not in DATA_CLASS_PATHS:
-        found = data.get("class_path") if isinstance(data, dict) else None
+    class_path = data.get("class_path") if isinstance(data, dict) else None
+    if class_path not in (*DATA_CLASS_PATHS, *STREAM_CLASS_PATHS):
         raise InspectError(
-            f"{config}: data.class_path must be ActivationDataModule (inspect reads its cache of "
-            f"token windows), got {found!r}."
+            f"{config}: data.class_path must be ActivationDataModule or "
+            f"StreamingActivationDataModule (inspect reads token windows), got {class_path!r}."
         )
-    args = {**(data.get("init_args") or {}), **(overrides or {})}
+    args = dict(data.get("init_args") or {})
+    streamed = class_path in STREAM_CLASS_PATHS
+    if streamed:
+        args = _cache_options_of_stream(args, config)
+    args.update(overrides or {})
     if args.get("activations_dir"):
         raise InspectError(
             f"{config} reads activations_dir (your own activation files), which have no tokens "
             "to show; inspect needs a config with data.init_args.model and hook."
         )
+    served = set(args.get("hooks") or [args.get("hook")]) | set(args.get("extra_hooks") or [])
+    missing = [hook for hook in dict.fromkeys(extra_hooks) if hook and hook not in served]
+    if missing:
+        args["extra_hooks"] = [*(args.get("extra_hooks") or []), *missing]
     try:
-        return ActivationDataModule(**args)
+        datamodule = ActivationDataModule(**args)
     except TypeError as error:
         raise InspectError(f"{config}: {error}") from None
+    if streamed and say is not None:
+        say(
+            f"inspect: {config} streams its activations (no tokens on disk), so a cache of "
+            f"{args['n_tokens']:,} tokens of the same model, hooks and text is read, built if "
+            f"missing, at {datamodule.cache_root}"
+        )
+    return datamodule
 
 
-def open_cache(datamodule: ActivationDataModule, progress: bool) -> tuple[ShardedActivations, Path]:
-    """(activations, cache folder) of the data module's hook; the cache is built if missing."""
-    datamodule.build_cache(progress=progress)
-    fingerprint = {
-        **datamodule.fingerprint,
-        "hook": datamodule.hook,
-        "dtype": datamodule.hparams.dtype,
+def _cache_options_of_stream(stream: dict[str, Any], config: str | Path) -> dict[str, Any]:
+    """ActivationDataModule options of the cache a StreamingActivationDataModule's options
+    describe: the same model, hooks, text windows and held-out tokens."""
+    model = stream.get("model")
+    if not isinstance(model, dict) or not model.get("name"):
+        raise InspectError(f"{config}: data.init_args.model.name is missing.")
+    text = stream.get("text") or {}
+    options = {
+        "model": model["name"],
+        "revision": model.get("revision"),
+        "tokenizer": model.get("tokenizer"),
+        "model_config": model.get("config"),
+        "model_seed": model.get("seed", 0),
+        "model_dtype": model.get("dtype", "float32"),
+        "hooks": stream.get("hooks"),
+        **{key: text[key] for key in TEXT_OPTIONS if key in text},
+        "n_tokens": STREAM_CACHE_TOKENS,
+        "dtype": stream.get("dtype", "float32"),
+        "device": stream.get("device") or "auto",
     }
-    store, _ = open_hook_cache(
-        datamodule.cache_root, datamodule.hook, fingerprint, "size", datamodule.layout
-    )
+    for key in ("val_tokens", "model_batch_size", "seed"):
+        if key in stream:
+            options[key] = stream[key]
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def open_cache(
+    datamodule: ActivationDataModule, progress: bool, hook: str | None = None
+) -> tuple[ShardedActivations, Path]:
+    """(activations, cache folder) of ``hook`` (default: the data module's); the cache is built
+    if missing."""
+    datamodule.build_cache(progress=progress)
+    hook = hook or datamodule.hook
+    fingerprint = {**datamodule.fingerprint, "hook": hook, "dtype": datamodule.hparams.dtype}
+    store, _ = open_hook_cache(datamodule.cache_root, hook, fingerprint, "size", datamodule.layout)
     return store, datamodule.cache_root
 
 
@@ -239,13 +332,18 @@ def inspect(
     progress: bool = True,
     html: bool = True,
     data_overrides: dict[str, Any] | None = None,
+    member: str | None = None,
 ) -> Path:
     """Record what every feature of an SAE responds to and write it to ``out``.
+
+    Every member of an SAEGroup is written to ``out/<member>``; one named member to ``out``.
 
     Args:
         ckpt_path: Lightning checkpoint (``.ckpt``) or export folder of the SAE.
         config: YAML whose ``data:`` is the ActivationDataModule the SAE was trained on (or any
-            with the same model and hook); its activation cache is built if missing.
+            with the same model and hook); its activation cache is built if missing. A
+            streamed run's config (StreamingActivationDataModule) reads a cache of the same
+            model, hooks and text, built on first use (``STREAM_CACHE_TOKENS`` tokens).
         out: folder for the results (data files and ``index.html``).
         class_path: the SAE class, for checkpoints that do not record it.
         split: windows to read: ``train``, ``val`` (held out) or ``all``.
@@ -262,7 +360,9 @@ def inspect(
         seed: seed of the interval samples.
         progress: show a tqdm bar with tokens/s and ETA.
         html: write the static browser too.
-        data_overrides: ``data.init_args`` values that replace the config's.
+        data_overrides: ``data.init_args`` values that replace the config's (for a streamed
+            run's config, the options of the cache built from it).
+        member: an SAEGroup's member to inspect, or ``None`` / ``"all"`` for every member.
 
     Returns:
         ``out`` as a Path.
@@ -285,15 +385,68 @@ def inspect(
         if value < 0:
             raise InspectError(f"{name} must be >= 0, got {value}.")
     device = lm.resolve_device(device)
-    sae, sae_meta = load_sae(ckpt_path, class_path)
+    saes = load_saes(ckpt_path, class_path, member)
+    group = list(saes) != [""]
+    # A group's members may read other hooks than the config's first: cache theirs too.
+    member_hooks = [meta.get("hook_name") for _, meta in saes.values()] if group else []
+    datamodule = datamodule_from_config(config, data_overrides, member_hooks, say=_say)
+    options = {
+        "ckpt_path": ckpt_path, "config": config, "split": split, "n_tokens": n_tokens,
+        "features": features, "n_top": n_top, "n_intervals": n_intervals,
+        "per_interval": per_interval, "context_left": context_left,
+        "context_right": context_right, "n_neighbours": n_neighbours, "n_logits": n_logits,
+        "compare": compare, "batch_windows": batch_windows, "device": device, "seed": seed,
+        "progress": progress, "html": html,
+    }  # fmt: skip
+    out = Path(out)
+    for name, (sae, sae_meta) in saes.items():
+        hook = sae_meta.get("hook_name") if group else None
+        hook = hook if hook in datamodule.hooks else datamodule.hook
+        folder = out / name if group and member in (None, "all") else out
+        _inspect_sae(sae, sae_meta, name or None, datamodule, hook, folder, **options)
+    return out
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _inspect_sae(
+    sae: SparseAutoencoder,
+    sae_meta: dict[str, Any],
+    member: str | None,
+    datamodule: ActivationDataModule,
+    hook: str,
+    out: Path,
+    *,
+    ckpt_path: str | Path,
+    config: str | Path,
+    split: str,
+    n_tokens: int | None,
+    features: str | Sequence[int] | None,
+    n_top: int,
+    n_intervals: int,
+    per_interval: int,
+    context_left: int,
+    context_right: int,
+    n_neighbours: int,
+    n_logits: int,
+    compare: str | Path | None,
+    batch_windows: int,
+    device: str,
+    seed: int,
+    progress: bool,
+    html: bool,
+) -> None:
+    """:func:`inspect` of one SAE (a group's ``member``) on ``hook`` of ``datamodule``."""
     sae = sae.to(device)
     ids = parse_features(features, sae.d_sae)
-    datamodule = datamodule_from_config(config, data_overrides)
-    store, cache_root = open_cache(datamodule, progress)
-    hook, model_spec = datamodule.hook, datamodule.hparams.model
+    store, cache_root = open_cache(datamodule, progress, hook)
+    model_spec = datamodule.hparams.model
     if store.d_in != sae.d_in:
+        which = f"member {member} of {ckpt_path}" if member else f"SAE {ckpt_path}"
         raise InspectError(
-            f"the SAE {ckpt_path} reads d_in={sae.d_in} vectors, but {hook} of {model_spec} "
+            f"the {which} reads d_in={sae.d_in} vectors, but {hook} of {model_spec} "
             f"(the config's hook) has d_in={store.d_in}: pass the config the SAE was trained with."
         )
     # The second SAE is checked before the pass, so a bad one fails at once.
@@ -341,7 +494,6 @@ def inspect(
     directions = W_dec[torch.from_numpy(ids).to(device)]
     picked = pick_contexts(recorder, n_intervals, per_interval)
     text = TokenText(datamodule.tokenizer)
-    out = Path(out)
     (out / "features").mkdir(parents=True, exist_ok=True)
 
     context_ids = _context_tokens(tokens, picked, layout, context_left, recorder.width)
@@ -403,6 +555,7 @@ def inspect(
             "d_in": sae.d_in,
             "d_sae": sae.d_sae,
             "metadata": sae_meta,
+            "member": member,
         },
         "config": str(config),
         "model": model_spec,
@@ -432,7 +585,6 @@ def inspect(
     write_meta(out, meta)
     if html:
         browser.write_browser(out)
-    return out
 
 
 def _context_tokens(
@@ -511,4 +663,10 @@ def inspect_main(argv: list[str]) -> None:
         out = inspect(args.ckpt_path, args.config, args.out, **options, data_overrides=overrides)
     except (ValueError, FileNotFoundError) as error:  # bad input (InspectError, DataError...)
         raise SystemExit(f"error: {error}") from None
-    print(f"wrote {out / 'index.html'} and the data beside it ({FEATURES_FILENAME}, ...)")
+    folders = (
+        [out]
+        if (out / FEATURES_FILENAME).is_file()
+        else sorted(folder.parent for folder in out.glob(f"*/{FEATURES_FILENAME}"))
+    )
+    for folder in folders:
+        print(f"wrote {folder / 'index.html'} and the data beside it ({FEATURES_FILENAME}, ...)")

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_sae.callbacks._reporting import saes, scoped
 from lightning_sae.data import lm
 from lightning_sae.metrics.downstream import downstream_metrics
+from lightning_sae.parallel.sharded import shard_of
 
 
 class DownstreamEval(Callback):
@@ -28,7 +29,8 @@ class DownstreamEval(Callback):
 
     When the data excludes the BOS position from training (``exclude_bos``), the SAE leaves
     that position's activation alone. The model is loaded once, on rank 0 and on the SAE's
-    device; the other ranks wait for the numbers.
+    device; the other ranks wait for the numbers. Under ``latent_parallel`` every rank loads it
+    and measures, since the sharded SAE's forward needs every member of its latent group.
 
     Needs an :class:`~lightning_sae.data.activations.ActivationDataModule` reading a model
     (not ``activations_dir``). In an ``SAEGroup`` each member is spliced in at its own hook
@@ -122,7 +124,10 @@ class DownstreamEval(Callback):
             return
         data = self._datamodule(trainer)
         values: dict[str, float] | None = None
-        if trainer.is_global_zero:
+        # A latent-sharded SAE's forward is collective over its latent group, so there every
+        # rank runs the language model on the same windows and joins it; rank 0's numbers are
+        # then everyone's, as under DDP where rank 0 alone measures.
+        if trainer.is_global_zero or shard_of(pl_module) is not None:
             values = self._measure(data, pl_module)
         values = trainer.strategy.broadcast(values, src=0)
         for name, value in values.items():

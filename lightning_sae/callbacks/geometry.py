@@ -31,6 +31,21 @@ from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import max_cosine_figure
 
 
+def ground_truth_mmcs(ground_truth: Tensor, sae: Any, backend: Backend = "auto") -> float:
+    """Mean over ground-truth directions of their max cosine with the SAE's dictionary rows.
+
+    A latent-sharded SAE holds a slice of the rows: the maximum is taken over every member's
+    slice, a collective that every member of its latent group must join.
+    """
+    return _ground_truth_mmcs(ground_truth, sae.W_dec.detach(), shard_of(sae), backend)
+
+
+def _ground_truth_mmcs(ground_truth: Tensor, W_dec: Tensor, shard: Any, backend: Backend) -> float:
+    if shard is None:
+        return float(mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec, backend=backend))
+    return float(sharded_max_cosine_to(ground_truth.to(W_dec), W_dec, shard, backend).mean())
+
+
 @dataclass
 class _Record:
     """One SAE's geometry so far."""
@@ -140,12 +155,7 @@ class FeatureGeometryMonitor(Callback):
         ground_truth = getattr(trainer.datamodule, "ground_truth_features", None)
         # Ground truth lives in the data's own space; an SAE on another hook has other widths.
         if ground_truth is not None and ground_truth.shape[1] == W_dec.shape[1]:
-            if shard is None:
-                gt_mmcs = float(
-                    mean_max_cosine_similarity(ground_truth.to(W_dec), W_dec, backend=self.backend)
-                )
-            else:
-                gt_mmcs = float(sharded_max_cosine_to(ground_truth.to(W_dec), W_dec, shard).mean())
+            gt_mmcs = _ground_truth_mmcs(ground_truth, W_dec, shard, self.backend)
             metrics["geometry/gt_mmcs"] = gt_mmcs
             for threshold in self.thresholds:
                 key = f"{threshold:g}"

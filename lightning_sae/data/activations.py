@@ -59,6 +59,7 @@ from lightning_sae.data.cache import (
     open_activation_files,
     open_hook_cache,
 )
+from lightning_sae.data.identity import IdentifiedData, activation_files_identity
 from lightning_sae.data.loader import in_background as _in_background
 from lightning_sae.data.loader import rank_and_world as _rank_and_world
 from lightning_sae.data.tokens import (
@@ -357,7 +358,7 @@ class HookBatches:
             loader.load_state_dict(state)
 
 
-class ActivationDataModule(LightningDataModule):
+class ActivationDataModule(IdentifiedData, LightningDataModule):
     """Activations of a TransformerLens model at one hook, cached on disk, served shuffled.
 
     Args:
@@ -547,6 +548,19 @@ class ActivationDataModule(LightningDataModule):
                 "shard_contexts": layout.shard_contexts,
             }
         return self._fingerprint
+
+    def data_identity(self) -> dict[str, Any]:
+        """What the served rows are: the cache fingerprint with the served hook(s) and dtype,
+        or, for your own files, their names, sizes and a sample of their contents."""
+        hp = self.hparams
+        served = {"hook": self.hook} if len(self.served) == 1 else {"hooks": self.served}
+        if hp.activations_dir is not None:
+            files = {
+                hook or "": activation_files_identity(self._open(hook))
+                for hook in self.served or [None]
+            }
+            return {**served, "files": files, "val_tokens": hp.val_tokens, "seed": self.seed}
+        return {**self.fingerprint, **served, "dtype": hp.dtype}
 
     @property
     def cache_root(self) -> Path:

@@ -5,12 +5,17 @@ work while the training step runs)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import dataclass
 from queue import Full, Queue
 from typing import TypeVar
 
+import numpy as np
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
 T = TypeVar("T")
 
@@ -62,3 +67,197 @@ def in_background(
     finally:
         stop.set()
         thread.join()
+
+
+# --------------------------------------------------------------------------- the mixing buffer
+class MixingPlan:
+    """Which rows a mixing buffer serves at each refill: index arithmetic only, a pure function
+    of ``(seed, generation, refill)``, so a resumed run recomputes what it held.
+
+    The source is read in *generations* of ``generation_rows`` rows. Generation ``g``'s rows
+    are dealt at random into ``spread`` parts (sizes differing by at most one) and part ``j``
+    joins the pool of refill ``g + j``. Refill ``t``'s pool, part ``j`` of generation ``t - j``
+    for every ``j < spread``, is served in a random order. So a batch mixes rows of ``spread``
+    generations, and a row waits at most ``spread - 1`` refills: to serve refill ``t`` a
+    buffer needs generations ``t - spread + 1 .. t`` and nothing older (SAELens's buffer keeps
+    a random half, so a row can wait without bound and its state cannot be recomputed).
+    ``spread`` 1 serves each generation alone, in a random order.
+    """
+
+    def __init__(self, generation_rows: int, spread: int, seed: Sequence[int]) -> None:
+        if generation_rows < spread:
+            raise ValueError(f"{generation_rows} rows cannot be dealt into {spread} parts.")
+        self.generation_rows, self.spread, self.seed = generation_rows, spread, list(seed)
+        base, extra = divmod(generation_rows, spread)
+        self.part_rows = [base + (j < extra) for j in range(spread)]
+        self.cuts = np.cumsum([0, *self.part_rows])
+
+    def parts(self, generation: int) -> list[np.ndarray]:
+        """Rows of ``generation`` (indices into it) in each of its parts."""
+        deal = np.random.default_rng([*self.seed, 0, generation]).permutation(self.generation_rows)
+        return [deal[a:b] for a, b in zip(self.cuts[:-1], self.cuts[1:], strict=True)]
+
+    def pool(self, refill: int) -> list[tuple[int, int]]:
+        """(generation, part) of each part in refill ``refill``'s pool, in pool order."""
+        return [(refill - j, j) for j in range(self.spread) if refill - j >= 0]
+
+    def pool_rows(self, refill: int) -> int:
+        return sum(self.part_rows[j] for _, j in self.pool(refill))
+
+    def order(self, refill: int) -> np.ndarray:
+        """The pool's positions in serving order."""
+        return np.random.default_rng([*self.seed, 1, refill]).permutation(self.pool_rows(refill))
+
+    def oldest(self, refill: int) -> int:
+        """The oldest generation refill ``refill`` serves rows of."""
+        return max(0, refill - self.spread + 1)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(refill, offset in its serving order) of row ``position`` of the served sequence.
+        The first ``spread - 1`` pools are smaller: they have fewer generations to draw from."""
+        refill = 0
+        while refill < self.spread - 1:
+            size = self.pool_rows(refill)
+            if position < size:
+                return refill, position
+            position, refill = position - size, refill + 1
+        steady, offset = divmod(position, self.generation_rows)
+        return refill + steady, offset
+
+    def held_rows(self) -> int:
+        """Rows a buffer holds at most: the parts not yet served of the ``spread`` generations
+        in the pool, ``R (spread + 1) / 2``, and the next generation made ahead, ``R``."""
+        return self.generation_rows * (self.spread + 3) // 2
+
+
+Rows = dict[str, Tensor]  # hook (or label) -> [rows, width]
+
+
+@dataclass
+class Generation:
+    """The rows of one generation dealt into the plan's parts (``None`` once served), and where
+    its source stood when it was read (what a resumed run restarts from)."""
+
+    index: int
+    parts: list[Rows | None]
+    start: object
+    end: object
+
+
+class MixingBuffer:
+    """Serves a :class:`MixingPlan` from generations made by ``make(index, stop)`` (``None``
+    when ``stop`` was set), which must be called in order: one worker thread makes the next
+    generation while the current pool is served. Memory: :meth:`MixingPlan.held_rows`."""
+
+    def __init__(
+        self,
+        plan: MixingPlan,
+        make: Callable[[int, threading.Event], Generation | None],
+        stop: threading.Event,
+        name: str = "mixing-buffer",
+    ) -> None:
+        self.plan, self.make, self.stop, self.name = plan, make, stop, name
+
+    def serve(self, position: int, n: int) -> Iterator[tuple[Rows, object]]:
+        """Consecutive blocks of ``n`` served rows from row ``position`` on, each with the
+        ``start`` of the oldest generation the next row needs: where a resumed run restarts."""
+        plan = self.plan
+        refill, offset = plan.locate(position)
+        held: dict[int, Generation] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix=self.name) as worker:
+            for g in range(plan.oldest(refill), refill + 1):
+                made = worker.submit(self.make, g, self.stop).result()
+                if made is None:  # stopped
+                    return
+                for j in range(refill - g):  # parts served before the resume point
+                    made.parts[j] = None
+                held[g] = made
+            ahead: Future[Generation | None] = worker.submit(self.make, refill + 1, self.stop)
+            pool, order = self._pool(held, refill)
+            while True:
+                blocks, need = [], n
+                while need:
+                    if offset == len(order):  # this pool is served: the next refill
+                        for g, j in plan.pool(refill):
+                            held[g].parts[j] = None
+                        held.pop(refill - plan.spread + 1, None)  # wholly served
+                        pool = []  # its parts are freed before the next generation is made
+                        made = ahead.result()
+                        if made is None:
+                            return
+                        refill, offset = refill + 1, 0
+                        held[refill] = made
+                        ahead = worker.submit(self.make, refill + 1, self.stop)
+                        pool, order = self._pool(held, refill)
+                    take = min(need, len(order) - offset)
+                    blocks.append(_gather(pool, order[offset : offset + take]))
+                    offset, need = offset + take, need - take
+                oldest = plan.oldest(refill + 1 if offset == len(order) else refill)
+                # With spread 1 the next row may be in the generation made ahead: it starts
+                # where the last held one ended.
+                resume = held[oldest].start if oldest in held else held[oldest - 1].end
+                yield cat_rows(blocks), resume
+
+    def _pool(self, held: dict[int, Generation], refill: int) -> tuple[list[Rows], Tensor]:
+        pool = [held[g].parts[j] for g, j in self.plan.pool(refill)]
+        device = next(iter(pool[0].values())).device
+        return pool, torch.from_numpy(self.plan.order(refill)).to(device)
+
+
+def _gather(pool: Sequence[Rows], positions: Tensor) -> Rows:
+    """Rows at ``positions`` of the pool (its parts side by side), in that order, as new
+    tensors (a batch outlives the parts it came from)."""
+    sizes = [len(next(iter(part.values()))) for part in pool]
+    ends = torch.tensor(np.cumsum(sizes), device=positions.device)
+    which = torch.searchsorted(ends, positions, right=True)
+    starts = ends - torch.tensor(sizes, device=positions.device)
+    out = {
+        key: torch.empty((len(positions), *value.shape[1:]), dtype=value.dtype, device=value.device)
+        for key, value in pool[0].items()
+    }
+    for j, part in enumerate(pool):
+        here = torch.nonzero(which == j).flatten()
+        if len(here):
+            rows = positions[here] - starts[j]
+            for key, value in part.items():
+                out[key][here] = value.index_select(0, rows)
+    return out
+
+
+def cat_rows(blocks: Sequence[Rows]) -> Rows:
+    if len(blocks) == 1:
+        return blocks[0]
+    return {key: torch.cat([b[key] for b in blocks]) for key in blocks[0]}
+
+
+# --------------------------------------------------------------------------- measuring mixing
+@dataclass(frozen=True)
+class BatchMixing:
+    """How mixed one batch is: its distinct contexts (windows) and documents, and the fraction
+    of its contexts that were also in the batch before (0 for the first)."""
+
+    contexts: int
+    documents: int
+    overlap: float
+
+
+def batch_mixing(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> list[BatchMixing]:
+    """Per batch given as (context id, document id) of each row, its :class:`BatchMixing`."""
+    found, previous = [], None
+    for contexts, documents in batches:
+        here = set(np.asarray(contexts).tolist())
+        shared = len(here & previous) / len(here) if previous is not None else 0.0
+        found.append(BatchMixing(len(here), len(np.unique(documents)), shared))
+        previous = here
+    return found
+
+
+def mixing_summary(mixing: Sequence[BatchMixing]) -> dict[str, float]:
+    """Means over batches (the overlap over batches that have one before them)."""
+    overlaps = [m.overlap for m in mixing[1:]]
+    return {
+        "contexts": float(np.mean([m.contexts for m in mixing])),
+        "documents": float(np.mean([m.documents for m in mixing])),
+        "min_documents": float(min(m.documents for m in mixing)),
+        "overlap": float(np.mean(overlaps)) if overlaps else 0.0,
+    }

@@ -2,24 +2,27 @@
 activations are served shuffled, never written to disk.
 
 The text is read as ``streams`` interleaved streams (default: one per process): stream ``s``
-reads the documents ``d`` with ``d % streams == s``, packs them into windows, and runs the model
-on them in *generations* of ``ceil(buffer_tokens / positions)`` windows. A generation's rows
-(every hook from the same forward passes) are served in a random order drawn from
-``(seed, stream, generation)``, so one batch holds rows of many contexts and one context's
-positions are spread over many batches. Each stream's part of global batch ``i`` is rows
-``[i * b, (i + 1) * b)`` of its serving sequence (``b = batch_size / streams``); a global
+reads the documents ``d`` with ``d % streams == s``, through ``cursors`` readers spaced evenly
+over its documents, whose windows are taken in turn. The model runs on *generations* of windows
+and their rows go through a mixing buffer (``data/loader.py``, the cache's too): generation
+``g``'s rows are dealt at random into ``mix_refills`` parts, part ``j`` joins refill ``g + j``,
+and each refill's pool is served in a random order drawn from ``(seed, stream, refill)``. So a
+batch holds rows of ``mix_refills`` generations of windows from many places in the text, and one
+context's positions are spread over many batches. Each stream's part of global batch ``i`` is
+rows ``[i * b, (i + 1) * b)`` of its serving sequence (``b = batch_size / streams``); a global
 batch is the streams' parts side by side, and under DDP each process serves its streams' parts,
 so a DDP run sees exactly the batches one process with the same ``streams`` sees.
 
-A background thread computes the next generation while batches are cut from the current one
-and a queue of ``prefetch_batches`` waits for the training step: memory is two generations
-per stream plus the queue, however long the run.
+Memory is ``buffer_bytes`` per process, across all hooks: the generation size follows from it
+(the parts not yet served of ``mix_refills`` generations, and the next generation, which a
+background thread computes while batches are cut from the current pool), however long the run.
 
-Exact resume without storing activations: a generation is a pure function of the text
-position where it starts and its index (windows, forward batches and permutation are fixed by
-them), so the loader's state is the number of batches served and, per stream, the text position
-at the start of the generation that holds the next row. A resumed run recomputes that one
-generation and continues bitwise as if it had never stopped (same device and thread count).
+Exact resume without storing activations: a generation is a pure function of the cursors'
+text positions where it starts and its index (windows, forward batches and dealing are fixed by
+them), so the loader's state is the number of batches served and, per stream, the cursors'
+positions at the start of the oldest generation the next row needs. A resumed run recomputes
+those ``mix_refills`` generations and continues bitwise as if it had never stopped (same device
+and thread count).
 
 The first ``val_tokens`` (in whole windows) of the text are held out: validation serves them in
 order, from the start, at every validation pass; training reads the text after them, looping
@@ -31,7 +34,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -44,13 +46,32 @@ from torch import Tensor
 
 from lightning_sae.data import lm
 from lightning_sae.data.cache import NonFiniteDataError
+from lightning_sae.data.identity import IdentifiedData
 from lightning_sae.data.lm import LanguageModel
-from lightning_sae.data.loader import in_background, rank_and_world
-from lightning_sae.data.tokens import TEXT_START, TextOptions, TextPosition, TextWindows
+from lightning_sae.data.loader import (
+    Generation,
+    MixingBuffer,
+    MixingPlan,
+    Rows,
+    batch_mixing,
+    cat_rows,
+    in_background,
+    mixing_summary,
+    rank_and_world,
+)
+from lightning_sae.data.tokens import (
+    TEXT_START,
+    TextCursors,
+    TextOptions,
+    TextPosition,
+    TextWindows,
+    document_lengths,
+    iter_documents,
+    spaced_cursors,
+)
 
 ServedDtype = Literal["float32", "float16", "bfloat16"]
 Batch = Tensor | dict[str, Tensor]
-Rows = dict[str, Tensor]  # hook -> [rows, d_in_hook]
 
 
 class _Forward:
@@ -68,75 +89,108 @@ class _Forward:
         dtype: torch.dtype,
         batch_windows: int,
         widths: dict[str, int],
+        device: torch.device | None = None,
     ) -> None:
         self.model, self.hooks, self.text = model, list(hooks), text
         self.dtype, self.batch_windows, self.widths = dtype, batch_windows, widths
-        self.device = torch.device(model.cfg.device)
+        self.device = device or torch.device(model.cfg.device)
         self.lock = threading.Lock()
 
+    def capture(self, windows: np.ndarray, labels: _Labels) -> dict[str, Tensor]:
+        """``{hook: [n, context, d]}`` of the windows."""
+        with self.lock:
+            return lm.capture(self.model, torch.from_numpy(windows), self.hooks)
+
     def rows(
-        self, windows: np.ndarray, stop: threading.Event | None = None, where: str = ""
-    ) -> Rows | None:
-        """``{hook: [len(windows) * positions, d]}`` in window order, in the served dtype;
-        ``None`` when ``stop`` was set midway."""
+        self,
+        windows: np.ndarray,
+        stop: threading.Event | None = None,
+        where: str = "",
+        deal: Sequence[np.ndarray] | None = None,
+        labels: _Labels | None = None,
+    ) -> list[Rows] | None:
+        """The windows' rows (``len(windows) * positions``, window order) of every hook, in
+        the buffer dtype, dealt into parts: part ``j`` holds rows ``deal[j]`` in that order
+        (default: one part of every row). ``None`` when ``stop`` was set midway."""
         n, positions, first = len(windows), self.text.positions, self.text.first_position
-        out = {
-            hook: torch.empty((n * positions, width), dtype=self.dtype, device=self.device)
-            for hook, width in self.widths.items()
-        }
+        deal = deal if deal is not None else [np.arange(n * positions)]
+        part_of, slot = np.empty(n * positions, np.int64), np.empty(n * positions, np.int64)
+        for j, rows in enumerate(deal):
+            part_of[rows], slot[rows] = j, np.arange(len(rows))
+        out = [
+            {
+                hook: torch.empty((len(rows), width), dtype=self.dtype, device=self.device)
+                for hook, width in self.widths.items()
+            }
+            for rows in deal
+        ]
         # Always the same forward batches for the same windows: the bits do not depend on
         # where a run stopped.
         for a in range(0, n, self.batch_windows):
             if stop is not None and stop.is_set():
                 return None
-            tokens = torch.from_numpy(windows[a : a + self.batch_windows])
-            with self.lock:
-                activations = lm.capture(self.model, tokens, self.hooks)
-            for hook, value in activations.items():
-                block = value[:, first:, :]
-                out[hook][a * positions : a * positions + block.shape[0] * positions] = (
-                    block.reshape(-1, block.shape[-1])
-                )
-        self._check_finite(out, where)
+            b = min(a + self.batch_windows, n)
+            activations = self.capture(windows[a:b], _Labels.of(labels, a, b))
+            blocks = {
+                hook: value[:, first:, :].reshape(-1, value.shape[-1]).to(self.dtype)
+                for hook, value in activations.items()
+            }
+            self._check_finite(blocks, a, where)
+            lo, hi = a * positions, b * positions
+            for j in np.unique(part_of[lo:hi]).tolist():
+                here = np.flatnonzero(part_of[lo:hi] == j)
+                to = torch.from_numpy(slot[lo:hi][here]).to(self.device)
+                here = torch.from_numpy(here).to(self.device)
+                for hook, block in blocks.items():
+                    out[j][hook][to] = block.index_select(0, here)
         return out
 
-    def _check_finite(self, out: Rows, where: str) -> None:
-        # In the served dtype, so a float16 overflow counts: non-finite rows train to NaN.
-        for hook, rows in out.items():
-            bad = torch.nonzero(~torch.isfinite(rows).all(dim=1))
-            if len(bad):
+    def _check_finite(self, blocks: Rows, first_window: int, where: str) -> None:
+        # In the buffer dtype, so a float16 overflow counts: non-finite rows train to NaN.
+        for hook, rows in blocks.items():
+            if rows.is_floating_point() and len(bad := torch.nonzero(~torch.isfinite(rows).all(1))):
                 window, position = divmod(int(bad[0]), self.text.positions)
                 raise NonFiniteDataError(
-                    f"the {hook} activations of window {window} {where}(position "
+                    f"the {hook} activations of window {first_window + window} {where}(position "
                     f"{position + self.text.first_position}) hold NaN or Inf in {self.dtype}: "
                     "the model overflowed or is broken. Run it with "
-                    "data.init_args.model.dtype float32 and dtype float32, or check the model."
+                    "data.init_args.model.dtype float32 and buffer_dtype float32, or check the "
+                    "model."
                 )
 
 
-@dataclass
-class _Generation:
-    """Rows of one stream's generation and their serving order."""
+@dataclass(frozen=True)
+class _Labels:
+    """Where each window came from: its id in the stream and its tokens' documents."""
 
-    index: int
-    start: TextPosition  # text position of its first window
-    end: TextPosition  # text position after its last window
-    rows: Rows
-    order: Tensor
+    ids: np.ndarray  # [n]
+    documents: np.ndarray  # [n, context]
 
-    def take(self, lo: int, hi: int) -> Rows:
-        """Rows at serving positions ``[lo, hi)``, gathered into new tensors (a batch outlives
-        its generation)."""
-        index = self.order[lo:hi]
-        return {hook: rows.index_select(0, index) for hook, rows in self.rows.items()}
+    @staticmethod
+    def of(labels: _Labels | None, a: int, b: int) -> _Labels | None:
+        return None if labels is None else _Labels(labels.ids[a:b], labels.documents[a:b])
 
 
-def _cat(parts: Sequence[Rows]) -> Rows:
-    return {hook: torch.cat([p[hook] for p in parts]) for hook in parts[0]}
+class _LabelForward(_Forward):
+    """Rows labelled (context, document) instead of activations: the stream's mixing measured
+    without running the model."""
+
+    def __init__(self, text: TextOptions, batch_windows: int) -> None:
+        widths = {"context": 1, "document": 1}
+        super().__init__(None, [], text, torch.int64, batch_windows, widths, torch.device("cpu"))
+
+    def capture(self, windows: np.ndarray, labels: _Labels) -> dict[str, Tensor]:
+        contexts = np.broadcast_to(labels.ids[:, None], labels.documents.shape)
+        return {
+            "context": torch.from_numpy(np.ascontiguousarray(contexts))[..., None],
+            "document": torch.from_numpy(labels.documents)[..., None],
+        }
 
 
-def _served(rows: Rows, single: bool) -> Batch:
-    """The batch contract: a tensor for one hook, ``{hook: tensor}`` for several."""
+def _served(rows: Rows, single: bool, dtype: torch.dtype) -> Batch:
+    """The batch contract, in the served dtype: a tensor for one hook, ``{hook: tensor}`` for
+    several."""
+    rows = {hook: value.to(dtype) for hook, value in rows.items()}
     return next(iter(rows.values())) if single else rows
 
 
@@ -150,85 +204,73 @@ class StreamBatches:
     def __init__(
         self,
         forward: _Forward,
-        reader: Callable[[int, TextPosition], TextWindows],
-        starts: Sequence[TextPosition],
+        cursors: Callable[[int, Sequence[TextPosition]], TextCursors],
+        starts: Sequence[Sequence[TextPosition]],
         batch_size: int,
         generation_windows: int,
+        spread: int,
         seed: int,
         prefetch_batches: int,
+        served_dtype: torch.dtype,
     ) -> None:
-        self.forward, self.reader, self.seed = forward, reader, seed
+        self.forward, self.cursors, self.seed = forward, cursors, seed
         self.n_streams = len(starts)
         self.batch_size, self.stream_batch = batch_size, batch_size // self.n_streams
-        self.generation_windows = generation_windows
+        self.generation_windows, self.spread = generation_windows, spread
         self.generation_rows = generation_windows * forward.text.positions
         self.prefetch_batches = max(1, prefetch_batches)
+        self.served_dtype = served_dtype
         rank, world = rank_and_world()
         per_rank = self.n_streams // world
         self.mine = range(rank * per_rank, (rank + 1) * per_rank)
         self.batches = 0  # global batches handed to the training loop
-        # Per stream, the text position where the generation holding its next row starts.
-        self.positions = {s: starts[s] for s in self.mine}
+        # Per stream, its cursors' text positions at the start of the oldest generation that
+        # its next row needs.
+        self.positions = {s: list(starts[s]) for s in self.mine}
 
     def __len__(self) -> int:
         return sys.maxsize
 
-    def _generation(
-        self, stream: int, index: int, windows: TextWindows, stop: threading.Event
-    ) -> _Generation | None:
-        start = windows.position
-        tokens = windows.take(self.generation_windows)
-        rows = self.forward.rows(tokens, stop, f"(stream {stream}, generation {index}) ")
-        if rows is None:
-            return None
-        order = np.random.default_rng([self.seed, stream, index]).permutation(self.generation_rows)
-        return _Generation(
-            index, start, windows.position, rows, torch.from_numpy(order).to(self.forward.device)
-        )
+    def plan(self, stream: int) -> MixingPlan:
+        return MixingPlan(self.generation_rows, self.spread, [self.seed, stream])
 
     def _stream(
-        self, stream: int, first_batch: int, start: TextPosition, stop: threading.Event
-    ) -> Iterator[tuple[Rows, TextPosition]]:
-        """Stream ``stream``'s part of each global batch from ``first_batch`` on, with the text
-        position of the generation that holds its next row."""
-        index, offset = divmod(first_batch * self.stream_batch, self.generation_rows)
-        windows = self.reader(stream, start)
-        # One worker computes the generations in order (the reader is sequential), the next
-        # one while this one is served.
-        with ThreadPoolExecutor(1, thread_name_prefix=f"activation-stream-{stream}") as worker:
-            current = worker.submit(self._generation, stream, index, windows, stop).result()
-            ahead: Future[_Generation | None] = worker.submit(
-                self._generation, stream, index + 1, windows, stop
-            )
-            while current is not None:
-                parts, need = [], self.stream_batch
-                while need:
-                    if offset == self.generation_rows:
-                        current, offset = ahead.result(), 0
-                        if current is None:  # stopped
-                            return
-                        ahead = worker.submit(
-                            self._generation, stream, current.index + 1, windows, stop
-                        )
-                    take = min(need, self.generation_rows - offset)
-                    parts.append(current.take(offset, offset + take))
-                    offset, need = offset + take, need - take
-                resume = current.end if offset == self.generation_rows else current.start
-                yield _cat(parts), resume
+        self, stream: int, first_batch: int, start: Sequence[TextPosition], stop: threading.Event
+    ) -> Iterator[tuple[Rows, list[TextPosition]]]:
+        """Stream ``stream``'s part of each global batch from ``first_batch`` on, with its
+        cursors' positions at the start of the oldest generation its next row needs."""
+        plan = self.plan(stream)
+        first_position = first_batch * self.stream_batch
+        oldest = plan.oldest(plan.locate(first_position)[0])
+        cursors = self.cursors(stream, start)
+        labelled = isinstance(self.forward, _LabelForward)
+
+        def make(index: int, stop: threading.Event) -> Generation | None:
+            assert index >= oldest  # generations are made in order, from the oldest needed
+            begin, first = cursors.positions, index * self.generation_windows
+            windows, documents, _ = cursors.take_labelled(self.generation_windows, first)
+            ids = (stream << 40) + first + np.arange(len(windows))  # unique across streams
+            labels = _Labels(ids, documents) if labelled else None
+            where = f"(stream {stream}, generation {index}) "
+            parts = self.forward.rows(windows, stop, where, plan.parts(index), labels)
+            return None if parts is None else Generation(index, parts, begin, cursors.positions)
+
+        buffer = MixingBuffer(plan, make, stop, f"activation-stream-{stream}")
+        yield from buffer.serve(first_position, self.stream_batch)
 
     def _rank_batches(
         self, first_batch: int, stop: threading.Event
-    ) -> Iterator[tuple[Batch, dict[int, TextPosition]]]:
+    ) -> Iterator[tuple[Batch, dict[int, list[TextPosition]]]]:
         with ExitStack() as stack:
             streams = [
                 stack.enter_context(closing(self._stream(s, first_batch, self.positions[s], stop)))
                 for s in self.mine
             ]
-            single = len(self.forward.hooks) == 1
+            single = len(self.forward.widths) == 1
             for parts in zip(*streams, strict=True):
-                rows = _cat([rows for rows, _ in parts])
+                rows = cat_rows([rows for rows, _ in parts])
                 resume = {s: position for s, (_, position) in zip(self.mine, parts, strict=True)}
-                yield _served(rows, single), resume
+                yield _served(rows, single, self.served_dtype), resume
 
     def __iter__(self) -> Iterator[Batch]:
         stop = threading.Event()
@@ -242,10 +284,19 @@ class StreamBatches:
                 self.positions.update(positions)
                 yield batch
 
+    def _shape(self) -> dict[str, int]:
+        return {
+            "streams": self.n_streams,
+            "batch_size": self.batch_size,
+            "generation_rows": self.generation_rows,
+            "mix_refills": self.spread,
+            "cursors": len(next(iter(self.positions.values()))),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The position of every stream. Under DDP each process knows only its own streams, so
         this gathers them: Lightning calls it on every process when it saves a checkpoint."""
-        positions = {s: tuple(p) for s, p in self.positions.items()}
+        positions = {s: [list(p) for p in ps] for s, ps in self.positions.items()}
         _, world = rank_and_world()
         if world > 1:
             gathered: list[Any] = [None] * world
@@ -253,27 +304,20 @@ class StreamBatches:
             positions = {s: p for part in gathered for s, p in part.items()}
         return {
             "batches": self.batches,
-            "positions": [list(positions[s]) for s in range(self.n_streams)],
-            "streams": self.n_streams,
-            "batch_size": self.batch_size,
-            "generation_rows": self.generation_rows,
+            "positions": [positions[s] for s in range(self.n_streams)],
+            **self._shape(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = {k: state.get(k) for k in ("streams", "batch_size", "generation_rows")}
-        here = {
-            "streams": self.n_streams,
-            "batch_size": self.batch_size,
-            "generation_rows": self.generation_rows,
-        }
+        saved, here = {k: state.get(k) for k in self._shape()}, self._shape()
         if saved != here:
             raise ValueError(
                 f"the checkpoint's stream position is for {saved}, but this run has {here}: "
-                "resume with the same data.init_args (streams, batch_size, buffer_tokens, "
-                "text.context_size)."
+                "resume with the same data.init_args (streams, batch_size, buffer_bytes, "
+                "buffer_dtype, mix_refills, cursors, hooks, text.context_size)."
             )
         self.batches = int(state["batches"])
-        self.positions = {s: TextPosition(*state["positions"][s]) for s in self.mine}
+        self.positions = {s: [TextPosition(*p) for p in state["positions"][s]] for s in self.mine}
 
 
 class StreamValBatches:
@@ -282,9 +326,14 @@ class StreamValBatches:
     shorter), each process serving its streams' parts."""
 
     def __init__(
-        self, forward: _Forward, windows: np.ndarray, n_streams: int, batch_size: int
+        self,
+        forward: _Forward,
+        windows: np.ndarray,
+        n_streams: int,
+        batch_size: int,
+        served_dtype: torch.dtype,
     ) -> None:
-        self.forward, self.n_streams = forward, n_streams
+        self.forward, self.n_streams, self.served_dtype = forward, n_streams, served_dtype
         self.stream_batch = batch_size // n_streams
         rank, world = rank_and_world()
         per_rank = n_streams // world
@@ -302,13 +351,14 @@ class StreamValBatches:
         pending: list[Rows] = []
         n_pending = 0
         for a in range(0, len(windows), per_forward):
-            rows = self.forward.rows(windows[a : a + per_forward], stop, "(validation) ")
-            if rows is None:
+            parts = self.forward.rows(windows[a : a + per_forward], stop, "(validation) ")
+            if parts is None:
                 return
+            rows = parts[0]
             pending.append(rows)
             n_pending += len(next(iter(rows.values())))
             while n_pending >= self.stream_batch or (n_pending and a + per_forward >= len(windows)):
-                joined = _cat(pending)
+                joined = cat_rows(pending)
                 take = min(self.stream_batch, n_pending)
                 yield {hook: value[:take] for hook, value in joined.items()}
                 rest = {hook: value[take:] for hook, value in joined.items()}
@@ -319,14 +369,14 @@ class StreamValBatches:
         with ExitStack() as stack:
             streams = [stack.enter_context(closing(self._stream(w, stop))) for w in self.windows]
             for parts in zip(*streams, strict=True):
-                yield _served(_cat(parts), len(self.forward.hooks) == 1)
+                yield _served(cat_rows(parts), len(self.forward.hooks) == 1, self.served_dtype)
 
     def __iter__(self) -> Iterator[Batch]:
         stop = threading.Event()
         yield from in_background(self._batches(stop), 2, stop, "activation-stream-val")
 
 
-class StreamingActivationDataModule(LightningDataModule):
+class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
     """Activations of a TransformerLens model computed during training, shuffled in a bounded
     buffer, never written to disk (see the module docstring for the order and the resume).
 
@@ -345,10 +395,18 @@ class StreamingActivationDataModule(LightningDataModule):
             windows, a multiple of ``streams``), never trained on.
         batch_size: global batch of activation vectors (split evenly across streams and
             processes).
-        buffer_tokens: rows per stream shuffled together (a generation, rounded up to whole
-            windows); two generations per stream are in memory, on the model's device.
+        buffer_bytes: memory of one stream's mixing buffer, across all hooks, on the model's
+            device, its share of the queued batches included (a process holds ``streams /
+            processes`` buffers, by default one). The generation size follows from it; a
+            budget that cannot hold one batch is refused.
+        buffer_dtype: dtype the buffered rows are stored in (default: ``dtype``); ``bfloat16``
+            holds twice the rows of ``float32`` in the same budget.
+        mix_refills: refills each generation's rows are dealt over: a batch mixes rows of
+            this many generations (1: each generation served alone, as a shuffle buffer).
+        cursors: readers per stream, spaced evenly over its documents, whose windows are
+            taken in turn: a generation holds windows of this many places in the text.
         model_batch_size: windows per forward pass.
-        dtype: dtype of the served activations (and of the buffer).
+        dtype: dtype of the served activations.
         device: device of the model; default: the training device (the GPU Lightning puts this
             process on, or the CPU).
         streams: independent text streams the global batch is drawn from; default: one per
@@ -365,13 +423,16 @@ class StreamingActivationDataModule(LightningDataModule):
         text: TextOptions | None = None,
         val_tokens: int = 16_384,
         batch_size: int = 4096,
-        buffer_tokens: int = 1 << 16,
+        buffer_bytes: int = 1 << 30,
+        buffer_dtype: ServedDtype | None = None,
+        mix_refills: int = 16,
+        cursors: int = 32,
         model_batch_size: int = 32,
         dtype: ServedDtype = "float32",
         device: str | None = None,
         streams: int | None = None,
         seed: int = 0,
-        prefetch_batches: int = 4,
+        prefetch_batches: int = 2,
     ) -> None:
         super().__init__()
         text = text or TextOptions()
@@ -383,7 +444,10 @@ class StreamingActivationDataModule(LightningDataModule):
                 "text": asdict(text),
                 "val_tokens": val_tokens,
                 "batch_size": batch_size,
-                "buffer_tokens": buffer_tokens,
+                "buffer_bytes": buffer_bytes,
+                "buffer_dtype": buffer_dtype,
+                "mix_refills": mix_refills,
+                "cursors": cursors,
                 "model_batch_size": model_batch_size,
                 "dtype": dtype,
                 "device": device,
@@ -398,7 +462,9 @@ class StreamingActivationDataModule(LightningDataModule):
             )
         positive = {
             "batch_size": batch_size,
-            "buffer_tokens": buffer_tokens,
+            "buffer_bytes": buffer_bytes,
+            "mix_refills": mix_refills,
+            "cursors": cursors,
             "model_batch_size": model_batch_size,
             "prefetch_batches": prefetch_batches,
         }
@@ -410,6 +476,7 @@ class StreamingActivationDataModule(LightningDataModule):
         if val_tokens < 0:
             raise ValueError(f"data.init_args.val_tokens must be >= 0, got {val_tokens}.")
         lm.torch_dtype(dtype)
+        lm.torch_dtype(buffer_dtype or dtype)
         self.model, self.hooks, self.text = model, list(hooks), text
         self.batch_size, self.seed = batch_size, seed
         self._forward: _Forward | None = None
@@ -417,6 +484,13 @@ class StreamingActivationDataModule(LightningDataModule):
         self.train_batches: StreamBatches | None = None
         self.val_batches: StreamValBatches | None = None
         self._train_start: TextPosition | None = None
+
+    def data_identity(self) -> dict[str, Any]:
+        """What the streamed rows are: the model, the hooks, the text and its windows, the
+        held-out part, the dtype and the seed of the order (the cache's fingerprint fields)."""
+        hp = self.hparams
+        names = ("model", "hooks", "text", "val_tokens", "dtype", "seed")
+        return {name: hp[name] for name in names}
 
     # ----------------------------------------------------------------- the model
     def _device(self) -> str:
@@ -438,7 +512,7 @@ class StreamingActivationDataModule(LightningDataModule):
                 model,
                 self.hooks,
                 self.text,
-                lm.torch_dtype(self.hparams.dtype),
+                lm.torch_dtype(self.hparams.buffer_dtype or self.hparams.dtype),
                 self.hparams.model_batch_size,
                 widths,
             )
@@ -515,26 +589,126 @@ class StreamingActivationDataModule(LightningDataModule):
                 f"multiple of {n_streams}."
             )
         forward = self._model()
-        generation_windows = -(-hp.buffer_tokens // self.text.positions)
-        if generation_windows * self.text.positions < self.batch_size // n_streams:
-            raise ValueError(
-                f"data.init_args.buffer_tokens={hp.buffer_tokens} holds fewer rows than a "
-                f"stream's part of a batch ({self.batch_size // n_streams}): raise it (several "
-                "batches' worth mixes contexts well)."
-            )
+        generation_windows = self._generation_windows(forward, n_streams)
         val_windows, self._train_start = self._split(n_streams)
-        starts = [self._stream_start(self._train_start, s, n_streams) for s in range(n_streams)]
-        self.train_batches = StreamBatches(
+        lengths = document_lengths(self.text.source) if hp.cursors > 1 else None
+        starts = [
+            spaced_cursors(
+                self._stream_start(self._train_start, s, n_streams),
+                s,
+                n_streams,
+                hp.cursors,
+                lengths,
+                self._tokens_before,
+            )
+            for s in range(n_streams)
+        ]
+        self._stream_options = (n_streams, starts, generation_windows)
+        self.train_batches = self._train_batches(forward, lm.torch_dtype(hp.dtype))
+        if len(val_windows):
+            self.val_batches = StreamValBatches(
+                forward, val_windows, n_streams, self.batch_size, lm.torch_dtype(hp.dtype)
+            )
+        if rank_and_world()[0] == 0:
+            print(self.describe_buffer(), file=sys.stderr)
+
+    def _tokens_before(self, points: list[tuple[int, int]]) -> list[int]:
+        """Tokens of the first ``characters`` characters of ``document``, for each (document,
+        characters) point; the text read once."""
+        wanted = {document for document, _ in points}
+        texts = {d: t for d, t in enumerate(iter_documents(self.text.source)) if d in wanted}
+        return [
+            len(self.tokenizer(texts[d][:characters], add_special_tokens=False)["input_ids"])
+            for d, characters in points
+        ]
+
+    def _train_batches(self, forward: _Forward, served_dtype: torch.dtype) -> StreamBatches:
+        n_streams, starts, generation_windows = self._stream_options
+        hp = self.hparams
+
+        def cursors(stream: int, positions: Sequence[TextPosition]) -> TextCursors:
+            start = starts[stream][0]
+            return TextCursors(lambda p: self._reader(start, p, stream, n_streams), positions)
+
+        return StreamBatches(
             forward,
-            lambda s, position: self._reader(starts[s], position, s, n_streams),
+            cursors,
             starts,
             self.batch_size,
             generation_windows,
+            hp.mix_refills,
             self.seed,
             hp.prefetch_batches,
+            served_dtype,
         )
-        if len(val_windows):
-            self.val_batches = StreamValBatches(forward, val_windows, n_streams, self.batch_size)
+
+    def _row_bytes(self, forward: _Forward) -> int:
+        """Bytes of one buffered row, every hook."""
+        return sum(forward.widths.values()) * forward.dtype.itemsize
+
+    def _generation_windows(self, forward: _Forward, n_streams: int) -> int:
+        """Windows per generation: as many as ``buffer_bytes`` holds for one stream, every
+        hook, its share of the queued batches included."""
+        hp, positions = self.hparams, self.text.positions
+        stream_batch = self.batch_size // n_streams
+        served = lm.torch_dtype(hp.dtype).itemsize * sum(forward.widths.values())
+        queued = (hp.prefetch_batches + 1) * stream_batch * served
+        row_bytes = self._row_bytes(forward)
+        rows = max(hp.buffer_bytes - queued, 0) // row_bytes
+        # A buffer holds (mix_refills + 3) / 2 generations (MixingPlan.held_rows).
+        windows = 2 * rows // ((hp.mix_refills + 3) * positions)
+        least = max(stream_batch, hp.mix_refills)
+        if windows * positions < least:
+            need = -(-least // positions) * positions * (hp.mix_refills + 3) // 2
+            raise ValueError(
+                f"data.init_args.buffer_bytes={hp.buffer_bytes:,} cannot hold one batch: a "
+                f"stream's part of a batch is {stream_batch} rows of {row_bytes:,} bytes "
+                f"({len(forward.widths)} hook(s) in {forward.dtype}), mixed over mix_refills="
+                f"{hp.mix_refills}: raise buffer_bytes to at least {need * row_bytes + queued:,}"
+                ", or lower batch_size or mix_refills, or set buffer_dtype bfloat16."
+            )
+        return windows
+
+    def describe_buffer(self, batches: int | None = None) -> str:
+        """The budget and the mixing it buys, measured on the text (no model run): one line."""
+        n_streams, _, generation_windows = self._stream_options
+        forward, hp = self._model(), self.hparams
+        local = n_streams // rank_and_world()[1]
+        summary = mixing_summary(self.mixing(batches))
+        return (
+            f"stream buffer: {hp.buffer_bytes / 2**20:,.1f} MiB per stream ({local} here) for "
+            f"{len(forward.widths)} hook(s) ({self._row_bytes(forward):,} bytes per row in "
+            f"{forward.dtype}): generations of {generation_windows} windows from "
+            f"{hp.cursors} cursor(s), each dealt over {hp.mix_refills} refill(s), pools of "
+            f"{generation_windows * hp.mix_refills} contexts per stream; a batch holds "
+            f"{summary['contexts']:.0f} contexts of {summary['documents']:.1f} documents "
+            f"(fewest {summary['min_documents']:.0f}), {summary['overlap']:.0%} of its "
+            "contexts also in the batch before (measured on this process's streams)."
+        )
+
+    def mixing(self, batches: int | None = None, first_batch: int | None = None) -> list:
+        """:class:`~lightning_sae.data.loader.BatchMixing` of ``batches`` training batches
+        from ``first_batch`` on, measured by serving the windows' labels (context, document)
+        through this stream's cursors and buffer instead of activations; the training position
+        is untouched. Default: the batches of the first full pool (after the first
+        ``mix_refills - 1`` smaller ones), at least 4."""
+        if self.train_batches is None:
+            self.setup("fit")
+        labels = self._train_batches(_LabelForward(self.text, 256), torch.int64)
+        labels.prefetch_batches = 1
+        plan = labels.plan(0)
+        warm_up = sum(plan.pool_rows(t) for t in range(plan.spread - 1))
+        first = -(-warm_up // labels.stream_batch) if first_batch is None else first_batch
+        n = batches or max(4, -(-plan.generation_rows // labels.stream_batch))
+        labels.batches = first
+        iterator = iter(labels)
+        try:
+            served = [next(iterator) for _ in range(n)]
+        finally:
+            iterator.close()
+        return batch_mixing(
+            (b["context"].flatten().numpy(), b["document"].flatten().numpy()) for b in served
+        )
 
     def train_dataloader(self) -> StreamBatches:
         if self.train_batches is None:
@@ -557,8 +731,8 @@ class StreamingActivationDataModule(LightningDataModule):
         forward = self._model()
         reader = self._reader(self._train_start, wrap=True)
         windows = reader.take(-(-2 * n // self.text.positions))
-        rows = forward.rows(windows, where="(sample) ")
+        (rows,) = forward.rows(windows, where="(sample) ")
         rng = np.random.default_rng(self.seed + 104_729 if seed is None else seed)
         pick = torch.from_numpy(rng.choice(len(windows) * self.text.positions, n, replace=False))
         chosen = {hook: value[pick.to(value.device)].float() for hook, value in rows.items()}
-        return _served(chosen, len(self.hooks) == 1)
+        return _served(chosen, len(self.hooks) == 1, torch.float32)

@@ -17,7 +17,7 @@ Text sources:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -304,15 +304,20 @@ class TextWindows:
             for d, text in enumerate(iter_documents(self.source))
             if d >= position.document and d % self.n_streams == self.stream
         )
-        while batch := list(islice(mine, _TOKENIZE_BATCH)):
+        # Batches growing from one document: a reader that takes a few windows (one of many
+        # cursors, a resume) tokenizes little more than it reads.
+        size = 1
+        while batch := list(islice(mine, size)):
+            size = min(2 * size, _TOKENIZE_BATCH)
             ids = self.tokenizer([text for _, text in batch], add_special_tokens=False)
             for (d, _), doc in zip(batch, ids["input_ids"], strict=True):
                 offset = position.offset if d == position.document else 0
                 yield d, offset, np.array([*doc, *tail], dtype=np.int64)[offset:]
 
-    def _text(self, n: int) -> np.ndarray:
-        """The next ``n`` tokens of text, the position moved past them."""
-        parts, have = [], 0
+    def _text(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` tokens of text and the document of each, the position moved past
+        them."""
+        parts, documents, have = [], [], 0
         while have < n:
             if len(self._current) == 0:
                 if self._documents is None:
@@ -334,10 +339,11 @@ class TextWindows:
                 continue
             take = self._current[: n - have]
             parts.append(take)
+            documents.append(np.full(len(take), self.position.document))
             have += len(take)
             self._current = self._current[len(take) :]
             self.position = self.position._replace(offset=self.position.offset + len(take))
-        return np.concatenate(parts)
+        return np.concatenate(parts), np.concatenate(documents)
 
     def _too_short(self, have: int) -> TextSourceError:
         which = f" (stream {self.stream} of {self.n_streams})" if self.n_streams > 1 else ""
@@ -349,8 +355,97 @@ class TextWindows:
 
     def take(self, n: int) -> np.ndarray:
         """The next ``n`` windows as ``[n, context_size]`` int64 token ids."""
+        return self.take_labelled(n)[0]
+
+    def take_labelled(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` windows, and the document index of each of their tokens (BOS: the
+        document of the token after it), both ``[n, context_size]``."""
         text_per_window = self.options.context_size - int(self.options.prepend_bos)
-        windows = self._text(n * text_per_window).reshape(n, text_per_window)
+        tokens, documents = self._text(n * text_per_window)
+        windows = tokens.reshape(n, text_per_window)
+        documents = documents.reshape(n, text_per_window)
         if self.options.prepend_bos:
             windows = np.concatenate([np.full((n, 1), self.bos), windows], axis=1)
-        return windows
+            documents = np.concatenate([documents[:, :1], documents], axis=1)
+        return windows, documents
+
+
+def document_lengths(source: TextSource) -> list[int] | None:
+    """Characters of each document, when they can be known without reading a streamed dataset
+    whole (``None`` then)."""
+    if source.streaming:
+        return None
+    return [len(text) for text in iter_documents(source)]
+
+
+class TextCursors:
+    """``len(positions)`` readers of one stream of the text, spaced over it, whose windows are
+    taken in turn: window ``w`` of the stream comes from cursor ``w % cursors``. Reading many
+    places at once puts many documents in every stretch of windows.
+
+    Every cursor reads all of the stream's documents and wraps at the end to ``start``; the
+    cursors begin at evenly spaced documents (see :func:`spaced_cursors`), so together they
+    read the text in disjoint runs until they drift into each other's.
+    """
+
+    def __init__(
+        self, open_reader: Callable[[TextPosition], TextWindows], positions: Sequence[TextPosition]
+    ) -> None:
+        self.readers = [open_reader(position) for position in positions]
+
+    @property
+    def positions(self) -> list[TextPosition]:
+        return [reader.position for reader in self.readers]
+
+    def take_labelled(self, n: int, first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows ``first .. first + n`` of the stream, their tokens' documents, and each
+        window's cursor."""
+        cursors = (first + np.arange(n)) % len(self.readers)
+        counts = np.bincount(cursors, minlength=len(self.readers))
+        windows = np.empty((n, self.readers[0].options.context_size), dtype=np.int64)
+        documents = np.empty_like(windows)
+        for k, (reader, count) in enumerate(zip(self.readers, counts.tolist(), strict=True)):
+            if count:
+                windows[cursors == k], documents[cursors == k] = reader.take_labelled(count)
+        return windows, documents, cursors
+
+
+def spaced_cursors(
+    start: TextPosition,
+    stream: int,
+    n_streams: int,
+    cursors: int,
+    lengths: Sequence[int] | None,
+    tokens_before: Callable[[list[tuple[int, int]]], list[int]],
+) -> list[TextPosition]:
+    """Where each of a stream's ``cursors`` begins: the first at ``start``, the others spaced
+    evenly over the characters of the stream's documents from ``start.document`` on (cursor
+    ``k`` at the ``k / cursors`` point; ``tokens_before`` maps (document, characters) points to
+    tokens into their documents). All cursors read as fast, so they stay evenly spaced and
+    together cover the text uniformly. Without the lengths (a streamed dataset) they cannot be
+    spaced: one cursor is all that reads distinct text."""
+    if cursors == 1:
+        return [start]
+    if lengths is None:
+        return _refuse_cursors(cursors)
+    mine = [d for d in range(start.document, len(lengths)) if d % n_streams == stream]
+    ends = np.cumsum([lengths[d] for d in mine])
+    points = []
+    for k in range(1, cursors):
+        point = k * int(ends[-1]) // cursors
+        i = min(int(np.searchsorted(ends, point, side="right")), len(mine) - 1)
+        points.append((mine[i], point - (int(ends[i - 1]) if i else 0)))
+    offsets = tokens_before(points)
+    positions = [start]
+    for (document, _), offset in zip(points, offsets, strict=True):
+        if document == start.document:
+            offset = max(offset, start.offset)
+        positions.append(TextPosition(0, document, offset))
+    return positions
+
+
+def _refuse_cursors(cursors: int) -> list[TextPosition]:
+    raise ValueError(
+        f"data.init_args.cursors={cursors} spaces cursors over the documents, whose number a "
+        "streamed dataset does not tell: set cursors to 1 or text.streaming to false."
+    )

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
 from torch import Tensor
+
+from lightning_sae.data.identity import IdentifiedData
 
 Preset = Literal["128x256", "128x512", "128x1024"]
 CorrelationMode = Literal["block", "per_batch"]
@@ -238,7 +240,7 @@ class ToyBatches:
         self.epoch, self.next_index = state["epoch"], state["next_index"]
 
 
-class ToySuperpositionDataModule(LightningDataModule):
+class ToySuperpositionDataModule(IdentifiedData, LightningDataModule):
     """Toy superposition data with the ground-truth feature matrix exposed.
 
     Args:
@@ -308,6 +310,25 @@ class ToySuperpositionDataModule(LightningDataModule):
             self.toy, batch_size, batches_per_epoch, "train", fixed=fixed_train_set
         )
         self.val_data = ToyBatches(self.toy, batch_size, val_batches, "val", fresh_each_epoch=False)
+
+    def data_identity(self) -> dict[str, Any]:
+        """The generating parameters, the batch size and the seed: the samples of global batch
+        ``i`` depend on them all. Fresh samples follow the global batch index whatever the
+        epoch length, so ``batches_per_epoch`` counts only as a fixed training set's size."""
+        hp = self.hparams
+        names = ("mean_active", "decay", "correlation", "correlation_block", "seed")
+        identity = {
+            "n_features": self.n_features,
+            "d_in": self.d_in,
+            **{name: hp[name] for name in names},
+            "correlation_mode": hp.correlation_mode,
+            "empty_sample_rule": hp.empty_sample_rule,
+            "fixed_train_set": hp.fixed_train_set,
+            "batch_size": hp.batch_size,
+        }
+        if hp.fixed_train_set:
+            identity["batches_per_epoch"] = hp.batches_per_epoch
+        return identity
 
     @property
     def ground_truth_features(self) -> Tensor:

@@ -18,11 +18,11 @@ relies on that, so that rank 0 may measure alone under DDP.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -33,16 +33,53 @@ from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
 from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
+from lightning_sae.models.sparse import SparseCode
 
 
-@dataclass
 class SAEOutput:
-    """What a forward pass produces: reconstruction, feature activations, pre-activations."""
+    """What a forward pass produces: reconstruction, feature activations, pre-activations.
 
-    x_hat: Tensor
-    acts: Tensor
-    pre_acts: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    A variant with a sparse code (the TopK family) may pass ``code`` instead of ``acts``: the
+    dense ``acts`` [..., d_sae] (``acts_shape``) are then built on first use only, and the
+    step's firing counts (:meth:`fired`) come from the code, so a training step that needs no
+    dense activations makes none.
+    """
+
+    def __init__(
+        self,
+        x_hat: Tensor,
+        acts: Tensor | None = None,
+        pre_acts: Tensor | None = None,
+        extras: dict[str, Tensor] | None = None,
+        *,
+        code: SparseCode | None = None,
+        acts_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        if acts is None and (code is None or acts_shape is None):
+            raise ValueError("SAEOutput needs acts, or a code with acts_shape")
+        self.x_hat, self._acts, self.pre_acts = x_hat, acts, pre_acts
+        self.extras = {} if extras is None else extras
+        self.code, self.acts_shape = code, acts_shape
+
+    @property
+    def acts(self) -> Tensor:
+        if self._acts is None:
+            d_sae = self.acts_shape[-1]
+            self._acts = self.code.to_dense(d_sae).reshape(self.acts_shape)
+        return self._acts
+
+    @acts.setter
+    def acts(self, value: Tensor) -> None:
+        self._acts = value
+
+    def fired(self, d_sae: int) -> Tensor:
+        """How many rows each latent is nonzero in, [d_sae] int32."""
+        if self._acts is None:
+            counts = torch.zeros(d_sae, dtype=torch.int32, device=self.code.values.device)
+            nonzero = (self.code.values != 0).reshape(-1).to(torch.int32)
+            return counts.index_add_(0, self.code.indices.reshape(-1), nonzero)
+        # int32: a bool sum at the default int64 is several times slower on CPU.
+        return (self.acts != 0).reshape(-1, d_sae).sum(0, dtype=torch.int32)
 
 
 def check_finite(name: str, value: float, option: str) -> None:
@@ -127,6 +164,7 @@ class SparseAutoencoder(LightningModule):
             training batch and stored as the buffer ``input_scale``).
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
         dead_window_tokens: a feature is dead when it has not fired for this many tokens.
+            ``train/dead_fraction`` is logged once this many tokens have been trained on.
         orthogonality_coefficient: weight of the decoder orthogonality regulariser; negative
             values pull active features towards their nearest neighbours instead.
         orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
@@ -204,6 +242,10 @@ class SparseAutoencoder(LightningModule):
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("input_scale_fitted", torch.tensor(not normalize_activations))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        # (dead count, clock version) from the last step's statistics: see dead_count().
+        self._known_dead_count: tuple[int, tuple[int, int]] | None = None
+        self._clock_version_at_statistics = (0, -1)
+        self._fitted_flag_version = (0, -1)
 
         self.val_l0, self.val_mse, self.val_fvu = L0(), MSE(), FVU(d_in)
         self.val_dead = DeadFraction(d_sae)
@@ -237,9 +279,13 @@ class SparseAutoencoder(LightningModule):
         """
         return -(self.b_dec @ self.W_enc) if self.hparams.apply_b_dec_to_input else None
 
-    def pre_activation(self, x_n: Tensor) -> Tensor:
+    def encoder_bias(self) -> Tensor:
+        """``b_enc``, with the input offset folded in when there is one."""
         offset = self.input_offset()
-        bias = self.b_enc if offset is None else self.b_enc + offset
+        return self.b_enc if offset is None else self.b_enc + offset
+
+    def pre_activation(self, x_n: Tensor) -> Tensor:
+        bias = self.encoder_bias()
         # F.linear adds the bias inside the matmul, so under bf16 autocast the [batch, d_sae]
         # pre-activations stay bf16 instead of being promoted back to float32 by the add.
         return F.linear(x_n, self.W_enc.T, bias)
@@ -290,6 +336,39 @@ class SparseAutoencoder(LightningModule):
     def dead_mask(self) -> Tensor:
         """Features that have not fired within the last ``dead_window_tokens`` tokens."""
         return self.tokens_since_fired >= self.hparams.dead_window_tokens
+
+    def dead_window_passed(self, batch_tokens: int) -> bool:
+        """Whether a whole dead window of tokens has been trained on, counting this step's
+        global batch of ``batch_tokens``. Before that no feature can be dead (its clock cannot
+        have reached the window), so a dead fraction would be 0 by construction, not measured.
+
+        Tokens are counted as optimizer steps x this batch: with gradient accumulation that
+        undercounts, which only delays the first report."""
+        return (self.global_step + 1) * batch_tokens >= self.hparams.dead_window_tokens
+
+    def dead_count(self) -> int:
+        """How many features are dead now. Counted on the host without a transfer when the
+        dead-feature clock has not changed since the last step's statistics brought the count
+        (any in-place write to the clock, a resampling or a checkpoint load, bumps its version);
+        counted on the device (a host transfer) otherwise."""
+        known = self._known_dead_count
+        if known is not None and known[1] == self._clock_version():
+            return known[0]
+        return int(self.dead_mask().sum())
+
+    def _input_scale_is_fitted(self) -> bool:
+        """``input_scale_fitted``, read from the device once, then again only after the buffer
+        changed (a checkpoint load writes it in place, which bumps its version)."""
+        flag = self.input_scale_fitted
+        if self._fitted_flag_version == (id(flag), flag._version):
+            return True
+        if bool(flag):
+            self._fitted_flag_version = (id(flag), flag._version)
+            return True
+        return False
+
+    def _clock_version(self) -> tuple[int, int]:
+        return id(self.tokens_since_fired), self.tokens_since_fired._version
 
     @contextmanager
     def measuring(self) -> Iterator[None]:
@@ -417,8 +496,19 @@ class SparseAutoencoder(LightningModule):
         return x, x
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, stats, report = self.step_and_statistics(batch)
+        report(stats.tolist())  # the step's one host transfer
+        return loss
+
+    def step_and_statistics(
+        self, batch: Any
+    ) -> tuple[Tensor, Tensor, Callable[[list[float]], None]]:
+        """The training step without its host transfer: (loss, the step's statistics as one
+        float64 tensor on the device, the function that checks and logs them once they are on
+        the host as a list). ``training_step`` transfers them at once; an ``SAEGroup`` transfers
+        every member's together."""
         x, target = self.input_and_target(batch)
-        if not self.input_scale_fitted:
+        if not self._input_scale_is_fitted():
             self.fit_input_scale(x, target)
         x_n = self.normalize(x)
         y_n = x_n if target is x else self.normalize_target(target)
@@ -434,8 +524,8 @@ class SparseAutoencoder(LightningModule):
             terms["orthogonality"] = self.hparams.orthogonality_coefficient * penalty
             self.log("train/orthogonality_mean_cos", mean_cos)
         loss = torch.stack(list(terms.values())).sum()
-        self._log_training_stats(y_n, out, terms, loss, read=None if y_n is x_n else x_n)
-        return loss
+        stats = self._training_statistics(y_n, out, terms, loss, read=None if y_n is x_n else x_n)
+        return loss, stats, functools.partial(self._report_training_statistics, list(terms))
 
     def _diverged(self, what: str) -> str:
         return (
@@ -475,15 +565,16 @@ class SparseAutoencoder(LightningModule):
         return active.bool()
 
     @torch.no_grad()
-    def _log_training_stats(
+    def _training_statistics(
         self,
         x_n: Tensor,
         out: SAEOutput,
         terms: dict[str, Tensor],
         loss: Tensor,
         read: Tensor | None = None,
-    ) -> None:
-        """Log step metrics over the global batch and advance the dead-feature clock.
+    ) -> Tensor:
+        """The step's statistics over the global batch, as one float64 tensor on the device, and
+        the dead-feature clock advanced (on the device: nothing here waits for the host).
 
         One all-reduce carries every sum, so under DDP the logged values are those of the
         global batch and every rank's ``tokens_since_fired`` stays identical. ``x_n`` is what
@@ -494,8 +585,7 @@ class SparseAutoencoder(LightningModule):
         read_sq = x64.new_zeros(()) if read is None else read.double().pow(2).sum()
         sums = torch.cat(
             [
-                # int32: a bool sum at the default int64 is several times slower on CPU.
-                (out.acts != 0).reshape(-1, self.d_sae).sum(0, dtype=torch.int32).double(),
+                out.fired(self.d_sae).double(),
                 x64.sum(0),
                 torch.stack(
                     [
@@ -509,38 +599,44 @@ class SparseAutoencoder(LightningModule):
                 ),
             ]
         )
-        world = 1
         if _is_distributed():
             dist.all_reduce(sums)
-            world = dist.get_world_size()
         fired = sums[: self.d_sae]
         sum_x = sums[self.d_sae : self.d_sae + self.d_out]
-        # One host transfer per step: every scalar the logs need comes back in a single tolist().
-        scalars = torch.cat(
-            [sums[self.d_sae + self.d_out :], fired.sum()[None], sum_x.pow(2).sum()[None]]
+        rows = sums[self.d_sae + self.d_out + 2]
+        self.tokens_since_fired += rows.long()
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)
+        self._clock_version_at_statistics = self._clock_version()
+        dead = self.dead_mask().sum()[None].double()
+        return torch.cat(
+            [sums[self.d_sae + self.d_out :], fired.sum()[None], sum_x.pow(2).sum()[None], dead]
         )
-        sq_err, sum_sq, n, read_sq, total, *term_values, n_active, sum_x_sq = scalars.tolist()
-        # Guards that come free with that one transfer: the float64 sum of squares of float32
+
+    def _report_training_statistics(self, term_names: list[str], scalars: list[float]) -> None:
+        """Check and log the statistics of :meth:`_training_statistics`, on the host."""
+        world = dist.get_world_size() if _is_distributed() else 1
+        sq_err, sum_sq, n, read_sq, total, *term_values, n_active, sum_x_sq, n_dead = scalars
+        self._known_dead_count = (int(n_dead), self._clock_version_at_statistics)
+        # Guards that come free with the one transfer: the float64 sum of squares of float32
         # (or bf16) inputs is finite exactly when every input is, on every rank (all-reduced),
         # so all ranks stop together.
         if not (math.isfinite(sum_sq) and math.isfinite(read_sq)):
             raise ValueError(self._non_finite_batch())
         if not math.isfinite(total):
+            terms = dict.fromkeys(term_names)
             raise ValueError(self._diverged("the loss is " + _non_finite_terms(terms, term_values)))
         variance = sum_sq - sum_x_sq / n
         if n > 1 and variance <= 1e-12 * sum_sq:
             raise ValueError(self._zero_variance_batch(sum_sq))
 
-        self.tokens_since_fired += int(n)
-        self.tokens_since_fired[fired > 0] = 0
-
         self.log("train/loss", total / world, prog_bar=True)
-        for name, value in zip(terms, term_values, strict=True):
+        for name, value in zip(term_names, term_values, strict=True):
             self.log(f"train/loss/{name}", value / world)
         self.log("train/l0", n_active / n, prog_bar=True)
         self.log("train/mse", sq_err / n)
         self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
-        self.log("train/dead_fraction", self.dead_mask().float().mean())
+        if self.dead_window_passed(int(n)):
+            self.log("train/dead_fraction", n_dead / self.d_sae)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, target = self.input_and_target(batch)

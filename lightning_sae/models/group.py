@@ -9,6 +9,8 @@ own ``training_step`` / ``validation_step``, and its own optimizer and LR schedu
 - hands each member its input: the batch's tensor for the member's hook (a datamodule serving
   several hooks yields ``dict[hook, Tensor]``; one serving a single hook, a plain tensor);
 - routes each member's ``self.log`` to ``<member>/<name>`` (``k16/train/loss``);
+- transfers every member's step statistics to the host at once (one transfer per group step,
+  not one per member);
 - returns the plain sum of the members' losses, whose gradient with respect to a member's
   parameters is that member's own gradient, bit for bit;
 - presents the members' optimizers and schedules to Lightning as one (:class:`MemberOptimizers`,
@@ -376,10 +378,22 @@ class SAEGroup(LightningModule):
             del member.log
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses = []
+        losses, statistics, reports = [], [], []
         for name, member in self.members.items():
             with self._speaking_for(name, member):
-                losses.append(member.training_step(self.input_of(name, batch), batch_idx))
+                loss, stats, report = member.step_and_statistics(self.input_of(name, batch))
+            losses.append(loss)
+            statistics.append(stats)
+            reports.append(report)
+        # One host transfer for the whole group: every member's statistics at once.
+        values = torch.cat(statistics).tolist()
+        start = 0
+        for (name, member), stats, report in zip(
+            self.members.items(), statistics, reports, strict=True
+        ):
+            with self._speaking_for(name, member):
+                report(values[start : start + len(stats)])
+            start += len(stats)
         # d(sum)/d(loss_i) is exactly 1: each member's gradient is its own, bit for bit.
         return torch.stack(losses).sum()
 

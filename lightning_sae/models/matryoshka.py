@@ -65,10 +65,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.group_sizes = list(group_sizes)
         self.register_buffer("group_ends", torch.tensor(group_sizes).cumsum(0), persistent=False)
 
-    def group_decode(self, code: SparseCode, acts: Tensor) -> Tensor:
+    def group_decode(self, code: SparseCode, acts: Tensor | None) -> Tensor:
         """Each group's share of the reconstruction, [n, n_groups, d_in], without bias."""
         n_groups = len(self.group_sizes)
-        if self.decodes_sparsely(code.indices.numel() // max(code.n_rows, 1)):
+        if self.decodes_code_sparsely(code):
             # Entries are sorted by (sample, latent) and groups are latent ranges, so bag ids
             # sample * n_groups + group are already ascending.
             group = torch.bucketize(code.indices, self.group_ends, right=True)
@@ -83,14 +83,16 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
         code, pre_acts = self._encode(x_n)
-        acts = code.to_dense(self.d_sae)
+        acts = None if self.decodes_code_sparsely(code) else code.to_dense(self.d_sae)
         prefix_x_hat = self.group_decode(code, acts).cumsum(1) + self.b_dec
         lead = x_n.shape[:-1]
         return SAEOutput(
             x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_out),
-            acts=acts.reshape(*lead, self.d_sae),
+            acts=None if acts is None else acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
-            extras={"prefix_x_hat": prefix_x_hat},
+            extras={"prefix_x_hat": prefix_x_hat, "encoder_input": x_n},
+            code=code,
+            acts_shape=(*lead, self.d_sae),
         )
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:

@@ -1,10 +1,19 @@
-"""Decoding from the active latents alone: (indices, values) summed by ``embedding_bag``.
+"""Decoding from the active latents alone, and the encoder's gradient through them alone.
+
+Decoding: (indices, values) summed by ``embedding_bag``.
 
 Only a small fraction of d_sae latents is nonzero per sample (k in TopK, L0 in a trained ReLU
 SAE), so the decoder can sum those rows instead of multiplying by a mostly-zero matrix.
 ``embedding_bag(mode="sum", per_sample_weights=...)`` does that sum and its backward in one
 fused op; whether it beats the dense product depends on the density and the hardware, so
 ``decode_impl="auto"`` picks by a density cut-off measured per device type.
+
+Encoding: a TopK-family SAE computes the dense pre-activations ``x W_enc + b`` [n, d_sae] to
+select, but only the selected entries reach the loss. :func:`sparse_encoder_values` gathers them
+with a backward that sends the gradient through those entries alone (as sparsify does): the
+weight gradient is ``embedding_bag`` over the rows that selected each latent, so no dense
+[n, d_sae] gradient and no second [d_in, n] x [n, d_sae] product are made. Always exact, not a
+choice by density: it costs O(nnz * d_in) against the dense backward's O(n * d_sae * d_in).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 DecodeImpl = Literal["auto", "dense", "sparse"]
 
@@ -90,3 +100,83 @@ def decodes_sparsely(
         max_density = SPARSE_DECODE_MAX_DENSITY.get(device.type, 1 / 64)
         return active_per_sample <= max_density * d_sae
     return decode_impl == "sparse"
+
+
+def _entry_rows(indices: Tensor, rows: Tensor | None) -> Tensor:
+    """The sample of each entry of a code, flat: ``rows`` itself, or ``i // k`` for [n, k]."""
+    if rows is not None:
+        return rows
+    n, k = indices.shape
+    return torch.arange(n * k, device=indices.device) // k
+
+
+class _SparseEncoderGather(torch.autograd.Function):
+    """``pre_acts`` at the code's entries; gradients for x, W_enc and bias through those alone.
+
+    ``pre_acts`` (detached) is ``F.linear(x, W_enc.T, bias)``; the forward only gathers from it,
+    so the values are those of the dense pass bit for bit. Backward, with g the gradient of the
+    gathered values: ``dbias[j] = sum of g over the entries of latent j``; ``dW_enc[:, j] = sum of
+    g * x[row]`` over the same entries, one ``embedding_bag`` of x with a bag per latent;
+    ``dx[row] = sum of g * W_enc[:, j]`` over the row's entries (a sparse decode with W_enc^T).
+    Gradients come in the parameters' dtype (float32 under bf16 autocast: no bf16 rounding of
+    the sums, where the dense path would round its bf16 product).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        pre_acts: Tensor,
+        x: Tensor,
+        W_enc: Tensor,
+        bias: Tensor,
+        indices: Tensor,
+        rows: Tensor | None,
+    ) -> Tensor:
+        ctx.save_for_backward(x, W_enc, indices, rows)
+        ctx.bias_dtype = bias.dtype
+        if rows is None:
+            return pre_acts.gather(1, indices)
+        return pre_acts[rows, indices]
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_values: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, W_enc, indices, rows = ctx.saved_tensors
+        needs_x, needs_W, needs_bias = ctx.needs_input_grad[1:4]
+        d_sae = W_enc.shape[1]
+        grad = grad_values.reshape(-1).to(W_enc.dtype)
+        latents = indices.reshape(-1)
+        grad_x = grad_W = grad_bias = None
+        if needs_W:
+            # One bag per latent holding the rows that selected it (latents sorted, rows along).
+            # Stable: each latent's rows in row order, so the sums are reproducible (and the
+            # stable integer sort is the faster one on CPU).
+            by_latent, order = latents.sort(stable=True)
+            starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
+            entry_rows = _entry_rows(indices, rows)[order]
+            grad_W = F.embedding_bag(
+                entry_rows, x.to(W_enc.dtype), starts, mode="sum", per_sample_weights=grad[order]
+            ).T
+        if needs_bias:
+            grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad).to(ctx.bias_dtype)
+        if needs_x:
+            code = SparseCode(latents if rows is not None else indices, grad, x.shape[0], rows)
+            if rows is None:
+                code.values = grad.view_as(indices)
+            grad_x = code.decode(W_enc.T).to(x.dtype)
+        return None, grad_x, grad_W, grad_bias, None, None
+
+
+def sparse_encoder_values(
+    code: SparseCode, pre_acts: Tensor, x: Tensor, W_enc: Tensor, bias: Tensor
+) -> Tensor:
+    """``pre_acts`` [n, d_sae] at ``code``'s entries (shaped as ``code.values``), differentiable
+    with respect to ``x`` [n, d_in], ``W_enc`` [d_in, d_sae] and ``bias`` [d_sae] through those
+    entries alone; ``pre_acts`` must equal ``F.linear(x, W_enc.T, bias)`` computed without a graph.
+    Without a gradient to compute this is the plain gather."""
+    if torch.is_grad_enabled() and (x.requires_grad or W_enc.requires_grad or bias.requires_grad):
+        return _SparseEncoderGather.apply(pre_acts, x, W_enc, bias, code.indices, code.rows)
+    if code.rows is None:
+        return pre_acts.gather(1, code.indices)
+    return pre_acts[code.rows, code.indices]

@@ -6,7 +6,9 @@ pre-activations of every sample, so L0 is fixed and no sparsity penalty is neede
 active latents vary per sample, and learns a threshold for inference.
 
 Only k of d_sae latents are nonzero, so decoding can sum k decoder rows per sample instead
-of multiplying by a mostly-zero matrix (``models/sparse.py``).
+of multiplying by a mostly-zero matrix, and the encoder's gradient flows through the kept
+pre-activations alone (``models/sparse.py``): the dense pre-activations are computed without a
+graph, to select, and ``SAEOutput.pre_acts`` of this family carries no gradient.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sae.models.base import (
@@ -30,6 +33,7 @@ from lightning_sae.models.sparse import (
     SparseCode,
     check_decode_impl,
     decodes_sparsely,
+    sparse_encoder_values,
 )
 
 
@@ -97,29 +101,52 @@ class TopKSAE(SparseAutoencoder):
         return SparseCode(indices, torch.relu(values), pre_acts.shape[0])
 
     def _encode(self, x_n: Tensor) -> tuple[SparseCode, Tensor]:
-        pre_acts = self.pre_activation(x_n).reshape(-1, self.d_sae)
-        return self.sparse_code(pre_acts), pre_acts
+        """The kept code of ``x_n`` and the dense pre-activations (without a graph)."""
+        x_rows = x_n.reshape(-1, x_n.shape[-1])
+        bias = self.encoder_bias()
+        with torch.no_grad():
+            # As pre_activation computes it (bias inside the product: bf16 under autocast).
+            pre_acts = F.linear(x_rows, self.W_enc.T, bias)
+        code = self.sparse_code(pre_acts)
+        code.values = torch.relu(sparse_encoder_values(code, pre_acts, x_rows, self.W_enc, bias))
+        return code, pre_acts
+
+    def encoder_values(self, code: SparseCode, out: SAEOutput) -> Tensor:
+        """ReLU'd pre-activations of ``out`` at ``code``'s entries, with the encoder's gradient
+        through them alone (AuxK's dead latents)."""
+        x_rows = out.extras["encoder_input"].reshape(-1, self.d_in)
+        pre_acts = out.pre_acts.reshape(-1, self.d_sae)
+        bias = self.encoder_bias()
+        return torch.relu(sparse_encoder_values(code, pre_acts, x_rows, self.W_enc, bias))
 
     def encode_normalized(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         code, pre_acts = self._encode(x_n)
         shape = (*x_n.shape[:-1], self.d_sae)
         return code.to_dense(self.d_sae).reshape(shape), pre_acts.reshape(shape)
 
-    def decode_code(self, code: SparseCode, acts: Tensor) -> Tensor:
-        """W_dec-part of the reconstruction (no bias), sparse or dense as configured."""
-        if self.decodes_sparsely(self.k):
+    def decodes_code_sparsely(self, code: SparseCode) -> bool:
+        return self.decodes_sparsely(self.k)
+
+    def decode_code(self, code: SparseCode, acts: Tensor | None) -> Tensor:
+        """W_dec-part of the reconstruction (no bias), sparse or dense as configured; ``acts``
+        (the dense activations) is needed only for a dense decode."""
+        if self.decodes_code_sparsely(code):
             return code.decode(self.W_dec)
         return acts @ self.W_dec
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
         code, pre_acts = self._encode(x_n)
-        acts = code.to_dense(self.d_sae)
+        # Dense activations only where the decode needs them; else built on first use.
+        acts = None if self.decodes_code_sparsely(code) else code.to_dense(self.d_sae)
         x_hat = self.decode_code(code, acts) + self.b_dec
         lead = x_n.shape[:-1]
         return SAEOutput(
             x_hat=x_hat.reshape(*lead, self.d_out),
-            acts=acts.reshape(*lead, self.d_sae),
+            acts=None if acts is None else acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
+            extras={"encoder_input": x_n},
+            code=code,
+            acts_shape=(*lead, self.d_sae),
         )
 
     # ----------------------------------------------------------------- losses
@@ -131,14 +158,16 @@ class TopKSAE(SparseAutoencoder):
 
     def auxk_loss(self, x_n: Tensor, out: SAEOutput) -> Tensor:
         """Squared error of the dead latents' reconstruction of the residual (0 if none dead)."""
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
+        n_dead = self.dead_count()  # known from the last step's statistics: no transfer
         if n_dead == 0:
             return out.x_hat.new_zeros(())
         k_aux = min(self.aux_k, n_dead)
         pre_acts = out.pre_acts.reshape(-1, self.d_sae)
-        values, indices = pre_acts.masked_fill(~dead, float("-inf")).topk(k_aux, sorted=False)
-        code = SparseCode(indices, torch.relu(values), pre_acts.shape[0])
+        # Among the dead columns only: a [n, n_dead] selection, not a pass over all latents.
+        dead_latents = torch.nonzero_static(self.dead_mask(), size=n_dead).squeeze(1)
+        slots = pre_acts.index_select(1, dead_latents).topk(k_aux, sorted=False).indices
+        code = SparseCode(dead_latents[slots], pre_acts.new_empty(0), pre_acts.shape[0])
+        code.values = self.encoder_values(code, out)
         if self.decodes_sparsely(k_aux):
             residual_hat = code.decode(self.W_dec)
         else:
@@ -251,22 +280,18 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
-        positive = values[values > 0]
-        # The smallest kept activation of the global batch: the minimum over ranks' minima.
-        batch_min = positive.min() if positive.numel() else values.new_tensor(float("inf"))
+        # The smallest kept positive activation of the global batch (inf when none): the
+        # minimum over ranks' minima. Decided on the device: no host transfer per step.
+        inf = values.new_tensor(float("inf"))
+        batch_min = torch.where(values > 0, values, inf).min() if values.numel() else inf
         batch_min = batch_min.to(self.threshold.dtype)  # values are bf16 under autocast
         if _is_distributed():
             dist.all_reduce(batch_min, op=dist.ReduceOp.MIN)
-        if torch.isinf(batch_min):
-            return
-        if self.threshold_updates == 0:
-            self.threshold.copy_(batch_min)
-        else:
-            self.threshold.lerp_(batch_min, 1 - self.hparams.threshold_momentum)
-        self.threshold_updates += 1
+        seen = torch.isfinite(batch_min)
+        averaged = self.threshold.lerp(batch_min, 1 - self.hparams.threshold_momentum)
+        updated = torch.where(self.threshold_updates == 0, batch_min, averaged)
+        self.threshold.copy_(torch.where(seen, updated, self.threshold))
+        self.threshold_updates += seen.long()
 
-    def decode_code(self, code: SparseCode, acts: Tensor) -> Tensor:
-        active_per_sample = code.indices.numel() // max(code.n_rows, 1)
-        if self.decodes_sparsely(active_per_sample):
-            return code.decode(self.W_dec)
-        return acts @ self.W_dec
+    def decodes_code_sparsely(self, code: SparseCode) -> bool:
+        return self.decodes_sparsely(code.indices.numel() // max(code.n_rows, 1))

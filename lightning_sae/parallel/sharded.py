@@ -21,7 +21,8 @@ Exactness (the reason for each override):
 - The reconstruction is the all-reduce of the partial decodes, plus ``b_dec``.
 - TopK: each member sends its ``min(k, d_sae / L)`` best ``(value)`` per row; the global top-k
   of those candidates is the true one (every member's share of the top k is among its own k
-  best), and each member keeps its own winners. AuxK does the same among dead latents.
+  best), and each member keeps its own winners. AuxK does the same among dead latents only,
+  each member sending min(aux_k, the most dead latents any member holds) candidates per row.
 - BatchTopK: each member sends its ``k * global batch`` largest pre-activations over the whole
   data x latent mesh; the cut-off of the global top set is exact (the single-process proof of
   ``BatchTopKSAE._global_batch_top_k``, one more dimension).
@@ -260,7 +261,7 @@ class ShardedSAE:
         shard = self.shard
         values = self._global_terms(terms)
         x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
-        fired = (out.acts != 0).reshape(-1, self.d_sae).sum(0, dtype=torch.int32).double()
+        fired = out.fired(self.d_sae).double()
         scalars = torch.stack(
             [
                 (x_hat64 - x64).pow(2).sum(),
@@ -291,7 +292,8 @@ class ShardedSAE:
         self.log("train/l0", n_active / n, prog_bar=True)
         self.log("train/mse", sq_err / n)
         self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
-        self.log("train/dead_fraction", n_dead / shard.d_sae)
+        if self.dead_window_passed(int(n)):
+            self.log("train/dead_fraction", n_dead / shard.d_sae)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The base class's refusal of non-finite weights, decided together: a member alone
@@ -333,16 +335,31 @@ class ShardedSAE:
         self.log("val/dead_fraction", self.val_dead)
 
     # ------------------------------------------------------------- top-k across members
-    def _row_top_k(self, pre_acts: Tensor, k: int) -> SparseCode:
+    def _row_top_k(
+        self, pre_acts: Tensor, k: int, columns: Tensor | None = None, most_columns: int = 0
+    ) -> SparseCode:
         """The ``k`` largest of each row over the whole dictionary, this member's part of them
-        (flat, sorted by (row, latent)); values are ReLU'd as in one process."""
+        (flat, sorted by (row, latent)); values are ReLU'd as in one process.
+
+        With ``columns`` (local latents, e.g. AuxK's dead ones), the largest among those only;
+        ``most_columns`` is the most columns any member has, so that each member sends
+        ``min(k, most_columns)`` candidates per row (padded with -inf where it has fewer): a
+        member without dead latents sends nothing of its own.
+        """
         shard = self.shard
-        per_member = min(k, pre_acts.shape[1])
-        values, indices = pre_acts.detach().topk(per_member, dim=-1)
+        pre_acts = pre_acts.detach()
+        among = pre_acts if columns is None else pre_acts.index_select(1, columns)
+        per_member = min(k, pre_acts.shape[1] if columns is None else most_columns)
+        values, slots = among.topk(min(per_member, among.shape[1]), dim=-1)
+        if values.shape[1] < per_member:
+            padding = values.new_full((values.shape[0], per_member - values.shape[1]), -math.inf)
+            values = torch.cat([values, padding], dim=1)
         everyone = gather_last(values, shard.latent_group)  # [n, L * per_member]
         won = torch.zeros_like(everyone, dtype=torch.bool)
         won.scatter_(1, everyone.topk(k, dim=-1).indices, True)
-        mine = won[:, shard.latent_rank * per_member : (shard.latent_rank + 1) * per_member]
+        start = shard.latent_rank * per_member
+        mine = won[:, start : start + slots.shape[1]]
+        indices = slots if columns is None else columns[slots]
         mask = torch.zeros_like(pre_acts, dtype=torch.bool).scatter_(1, indices, mine)
         code = SparseCode.from_mask(mask, pre_acts)
         code.values = torch.relu(code.values)
@@ -368,12 +385,15 @@ class ShardedTopK(ShardedSAE):
     def auxk_loss(self, x_n: Tensor, out: SAEOutput) -> Tensor:
         """AuxK over the whole dictionary's dead latents: their global top ``aux_k`` per row."""
         dead = self.dead_mask()
-        n_dead = int(all_reduce(dead.sum(), self.shard.latent_group))
+        dead_counts = gather_last(dead.sum()[None], self.shard.latent_group)
+        n_dead = int(dead_counts.sum())
         if n_dead == 0:
             return out.x_hat.new_zeros(())
         k_aux = min(self.aux_k, n_dead)
-        pre_acts = out.pre_acts.reshape(-1, self.d_sae).masked_fill(~dead, float("-inf"))
-        code = self._row_top_k(pre_acts, k_aux)
+        pre_acts = out.pre_acts.reshape(-1, self.d_sae)
+        dead_latents = dead.nonzero().squeeze(1)
+        code = self._row_top_k(pre_acts, k_aux, dead_latents, int(dead_counts.max()))
+        code.values = self.encoder_values(code, out)
         residual_hat = reduce_from_shards(code.decode(self.W_dec), self.shard.latent_group)
         residual = (x_n - out.x_hat).detach().reshape(-1, self.d_in)
         error = (residual_hat - residual).pow(2).sum(-1).mean()
@@ -418,7 +438,7 @@ class ShardedMatryoshka(ShardedBatchTopK):
             x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_in),
             acts=acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
-            extras={"prefix_x_hat": prefix_x_hat},
+            extras={"prefix_x_hat": prefix_x_hat, "encoder_input": x_n},
         )
 
 

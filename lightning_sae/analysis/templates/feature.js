@@ -37,36 +37,58 @@
     stats.appendChild(tr);
   }
 
-  // Histogram: bars over the occupied log10 bins.
+  // Histogram: bars over the occupied log10 bins, each coloured by the activation interval
+  // (of the samples further down) its values fall in; labelled axes with ticks.
   const hist = document.getElementById("histogram");
   if (d.hist.counts.length === 0) {
     hist.appendChild(el("div", "meta", "never fired on the inspected tokens"));
   } else {
-    const W = 420, H = 130, pad = 22, n = d.hist.counts.length;
+    const W = 380, H = 130, left = 48, bottom = 40, n = d.hist.counts.length;
     const top = Math.max(...d.hist.counts);
     const ns = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(ns, "svg");
-    svg.setAttribute("width", W); svg.setAttribute("height", H + pad);
+    svg.setAttribute("width", left + W + 12); svg.setAttribute("height", H + bottom + 8);
+    svg.setAttribute("class", "hist");
+    const add = (tag, attrs, text) => {
+      const e = document.createElementNS(ns, tag);
+      for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+      if (text !== undefined) e.textContent = text;
+      svg.appendChild(e);
+      return e;
+    };
+    const y0 = H + 4;
     d.hist.counts.forEach((c, i) => {
-      const r = document.createElementNS(ns, "rect");
       const h = (c / top) * H;
-      r.setAttribute("x", (i * W) / n + 0.5); r.setAttribute("width", W / n - 1);
-      r.setAttribute("y", H - h); r.setAttribute("height", h);
-      r.setAttribute("fill", "#ea7a3c");
+      const r = add("rect", {
+        x: left + (i * W) / n + 0.5, width: Math.max(W / n - 1, 1), y: y0 - h, height: h,
+        fill: d.hist.colours[i], "data-interval": d.hist.interval[i],
+      });
       const t = document.createElementNS(ns, "title");
-      t.textContent = `${fmt(d.hist.edges[i], 3)} – ${fmt(d.hist.edges[i + 1], 3)}: ${c}`;
+      t.textContent = `${fmt(d.hist.edges[i], 3)} – ${fmt(d.hist.edges[i + 1], 3)}: ${c} tokens`;
       r.appendChild(t);
-      svg.appendChild(r);
     });
-    for (const [i, anchor] of [[0, "start"], [n, "end"]]) {
-      const t = document.createElementNS(ns, "text");
-      t.setAttribute("x", (i * W) / n); t.setAttribute("y", H + 14);
-      t.setAttribute("text-anchor", anchor);
-      t.textContent = fmt(d.hist.edges[i], 3);
-      svg.appendChild(t);
+    // Axes: y from 0 to the largest count, x at up to 5 bin edges (log-spaced values).
+    add("line", { x1: left, y1: y0, x2: left + W, y2: y0, class: "axis" });
+    add("line", { x1: left, y1: y0, x2: left, y2: y0 - H, class: "axis" });
+    for (const [value, y] of [[0, y0], [top, y0 - H]]) {
+      add("line", { x1: left - 4, y1: y, x2: left, y2: y, class: "axis" });
+      add("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, String(value));
     }
+    const ticks = Math.min(5, n + 1);
+    for (let k = 0; k < ticks; k++) {
+      const i = Math.round((k * n) / (ticks - 1 || 1));
+      const x = left + (i * W) / n;
+      add("line", { x1: x, y1: y0, x2: x, y2: y0 + 4, class: "axis" });
+      add("text", { x, y: y0 + 16, "text-anchor": "middle", class: "tick" },
+        fmt(d.hist.edges[i], 2));
+    }
+    add("text", { x: left + W / 2, y: y0 + 34, "text-anchor": "middle", class: "label" },
+      "activation (log scale)");
+    add("text", { x: 12, y: y0 - H / 2, "text-anchor": "middle", class: "label",
+      transform: `rotate(-90 12 ${y0 - H / 2})` }, "tokens");
     hist.appendChild(svg);
-    hist.appendChild(el("div", "meta", "activation (log scale) vs tokens"));
+    hist.appendChild(el("div", "meta",
+      "colour: the activation interval of the samples below (darker = higher)"));
   }
 
   const logits = document.getElementById("logits");
@@ -102,6 +124,7 @@
   function context(c) {
     const row = el("div", "context");
     row.appendChild(el("span", "value", fmt(c.value, 3)));
+    if (c.repeats > 1) row.appendChild(el("span", "meta repeats", `\u00d7${c.repeats}`));
     const text = el("span", "text");
     c.strs.forEach((s, i) => {
       const a = c.acts[i];
@@ -124,8 +147,13 @@
 
   const intervals = document.getElementById("intervals");
   for (const group of d.intervals) {
-    intervals.appendChild(el("div", "meta",
+    const head = el("div", "meta interval");
+    const swatch = el("span", "swatch");
+    swatch.style.background = group.colour;
+    head.appendChild(swatch);
+    head.appendChild(document.createTextNode(
       `activation in (${fmt(group.lo, 3)}, ${fmt(group.hi, 3)}]`));
+    intervals.appendChild(head);
     if (!group.contexts.length) {
       intervals.appendChild(el("div", "meta", "  (no sampled window outside the top list)"));
     }

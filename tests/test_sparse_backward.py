@@ -1,0 +1,140 @@
+"""The TopK family's sparse encoder backward against dense autograd, variant by variant.
+
+``models/sparse.py`` gathers the kept pre-activations from a dense pass made without a graph and
+sends the encoder's gradient through those entries alone. The reference here is dense autograd
+through the same selection: the pre-activations recomputed with a graph and gathered (what the
+family did before). Values must be equal bit for bit; gradients within float tolerance (the
+sparse sums run in another order). The sharded twin of this check runs in tests/sharded_run.py.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_sae.models.matryoshka import MatryoshkaSAE
+from lightning_sae.models.sparse import SparseCode, sparse_encoder_values
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+from lightning_sae.models.transcoder import (
+    BatchTopKCrossCoder,
+    BatchTopKSkipTranscoder,
+    BatchTopKTranscoder,
+    TopKCrossCoder,
+    TopKSkipTranscoder,
+    TopKTranscoder,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sharded_run import dense_encoder_values, sparse_and_dense  # noqa: E402
+
+D_IN, D_SAE, ROWS = 12, 48, 40
+COMMON = {"d_in": D_IN, "d_sae": D_SAE, "k": 4, "aux_k": 6, "aux_coefficient": 0.5}
+VARIANTS = {
+    "topk": lambda: TopKSAE(**COMMON, decode_impl="sparse"),
+    "topk-dense-decode": lambda: TopKSAE(**COMMON, decode_impl="dense"),
+    "batchtopk": lambda: BatchTopKSAE(**COMMON),
+    "matryoshka": lambda: MatryoshkaSAE(**COMMON, group_sizes=[8, 16, 24]),
+    "topk-transcoder": lambda: TopKTranscoder(**COMMON, d_out=8),
+    "topk-skip-transcoder": lambda: TopKSkipTranscoder(**COMMON, d_out=8),
+    "batchtopk-transcoder": lambda: BatchTopKTranscoder(**COMMON, d_out=8),
+    "batchtopk-skip-transcoder": lambda: BatchTopKSkipTranscoder(**COMMON, d_out=8),
+    "topk-crosscoder": lambda: TopKCrossCoder(**COMMON, hooks=["a", "b"]),
+    "batchtopk-crosscoder": lambda: BatchTopKCrossCoder(**COMMON, hooks=["a", "b"]),
+}
+
+
+def prepared(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A variant with non-trivial biases, a third of its latents dead, and a batch."""
+    torch.manual_seed(0)
+    sae = VARIANTS[name]()
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    sae.tokens_since_fired[::3] = sae.hparams.dead_window_tokens
+    x = torch.randn(ROWS, D_IN)
+    y = torch.randn(ROWS, sae.d_out) if sae.d_out != D_IN else x
+    return sae, x, y
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_sparse_backward_equals_dense_autograd(name: str) -> None:
+    sae, x, y = prepared(name)
+    sparse_run, dense_run = sparse_and_dense(sae, x, y)
+    assert sparse_run["terms"].keys() == dense_run["terms"].keys() >= {"auxk"}
+    for key in ("x_hat", "acts", "pre_acts"):
+        assert torch.equal(sparse_run[key], dense_run[key]), key
+    # AuxK and the main pass decode the same entries; only AuxK's candidate order may differ.
+    for term, value in dense_run["terms"].items():
+        torch.testing.assert_close(sparse_run["terms"][term], value, rtol=1e-6, atol=0)
+    assert set(sparse_run["grads"]) >= {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for param, grad in dense_run["grads"].items():
+        torch.testing.assert_close(sparse_run["grads"][param], grad, rtol=1e-5, atol=1e-6)
+        assert grad.abs().max() > 0, param
+
+
+def test_sparse_backward_under_bf16_autocast_matches_dense_within_bf16() -> None:
+    sae, x, _ = prepared("topk")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse_run, dense_run = sparse_and_dense(sae, x, x)
+    assert torch.equal(sparse_run["x_hat"], dense_run["x_hat"])
+    for param, grad in dense_run["grads"].items():
+        assert sparse_run["grads"][param].dtype == torch.float32
+        # The dense reference rounds its weight-gradient product to bf16; the sparse sums don't.
+        torch.testing.assert_close(sparse_run["grads"][param], grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["per-row", "flat"])
+def test_encoder_values_give_the_input_its_gradient_too(flat: bool) -> None:
+    """A caller whose input needs a gradient (an SAE on a trained layer) gets it sparsely."""
+    torch.manual_seed(1)
+    x = torch.randn(7, 5, requires_grad=True)
+    W_enc = torch.randn(5, 11, requires_grad=True)
+    bias = torch.randn(11, requires_grad=True)
+    with torch.no_grad():
+        pre_acts = torch.nn.functional.linear(x, W_enc.T, bias)
+    values, indices = pre_acts.topk(3, dim=-1)
+    code = SparseCode(indices, values, 7)
+    if flat:
+        code = SparseCode.from_mask(torch.zeros_like(pre_acts, dtype=torch.bool).scatter(
+            1, indices, True), pre_acts)  # fmt: skip
+    weights = torch.randn(code.values.shape)
+    ours = (sparse_encoder_values(code, pre_acts, x, W_enc, bias) * weights).sum()
+    ours_grads = torch.autograd.grad(ours, (x, W_enc, bias))
+    theirs = (dense_encoder_values(code, pre_acts, x, W_enc, bias) * weights).sum()
+    theirs_grads = torch.autograd.grad(theirs, (x, W_enc, bias))
+    assert torch.equal(ours.detach(), theirs.detach())
+    for mine, reference in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+class Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(value, torch.Tensor):
+                self.shapes.append(tuple(value.shape))
+        return result
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "topk-transcoder"])
+def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
+    """The backward of a step (main pass and AuxK) creates no [rows, d_sae] tensor: the encoder's
+    gradient flows through the kept entries alone. (The dense path makes [rows, d_sae]
+    gradients of the pre-activations, and of the activations in the top-k backward.)"""
+    sae, x, y = prepared(name)
+    sae.hparams.decode_impl = "sparse"  # a dense decode has its [rows, d_sae] gradient by design
+    out = sae.forward_normalized(x)
+    loss = sum(sae.loss_terms(y, out).values())
+    assert not out.pre_acts.requires_grad
+    with Shapes() as seen:
+        loss.backward()
+    assert seen.shapes and (ROWS, D_SAE) not in seen.shapes
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().max() > 0
