@@ -97,7 +97,37 @@ REFERENCE_FRESH = Setup(
     max_steps=REFERENCE.max_steps,
     every=REFERENCE.every,
 )
-SETUPS = {s.name: s for s in (REFERENCE, REFERENCE_FRESH, OURS)}
+# The credited script's own default width: activation_dim 256 (512 features, dictionary 512),
+# fresh samples, its published generator and optimiser; its L1 weight is swept (below).
+_DATA_256 = {k: v for k, v in REFERENCE_FRESH.data.items() if k != "preset"}
+REFERENCE_256 = Setup(
+    "reference_256",
+    data=_DATA_256 | {"n_features": 512, "d_in": 256},
+    model=REFERENCE.model,
+    init=REFERENCE.init,
+    max_steps=5000,
+    every=50,
+)
+SETUPS = {s.name: s for s in (REFERENCE, REFERENCE_FRESH, OURS, REFERENCE_256)}
+
+
+def l1_sweep_setup(base: Setup, exponent: int, decay: float | None = None) -> Setup:
+    """``base`` at the script's swept L1 weight l1_alpha = 10^(exponent/4), in our units
+    (l1_alpha * d_in / d_sae: it averages the MSE over d_in and the L1 over d_sae)."""
+    d_in = base.data.get("d_in", 128)
+    coefficient = 10 ** (exponent / 4) * d_in / 512
+    name = f"{base.name}_e{exponent}" + ("" if decay is None else f"_decay{decay:g}")
+    data = base.data if decay is None else base.data | {"decay": decay}
+    return Setup(
+        name,
+        data,
+        base.model | {"l1_coefficient": coefficient},
+        base.init,
+        base.max_steps,
+        base.every,
+    )
+
+
 OPTIMIZERS = {  # name: (gradient_clip_val, betas)
     "adam": (None, (0.9, 0.999)),
     "clip1": (1.0, (0.9, 0.999)),
@@ -139,7 +169,8 @@ class GroundTruthRecovery(Callback):
 def run(setup: Setup, method: str, optimizer: str, seed: int) -> dict[str, Any]:
     clip, betas = OPTIMIZERS[optimizer]
     data = ToySuperpositionDataModule(seed=0, **setup.data)
-    model = StandardSAE(d_in=128, d_sae=512, betas=betas, init_seed=seed, **setup.model)
+    d_in = setup.data.get("d_in", 128)
+    model = StandardSAE(d_in=d_in, d_sae=512, betas=betas, init_seed=seed, **setup.model)
     monitor = GroundTruthRecovery(setup.every)
     callbacks: list[Callback] = [DecoderNormConstraint(), monitor]
     if method != "none":
@@ -190,7 +221,9 @@ def mmcs_at(run: dict[str, Any], batch: int) -> float:
     return [gt for step, gt in run["curve"] if step <= batch][-1]
 
 
-def write_outputs(out: Path, tag: str, results: list[dict[str, Any]]) -> None:
+def write_outputs(
+    out: Path, tag: str, results: list[dict[str, Any]], setups: dict[str, Setup]
+) -> None:
     """Table of means over seeds, one row per (setup, method, optimizer), and the raw runs."""
     header = ["setup", "method", "optimizer", "seeds"]
     header += [f"to {k}: batches (samples)" for k in KEYS]
@@ -202,7 +235,7 @@ def write_outputs(out: Path, tag: str, results: list[dict[str, Any]]) -> None:
     for (name, method, optimizer), runs in groups.items():
         seeds = ",".join(str(r["seed"]) for r in runs)
         rows.append(
-            [name, method, optimizer, seeds, *threshold_cells(runs, SETUPS[name])]
+            [name, method, optimizer, seeds, *threshold_cells(runs, setups[name])]
             + [f"{statistics.mean(mmcs_at(r, b) for r in runs):.3f}" for b in CHECKPOINTS]
             + [
                 f"{statistics.mean(r['final_gt_mmcs'] for r in runs):.3f}",
@@ -232,6 +265,14 @@ def main() -> None:
         help="explicit runs SETUP:METHOD:OPTIMIZER:SEED instead of the default plan",
     )
     p.add_argument("--tag", default=None, help="name of the table/runs files (default: setups)")
+    p.add_argument(
+        "--l1-exponents",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run each setup at the credited script's swept L1 weights 10^(e/4) instead",
+    )
+    p.add_argument("--decay", type=float, default=None, help="with --l1-exponents: data decay")
     args = p.parse_args()
     out = start(args)
     if args.runs:
@@ -240,6 +281,14 @@ def main() -> None:
     else:
         plan = default_plan(args.setups, args.methods, args.chosen_optimizer, args.seeds)
     setups = dict(SETUPS)
+    if args.l1_exponents is not None:
+        swept = [
+            l1_sweep_setup(SETUPS[name], e, args.decay)
+            for name in args.setups
+            for e in args.l1_exponents
+        ]
+        setups |= {s.name: s for s in swept}
+        plan = [(s.name, "none", "adam", seed) for s in swept for seed in args.seeds]
     if args.smoke:
         plan = default_plan(args.setups, ["none", "data"], args.chosen_optimizer, [0])
         for name, s in SETUPS.items():
@@ -259,9 +308,9 @@ def main() -> None:
             f"final {result['final_gt_mmcs']:.3f} ({result['seconds']:.0f} s)",
             flush=True,
         )
-        write_outputs(out, tag, results)
+        write_outputs(out, tag, results, setups)
     if results:
-        write_outputs(out, tag, results)
+        write_outputs(out, tag, results, setups)
 
     for name in sorted({r["setup"] for r in results}):
         series = {}
@@ -274,7 +323,7 @@ def main() -> None:
             out / f"mmcs_{name}.png",
             xlabel="batch",
             ylabel="ground-truth MMCS",
-            title=f"128x512, {name} setup, seed 0",
+            title=f"{name} setup, seed 0",
             hlines=THRESHOLDS,
         )
 

@@ -107,7 +107,13 @@ def run_ours(data: dict[str, torch.Tensor], variant: str, options: dict, every: 
     return measure.curve
 
 
-def run_saelens(work: Path, variant: str, options: dict, every: int, steps: int) -> list | None:
+def run_saelens(
+    work: Path, variant: str, options: dict, every: int, steps: int, reuse: bool = False
+) -> list | None:
+    saved = work / f"saelens_{variant}.json"
+    if reuse and saved.exists():  # SAELens's side of an earlier run on the same data
+        print(f"reusing {saved}")
+        return json.loads(saved.read_text())
     python = SAELENS_VENV / "bin" / "python"
     if not python.exists():
         print(f"SAELens venv not found at {SAELENS_VENV}: skipping the SAELens side")
@@ -127,6 +133,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--l1", type=float, default=0.1)
     p.add_argument("--k", type=int, default=8)
+    p.add_argument(
+        "--reuse-saelens",
+        action="store_true",
+        help="take SAELens's curves from WORK/saelens_<variant>.json of an earlier run",
+    )
     args = p.parse_args()
     out = start(args)
     if args.smoke:
@@ -140,7 +151,9 @@ def main() -> None:
     rows, results = [], {}
     for variant in ("standard", "topk"):
         curves = {"lightning-sae": run_ours(data, variant, options, args.every)}
-        theirs = run_saelens(args.work, variant, options, args.every, args.steps)
+        theirs = run_saelens(
+            args.work, variant, options, args.every, args.steps, args.reuse_saelens
+        )
         if theirs is not None:
             curves["SAELens"] = theirs
         results[variant] = curves

@@ -149,12 +149,14 @@ def _transcoding(
     from_: Callable[[dict[str, Tensor], dict[str, Any]], tuple[dict[str, Tensor], dict]],
 ) -> tuple[Callable, Callable]:
     """A variant's conversions plus what a transcoder adds: ``d_out`` and the skip ``W_skip``
-    [d_out, d_in] (the input scale multiplies input and output alike, so it cancels in W_skip)."""
+    [d_out, d_in], folded by the ratio of the input's scale to the output's (model units in,
+    model units out)."""
 
     def to_saelens(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
         weights, cfg = to(sae)
         if sae.W_skip is not None:
-            weights["W_skip"] = sae.W_skip.detach()
+            ratio = sae.input_scale.double() / sae.output_scale.double()
+            weights["W_skip"] = (sae.W_skip.detach().double() * ratio).to(sae.W_skip.dtype)
         return weights, cfg | {"d_out": int(sae.d_out)}
 
     def from_saelens(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
@@ -244,12 +246,15 @@ def saelens_state(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, 
     """SAELens weights (input scale folded in) and the architecture's cfg keys."""
     fmt = format_of(type(sae))
     dtype = sae.W_enc.dtype
-    scale = sae.input_scale.double()
+    # The input's factor scales W_enc's rows (one per input dimension for a crosscoder's
+    # per-layer scales); the written site's factor (a transcoder's output scale), W_dec's columns.
+    in_scale = sae.input_scale.double().reshape(-1, 1)
+    out_scale = sae.target_scale().double()
     # Fold in float64 so that exporting an fp32 SAE rounds once, not twice.
     weights = {
-        "W_enc": sae.W_enc.double() * scale,
-        "W_dec": sae.W_dec.double() / scale,
-        "b_dec": sae.b_dec.double() / scale,
+        "W_enc": sae.W_enc.double() * in_scale,
+        "W_dec": sae.W_dec.double() / out_scale,
+        "b_dec": sae.b_dec.double() / out_scale,
     }
     extra_weights, extra_cfg = fmt.to_saelens(sae)
     weights |= extra_weights
@@ -298,7 +303,7 @@ def export_sae(
                 "saelens_format": SAELENS_FORMAT_VERSION,
                 "class_path": class_path_of(type(sae)),
                 "init_args": _init_args(dict(sae.hparams)),
-                "input_scale": float(sae.input_scale),
+                **sae.scale_metadata(),
             },
         },
     }
@@ -564,13 +569,26 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
     state = sae.state_dict()
     for key, value in params.items():
         state[key] = value.to(state[key].dtype)
-    state["input_scale"] = torch.ones_like(state["input_scale"])
+    for key in ("input_scale", "output_scale"):  # the scales are in the weights
+        if key in state:
+            state[key] = torch.ones_like(state[key])
     state["input_scale_fitted"] = torch.ones_like(state["input_scale_fitted"])
     sae.load_state_dict(state)
     return sae.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- command line
+def _folded_scales(input_scale: float | list[float], output_scale: float) -> str:
+    """', input scale X folded in' (per layer, and the output's, where they differ from 1)."""
+    scales = input_scale if isinstance(input_scale, list) else [input_scale]
+    parts = []
+    if not all(math.isclose(s, 1.0) for s in scales):
+        parts.append("input scale " + "/".join(f"{s:.6g}" for s in scales))
+    if not math.isclose(output_scale, 1.0):
+        parts.append(f"output scale {output_scale:.6g}")
+    return f", {' and '.join(parts)} folded in" if parts else ""
+
+
 def export_main(argv: list[str]) -> None:
     """``lightning-sae export --ckpt_path X --out DIR``."""
     parser = export_parser()
@@ -584,8 +602,8 @@ def export_main(argv: list[str]) -> None:
         raise SystemExit(f"error: {error}") from None
     for out in folders:
         cfg = read_config(out / CONFIG_FILENAME)
-        scale = cfg["metadata"]["lightning_sae"]["input_scale"]
-        folded = "" if math.isclose(scale, 1.0) else f", input scale {scale:.6g} folded in"
+        ours = cfg["metadata"]["lightning_sae"]
+        folded = _folded_scales(ours.get("input_scale", 1.0), ours.get("output_scale", 1.0))
         hook = cfg["metadata"].get("hook_name")
         at = f", {hook}" if hook and len(folders) > 1 else ""
         files = f"{out / WEIGHTS_FILENAME} and {out / CONFIG_FILENAME}"

@@ -116,7 +116,7 @@ def test_independent_encoder_init() -> None:
     tied = StandardSAE(d_in=16, d_sae=64, init_seed=3)
     one = StandardSAE(d_in=16, d_sae=64, init_seed=3, encoder_init="independent")
     two = StandardSAE(d_in=16, d_sae=64, init_seed=3, encoder_init="independent")
-    assert torch.equal(tied.W_enc, tied.W_dec.T)
+    assert torch.equal(tied.W_enc, tied.W_dec.T * (16 / 64))  # the default encoder_init_scale
     assert torch.equal(one.W_dec, tied.W_dec)  # the decoder init is unchanged
     assert not torch.allclose(one.W_enc, one.W_dec.T)
     assert torch.equal(one.W_enc, two.W_enc) and torch.equal(one.b_enc, two.b_enc)
@@ -133,7 +133,8 @@ def test_reference_config_builds_the_reference_setup() -> None:
     data = ToySuperpositionDataModule(**config["data"]["init_args"])
     assert "b_dec" not in dict(sae.named_parameters())
     assert data.toy.correlation_mode == "per_batch" and data.train_batches.fixed
-    assert config["trainer"]["gradient_clip_val"] == 1.0
+    # The credited script steps plain Adam: no gradient clipping.
+    assert config["trainer"].get("gradient_clip_val") is None
 
 
 # ---------------------------------------------------------------- smoke runs of the scripts
@@ -192,6 +193,17 @@ def test_smoke_vs_saelens_ours_side(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         steps = [row["step"] for row in curves[variant]["lightning-sae"]]
         assert steps == [0, 3, 6]
         assert curves[variant]["lightning-sae"][-1]["l0"] > 0
+
+
+def test_smoke_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import defaults
+
+    argv = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]
+    run_main(defaults, argv, monkeypatch)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| std_s1 | 0 |" in table and "| std_s0.25_b2 | 0 |" in table
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["step"] for row in runs["std_s1"][0]["curve"]] == [0, 3, 6]
 
 
 def test_smoke_frontier_ours_side(

@@ -157,6 +157,42 @@ def test_crosscoder_reads_and_writes_every_layer_with_per_layer_norm_penalty() -
         TopKCrossCoder(d_in=8, d_sae=16, k=4, hooks=hooks)
 
 
+LAYER_MAGNITUDES = torch.tensor([7.0] * (D_IN // 2) + [0.3] * (D_IN // 2))  # two layers
+
+
+def test_every_site_is_scaled_by_its_own_factor_fitted_in_training() -> None:
+    """Per-site input scaling (crosscoder papers): each site's mean norm becomes sqrt(width),
+    however different the sites' magnitudes; one shared factor would leave them apart."""
+    x, y = toy_map(64)
+    x, y = x * 7, y * 0.2
+    tc = Transcoder(d_in=D_IN, d_out=D_OUT, d_sae=16, normalize_activations=True)
+    quiet_trainer(1).fit(tc, DataLoader(TensorDataset(x, y), batch_size=64))
+    norm = lambda v: float(v.norm(dim=-1).mean())  # noqa: E731
+    assert norm(tc.normalize(x)) == pytest.approx(D_IN**0.5, rel=1e-5)
+    assert norm(tc.normalize_target(y)) == pytest.approx(D_OUT**0.5, rel=1e-5)
+    with torch.no_grad():  # model units out: the reconstruction is unscaled by the output's factor
+        torch.testing.assert_close(
+            tc(x).x_hat, tc.forward_normalized(tc.normalize(x)).x_hat / tc.output_scale
+        )
+    with pytest.raises(ValueError, match="one scale per site"):
+        tc.fit_input_scale(x)
+    # A checkpoint from before per-site scales had one factor for both sites.
+    old_state = {k: v for k, v in tc.state_dict().items() if k != "output_scale"}
+    old = Transcoder(d_in=D_IN, d_out=D_OUT, d_sae=16, normalize_activations=True)
+    old.load_state_dict(old_state)
+    assert float(old.output_scale) == float(tc.input_scale)
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    layers = toy_map(64)[0] * LAYER_MAGNITUDES
+    cc = TopKCrossCoder(d_in=D_IN, d_sae=16, k=2, hooks=hooks, normalize_activations=True)
+    quiet_trainer(1).fit(cc, DataLoader(TensorDataset(layers), batch_size=64))
+    for layer in cc.normalize(layers).split(D_IN // 2, dim=-1):
+        assert norm(layer) == pytest.approx((D_IN // 2) ** 0.5, rel=1e-5)
+    state = cc.state_dict() | {"input_scale": torch.tensor(3.0)}  # saved with one factor
+    cc.load_state_dict(state)
+    torch.testing.assert_close(cc.input_scale, torch.full((D_IN,), 3.0))
+
+
 def _fvu(model: L.LightningModule, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         error = (model(x).x_hat - y).pow(2).sum()
@@ -313,7 +349,8 @@ def _trained(cls: type, **kwargs) -> L.LightningModule:
     torch.manual_seed(0)
     sites = dict(d_in=D_IN, d_out=D_OUT, input_hook=IN, output_hook=OUT)
     tc = cls(**sites, d_sae=24, normalize_activations=True, **kwargs)
-    tc.fit_input_scale(toy_map(64)[0] * 7)
+    x, y = toy_map(64)
+    tc.fit_input_scale(x * 7, y * 0.2)  # the sites' scales differ: the fold must keep them apart
     with torch.no_grad():
         for param in tc.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -351,7 +388,7 @@ def test_export_load_round_trip_in_saelens_or_our_format(tmp_path: Path) -> None
         if cls in CROSSCODERS:
             hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
             model = cls(d_in=D_IN, d_sae=24, hooks=hooks, normalize_activations=True, **kwargs)
-            model.fit_input_scale(x)
+            model.fit_input_scale(x * LAYER_MAGNITUDES)  # one scale per layer, far apart
             if cls is BatchTopKCrossCoder:  # a learned threshold, as after training
                 model.threshold.fill_(0.3)
                 model.threshold_updates.fill_(1)

@@ -87,7 +87,9 @@ def test_standard_auto_decode_goes_sparse_once_l0_is_low(monkeypatch: pytest.Mon
     calls = []
     decode = SparseCode.decode
     monkeypatch.setattr(SparseCode, "decode", lambda code, W: calls.append(1) or decode(code, W))
-    sae = StandardSAE(d_in=D_IN, d_sae=D_SAE)  # auto; the CPU cut-off is a density of 1/16
+    # auto; the CPU cut-off is a density of 1/16. The transpose start (scale 1): its
+    # pre-activations put a few latents above the b_enc of -2 below.
+    sae = StandardSAE(d_in=D_IN, d_sae=D_SAE, encoder_init_scale=1.0)
     dense_out = sae.forward_normalized(_x())
     assert not calls and (dense_out.acts != 0).float().mean() > 1 / 16
     with torch.no_grad():
@@ -392,6 +394,23 @@ def test_orthogonality_term_is_added_by_the_base_with_either_sign() -> None:
 
 
 # ---------------------------------------------------------------- errors and configs
+def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
+    """docs/defaults.md: a ReLU SAE's encoder starts at d_in/d_sae times the decoder's transpose
+    (its first reconstruction is then about half the input, not twice it); TopK keeps 1."""
+    standard = StandardSAE(d_in=16, d_sae=64, init_seed=1)
+    torch.testing.assert_close(standard.W_enc, standard.W_dec.T * 0.25)
+    torch.testing.assert_close(standard.decoder_norms(), torch.ones(64))
+    x = torch.randn(4096, 16)
+    with torch.no_grad():  # b_dec = 0: the start's reconstruction, relative to the input
+        gain = float((standard(x).x_hat * x).sum() / x.pow(2).sum())
+    assert 0.3 < gain < 0.7, gain
+    topk = TopKSAE(d_in=16, d_sae=64, init_seed=1)
+    assert torch.equal(topk.W_enc, topk.W_dec.T)
+    chosen = StandardSAE(d_in=16, d_sae=64, init_seed=1, encoder_init_scale=1.0)
+    assert torch.equal(chosen.W_enc, chosen.W_dec.T)
+    assert StandardSAE(d_in=64, d_sae=32).encoder_init_factor() == 1.0  # never above the transpose
+
+
 @pytest.mark.parametrize(
     ("make", "option"),
     [
@@ -404,6 +423,7 @@ def test_orthogonality_term_is_added_by_the_base_with_either_sign() -> None:
         (lambda: GatedSAE(d_in=D_IN, d_sae=D_SAE, l1_coefficient=-1.0), "l1_coefficient"),
         (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, epsilon=0.0), "model.init_args.epsilon"),
         (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, frequency_window=0), "frequency_window"),
+        (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, encoder_init_scale=0.0), "encoder_init_scale"),
     ],
 )
 def test_bad_arguments_name_the_option(make, option: str) -> None:

@@ -227,9 +227,9 @@ class DataInformedInit(Callback):
                 x, target = sae_input_and_target(pl_module, name, drawn)
                 x, target = x.to(sae.device), (x if target is x else target.to(sae.device))
             if not bool(sae.input_scale_fitted):
-                sae.fit_input_scale(x)
+                sae.fit_input_scale(x, target)
             if trainer.is_global_zero:
-                y_n = None if target is x else sae.normalize(target)
+                y_n = None if target is x else sae.normalize_target(target)
                 weights[name] = self.initial_weights(sae.normalize(x), sae, y_n)
         weights = trainer.strategy.broadcast(weights, src=0)
         for name, sae in named.items():

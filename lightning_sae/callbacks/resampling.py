@@ -320,7 +320,7 @@ class DeadFeatureResampler(Callback):
             sample = trainer.datamodule.sample(self.batch_size, seed=seed)
             x, target = sae_input_and_target(pl_module, name, sample)
             x_n = sae.normalize(x.to(sae.device))
-            y_n = x_n if target is x else sae.normalize(target.to(sae.device))
+            y_n = x_n if target is x else sae.normalize_target(target.to(sae.device))
             # Rank 0 alone: a training-mode forward could enter a collective (BatchTopK).
             with sae.measuring():
                 residual = y_n - sae.forward_normalized(x_n).x_hat

@@ -8,7 +8,9 @@ zero-ablated:
     ce_loss_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)
 
 (1 = the reconstruction loses nothing, 0 = no better than deleting the activation), and the
-mean over positions of KL(p_clean || p_spliced) of the next-token distributions.
+mean of KL(p_clean || p_spliced) of the next-token distributions over the positions the SAE
+replaces (those from ``first_position`` on: earlier ones are untouched, their KL is 0 and would
+only dilute the mean).
 
 Encoder-only models (BERT-style, bidirectional attention) have no next-token objective, so CE
 and KL are not measured for them. For every model we measure what happens to the final hidden
@@ -198,7 +200,7 @@ def downstream_metrics(
         splice_hooks = [(input_hook, capture), (hook_name, splice)]
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl_sum = cos_sum = err_sq = zero_err_sq = clean_sq = 0.0
-    n_predicted = n_positions = 0
+    n_predicted = n_positions = n_spliced = 0
 
     return_type = "logits" if causal else None  # encoder-only: skip the (untrained) LM head
     for batch in tokens.to(device).split(batch_size):
@@ -216,9 +218,10 @@ def downstream_metrics(
             ce["sae"] += _next_token_ce(spliced_logits, batch).item()
             ce["zero"] += _next_token_ce(zero_logits, batch).item()
             n_predicted += batch.shape[0] * (batch.shape[1] - 1)
-            log_p = clean_logits.float().log_softmax(-1)
-            log_q = spliced_logits.float().log_softmax(-1)
+            log_p = clean_logits[:, first_position:].float().log_softmax(-1)
+            log_q = spliced_logits[:, first_position:].float().log_softmax(-1)
             kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
+            n_spliced += log_p.shape[0] * log_p.shape[1]
 
     result = DownstreamMetrics(
         final_hidden_cosine=cos_sum / n_positions,
@@ -236,5 +239,5 @@ def downstream_metrics(
     denominator = ce_zero - ce_clean
     # When zero-ablation does not hurt, there is nothing to recover and the ratio is undefined.
     result.ce_loss_recovered = (ce_zero - ce_sae) / denominator if denominator != 0 else math.nan
-    result.kl = kl_sum / n_positions
+    result.kl = kl_sum / n_spliced
     return result

@@ -154,7 +154,8 @@ class SparseAutoencoder(LightningModule):
         d_sae: number of dictionary features.
         lr: peak learning rate.
         optimizer: ``adam`` or ``adamw``.
-        betas: Adam betas.
+        betas: Adam betas. ``None``: the variant's measured default (:meth:`default_betas`;
+            docs/defaults.md): (0.9, 0.999), and (0.9, 0.99) for the L1 SAEs.
         weight_decay: AdamW weight decay (ignored by Adam).
         lr_warmup_steps: linear warm-up of the learning rate from 0.
         lr_decay_steps: linear decay to ``lr_end_factor * lr`` over the last this many steps.
@@ -169,6 +170,11 @@ class SparseAutoencoder(LightningModule):
         orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
         orthogonality_power: exponent p >= 2 for the ``power`` shape.
         init_seed: seed for the weight initialisation, independent of the global RNG.
+        encoder_init_scale: the encoder starts as this multiple of the decoder's transpose
+            (decoder rows at unit norm). ``None``: the variant's measured default
+            (:meth:`default_encoder_init_scale`; docs/defaults.md): a ReLU SAE whose start
+            reconstructs twice its input (half of d_sae directions fire) learns slower, because
+            its first large gradients inflate Adam's second moment for the rest of the run.
         compile: compile ``forward_normalized`` (encode + decode, where the FLOPs are) with
             ``torch.compile``. Loss terms stay eager: their warm-up factors change every step.
     """
@@ -179,7 +185,7 @@ class SparseAutoencoder(LightningModule):
         d_sae: int,
         lr: float = 4e-4,
         optimizer: Literal["adam", "adamw"] = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] | None = None,
         weight_decay: float = 0.0,
         lr_warmup_steps: int = 0,
         lr_decay_steps: int = 0,
@@ -191,6 +197,7 @@ class SparseAutoencoder(LightningModule):
         orthogonality_shape: OrthogonalityShape = "sigmoid",
         orthogonality_power: float = 2.0,
         init_seed: int = 0,
+        encoder_init_scale: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -198,6 +205,10 @@ class SparseAutoencoder(LightningModule):
         check_positive("d_sae", d_sae, "model.init_args.d_sae")
         check_fits_in_memory(d_in, d_sae)
         check_positive("lr", lr, "model.init_args.lr")
+        if encoder_init_scale is not None:
+            check_positive(
+                "encoder_init_scale", encoder_init_scale, "model.init_args.encoder_init_scale"
+            )
         check_positive(
             "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
         )
@@ -213,7 +224,7 @@ class SparseAutoencoder(LightningModule):
         self.save_hyperparameters()
         # The hparams include every subclass's options too: one sweep covers every variant.
         check_all_finite(self.hparams)
-        if not all(0 <= beta < 1 for beta in betas):
+        if betas is not None and not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}: set model.init_args.betas.")
         self.d_in, self.d_sae = d_in, d_sae
         # Width of what the decoder writes: the input's for an SAE; a transcoder's output site.
@@ -224,7 +235,7 @@ class SparseAutoencoder(LightningModule):
         W_dec = torch.randn(d_sae, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.W_enc = nn.Parameter(W_dec.T * self.encoder_init_factor())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
@@ -238,6 +249,22 @@ class SparseAutoencoder(LightningModule):
 
         self.val_l0, self.val_mse, self.val_fvu = L0(), MSE(), FVU(d_in)
         self.val_dead = DeadFraction(d_sae)
+
+    def default_encoder_init_scale(self) -> float:
+        """The encoder's starting scale relative to the decoder's transpose, when not given."""
+        return 1.0
+
+    def default_betas(self) -> tuple[float, float]:
+        """Adam's betas when not given."""
+        return (0.9, 0.999)
+
+    def adam_betas(self) -> tuple[float, float]:
+        betas = self.hparams.get("betas")
+        return self.default_betas() if betas is None else (float(betas[0]), float(betas[1]))
+
+    def encoder_init_factor(self) -> float:
+        scale = self.hparams.get("encoder_init_scale")
+        return self.default_encoder_init_scale() if scale is None else scale
 
     # ----------------------------------------------------------------- the SAE itself
     def normalize(self, x: Tensor) -> Tensor:
@@ -283,11 +310,11 @@ class SparseAutoencoder(LightningModule):
         return self.encode_normalized(self.normalize(x))[0]
 
     def decode(self, acts: Tensor) -> Tensor:
-        return self.reconstruct(acts) / self.input_scale
+        return self.reconstruct(acts) / self.target_scale()
 
     def forward(self, x: Tensor) -> SAEOutput:
         out = self.forward_normalized(self.normalize(x))
-        out.x_hat = out.x_hat / self.input_scale
+        out.x_hat = out.x_hat / self.target_scale()
         return out
 
     # ----------------------------------------------------------------- losses
@@ -387,24 +414,50 @@ class SparseAutoencoder(LightningModule):
 
     # ----------------------------------------------------------------- normalisation
     @torch.no_grad()
-    def fit_input_scale(self, x: Tensor) -> None:
-        """Fit the input scale on a sample (averaged over DDP ranks) so mean norm = sqrt(d_in)."""
-        mean_norm = x.float().norm(dim=-1).mean()
+    def fit_input_scale(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Fit the input scale on a sample (averaged over DDP ranks) so mean norm = sqrt(d_in).
+
+        ``target`` is what the decoder reproduces when that is another site: an SAE ignores it
+        (its target is its input); transcoders and crosscoders fit one scale per site
+        (``models/transcoder.py``).
+        """
+        self.input_scale.fill_(self.site_scales([x], [self.d_in])[0])
+        self.input_scale_fitted.fill_(True)
+
+    def site_scales(self, samples: list[Tensor], widths: list[int]) -> Tensor:
+        """Per site, the factor that brings the mean norm of its sample to sqrt(width).
+
+        The mean norms of every site travel in one all-reduce, averaged over DDP ranks, so
+        every rank fits the same factors.
+        """
+        mean_norms = torch.stack([x.float().norm(dim=-1).mean() for x in samples])
         if _is_distributed():
-            dist.all_reduce(mean_norm)
-            mean_norm /= dist.get_world_size()
-        mean_norm = mean_norm.item()
-        if not math.isfinite(mean_norm):
+            dist.all_reduce(mean_norms)
+            mean_norms /= dist.get_world_size()
+        mean_norms = mean_norms.cpu().double()
+        if not bool(torch.isfinite(mean_norms).all()):
             raise ValueError(self._non_finite_batch())
-        if mean_norm == 0:
+        if bool((mean_norms == 0).any()):
             raise ValueError(
                 "normalize_activations cannot scale this data: the first training batch has "
-                "mean norm 0 (every vector is zero). Check that the hook and data produce "
-                "activations (a wrong hook name or an all-padding batch gives zeros), or set "
-                "model.init_args.normalize_activations: false."
+                "mean norm 0 (every vector is zero) at one of the sites. Check that the hook "
+                "and data produce activations (a wrong hook name or an all-padding batch gives "
+                "zeros), or set model.init_args.normalize_activations: false."
             )
-        self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm)
-        self.input_scale_fitted.fill_(True)
+        return torch.tensor(widths, dtype=torch.float64).sqrt() / mean_norms
+
+    def target_scale(self) -> Tensor:
+        """The factor of the site the decoder writes: the input's for an SAE (a transcoder's
+        output site has its own)."""
+        return self.input_scale
+
+    def scale_metadata(self) -> dict[str, Any]:
+        """The fitted factors, as the export records them (they are folded into its weights)."""
+        return {"input_scale": float(self.input_scale)}
+
+    def normalize_target(self, y: Tensor) -> Tensor:
+        """The decoder's target in normalised units."""
+        return y.to(self.W_enc.dtype) * self.target_scale()
 
     # ----------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
@@ -456,9 +509,9 @@ class SparseAutoencoder(LightningModule):
         every member's together."""
         x, target = self.input_and_target(batch)
         if not self._input_scale_is_fitted():
-            self.fit_input_scale(x)
+            self.fit_input_scale(x, target)
         x_n = self.normalize(x)
-        y_n = x_n if target is x else self.normalize(target)
+        y_n = x_n if target is x else self.normalize_target(target)
         out = self.forward_normalized(x_n)
         terms = self.loss_terms(y_n, out)
         if self.hparams.orthogonality_coefficient != 0:
@@ -590,7 +643,7 @@ class SparseAutoencoder(LightningModule):
         x_n = self.normalize(x)
         out = self.forward_normalized(x_n)
         if target is not x:
-            x_n = self.normalize(target)  # from here on, x_n is what out.x_hat is scored against
+            x_n = self.normalize_target(target)  # from here on, what out.x_hat is scored against
         terms = self.loss_terms(x_n, out)
         self.log("val/loss", torch.stack(list(terms.values())).sum(), sync_dist=True)
         for name, value in terms.items():
@@ -613,7 +666,7 @@ class SparseAutoencoder(LightningModule):
         kwargs = {"weight_decay": hp.weight_decay} if hp.optimizer == "adamw" else {}
         # The fused kernel updates all parameters in one pass (CPU and CUDA).
         kwargs["fused"] = self.device.type in ("cpu", "cuda")
-        optimizer = optimizer_cls(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), **kwargs)
+        optimizer = optimizer_cls(self.parameters(), lr=hp.lr, betas=self.adam_betas(), **kwargs)
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         decay_start = total_steps - hp.lr_decay_steps
 

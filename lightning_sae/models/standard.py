@@ -72,6 +72,17 @@ class StandardSAE(SparseAutoencoder):
         if encoder_init == "independent":
             self._init_encoder_independently()
 
+    def default_encoder_init_scale(self) -> float:
+        # About half of the d_sae ReLU latents fire on a random start, each adding a projection
+        # of 1/d_in of the input's energy: the transpose reconstructs ~d_sae/(2 d_in) times the
+        # input. d_in/d_sae brings that to ~half the input (docs/defaults.md measures it).
+        return min(1.0, self.d_in / self.d_sae)
+
+    def default_betas(self) -> tuple[float, float]:
+        # Measured (docs/defaults.md): beta2 0.99 recovers more ground truth on the toy
+        # side-by-side and reaches a lower FVU at a lower L0 on MiniLM than 0.999.
+        return (0.9, 0.99)
+
     @torch.no_grad()
     def _init_encoder_independently(self) -> None:
         # nn.Linear(d_in, d_sae).reset_parameters(): kaiming_uniform(a=sqrt(5)) on the weight

@@ -20,9 +20,17 @@ TopK + AuxK, BatchTopK, JumpReLU), plus one of two small mixins:
 
 Batches: a dict ``{hook: [batch, width]}`` (``ActivationDataModule`` or
 ``StreamingActivationDataModule`` with ``hooks: [input, output]``; rows aligned), or, from
-Python, a pair ``(x, y)`` (e.g. a ``TensorDataset``). One input scale (fitted on the input
-site) normalises both sites, so exporting folds it into the weights exactly as for an SAE and
-``W_skip`` is unchanged by the fold.
+Python, a pair ``(x, y)`` (e.g. a ``TensorDataset``).
+
+Input scaling is per site, as in the crosscoder papers: with ``normalize_activations`` each site
+gets its own factor, fitted on the first training batch so that the site's mean norm is
+sqrt(its width). A transcoder scales its input by ``input_scale`` and its output site by
+``output_scale``; a crosscoder scales every layer by its own factor (``input_scale`` holds one
+value per input dimension, constant within a layer). A site whose activations are ten times
+larger than another's (residual streams grow with depth; an MLP's output is often far smaller
+than its input) then weighs as much in the loss, instead of dominating it. Exporting folds the
+factors into the weights (``W_enc`` by the input's, ``W_dec`` and ``b_dec`` by the output's,
+``W_skip`` by their ratio), so the exported dictionary reads and writes model units.
 """
 
 from __future__ import annotations
@@ -127,6 +135,7 @@ class Transcoding:
         )
         self.W_enc = nn.Parameter(
             _unit_rows(torch.randn(self.d_sae, self.d_in, generator=generator)).T.contiguous()
+            * self.encoder_init_factor()
         )
         if "b_dec" in self._buffers:  # StandardSAE with use_b_dec=False: a zero buffer
             self.register_buffer("b_dec", torch.zeros(self.d_out))
@@ -137,7 +146,34 @@ class Transcoding:
         self.W_skip = (
             nn.Parameter(torch.zeros(self.d_out, self.d_in)) if self.skip_connection else None
         )
+        # The output site's own factor (module docstring); fitted with the input's.
+        self.register_buffer("output_scale", torch.tensor(1.0))
         self.val_mse, self.val_fvu = MSE(), FVU(self.d_out)
+
+    # ----------------------------------------------------------------- per-site scales
+    @torch.no_grad()
+    def fit_input_scale(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Fit both sites' scales: the input's on ``x``, the output's on ``target``."""
+        if target is None:
+            raise ValueError(
+                "a transcoder fits one scale per site: pass the output site's sample as target."
+            )
+        scales = self.site_scales([x, target], [self.d_in, self.d_out])
+        self.input_scale.fill_(scales[0])
+        self.output_scale.fill_(scales[1])
+        self.input_scale_fitted.fill_(True)
+
+    def target_scale(self) -> Tensor:
+        return self.output_scale
+
+    def scale_metadata(self) -> dict[str, Any]:
+        return {"input_scale": float(self.input_scale), "output_scale": float(self.output_scale)}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Saved before per-site scales: one factor scaled both sites.
+        if prefix + "input_scale" in state_dict and prefix + "output_scale" not in state_dict:
+            state_dict[prefix + "output_scale"] = state_dict[prefix + "input_scale"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ----------------------------------------------------------------- the map
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
@@ -239,6 +275,28 @@ class CrossCoding:
             )
         self.hooks = list(hooks)
         self.d_layer = self.d_in // len(hooks)
+        # One factor per layer (module docstring), stored per input dimension so that scaling,
+        # unscaling and the export's fold are elementwise.
+        self.register_buffer("input_scale", torch.ones(self.d_in))
+
+    # ----------------------------------------------------------------- per-layer scales
+    @torch.no_grad()
+    def fit_input_scale(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Fit each layer's scale so that its mean norm is sqrt(d_layer)."""
+        layers = list(x.reshape(-1, self.d_in).split(self.d_layer, dim=-1))
+        scales = self.site_scales(layers, [self.d_layer] * len(layers))
+        self.input_scale.copy_(scales.repeat_interleave(self.d_layer))
+        self.input_scale_fitted.fill_(True)
+
+    def scale_metadata(self) -> dict[str, Any]:
+        return {"input_scale": self.input_scale[:: self.d_layer].tolist()}  # one per layer
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Saved before per-layer scales: one factor for every layer.
+        scale = state_dict.get(prefix + "input_scale")
+        if scale is not None and scale.ndim == 0:
+            state_dict[prefix + "input_scale"] = scale.expand(self.d_in).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def decoder_norms(self) -> Tensor:
         """sum over layers of ||W_dec_j^layer||: what the sparsity penalty is weighted by."""

@@ -1,0 +1,148 @@
+"""Candidate defaults on the vs_saelens toy data (128x512, 1500 identical batches, lr 3e-3).
+
+python -m experiments.defaults_sweep NAME [NAME ...] --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from experiments._common import markdown_table, parser, publish, quiet_trainer, start
+from experiments.vs_saelens import Measure, SavedBatches, make_data
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import TopKSAE
+
+WORK = Path("/tmp/lightning-sae-defaults")
+CANDIDATES = {
+    # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
+    "std_s1": ("standard", {}, 1.0, None, None),
+    "std_s0.25": ("standard", {}, 0.25, None, None),
+    "std_s0.1": ("standard", {}, 0.1, None, None),
+    "std_s0.5": ("standard", {}, 0.5, None, None),
+    "std_s1_clip": ("standard", {}, 1.0, None, 1.0),
+    "std_s0.25_clip": ("standard", {}, 0.25, None, 1.0),
+    "std_dec0.1_free": ("standard", {}, 1.0, 0.1, None),
+    "std_s0.25_b2": ("standard", {"betas": (0.9, 0.99)}, 0.25, None, None),
+    "std_s0.25_wu": ("standard", {"lr_warmup_steps": 100}, 0.25, None, None),
+    "std_s1_wu": ("standard", {"lr_warmup_steps": 100}, 1.0, None, None),
+    "std_dec0.1_free_clip": ("standard", {}, 1.0, 0.1, 1.0),
+    "std_dec0.1_free_wu": ("standard", {"lr_warmup_steps": 100}, 1.0, 0.1, None),
+    "std_s0.1_clip": ("standard", {}, 0.1, None, 1.0),
+    "std_s0.25_nobdec": ("standard", {"apply_b_dec_to_input": False}, 0.25, None, None),
+    "std_s0.5_b2": ("standard", {"betas": (0.9, 0.99)}, 0.5, None, None),
+    "std_s0.1_b2": ("standard", {"betas": (0.9, 0.99)}, 0.1, None, None),
+    "std_s1_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, None, None),
+    "std_dec0.1_free_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, 0.1, None),
+    "topk_b2": ("topk", {"betas": (0.9, 0.99)}, 1.0, None, None),
+    "topk_s1": ("topk", {}, 1.0, None, None),
+    "topk_s0.25": ("topk", {}, 0.25, None, None),
+    "topk_s0.1": ("topk", {}, 0.1, None, None),
+    "topk_s1_dw": ("topk", {"dead_window_tokens": 256_000}, 1.0, None, None),
+    "topk_s0.25_dw": ("topk", {"dead_window_tokens": 256_000}, 0.25, None, None),
+    "topk_s0.1_dw": ("topk", {"dead_window_tokens": 256_000}, 0.1, None, None),
+    "topk_s1_clip": ("topk", {}, 1.0, None, 1.0),
+    "topk_s1_wu": ("topk", {"lr_warmup_steps": 100}, 1.0, None, None),
+}
+
+
+def run(name: str, seed: int, data: dict, every: int) -> dict:
+    variant, kwargs, scale, dec_norm, clip = CANDIDATES[name]
+    torch.manual_seed(seed)
+    # Every candidate states its scale and betas: the library's defaults are what this decides.
+    common = dict(d_in=128, d_sae=512, lr=3e-3, init_seed=seed, encoder_init_scale=scale)
+    common = common | {"betas": (0.9, 0.999)} | kwargs
+    if variant == "standard":
+        sae = StandardSAE(l1_coefficient=0.1, weight_by_decoder_norm=True, **common)
+    else:
+        sae = TopKSAE(k=8, **common)
+    with torch.no_grad():
+        if dec_norm is not None:
+            sae.W_dec.mul_(dec_norm)
+            sae.W_enc.copy_(sae.W_dec.T)
+    measure = Measure(data, every)
+    callbacks = [measure] if dec_norm is not None else [DecoderNormConstraint(), measure]
+    trainer = quiet_trainer(len(data["train"]), callbacks, gradient_clip_val=clip)
+    start = time.perf_counter()
+    trainer.fit(sae, SavedBatches(data["train"], data["features"]))
+    return {
+        "name": name,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+        "curve": measure.curve,
+    }
+
+
+def table(work: Path, out: Path) -> None:
+    """Mean (min-max over seeds) of every candidate's final metrics, and the raw runs."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(work.glob("*_s[0-9].json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(run["name"], []).append(run)
+    rows = []
+    for name in CANDIDATES:
+        if name not in runs:
+            continue
+        finals = [r["curve"][-1] for r in sorted(runs[name], key=lambda r: r["seed"])]
+
+        def cell(metric: str, digits: int, finals: list[dict] = finals) -> str:
+            values = [f[metric] for f in finals]
+            mean = sum(values) / len(values)
+            spread = (
+                f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
+            )
+            return f"{mean:.{digits}f}{spread}"
+
+        seeds = ",".join(str(r["seed"]) for r in sorted(runs[name], key=lambda r: r["seed"]))
+        rows.append(
+            [name, seeds, cell("gt_mmcs", 3), cell("l0", 2), cell("fvu", 3), cell("dead", 1)]
+        )
+    header = ["candidate", "seeds", "GT MMCS", "L0", "FVU", "dead (of 512)"]
+    out.mkdir(parents=True, exist_ok=True)
+    publish(out, markdown_table(header, rows), runs)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], "defaults")
+    p.add_argument("names", nargs="*", help=f"candidates: {', '.join(CANDIDATES)}")
+    p.add_argument("--table", action="store_true", help="tabulate the runs in --work")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--work", type=Path, default=WORK, help="data and one JSON per run")
+    args = p.parse_args()
+    start(args)
+    if args.smoke:  # tiny data, two candidates, then the table
+        args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2"], [0], 3
+    if not args.smoke and args.table:
+        table(args.work, args.out)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / "data.safetensors"
+    if not path.exists():
+        steps, batch, eval_size = (6, 32, 512) if args.smoke else (1500, 256, 8192)
+        make_data(path, steps, batch, eval_size=eval_size)
+    data = load_file(str(path))
+    for seed in args.seeds:
+        for name in args.names:
+            out = args.work / f"{name}_s{seed}.json"
+            if out.exists():
+                continue
+            result = run(name, seed, data, args.every)
+            out.write_text(json.dumps(result))
+            f = result["curve"][-1]
+            print(
+                f"{name} seed {seed}: gt {f['gt_mmcs']:.3f} l0 {f['l0']:.2f} fvu {f['fvu']:.3f} "
+                f"dead {f['dead']} ({result['seconds']:.0f}s)",
+                flush=True,
+            )
+    if args.smoke:
+        table(args.work, args.out)
+
+
+if __name__ == "__main__":
+    main()
