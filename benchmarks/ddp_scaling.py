@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _common import quiet_trainer
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.models.standard import StandardSAE
@@ -67,17 +68,11 @@ def worker(args: argparse.Namespace) -> None:
         sae = StandardSAE(d_in=args.d_in, d_sae=args.d_sae)
     timer = Timer(args.warmup)
     gpu = args.device.startswith("cuda")
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=args.n,
         strategy="ddp" if args.n > 1 else "auto",
         max_steps=total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[DecoderNormConstraint(), timer],
     )
     trainer.fit(sae, train_dataloaders=SameBatch())

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _common import quiet_trainer
 
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.stream import StreamingActivationDataModule
@@ -57,14 +58,8 @@ def data(batch_size: int) -> StreamingActivationDataModule:
 
 def timed_fit(model: L.LightningModule, steps: int, batch_size: int) -> float:
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data(batch_size))

@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _common import quiet_trainer
 
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
@@ -71,15 +72,9 @@ def sae() -> StandardSAE:
 def fit(data: L.LightningDataModule, steps: int, warmup: int) -> float:
     """Seconds per step after ``warmup`` steps of a quiet Lightning fit."""
     clock = StepClock(warmup)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=warmup + steps,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[clock],
     )
     trainer.fit(sae(), datamodule=data)

@@ -33,6 +33,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _common import quiet_trainer
 from _sparsity import shift_bias_to_l0  # benchmarks/, on sys.path when run as a script
 from torch import Tensor
 
@@ -115,16 +116,10 @@ def time_training_step(
     module = make(args.d_in, args.d_sae)
     module.hparams.compile = args.compile  # setup() compiles forward_normalized
     timer = StepTimer(device)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[timer],
         precision="bf16-mixed" if args.bf16 else "32-true",
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from _common import quiet_trainer
 from lightning import Trainer, seed_everything
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
@@ -63,15 +64,9 @@ def main() -> None:
     for cls in (TopKTranscoder, TopKSkipTranscoder):
         seed_everything(config.get("seed_everything", 0))
         model = cls(**model_args)
-        trainer = Trainer(
+        trainer = quiet_trainer(
             max_steps=steps,
             callbacks=[DecoderNormConstraint()],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
         )
         start = time.monotonic()
         trainer.fit(model, data)

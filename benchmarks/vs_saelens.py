@@ -73,8 +73,8 @@ class _Clock:
 
 
 def run_ours(args: argparse.Namespace) -> tuple[float, float]:
-    import lightning as L
     import torch
+    from _common import quiet_trainer  # lightning: not in the peer's venv
 
     from lightning_sae.models.standard import StandardSAE
     from lightning_sae.models.topk import TopKSAE
@@ -100,16 +100,10 @@ def run_ours(args: argparse.Namespace) -> tuple[float, float]:
             shift_bias_to_l0(sae.W_enc, sae.b_enc, x, args.l0)
     else:
         sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,
         max_steps=total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         precision="bf16-mixed" if args.bf16 else "32-true",
     )
     trainer.fit(sae, train_dataloaders=SameBatch())

@@ -72,8 +72,8 @@ class _Clock:
 
 
 def run_ours(args: argparse.Namespace) -> float:
-    import lightning as L
     import torch
+    from _common import quiet_trainer  # lightning: not in the peer's venv
 
     from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
     from lightning_sae.models.topk import TopKSAE
@@ -92,16 +92,10 @@ def run_ours(args: argparse.Namespace) -> float:
                 yield x
 
     sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, aux_coefficient=1 / 32)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,
         max_steps=total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[DecoderNormConstraint()],
         precision="bf16-mixed" if args.bf16 else "32-true",
     )
