@@ -37,7 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SPARSIFY_VERSION = "1.3.3"
-VENVS = [Path("/work/venvs/sparsify"), Path.home() / ".cache" / "lightning-sae" / "sparsify-bench"]
+VENVS = [
+    Path.home() / ".cache" / "lightning-sae" / name for name in ("sparsify-venv", "sparsify-bench")
+]
 SEQUENCE = 512  # tokens per sparsify "sequence": the batch is batch / SEQUENCE sequences
 
 

@@ -75,7 +75,12 @@ VENVS = {
             "LIGHTNING_SAE_SAELENS_VENV", Path.home() / ".cache" / "lightning-sae" / "saelens-venv"
         )
     ),
-    SPARSIFY: Path(os.environ.get("LIGHTNING_SAE_SPARSIFY_VENV", "/work/venvs/sparsify")),
+    SPARSIFY: Path(
+        os.environ.get(
+            "LIGHTNING_SAE_SPARSIFY_VENV",
+            Path.home() / ".cache" / "lightning-sae" / "sparsify-venv",
+        )
+    ),
 }
 SIDES = {SAELENS: HERE / "saelens_frontier_side.py", SPARSIFY: HERE / "sparsify_side.py"}
 DOC_PAGE = DOCS.parent / "experiments.md"

@@ -16,7 +16,9 @@ number of active latents per row ``active`` [n_val] and the rows each latent fir
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +44,16 @@ def load_data(work: Path) -> dict[str, Tensor]:
 def training_batches(data: dict[str, Tensor], seed: int) -> Tensor:
     """[steps, batch] row indices of the training batches for ``seed``, in training order."""
     return data[f"order_{seed}"]
+
+
+def serve_runs(train_and_reconstruct: Callable[[Path, dict[str, Tensor], dict], None]) -> None:
+    """A peer side's entry point, ``python SIDE.py WORK RUNS_JSON``: every run in one process
+    (the peer's imports take longer than a small run), each announced when its file is written."""
+    work, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
+    data = load_data(work)
+    for options in runs:
+        train_and_reconstruct(work, data, options)
+        print(f"done {options['run']}", flush=True)
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ reconstructions of the held-out rows (experiments/frontier_data.py).
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier_data import load_data, training_batches, write_reconstructions  # noqa: E402
+from frontier_data import serve_runs, training_batches, write_reconstructions  # noqa: E402
 
 
 def training_sae(options: dict, d_in: int) -> torch.nn.Module:
@@ -48,14 +47,6 @@ def training_sae(options: dict, d_in: int) -> torch.nn.Module:
         )
         return JumpReLUTrainingSAE(config)
     raise ValueError(f"unknown variant {variant!r}")
-
-
-def main() -> None:
-    work, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
-    data = load_data(work)
-    for options in runs:  # one process for all runs: the imports take longer than a small run
-        train_and_reconstruct(work, data, options)
-        print(f"done {options['run']}", flush=True)
 
 
 def train_and_reconstruct(work: Path, data: dict[str, torch.Tensor], options: dict) -> None:
@@ -93,4 +84,4 @@ def train_and_reconstruct(work: Path, data: dict[str, torch.Tensor], options: di
 
 
 if __name__ == "__main__":
-    main()
+    serve_runs(train_and_reconstruct)

@@ -16,7 +16,6 @@ its reconstructions of the held-out rows are written (experiments/frontier_data.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from sparsify import SaeConfig, SparseCoder, TrainConfig, Trainer
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier_data import load_data, training_batches, write_reconstructions  # noqa: E402
+from frontier_data import serve_runs, training_batches, write_reconstructions  # noqa: E402
 
 HOOK = "layers.0"
 
@@ -67,14 +66,6 @@ class Batches(torch.utils.data.Dataset):
         return {"input_ids": self.order[step]}
 
 
-def main() -> None:
-    work, runs = Path(sys.argv[1]), json.loads(sys.argv[2])
-    data = load_data(work)
-    for options in runs:  # one process for all runs: the imports take longer than a small run
-        train_and_reconstruct(work, data, options)
-        print(f"done {options['run']}", flush=True)
-
-
 def train_and_reconstruct(work: Path, data: dict[str, torch.Tensor], options: dict) -> None:
     torch.set_num_threads(options.get("threads", 1))
     torch.manual_seed(options["seed"])
@@ -102,4 +93,4 @@ def train_and_reconstruct(work: Path, data: dict[str, torch.Tensor], options: di
 
 
 if __name__ == "__main__":
-    main()
+    serve_runs(train_and_reconstruct)

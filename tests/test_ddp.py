@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _tiny_models import tiny_neox
 
 from lightning_sae.data.activations import ActivationDataModule
 
@@ -138,10 +139,7 @@ def test_group_with_every_callback_under_ddp_matches_one_process(tmp_path: Path)
         assert (figures / name / "feature_density.png").is_file()
 
 
-NEOX = {
-    "model_type": "gpt_neox", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64,
-}  # fmt: skip
+NEOX = tiny_neox()
 
 
 @pytest.fixture(scope="module")

