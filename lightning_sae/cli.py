@@ -1,8 +1,8 @@
 """The ``lightning-sae`` command: LightningCLI's fit / validate / test plus tool subcommands.
 
 Trainer subcommands go to :class:`SAECLI`. Tool subcommands that are not trainer methods
-(``cache``, ``export``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
-dispatched before LightningCLI parses anything.
+(``cache``, ``export``, ``compare``, ``inspect``, ``attribute``) are registered in
+``TOOL_COMMANDS`` and dispatched before LightningCLI parses anything.
 """
 
 from __future__ import annotations
@@ -292,6 +292,14 @@ def _register_tools() -> None:
             "inspect": (
                 "per-feature top contexts, histograms, logit effects + static HTML browser",
                 _lazy("lightning_sae.analysis.inspector", "inspect_main", commands.inspect_parser),
+            ),
+            "attribute": (
+                "attribution graph of a prompt through a cross-layer transcoder (JSON + HTML)",
+                _lazy(
+                    "lightning_sae.analysis.attribution",
+                    "attribute_main",
+                    commands.attribute_parser,
+                ),
             ),
         }
     )
