@@ -124,7 +124,9 @@
       rowsShown.push(["activation", fmt(n.activation)], ["pre-activation", fmt(n.pre_activation)]);
     } else if (n.kind === "logit") {
       rowsShown.push(["probability", fmt(n.probability)], ["logit - mean", fmt(n.value)]);
-      for (const [k, v] of Object.entries(n.decomposition)) rowsShown.push(["  from " + k, fmt(v)]);
+      for (const [k, v] of Object.entries(n.decomposition)) {
+        if (k !== "value") rowsShown.push(["  from " + k.replace("_", " "), fmt(v)]);
+      }
     } else {
       rowsShown.push(["norm", fmt(n.activation)]);
     }

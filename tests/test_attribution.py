@@ -1,0 +1,221 @@
+"""Attribution graphs through a cross-layer transcoder: the local replacement model, its edges
+and scores, checked exactly (float64) on a GPT-NeoX built from a config, through the
+TransformerLens bridge the project runs models with."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny_models import tiny_neox
+
+from lightning_sae.analysis.attribution import (
+    LocalReplacementModel,
+    attribute,
+    graph_scores,
+    normalised,
+    prune,
+)
+from lightning_sae.data.lm import load_model
+
+PROMPT = torch.tensor([101, 1996, 3007, 1997, 2605, 2003, 3000])  # MiniLM ids
+N_LAYERS = 3
+D_SAE = 12
+
+
+def random_clt():
+    from clt_for_tests import random_clt as make
+
+    return make(N_LAYERS, 32, D_SAE)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-neox", hf_config=tiny_neox(num_hidden_layers=N_LAYERS)).to(
+        torch.float64
+    )
+
+
+@pytest.fixture(scope="module")
+def clt():
+    return random_clt().to(torch.float64).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def lrm(model, clt):
+    return LocalReplacementModel(model, clt, PROMPT)
+
+
+@pytest.fixture(scope="module")
+def graph(model, clt):
+    return attribute(model, clt, PROMPT, max_logits=3, batch_size=32)
+
+
+def _targets(lrm, clt, graph, mlp_in, logits):
+    """Every traced node's value, computed here from the interface's encoder directions and
+    the logits: ``[batch, n_features + n_logits]``."""
+    values = []
+    for position, layer, feature in graph.features.tolist():
+        direction = clt.encoder_direction(layer)[:, feature]
+        values.append(mlp_in[:, position, layer] @ direction + clt.encoder_bias(layer)[feature])
+    last = logits[:, -1]
+    for token in graph.logit_tokens:
+        values.append(last[:, token] - last.mean(dim=-1))
+    return torch.stack(values, dim=1)
+
+
+def test_replacement_model_reproduces_the_logits(model, clt, lrm):
+    acts, errors, embeddings = lrm.inputs(1)
+    mlp_in, logits = lrm.run(acts, errors, embeddings)
+    with torch.no_grad():
+        true_logits = model(PROMPT[None])
+    torch.testing.assert_close(logits[0], true_logits[0], rtol=0, atol=1e-10)
+    # The CLT sees the model's own MLP inputs: its pre-activations there are the prompt's.
+    pre = clt.pre_activations(mlp_in[0])
+    torch.testing.assert_close(pre, lrm.pre_activations, rtol=0, atol=1e-10)
+    assert lrm.activations.count_nonzero() > 20  # a graph with features to trace
+    # Without error nodes the CLT alone gives other logits: the errors carry real mass.
+    _, without = lrm.run(acts, errors * 0, embeddings)
+    assert (without[0] - true_logits[0]).abs().max() > 1e-3
+
+
+def test_replacement_model_is_affine_in_its_nodes(model, lrm):
+    """Frozen patterns and norm scales make every node act linearly: a step of 2d changes the
+    logits twice as much as a step of d. The unfrozen model fails the same check."""
+    acts, errors, embeddings = lrm.inputs(3)
+    step = torch.Generator().manual_seed(0)
+    d_acts = torch.randn(acts.shape[1:], generator=step, dtype=acts.dtype) * (acts[0] != 0)
+    d_errors = torch.randn(errors.shape[1:], generator=step, dtype=errors.dtype)
+    d_embed = torch.randn(embeddings.shape[1:], generator=step, dtype=embeddings.dtype)
+    for k in (1, 2):
+        acts[k] += k * d_acts
+        errors[k] += k * d_errors
+        embeddings[k] += k * d_embed
+    _, logits = lrm.run(acts, errors, embeddings)
+    once, twice = logits[1] - logits[0], logits[2] - logits[0]
+    assert once.abs().max() > 1e-2
+    torch.testing.assert_close(twice, 2 * once, rtol=0, atol=1e-9)
+    # The same embedding steps in the live model: attention and norms react, not affine.
+    scale = [1 + k * d_embed for k in range(3)]
+    live = [
+        model.run_with_hooks(
+            PROMPT[None], fwd_hooks=[("hook_embed", lambda x, hook, s=s: x * s[None, :, None])]
+        )[0]
+        for s in scale
+    ]
+    assert ((live[2] - live[0]) - 2 * (live[1] - live[0])).abs().max() > 1e-3
+
+
+def test_every_edge_is_the_finite_difference_effect(lrm, clt, graph):
+    """Perturb each source node by eps (a feature's activation by eps * activation, an error
+    or embedding vector by eps times itself), with everything else as on the prompt, and
+    measure every traced target: the change over eps is the edge weight, for every edge."""
+    n_features, n_layers, n_positions = len(graph.features), graph.n_layers, graph.n_positions
+    n_sources = n_features + n_layers * n_positions + n_positions
+    eps = 1e-3
+    acts, errors, embeddings = lrm.inputs(n_sources + 1)  # row 0: the prompt as it is
+    for source, (position, layer, feature) in enumerate(graph.features.tolist()):
+        acts[1 + source, position, layer, feature] *= 1 + eps
+    for layer in range(n_layers):
+        for position in range(n_positions):
+            errors[1 + graph.error_index(layer, position), position, layer] += eps
+    for position in range(n_positions):
+        embeddings[1 + graph.embedding_index(position), position] += eps
+    with torch.no_grad():
+        mlp_in, logits = lrm.run(acts, errors, embeddings)
+        values = _targets(lrm, clt, graph, mlp_in, logits)
+    effects = (values[1:] - values[:1]) / eps  # [sources, traced targets]
+    traced = torch.cat([torch.arange(n_features), graph.logit_index(0) + torch.arange(3)])
+    expected = graph.adjacency[traced][:, :n_sources].T
+    torch.testing.assert_close(effects, expected, rtol=1e-7, atol=1e-9)
+    assert (expected.abs() > 1e-6).sum() > 100  # many real edges were compared
+    # The traced values are the prompt's: pre-activations and demeaned logits.
+    torch.testing.assert_close(values[0], graph.values[traced], rtol=0, atol=1e-10)
+
+
+def test_logit_decomposition_and_the_error_share(lrm, graph):
+    """Each logit (minus the mean logit) is its direct inputs from features, errors and
+    embeddings plus a constant; the error nodes' part is what removing them changes."""
+    acts, errors, embeddings = lrm.inputs(2)
+    errors[1] = 0
+    with torch.no_grad():
+        _, logits = lrm.run(acts, errors, embeddings)
+    last = logits[:, -1] - logits[:, -1].mean(dim=-1, keepdim=True)
+    true_last = lrm.logits[-1] - lrm.logits[-1].mean()
+    for k, parts in enumerate(graph.logit_decomposition()):
+        token = graph.logit_tokens[k]
+        assert parts["value"] == pytest.approx(float(true_last[token]), abs=1e-10)
+        total = parts["feature"] + parts["error"] + parts["embedding"] + parts["bias"]
+        assert total == pytest.approx(parts["value"], abs=1e-9)
+        assert parts["unvisited_features"] == pytest.approx(0, abs=1e-9)
+        assert parts["error"] == pytest.approx(float(last[0, token] - last[1, token]), abs=1e-9)
+    probabilities = torch.softmax(lrm.logits[-1], -1)
+    assert graph.logit_tokens == torch.argsort(probabilities, descending=True)[:3].tolist()
+
+
+def test_scores_match_a_direct_computation(graph):
+    """Completeness and replacement scores against their definitions computed node by node
+    (influence by recursion over the graph, not by the matrix series)."""
+    adjacency = graph.adjacency.tolist()
+    n = len(adjacency)
+    row_sums = [sum(abs(w) for w in row) for row in adjacency]
+    weights = graph.output_weights().tolist()
+    kinds = graph.kinds()
+
+    def share(t: int, s: int) -> float:
+        return abs(adjacency[t][s]) / row_sums[t] if row_sums[t] else 0.0
+
+    @functools.cache
+    def reach(s: int) -> float:  # influence on the weighted logits through every path
+        return sum(share(t, s) * (weights[t] + reach(t)) for t in range(n) if adjacency[t][s])
+
+    has_inputs = [row_sums[t] > 0 for t in range(n)]
+    weight = [(reach(t) + weights[t]) * has_inputs[t] for t in range(n)]
+    non_error = [1 - sum(share(t, s) for s in range(n) if kinds[s] == "error") for t in range(n)]
+    completeness = sum(w * f for w, f in zip(weight, non_error, strict=True)) / sum(weight)
+    roots = [s for s in range(n) if not has_inputs[s] and kinds[s] in ("error", "embedding")]
+    from_embeddings = sum(reach(s) for s in roots if kinds[s] == "embedding")
+    replacement = from_embeddings / sum(reach(s) for s in roots)
+    scores = graph.scores()
+    assert scores["completeness"] == pytest.approx(completeness, rel=1e-9)
+    assert scores["replacement"] == pytest.approx(replacement, rel=1e-9)
+    assert 0 < replacement < 1 and 0 < completeness < 1
+
+
+def test_pruning_keeps_the_fewest_nodes_and_edges_that_cover_the_thresholds(graph):
+    weights, is_feature = graph.output_weights(), graph.kind_mask("feature")
+    adjacency = graph.adjacency
+    keep, edges = prune(adjacency, weights, is_feature, 0.6, 0.9)
+    from lightning_sae.analysis.attribution import influence
+
+    reach = influence(normalised(adjacency), weights)[is_feature]
+    kept = reach[keep[is_feature]]
+    # The kept features are the top ones by influence and just cover 60% of it.
+    assert kept.min() >= reach[~keep[is_feature]].max()
+    assert kept.sum() >= 0.6 * reach.sum() > kept.sum() - kept.min()
+    assert edges.sum() < (adjacency != 0).sum()
+    assert not edges[~keep].any() and not edges[:, ~keep].any()
+    assert keep[graph.kind_mask("logit")].all()
+    everything, all_edges = prune(adjacency, weights, is_feature, 1.0, 1.0)
+    assert everything[is_feature].sum() == (reach > 0).sum()
+    assert all_edges.sum() > edges.sum()
+
+
+def test_max_nodes_traces_the_most_influential_features_first(model, clt, graph):
+    small = attribute(model, clt, PROMPT, max_logits=3, batch_size=4, max_nodes=8)
+    assert len(small.features) == 8 and small.n_active == graph.n_active > 8
+    # Each traced feature's edges are the full graph's (the same rows, fewer columns).
+    full_index = {tuple(f): i for i, f in enumerate(graph.features.tolist())}
+    rows = [full_index[tuple(f)] for f in small.features.tolist()]
+    torch.testing.assert_close(
+        small.adjacency[:8, :8], graph.adjacency[rows][:, rows], rtol=0, atol=1e-12
+    )
+    # What the untraced features gave each logit is accounted for, and the parts still add up.
+    for parts, full in zip(small.logit_decomposition(), graph.logit_decomposition(), strict=True):
+        assert parts["value"] == pytest.approx(full["value"], abs=1e-10)
+        assert parts["feature"] + parts["unvisited_features"] == pytest.approx(
+            full["feature"], abs=1e-9
+        )
