@@ -259,14 +259,18 @@ def _known_subclasses(key: str) -> list[str]:
 
 
 def _lazy(
-    module: str, function: str, parser: Callable[[], argparse.ArgumentParser] | None = None
+    module: str,
+    function: str,
+    parser: Callable[[], argparse.ArgumentParser] | None = None,
+    parse_first: bool = False,
 ) -> Callable[[list[str]], None]:
     """Import the command's module only when it runs: some pull in heavy imports. With a light
-    ``parser``, ``--help`` is answered before that import."""
+    ``parser``, ``--help`` is answered before that import; with ``parse_first`` (a command that
+    takes nothing beyond its parser's options) so is any mistake on the command line."""
 
     def run(argv: list[str]) -> None:
-        if parser is not None and {"-h", "--help"} & set(argv):
-            parser().parse_args(argv)  # prints the help and exits
+        if parser is not None and (parse_first or {"-h", "--help"} & set(argv)):
+            parser().parse_args(argv)  # prints the help or the error and exits
         getattr(importlib.import_module(module), function)(argv)
 
     return run
@@ -299,6 +303,7 @@ def _register_tools() -> None:
                     "lightning_sae.analysis.attribution",
                     "attribute_main",
                     commands.attribute_parser,
+                    parse_first=True,
                 ),
             ),
         }

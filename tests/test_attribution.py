@@ -5,7 +5,6 @@ TransformerLens bridge the project runs models with."""
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from _tiny_models import tiny_neox
 from lightning_sae.analysis.attribution import (
     LocalReplacementModel,
     attribute,
-    graph_scores,
     normalised,
     prune,
 )
@@ -219,3 +217,45 @@ def test_max_nodes_traces_the_most_influential_features_first(model, clt, graph)
         assert parts["feature"] + parts["unvisited_features"] == pytest.approx(
             full["feature"], abs=1e-9
         )
+
+
+def _error_of(*argv: str) -> str:
+    from lightning_sae.cli import main
+
+    with pytest.raises(SystemExit) as raised:
+        main(list(argv))
+    return str(raised.value)
+
+
+def test_attribute_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    from lightning_sae.io import export_sae
+    from lightning_sae.models import TopKSAE
+
+    sae = export_sae(TopKSAE(d_in=8, d_sae=16, k=2), tmp_path / "sae")
+    error = _error_of(
+        "attribute", "--ckpt_path", str(sae), "--prompt", "hi", "--out", str(tmp_path)
+    )
+    assert error.startswith("error: ") and "not a cross-layer transcoder" in error
+    assert "\n" not in error
+    error = _error_of(
+        "attribute", "--ckpt_path", str(sae), "--prompt", "hi", "--edge_threshold", "2"
+    )
+    assert error == "error: --edge_threshold must be in (0, 1], got 2.0."
+
+
+def test_an_attribute_typo_is_answered_before_torch_is_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom lightning_sae.cli import main\n"
+        "try:\n    main(['attribute', '--ckpt_path', 'x', '--promt', 'hi'])\n"
+        "except SystemExit as error:\n    print(error)\n"
+        "print('HEAVY', sorted({'torch', 'transformer_lens'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    line, heavy = result.stdout.splitlines()
+    assert line.startswith("error: lightning-sae attribute: ") and "`--prompt`" in line, line
+    assert heavy == "HEAVY []"
