@@ -214,7 +214,10 @@ class CrossLayerTranscoder(SparseAutoencoder):
         self.input_scale_fitted.fill_(True)
 
     def scale_metadata(self) -> dict[str, Any]:
-        return {"input_scale": self.input_scale.tolist(), "output_scale": self.output_scale.tolist()}
+        return {
+            "input_scale": self.input_scale.tolist(),
+            "output_scale": self.output_scale.tolist(),
+        }
 
     def normalize_target(self, y: Tensor) -> Tensor:
         return y.to(self.W_enc.dtype) * self.output_scale[:, None]
