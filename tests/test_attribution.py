@@ -17,17 +17,16 @@ from lightning_sae.analysis.attribution import (
     normalised,
     prune,
 )
-from lightning_sae.data.lm import load_model
+from lightning_sae.data.lm import capture, load_model
+from lightning_sae.models import TopKCrossLayerTranscoder
 
 PROMPT = torch.tensor([101, 1996, 3007, 1997, 2605, 2003, 3000])  # MiniLM ids
 N_LAYERS = 3
 D_SAE = 12
 
 
-def random_clt():
-    from clt_for_tests import random_clt as make
-
-    return make(N_LAYERS, 32, D_SAE)
+INPUT_HOOKS = [f"blocks.{layer}.hook_mlp_in" for layer in range(N_LAYERS)]
+OUTPUT_HOOKS = [f"blocks.{layer}.hook_mlp_out" for layer in range(N_LAYERS)]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,27 @@ def model():
     )
 
 
+def random_clt(model) -> TopKCrossLayerTranscoder:
+    """A random TopK CLT over the model's MLPs, with random biases and the per-layer scales
+    that training's ``normalize_activations`` would fit (mean norm sqrt(width) on the prompt)."""
+    clt = TopKCrossLayerTranscoder(
+        d_in=32, d_sae=D_SAE, k=4, input_hooks=INPUT_HOOKS, output_hooks=OUTPUT_HOOKS
+    ).to(torch.float64)
+    model.set_use_hook_mlp_in(True)
+    sites = capture(model, PROMPT[None], INPUT_HOOKS + OUTPUT_HOOKS)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in range(N_LAYERS):
+            for scale, hook in ((clt.input_scale, INPUT_HOOKS), (clt.output_scale, OUTPUT_HOOKS)):
+                scale[layer] = 32**0.5 / sites[hook[layer]][0].norm(dim=-1).mean()
+        clt.b_enc.copy_(torch.randn(clt.b_enc.shape, generator=generator, dtype=torch.float64))
+        clt.b_dec.copy_(torch.randn(clt.b_dec.shape, generator=generator, dtype=torch.float64))
+    return clt.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="module")
-def clt():
-    return random_clt().to(torch.float64).eval().requires_grad_(False)
+def clt(model):
+    return random_clt(model)
 
 
 @pytest.fixture(scope="module")
