@@ -173,6 +173,20 @@ def attribute_parser() -> argparse.ArgumentParser:
         help="explain this next token's logit (one token of text; repeat for several); "
         "default: the most probable tokens",
     )
+    parser.add_argument(
+        "--position",
+        type=int,
+        default=-1,
+        help="the position whose logits are explained (default -1: the last, the next token; "
+        "for a masked LM, the [MASK]'s)",
+    )
+    parser.add_argument(
+        "--readout",
+        choices=("model", "tied"),
+        default="model",
+        help="logits: the model's own, or the last block's output times the input embedding "
+        "matrix (for a model without a linear LM head, e.g. MiniLM)",
+    )
     parser.add_argument("--max_logits", type=int, default=10, help="at most this many logits")
     parser.add_argument(
         "--logit_probability",

@@ -276,3 +276,21 @@ def test_an_attribute_typo_is_answered_before_torch_is_imported(tmp_path: Path) 
     line, heavy = result.stdout.splitlines()
     assert line.startswith("error: lightning-sae attribute: ") and "`--prompt`" in line, line
     assert heavy == "HEAVY []"
+
+
+def test_tied_readout_at_a_chosen_position(model, clt):
+    """``readout='tied'``: logits are the last block's output times W_E^T (a model without a
+    linear LM head); each still decomposes exactly into its inputs and a constant."""
+    graph = attribute(model, clt, PROMPT, max_logits=2, position=3, readout="tied")
+    with torch.no_grad():
+        hidden = capture(model, PROMPT[None], [f"blocks.{N_LAYERS - 1}.hook_resid_post"])
+    (hidden,) = hidden.values()
+    logits = hidden[0, 3] @ model.W_E.T
+    assert graph.logit_tokens == torch.argsort(logits, descending=True)[:2].tolist()
+    for token, parts in zip(graph.logit_tokens, graph.logit_decomposition(), strict=True):
+        assert parts["value"] == pytest.approx(float(logits[token] - logits.mean()), abs=1e-10)
+        total = sum(parts[k] for k in ("feature", "error", "embedding", "bias"))
+        assert total == pytest.approx(parts["value"], abs=1e-9)
+    # Features after position 3 cannot reach its logits in a causal model.
+    logit_rows = graph.adjacency[graph.logit_index(0) :, : len(graph.features)]
+    assert not logit_rows[:, graph.features[:, 0] > 3].any()

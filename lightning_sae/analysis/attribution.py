@@ -63,6 +63,10 @@ CLT_ATTRIBUTES = (
 )
 GRAPH_FORMAT = "lightning-sae attribution graph 1"
 NODE_KINDS = ("feature", "error", "embedding", "logit")
+# How logits are read: the model's own output, or the final hidden state times the input
+# embedding matrix (for a model without a linear LM head, e.g. a BERT whose MLM head is not
+# part of the trained weights; a head with a nonlinearity would break the affine model).
+READOUTS = ("model", "tied")
 
 
 class AttributionError(ValueError):
@@ -108,6 +112,8 @@ class LocalReplacementModel:
         clt: a cross-layer transcoder (see ``lightning_sae.models.clt``) whose ``input_hooks`` /
             ``output_hooks`` name the model's MLP inputs and outputs.
         tokens: the prompt, ``[positions]`` token ids.
+        readout: ``model`` (the model's logits) or ``tied`` (the last block's output times the
+            transposed input embedding matrix, ``W_E``).
 
     Attributes (all from the original model's forward on the prompt):
         logits: ``[positions, vocab]``.
@@ -117,10 +123,16 @@ class LocalReplacementModel:
         embeddings: the summed embedding vectors ``[positions, d_model]``.
     """
 
-    def __init__(self, model: Any, clt: Any, tokens: Tensor) -> None:
+    def __init__(self, model: Any, clt: Any, tokens: Tensor, readout: str = "model") -> None:
         check_clt(clt)
+        if readout not in READOUTS:
+            raise AttributionError(f"readout must be one of {READOUTS}, got {readout!r}.")
         self.model, self.clt = model, clt
         hooks = [*clt.input_hooks, *clt.output_hooks]
+        self.readout_hook = None
+        if readout == "tied":
+            self.readout_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+            hooks.append(self.readout_hook)
         _enable_gated_hooks(model, hooks)
         lm.validate_hooks(model, hooks)
         self.tokens = tokens.reshape(1, -1).to(model.cfg.device)
@@ -144,11 +156,16 @@ class LocalReplacementModel:
             self.embedding_parts = {name: cache[name][0] for name in self.embedding_hooks}
             mlp_in = torch.stack([cache[name][0] for name in clt.input_hooks], dim=1)
             mlp_out = torch.stack([cache[name][0] for name in clt.output_hooks], dim=1)
-            self.logits = logits[0]
+            self.logits = logits[0] if self.readout_hook is None else self._read(cache)[0]
             self.pre_activations = clt.pre_activations(mlp_in)
             self.activations = clt.encode(mlp_in)
             self.errors = mlp_out - clt.decode(self.activations)
         self.embeddings = sum(self.embedding_parts.values())
+
+    def _read(self, captured: dict[str, Tensor]) -> Tensor:
+        """Tied readout logits ``[batch, positions, vocab]`` of the captured last block."""
+        hidden = captured[self.readout_hook]
+        return hidden @ self.model.W_E.to(hidden.dtype).T
 
     @property
     def n_layers(self) -> int:
@@ -206,6 +223,13 @@ class LocalReplacementModel:
         if through_layer is not None:
             stop = self.blocks[through_layer] + 1
             stop = stop if stop < self.model.cfg.n_layers else None
+        read: dict[str, Tensor] = {}
+        if self.readout_hook is not None and stop is None:
+
+            def keep(activation: Tensor, hook: Any) -> None:
+                read[self.readout_hook] = activation
+
+            hooks.append((self.readout_hook, keep))
         with warnings.catch_warnings():
             # The bridge warns that an edited norm scale is recomputed in Python (rounding-level
             # differences from HF's kernel); the edit is the point here.
@@ -218,7 +242,9 @@ class LocalReplacementModel:
             )
         zeros = torch.zeros_like(captured[0])  # layer 0 always runs
         mlp_in = torch.stack([captured.get(l, zeros) for l in range(self.n_layers)], dim=2)
-        return mlp_in, output if stop is None else None
+        if stop is not None:
+            return mlp_in, None
+        return mlp_in, output if self.readout_hook is None else self._read(read)
 
     def inputs(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """(activations, error scales, embedding scales) of the prompt, ``batch`` copies."""
@@ -230,8 +256,8 @@ class LocalReplacementModel:
 @dataclass(frozen=True)
 class Target:
     """What a backward pass traces: a feature's pre-activation at (layer, position), or a
-    logit at the last position minus the mean logit (a shift shared by every token explains
-    nothing about which token wins)."""
+    logit at a position (the last, unless chosen) minus the mean logit there (a shift shared by
+    every token explains nothing about which token wins)."""
 
     kind: str  # "feature" or "logit"
     layer: int  # the CLT layer of a feature; -1 for a logit
@@ -405,6 +431,7 @@ class AttributionGraph:
     features: Tensor  # [n_features, 3] (position, layer, feature id)
     activations: Tensor  # [n_features]
     logit_tokens: list[int]
+    logit_position: int  # where the logits are read
     logit_probabilities: Tensor  # [n_logits]
     values: Tensor  # [n_nodes] features: pre-activation; logits: demeaned logit; else 0
     adjacency: Tensor  # [n_nodes, n_nodes]
@@ -483,22 +510,31 @@ def attribute(
     batch_size: int = 64,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
+    position: int = -1,
+    readout: str = "model",
 ) -> AttributionGraph:
     """The attribution graph of ``tokens`` (``[positions]``) through ``clt``.
 
     Args:
-        target_tokens: the logits to explain (token ids at the last position); default: the
-            most probable ones until ``logit_probability`` is covered, at most ``max_logits``.
+        target_tokens: the logits to explain (token ids at ``position``); default: the most
+            probable ones until ``logit_probability`` is covered, at most ``max_logits``.
         max_nodes: at most this many features get their own inputs traced (a backward row
             each), visited by estimated influence; the rest stay out of the graph.
         batch_size: targets traced per backward pass.
         node_threshold, edge_threshold: influence kept by pruning (see :func:`prune`).
+        position: the position whose logits are explained (Python index; default the last,
+            the next-token prediction; for a masked LM, the ``[MASK]``'s).
+        readout: how logits are read (see :class:`LocalReplacementModel`).
     """
     if tokens.dim() != 1 or len(tokens) == 0:
         raise AttributionError("the prompt must be a non-empty sequence of token ids.")
     with torch.no_grad():
-        lrm = LocalReplacementModel(model, clt, tokens)
-    last = lrm.n_positions - 1
+        lrm = LocalReplacementModel(model, clt, tokens, readout)
+    if not -lrm.n_positions <= position < lrm.n_positions:
+        raise AttributionError(
+            f"position {position} is outside the prompt's {lrm.n_positions} tokens."
+        )
+    last = position % lrm.n_positions
     probabilities = torch.softmax(lrm.logits[last].double(), dim=-1)
     if target_tokens is None:
         order = torch.argsort(probabilities, descending=True)[:max_logits]
@@ -527,7 +563,9 @@ def attribute(
             feature_rows[i] = Rows(rows.values[j : j + 1], rows.features[j : j + 1],
                                    rows.errors[j : j + 1], rows.embeddings[j : j + 1])  # fmt: skip
     visited = torch.tensor(sorted(feature_rows), dtype=torch.long, device=active.device)
-    graph = _assemble(lrm, active, visited, feature_rows, logit_rows, target_tokens, probabilities)
+    graph = _assemble(
+        lrm, active, visited, feature_rows, logit_rows, target_tokens, probabilities, last
+    )
     graph.bias = _logit_bias(lrm, logit_targets)
     graph.kept, graph.kept_edges = prune(
         graph.adjacency, graph.output_weights(), graph.kind_mask("feature"),
@@ -588,6 +626,7 @@ def _assemble(
     logit_rows: Rows,
     target_tokens: Sequence[int],
     probabilities: Tensor,
+    logit_position: int,
 ) -> AttributionGraph:
     n_features, n_layers, n_positions = len(visited), lrm.n_layers, lrm.n_positions
     n_errors = n_layers * n_positions
@@ -614,6 +653,7 @@ def _assemble(
         features=active[visited],
         activations=lrm.activations[position, layer, feature],
         logit_tokens=[int(t) for t in target_tokens],
+        logit_position=logit_position,
         logit_probabilities=probabilities[list(target_tokens)],
         values=values,
         adjacency=adjacency,
@@ -672,7 +712,7 @@ def graph_record(
                     "activation": float(graph.embedding_norms[position])}  # fmt: skip
         else:
             k = index - graph.logit_index(0)
-            position = graph.n_positions - 1
+            position = graph.logit_position
             node = {"id": f"logit:{graph.logit_tokens[k]}", "layer": graph.n_layers,
                     "position": position, "token_id": graph.logit_tokens[k],
                     "logit_token": logit_strs[k],
@@ -853,7 +893,7 @@ def run(args: Any) -> Path:
     targets = None if not args.target else [_token_id(tokenizer, t) for t in args.target]
     options = {name: getattr(args, name) for name in (
         "max_logits", "logit_probability", "max_nodes", "node_threshold", "edge_threshold",
-        "batch_size")}  # fmt: skip
+        "batch_size", "position", "readout")}  # fmt: skip
     graph = attribute(model, clt, torch.tensor(tokens), target_tokens=targets, **options)
     strs = [tokenizer.decode([t]) for t in tokens]
     about = {
