@@ -4,11 +4,25 @@ export/load, and the replacement-model evaluation on a tiny GPT-NeoX."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
+from _trainer import quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
+
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.resampling import DeadFeatureResampler
+from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.io import export_sae, load
 
 from lightning_sae.models import VARIANTS, variant_class
 from lightning_sae.models.clt import (
@@ -134,7 +148,7 @@ def test_topk_keeps_the_k_largest_decoder_weighted_writes(scope: str) -> None:
     x, _ = layered_batch(5)
     pre = clt.pre_activations(x)
     acts = clt.activation(pre)
-    written = torch.relu(pre) * clt.decoder_norms()
+    written = torch.relu(pre) * clt.written_norms()
     if scope == "layer":
         assert bool(((acts != 0).sum(-1) <= 3).all())
         expected = written.topk(3, dim=-1).values.min(-1, keepdim=True).values
@@ -156,7 +170,7 @@ def test_batchtopk_keeps_k_per_row_on_average_then_thresholds(scope: str) -> Non
     groups = N_LAYERS if scope == "layer" else 1
     assert int((acts != 0).sum()) == 2 * 10 * groups  # continuous scores: no ties
     assert int(clt.threshold_updates) == 1
-    kept = (torch.relu(clt.pre_activations(x)) * clt.decoder_norms())[acts != 0]
+    kept = (torch.relu(clt.pre_activations(x)) * clt.written_norms())[acts != 0]
     assert math.isclose(float(clt.threshold.min()), float(kept.min()), rel_tol=1e-6)
     clt.eval()
     eval_acts = clt.activation(clt.pre_activations(x))
@@ -191,3 +205,92 @@ def test_a_batch_missing_a_layer_names_the_hook() -> None:
     batch = {h: x[:, i] for i, h in enumerate(IN_HOOKS)} | {OUT_HOOKS[0]: y[:, 0]}
     with pytest.raises(ValueError, match="'blocks.1.hook_mlp_out' .* add it to data"):
         clt.input_and_target(batch)
+
+
+# ----------------------------------------------------------------------------- training
+def layer_files(root: Path, rows: list[int]) -> Path:
+    """Bring-your-own files, one folder per hook (every layer's MLP input and output), the same
+    rows file by file."""
+    x, y = layered_batch(sum(rows))
+    for layer in range(N_LAYERS):
+        for hook, values in ((IN_HOOKS[layer], x[:, layer]), (OUT_HOOKS[layer], y[:, layer])):
+            (root / hook).mkdir(parents=True)
+            for i, part in enumerate(values.split(rows)):
+                np.save(root / hook / f"part{i}.npy", part.numpy())
+    return root
+
+
+def layer_data(root: Path) -> ActivationDataModule:
+    options = dict(batch_size=128, val_tokens=256, shuffle_buffer_tokens=512)
+    options.update(shuffle_chunk_tokens=64, prefetch_batches=0, loader_threads=1)
+    return ActivationDataModule(activations_dir=str(root), hooks=[*IN_HOOKS, *OUT_HOOKS], **options)
+
+
+def _fit(
+    root: Path, cls: type[CrossLayerTranscoder], steps: int, ckpt: str | None = None, **kwargs
+) -> CrossLayerTranscoder:
+    L.seed_everything(0)
+    options = dict(lr=3e-3, dead_window_tokens=256, normalize_activations=True, **kwargs)
+    clt = make(cls, **options)
+    callbacks = [
+        DecoderNormConstraint(),
+        DeadFeatureResampler(at_steps=[3], strategy="worst", n_batches=1, batch_size=128),
+        FeatureDensityMonitor(every_n_steps=2, window_tokens=256),
+        FeatureGeometryMonitor(every_n_steps=4),
+        TrainingFigures(),
+        ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=4, save_top_k=-1),
+    ]
+    trainer = quiet_trainer(
+        steps, callbacks, default_root_dir=root, limit_val_batches=1, val_check_interval=4
+    )
+    with torch.no_grad():  # features dead from the start, so the resampler has work at step 3
+        clt.b_enc[1, :5] = -1e3
+    trainer.fit(clt, layer_data(root.parent / "data"), ckpt_path=ckpt)
+    return clt
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (JumpReLUCrossLayerTranscoder, {"sparsity_coefficient": 1e-2}),
+        (BatchTopKCrossLayerTranscoder, {"k": 3, "topk_scope": "all"}),
+    ],
+    ids=["jumprelu", "batchtopk-all"],
+)
+def test_training_with_every_callback_resumes_exactly_and_exports(
+    tmp_path: Path, cls: type[CrossLayerTranscoder], kwargs: dict
+) -> None:
+    layer_files(tmp_path / "data", [700, 500])
+    straight = _fit(tmp_path / "a", cls, 8, **kwargs)
+    # Per-layer scales fitted on the first batch (layer 1's inputs are 4x layer 0's).
+    assert straight.input_scale[0] / straight.input_scale[1] == pytest.approx(4, rel=0.2)
+    # DecoderNormConstraint: each feature's decoder, every target layer together, unit norm.
+    torch.testing.assert_close(straight.decoder_norms(), torch.ones(N_LAYERS, D_SAE))
+    # The resampler restarted the features silenced at the start (b_enc -1e3, reset to 0).
+    assert straight.b_enc[1, :5].abs().max() < 1
+    assert (tmp_path / "a" / "figures" / "training_curves.png").exists()
+    assert any((tmp_path / "a" / "figures").glob("geometry/step*.png"))
+    # Resume from the step-4 checkpoint: the same weights as the straight run, exactly.
+    ckpt = str(next((tmp_path / "a" / "ckpt").glob("*step=4*")))
+    resumed = _fit(tmp_path / "b", cls, 8, ckpt=ckpt, **kwargs)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+    # Export folds the scales in; load gives the same map in model units, via VARIANTS.
+    straight.eval()
+    folder = export_sae(straight, tmp_path / "export")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_names"] == IN_HOOKS
+    assert cfg["metadata"]["hook_names_out"] == OUT_HOOKS
+    loaded = load(folder)
+    assert type(loaded) is cls and loaded.input_scale.tolist() == [1.0] * N_LAYERS
+    x, _ = layered_batch(64, seed=3)
+    torch.testing.assert_close(loaded.encode(x), straight.encode(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded(x).x_hat, straight(x).x_hat, rtol=1e-5, atol=1e-5)
+    for layer in range(N_LAYERS):
+        torch.testing.assert_close(
+            loaded.encoder_direction(layer), straight.encoder_direction(layer)
+        )
+        torch.testing.assert_close(
+            loaded.decoder_directions(layer), straight.decoder_directions(layer)
+        )
