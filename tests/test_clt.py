@@ -23,7 +23,6 @@ from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.io import export_sae, load
-
 from lightning_sae.models import VARIANTS, variant_class
 from lightning_sae.models.clt import (
     CROSS_LAYER_TRANSCODERS,

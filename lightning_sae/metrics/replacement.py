@@ -90,8 +90,9 @@ def _replacement_hooks(
         def hook(activation: Tensor, hook: Any) -> None:
             if len(acts) != layer:
                 raise ValueError(
-                    f"the CLT's input hook {clt.input_hooks[layer]!r} ran out of order (layer {layer} after "
-                    f"{len(acts)} layers): input_hooks must be the MLP inputs in forward order."
+                    f"the CLT's input hook {clt.input_hooks[layer]!r} ran out of order (layer "
+                    f"{layer} after {len(acts)} layers): input_hooks must be the MLP inputs in "
+                    "forward order."
                 )
             acts.append(clt.encode_layer(layer, activation[:, first_position:].float()))
 
@@ -101,8 +102,9 @@ def _replacement_hooks(
         def hook(activation: Tensor, hook: Any) -> Tensor:
             if len(acts) != layer + 1:
                 raise ValueError(
-                    f"the CLT's output hook {clt.output_hooks[layer]!r} ran before its layer's input hook: "
-                    "each layer's MLP input must come before its output in the forward pass."
+                    f"the CLT's output hook {clt.output_hooks[layer]!r} ran before its layer's "
+                    "input hook: each layer's MLP input must come before its output in the "
+                    "forward pass."
                 )
             written = clt.decode_layer(layer, torch.stack(acts, dim=-2))
             if errors is not None:
