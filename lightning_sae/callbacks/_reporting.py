@@ -7,10 +7,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.group import SAEGroup
@@ -57,6 +58,29 @@ def saes(pl_module: LightningModule) -> dict[str, SparseAutoencoder]:
     if isinstance(pl_module, SAEGroup):
         return pl_module.named_saes()
     return {"": pl_module}
+
+
+def decoder_parameters(sae: SparseAutoencoder) -> list[Tensor]:
+    """The decoder's parameters, each with one feature per row along dim 0: ``[W_dec]``, or a
+    cross-layer transcoder's one per source layer (``[d_sae, n_targets, d_out]``, a feature's
+    row being everything it writes)."""
+    W_dec = sae.W_dec
+    return list(W_dec) if isinstance(W_dec, nn.ParameterList) else [W_dec]
+
+
+def decoder_rows(sae: SparseAutoencoder) -> Tensor:
+    """One direction per feature as rows of one matrix, what decoder geometry measures:
+    ``W_dec``, or for a cross-layer transcoder each feature's direction in its own layer's
+    output (the slabs differ in width from layer to layer)."""
+    W_dec = sae.W_dec
+    if isinstance(W_dec, nn.ParameterList):
+        return torch.cat([W[:, 0] for W in W_dec])
+    return W_dec
+
+
+def feature_count(sae: SparseAutoencoder) -> int:
+    """Features in all: ``d_sae``, or ``n_layers * d_sae`` for a cross-layer transcoder."""
+    return getattr(sae, "n_features", sae.d_sae)
 
 
 def sae_input(pl_module: LightningModule, name: str, batch: Any) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
     batch_rows,
+    feature_count,
     figures_dir,
     log_figure,
     log_histogram,
@@ -107,12 +108,12 @@ class FeatureDensityMonitor(Callback):
                 x = shard.gather_rows(x)
             # Eval mode: a measurement must not move running state (BatchTopK's threshold).
             with sae.measuring():
-                fired.append((sae.encode(x) != 0).sum(0).double())
+                fired.append((sae.encode(x) != 0).reshape(len(x), -1).sum(0).double())
         if shard is None:
             counted = torch.cat([*fired, fired[0].new_tensor([rows])])
             counted = trainer.strategy.reduce(counted, reduce_op="sum")
             tokens = int(counted[-1].item())
-            parts = counted[:-1].split([sae.d_sae for sae in named.values()])
+            parts = counted[:-1].split([feature_count(sae) for sae in named.values()])
         else:  # each member counted its latents: sum over the data group, join the members'
             parts = [shard.gather_features(shard.sum_over_data(fired[0]))]
             tokens = rows * trainer.world_size

@@ -111,8 +111,9 @@ class DownstreamEval(Callback):
             if getattr(sae, "writes_layers", False):
                 raise ValueError(
                     f"DownstreamEval splices one site; {scoped(name, type(sae).__name__)} is a "
-                    "crosscoder, which writes several layers at once. Remove the callback (its "
-                    "val/fvu covers every layer)."
+                    "crosscoder or cross-layer transcoder, which writes several layers at once. "
+                    "Remove the callback (val/fvu covers every layer; for a cross-layer "
+                    "transcoder, ReplacementEval splices every layer)."
                 )
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
+    decoder_rows,
     figures_dir,
     log_figure,
     log_histogram,
@@ -37,7 +38,7 @@ def ground_truth_mmcs(ground_truth: Tensor, sae: Any, backend: Backend = "auto")
     A latent-sharded SAE holds a slice of the rows: the maximum is taken over every member's
     slice, a collective that every member of its latent group must join.
     """
-    return _ground_truth_mmcs(ground_truth, sae.W_dec.detach(), shard_of(sae), backend)
+    return _ground_truth_mmcs(ground_truth, decoder_rows(sae).detach(), shard_of(sae), backend)
 
 
 def _ground_truth_mmcs(ground_truth: Tensor, W_dec: Tensor, shard: Any, backend: Backend) -> float:
@@ -131,7 +132,8 @@ class FeatureGeometryMonitor(Callback):
         metrics: dict[str, float] = {}
         for name, sae in saes(pl_module).items():
             record = self.records.setdefault(name, _Record())
-            metrics |= self._measure(trainer, name, sae.W_dec.detach(), record, shard_of(sae))
+            W_dec = decoder_rows(sae).detach()
+            metrics |= self._measure(trainer, name, W_dec, record, shard_of(sae))
         return metrics
 
     def _measure(

@@ -203,6 +203,12 @@ class DataInformedInit(Callback):
             return
         named = saes(pl_module)
         for name, sae in named.items():
+            if getattr(sae, "n_layers", None) is not None:
+                raise ValueError(
+                    f"DataInformedInit sets one decoder matrix; {type(sae).__name__} is a "
+                    "cross-layer transcoder, with one decoder per layer pair. Remove the "
+                    "callback (the CLT starts from its own random init)."
+                )
             d_sae = _dictionary_size(sae)
             if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
                 raise ValueError(

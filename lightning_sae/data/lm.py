@@ -312,11 +312,21 @@ def validate_hooks(model: Any, names: Sequence[str]) -> None:
         )
 
 
+def enable_mlp_in_hooks(model: Any, names: Sequence[str]) -> None:
+    """Turn on TransformerLens's ``hook_mlp_in`` when one of ``names`` is one: the bridge gates
+    it behind a setter on pre-norm models (GPT-NeoX, GPT-2), where it is the MLP branch's input
+    before its LayerNorm; a cross-layer transcoder reads it. Nothing else changes."""
+    wanted = any(name.endswith("hook_mlp_in") for name in names)
+    if wanted and not getattr(model.cfg, "use_hook_mlp_in", True):
+        model.set_use_hook_mlp_in(True)
+
+
 @torch.no_grad()
 def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
     """Activations ``[batch, pos, d]`` at every hook in ``names``, from one forward pass that
     stops after the last block it needs."""
     validate_hooks(model, names)
+    enable_mlp_in_hooks(model, names)
     tokens = tokens.to(model.cfg.device)
     _, cache = model.run_with_cache(
         tokens,

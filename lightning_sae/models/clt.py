@@ -35,8 +35,9 @@ The variants differ in the activation and the sparsity term:
   ``lambda * sum tanh(c * ||W_dec_i|| * a_i)``; pre-activation loss
   ``lambda_p * sum ReLU(theta_i - h_i) * ||W_dec_i||``.
 - :class:`TopKCrossLayerTranscoder`: the k features with the largest ``a_i * ||W_dec_i||`` (what
-  they write, so that the encoder and decoder cannot trade scale to win a slot), per layer or
-  over all layers together (``topk_scope``).
+  they write, in model units, so that the encoder and decoder cannot trade scale to win a slot
+  and an export selects as the trained module does), per layer or over all layers together
+  (``topk_scope``).
 - :class:`BatchTopKCrossLayerTranscoder`: the same over the global batch in training; a
   threshold (per layer or one) learned for inference.
 """
@@ -63,6 +64,7 @@ from lightning_sae.models.base import (
     check_positive,
 )
 from lightning_sae.models.jumprelu import jumprelu
+from lightning_sae.models.transcoder import cross_directions
 
 TopKScope = Literal["layer", "all"]
 _INIT_OFFSET = 0xC17  # a CLT's draws differ from an SAE's or a transcoder's of the same seed
@@ -178,8 +180,17 @@ class CrossLayerTranscoder(SparseAutoencoder):
         return self.pre_activation(self.normalize(x_in))
 
     def decoder_norms(self) -> Tensor:
-        """Each feature's decoder norm over every layer it writes, [n_layers, d_sae]."""
+        """Each feature's decoder norm over every layer it writes, [n_layers, d_sae], in the
+        normalised units the losses are computed in."""
         return torch.stack([W.pow(2).sum((1, 2)).sqrt() for W in self.W_dec])
+
+    def written_norms(self) -> Tensor:
+        """Each feature's decoder norm in model units, [n_layers, d_sae]: what TopK ranks by.
+        Unlike :meth:`decoder_norms` it does not change when an export folds the scales in, so
+        an exported CLT selects exactly the features the trained one does."""
+        return torch.stack(
+            [self.decoder_directions(s).pow(2).sum((1, 2)).sqrt() for s in range(self.n_layers)]
+        )
 
     def reconstruct(self, acts: Tensor) -> Tensor:
         """Outputs [..., n_layers, d_out] in normalised units of activations
@@ -198,6 +209,33 @@ class CrossLayerTranscoder(SparseAutoencoder):
 
     # encode(x_in) and decode(acts) (model units) are the base class's: normalize, encode, and
     # reconstruct / target_scale(), both per layer here.
+
+    # ----------------------------------------------------------------- one layer at a time
+    def encode_layer(self, layer: int, x: Tensor) -> Tensor:
+        """Layer ``layer``'s activations [..., d_sae] from its MLP input [..., d_in] alone (model
+        units), as a forward pass meets them: what the replacement model runs. Equal to
+        ``encode(x_all)[..., layer, :]`` for every variant whose activation is causal across
+        layers (all but TopK over all layers together; :meth:`layer_activation`)."""
+        x_n = x.to(self.W_enc.dtype) * self.input_scale[layer]
+        return self.layer_activation(layer, x_n @ self.W_enc[layer] + self.b_enc[layer])
+
+    def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
+        """The activation of one layer's pre-activations [..., d_sae]."""
+        return torch.relu(pre)
+
+    @property
+    def replaces_layer_by_layer(self) -> bool:
+        """Whether a layer's activations depend on its own input alone (then
+        :meth:`encode_layer` runs the replacement model as a forward pass reaches each layer)."""
+        return True
+
+    def decode_layer(self, target: int, acts: Tensor) -> Tensor:
+        """Layer ``target``'s MLP output [..., d_out] (model units) from the activations of
+        layers 0..target, ``acts`` [..., target + 1, d_sae] (later layers' are not read)."""
+        out = self.b_dec[target].to(acts.dtype)
+        for source in range(target + 1):
+            out = out + acts[..., source, :] @ self.W_dec[source][:, target - source].to(acts.dtype)
+        return out / self.output_scale[target]
 
     # ----------------------------------------------------------------- scales
     @torch.no_grad()
@@ -430,21 +468,26 @@ class CrossLayerTranscoder(SparseAutoencoder):
         directions: Tensor,
         encoder_norm: float,
         encoder_directions: Tensor | None = None,
-    ) -> list[tuple[nn.Parameter, int]]:
-        """Restart features ``indices`` (flat, ``layer * d_sae + j``) as new ones.
+    ) -> list[tuple[nn.Parameter, int, int | str]]:
+        """Restart features ``indices`` (flat over all layers: ``layer * d_sae + j``) as new ones.
 
-        ``directions`` [n, n_layers, d_out]: what the restarted feature writes to each layer
-        (only the slots at and after its own layer are used), scaled to unit total norm;
-        ``encoder_directions`` [n, d_in]: its encoder column (unit), times ``encoder_norm``.
-        ``b_enc`` goes to 0 and the dead clock to zero. Returns the touched parameters with
-        their feature dimension, flattened as the optimizer reset expects them (see
-        :meth:`feature_slices`).
+        ``directions`` [n, n_layers * d_out] (or [n, n_layers, d_out]): what each restarted
+        feature should write, per target layer; a feature of layer ``s`` keeps the slots of
+        layers ``s`` and later, scaled to unit norm together. ``encoder_directions``
+        [n, n_layers * d_in]: the input directions per layer (:meth:`restart_encoder_directions`);
+        the feature's encoder column is its own layer's, at unit norm, times ``encoder_norm``.
+        ``b_enc`` goes to 0 and the dead clock to zero.
+
+        Returns (parameter, feature dim, layer) for every touched parameter: ``layer`` an int for
+        a parameter of one source layer (``W_dec[s]``), ``"stacked"`` for one with the layers
+        along dim 0; the resampler restarts the optimizer's statistics per layer from that.
         """
         if encoder_directions is None:
             raise ValueError("a cross-layer transcoder restarts features with encoder directions")
         indices = indices.to(self.b_enc.device)
         layers, features = indices // self.d_sae, indices % self.d_sae
-        directions = directions.to(self.b_dec)
+        directions = directions.to(self.b_dec).reshape(-1, self.n_layers, self.d_out)
+        encoders = encoder_directions.to(self.W_enc).reshape(-1, self.n_layers, self.d_in)
         for source in range(self.n_layers):
             chosen = layers == source
             if not bool(chosen.any()):
@@ -452,14 +495,27 @@ class CrossLayerTranscoder(SparseAutoencoder):
             slab = directions[chosen][:, source:]
             slab = slab / slab.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
             self.W_dec[source][features[chosen]] = slab
-            encoder = encoder_directions.to(self.W_enc)[chosen]
+            encoder = encoders[chosen][:, source]
+            encoder = encoder / encoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
             self.W_enc[source][:, features[chosen]] = encoder.T * encoder_norm
         self.b_enc[layers, features] = 0.0
         self.tokens_since_fired[indices] = 0
         return self.feature_parameters()
 
-    def feature_parameters(self) -> list[tuple[nn.Parameter, int]]:
-        return [(self.W_enc, 2), (self.b_enc, 1), *[(W, 0) for W in self.W_dec]]
+    def feature_parameters(self) -> list[tuple[nn.Parameter, int, int | str]]:
+        """(parameter, feature dim, layer) of every per-feature parameter (see
+        :meth:`reset_features`)."""
+        stacked = [(self.W_enc, 2, "stacked"), (self.b_enc, 1, "stacked")]
+        return [*stacked, *[(W, 0, source) for source, W in enumerate(self.W_dec)]]
+
+    def restart_encoder_directions(
+        self, directions: Tensor, x_n: Tensor, residual: Tensor
+    ) -> Tensor:
+        """Input directions [n, n_layers * d_in] for output ``directions`` [n, n_layers * d_out]
+        from paired rows (inputs and residuals flattened over layers), as a transcoder's
+        (:func:`~lightning_sae.models.transcoder.cross_directions`): per layer, the inputs
+        weighted by how much of the residual lies along the direction."""
+        return cross_directions(directions, x_n.flatten(1), residual.flatten(1))
 
 
 # ----------------------------------------------------------------------------- JumpReLU
@@ -526,6 +582,9 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         acts = jumprelu(flat, self.threshold.reshape(-1), self.hparams.bandwidth)
         return acts.reshape(pre.shape)
 
+    def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
+        return jumprelu(pre, self.threshold[layer], self.hparams.bandwidth)
+
     def loss_terms(self, y_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams
         terms = super().loss_terms(y_n, out)
@@ -545,8 +604,8 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         self.log_threshold.view(-1)[indices] = math.log(self.hparams.threshold_init)
         return touched
 
-    def feature_parameters(self) -> list[tuple[nn.Parameter, int]]:
-        return [*super().feature_parameters(), (self.log_threshold, 1)]
+    def feature_parameters(self) -> list[tuple[nn.Parameter, int, int | str]]:
+        return [*super().feature_parameters(), (self.log_threshold, 1, "stacked")]
 
     def extra_folded_weights(self) -> dict[str, Tensor]:
         return {"threshold": self.threshold.detach().double()}
@@ -582,7 +641,7 @@ class TopKCrossLayerTranscoder(CrossLayerTranscoder):
     def selection_scores(self, pre: Tensor) -> Tensor:
         """What a feature would write, ReLU(h_i) * ||W_dec_i||, grouped for selection:
         [groups, rows, features] (per layer: one group per layer; all: one group)."""
-        scores = torch.relu(pre.detach()) * self.decoder_norms().detach().to(pre.dtype)
+        scores = torch.relu(pre.detach()) * self.written_norms().detach().to(pre.dtype)
         scores = scores.reshape(-1, self.n_layers, self.d_sae)
         if self.hparams.topk_scope == "layer":
             return scores.transpose(0, 1)
@@ -601,6 +660,24 @@ class TopKCrossLayerTranscoder(CrossLayerTranscoder):
     def activation(self, pre: Tensor) -> Tensor:
         mask = self._ungroup(self.keep_mask(self.selection_scores(pre)), pre.shape)
         return torch.where(mask, torch.relu(pre), 0)
+
+    @property
+    def replaces_layer_by_layer(self) -> bool:
+        return self.hparams.topk_scope == "layer"
+
+    def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
+        if self.hparams.topk_scope == "all":
+            raise ValueError(
+                f"{type(self).__name__} with topk_scope 'all' selects over every layer at once, "
+                "so one layer's activations depend on later layers' inputs and cannot be "
+                "computed as a forward pass reaches them; use topk_scope 'layer' (or BatchTopK, "
+                "whose inference threshold is per feature) for a replacement model."
+            )
+        written = torch.relu(pre) * self.written_norms()[layer].to(pre.dtype)
+        rows = written.reshape(-1, self.d_sae)
+        top = rows.topk(self.k, dim=-1).indices
+        mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, top, True) & (rows > 0)
+        return torch.where(mask.reshape(pre.shape), torch.relu(pre), 0)
 
 
 class BatchTopKCrossLayerTranscoder(TopKCrossLayerTranscoder):
@@ -643,6 +720,21 @@ class BatchTopKCrossLayerTranscoder(TopKCrossLayerTranscoder):
         if self.training:
             self._update_threshold(torch.where(mask, scores, torch.inf).reshape(groups, -1))
         return mask
+
+    @property
+    def replaces_layer_by_layer(self) -> bool:
+        return True  # at inference every feature has a threshold of its own
+
+    def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
+        if self.training or int(self.threshold_updates) == 0:
+            raise ValueError(
+                f"{type(self).__name__} selects over its batch until it has an inference "
+                "threshold (eval mode, after a training step); a replacement model needs the "
+                "threshold."
+            )
+        written = torch.relu(pre) * self.written_norms()[layer].to(pre.dtype)
+        group = layer if self.hparams.topk_scope == "layer" else 0
+        return torch.where(written > self.threshold[group].to(pre.dtype), torch.relu(pre), 0)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
