@@ -285,6 +285,10 @@ def _register_tools() -> None:
                 "write sae_weights.safetensors + cfg.json (SAELens layout)",
                 _lazy("lightning_sae.io", "export_main", commands.export_parser),
             ),
+            "push": (
+                "publish an SAE on the Hugging Face Hub (SAELens layout + model card)",
+                _lazy("lightning_sae.publish", "push_main", commands.push_parser),
+            ),
             "compare": (
                 "match the features of two SAEs (checkpoints or export folders)",
                 _lazy("lightning_sae.metrics.similarity", "compare_main", commands.compare_parser),

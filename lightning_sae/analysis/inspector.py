@@ -45,7 +45,14 @@ from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.cache import ShardedActivations, open_hook_cache
 from lightning_sae.files import UnreadableFileError, read_text_bounded
-from lightning_sae.io import CONFIG_FILENAME, export_checkpoint, load, read_config
+from lightning_sae.hub import local_folder
+from lightning_sae.io import (
+    CONFIG_FILENAME,
+    export_checkpoint,
+    is_sae_folder,
+    load,
+    sae_metadata,
+)
 from lightning_sae.metrics.similarity import load_sae_weights, nearest_neighbours
 from lightning_sae.models import SparseAutoencoder
 
@@ -87,6 +94,8 @@ def load_saes(
     A checkpoint goes through ``export_checkpoint`` into a scratch folder: that folds the input
     scale into the weights and records the checkpoint's model and hook, as an export would.
     """
+    if is_sae_folder(path) and not Path(path).is_dir():  # hf://org/repo[/subfolder]
+        return _pick_members(local_folder(str(path)), Path(str(path)), member)
     path = Path(path)
     if path.is_dir():
         return _pick_members(path, path, member)
@@ -125,7 +134,7 @@ def _pick_members(
 
 
 def _metadata(folder: Path) -> dict[str, Any]:
-    return dict(read_config(folder / CONFIG_FILENAME).get("metadata") or {})
+    return sae_metadata(folder)
 
 
 def datamodule_from_config(
