@@ -1,7 +1,7 @@
 """The ``lightning-sae`` command: LightningCLI's fit / validate / test plus tool subcommands.
 
 Trainer subcommands go to :class:`SAECLI`. Tool subcommands that are not trainer methods
-(``cache``, ``export``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
+(``cache``, ``export``, ``push``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
 dispatched before LightningCLI parses anything.
 """
 

@@ -277,7 +277,11 @@ def test_export_and_compare_take_a_hub_path(
         torch.testing.assert_close(exported(x).x_hat, original(x).x_hat)
     assert sae_metadata(out)["hook_name"] == "layers.2"
 
+    from lightning_sae.analysis.inspector import load_saes
     from lightning_sae.metrics.similarity import load_sae_weights
+
+    ((inspected, metadata),) = load_saes("hf://EleutherAI/sae-test/layers.2").values()
+    assert metadata["hook_name"] == "layers.2" and torch.equal(inspected.W_dec, original.W_dec)
 
     from_hub = load_sae_weights("hf://EleutherAI/sae-test/layers.2")
     assert torch.equal(from_hub["W_dec"], SPARSIFY["W_dec"])
