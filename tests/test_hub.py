@@ -276,6 +276,8 @@ def test_export_and_compare_take_a_hub_path(
     with torch.no_grad():
         torch.testing.assert_close(exported(x).x_hat, original(x).x_hat)
     assert sae_metadata(out)["hook_name"] == "layers.2"
+    # The repo's only SAE needs no subfolder.
+    assert torch.equal(load("hf://EleutherAI/sae-test").W_dec, original.W_dec)
 
     from lightning_sae.analysis.inspector import load_saes
     from lightning_sae.metrics.similarity import load_sae_weights
