@@ -144,11 +144,12 @@ def _no_sae_here(path: str, uri, saes: list[str]) -> str:
     )
 
 
-def _offline_alternatives(uri) -> str:
+def _offline_alternatives(uri, offline: bool) -> str:
     include = f" --include '{uri.path_in_repo}/*'" if uri.path_in_repo else ""
+    fetch = "unset HF_HUB_OFFLINE to fetch it" if offline else "fetch it once online"
     return (
         f"pass a local folder instead (e.g. one `hf download {uri.id}{include} --local-dir DIR` "
-        "wrote), or fetch it once with the Hub in reach (HF_HUB_OFFLINE unset)"
+        f"wrote), or {fetch}"
     )
 
 
@@ -182,14 +183,12 @@ def _download(path: str, uri, patterns: list[str]) -> Path:
             "`hf auth login` or set HF_TOKEN); check the name."
         ) from None
     except (LocalEntryNotFoundError, IncompleteSnapshotError):
-        why = (
-            "HF_HUB_OFFLINE is set"
-            if constants.HF_HUB_OFFLINE
-            else "the Hub cannot be reached from here"
-        )
+        offline = bool(constants.HF_HUB_OFFLINE)
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached from here"
         cached = "has no cached copy" if uri.revision is None else f"has no cached {uri.revision!r}"
+        alternatives = _offline_alternatives(uri, offline)
         raise HubError(
-            f"{path} {cached} in {constants.HF_HUB_CACHE} and {why}: {_offline_alternatives(uri)}."
+            f"{path} {cached} in {constants.HF_HUB_CACHE} and {why}: {alternatives}."
         ) from None
     except HFValidationError as error:
         raise HubError(f"{path}: {error}") from None
@@ -208,7 +207,7 @@ def _check_weights(path: str, uri, folder: Path) -> None:
     if constants.HF_HUB_OFFLINE:
         raise HubError(
             f"{path}: the cached copy in {constants.HF_HUB_CACHE} has {CONFIG_FILENAME} but no "
-            f"weights, and HF_HUB_OFFLINE is set: {_offline_alternatives(uri)}."
+            f"weights, and HF_HUB_OFFLINE is set: {_offline_alternatives(uri, True)}."
         )
     raise HubError(
         f"{path} has {CONFIG_FILENAME} but neither {' nor '.join(WEIGHTS_FILENAMES)}; it is not an "

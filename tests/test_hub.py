@@ -197,7 +197,7 @@ def test_a_repo_missing_offline_is_one_line_naming_the_alternatives(hub_cache: P
     assert "HF_HUB_OFFLINE is set" in message
     assert "pass a local folder instead" in message
     assert "hf download org/absent --include 'layers.3/*' --local-dir DIR" in message
-    assert "HF_HUB_OFFLINE unset" in message
+    assert "or unset HF_HUB_OFFLINE to fetch it" in message
     # The cached file list says the weights exist, but they were never fetched.
     files = saelens_files("sae/", OLD_STANDARD_CFG, STANDARD)
     snapshot = put_snapshot(hub_cache, "org/partial", files)
