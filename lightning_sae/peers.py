@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from packaging.version import InvalidVersion, Version
 from torch import Tensor
 
 _MODELS = "lightning_sae.models"
@@ -50,10 +49,8 @@ def is_old_saelens(cfg: dict[str, Any]) -> bool:
     version = cfg.get("sae_lens_version") or (cfg.get("metadata") or {}).get("sae_lens_version")
     if not version:
         return True
-    try:
-        return Version(str(version)) < Version("6.0.0rc0")
-    except InvalidVersion:
-        return False  # a format we cannot date: read as the current one
+    major = str(version).split(".", 1)[0]
+    return major.isdigit() and int(major) < 6  # a version we cannot read: the current format
 
 
 def current_layout(
