@@ -465,7 +465,17 @@ def test_push_of_an_export_folder_copies_it_and_a_failed_upload_is_one_line(
 TOKEN_THROUGHPUT = "lightning_sae.callbacks.lifecycle.TokenThroughput"
 
 
+@pytest.fixture
+def one_thread() -> Any:
+    # Small shapes: a second thread only adds synchronisation on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_a_fit_pushed_then_validated_from_the_hub_gives_the_runs_final_metrics(
+    one_thread: None,
     hub_cache: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -476,7 +486,6 @@ def test_a_fit_pushed_then_validated_from_the_hub_gives_the_runs_final_metrics(
     from test_lifecycle import SMALL, cli
 
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     tiny = [
         *("--model.init_args.d_in", "16", "--model.init_args.d_sae", "32"),
         *("--data.init_args.d_in", "16", "--data.init_args.n_features", "32"),
