@@ -632,6 +632,7 @@ class SAECLI(LightningCLI):
                 )
             try:
                 self._export_folder = sae_folder(ckpt_path)
+                self._export_label = ckpt_path  # the table names the hf:// path, not the cache
             except HubError as error:
                 raise SystemExit(f"error: {error}") from None
             config["ckpt_path"] = None
@@ -793,7 +794,8 @@ class SAECLI(LightningCLI):
         checkpoint, step = None, self.trainer.global_step
         if self.subcommand != "fit":
             export = getattr(self, "_export_folder", None)
-            checkpoint = str(export) if export else self.config[self.subcommand].get("ckpt_path")
+            label = getattr(self, "_export_label", None) or (str(export) if export else None)
+            checkpoint = label or self.config[self.subcommand].get("ckpt_path")
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
         members = list(self.model.members) if isinstance(self.model, SAEGroup) else None

@@ -525,6 +525,7 @@ def test_a_fit_pushed_then_validated_from_the_hub_gives_the_runs_final_metrics(
     validated = cli(
         "validate", *SMALL, *tiny, "--default_callbacks", "false", "--ckpt_path", hub_path
     )
+    assert f"checkpoint          {hub_path}" in capsys.readouterr().out  # not the cache's path
     for key in ("val/fvu", "val/l0", "val/dead_fraction"):
         torch.testing.assert_close(
             validated.trainer.callback_metrics[key], fitted.trainer.callback_metrics[key]
