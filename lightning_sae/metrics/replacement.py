@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sae.data.lm import validate_hooks
+from lightning_sae.data.lm import gated_mlp_in, validate_hooks
 from lightning_sae.metrics.downstream import (
     ENCODER_ONLY_NOTE,
     _next_token_ce,
@@ -178,15 +178,9 @@ def replacement_metrics(
 
 @contextmanager
 def _mlp_in_hooks_enabled(bridge: Any, hooks: list[str]) -> Iterator[None]:
-    """TransformerLens gates ``hook_mlp_in`` behind a flag for ``run_with_hooks``: turn it on
-    for the measurement when an input hook is one, and back as it was after."""
-    cfg = getattr(bridge, "cfg", None)
-    needed = any(hook.endswith("hook_mlp_in") for hook in hooks)
-    if (
-        not needed
-        or getattr(cfg, "use_hook_mlp_in", True)
-        or not hasattr(bridge, "set_use_hook_mlp_in")
-    ):
+    """Turn a gated ``hook_mlp_in`` on for the measurement (``data.lm.gated_mlp_in``), and back
+    off after."""
+    if not gated_mlp_in(bridge, hooks):
         yield
         return
     bridge.set_use_hook_mlp_in(True)
