@@ -340,8 +340,9 @@ class Target:
     index: int  # feature id or token id
 
 
-def target_values(lrm: LocalReplacementModel, targets: Sequence[Target], mlp_in: Tensor,
-                  logits: Tensor | None) -> Tensor:  # fmt: skip
+def target_values(
+    lrm: LocalReplacementModel, targets: Sequence[Target], mlp_in: Tensor, logits: Tensor | None
+) -> Tensor:
     """Each row's target value: row ``b`` of the batch traces ``targets[b]``."""
     rows = torch.arange(len(targets), device=mlp_in.device)
     values = []
@@ -364,6 +365,10 @@ class Rows:
     features: Tensor  # [rows, n_active] from each active feature
     errors: Tensor  # [rows, positions, n_layers]
     embeddings: Tensor  # [rows, positions]
+
+    def row(self, j: int) -> Rows:
+        return Rows(*(part[j : j + 1] for part in (self.values, self.features, self.errors,
+                                                   self.embeddings)))  # fmt: skip
 
 
 def direct_effects(lrm: LocalReplacementModel, targets: Sequence[Target], active: Tensor) -> Rows:
@@ -639,8 +644,7 @@ def attribute(
         ]
         rows = direct_effects(lrm, targets, active)
         for j, i in enumerate(batch):
-            feature_rows[i] = Rows(rows.values[j : j + 1], rows.features[j : j + 1],
-                                   rows.errors[j : j + 1], rows.embeddings[j : j + 1])  # fmt: skip
+            feature_rows[i] = rows.row(j)
     visited = torch.tensor(sorted(feature_rows), dtype=torch.long, device=active.device)
     graph = _assemble(
         lrm, active, visited, feature_rows, logit_rows, target_tokens, probabilities, last
