@@ -34,7 +34,7 @@
     cells.get(key).push(n);
   }
   const widest = Math.max(1, ...[...cells.values()].map((c) => c.length));
-  const R = 6, GAP = 16, ROW = 70, LEFT = 60;
+  const R = 5, GAP = 13, ROW = 70, LEFT = 60;
   const COL = Math.max(90, widest * GAP + 20);
   const rows = nLayers + 2;
   const width = LEFT + nPositions * COL + 10, height = rows * ROW + 40;
@@ -109,6 +109,14 @@
 
   function select(id) {
     const n = byId.get(id);
+    const canvas = svg.parentElement;  // bring the node into view in a wide graph
+    const [x, y] = place.get(id);
+    if (x < canvas.scrollLeft || x > canvas.scrollLeft + canvas.clientWidth) {
+      canvas.scrollLeft = x - canvas.clientWidth / 2;
+    }
+    if (y < canvas.scrollTop || y > canvas.scrollTop + canvas.clientHeight) {
+      canvas.scrollTop = y - canvas.clientHeight / 2;
+    }
     for (const shape of nodeEls.values()) shape.classList.remove("selected");
     nodeEls.get(id).classList.add("selected");
     for (const [e, line] of edgeEls) {
