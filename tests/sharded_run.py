@@ -7,7 +7,8 @@ two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 "<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
 training-dynamics callback, else the decoder-norm constraint alone; checkpoint: save every
 ``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
-encoder backward with dense autograd, :class:`SparseBackwardCheck`), then every resume of
+encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs`` or
+``layers``, toy rows served as a transcoder's or a crosscoder's hooks), then every resume of
 ``--resumes`` (``[source latent_parallel, target latent_parallel, name]``: the run restarted
 from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit writes
 ``rank<R>.pt`` (the rank's state dict, latent rank and sparse check), CSV metrics from rank 0
@@ -31,13 +32,50 @@ from lightning_sae.callbacks.density import FeatureDensityMonitor
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
-from lightning_sae.data.toy import ToySuperpositionDataModule
+from lightning_sae.data.toy import ToyBatches, ToySuperpositionDataModule
 from lightning_sae.models import topk
 from lightning_sae.models.sparse import SparseCode
 from lightning_sae.parallel import LatentParallelStrategy, shard_of
 
 D_IN, D_SAE, BATCH = 16, 64, 64
 STEPS, EVERY = 8, 4  # steps per fit; a checkpoint every EVERY steps
+# Transcoders read IN and write OUT (another width and scale); crosscoders read LAYERS.
+IN, OUT, D_OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", 12
+LAYERS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def sites(x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Toy rows as the hooks a transcoder (``pairs``) or a crosscoder (``layers``) reads, row
+    by row, so that a rank's slice of the global batch maps to the same slice of the sites.
+    Each site has its own scale, so the per-site factors differ."""
+    if kind == "layers":
+        return {LAYERS[0]: x[:, : D_IN // 2], LAYERS[1]: 4 * x[:, D_IN // 2 :]}
+    g = torch.Generator().manual_seed(1234)  # the map itself is fixed
+    linear, detect = torch.randn(D_IN, D_OUT, generator=g), torch.randn(D_IN, 24, generator=g)
+    write = torch.randn(24, D_OUT, generator=g)
+    return {IN: x, OUT: 3 * (x @ linear + torch.relu(x @ detect - 0.5) @ write)}
+
+
+class SiteBatches(ToyBatches):
+    def __init__(self, batches: ToyBatches, kind: str) -> None:
+        self.__dict__.update(batches.__dict__)
+        self.kind = kind
+
+    def __iter__(self):  # noqa: ANN204
+        return (sites(x, self.kind) for x in super().__iter__())
+
+
+class SiteToyData(ToySuperpositionDataModule):
+    """Toy data served as ``{hook: rows}`` (``kind``: ``pairs`` or ``layers``)."""
+
+    def __init__(self, kind: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kind = kind
+        self.train_batches = SiteBatches(self.train_batches, kind)
+        self.val_data = SiteBatches(self.val_data, kind)
+
+    def sample(self, n: int, seed: int | None = None) -> dict[str, torch.Tensor]:
+        return sites(super().sample(n, seed), self.kind)
 
 
 class Silence(L.Callback):
@@ -116,10 +154,11 @@ class SparseBackwardCheck(L.Callback):
         if trainer.global_step != self.step:
             return
         shard = shard_of(pl_module)
-        x = pl_module._batch_tensor(batch)
-        x_n = pl_module.normalize(x if shard is None else shard.gather_rows(x))
+        x, y = pl_module.input_and_target(batch) if shard is None else pl_module._rows(batch)
+        x_n = pl_module.normalize(x)
+        y_n = x_n if y is x else pl_module.normalize_target(y)
         with torch.enable_grad():
-            sparse_run, dense_run = sparse_and_dense(pl_module, x_n, x_n)
+            sparse_run, dense_run = sparse_and_dense(pl_module, x_n, y_n)
         self.report = {
             "dead": int(pl_module.dead_mask().sum()),
             "equal_x_hat": bool(torch.equal(sparse_run["x_hat"], dense_run["x_hat"])),
@@ -150,9 +189,9 @@ def fit(
     module, _, cls = run["model"].rpartition(".")
     model_cls = getattr(__import__(module, fromlist=[cls]), cls)
     model = model_cls(d_in=D_IN, d_sae=D_SAE, lr=3e-3, dead_window_tokens=128, **run["kwargs"])
-    data = ToySuperpositionDataModule(
-        n_features=48, d_in=D_IN, batch_size=BATCH, batches_per_epoch=steps, val_batches=1
-    )
+    toy = dict(n_features=48, d_in=D_IN, batch_size=BATCH, batches_per_epoch=steps, val_batches=1)
+    kind = run.get("sites")
+    data = ToySuperpositionDataModule(**toy) if kind is None else SiteToyData(kind, **toy)
     checkpoints = [
         ModelCheckpoint(
             dirpath=out / "ckpt",

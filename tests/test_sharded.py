@@ -1,6 +1,7 @@
 """Latent sharding end to end: 2 and 4 CPU processes (gloo) against one process.
 
-One launch per world size (tests/sharded_run.py) trains every variant on every mesh of that
+One launch per world size (tests/sharded_run.py) trains every variant (SAEs, transcoders,
+skip transcoders and crosscoders, on toy rows served as their hooks) on every mesh of that
 size (1x2 and 2x1 on two processes, 2x2 on four), with every training-dynamics callback, and
 resumes from a mid-run sharded checkpoint on the same mesh and on another; the one-process
 reference runs in this process. Sharded weights (reassembled from the members' slices) and
@@ -85,6 +86,38 @@ RUNS = {
             "frequency_floor_coefficient": 1e-3,
             "orthogonality_coefficient": 1.0,
         },
+    },
+}
+TC = M + "transcoder."
+PAIRS = {"sites": "pairs", "checkpoint": True}
+PAIR_KWARGS = {"d_out": sharded_run.D_OUT, "input_hook": sharded_run.IN,
+               "output_hook": sharded_run.OUT, "normalize_activations": True}  # fmt: skip
+RUNS |= {
+    # W_skip and both sites' scales replicated, AuxK scored on the output site, every callback.
+    "topk_skip_transcoder": {
+        "model": TC + "TopKSkipTranscoder",
+        "kwargs": {"k": 4, "aux_coefficient": 1.0, **PAIR_KWARGS},
+        "sparse_check": True,
+        "callbacks": True,
+        **PAIRS,
+    },
+    "jumprelu_transcoder": {
+        "model": TC + "JumpReLUTranscoder",
+        "kwargs": {"l0_target": 8.0, **PAIR_KWARGS},
+        **PAIRS,
+    },
+    # Per-layer scales and the L1 weighted by the sum of per-layer decoder norms.
+    "crosscoder": {
+        "model": TC + "CrossCoder",
+        "kwargs": {"hooks": sharded_run.LAYERS, "normalize_activations": True},
+        "sites": "layers",
+    },
+    "batchtopk_crosscoder": {
+        "model": TC + "BatchTopKCrossCoder",
+        "kwargs": {"k": 4, "hooks": sharded_run.LAYERS, "normalize_activations": True},
+        "sparse_check": True,
+        "sites": "layers",
+        "checkpoint": True,
     },
 }
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
@@ -174,7 +207,12 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # resumes: [source latent_parallel, target latent_parallel, run]; 2 -> 1 and 2 -> 4 resume
     # into another mesh shape.
     [
-        (2, [2, 1], list(RUNS), [[2, 2, "topk"], [2, 1, "batchtopk"]]),
+        (
+            2,
+            [2, 1],
+            list(RUNS),
+            [[2, 2, "topk"], [2, 1, "batchtopk"], [2, 1, "topk_skip_transcoder"]],
+        ),
         (4, [2], FOUR, [[2, 4, "topk"]]),
     ],
     ids=["1x2+2x1", "2x2"],
@@ -202,7 +240,9 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
             torch.testing.assert_close(resumed[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
     # The consolidated export of the last sharded checkpoint is the one-process export.
-    for name in ("topk", "jumprelu"):
+    exported = ("topk", "jumprelu", "topk_skip_transcoder", "jumprelu_transcoder",
+                "batchtopk_crosscoder")  # fmt: skip
+    for name in (name for name in exported if name in names):
         cls = RUNS[name]["model"]
         ckpt = tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt"
         ours = export_checkpoint(ckpt, tmp_path / f"export-{name}", class_path=cls)
