@@ -5,15 +5,17 @@ program; the test also imports :func:`fit` to train the one-process reference in
 One launch runs every mesh of its world size (``--latent_parallel 2 1``: meshes 1x2 and 2x1 on
 two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 "<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
-training-dynamics callback, else the decoder-norm constraint alone; checkpoint: save every
+training-dynamics callback, else the decoder-norm constraint alone; init: the data-informed
+init method of those callbacks, default kmeans; checkpoint: save every
 ``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
 encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs`` or
-``layers``, toy rows served as a transcoder's or a crosscoder's hooks), then every resume of
-``--resumes`` (``[source latent_parallel, target latent_parallel, name]``: the run restarted
-from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit writes
-``rank<R>.pt`` (the rank's state dict, latent rank and sparse check), CSV metrics from rank 0
-under ``csv`` and its checkpoints under ``ckpt``, in ``lp<latent_parallel>/<name>`` (a resume:
-``<name>-resumed-from-lp<S>``).
+``layers``, toy rows served as a transcoder's or a crosscoder's hooks; init_check: every
+data-informed init method's weights for the member's latents, :class:`InitSlices`), then
+every resume of ``--resumes`` (``[source latent_parallel, target latent_parallel, name]``:
+the run restarted from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit
+writes ``rank<R>.pt`` (the rank's state dict, latent rank, sparse check and init slices), CSV
+metrics from rank 0 under ``csv`` and its checkpoints under ``ckpt``, in
+``lp<latent_parallel>/<name>`` (a resume: ``<name>-resumed-from-lp<S>``).
 """
 
 import argparse
@@ -30,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
-from lightning_sae.callbacks.init import DataInformedInit
+from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.data.toy import ToyBatches, ToySuperpositionDataModule
 from lightning_sae.models import topk
@@ -169,10 +171,30 @@ class SparseBackwardCheck(L.Callback):
         }
 
 
-def callbacks(steps: int) -> list[L.Callback]:
+class InitSlices(L.Callback):
+    """At fit start, every data-informed init method's weights for this member's latents
+    (``DataInformedInit.initial_weights`` with the shard; every rank joins), and the normalised
+    sample they came from, in ``self.report``."""
+
+    def __init__(self) -> None:
+        self.report = {}
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shard = shard_of(pl_module)
+        x, y = pl_module.input_and_target(trainer.datamodule.sample(D_SAE * 2, seed=5))
+        x_n = pl_module.normalize(x)
+        y_n = None if y is x else pl_module.normalize_target(y)
+        self.report = {"x_n": x_n, "y_n": y_n}
+        for method in METHODS:
+            init = DataInformedInit(method=method, n_samples=D_SAE * 2, rare_fraction=0.1)
+            self.report[method] = init.initial_weights(x_n, pl_module, y_n, shard)
+
+
+def callbacks(steps: int, init: str = "kmeans") -> list[L.Callback]:
     return [
         DecoderNormConstraint(),
-        DataInformedInit(method="kmeans", n_samples=D_SAE * 2),
+        DataInformedInit(method=init, n_samples=D_SAE * 2),
         Silence([1, 5, 40, 63]),
         DeadFeatureResampler(at_steps=[steps // 2], strategy="cluster", n_batches=1, batch_size=64),
         FeatureDensityMonitor(every_n_steps=steps // 2, window_tokens=BATCH * 2, save_png=False),
@@ -202,6 +224,10 @@ def fit(
         )
     ]
     check = SparseBackwardCheck(steps - 1) if run.get("sparse_check") else None
+    slices = InitSlices() if run.get("init_check") else None
+    dynamics = [DecoderNormConstraint()]
+    if run.get("callbacks"):
+        dynamics = callbacks(steps, run.get("init", "kmeans"))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -212,9 +238,10 @@ def fit(
         log_every_n_steps=1,
         logger=CSVLogger(out, name="csv", version=0),
         callbacks=[
-            *(callbacks(steps) if run.get("callbacks") else [DecoderNormConstraint()]),
+            *dynamics,
             *(checkpoints if run.get("checkpoint") else []),
             *([check] if check else []),
+            *([slices] if slices else []),
         ],
         enable_checkpointing=bool(run.get("checkpoint")),
         enable_progress_bar=False,
@@ -229,6 +256,7 @@ def fit(
             "state": model.state_dict(),
             "latent_rank": 0 if shard is None else shard.latent_rank,
             "sparse_check": check.report if check else None,
+            "init_slices": slices.report if slices else None,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

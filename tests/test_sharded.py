@@ -25,6 +25,7 @@ import yaml
 from lightning import LightningDataModule
 from safetensors.torch import load_file
 
+from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.topk import TopKSAE
@@ -51,6 +52,7 @@ RUNS = {
         "kwargs": {"k": 4, "aux_coefficient": 1.0},
         "callbacks": True,
         "checkpoint": True,
+        "init_check": True,
     },
     # k above a member's 64 / 2 = 32 latents on the 1x2 mesh: each member offers all it has.
     "topk_wide": {
@@ -63,6 +65,7 @@ RUNS = {
         "sparse_check": True,
         "kwargs": {"k": 4},
         "callbacks": True,
+        "init": "orthogonal",  # computed member by member (the others: kmeans, svd)
         "checkpoint": True,
     },
     # Groups that straddle the members' slices.
@@ -99,6 +102,8 @@ RUNS |= {
         "kwargs": {"k": 4, "aux_coefficient": 1.0, **PAIR_KWARGS},
         "sparse_check": True,
         "callbacks": True,
+        "init": "svd",
+        "init_check": True,
         **PAIRS,
     },
     "jumprelu_transcoder": {
@@ -179,6 +184,31 @@ def assert_same_run(sharded: Path, single: Path, devices: int, label: str) -> No
             assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{label} {key}"
 
 
+def assert_init_slices_are_the_whole(folder: Path, devices: int, run: dict, label: str) -> None:
+    """Every data-informed init method's weights, computed member by member on its latents
+    only (tests/sharded_run.py, InitSlices), joined: the one-process weights from the same
+    sample."""
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+    first = ranks[0]["init_slices"]
+    members = {rank["latent_rank"]: rank["init_slices"] for rank in ranks}
+    members = [members[t] for t in sorted(members)]
+    module, _, cls = run["model"].rpartition(".")
+    model = getattr(__import__(module, fromlist=[cls]), cls)(
+        d_in=sharded_run.D_IN, d_sae=sharded_run.D_SAE, **run["kwargs"]
+    )
+    for method in METHODS:
+        init = DataInformedInit(method=method, n_samples=2 * sharded_run.D_SAE, rare_fraction=0.1)
+        whole = init.initial_weights(first["x_n"], model, first["y_n"])
+        for rank in ranks:  # every rank drew the same sample and took rank 0's b_dec
+            torch.testing.assert_close(rank["init_slices"]["x_n"], first["x_n"], rtol=0, atol=0)
+            torch.testing.assert_close(rank["init_slices"][method]["b_dec"], whole["b_dec"])
+        for key, dim in (("W_dec", 0), ("W_enc", 1)):
+            joined = torch.cat([m[method][key] for m in members], dim=dim)
+            torch.testing.assert_close(
+                joined, whole[key], atol=1e-5, rtol=1e-4, msg=f"{label} {method} {key}"
+            )
+
+
 def assert_sparse_backward_exact(folder: Path, devices: int, label: str) -> None:
     """Each rank's last-step comparison (tests/sharded_run.py, SparseBackwardCheck): the same
     reconstruction bit for bit, every gradient within float tolerance of dense autograd."""
@@ -228,6 +258,10 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
     for lp in meshes:  # the sparse encoder backward equals dense autograd on every member
         for name in (name for name in names if RUNS[name].get("sparse_check")):
             assert_sparse_backward_exact(tmp_path / f"lp{lp}" / name, devices, f"{lp} {name}")
+    for lp in meshes:  # data-informed init computed by slices equals the whole, sliced
+        for name in (name for name in names if RUNS[name].get("init_check")):
+            folder = tmp_path / f"lp{lp}" / name
+            assert_init_slices_are_the_whole(folder, devices, RUNS[name], f"{lp} {name}")
     for name in ("topk", "batchtopk"):  # every callback acted
         logs = logged(tmp_path / f"lp{meshes[0]}" / name)
         assert logs["resampling/n_resampled", STEPS // 2] >= 4  # the silenced features at least
