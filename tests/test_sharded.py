@@ -29,6 +29,7 @@ from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.topk import TopKSAE
+from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
 from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable
 from lightning_sae.trainer_cli import SAECLI
@@ -299,6 +300,15 @@ def test_bad_meshes_and_sizes_name_the_option() -> None:
     with pytest.raises(ValueError, match=r"d_sae=60 is not divisible by latent_parallel=8.*"
                        r"model.init_args.d_sae"):  # fmt: skip
         check_shardable(sae, 8)
+    # Transcoders and crosscoders alike; more latent shards than latents is the same refusal.
+    transcoder = TopKSkipTranscoder(d_in=16, d_out=12, d_sae=60, k=4)
+    with pytest.raises(ValueError, match=r"d_sae=60 is not divisible by latent_parallel=8"):
+        check_shardable(transcoder, 8)
+    crosscoder = BatchTopKCrossCoder(d_in=16, d_sae=4, k=2, hooks=sharded_run.LAYERS)
+    with pytest.raises(ValueError, match=r"d_sae=4 is not divisible by latent_parallel=8.*"
+                       r"model.init_args.d_sae to a multiple of 8") as refused:  # fmt: skip
+        check_shardable(crosscoder, 8)
+    assert "\n" not in str(refused.value)
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="trainer.latent_parallel"):
             LatentParallelStrategy(latent_parallel=bad)
