@@ -4,8 +4,8 @@ Member ``t`` of a group of ``L`` holds latents ``[t * d_sae / L, (t + 1) * d_sae
 columns of ``W_enc``, entries of ``b_enc`` and rows of ``W_dec``, with every per-latent buffer
 and parameter of the variant (JumpReLU's thresholds, Gated's magnitude path, ApproxL0's
 frequency window, the dead-feature clock) and, through the optimizer, their Adam state.
-``b_dec`` and the input scale are replicated. The data-parallel dimension splits the global
-batch as DDP does.
+``b_dec``, a skip transcoder's ``W_skip`` and the input and output scales are replicated. The
+data-parallel dimension splits the global batch as DDP does.
 
 A sharded module is the variant itself with a layer in front: :func:`sharded_class` makes
 ``LatentSharded<Variant>`` from a mixin below and the variant class, and the mixins override
@@ -33,6 +33,9 @@ Exactness (the reason for each override):
 - Orthogonality: the active decoder rows of all members are gathered (only the active ones),
   each member finds their nearest neighbours among its own rows, and the maxima and the tie
   sums are reduced across members.
+- Transcoders and crosscoders: the steps read ``input_and_target`` (a transcoder's two sites
+  gathered alike) and score against the target; ``W_skip x`` is added after the all-reduce on
+  every member alike, so its gradient, like ``b_dec``'s there, needs no reduction.
 - Data parallel: gradients are averaged over the data-parallel group after backward (each
   rank's loss is the mean over its slice of the global batch, as under DDP).
 """
@@ -567,7 +570,7 @@ def sharded_class(cls: type) -> type:
         return cls
     if cls not in LAYERS:
         raise ValueError(
-            f"{cls.__name__} cannot be latent-sharded: only lightning-sae's SAE classes "
+            f"{cls.__name__} cannot be latent-sharded: only lightning-sae's own classes "
             f"({', '.join(c.__name__ for c in LAYERS)}) have a sharded layer. Set "
             "trainer.latent_parallel: 1 (plain DDP) for this model."
         )
