@@ -32,7 +32,7 @@ from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
 from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable
-from lightning_sae.trainer_cli import SAECLI
+from lightning_sae.trainer_cli import SAECLI, _latent_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sharded_run  # noqa: E402
@@ -309,6 +309,9 @@ def test_bad_meshes_and_sizes_name_the_option() -> None:
                        r"model.init_args.d_sae to a multiple of 8") as refused:  # fmt: skip
         check_shardable(crosscoder, 8)
     assert "\n" not in str(refused.value)
+    # The command line refuses it once, before any process is launched.
+    with pytest.raises(SystemExit, match=r"^error: d_sae=4 is not divisible"):
+        _latent_parallel_strategy({}, 8, crosscoder)
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="trainer.latent_parallel"):
             LatentParallelStrategy(latent_parallel=bad)
