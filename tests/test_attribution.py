@@ -261,6 +261,16 @@ def test_attribute_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     assert error == "error: --edge_threshold must be in (0, 1], got 2.0."
 
 
+def test_a_target_must_be_one_token() -> None:
+    from lightning_sae.analysis.attribution import AttributionError, _token_id
+    from lightning_sae.data.lm import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    assert _token_id(tokenizer, "paris") == tokenizer.convert_tokens_to_ids("paris")
+    with pytest.raises(AttributionError, match="is 2 tokens"):
+        _token_id(tokenizer, "the capital")
+
+
 def test_an_attribute_typo_is_answered_before_torch_is_imported(tmp_path: Path) -> None:
     import subprocess
     import sys
