@@ -230,6 +230,22 @@ def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
         make(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [("nan", "non-finite training batch"), ("constant", "zero variance")],
+)
+def test_bad_training_batches_stop_with_one_clear_error(spoil: str, message: str) -> None:
+    clt = make()
+    x, y = layered_batch(8)
+    if spoil == "nan":
+        x[3, 2, 1] = float("nan")
+    else:
+        y = torch.ones_like(y)
+    _, stats, report = clt.step_and_statistics((x, y))
+    with pytest.raises(ValueError, match=message):
+        report(stats.tolist())
+
+
 def test_a_batch_missing_a_layer_names_the_hook() -> None:
     clt = make()
     x, y = layered_batch(4)
