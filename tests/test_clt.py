@@ -44,7 +44,9 @@ IN_HOOKS = [f"blocks.{layer}.hook_mlp_in" for layer in range(N_LAYERS)]
 OUT_HOOKS = [f"blocks.{layer}.hook_mlp_out" for layer in range(N_LAYERS)]
 
 
-def make(cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs) -> Tensor:
+def make(
+    cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs
+) -> CrossLayerTranscoder:
     options = {"d_in": D_IN, "d_out": D_OUT, "d_sae": D_SAE, "input_hooks": IN_HOOKS}
     return cls(**{**options, "output_hooks": OUT_HOOKS, **kwargs})
 
@@ -356,7 +358,9 @@ def neox() -> object:
     return lm.load_model("neox-random", hf_config=NEOX)
 
 
-def neox_clt(cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs):
+def neox_clt(
+    cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs
+) -> CrossLayerTranscoder:
     options = dict(d_in=32, d_sae=48, input_hooks=NEOX_IN, output_hooks=NEOX_OUT)
     return cls(**options, **kwargs)
 
