@@ -201,6 +201,7 @@ def _cache_options_of_stream(stream: dict[str, Any], config: str | Path) -> dict
         "model_config": model.get("config"),
         "model_seed": model.get("seed", 0),
         "model_dtype": model.get("dtype", "float32"),
+        "model_backend": model.get("backend"),
         "hooks": stream.get("hooks"),
         **{key: text[key] for key in TEXT_OPTIONS if key in text},
         "n_tokens": STREAM_CACHE_TOKENS,
@@ -622,15 +623,7 @@ def _neighbours(
 
 
 def _load_model(datamodule: ActivationDataModule, device: str) -> Any:
-    hp = datamodule.hparams
-    return lm.load_model(
-        hp.model,
-        device=device,
-        dtype=hp.model_dtype,
-        revision=hp.revision,
-        hf_config=hp.model_config,
-        seed=hp.model_seed,
-    )
+    return datamodule.language_model.load(device)
 
 
 def _write_logits(out: Path, ids: np.ndarray, effects: LogitEffects, text: TokenText) -> None:
