@@ -44,7 +44,9 @@ IN_HOOKS = [f"blocks.{layer}.hook_mlp_in" for layer in range(N_LAYERS)]
 OUT_HOOKS = [f"blocks.{layer}.hook_mlp_out" for layer in range(N_LAYERS)]
 
 
-def make(cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs) -> Tensor:
+def make(
+    cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs
+) -> CrossLayerTranscoder:
     options = {"d_in": D_IN, "d_out": D_OUT, "d_sae": D_SAE, "input_hooks": IN_HOOKS}
     return cls(**{**options, "output_hooks": OUT_HOOKS, **kwargs})
 
@@ -230,6 +232,22 @@ def test_bad_options_are_one_clear_error(kwargs: dict, message: str) -> None:
         make(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [("nan", "non-finite training batch"), ("constant", "zero variance")],
+)
+def test_bad_training_batches_stop_with_one_clear_error(spoil: str, message: str) -> None:
+    clt = make()
+    x, y = layered_batch(8)
+    if spoil == "nan":
+        x[3, 2, 1] = float("nan")
+    else:
+        y = torch.ones_like(y)
+    _, stats, report = clt.step_and_statistics((x, y))
+    with pytest.raises(ValueError, match=message):
+        report(stats.tolist())
+
+
 def test_a_batch_missing_a_layer_names_the_hook() -> None:
     clt = make()
     x, y = layered_batch(4)
@@ -340,7 +358,9 @@ def neox() -> object:
     return lm.load_model("neox-random", hf_config=NEOX)
 
 
-def neox_clt(cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs):
+def neox_clt(
+    cls: type[CrossLayerTranscoder] = JumpReLUCrossLayerTranscoder, **kwargs
+) -> CrossLayerTranscoder:
     options = dict(d_in=32, d_sae=48, input_hooks=NEOX_IN, output_hooks=NEOX_OUT)
     return cls(**options, **kwargs)
 

@@ -59,6 +59,7 @@ from lightning_sae.models.base import (
     SAEOutput,
     SparseAutoencoder,
     _is_distributed,
+    _non_finite_terms,
     check_finite,
     check_nonnegative,
     check_positive,
@@ -404,7 +405,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
         dead = self.dead_mask().sum()[None].double()
         variance = sum_sq - sum_y.pow(2).sum(-1) / n  # per layer
         active = fired.reshape(L, self.d_sae).sum(-1)
-        return torch.cat([rest, sq_err, variance, active, dead])
+        return torch.cat([rest, sq_err, variance, active, sum_sq.sum()[None], dead])
 
     def _report_training_statistics(self, term_names: list[str], scalars: list[float]) -> None:
         world = dist.get_world_size() if _is_distributed() else 1
@@ -412,21 +413,16 @@ class CrossLayerTranscoder(SparseAutoencoder):
         n, read_sq, total, *term_values = scalars[: 3 + n_terms]
         rest = scalars[3 + n_terms :]
         sq_err, variance, active = rest[:L], rest[L : 2 * L], rest[2 * L : 3 * L]
-        n_dead = rest[3 * L]
+        sum_sq, n_dead = rest[3 * L], rest[3 * L + 1]
         self._known_dead_count = (int(n_dead), self._clock_version_at_statistics)
         if not (all(math.isfinite(v) for v in (*sq_err, *variance)) and math.isfinite(read_sq)):
             raise ValueError(self._non_finite_batch())
         if not math.isfinite(total):
-            from lightning_sae.models.base import _non_finite_terms
-
-            raise ValueError(
-                self._diverged(
-                    "the loss is " + _non_finite_terms(dict.fromkeys(term_names), term_values)
-                )
-            )
+            terms = _non_finite_terms(dict.fromkeys(term_names), term_values)
+            raise ValueError(self._diverged("the loss is " + terms))
         total_var = sum(variance)
-        if n > 1 and total_var <= 1e-12 * max(sum(sq_err), 1e-300):
-            raise ValueError(self._zero_variance_batch(total_var))
+        if n > 1 and total_var <= 1e-12 * sum_sq:
+            raise ValueError(self._zero_variance_batch(sum_sq))
         self.log("train/loss", total / world, prog_bar=True)
         for name, value in zip(term_names, term_values, strict=True):
             self.log(f"train/loss/{name}", value / world)
