@@ -1,0 +1,132 @@
+"""Member-parallel groups: each member on one rank, trained on the whole global batch.
+
+One launch per world size (tests/members_run.py: 2 and 4 gloo processes) fits a group of three
+members of different widths on two hooks with every training-dynamics callback, saves
+checkpoints and resumes from the middle one; the one-process reference runs in this process.
+Each member's weights (held by one rank only) and every logged metric equal the one-process
+group's, the resumed run equals the straight one, and the export of the member-parallel
+checkpoint equals the one-process export, folder by folder.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
+from lightning_sae.parallel.members import merge_by_owner, place_members
+
+sys.path.insert(0, str(Path(__file__).parent))
+import members_run  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("members_run.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+NAMES = [member["name"] for member in members_run.MEMBERS]
+WALL_CLOCK = {"train/tokens_per_sec"}
+
+
+def logged(folder: Path) -> dict[tuple[str, int], float]:
+    values = {}
+    with open(folder / "csv" / "version_0" / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value:
+                    values[key, int(row["step"])] = float(value)
+    return values
+
+
+def members_of(folder: Path, devices: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every member's state from the rank that holds it; each member is held exactly once."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for rank in range(devices):
+        for name, state in torch.load(folder / f"rank{rank}.pt", weights_only=True).items():
+            assert name not in found, f"{folder}: member {name} held by two ranks"
+            found[name] = state
+    assert sorted(found) == sorted(NAMES), f"{folder}: {sorted(found)}"
+    return found
+
+
+def assert_same_run(ours: Path, reference: Path, devices: int, label: str) -> None:
+    theirs = members_of(reference, 1)
+    for name, state in members_of(ours, devices).items():
+        for key, value in theirs[name].items():
+            torch.testing.assert_close(
+                state[key], value, atol=1e-5, rtol=1e-4, msg=f"{label} {name}.{key}"
+            )
+    ours_logged, theirs_logged = logged(ours), logged(reference)
+    assert set(ours_logged) == set(theirs_logged), set(ours_logged) ^ set(theirs_logged)
+    for key, value in theirs_logged.items():
+        if key[0] not in WALL_CLOCK:
+            assert ours_logged[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{label} {key}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process group, trained in this process."""
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    members_run.fit(out, None)
+    torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_member_parallel_fits_resumes_and_exports_equal_one_process(
+    tmp_path: Path, single: Path, devices: int
+) -> None:
+    command = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--devices", str(devices)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert_same_run(tmp_path / "straight", single, devices, f"{devices} ranks")
+    logs = logged(tmp_path / "straight")
+    for name in NAMES:  # every callback acted on every member
+        assert logs[f"{name}/resampling/n_resampled", members_run.STEPS // 2] >= 3
+        assert (f"{name}/geometry/mmcs", members_run.STEPS) in logs
+        assert (f"{name}/density/dead_fraction", members_run.STEPS) in logs
+
+    straight = members_of(tmp_path / "straight", devices)
+    for name, state in members_of(tmp_path / "resumed", devices).items():
+        for key, value in straight[name].items():
+            torch.testing.assert_close(value, state[key], atol=1e-6, rtol=1e-5, msg=key)
+
+    # The export of the member-parallel checkpoint: one folder per member, as one process's.
+    ours = export_checkpoint(tmp_path / "straight" / "ckpt" / "last.ckpt", tmp_path / "export")
+    theirs = export_checkpoint(single / "ckpt" / "last.ckpt", tmp_path / "reference")
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for folder in theirs.iterdir():
+        expected = load_file(folder / WEIGHTS_FILENAME)
+        got = load_file(ours / folder.name / WEIGHTS_FILENAME)
+        assert set(got) == set(expected), folder.name
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_placement_balances_any_widths_and_counts() -> None:
+    # More members than ranks, unequal: the largest first, each on the least-loaded rank.
+    costs = {"a": 8, "b": 5, "c": 4, "d": 3, "e": 1}
+    assert place_members(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+    assert place_members({"a": 1}, 3) == {"a": 0}  # fewer members than ranks
+    with pytest.raises(ValueError, match=r"member 'a' needs .* rank_memory_gib"):
+        place_members(costs, 2, budget_bytes=7)
+    with pytest.raises(ValueError, match=r"does not fit: rank 0 .* add devices"):
+        place_members(costs, 2, budget_bytes=10)
+
+
+def test_checkpoint_entries_merge_each_member_from_its_rank() -> None:
+    owner = {"a": 0, "b": 1}
+    ranks = [
+        {"loops": 3, "cb": {"members": {"a": 1, "b": "stale"}}, "lr": [{"members": {"a": 1}}]},
+        {"loops": 3, "cb": {"members": {"b": 2}}, "lr": [{"members": {"b": 2}}]},
+    ]
+    merged = merge_by_owner(ranks, owner)
+    assert merged == {
+        "loops": 3,
+        "cb": {"members": {"a": 1, "b": 2}},
+        "lr": [{"members": {"a": 1, "b": 2}}],
+    }
