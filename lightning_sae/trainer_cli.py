@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks._reporting import gathered, member_names, saes, scoped
 from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
 from lightning_sae.callbacks.init_from import InitFrom
@@ -781,7 +781,7 @@ class SAECLI(LightningCLI):
             checkpoint = str(export) if export else self.config[self.subcommand].get("ckpt_path")
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
-        members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
+        members = member_names(self.model) if isinstance(self.model, SAEGroup) else None
         table = final_metrics_table(self.trainer, self.coverage, gt_mmcs, checkpoint, step, members)
         print(table, flush=True)
 
@@ -797,6 +797,7 @@ class SAECLI(LightningCLI):
             for name, sae in saes(self.model).items()
             if sae.W_dec.shape[1] == ground_truth.shape[1]
         }
+        values = gathered(self.model, values)  # a placed member is measured on its own rank
         return values if isinstance(self.model, SAEGroup) else values.get("")
 
 

@@ -15,8 +15,10 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sae.callbacks._reporting import sae_input_and_target, saes
+from lightning_sae.callbacks._reporting import decided, sae_input_and_target, saes
 from lightning_sae.metrics.similarity import import_faiss
+from lightning_sae.models.base import stepping_alone
+from lightning_sae.parallel.members import placement_of
 from lightning_sae.parallel.sharded import shard_of
 
 Method = Literal["orthogonal", "xavier", "data", "svd", "kmeans", "outliers"]
@@ -217,8 +219,11 @@ class DataInformedInit(Callback):
             )
         # Every rank fits the scale (an all-reduce); only rank 0 needs the sample otherwise.
         needs_scale = any(not bool(sae.input_scale_fitted) for sae in named.values())
+        # A placed member's rank decides for it alone (parallel/members.py); else rank 0.
+        placed = placement_of(pl_module) is not None
+        decides = trainer.is_global_zero or placed
         drawn = None
-        if needs_scale or trainer.is_global_zero:
+        if needs_scale or decides:
             drawn = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET)
         weights = {}
         for name, sae in named.items():
@@ -227,11 +232,15 @@ class DataInformedInit(Callback):
                 x, target = sae_input_and_target(pl_module, name, drawn)
                 x, target = x.to(sae.device), (x if target is x else target.to(sae.device))
             if not bool(sae.input_scale_fitted):
-                sae.fit_input_scale(x, target)
-            if trainer.is_global_zero:
+                if placed:  # one rank holds the member: its scale is fitted as in one process
+                    with stepping_alone():
+                        sae.fit_input_scale(x, target)
+                else:
+                    sae.fit_input_scale(x, target)
+            if decides:
                 y_n = None if target is x else sae.normalize_target(target)
                 weights[name] = self.initial_weights(sae.normalize(x), sae, y_n)
-        weights = trainer.strategy.broadcast(weights, src=0)
+        weights = decided(trainer, pl_module, weights)
         for name, sae in named.items():
             for key, value in weights[name].items():
                 shard = shard_of(sae)  # a latent-sharded SAE takes its slice of the latents

@@ -40,7 +40,7 @@ from torchmetrics import Metric
 
 from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.models.base import SparseAutoencoder, stepping_alone
-from lightning_sae.models.group import SAEGroup
+from lightning_sae.models.group import MemberOptimizers, SAEGroup
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
 from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes
 
@@ -96,29 +96,37 @@ def member_sites(sae: SparseAutoencoder, hook: str | None) -> list[str | None]:
     return [hook]
 
 
+_MISSING = object()
+
+
 def merge_by_owner(values: Sequence[Any], owner: Mapping[str, int]) -> Any:
-    """One checkpoint entry from every rank's: under a ``"members"`` key each member's entry
-    is the one of the rank that holds it; elsewhere the entries are the same on every rank
-    (loops, hyperparameters) and rank 0's is taken."""
-    first = values[0]
-    if isinstance(first, dict) and all(isinstance(v, dict) for v in values):
+    """One checkpoint entry from every rank's (``values[r]``: rank r's): under a ``"members"``
+    key each member's entry is the one of the rank that holds it; elsewhere the entries are the
+    same on every rank that has one (loops, hyperparameters) and the first is taken. A rank
+    without members may lack an entry (a schedule) that the others have."""
+    present = [v for v in values if v is not _MISSING]
+    if all(isinstance(v, dict) for v in present):
         merged = {}
-        for key in dict.fromkeys(k for v in values for k in v):
-            present = [v[key] for v in values if key in v]
-            if key == "members" and all(isinstance(p, dict) for p in present):
+        for key in dict.fromkeys(k for v in present for k in v):
+            column = [v.get(key, _MISSING) if isinstance(v, dict) else _MISSING for v in values]
+            if key == "members":
                 merged[key] = {
-                    name: values[rank]["members"][name]
+                    name: column[rank][name]
                     for name, rank in owner.items()
-                    if name in values[rank].get("members", {})
+                    if isinstance(column[rank], dict) and name in column[rank]
                 }
             else:
-                merged[key] = merge_by_owner(present, owner)
+                merged[key] = merge_by_owner(column, owner)
         return merged
-    if isinstance(first, list) and all(
-        isinstance(v, list) and len(v) == len(first) for v in values
-    ):
-        return [merge_by_owner(list(items), owner) for items in zip(*values, strict=True)]
-    return first
+    if all(isinstance(v, list) for v in present):
+        longest = max(len(v) for v in present)
+        return [
+            merge_by_owner(
+                [v[i] if isinstance(v, list) and len(v) > i else _MISSING for v in values], owner
+            )
+            for i in range(longest)
+        ]
+    return present[0]
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -130,6 +138,11 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def placement_of(module: Any) -> dict[str, int] | None:
+    """member -> rank of a member-parallel group, or None when its members are not placed."""
+    return getattr(module, "placement", None)
+
+
 class MemberParallelGroup(SAEGroup):
     """An SAEGroup whose members live on the ranks :func:`place_members` chose.
 
@@ -138,12 +151,12 @@ class MemberParallelGroup(SAEGroup):
     member's name in the group's order, ``placement`` its rank.
     """
 
-    placement: dict[str, int]
+    placement: dict[str, int] | None = None
     member_names: list[str]
     budget_bytes: int | None = None
 
     def configure_model(self) -> None:
-        if getattr(self, "placement", None) is not None:
+        if self.placement is not None:
             return
         world, rank = dist.get_world_size(), dist.get_rank()
         costs = {name: member_bytes(sae) for name, sae in self.members.items()}
@@ -242,6 +255,7 @@ class MemberParallelGroup(SAEGroup):
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = self.exchange_rows(batch)
+        self.global_batch = batch  # what callbacks measure this step's members on
         with self._recording() as records, stepping_alone():
             loss = super().training_step(batch, batch_idx) if len(self.members) else None
         plain = [(n, float(v) if isinstance(v, Tensor) else v, kw) for n, v, kw in records]
@@ -281,8 +295,8 @@ class MemberParallelGroup(SAEGroup):
         self._log_epoch()
 
     def configure_optimizers(self) -> Any:
-        if not self.members:  # a rank without members still steps (an empty optimizer)
-            return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        if not self.members:  # a rank without members still steps, an optimizer of nothing
+            return MemberOptimizers({})
         return super().configure_optimizers()
 
 
