@@ -404,6 +404,8 @@ def _is_sharded_checkpoint(path: str) -> bool:
 def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
     """A latent-sharded checkpoint loads into any mesh, but only under the sharded strategy."""
     strategy = str(trainer_config.get("strategy", "auto"))
+    if trainer_config.get("member_parallel") or "MemberParallelStrategy" in strategy:
+        return  # its own folders; MemberParallelStrategy.load_checkpoint checks which it is
     if trainer_config.get("latent_parallel", 1) == 1 and "LatentParallelStrategy" not in strategy:
         raise SystemExit(
             f"error: --ckpt_path {ckpt_path} is a latent-sharded checkpoint (a folder of shards). "
@@ -428,6 +430,29 @@ def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
     trainer_config.pop("strategy", None)
     try:
         return LatentParallelStrategy(latent_parallel=latent_parallel)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _member_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
+    """``trainer.member_parallel: true`` as its strategy; a strategy set beside it is refused."""
+    from lightning_sae.parallel.members import MemberParallelStrategy
+
+    if latent_parallel != 1:
+        raise SystemExit(
+            "error: trainer.member_parallel with trainer.latent_parallel (a member sharded over "
+            "a subgroup of ranks) is not supported yet: set one of them (latent_parallel: 1, or "
+            "member_parallel: false)."
+        )
+    if trainer_config.get("strategy", "auto") != "auto":
+        raise SystemExit(
+            "error: trainer.member_parallel sets the strategy (MemberParallelStrategy); remove "
+            f"trainer.strategy ({trainer_config.get('strategy')}) or set "
+            "trainer.member_parallel: false."
+        )
+    trainer_config.pop("strategy", None)
+    try:
+        return MemberParallelStrategy(member_memory_gib=trainer_config.get("member_memory_gib"))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -580,6 +605,25 @@ class SAECLI(LightningCLI):
             ),
         )
         parser.add_argument(
+            "--trainer.member_parallel",
+            type=bool,
+            default=False,
+            help=(
+                "Place an SAEGroup's members on the devices (each on one, balanced by size) "
+                "and train each on the whole global batch: SAE and Adam memory per device "
+                "divides by the device count (lightning_sae.parallel.MemberParallelStrategy)."
+            ),
+        )
+        parser.add_argument(
+            "--trainer.member_memory_gib",
+            type=float | None,
+            default=None,
+            help=(
+                "With trainer.member_parallel: the most GiB of members' weights, gradients and "
+                "Adam state one device may hold (default: a GPU's memory; no limit on CPU)."
+            ),
+        )
+        parser.add_argument(
             "--init_from",
             type=str | None,
             default=None,
@@ -713,7 +757,11 @@ class SAECLI(LightningCLI):
         config = self.config.get(self.subcommand, {})
         trainer_config = self._get(self.config_init, "trainer", default={})
         latent_parallel = trainer_config.pop("latent_parallel", 1)
-        if latent_parallel != 1:
+        member_parallel = trainer_config.pop("member_parallel", False)
+        if member_parallel:
+            kwargs["strategy"] = _member_parallel_strategy(trainer_config, latent_parallel)
+        trainer_config.pop("member_memory_gib", None)
+        if latent_parallel != 1 and not member_parallel:
             kwargs["strategy"] = _latent_parallel_strategy(trainer_config, latent_parallel)
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]

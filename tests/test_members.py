@@ -112,7 +112,7 @@ def test_placement_balances_any_widths_and_counts() -> None:
     costs = {"a": 8, "b": 5, "c": 4, "d": 3, "e": 1}
     assert place_members(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
     assert place_members({"a": 1}, 3) == {"a": 0}  # fewer members than ranks
-    with pytest.raises(ValueError, match=r"member 'a' needs .* rank_memory_gib"):
+    with pytest.raises(ValueError, match=r"member 'a' needs .* member_memory_gib"):
         place_members(costs, 2, budget_bytes=7)
     with pytest.raises(ValueError, match=r"does not fit: rank 0 .* add devices"):
         place_members(costs, 2, budget_bytes=10)

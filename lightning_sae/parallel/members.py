@@ -24,6 +24,8 @@ What the ranks share besides the rows:
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +37,7 @@ import torch.distributed.checkpoint as dcp
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -70,7 +73,7 @@ def place_members(
             raise ValueError(
                 f"member {name!r} needs {costs[name] / GIB:.2f} GiB of weights, gradients and "
                 f"Adam state, more than a rank's budget of {budget_bytes / GIB:.2f} GiB "
-                "(trainer.strategy's rank_memory_gib): raise it, make the member smaller "
+                "(trainer.member_memory_gib): raise it, make the member smaller "
                 "(d_sae), or train it without member_parallel under trainer.latent_parallel."
             )
         rank = min(range(world), key=lambda r: (load[r], r))
@@ -80,8 +83,8 @@ def place_members(
         rank = max(range(world), key=lambda r: load[r])
         raise ValueError(
             f"the group does not fit: rank {rank} would hold {load[rank] / GIB:.2f} GiB of "
-            f"members (budget {budget_bytes / GIB:.2f} GiB, trainer.strategy's "
-            f"rank_memory_gib) with {sum(costs.values()) / GIB:.2f} GiB over {world} ranks: "
+            f"members (budget {budget_bytes / GIB:.2f} GiB, trainer."
+            f"member_memory_gib) with {sum(costs.values()) / GIB:.2f} GiB over {world} ranks: "
             "add devices (trainer.devices / trainer.num_nodes) or make members smaller."
         )
     return placement
@@ -304,20 +307,20 @@ class MemberParallelStrategy(ModelParallelStrategy):
     """Each member of an SAEGroup on one rank, trained on the whole global batch.
 
     Args:
-        rank_memory_gib: the most a rank may hold of members' weights, gradients and Adam
+        member_memory_gib: the most a rank may hold of members' weights, gradients and Adam
             state (GiB); placement fails in one line beyond it. None: no limit on CPU, the
             device's memory on a GPU.
         **kwargs: ``ModelParallelStrategy``'s ``process_group_backend`` and ``timeout``.
     """
 
-    def __init__(self, rank_memory_gib: float | None = None, **kwargs: Any) -> None:
-        if rank_memory_gib is not None and not rank_memory_gib > 0:
+    def __init__(self, member_memory_gib: float | None = None, **kwargs: Any) -> None:
+        if member_memory_gib is not None and not member_memory_gib > 0:
             raise ValueError(
-                f"rank_memory_gib must be positive, got {rank_memory_gib!r}: set "
-                "trainer.strategy.init_args.rank_memory_gib (or leave it out)."
+                f"member_memory_gib must be positive, got {member_memory_gib!r}: set "
+                "trainer.member_memory_gib (or leave it out)."
             )
         super().__init__(**kwargs)
-        self.rank_memory_gib = rank_memory_gib
+        self.member_memory_gib = member_memory_gib
 
     def setup_environment(self) -> None:
         module = self.lightning_module
@@ -332,6 +335,14 @@ class MemberParallelStrategy(ModelParallelStrategy):
         super().setup_environment()
         module.__class__ = MemberParallelGroup
         module.budget_bytes = self._budget_bytes()
+        # Every rank logs every member's values, gathered (the same on every rank): Lightning's
+        # advice to sync them at epoch level does not apply to the members' keys.
+        names = "|".join(re.escape(name) for name in module.members)
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"It is recommended to use `self\.log\('({names})/",
+            category=PossibleUserWarning,
+        )
         members = len(module.members)
         if members < devices:
             rank_zero_warn(
@@ -342,8 +353,8 @@ class MemberParallelStrategy(ModelParallelStrategy):
             )
 
     def _budget_bytes(self) -> int | None:
-        if self.rank_memory_gib is not None:
-            return int(self.rank_memory_gib * GIB)
+        if self.member_memory_gib is not None:
+            return int(self.member_memory_gib * GIB)
         if self.root_device.type == "cuda":
             return torch.cuda.get_device_properties(self.root_device).total_memory
         return None
