@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
-from lightning import Callback, Trainer
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -417,8 +417,12 @@ def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
         )
 
 
-def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
-    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it is refused."""
+def _latent_parallel_strategy(
+    trainer_config: Any, latent_parallel: int, model: LightningModule | None = None
+) -> Any:
+    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it, or a model the
+    mesh cannot split, is refused here, once, before any process is launched."""
+    from lightning_sae.parallel.sharded import check_shardable
     from lightning_sae.parallel.strategy import LatentParallelStrategy
 
     if trainer_config.get("strategy", "auto") != "auto":
@@ -429,9 +433,12 @@ def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
         )
     trainer_config.pop("strategy", None)
     try:
-        return LatentParallelStrategy(latent_parallel=latent_parallel)
+        strategy = LatentParallelStrategy(latent_parallel=latent_parallel)
+        if model is not None:
+            check_shardable(model, latent_parallel)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    return strategy
 
 
 def _member_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
@@ -762,7 +769,9 @@ class SAECLI(LightningCLI):
             kwargs["strategy"] = _member_parallel_strategy(trainer_config, latent_parallel)
         trainer_config.pop("member_memory_gib", None)
         if latent_parallel != 1 and not member_parallel:
-            kwargs["strategy"] = _latent_parallel_strategy(trainer_config, latent_parallel)
+            kwargs["strategy"] = _latent_parallel_strategy(
+                trainer_config, latent_parallel, self.model
+            )
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         self.coverage = EvaluationCoverage()
