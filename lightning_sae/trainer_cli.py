@@ -441,9 +441,13 @@ def _latent_parallel_strategy(
     return strategy
 
 
-def _member_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
-    """``trainer.member_parallel: true`` as its strategy; a strategy set beside it is refused."""
-    from lightning_sae.parallel.members import MemberParallelStrategy
+def _member_parallel_strategy(
+    trainer_config: Any, latent_parallel: int, model: LightningModule | None = None
+) -> Any:
+    """``trainer.member_parallel: true`` as its strategy; a strategy set beside it, a model that
+    is not a group, or a group that cannot be placed, is refused here, once, before any process
+    is launched."""
+    from lightning_sae.parallel.members import MemberParallelStrategy, check_placeable
 
     if latent_parallel != 1:
         raise SystemExit(
@@ -458,10 +462,16 @@ def _member_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
             "trainer.member_parallel: false."
         )
     trainer_config.pop("strategy", None)
+    gib = trainer_config.get("member_memory_gib")
     try:
-        return MemberParallelStrategy(member_memory_gib=trainer_config.get("member_memory_gib"))
+        strategy = MemberParallelStrategy(member_memory_gib=gib)
+        devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes", 1)
+        if model is not None:
+            world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+            check_placeable(model, world, None if gib is None else int(gib * 2**30))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    return strategy
 
 
 def _is_variant(class_path: str | None, cls: type) -> bool:
@@ -766,7 +776,9 @@ class SAECLI(LightningCLI):
         latent_parallel = trainer_config.pop("latent_parallel", 1)
         member_parallel = trainer_config.pop("member_parallel", False)
         if member_parallel:
-            kwargs["strategy"] = _member_parallel_strategy(trainer_config, latent_parallel)
+            kwargs["strategy"] = _member_parallel_strategy(
+                trainer_config, latent_parallel, self.model
+            )
         trainer_config.pop("member_memory_gib", None)
         if latent_parallel != 1 and not member_parallel:
             kwargs["strategy"] = _latent_parallel_strategy(

@@ -19,7 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
-from lightning_sae.parallel.members import merge_by_owner, place_members
+from lightning_sae.models.group import SAEGroup
+from lightning_sae.models.topk import TopKSAE
+from lightning_sae.parallel.members import MemberParallelStrategy, merge_by_owner, place_members
+from lightning_sae.trainer_cli import _member_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 import members_run  # noqa: E402
@@ -112,7 +115,7 @@ def test_placement_balances_any_widths_and_counts() -> None:
     costs = {"a": 8, "b": 5, "c": 4, "d": 3, "e": 1}
     assert place_members(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
     assert place_members({"a": 1}, 3) == {"a": 0}  # fewer members than ranks
-    with pytest.raises(ValueError, match=r"member 'a' needs .* member_memory_gib"):
+    with pytest.raises(ValueError, match=r"member 'a' needs .*member_memory_gib"):
         place_members(costs, 2, budget_bytes=7)
     with pytest.raises(ValueError, match=r"does not fit: rank 0 .* add devices"):
         place_members(costs, 2, budget_bytes=10)
@@ -130,3 +133,27 @@ def test_checkpoint_entries_merge_each_member_from_its_rank() -> None:
         "cb": {"members": {"a": 1, "b": 2}},
         "lr": [{"members": {"a": 1, "b": 2}}],
     }
+
+
+def test_what_cannot_be_placed_is_refused_in_one_line_before_launch() -> None:
+    group = SAEGroup(members_run.MEMBERS)
+    # The members hold 149,760 (l1), 67,072 and 33,792 bytes of weights, gradients and Adam
+    # state: a budget below the largest, then one that fits it but not the group on one rank.
+    for devices, gib, message in (
+        (2, 1e-4, r"^error: member 'l1' needs .*trainer.member_memory_gib"),
+        (1, 2e-4, r"^error: the group does not fit: rank 0 .* add devices"),
+    ):
+        config = {"devices": devices, "member_memory_gib": gib}
+        with pytest.raises(SystemExit, match=message) as refused:
+            _member_parallel_strategy(config, 1, group)
+        assert "\n" not in str(refused.value)
+    with pytest.raises(SystemExit, match=r"^error: member_parallel places the members of an "
+                       r"SAEGroup.*the model is a TopKSAE"):  # fmt: skip
+        _member_parallel_strategy({"devices": 2}, 1, TopKSAE(d_in=16, d_sae=32, k=4))
+    with pytest.raises(SystemExit, match=r"^error: trainer.member_parallel with "
+                       r"trainer.latent_parallel .* not supported yet"):  # fmt: skip
+        _member_parallel_strategy({"devices": 4}, 2, group)
+    with pytest.raises(SystemExit, match=r"remove trainer.strategy \(ddp\)"):
+        _member_parallel_strategy({"strategy": "ddp"}, 1, group)
+    with pytest.raises(ValueError, match="trainer.member_memory_gib"):
+        MemberParallelStrategy(member_memory_gib=0)

@@ -71,8 +71,8 @@ def place_members(
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
         if budget_bytes is not None and costs[name] > budget_bytes:
             raise ValueError(
-                f"member {name!r} needs {costs[name] / GIB:.2f} GiB of weights, gradients and "
-                f"Adam state, more than a rank's budget of {budget_bytes / GIB:.2f} GiB "
+                f"member {name!r} needs {costs[name] / GIB:.3g} GiB of weights, gradients and "
+                f"Adam state, more than a rank's budget of {budget_bytes / GIB:.3g} GiB "
                 "(trainer.member_memory_gib): raise it, make the member smaller "
                 "(d_sae), or train it without member_parallel under trainer.latent_parallel."
             )
@@ -82,12 +82,26 @@ def place_members(
     if budget_bytes is not None and max(load) > budget_bytes:
         rank = max(range(world), key=lambda r: load[r])
         raise ValueError(
-            f"the group does not fit: rank {rank} would hold {load[rank] / GIB:.2f} GiB of "
-            f"members (budget {budget_bytes / GIB:.2f} GiB, trainer."
-            f"member_memory_gib) with {sum(costs.values()) / GIB:.2f} GiB over {world} ranks: "
+            f"the group does not fit: rank {rank} would hold {load[rank] / GIB:.3g} GiB of "
+            f"members (budget {budget_bytes / GIB:.3g} GiB, trainer."
+            f"member_memory_gib) with {sum(costs.values()) / GIB:.3g} GiB over {world} ranks: "
             "add devices (trainer.devices / trainer.num_nodes) or make members smaller."
         )
     return placement
+
+
+def check_placeable(module: Any, world: int | None, budget_bytes: int | None) -> None:
+    """Refuse (ValueError, one line) a model member placement cannot train: not an SAEGroup,
+    or, when the rank count is known, a group that does not fit ``budget_bytes`` per rank."""
+    if not isinstance(module, SAEGroup):
+        raise ValueError(
+            f"member_parallel places the members of an SAEGroup on ranks; the model is a "
+            f"{type(module).__name__}: use model.class_path: SAEGroup, or train it with DDP "
+            "(trainer.member_parallel: false) or trainer.latent_parallel."
+        )
+    if world is not None:
+        costs = {name: member_bytes(sae) for name, sae in module.members.items()}
+        place_members(costs, world, budget_bytes)
 
 
 def member_sites(sae: SparseAutoencoder, hook: str | None) -> list[str | None]:
@@ -324,12 +338,7 @@ class MemberParallelStrategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         module = self.lightning_module
-        if not isinstance(module, SAEGroup):
-            raise ValueError(
-                f"member parallelism places the members of an SAEGroup on ranks; the model is "
-                f"a {type(module).__name__}: use model.class_path: SAEGroup, or train it with "
-                "DDP (trainer.strategy: ddp) or trainer.latent_parallel."
-            )
+        check_placeable(module, None, None)
         devices = self.num_nodes * self.num_processes
         self._data_parallel_size, self._tensor_parallel_size = devices, 1
         super().setup_environment()
