@@ -1,8 +1,9 @@
 """Member-parallel groups: each member on one rank, trained on the whole global batch.
 
-One launch per world size (tests/members_run.py: 2 and 4 gloo processes) fits a group of three
-members of different widths on two hooks with every training-dynamics callback, saves
-checkpoints and resumes from the middle one; the one-process reference runs in this process.
+Two launches (tests/members_run.py: 4, then 2 gloo processes) fit a group of three members of
+different widths on two hooks with every training-dynamics callback and save checkpoints; the
+two processes also resume from the four's middle checkpoint. The one-process reference runs in
+this process.
 Each member's weights (held by one rank only) and every logged metric equal the one-process
 group's, the resumed run equals the straight one, and the export of the member-parallel
 checkpoint equals the one-process export, folder by folder.
@@ -79,27 +80,37 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("devices", [2, 4])
-def test_member_parallel_fits_resumes_and_exports_equal_one_process(
-    tmp_path: Path, single: Path, devices: int
-) -> None:
-    command = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--devices", str(devices)]
+def launch(out: Path, devices: int, *extra: str) -> None:
+    command = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(devices), *extra]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
-    assert_same_run(tmp_path / "straight", single, devices, f"{devices} ranks")
-    logs = logged(tmp_path / "straight")
-    for name in NAMES:  # every callback acted on every member
-        assert logs[f"{name}/resampling/n_resampled", members_run.STEPS // 2] >= 3
-        assert (f"{name}/geometry/mmcs", members_run.STEPS) in logs
-        assert (f"{name}/density/dead_fraction", members_run.STEPS) in logs
 
-    straight = members_of(tmp_path / "straight", devices)
-    for name, state in members_of(tmp_path / "resumed", devices).items():
+
+def test_member_parallel_equals_one_process_resumes_on_other_ranks_and_exports(
+    tmp_path: Path, single: Path
+) -> None:
+    # Four ranks (three members: one rank idle), then two (more members than ranks), which also
+    # resume from the four ranks' middle checkpoint: every member now on another rank.
+    four, two = tmp_path / "4", tmp_path / "2"
+    launch(four, 4)
+    launch(
+        two, 2, "--resume_from", str(four / "straight" / "ckpt" / f"step={members_run.EVERY}.ckpt")
+    )
+    for folder, devices in ((four, 4), (two, 2)):
+        assert_same_run(folder / "straight", single, devices, f"{devices} ranks")
+        logs = logged(folder / "straight")
+        for name in NAMES:  # every callback acted on every member
+            assert logs[f"{name}/resampling/n_resampled", members_run.STEPS // 2] >= 3
+            assert (f"{name}/geometry/mmcs", members_run.STEPS) in logs
+            assert (f"{name}/density/dead_fraction", members_run.STEPS) in logs
+
+    straight = members_of(two / "straight", 2)
+    for name, state in members_of(two / "resumed", 2).items():
         for key, value in straight[name].items():
             torch.testing.assert_close(value, state[key], atol=1e-6, rtol=1e-5, msg=key)
 
     # The export of the member-parallel checkpoint: one folder per member, as one process's.
-    ours = export_checkpoint(tmp_path / "straight" / "ckpt" / "last.ckpt", tmp_path / "export")
+    ours = export_checkpoint(four / "straight" / "ckpt" / "last.ckpt", tmp_path / "export")
     theirs = export_checkpoint(single / "ckpt" / "last.ckpt", tmp_path / "reference")
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
     for folder in theirs.iterdir():
@@ -123,12 +134,19 @@ def test_placement_balances_any_widths_and_counts() -> None:
 
 def test_checkpoint_entries_merge_each_member_from_its_rank() -> None:
     owner = {"a": 0, "b": 1}
+    # hyper_parameters' members (a list of specs) are the same on every rank; a rank without
+    # members has no LR schedule.
+    hparams = {"members": [{"name": "a"}, {"name": "b"}]}
     ranks = [
         {"loops": 3, "cb": {"members": {"a": 1, "b": "stale"}}, "lr": [{"members": {"a": 1}}]},
         {"loops": 3, "cb": {"members": {"b": 2}}, "lr": [{"members": {"b": 2}}]},
+        {"loops": 3, "cb": {"members": {}}, "lr": []},
     ]
+    for rank in ranks:
+        rank["hyper_parameters"] = hparams
     merged = merge_by_owner(ranks, owner)
     assert merged == {
+        "hyper_parameters": hparams,
         "loops": 3,
         "cb": {"members": {"a": 1, "b": 2}},
         "lr": [{"members": {"a": 1, "b": 2}}],

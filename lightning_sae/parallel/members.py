@@ -126,7 +126,7 @@ def merge_by_owner(values: Sequence[Any], owner: Mapping[str, int]) -> Any:
         merged = {}
         for key in dict.fromkeys(k for v in present for k in v):
             column = [v.get(key, _MISSING) if isinstance(v, dict) else _MISSING for v in values]
-            if key == "members":
+            if key == "members" and all(isinstance(v, dict) for v in column if v is not _MISSING):
                 merged[key] = {
                     name: column[rank][name]
                     for name, rank in owner.items()
