@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning import LightningDataModule, LightningModule
 from safetensors.torch import load_file
 
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.parallel.members import MemberParallelStrategy, merge_by_owner, place_members
-from lightning_sae.trainer_cli import _member_parallel_strategy
+from lightning_sae.trainer_cli import SAECLI, _member_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 import members_run  # noqa: E402
@@ -175,3 +177,17 @@ def test_what_cannot_be_placed_is_refused_in_one_line_before_launch() -> None:
         _member_parallel_strategy({"strategy": "ddp"}, 1, group)
     with pytest.raises(ValueError, match="trainer.member_memory_gib"):
         MemberParallelStrategy(member_memory_gib=0)
+
+
+def test_example_config_turns_member_placement_on(capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).parents[1] / "configs" / "minilm" / "all-layers-member-parallel.yaml"
+    with pytest.raises(SystemExit) as stopped:  # --print_config prints, then exits
+        SAECLI(
+            LightningModule, LightningDataModule, subclass_mode_model=True,
+            subclass_mode_data=True, args=["fit", "--config", str(config), "--print_config"],
+        )  # fmt: skip
+    assert stopped.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["trainer"]["devices"], printed["trainer"]["member_parallel"]) == (2, True)
+    members = printed["model"]["init_args"]["members"]
+    assert [m["hook"] for m in members] == printed["data"]["init_args"]["hooks"]
