@@ -406,6 +406,13 @@ def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
     strategy = str(trainer_config.get("strategy", "auto"))
     if trainer_config.get("member_parallel") or "MemberParallelStrategy" in strategy:
         return  # its own folders; MemberParallelStrategy.load_checkpoint checks which it is
+    meta = load_torch_file(Path(ckpt_path) / "meta.pt", mmap=True)
+    if "member_param_groups" in meta:
+        raise SystemExit(
+            f"error: --ckpt_path {ckpt_path} is a member-parallel checkpoint (each member's "
+            "weights written by its device): resume it with trainer.member_parallel: true (any "
+            "device count); `lightning-sae export --ckpt_path <folder>` writes its SAEs."
+        )
     if trainer_config.get("latent_parallel", 1) == 1 and "LatentParallelStrategy" not in strategy:
         raise SystemExit(
             f"error: --ckpt_path {ckpt_path} is a latent-sharded checkpoint (a folder of shards). "

@@ -25,7 +25,7 @@ from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.parallel.members import MemberParallelStrategy, merge_by_owner, place_members
-from lightning_sae.trainer_cli import SAECLI, _member_parallel_strategy
+from lightning_sae.trainer_cli import SAECLI, _check_sharded_resume, _member_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 import members_run  # noqa: E402
@@ -110,6 +110,10 @@ def test_member_parallel_equals_one_process_resumes_on_other_ranks_and_exports(
     for name, state in members_of(two / "resumed", 2).items():
         for key, value in straight[name].items():
             torch.testing.assert_close(value, state[key], atol=1e-6, rtol=1e-5, msg=key)
+
+    # A run without member placement is told how to resume the folder.
+    with pytest.raises(SystemExit, match=r"member-parallel checkpoint.*member_parallel: true"):
+        _check_sharded_resume(str(four / "straight" / "ckpt" / "last.ckpt"), {})
 
     # The export of the member-parallel checkpoint: one folder per member, as one process's.
     ours = export_checkpoint(four / "straight" / "ckpt" / "last.ckpt", tmp_path / "export")
