@@ -66,6 +66,8 @@ _BLOCK_SEED_STRIDE = 0x9E37_79B9
 def _random_rows(latents: range, d: int, seed: int, uniform: bool = False) -> Tensor:
     """Rows ``latents`` of a random [*, d] matrix (standard normal, or uniform in [-1, 1)),
     drawn block by block: any range of latents comes out the same alone as in the whole."""
+    if len(latents) == 0:
+        return torch.empty(0, d)
     first, last = latents.start // _BLOCK_ROWS, -(-latents.stop // _BLOCK_ROWS)
     blocks = []
     for block in range(first, last):
