@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.group import SAEGroup
+from lightning_sae.parallel.members import gather_objects, placement_of
+from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import figure_image, save_figure
 
 
@@ -81,6 +83,43 @@ def decoder_rows(sae: SparseAutoencoder) -> Tensor:
 def feature_count(sae: SparseAutoencoder) -> int:
     """Features in all: ``d_sae``, or ``n_layers * d_sae`` for a cross-layer transcoder."""
     return getattr(sae, "n_features", sae.d_sae)
+
+
+def member_names(pl_module: LightningModule) -> list[str]:
+    """The names of every SAE of the module, held here or not (``[""]`` for a single SAE): what
+    a callback reads from the logged metrics, which every rank logs for every member."""
+    if placement_of(pl_module) is not None:
+        return list(pl_module.member_names)
+    return list(saes(pl_module))
+
+
+def measures_here(trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Whether this rank measures (and decides for) its SAEs: rank 0 under DDP (the others get
+    its decisions by :func:`decided`); every rank where the measurement is collective (latent
+    sharding) or where each member is held by one rank (member placement)."""
+    return (
+        trainer.is_global_zero
+        or shard_of(pl_module) is not None
+        or placement_of(pl_module) is not None
+    )
+
+
+def decided(trainer: Trainer, pl_module: LightningModule, decisions: Any) -> Any:
+    """Per-SAE decisions (weights, plans) as every rank applies them: rank 0's, broadcast; each
+    rank's own under member placement, where a member's rank alone decides for it. Every rank
+    calls this."""
+    if placement_of(pl_module) is not None:
+        return decisions
+    return trainer.strategy.broadcast(decisions, src=0)
+
+
+def gathered(pl_module: LightningModule, values: dict[str, Any]) -> dict[str, Any]:
+    """Per-SAE values to report, complete on rank 0 (which logs): under member placement every
+    rank's joined, in the group's order (every rank calls this); elsewhere ``values``."""
+    if placement_of(pl_module) is None:
+        return values
+    joined = {k: v for rank_values in gather_objects(values) for k, v in rank_values.items()}
+    return {name: joined[name] for name in pl_module.member_names if name in joined}
 
 
 def sae_input(pl_module: LightningModule, name: str, batch: Any) -> Tensor:

@@ -10,7 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
+    decided,
+    gathered,
     log_scalars,
+    measures_here,
     per_sae_state,
     sae_input_and_target,
     saes,
@@ -283,11 +286,11 @@ class DeadFeatureResampler(Callback):
         named = saes(pl_module)
         plans = None
         # A latent-sharded forward joins its latent group's collectives, so there every rank
-        # measures; rank 0's plan still decides for all.
-        if trainer.is_global_zero or shard_of(pl_module) is not None:
+        # measures; rank 0's plan still decides for all. A placed member's rank plans for it.
+        if measures_here(trainer, pl_module):
             plans = {name: self._plan(trainer, pl_module, name) for name in named}
-        plans = trainer.strategy.broadcast(plans, src=0)
-        total = 0
+        plans = decided(trainer, pl_module, plans)
+        total, done = 0, {}
         for name, sae in named.items():
             plan = plans[name]
             self._generator(name).set_state(plan["generator_state"])  # ranks stay in step
@@ -303,11 +306,14 @@ class DeadFeatureResampler(Callback):
                 )
             self.resampled[name] = self.resampled.get(name, 0) + len(indices)
             total += len(indices)
-            if trainer.is_global_zero:
-                log_scalars(trainer, {scoped(name, "resampling/n_resampled"): float(len(indices))})
+            done[name] = (len(indices), plan["n_dead"])
+        reports = gathered(pl_module, done)
+        if trainer.is_global_zero:
+            for name, (n, n_dead) in reports.items():
+                log_scalars(trainer, {scoped(name, "resampling/n_resampled"): float(n)})
                 rank_zero_info(
-                    f"step {trainer.global_step}: {scoped(name, 'resampled')} {len(indices)} of "
-                    f"{plan['n_dead']} dead features ({self.strategy})"
+                    f"step {trainer.global_step}: {scoped(name, 'resampled')} {n} of "
+                    f"{n_dead} dead features ({self.strategy})"
                 )
         return total
 
