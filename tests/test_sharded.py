@@ -26,9 +26,10 @@ from lightning import LightningDataModule
 from safetensors.torch import load_file
 
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
+from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
-from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder
+from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
@@ -388,3 +389,14 @@ def test_yaml_latent_parallel_option_parses(capsys: pytest.CaptureFixture[str]) 
     assert stopped.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert (printed["devices"], printed["latent_parallel"]) == (4, 2)
+
+
+def test_sharded_clt_refuses_callbacks_that_address_features_by_index() -> None:
+    """A member holds features of every layer, not a contiguous range of the flat indices the
+    resampler, the monitors and the init address: refused in one line, on every rank alike."""
+    clt = JumpReLUCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2)
+    clt.__class__ = sharded_class(JumpReLUCrossLayerTranscoder)
+    clt._trainer = SimpleNamespace(callbacks=[DeadFeatureResampler(at_steps=[4])], datamodule=None)
+    refusal = r"^DeadFeatureResampler is not supported yet .* trainer.latent_parallel: 1\.$"
+    with pytest.raises(ValueError, match=refusal):
+        clt.setup("fit")

@@ -89,7 +89,6 @@ class ShardedCLT(ShardedSAE):
         return {"sparsity", "preact"}
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         for callback in self.trainer.callbacks:
             if type(callback).__name__ in UNSUPPORTED_CALLBACKS:
                 raise ValueError(
@@ -97,6 +96,7 @@ class ShardedCLT(ShardedSAE):
                     "cross-layer transcoder: remove it from trainer.callbacks, or set "
                     "trainer.latent_parallel: 1."
                 )
+        super().setup(stage)
 
     # ------------------------------------------------------------- the map
     def reconstruct(self, acts: Tensor) -> Tensor:
