@@ -128,8 +128,8 @@ def l1_sweep_setup(base: Setup, exponent: int, decay: float | None = None) -> Se
     )
 
 
-OPTIMIZERS = {  # name: (gradient_clip_val, betas)
-    "adam": (None, (0.9, 0.999)),
+OPTIMIZERS = {  # name: (the SAE's gradient_clip_norm, 0 = off; betas)
+    "adam": (0.0, (0.9, 0.999)),
     "clip1": (1.0, (0.9, 0.999)),
     "clip1+b2=0.99": (1.0, (0.9, 0.99)),
 }
@@ -170,14 +170,16 @@ def run(setup: Setup, method: str, optimizer: str, seed: int) -> dict[str, Any]:
     clip, betas = OPTIMIZERS[optimizer]
     data = ToySuperpositionDataModule(seed=0, **setup.data)
     d_in = setup.data.get("d_in", 128)
-    model = StandardSAE(d_in=d_in, d_sae=512, betas=betas, init_seed=seed, **setup.model)
+    model = StandardSAE(
+        d_in=d_in, d_sae=512, betas=betas, gradient_clip_norm=clip, init_seed=seed, **setup.model
+    )
     monitor = GroundTruthRecovery(setup.every)
     callbacks: list[Callback] = [DecoderNormConstraint(), monitor]
     if method != "none":
         callbacks.insert(
             0, DataInformedInit(method=method, n_samples=8192, seed=seed, **setup.init)
         )
-    trainer = quiet_trainer(setup.max_steps, callbacks, gradient_clip_val=clip, deterministic=True)
+    trainer = quiet_trainer(setup.max_steps, callbacks, deterministic=True)
     torch.manual_seed(seed)
     with Timer() as timer:
         trainer.fit(model, data)

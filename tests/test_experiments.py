@@ -133,8 +133,9 @@ def test_reference_config_builds_the_reference_setup() -> None:
     data = ToySuperpositionDataModule(**config["data"]["init_args"])
     assert "b_dec" not in dict(sae.named_parameters())
     assert data.toy.correlation_mode == "per_batch" and data.train_batches.fixed
-    # The credited script steps plain Adam: no gradient clipping.
+    # The credited script steps plain Adam: no gradient clipping, betas (0.9, 0.999).
     assert config["trainer"].get("gradient_clip_val") is None
+    assert sae.gradient_clip_max_norm() == 0.0 and sae.adam_betas() == (0.9, 0.999)
 
 
 # ---------------------------------------------------------------- smoke runs of the scripts
