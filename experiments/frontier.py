@@ -324,10 +324,11 @@ def verdicts(points: list[dict[str, Any]], peers: list[str]) -> list[list[Any]]:
 
 
 def frontier_against_frontier(points: list[dict[str, Any]], peers: list[str]) -> list[list[str]]:
-    """At the L0 of every point, the library's frontier (the best of all its SAEs, linear in
-    log L0 between points) against the best peer's, where both reach that L0."""
+    """At the L0 of every point, the library's frontier (the best of all its SAEs: a point
+    there, or the chord, linear in log L0, between any two of its points around it) against
+    the best peer's, where both reach that L0."""
     rows = []
-    for l0 in sorted({p["l0"] for p in points}):
+    for l0 in sorted({round(p["l0"], 1) for p in points}):
         ours, ours_range = peer_fvu_at(points, OURS, l0)
         found = [(peer, *peer_fvu_at(points, peer, l0)) for peer in peers]
         found = [f for f in found if not math.isnan(f[1])]
@@ -576,8 +577,9 @@ def report(
             "and from the same kind of SAE:\n\n"
             + markdown_table(compare, verdicts(points, meta["peers"]))
             + "\nFrontier against frontier: at the L0 of every point, lightning-sae's best FVU "
-            "from any of its SAEs against the best peer's, where both libraries have points "
-            "around that L0:\n\n"
+            "from any of its SAEs (a point there, or the chord between any two of its points "
+            "around it, linear in log L0) against the best peer's by the same rule, where both "
+            "libraries have points around that L0:\n\n"
             + markdown_table(
                 ["L0", "lightning-sae frontier", "best peer frontier", "ours - peer", "verdict"],
                 frontier_against_frontier(points, meta["peers"]),
