@@ -48,6 +48,8 @@ CANDIDATES = {
     "topk_s0.1_dw": ("topk", {"dead_window_tokens": 256_000}, 0.1, None, None),
     "topk_s1_clip": ("topk", {}, 1.0, None, 1.0),
     "topk_s1_wu": ("topk", {"lr_warmup_steps": 100}, 1.0, None, None),
+    "topk_s0.5": ("topk", {}, 0.5, None, None),
+    "topk_s0.5_clip": ("topk", {}, 0.5, None, 1.0),
 }
 
 
