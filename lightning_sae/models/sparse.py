@@ -84,6 +84,33 @@ class SparseCode:
         )
 
 
+def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest entries of ``scores`` [n, d]: their values and flat positions
+    (``row * d + column``), positions ascending.
+
+    On CPU in two stages: every row's ``per_row`` largest, then the ``count`` largest of those
+    ``n * per_row`` candidates, against one top-k over all ``n * d`` entries (the flat top-k was
+    most of a BatchTopK step: docs/benchmarks.md). Exact: an entry outside its row's candidates is
+    at most that row's smallest candidate, so if every row's smallest candidate is below the
+    candidates' cut-off, no entry left out could have made the cut. When a row could (it holds
+    ``per_row`` entries at or above the cut-off), the flat top-k runs instead. That check reads
+    one boolean on the host, free on CPU; on CUDA, where it would be a synchronisation and the
+    flat top-k is a radix select, the flat top-k runs directly.
+    """
+    n, d = scores.shape
+    per_row = min(d, 4 * -(-count // max(n, 1)))  # four times the average share of a row
+    if scores.device.type == "cpu" and 0 < per_row < d:
+        candidates, columns = scores.topk(per_row, dim=1, sorted=False)
+        values, slots = candidates.flatten().topk(count, sorted=False)
+        if not bool((candidates.amin(1) >= values.min()).any()):
+            flat = torch.div(slots, per_row, rounding_mode="floor") * d + columns.flatten()[slots]
+            flat, order = flat.sort()
+            return values[order], flat
+    values, flat = scores.flatten().topk(count, sorted=False)
+    flat, order = flat.sort()
+    return values[order], flat
+
+
 def check_decode_impl(decode_impl: str) -> None:
     if decode_impl not in ("auto", "dense", "sparse"):
         raise ValueError(
