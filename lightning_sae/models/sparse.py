@@ -88,26 +88,35 @@ def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """The ``count`` largest entries of ``scores`` [n, d]: their values and flat positions
     (``row * d + column``), positions ascending.
 
-    On CPU in two stages: every row's ``per_row`` largest, then the ``count`` largest of those
-    ``n * per_row`` candidates, against one top-k over all ``n * d`` entries (the flat top-k was
-    most of a BatchTopK step: docs/benchmarks.md). Exact: an entry outside its row's candidates is
-    at most that row's smallest candidate, so if every row's smallest candidate is below the
-    candidates' cut-off, no entry left out could have made the cut. When a row could (it holds
-    ``per_row`` entries at or above the cut-off), the flat top-k runs instead. That check reads
-    one boolean on the host, free on CPU; on CUDA, where it would be a synchronisation and the
-    flat top-k is a radix select, the flat top-k runs directly.
+    On CPU in two stages, against one top-k over all ``n * d`` entries (that flat top-k cost
+    about one encoder product, most of a BatchTopK step: docs/benchmarks.md). First every row's
+    ``per_row`` largest (twice a row's average share) and the ``count`` largest of those. An
+    entry left out is at most its row's smallest candidate, so only a row whose smallest
+    candidate reaches the cut-off can hold more of the answer; such rows (few: those using far
+    more latents than average) join with all their entries, and the ``count`` largest of that
+    union are the answer. Raising the cut-off cannot make another row overflow, so one round is
+    exact. On CUDA, where reading which rows overflow would be a synchronisation and the flat
+    top-k is a radix select, the flat top-k runs directly (not measured on a GPU).
     """
     n, d = scores.shape
-    per_row = min(d, 4 * -(-count // max(n, 1)))  # four times the average share of a row
-    if scores.device.type == "cpu" and 0 < per_row < d:
-        candidates, columns = scores.topk(per_row, dim=1, sorted=False)
-        values, slots = candidates.flatten().topk(count, sorted=False)
-        if not bool((candidates.amin(1) >= values.min()).any()):
-            flat = torch.div(slots, per_row, rounding_mode="floor") * d + columns.flatten()[slots]
-            flat, order = flat.sort()
-            return values[order], flat
-    values, flat = scores.flatten().topk(count, sorted=False)
-    flat, order = flat.sort()
+    per_row = min(d, 2 * -(-count // max(n, 1)))
+    if scores.device.type != "cpu" or not 0 < per_row < d:
+        values, flat = scores.flatten().topk(count, sorted=False)
+        flat, order = flat.sort()
+        return values[order], flat
+    candidates, columns = scores.topk(per_row, dim=1, sorted=False)
+    flat = (torch.arange(n, device=scores.device)[:, None] * d + columns).flatten()
+    candidates = candidates.flatten()
+    values, slots = candidates.topk(count, sorted=False)
+    overflowing = candidates.view(n, per_row).amin(1) >= values.min()
+    if overflowing.any():
+        rows = overflowing.nonzero().squeeze(1)
+        kept = ~overflowing.repeat_interleave(per_row)
+        whole_rows = (rows[:, None] * d + torch.arange(d, device=scores.device)).flatten()
+        candidates = torch.cat([candidates[kept], scores[rows].flatten()])
+        flat = torch.cat([flat[kept], whole_rows])
+        values, slots = candidates.topk(count, sorted=False)
+    flat, order = flat[slots].sort()
     return values[order], flat
 
 
