@@ -17,6 +17,8 @@ import yaml
 
 # What an export folder's weights file is called: SAELens's name first, our old name after.
 EXPORT_WEIGHTS_FILENAMES = ("sae_weights.safetensors", "sae.safetensors")
+# The final metrics table a fit prints, also written into its run folder (for push's card).
+FINAL_METRICS_FILENAME = "final_metrics.txt"
 # Exact matching (scipy's Hungarian) up to this many features per side; greedy beyond.
 HUNGARIAN_LIMIT = 16384
 NEAREST_NEIGHBOUR_BACKENDS = ("auto", "torch", "faiss")
@@ -62,7 +64,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ckpt_path",
         required=True,
-        help="Lightning checkpoint (.ckpt), or the folder a latent-sharded run saved",
+        help="Lightning checkpoint (.ckpt), the folder a latent-sharded run saved, or an SAE "
+        "folder / hf://org/repo[/subfolder] (a SAELens or sparsify SAE, written anew)",
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument(
@@ -80,6 +83,48 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def push_parser() -> argparse.ArgumentParser:
+    parser = ToolParser(
+        prog="lightning-sae push",
+        description="Publish an SAE on the Hugging Face Hub: export it in SAELens's layout "
+        "(cfg.json + sae_weights.safetensors), write a model card (README.md: variant, hook, "
+        "model, dataset, tokens trained, the run's final metrics and config) and upload the "
+        "folder. Log in first (`hf auth login`, or set HF_TOKEN); --dry-run writes the folder "
+        "only. Load it back with lightning_sae.load('hf://ORG/NAME[/SUBFOLDER]').",
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning checkpoint (.ckpt, or a latent-sharded run's folder) or export folder",
+    )
+    parser.add_argument("--repo", required=True, help="model repo to upload to, org/name")
+    parser.add_argument(
+        "--subfolder",
+        default=None,
+        help="folder of the repo for this SAE (several SAEs share a repo this way); its card "
+        "goes there too",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write the folder and card to --out and upload nothing (no network)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder the upload is written to (kept); required with --dry-run, else temporary",
+    )
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument(
+        "--revision", default=None, help="branch to upload to (created if missing); default main"
+    )
+    parser.add_argument("--commit-message", default=None, help="the upload's commit message")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an SAE that --out already holds"
+    )
+    return parser
+
+
 def compare_parser() -> argparse.ArgumentParser:
     parser = ToolParser(
         prog="lightning-sae compare",
@@ -87,7 +132,9 @@ def compare_parser() -> argparse.ArgumentParser:
         "max cosine similarity A->B and B->A, and a one-to-one matching, for decoder and "
         "encoder directions.",
     )
-    parser.add_argument("sae_a", help="checkpoint (.ckpt), export folder or .safetensors file")
+    parser.add_argument(
+        "sae_a", help="checkpoint (.ckpt), SAE folder, hf://org/repo[/subfolder] or .safetensors"
+    )
     parser.add_argument("sae_b", help="the same for the second SAE")
     parser.add_argument("--backend", choices=NEAREST_NEIGHBOUR_BACKENDS, default="auto")
     parser.add_argument(
@@ -113,7 +160,11 @@ def inspect_parser() -> argparse.ArgumentParser:
         "+ JSON data and a static HTML browser (OUT/index.html). Override data options with "
         "--data.init_args.NAME VALUE.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint or export folder")
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning checkpoint, SAE folder or hf://org/repo[/subfolder][@revision]",
+    )
     parser.add_argument(
         "--config",
         required=True,
@@ -144,6 +195,74 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the interval samples")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--no_html", action="store_true", help="data files only")
+    return parser
+
+
+def attribute_parser() -> argparse.ArgumentParser:
+    parser = ToolParser(
+        prog="lightning-sae attribute",
+        description="The attribution graph of a prompt through a cross-layer transcoder: the "
+        "local replacement model (attention patterns and norm scales frozen, MLPs replaced by "
+        "the CLT plus error nodes), the direct effects between active features, error nodes, "
+        "token embeddings and the top logits, pruned by influence. Writes OUT/graph.json and "
+        "OUT/graph.html (static, opens from disk).",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="CLT checkpoint or export folder")
+    parser.add_argument("--prompt", required=True, help="the text to trace")
+    parser.add_argument("--out", default="attribution", help="output folder (created if missing)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the CLT's training YAML, whose data: names the model (default: the model the "
+        "export's cfg.json records, or --model)",
+    )
+    parser.add_argument("--model", default=None, help="model name or folder (overrides both)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        help="explain this next token's logit (one token of text; repeat for several); "
+        "default: the most probable tokens",
+    )
+    parser.add_argument(
+        "--position",
+        type=int,
+        default=-1,
+        help="the position whose logits are explained (default -1: the last, the next token; "
+        "for a masked LM, the [MASK]'s)",
+    )
+    parser.add_argument(
+        "--readout",
+        choices=("model", "tied"),
+        default="model",
+        help="logits: the model's own, or the last block's output times the input embedding "
+        "matrix (for a model without a linear LM head, e.g. MiniLM)",
+    )
+    parser.add_argument("--max_logits", type=int, default=10, help="at most this many logits")
+    parser.add_argument(
+        "--logit_probability",
+        type=float,
+        default=0.95,
+        help="the top logits explained cover this much probability",
+    )
+    parser.add_argument(
+        "--max_nodes", type=int, default=2000, help="features traced at most (by influence)"
+    )
+    parser.add_argument(
+        "--node_threshold", type=float, default=0.8, help="feature influence kept by pruning"
+    )
+    parser.add_argument(
+        "--edge_threshold", type=float, default=0.98, help="edge influence kept by pruning"
+    )
+    parser.add_argument("--batch_size", type=int, default=64, help="targets per backward pass")
+    parser.add_argument(
+        "--browser", default=None, help="the CLT's feature browser folder (inspect's OUT): link"
+    )
+    parser.add_argument(
+        "--no_special_tokens", action="store_true", help="tokenize without BOS/CLS/SEP tokens"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT/graph.json")
     return parser
 
 

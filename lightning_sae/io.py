@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_sae import __version__
+from lightning_sae import __version__, hub, peers
 from lightning_sae.commands import EXPORT_WEIGHTS_FILENAMES, export_parser
 from lightning_sae.files import load_safetensors_file, load_torch_file, read_text_bounded
 from lightning_sae.models import (
@@ -47,6 +47,8 @@ from lightning_sae.models.group import SAEGroup, names_group
 CONFIG_FILENAME = "cfg.json"
 # SAELens's load_from_disk reads exactly this name; ``sae.safetensors`` is accepted on load.
 WEIGHTS_FILENAME, WEIGHTS_FALLBACK_FILENAME = EXPORT_WEIGHTS_FILENAMES
+# A sparsify run's training config, beside its hookpoint folders: the model and dataset.
+RUN_CONFIG_FILENAME = hub.RUN_CONFIG_FILENAME
 # The cfg.json format this file writes: SAELens's 6.x layout. SAELens picks its loader by
 # ``metadata.sae_lens_version`` (below 6.0 it converts from the old layout), so that key holds
 # the format's version, not a SAELens install that wrote the file; ``metadata.lightning_sae``
@@ -168,8 +170,34 @@ def _transcoding(
     return to_saelens, from_saelens
 
 
+def _clt_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    # Every tensor in model units (models/clt.py folds its per-layer scales); no SAELens
+    # architecture reads a cross-layer transcoder, so this is lightning-sae's own layout.
+    cfg = {"d_out": int(sae.d_out), "n_layers": int(sae.n_layers)}
+    return sae.folded_weights(), cfg
+
+
+def _clt_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    expected = {"W_enc", "b_enc", "b_dec", *(f"W_dec.{s}" for s in range(int(cfg["n_layers"])))}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(
+            f"the weights file lacks {', '.join(missing)} of a {cfg['n_layers']}-layer "
+            "cross-layer transcoder; the folder is incomplete: export it again."
+        )
+    ours = {key: value for key, value in weights.items() if key != "threshold"}
+    if "threshold" in weights:
+        threshold = weights["threshold"]
+        if threshold.dim() == 2:  # JumpReLU: one per feature, stored as its log
+            ours["log_threshold"] = threshold.log()
+        else:  # BatchTopK: one per layer (or one), learned in training
+            ours |= {"threshold": threshold, "threshold_updates": torch.tensor(1)}
+    return ours, {}
+
+
 _MODELS = "lightning_sae.models"
 _TC = f"{_MODELS}.transcoder"
+_CLT = f"{_MODELS}.clt"
 _RELU_TC = _transcoding(_relu_to, _relu_from)
 _TOPK_TC = _transcoding(_topk_to, _topk_from)
 _JUMPRELU_TC = _transcoding(_jumprelu_to, _jumprelu_from)
@@ -203,6 +231,17 @@ FORMATS: dict[str, _Format] = {
             "lightning_sae_batchtopk_crosscoder",
             _batchtopk_to,
             _batchtopk_from,
+        ),
+        _Format(f"{_CLT}.CrossLayerTranscoder", "lightning_sae_clt", _clt_to, _clt_from),
+        _Format(
+            f"{_CLT}.JumpReLUCrossLayerTranscoder", "lightning_sae_jumprelu_clt", _clt_to, _clt_from
+        ),
+        _Format(f"{_CLT}.TopKCrossLayerTranscoder", "lightning_sae_topk_clt", _clt_to, _clt_from),
+        _Format(
+            f"{_CLT}.BatchTopKCrossLayerTranscoder",
+            "lightning_sae_batchtopk_clt",
+            _clt_to,
+            _clt_from,
         ),
     )
 }
@@ -245,6 +284,8 @@ def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
 def saelens_state(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """SAELens weights (input scale folded in) and the architecture's cfg keys."""
     fmt = format_of(type(sae))
+    if getattr(sae, "n_layers", None) is not None:  # a cross-layer transcoder folds its own
+        return fmt.to_saelens(sae)
     dtype = sae.W_enc.dtype
     # The input's factor scales W_enc's rows (one per input dimension for a crosscoder's
     # per-layer scales); the written site's factor (a transcoder's output scale), W_dec's columns.
@@ -278,7 +319,9 @@ def export_sae(
     out.mkdir(parents=True, exist_ok=True)
     weights, extra_cfg = saelens_state(sae)
     sites: dict[str, Any] = {}  # where a transcoder or crosscoder reads and writes
-    if getattr(sae, "maps_sites", False):
+    if getattr(sae, "n_layers", None) is not None:
+        sites = {"hook_names": sae.input_hooks, "hook_names_out": sae.output_hooks}
+    elif getattr(sae, "maps_sites", False):
         sites = {"hook_name": sae.input_hook, "hook_name_out": sae.output_hook}
     elif getattr(sae, "writes_layers", False):
         sites = {"hook_names": list(sae.hooks)}
@@ -364,6 +407,12 @@ def export_checkpoint(
     return Path(out_dir)
 
 
+def is_sae_folder(path: str | Path) -> bool:
+    """Whether ``path`` names an SAE folder (a ``hf://`` path, or a folder with cfg.json)
+    rather than a Lightning checkpoint."""
+    return hub.is_hub_path(path) or (Path(path) / CONFIG_FILENAME).is_file()
+
+
 def _is_group_checkpoint(hparams: dict[str, Any]) -> bool:
     saved = hparams.get("_class_path")
     return names_group(saved) if saved is not None else "members" in hparams
@@ -377,9 +426,18 @@ def _export_checkpoint(
     overwrite: bool = False,
 ) -> list[Path]:
     """The folders written: ``[out_dir]``, or one per member of a group."""
-    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; pass a folder (it is created if missing).")
+    if is_sae_folder(ckpt_path):  # a SAELens or sparsify folder, or hf://: written anew
+        if class_path is not None:
+            raise ValueError(f"{ckpt_path} records its own class; leave out --class_path.")
+        sae = load(ckpt_path)
+        _check_export_folder(out_dir, overwrite)
+        source = sae_metadata(ckpt_path)
+        kept = {k: v for k, v in source.items() if k not in ("sae_lens_version", "lightning_sae")}
+        return [export_sae(sae, out_dir, kept | (metadata or {}))]
+    ckpt_path = Path(ckpt_path)
     checkpoint = _read_checkpoint(ckpt_path)
     common = _metadata_from_checkpoint(checkpoint)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
@@ -511,22 +569,45 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an exported or SAELens folder into our module class, in eval mode.
-
-    Our exports come back as the class and constructor arguments they were exported from;
-    SAELens folders as StandardSAE / TopKSAE / JumpReLUSAE / GatedSAE. The returned module has
-    ``input_scale`` 1 (the scale is in the weights), so ``encode``/``decode``/``forward`` take
-    and give activations in model units, as before export.
-    """
-    folder = Path(path)
+def read_sae_folder(
+    folder: Path, with_weights: bool = True
+) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    """A folder's ``cfg.json`` and weights in SAELens 6.x's layout, whichever program wrote it
+    (lightning-sae, SAELens of any version, sparsify: see :mod:`lightning_sae.peers`)."""
     if not (folder / CONFIG_FILENAME).exists():
         raise FileNotFoundError(
             f"{folder / CONFIG_FILENAME} does not exist; pass the folder `lightning-sae export "
-            "--out DIR` wrote, or a SAELens SAE folder."
+            "--out DIR` wrote, a SAELens or sparsify SAE folder, or hf://org/repo[/subfolder]."
         )
     cfg = read_config(folder / CONFIG_FILENAME)
-    weights = load_safetensors_file(_weights_file(folder))
+    weights = load_safetensors_file(_weights_file(folder)) if with_weights else None
+    run_config = None
+    if peers.is_sparsify(cfg) and (folder.parent / RUN_CONFIG_FILENAME).is_file():
+        run_config = read_config(folder.parent / RUN_CONFIG_FILENAME)
+    return peers.current_layout(cfg, weights, folder, run_config)
+
+
+def sae_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata`` block (model, hook, dataset...) of an SAE folder or ``hf://`` path, in
+    SAELens 6.x's names whichever program wrote it."""
+    cfg, _ = read_sae_folder(hub.local_folder(path), with_weights=False)
+    return dict(cfg.get("metadata") or {})
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Load an SAE folder, or ``hf://org/repo[/subfolder][@revision]``, into our module class,
+    in eval mode.
+
+    Our exports come back as the class and constructor arguments they were exported from;
+    SAELens folders (any version) as StandardSAE / TopKSAE / JumpReLUSAE / GatedSAE or a
+    transcoder; sparsify folders as TopKSAE or a TopK (skip) transcoder. The returned module has
+    ``input_scale`` 1 (the scale is in the weights), so ``encode``/``decode``/``forward`` take
+    and give activations in model units, as before export. A Hub path is fetched through
+    ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``; see :mod:`lightning_sae.hub`).
+    """
+    folder = hub.local_folder(path)
+    cfg, weights = read_sae_folder(folder)
+    assert weights is not None
     _check_supported(cfg, weights)
     name = cfg.get("architecture", "standard")
     if name not in DEFAULT_CLASS and name not in OWN_ARCHITECTURES:
@@ -553,7 +634,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
             f"which exports as {fmt.architecture!r}; the folder was edited by hand?"
         )
     params, arch_kwargs = fmt.from_saelens(weights, cfg)
-    params |= {k: weights[k] for k in ("W_enc", "W_dec", "b_dec")}
+    for key in ("W_enc", "W_dec", "b_dec"):  # a CLT's decoder is W_dec.<layer>, given above
+        if not any(have == key or have.startswith(f"{key}.") for have in params):
+            params[key] = weights[key]
     if name == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         _fold_topk_decoder_norm(params, weights)
     if ours:
@@ -578,14 +661,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
 
 
 # ----------------------------------------------------------------------------- command line
-def _folded_scales(input_scale: float | list[float], output_scale: float) -> str:
+def _folded_scales(input_scale: float | list[float], output_scale: float | list[float]) -> str:
     """', input scale X folded in' (per layer, and the output's, where they differ from 1)."""
-    scales = input_scale if isinstance(input_scale, list) else [input_scale]
     parts = []
-    if not all(math.isclose(s, 1.0) for s in scales):
-        parts.append("input scale " + "/".join(f"{s:.6g}" for s in scales))
-    if not math.isclose(output_scale, 1.0):
-        parts.append(f"output scale {output_scale:.6g}")
+    for name, value in (("input", input_scale), ("output", output_scale)):
+        scales = value if isinstance(value, list) else [value]
+        if not all(math.isclose(s, 1.0) for s in scales):
+            parts.append(f"{name} scale " + "/".join(f"{s:.6g}" for s in scales))
     return f", {' and '.join(parts)} folded in" if parts else ""
 
 
@@ -598,7 +680,7 @@ def export_main(argv: list[str]) -> None:
         folders = _export_checkpoint(
             args.ckpt_path, args.out, args.class_path, overrides, args.overwrite
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # HubError and UnreadableFileError too
         raise SystemExit(f"error: {error}") from None
     for out in folders:
         cfg = read_config(out / CONFIG_FILENAME)

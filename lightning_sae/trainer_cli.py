@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
-from lightning import Callback, Trainer
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks._reporting import decoder_rows, gathered, member_names, saes, scoped
 from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
 from lightning_sae.callbacks.init_from import InitFrom
@@ -37,8 +37,10 @@ from lightning_sae.callbacks.lifecycle import (
     StepProgressBar,
     TokenThroughput,
 )
+from lightning_sae.commands import FINAL_METRICS_FILENAME
 from lightning_sae.data.identity import DataMismatchError, check_same_data, saved_identity
 from lightning_sae.files import load_torch_file
+from lightning_sae.hub import HubError, is_hub_path, sae_folder
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.group import SAEGroup, names_group
 from lightning_sae.options import CLASS_GROUPS, parser_error_line, read_table, write_table
@@ -404,6 +406,15 @@ def _is_sharded_checkpoint(path: str) -> bool:
 def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
     """A latent-sharded checkpoint loads into any mesh, but only under the sharded strategy."""
     strategy = str(trainer_config.get("strategy", "auto"))
+    if trainer_config.get("member_parallel") or "MemberParallelStrategy" in strategy:
+        return  # its own folders; MemberParallelStrategy.load_checkpoint checks which it is
+    meta = load_torch_file(Path(ckpt_path) / "meta.pt", mmap=True)
+    if "member_param_groups" in meta:
+        raise SystemExit(
+            f"error: --ckpt_path {ckpt_path} is a member-parallel checkpoint (each member's "
+            "weights written by its device): resume it with trainer.member_parallel: true (any "
+            "device count); `lightning-sae export --ckpt_path <folder>` writes its SAEs."
+        )
     if trainer_config.get("latent_parallel", 1) == 1 and "LatentParallelStrategy" not in strategy:
         raise SystemExit(
             f"error: --ckpt_path {ckpt_path} is a latent-sharded checkpoint (a folder of shards). "
@@ -415,8 +426,12 @@ def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
         )
 
 
-def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
-    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it is refused."""
+def _latent_parallel_strategy(
+    trainer_config: Any, latent_parallel: int, model: LightningModule | None = None
+) -> Any:
+    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it, or a model the
+    mesh cannot split, is refused here, once, before any process is launched."""
+    from lightning_sae.parallel.sharded import check_shardable
     from lightning_sae.parallel.strategy import LatentParallelStrategy
 
     if trainer_config.get("strategy", "auto") != "auto":
@@ -427,9 +442,45 @@ def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
         )
     trainer_config.pop("strategy", None)
     try:
-        return LatentParallelStrategy(latent_parallel=latent_parallel)
+        strategy = LatentParallelStrategy(latent_parallel=latent_parallel)
+        if model is not None:
+            check_shardable(model, latent_parallel)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    return strategy
+
+
+def _member_parallel_strategy(
+    trainer_config: Any, latent_parallel: int, model: LightningModule | None = None
+) -> Any:
+    """``trainer.member_parallel: true`` as its strategy; a strategy set beside it, a model that
+    is not a group, or a group that cannot be placed, is refused here, once, before any process
+    is launched."""
+    from lightning_sae.parallel.members import MemberParallelStrategy, check_placeable
+
+    if latent_parallel != 1:
+        raise SystemExit(
+            "error: trainer.member_parallel with trainer.latent_parallel (a member sharded over "
+            "a subgroup of ranks) is not supported yet: set one of them (latent_parallel: 1, or "
+            "member_parallel: false)."
+        )
+    if trainer_config.get("strategy", "auto") != "auto":
+        raise SystemExit(
+            "error: trainer.member_parallel sets the strategy (MemberParallelStrategy); remove "
+            f"trainer.strategy ({trainer_config.get('strategy')}) or set "
+            "trainer.member_parallel: false."
+        )
+    trainer_config.pop("strategy", None)
+    gib = trainer_config.get("member_memory_gib")
+    try:
+        strategy = MemberParallelStrategy(member_memory_gib=gib)
+        devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes", 1)
+        if model is not None:
+            world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+            check_placeable(model, world, None if gib is None else int(gib * 2**30))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return strategy
 
 
 def _is_variant(class_path: str | None, cls: type) -> bool:
@@ -580,6 +631,25 @@ class SAECLI(LightningCLI):
             ),
         )
         parser.add_argument(
+            "--trainer.member_parallel",
+            type=bool,
+            default=False,
+            help=(
+                "Place an SAEGroup's members on the devices (each on one, balanced by size) "
+                "and train each on the whole global batch: SAE and Adam memory per device "
+                "divides by the device count (lightning_sae.parallel.MemberParallelStrategy)."
+            ),
+        )
+        parser.add_argument(
+            "--trainer.member_memory_gib",
+            type=float | None,
+            default=None,
+            help=(
+                "With trainer.member_parallel: the most GiB of members' weights, gradients and "
+                "Adam state one device may hold (default: a GPU's memory; no limit on CPU)."
+            ),
+        )
+        parser.add_argument(
             "--init_from",
             type=str | None,
             default=None,
@@ -621,6 +691,20 @@ class SAECLI(LightningCLI):
         self._export_folder: Path | None = None
         if ckpt_path and _is_sharded_checkpoint(ckpt_path):
             _check_sharded_resume(ckpt_path, config.get("trainer", {}))
+        if ckpt_path and is_hub_path(ckpt_path):  # hf://org/repo[/subfolder][@revision]
+            if subcommand == "fit":
+                raise SystemExit(
+                    f"error: --ckpt_path {ckpt_path} is an SAE on the Hub; fit resumes from a "
+                    "Lightning checkpoint (.ckpt). Use it with validate or test, or "
+                    "lightning_sae.load in Python."
+                )
+            try:
+                self._export_folder = sae_folder(ckpt_path)
+                self._export_label = ckpt_path  # the table names the hf:// path, not the cache
+            except HubError as error:
+                raise SystemExit(f"error: {error}") from None
+            config["ckpt_path"] = None
+            return
         if ckpt_path and Path(ckpt_path).is_dir() and not _is_sharded_checkpoint(ckpt_path):
             self._export_folder = self._export_folder_for(subcommand, Path(ckpt_path))
             config["ckpt_path"] = None
@@ -713,8 +797,16 @@ class SAECLI(LightningCLI):
         config = self.config.get(self.subcommand, {})
         trainer_config = self._get(self.config_init, "trainer", default={})
         latent_parallel = trainer_config.pop("latent_parallel", 1)
-        if latent_parallel != 1:
-            kwargs["strategy"] = _latent_parallel_strategy(trainer_config, latent_parallel)
+        member_parallel = trainer_config.pop("member_parallel", False)
+        if member_parallel:
+            kwargs["strategy"] = _member_parallel_strategy(
+                trainer_config, latent_parallel, self.model
+            )
+        trainer_config.pop("member_memory_gib", None)
+        if latent_parallel != 1 and not member_parallel:
+            kwargs["strategy"] = _latent_parallel_strategy(
+                trainer_config, latent_parallel, self.model
+            )
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         self.coverage = EvaluationCoverage()
@@ -778,12 +870,15 @@ class SAECLI(LightningCLI):
         checkpoint, step = None, self.trainer.global_step
         if self.subcommand != "fit":
             export = getattr(self, "_export_folder", None)
-            checkpoint = str(export) if export else self.config[self.subcommand].get("ckpt_path")
+            label = getattr(self, "_export_label", None) or (str(export) if export else None)
+            checkpoint = label or self.config[self.subcommand].get("ckpt_path")
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
-        members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
+        members = member_names(self.model) if isinstance(self.model, SAEGroup) else None
         table = final_metrics_table(self.trainer, self.coverage, gt_mmcs, checkpoint, step, members)
         print(table, flush=True)
+        if self.subcommand == "fit":  # kept with the run: `lightning-sae push` puts it in the card
+            (Path(self.run_dir) / FINAL_METRICS_FILENAME).write_text(table.lstrip("\n") + "\n")
 
     def _gt_mmcs(self) -> float | dict[str, float] | None:
         """Ground-truth MMCS of the weights the table reports (toy data only; by member in a
@@ -795,8 +890,9 @@ class SAECLI(LightningCLI):
         values = {
             name: ground_truth_mmcs(ground_truth, sae)
             for name, sae in saes(self.model).items()
-            if sae.W_dec.shape[1] == ground_truth.shape[1]
+            if decoder_rows(sae).shape[1] == ground_truth.shape[1]
         }
+        values = gathered(self.model, values)  # a placed member is measured on its own rank
         return values if isinstance(self.model, SAEGroup) else values.get("")
 
 

@@ -163,7 +163,9 @@ def test_fit_help_lists_the_variants(capsys: pytest.CaptureFixture[str]) -> None
         assert name in helped
 
 
-@pytest.mark.parametrize("args", [["--help"], ["export", "--help"], ["compare", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["export", "--help"], ["compare", "--help"], ["push", "--help"]]
+)
 def test_help_does_not_import_torch_or_lightning(tmp_path: Path, args: list[str]) -> None:
     """``--help`` answers without the heavy imports (the 3 s CPU budget is in benchmarks)."""
     script = (
@@ -270,7 +272,9 @@ def test_a_typo_is_answered_before_torch_is_imported(
     assert len(lines) == len(expected) + 1, result.stdout
     for line, suggestion in zip(lines, expected, strict=False):
         assert line.startswith("error: ") and f"Did you mean {suggestion}?" in line, line
-    assert "cache, export, compare, inspect" in lines[0]  # every command, not only the trainer's
+    # every command, not only the trainer's
+    assert all(f" {name}," in lines[0] for name in ("cache", "export", "compare", "inspect"))
+    assert " attribute (" in lines[0]
 
 
 _TYPOS = [
