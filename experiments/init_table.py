@@ -22,6 +22,7 @@ toy configs. Thresholds are reported in batches, in samples seen and (reference)
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,16 @@ def l1_sweep_setup(base: Setup, exponent: int, decay: float | None = None) -> Se
         base.max_steps,
         base.every,
     )
+
+
+def sweep_setup_named(name: str) -> Setup | None:
+    """The L1-sweep setup a runs file names (``<setup>_e<exponent>[_decay<decay>]``), so that a
+    table filled in parts covers the exponents of earlier parts too; None for any other name."""
+    match = re.fullmatch(r"(.+)_e(-?\d+)(?:_decay([0-9.e+-]+))?", name)
+    if match is None or match[1] not in SETUPS:
+        return None
+    decay = None if match[3] is None else float(match[3])
+    return l1_sweep_setup(SETUPS[match[1]], int(match[2]), decay)
 
 
 OPTIMIZERS = {  # name: (the SAE's gradient_clip_norm, 0 = off; betas)
@@ -299,6 +310,10 @@ def main() -> None:
     runs_file = out / f"runs_{tag}.json"
     # Runs already in the file are kept and not repeated: a long table can be filled in parts.
     results = [] if args.smoke or not runs_file.exists() else json.loads(runs_file.read_text())
+    for earlier in {r["setup"] for r in results} - setups.keys():
+        setup = sweep_setup_named(earlier)
+        if setup is not None:
+            setups[earlier] = setup
     done = {(r["setup"], r["method"], r["optimizer"], r["seed"]) for r in results}
     for name, method, optimizer, seed in plan:
         if (name, method, optimizer, seed) in done:

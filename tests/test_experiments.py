@@ -157,6 +157,17 @@ def test_smoke_init_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert (tmp_path / "mmcs_reference.png").stat().st_size > 0
 
 
+def test_init_table_rebuilds_the_sweep_setups_an_earlier_part_ran() -> None:
+    """A runs file filled in parts holds exponents the current command did not name; its table
+    needs their setups (it failed with a KeyError on the name, losing the new runs' table)."""
+    from experiments.init_table import SETUPS, l1_sweep_setup, sweep_setup_named
+
+    for exponent, decay in ((-4, None), (0, 1.0), (-8, 0.99)):
+        expected = l1_sweep_setup(SETUPS["reference_256"], exponent, decay)
+        assert sweep_setup_named(expected.name) == expected
+    assert sweep_setup_named("reference") is None and sweep_setup_named("nope_e1") is None
+
+
 @pytest.fixture(scope="module")
 def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny MiniLM activation cache that every MiniLM smoke run reuses."""
