@@ -49,6 +49,7 @@ from lightning_sae.data.cache import NonFiniteDataError
 from lightning_sae.data.identity import IdentifiedData
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.loader import (
+    DealtRows,
     Generation,
     MixingBuffer,
     MixingPlan,
@@ -114,16 +115,8 @@ class _Forward:
         (default: one part of every row). ``None`` when ``stop`` was set midway."""
         n, positions, first = len(windows), self.text.positions, self.text.first_position
         deal = deal if deal is not None else [np.arange(n * positions)]
-        part_of, slot = np.empty(n * positions, np.int64), np.empty(n * positions, np.int64)
-        for j, rows in enumerate(deal):
-            part_of[rows], slot[rows] = j, np.arange(len(rows))
-        out = [
-            {
-                hook: torch.empty((len(rows), width), dtype=self.dtype, device=self.device)
-                for hook, width in self.widths.items()
-            }
-            for rows in deal
-        ]
+        columns = {hook: (width, self.dtype) for hook, width in self.widths.items()}
+        out = DealtRows(deal, columns, self.device)
         # Always the same forward batches for the same windows: the bits do not depend on
         # where a run stopped.
         for a in range(0, n, self.batch_windows):
@@ -136,14 +129,8 @@ class _Forward:
                 for hook, value in activations.items()
             }
             self._check_finite(blocks, a, where)
-            lo, hi = a * positions, b * positions
-            for j in np.unique(part_of[lo:hi]).tolist():
-                here = np.flatnonzero(part_of[lo:hi] == j)
-                to = torch.from_numpy(slot[lo:hi][here]).to(self.device)
-                here = torch.from_numpy(here).to(self.device)
-                for hook, block in blocks.items():
-                    out[j][hook][to] = block.index_select(0, here)
-        return out
+            out.write(a * positions, blocks)
+        return out.parts
 
     def _check_finite(self, blocks: Rows, first_window: int, where: str) -> None:
         # In the buffer dtype, so a float16 overflow counts: non-finite rows train to NaN.
