@@ -109,6 +109,10 @@ def test_resume_from_state_dict_continues_with_the_next_unseen_batch(tmp_path: P
         assert seen + [row_ids(following)] == expected[: stop + 1]
     with pytest.raises(ValueError, match="resume with the same data and batch_size"):
         ActivationBatches(dm._open(), 0, 1800, 50, shuffle=True).load_state_dict(state)
+    # A position saved by the loader before the mixing buffer: its order is gone; one line.
+    before_mixing = {"epoch": 0, "next_index": 5, "rows": 1800, "batch_size": 100}
+    with pytest.raises(ValueError, match=r"before the cache was served through the mixing bu"):
+        ActivationBatches(dm._open(), 0, 1800, 100, shuffle=True).load_state_dict(before_mixing)
 
 
 def test_ddp_ranks_read_disjoint_slices_of_the_global_batch(

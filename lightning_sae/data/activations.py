@@ -14,8 +14,8 @@ stream feeds too), holding at most ``shuffle_buffer_tokens`` rows per process:
    that order; under DDP rank ``r`` serves its slice of each global batch, so ranks serve
    disjoint rows and a DDP run sees what one process with the same global batch sees.
 
-A worker thread reads the next generation while batches are cut from the pool, and a
-background thread prepares the next ``prefetch_batches`` batches while the training step runs.
+The next generation is read while batches are cut from the pool, and ``prefetch_batches``
+batches are prepared ahead in a background thread while the training step runs.
 
 Every order is a pure function of (seed, epoch), so the loader's position is two integers,
 saved in Lightning checkpoints: a resumed run continues with the next unseen batch.
@@ -84,19 +84,12 @@ class ActivationBatches:
     """Batches of rows ``[start, stop)`` of one :class:`ShardedActivations`, or of several
     hooks' (``{hook: store}``, served as ``{hook: batch}`` with rows aligned), sliced per rank.
 
-    With ``shuffle`` every epoch is one pass over the rows through the data layer's mixing
-    buffer (:class:`~lightning_sae.data.loader.MixingBuffer`, the stream's too): the rows, cut
-    into chunks of ``chunk_rows`` that never cross a shard and put in a random order each
-    epoch, are read in generations of consecutive chunks; each generation's rows are dealt over
-    ``mix_refills`` refills, and each refill's pool is served in a random order. The buffer
-    holds at most ``buffer_rows`` rows (and the queued batches). Without ``shuffle`` the rows
-    come in order and every pass starts from the first batch. An epoch serves ``len(self)``
-    global batches, each row at most once; under DDP each rank serves its slice of each.
-
-    It has a length, so Lightning does not prefetch, and ``state_dict`` is the exact position
-    (the batches handed out, not those prepared ahead). Reads are split over ``threads``
-    threads; ``prefetch_batches`` > 0 gathers that many batches ahead in a background thread
-    (the buffer reads its next generation ahead either way).
+    With ``shuffle``, an epoch is one pass over the rows through the mixing buffer (see the
+    module docstring) holding at most ``buffer_rows`` rows; without, the rows come in order and
+    every pass starts from the first batch. It has a length, so Lightning does not prefetch,
+    and ``state_dict`` is the exact position (the batches handed out, not those prepared ahead).
+    Reads are split over ``threads`` threads; ``prefetch_batches`` > 0 gathers that many
+    batches ahead in a background thread.
     """
 
     def __init__(
@@ -120,8 +113,6 @@ class ActivationBatches:
                 f"only {stop - start:,} rows for batches of {batch_size:,}: lower "
                 "data.init_args.batch_size or cache more tokens."
             )
-        if prefetch_batches < 0:
-            raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}.")
         # A buffer holds (mix_refills + 3) / 2 generations (MixingPlan.held_rows).
         generation_rows = min(2 * buffer_rows // (mix_refills + 3), stop - start)
         if shuffle and generation_rows < mix_refills:
@@ -130,14 +121,13 @@ class ActivationBatches:
                 f"over mix_refills={mix_refills}: raise it to at least "
                 f"{mix_refills * (mix_refills + 3) // 2:,} or lower mix_refills."
             )
-        self.stores = store if isinstance(store, dict) else {None: store}
         self.single = not isinstance(store, dict)
+        self.stores = {None: store} if self.single else store
         self.store = next(iter(self.stores.values()))
         self.start, self.stop, self.batch_size = start, stop, batch_size
         self.shuffle, self.seed, self.pin_memory = shuffle, seed, pin_memory
         self.generation_rows, self.mix_refills = generation_rows, mix_refills
-        self.threads = max(1, threads)
-        self.prefetch_batches = prefetch_batches
+        self.threads, self.prefetch_batches = max(1, threads), prefetch_batches
         self.chunks = self._chunk_bounds(chunk_rows)
         self.epoch, self.next_index = 0, 0
         self._epoch_order: tuple[int, MixingPlan, np.ndarray, np.ndarray] | None = None
@@ -157,14 +147,11 @@ class ActivationBatches:
         """``epoch``'s mixing plan, its chunks in reading order and where each ends in that
         order (kept for the epoch last asked about)."""
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            rows = self.stop - self.start
-            plan = MixingPlan(self.generation_rows, self.mix_refills, [self.seed, epoch], rows)
-            chunks = self.chunks[self._rng(epoch).permutation(len(self.chunks))]
+            rows, key = self.stop - self.start, [self.seed, epoch]
+            plan = MixingPlan(self.generation_rows, self.mix_refills, key, rows)
+            chunks = self.chunks[np.random.default_rng(key).permutation(len(self.chunks))]
             self._epoch_order = epoch, plan, chunks, np.cumsum(chunks[:, 1] - chunks[:, 0])
         return self._epoch_order[1:]
-
-    def _rng(self, epoch: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, epoch])
 
     def plan(self, epoch: int) -> MixingPlan:
         return self._epoch(epoch)[0]
@@ -188,32 +175,22 @@ class ActivationBatches:
     ) -> Generation | None:
         """A generation read from the stores (or, with ``labels``, its source row numbers),
         dealt into its parts as each piece is read."""
-        plan, pieces = self.plan(epoch), self.pieces(epoch, generation)
-        if labels:
-            columns = {"row": (1, torch.int64)}
-        else:
-            columns = {k: (s.d_in, s.torch_dtype) for k, s in self.stores.items()}
-        dealt = DealtRows(plan.parts(generation), columns, torch.device("cpu"))
-        offsets = np.cumsum([0] + [hi - lo for lo, hi in pieces]).tolist()
+        pieces = self.pieces(epoch, generation)
+        columns = {k: (s.d_in, s.torch_dtype) for k, s in self.stores.items()}
+        columns = {"row": (1, torch.int64)} if labels else columns
+        dealt = DealtRows(self.plan(epoch).parts(generation), columns, torch.device("cpu"))
 
         def read(lo: int, hi: int, offset: int) -> None:
-            if stop.is_set():
-                return
-            if labels:
-                block = {"row": torch.arange(lo, hi)[:, None]}
-            else:
-                block = {}
-                for key, store in self.stores.items():
-                    array = store.empty(hi - lo)
-                    store.read(lo, hi, array)
-                    block[key] = store.to_torch(array)
-            dealt.write(offset, block)
+            block = {"row": torch.arange(lo, hi)[:, None]} if labels else {}
+            for key, store in {} if labels or stop.is_set() else self.stores.items():
+                block[key] = store.to_torch(array := store.empty(hi - lo))
+                store.read(lo, hi, array)
+            if block:
+                dealt.write(offset, block)
 
+        offsets = np.cumsum([0] + [hi - lo for lo, hi in pieces]).tolist()
         with ThreadPoolExecutor(self.threads, thread_name_prefix="activation-read") as pool:
-            reads = [
-                pool.submit(read, lo, hi, o)
-                for (lo, hi), o in zip(pieces, offsets[:-1], strict=True)
-            ]
+            reads = [pool.submit(read, *p, o) for p, o in zip(pieces, offsets, strict=False)]
             for done in reads:
                 done.result()
         return None if stop.is_set() else Generation(generation, dealt.parts)
@@ -222,23 +199,13 @@ class ActivationBatches:
         self, epoch: int, first_batch: int, keep: slice, stop: threading.Event, labels: bool
     ) -> Iterator[Rows]:
         """Rows ``keep`` of each global batch of ``epoch`` from ``first_batch`` on."""
-        buffer = MixingBuffer(
-            self.plan(epoch),
-            lambda g, stop: self._make(epoch, g, stop, labels),
-            stop,
-            "activation-mixing",
-            self.pin_memory and not labels,
-        )
+        make = lambda g, stop: self._make(epoch, g, stop, labels)  # noqa: E731
+        pin = self.pin_memory and not labels
+        buffer = MixingBuffer(self.plan(epoch), make, stop, "activation-mixing", pin)
         served = buffer.serve(first_batch * self.batch_size, self.batch_size, keep)
         with closing(served):
             for rows, _ in islice(served, len(self) - first_batch):
                 yield rows
-
-    def _in_order(self, first_batch: int, keep: slice) -> Iterator[Rows]:
-        for i in range(first_batch, len(self)):
-            lo = self.start + i * self.batch_size
-            rows = np.arange(lo, lo + self.batch_size)[keep]
-            yield {k: s.to_torch(s.gather(rows)) for k, s in self.stores.items()}
 
     def batch_rows(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
         """Source rows of global batch ``index`` that ``rank`` serves (for inspection)."""
@@ -251,6 +218,17 @@ class ActivationBatches:
 
     def _served(self, rows: Rows) -> Tensor | dict[str, Tensor]:
         return rows[None] if self.single else rows
+
+    def _batches(self, keep: slice, stop: threading.Event) -> Iterator[Tensor | dict[str, Tensor]]:
+        if self.shuffle:
+            rows = self._mixed(self.epoch, self.next_index, keep, stop, labels=False)
+        else:  # in order: rows [lo, lo + batch_size)[keep] of each batch
+            lows = range(self.start + self.next_index * self.batch_size, self.stop, self.batch_size)
+            indices = (np.arange(lo, lo + self.batch_size)[keep] for lo in lows[: len(self)])
+            rows = ({k: s.to_torch(s.gather(i)) for k, s in self.stores.items()} for i in indices)
+        with closing(rows):
+            for batch in rows:
+                yield self._served(batch)
 
     def __iter__(self) -> Iterator[Tensor | dict[str, Tensor]]:
         rank, world = _rank_and_world()
@@ -276,40 +254,30 @@ class ActivationBatches:
             stop.set()  # the generation being read ahead stops too
             batches.close()
 
-    def _batches(self, keep: slice, stop: threading.Event) -> Iterator[Tensor | dict[str, Tensor]]:
-        if self.shuffle:
-            rows = self._mixed(self.epoch, self.next_index, keep, stop, labels=False)
-        else:
-            rows = self._in_order(self.next_index, keep)
-        with closing(rows):
-            for batch in rows:
-                yield self._served(batch)
-
-    def state_dict(self) -> dict[str, int]:
+    def _shape(self) -> dict[str, int]:
         return {
-            "epoch": self.epoch,
-            "next_index": self.next_index,
             "rows": self.stop - self.start,
             "batch_size": self.batch_size,
             "generation_rows": self.generation_rows,
             "mix_refills": self.mix_refills,
         }
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "next_index": self.next_index, **self._shape()}
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         if "mix_refills" not in state:
             raise ValueError(
-                "the checkpoint's loader position was saved before the cache was served "
-                "through the mixing buffer (lightning-sae <= 0.x): its order cannot be "
-                "continued. Start a new fit from its weights with --init_from <checkpoint>."
+                "the checkpoint's loader position was saved before the cache was served through "
+                "the mixing buffer: its order cannot be continued. Start a new fit from its "
+                "weights with --init_from <checkpoint> instead of --ckpt_path."
             )
-        here = self.state_dict()
-        keys = ("rows", "batch_size", "generation_rows", "mix_refills")
-        saved = {key: state[key] for key in keys}
-        if saved != {key: here[key] for key in keys}:
+        saved, here = {key: state[key] for key in self._shape()}, self._shape()
+        if saved != here:
             raise ValueError(
-                f"the checkpoint's loader position is for {saved}, but this data has "
-                f"{ {key: here[key] for key in keys} }: resume with the same data and batch_size "
-                "(and shuffle_buffer_tokens, mix_refills)."
+                f"the checkpoint's loader position is for {saved}, but this data has {here}: "
+                "resume with the same data and batch_size (and shuffle_buffer_tokens, "
+                "mix_refills)."
             )
         self.epoch, self.next_index = state["epoch"], state["next_index"]
 

@@ -1,6 +1,6 @@
-"""What the activation loaders share: the process's place in a DDP run, and a generator run
-ahead of its consumer in a background thread (the cache's reader and the stream's model both
-work while the training step runs)."""
+"""What the activation loaders share: the process's place in a DDP run, a generator run ahead
+of its consumer in a background thread, and the one mixing buffer that the cache's reader and
+the stream's model both feed (each works while the training step runs)."""
 
 from __future__ import annotations
 
@@ -180,11 +180,8 @@ class DealtRows:
             self.part_of[rows], self.slot[rows] = j, np.arange(len(rows))
         self.device = device
         self.parts: list[Rows] = [
-            {
-                key: torch.empty((len(rows), w), dtype=t, device=device)
-                for key, (w, t) in columns.items()
-            }
-            for rows in deal
+            {k: torch.empty((len(r), w), dtype=t, device=device) for k, (w, t) in columns.items()}
+            for r in deal
         ]
 
     def write(self, first: int, block: Rows) -> None:

@@ -333,24 +333,18 @@ class StreamValBatches:
         return -(-self.rows_per_stream // self.stream_batch)
 
     def _stream(self, windows: np.ndarray, stop: threading.Event) -> Iterator[Rows]:
-        positions = self.forward.text.positions
-        per_forward = max(1, -(-self.stream_batch // positions))
-        pending: list[Rows] = []
-        n_pending = 0
+        per_forward = max(1, -(-self.stream_batch // self.forward.text.positions))
+        pending: list[Rows] = []  # rows left over from the forward before
         for a in range(0, len(windows), per_forward):
             parts = self.forward.rows(windows[a : a + per_forward], stop, "(validation) ")
             if parts is None:
                 return
-            rows = parts[0]
-            pending.append(rows)
-            n_pending += len(next(iter(rows.values())))
-            while n_pending >= self.stream_batch or (n_pending and a + per_forward >= len(windows)):
-                joined = cat_rows(pending)
-                take = min(self.stream_batch, n_pending)
-                yield {hook: value[:take] for hook, value in joined.items()}
-                rest = {hook: value[take:] for hook, value in joined.items()}
-                n_pending -= take
-                pending = [rest] if n_pending else []
+            rows = cat_rows([*pending, parts[0]])
+            n = len(next(iter(rows.values())))
+            end = n if a + per_forward >= len(windows) else n - n % self.stream_batch
+            for b in range(0, end, self.stream_batch):
+                yield {hook: value[b : b + self.stream_batch] for hook, value in rows.items()}
+            pending = [{hook: value[end:] for hook, value in rows.items()}]
 
     def _batches(self, stop: threading.Event) -> Iterator[Batch]:
         with ExitStack() as stack:
@@ -413,7 +407,7 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
         buffer_bytes: int = 1 << 30,
         buffer_dtype: ServedDtype | None = None,
         mix_refills: int = 16,
-        cursors: int = 32,
+        cursors: int = 64,
         model_batch_size: int = 32,
         dtype: ServedDtype = "float32",
         device: str | None = None,
