@@ -34,7 +34,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
@@ -171,10 +171,10 @@ class ActivationBatches:
         return found
 
     def _make(
-        self, epoch: int, generation: int, stop: threading.Event, labels: bool
+        self, epoch: int, generation: int, stop: threading.Event, labels: bool, pool: Executor
     ) -> Generation | None:
-        """A generation read from the stores (or, with ``labels``, its source row numbers),
-        dealt into its parts as each piece is read."""
+        """A generation read from the stores by ``pool`` (or, with ``labels``, its source row
+        numbers), dealt into its parts as each piece is read."""
         pieces = self.pieces(epoch, generation)
         columns = {k: (s.d_in, s.torch_dtype) for k, s in self.stores.items()}
         columns = {"row": (1, torch.int64)} if labels else columns
@@ -189,21 +189,21 @@ class ActivationBatches:
                 dealt.write(offset, block)
 
         offsets = np.cumsum([0] + [hi - lo for lo, hi in pieces]).tolist()
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="activation-read") as pool:
-            reads = [pool.submit(read, *p, o) for p, o in zip(pieces, offsets, strict=False)]
-            for done in reads:
-                done.result()
+        reads = [pool.submit(read, *p, o) for p, o in zip(pieces, offsets, strict=False)]
+        for done in reads:
+            done.result()
         return None if stop.is_set() else Generation(generation, dealt.parts)
 
     def _mixed(
         self, epoch: int, first_batch: int, keep: slice, stop: threading.Event, labels: bool
     ) -> Iterator[Rows]:
         """Rows ``keep`` of each global batch of ``epoch`` from ``first_batch`` on."""
-        make = lambda g, stop: self._make(epoch, g, stop, labels)  # noqa: E731
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="activation-read")
+        make = lambda g, stop: self._make(epoch, g, stop, labels, pool)  # noqa: E731
         pin = self.pin_memory and not labels
         buffer = MixingBuffer(self.plan(epoch), make, stop, "activation-mixing", pin)
         served = buffer.serve(first_batch * self.batch_size, self.batch_size, keep)
-        with closing(served):
+        with pool, closing(served):  # the buffer stops before the reading threads
             for rows, _ in islice(served, len(self) - first_batch):
                 yield rows
 
