@@ -113,10 +113,10 @@ class MixingPlan:
         return [base + (j < extra) for j in range(self.spread)]
 
     def parts(self, generation: int) -> list[np.ndarray]:
-        """Rows of ``generation`` (indices into it) in each of its parts."""
+        """Rows of ``generation`` (indices into it) in each of its parts, ascending."""
         rng = np.random.default_rng([*self.seed, 0, generation])
         deal = rng.permutation(self.rows(generation))
-        return np.split(deal, np.cumsum(self.part_rows(generation))[:-1])
+        return [np.sort(p) for p in np.split(deal, np.cumsum(self.part_rows(generation))[:-1])]
 
     def exists(self, generation: int) -> bool:
         return self.generations is None or generation < self.generations
@@ -165,8 +165,9 @@ Rows = dict[str, Tensor]  # hook (or label) -> [rows, width]
 class DealtRows:
     """A generation's parts being filled: blocks of its rows, written as they are made (by the
     model, or read from disk), go straight to their parts, so no undealt copy is held.
-    ``deal[j]`` lists the generation's rows in part ``j``, in that part's order; ``columns``
-    gives each key's (width, dtype)."""
+    ``deal[j]`` lists, in ascending order, the generation's rows in part ``j`` (the order
+    within a pool is drawn when it is served), so each block fills a run of each part;
+    ``columns`` gives each key's (width, dtype)."""
 
     def __init__(
         self,
@@ -174,27 +175,21 @@ class DealtRows:
         columns: dict[str, tuple[int, torch.dtype]],
         device: torch.device,
     ) -> None:
-        n = sum(len(rows) for rows in deal)
-        self.part_of, self.slot = np.empty(n, np.int64), np.empty(n, np.int64)
-        for j, rows in enumerate(deal):
-            self.part_of[rows], self.slot[rows] = j, np.arange(len(rows))
-        self.device = device
+        self.deal, self.device = deal, device
         self.parts: list[Rows] = [
             {k: torch.empty((len(r), w), dtype=t, device=device) for k, (w, t) in columns.items()}
             for r in deal
         ]
 
     def write(self, first: int, block: Rows) -> None:
-        """Rows ``first, first + 1, ...`` of the generation; blocks may be written from several
-        threads at once (they fill disjoint rows)."""
+        """Rows ``first, first + 1, ...`` of the generation, in the parts' dtypes; blocks may be
+        written from several threads at once (they fill disjoint rows)."""
         n = len(next(iter(block.values())))
-        part_of, slot = self.part_of[first : first + n], self.slot[first : first + n]
-        for j in np.unique(part_of).tolist():
-            here = np.flatnonzero(part_of == j)
-            to = torch.from_numpy(slot[here]).to(self.device)
-            here = torch.from_numpy(here).to(self.device)
-            for key, rows in block.items():
-                self.parts[j][key][to] = rows.index_select(0, here)
+        for rows, part in zip(self.deal, self.parts, strict=True):
+            a, b = np.searchsorted(rows, [first, first + n]).tolist()
+            here = torch.from_numpy(rows[a:b] - first).to(self.device)
+            for key, value in block.items():
+                torch.index_select(value, 0, here, out=part[key][a:b])
 
 
 @dataclass
