@@ -1,7 +1,7 @@
 """The ``lightning-sae`` command: LightningCLI's fit / validate / test plus tool subcommands.
 
 Trainer subcommands go to :class:`SAECLI`. Tool subcommands that are not trainer methods
-(``cache``, ``export``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
+(``cache``, ``export``, ``push``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
 dispatched before LightningCLI parses anything.
 """
 
@@ -284,6 +284,10 @@ def _register_tools() -> None:
             "export": (
                 "write sae_weights.safetensors + cfg.json (SAELens layout)",
                 _lazy("lightning_sae.io", "export_main", commands.export_parser),
+            ),
+            "push": (
+                "publish an SAE on the Hugging Face Hub (SAELens layout + model card)",
+                _lazy("lightning_sae.publish", "push_main", commands.push_parser),
             ),
             "compare": (
                 "match the features of two SAEs (checkpoints or export folders)",

@@ -17,6 +17,8 @@ import yaml
 
 # What an export folder's weights file is called: SAELens's name first, our old name after.
 EXPORT_WEIGHTS_FILENAMES = ("sae_weights.safetensors", "sae.safetensors")
+# The final metrics table a fit prints, also written into its run folder (for push's card).
+FINAL_METRICS_FILENAME = "final_metrics.txt"
 # Exact matching (scipy's Hungarian) up to this many features per side; greedy beyond.
 HUNGARIAN_LIMIT = 16384
 NEAREST_NEIGHBOUR_BACKENDS = ("auto", "torch", "faiss")
@@ -62,7 +64,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ckpt_path",
         required=True,
-        help="Lightning checkpoint (.ckpt), or the folder a latent-sharded run saved",
+        help="Lightning checkpoint (.ckpt), the folder a latent-sharded run saved, or an SAE "
+        "folder / hf://org/repo[/subfolder] (a SAELens or sparsify SAE, written anew)",
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument(
@@ -80,6 +83,48 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def push_parser() -> argparse.ArgumentParser:
+    parser = ToolParser(
+        prog="lightning-sae push",
+        description="Publish an SAE on the Hugging Face Hub: export it in SAELens's layout "
+        "(cfg.json + sae_weights.safetensors), write a model card (README.md: variant, hook, "
+        "model, dataset, tokens trained, the run's final metrics and config) and upload the "
+        "folder. Log in first (`hf auth login`, or set HF_TOKEN); --dry-run writes the folder "
+        "only. Load it back with lightning_sae.load('hf://ORG/NAME[/SUBFOLDER]').",
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning checkpoint (.ckpt, or a latent-sharded run's folder) or export folder",
+    )
+    parser.add_argument("--repo", required=True, help="model repo to upload to, org/name")
+    parser.add_argument(
+        "--subfolder",
+        default=None,
+        help="folder of the repo for this SAE (several SAEs share a repo this way); its card "
+        "goes there too",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write the folder and card to --out and upload nothing (no network)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder the upload is written to (kept); required with --dry-run, else temporary",
+    )
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument(
+        "--revision", default=None, help="branch to upload to (created if missing); default main"
+    )
+    parser.add_argument("--commit-message", default=None, help="the upload's commit message")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an SAE that --out already holds"
+    )
+    return parser
+
+
 def compare_parser() -> argparse.ArgumentParser:
     parser = ToolParser(
         prog="lightning-sae compare",
@@ -87,7 +132,9 @@ def compare_parser() -> argparse.ArgumentParser:
         "max cosine similarity A->B and B->A, and a one-to-one matching, for decoder and "
         "encoder directions.",
     )
-    parser.add_argument("sae_a", help="checkpoint (.ckpt), export folder or .safetensors file")
+    parser.add_argument(
+        "sae_a", help="checkpoint (.ckpt), SAE folder, hf://org/repo[/subfolder] or .safetensors"
+    )
     parser.add_argument("sae_b", help="the same for the second SAE")
     parser.add_argument("--backend", choices=NEAREST_NEIGHBOUR_BACKENDS, default="auto")
     parser.add_argument(
@@ -113,7 +160,11 @@ def inspect_parser() -> argparse.ArgumentParser:
         "+ JSON data and a static HTML browser (OUT/index.html). Override data options with "
         "--data.init_args.NAME VALUE.",
     )
-    parser.add_argument("--ckpt_path", required=True, help="Lightning checkpoint or export folder")
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning checkpoint, SAE folder or hf://org/repo[/subfolder][@revision]",
+    )
     parser.add_argument(
         "--config",
         required=True,

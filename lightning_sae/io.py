@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_sae import __version__
+from lightning_sae import __version__, hub, peers
 from lightning_sae.commands import EXPORT_WEIGHTS_FILENAMES, export_parser
 from lightning_sae.files import load_safetensors_file, load_torch_file, read_text_bounded
 from lightning_sae.models import (
@@ -47,6 +47,8 @@ from lightning_sae.models.group import SAEGroup, names_group
 CONFIG_FILENAME = "cfg.json"
 # SAELens's load_from_disk reads exactly this name; ``sae.safetensors`` is accepted on load.
 WEIGHTS_FILENAME, WEIGHTS_FALLBACK_FILENAME = EXPORT_WEIGHTS_FILENAMES
+# A sparsify run's training config, beside its hookpoint folders: the model and dataset.
+RUN_CONFIG_FILENAME = hub.RUN_CONFIG_FILENAME
 # The cfg.json format this file writes: SAELens's 6.x layout. SAELens picks its loader by
 # ``metadata.sae_lens_version`` (below 6.0 it converts from the old layout), so that key holds
 # the format's version, not a SAELens install that wrote the file; ``metadata.lightning_sae``
@@ -364,6 +366,12 @@ def export_checkpoint(
     return Path(out_dir)
 
 
+def is_sae_folder(path: str | Path) -> bool:
+    """Whether ``path`` names an SAE folder (a ``hf://`` path, or a folder with cfg.json)
+    rather than a Lightning checkpoint."""
+    return hub.is_hub_path(path) or (Path(path) / CONFIG_FILENAME).is_file()
+
+
 def _is_group_checkpoint(hparams: dict[str, Any]) -> bool:
     saved = hparams.get("_class_path")
     return names_group(saved) if saved is not None else "members" in hparams
@@ -377,9 +385,18 @@ def _export_checkpoint(
     overwrite: bool = False,
 ) -> list[Path]:
     """The folders written: ``[out_dir]``, or one per member of a group."""
-    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; pass a folder (it is created if missing).")
+    if is_sae_folder(ckpt_path):  # a SAELens or sparsify folder, or hf://: written anew
+        if class_path is not None:
+            raise ValueError(f"{ckpt_path} records its own class; leave out --class_path.")
+        sae = load(ckpt_path)
+        _check_export_folder(out_dir, overwrite)
+        source = sae_metadata(ckpt_path)
+        kept = {k: v for k, v in source.items() if k not in ("sae_lens_version", "lightning_sae")}
+        return [export_sae(sae, out_dir, kept | (metadata or {}))]
+    ckpt_path = Path(ckpt_path)
     checkpoint = _read_checkpoint(ckpt_path)
     common = _metadata_from_checkpoint(checkpoint)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
@@ -511,22 +528,45 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an exported or SAELens folder into our module class, in eval mode.
-
-    Our exports come back as the class and constructor arguments they were exported from;
-    SAELens folders as StandardSAE / TopKSAE / JumpReLUSAE / GatedSAE. The returned module has
-    ``input_scale`` 1 (the scale is in the weights), so ``encode``/``decode``/``forward`` take
-    and give activations in model units, as before export.
-    """
-    folder = Path(path)
+def read_sae_folder(
+    folder: Path, with_weights: bool = True
+) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    """A folder's ``cfg.json`` and weights in SAELens 6.x's layout, whichever program wrote it
+    (lightning-sae, SAELens of any version, sparsify: see :mod:`lightning_sae.peers`)."""
     if not (folder / CONFIG_FILENAME).exists():
         raise FileNotFoundError(
             f"{folder / CONFIG_FILENAME} does not exist; pass the folder `lightning-sae export "
-            "--out DIR` wrote, or a SAELens SAE folder."
+            "--out DIR` wrote, a SAELens or sparsify SAE folder, or hf://org/repo[/subfolder]."
         )
     cfg = read_config(folder / CONFIG_FILENAME)
-    weights = load_safetensors_file(_weights_file(folder))
+    weights = load_safetensors_file(_weights_file(folder)) if with_weights else None
+    run_config = None
+    if peers.is_sparsify(cfg) and (folder.parent / RUN_CONFIG_FILENAME).is_file():
+        run_config = read_config(folder.parent / RUN_CONFIG_FILENAME)
+    return peers.current_layout(cfg, weights, folder, run_config)
+
+
+def sae_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata`` block (model, hook, dataset...) of an SAE folder or ``hf://`` path, in
+    SAELens 6.x's names whichever program wrote it."""
+    cfg, _ = read_sae_folder(hub.local_folder(path), with_weights=False)
+    return dict(cfg.get("metadata") or {})
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Load an SAE folder, or ``hf://org/repo[/subfolder][@revision]``, into our module class,
+    in eval mode.
+
+    Our exports come back as the class and constructor arguments they were exported from;
+    SAELens folders (any version) as StandardSAE / TopKSAE / JumpReLUSAE / GatedSAE or a
+    transcoder; sparsify folders as TopKSAE or a TopK (skip) transcoder. The returned module has
+    ``input_scale`` 1 (the scale is in the weights), so ``encode``/``decode``/``forward`` take
+    and give activations in model units, as before export. A Hub path is fetched through
+    ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``; see :mod:`lightning_sae.hub`).
+    """
+    folder = hub.local_folder(path)
+    cfg, weights = read_sae_folder(folder)
+    assert weights is not None
     _check_supported(cfg, weights)
     name = cfg.get("architecture", "standard")
     if name not in DEFAULT_CLASS and name not in OWN_ARCHITECTURES:
@@ -598,7 +638,7 @@ def export_main(argv: list[str]) -> None:
         folders = _export_checkpoint(
             args.ckpt_path, args.out, args.class_path, overrides, args.overwrite
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # HubError and UnreadableFileError too
         raise SystemExit(f"error: {error}") from None
     for out in folders:
         cfg = read_config(out / CONFIG_FILENAME)

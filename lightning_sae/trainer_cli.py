@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
-from lightning import Callback, Trainer
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -37,8 +37,10 @@ from lightning_sae.callbacks.lifecycle import (
     StepProgressBar,
     TokenThroughput,
 )
+from lightning_sae.commands import FINAL_METRICS_FILENAME
 from lightning_sae.data.identity import DataMismatchError, check_same_data, saved_identity
 from lightning_sae.files import load_torch_file
+from lightning_sae.hub import HubError, is_hub_path, sae_folder
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.group import SAEGroup, names_group
 from lightning_sae.options import CLASS_GROUPS, parser_error_line, read_table, write_table
@@ -415,8 +417,12 @@ def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
         )
 
 
-def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
-    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it is refused."""
+def _latent_parallel_strategy(
+    trainer_config: Any, latent_parallel: int, model: LightningModule | None = None
+) -> Any:
+    """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it, or a model the
+    mesh cannot split, is refused here, once, before any process is launched."""
+    from lightning_sae.parallel.sharded import check_shardable
     from lightning_sae.parallel.strategy import LatentParallelStrategy
 
     if trainer_config.get("strategy", "auto") != "auto":
@@ -427,9 +433,12 @@ def _latent_parallel_strategy(trainer_config: Any, latent_parallel: int) -> Any:
         )
     trainer_config.pop("strategy", None)
     try:
-        return LatentParallelStrategy(latent_parallel=latent_parallel)
+        strategy = LatentParallelStrategy(latent_parallel=latent_parallel)
+        if model is not None:
+            check_shardable(model, latent_parallel)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    return strategy
 
 
 def _is_variant(class_path: str | None, cls: type) -> bool:
@@ -621,6 +630,20 @@ class SAECLI(LightningCLI):
         self._export_folder: Path | None = None
         if ckpt_path and _is_sharded_checkpoint(ckpt_path):
             _check_sharded_resume(ckpt_path, config.get("trainer", {}))
+        if ckpt_path and is_hub_path(ckpt_path):  # hf://org/repo[/subfolder][@revision]
+            if subcommand == "fit":
+                raise SystemExit(
+                    f"error: --ckpt_path {ckpt_path} is an SAE on the Hub; fit resumes from a "
+                    "Lightning checkpoint (.ckpt). Use it with validate or test, or "
+                    "lightning_sae.load in Python."
+                )
+            try:
+                self._export_folder = sae_folder(ckpt_path)
+                self._export_label = ckpt_path  # the table names the hf:// path, not the cache
+            except HubError as error:
+                raise SystemExit(f"error: {error}") from None
+            config["ckpt_path"] = None
+            return
         if ckpt_path and Path(ckpt_path).is_dir() and not _is_sharded_checkpoint(ckpt_path):
             self._export_folder = self._export_folder_for(subcommand, Path(ckpt_path))
             config["ckpt_path"] = None
@@ -714,7 +737,9 @@ class SAECLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         latent_parallel = trainer_config.pop("latent_parallel", 1)
         if latent_parallel != 1:
-            kwargs["strategy"] = _latent_parallel_strategy(trainer_config, latent_parallel)
+            kwargs["strategy"] = _latent_parallel_strategy(
+                trainer_config, latent_parallel, self.model
+            )
         callbacks = trainer_config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         self.coverage = EvaluationCoverage()
@@ -778,12 +803,15 @@ class SAECLI(LightningCLI):
         checkpoint, step = None, self.trainer.global_step
         if self.subcommand != "fit":
             export = getattr(self, "_export_folder", None)
-            checkpoint = str(export) if export else self.config[self.subcommand].get("ckpt_path")
+            label = getattr(self, "_export_label", None) or (str(export) if export else None)
+            checkpoint = label or self.config[self.subcommand].get("ckpt_path")
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
         members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
         table = final_metrics_table(self.trainer, self.coverage, gt_mmcs, checkpoint, step, members)
         print(table, flush=True)
+        if self.subcommand == "fit":  # kept with the run: `lightning-sae push` puts it in the card
+            (Path(self.run_dir) / FINAL_METRICS_FILENAME).write_text(table.lstrip("\n") + "\n")
 
     def _gt_mmcs(self) -> float | dict[str, float] | None:
         """Ground-truth MMCS of the weights the table reports (toy data only; by member in a

@@ -5,14 +5,17 @@ program; the test also imports :func:`fit` to train the one-process reference in
 One launch runs every mesh of its world size (``--latent_parallel 2 1``: meshes 1x2 and 2x1 on
 two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 "<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
-training-dynamics callback, else the decoder-norm constraint alone; checkpoint: save every
+training-dynamics callback, else the decoder-norm constraint alone; init: the data-informed
+init method of those callbacks, default kmeans; checkpoint: save every
 ``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
-encoder backward with dense autograd, :class:`SparseBackwardCheck`), then every resume of
-``--resumes`` (``[source latent_parallel, target latent_parallel, name]``: the run restarted
-from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit writes
-``rank<R>.pt`` (the rank's state dict, latent rank and sparse check), CSV metrics from rank 0
-under ``csv`` and its checkpoints under ``ckpt``, in ``lp<latent_parallel>/<name>`` (a resume:
-``<name>-resumed-from-lp<S>``).
+encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs`` or
+``layers``, toy rows served as a transcoder's or a crosscoder's hooks; init_check: every
+data-informed init method's weights for the member's latents, :class:`InitSlices`), then
+every resume of ``--resumes`` (``[source latent_parallel, target latent_parallel, name]``:
+the run restarted from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit
+writes ``rank<R>.pt`` (the rank's state dict, latent rank, sparse check and init slices), CSV
+metrics from rank 0 under ``csv`` and its checkpoints under ``ckpt``, in
+``lp<latent_parallel>/<name>`` (a resume: ``<name>-resumed-from-lp<S>``).
 """
 
 import argparse
@@ -29,15 +32,52 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
-from lightning_sae.callbacks.init import DataInformedInit
+from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
-from lightning_sae.data.toy import ToySuperpositionDataModule
+from lightning_sae.data.toy import ToyBatches, ToySuperpositionDataModule
 from lightning_sae.models import topk
 from lightning_sae.models.sparse import SparseCode
 from lightning_sae.parallel import LatentParallelStrategy, shard_of
 
 D_IN, D_SAE, BATCH = 16, 64, 64
 STEPS, EVERY = 8, 4  # steps per fit; a checkpoint every EVERY steps
+# Transcoders read IN and write OUT (another width and scale); crosscoders read LAYERS.
+IN, OUT, D_OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", 12
+LAYERS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def sites(x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Toy rows as the hooks a transcoder (``pairs``) or a crosscoder (``layers``) reads, row
+    by row, so that a rank's slice of the global batch maps to the same slice of the sites.
+    Each site has its own scale, so the per-site factors differ."""
+    if kind == "layers":
+        return {LAYERS[0]: x[:, : D_IN // 2], LAYERS[1]: 4 * x[:, D_IN // 2 :]}
+    g = torch.Generator().manual_seed(1234)  # the map itself is fixed
+    linear, detect = torch.randn(D_IN, D_OUT, generator=g), torch.randn(D_IN, 24, generator=g)
+    write = torch.randn(24, D_OUT, generator=g)
+    return {IN: x, OUT: 3 * (x @ linear + torch.relu(x @ detect - 0.5) @ write)}
+
+
+class SiteBatches(ToyBatches):
+    def __init__(self, batches: ToyBatches, kind: str) -> None:
+        self.__dict__.update(batches.__dict__)
+        self.kind = kind
+
+    def __iter__(self):  # noqa: ANN204
+        return (sites(x, self.kind) for x in super().__iter__())
+
+
+class SiteToyData(ToySuperpositionDataModule):
+    """Toy data served as ``{hook: rows}`` (``kind``: ``pairs`` or ``layers``)."""
+
+    def __init__(self, kind: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kind = kind
+        self.train_batches = SiteBatches(self.train_batches, kind)
+        self.val_data = SiteBatches(self.val_data, kind)
+
+    def sample(self, n: int, seed: int | None = None) -> dict[str, torch.Tensor]:
+        return sites(super().sample(n, seed), self.kind)
 
 
 class Silence(L.Callback):
@@ -116,10 +156,11 @@ class SparseBackwardCheck(L.Callback):
         if trainer.global_step != self.step:
             return
         shard = shard_of(pl_module)
-        x = pl_module._batch_tensor(batch)
-        x_n = pl_module.normalize(x if shard is None else shard.gather_rows(x))
+        x, y = pl_module.input_and_target(batch) if shard is None else pl_module._rows(batch)
+        x_n = pl_module.normalize(x)
+        y_n = x_n if y is x else pl_module.normalize_target(y)
         with torch.enable_grad():
-            sparse_run, dense_run = sparse_and_dense(pl_module, x_n, x_n)
+            sparse_run, dense_run = sparse_and_dense(pl_module, x_n, y_n)
         self.report = {
             "dead": int(pl_module.dead_mask().sum()),
             "equal_x_hat": bool(torch.equal(sparse_run["x_hat"], dense_run["x_hat"])),
@@ -130,10 +171,30 @@ class SparseBackwardCheck(L.Callback):
         }
 
 
-def callbacks(steps: int) -> list[L.Callback]:
+class InitSlices(L.Callback):
+    """At fit start, every data-informed init method's weights for this member's latents
+    (``DataInformedInit.initial_weights`` with the shard; every rank joins), and the normalised
+    sample they came from, in ``self.report``."""
+
+    def __init__(self) -> None:
+        self.report = {}
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shard = shard_of(pl_module)
+        x, y = pl_module.input_and_target(trainer.datamodule.sample(D_SAE * 2, seed=5))
+        x_n = pl_module.normalize(x)
+        y_n = None if y is x else pl_module.normalize_target(y)
+        self.report = {"x_n": x_n, "y_n": y_n}
+        for method in METHODS:
+            init = DataInformedInit(method=method, n_samples=D_SAE * 2, rare_fraction=0.1)
+            self.report[method] = init.initial_weights(x_n, pl_module, y_n, shard)
+
+
+def callbacks(steps: int, init: str = "kmeans") -> list[L.Callback]:
     return [
         DecoderNormConstraint(),
-        DataInformedInit(method="kmeans", n_samples=D_SAE * 2),
+        DataInformedInit(method=init, n_samples=D_SAE * 2),
         Silence([1, 5, 40, 63]),
         DeadFeatureResampler(at_steps=[steps // 2], strategy="cluster", n_batches=1, batch_size=64),
         FeatureDensityMonitor(every_n_steps=steps // 2, window_tokens=BATCH * 2, save_png=False),
@@ -150,9 +211,9 @@ def fit(
     module, _, cls = run["model"].rpartition(".")
     model_cls = getattr(__import__(module, fromlist=[cls]), cls)
     model = model_cls(d_in=D_IN, d_sae=D_SAE, lr=3e-3, dead_window_tokens=128, **run["kwargs"])
-    data = ToySuperpositionDataModule(
-        n_features=48, d_in=D_IN, batch_size=BATCH, batches_per_epoch=steps, val_batches=1
-    )
+    toy = dict(n_features=48, d_in=D_IN, batch_size=BATCH, batches_per_epoch=steps, val_batches=1)
+    kind = run.get("sites")
+    data = ToySuperpositionDataModule(**toy) if kind is None else SiteToyData(kind, **toy)
     checkpoints = [
         ModelCheckpoint(
             dirpath=out / "ckpt",
@@ -163,6 +224,10 @@ def fit(
         )
     ]
     check = SparseBackwardCheck(steps - 1) if run.get("sparse_check") else None
+    slices = InitSlices() if run.get("init_check") else None
+    dynamics = [DecoderNormConstraint()]
+    if run.get("callbacks"):
+        dynamics = callbacks(steps, run.get("init", "kmeans"))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -173,9 +238,10 @@ def fit(
         log_every_n_steps=1,
         logger=CSVLogger(out, name="csv", version=0),
         callbacks=[
-            *(callbacks(steps) if run.get("callbacks") else [DecoderNormConstraint()]),
+            *dynamics,
             *(checkpoints if run.get("checkpoint") else []),
             *([check] if check else []),
+            *([slices] if slices else []),
         ],
         enable_checkpointing=bool(run.get("checkpoint")),
         enable_progress_bar=False,
@@ -190,6 +256,7 @@ def fit(
             "state": model.state_dict(),
             "latent_rank": 0 if shard is None else shard.latent_rank,
             "sparse_check": check.report if check else None,
+            "init_slices": slices.report if slices else None,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

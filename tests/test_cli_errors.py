@@ -163,7 +163,9 @@ def test_fit_help_lists_the_variants(capsys: pytest.CaptureFixture[str]) -> None
         assert name in helped
 
 
-@pytest.mark.parametrize("args", [["--help"], ["export", "--help"], ["compare", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["export", "--help"], ["compare", "--help"], ["push", "--help"]]
+)
 def test_help_does_not_import_torch_or_lightning(tmp_path: Path, args: list[str]) -> None:
     """``--help`` answers without the heavy imports (the 3 s CPU budget is in benchmarks)."""
     script = (

@@ -410,6 +410,21 @@ def test_checkpoint_exports_one_folder_per_member(tmp_path: Path) -> None:
         loaded = load(out / name)
         member = group.members[name].eval()
         torch.testing.assert_close(loaded.encode(x[hook]), member.encode(x[hook]))
+    # Published: one folder per member under the subfolder, one card listing them.
+    from lightning_sae.publish import push_main
+
+    for source, staged in ((tmp_path / "ckpt" / "last.ckpt", "up-ckpt"), (out, "up-export")):
+        argv = ["--ckpt_path", str(source), "--repo", "me/group", "--subfolder", "sweep"]
+        push_main([*argv, "--dry-run", "--out", str(tmp_path / staged)])
+        sweep = tmp_path / staged / "sweep"
+        assert sorted(p.name for p in sweep.iterdir()) == ["README.md", "k4", "l1"]
+        card = (sweep / "README.md").read_text()
+        assert "| `sweep/k4` | TopKSAE (`topk`, k=4) | resid |" in card, card
+        assert 'lightning_sae.load("hf://me/group/sweep/l1")' in card
+        for name in ("k4", "l1"):
+            assert (sweep / name / "cfg.json").read_bytes() == (
+                out / name / "cfg.json"
+            ).read_bytes()
 
 
 # ----------------------------------------------------------------------------- command line

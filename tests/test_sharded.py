@@ -1,6 +1,7 @@
 """Latent sharding end to end: 2 and 4 CPU processes (gloo) against one process.
 
-One launch per world size (tests/sharded_run.py) trains every variant on every mesh of that
+One launch per world size (tests/sharded_run.py) trains every variant (SAEs, transcoders,
+skip transcoders and crosscoders, on toy rows served as their hooks) on every mesh of that
 size (1x2 and 2x1 on two processes, 2x2 on four), with every training-dynamics callback, and
 resumes from a mid-run sharded checkpoint on the same mesh and on another; the one-process
 reference runs in this process. Sharded weights (reassembled from the members' slices) and
@@ -24,12 +25,14 @@ import yaml
 from lightning import LightningDataModule
 from safetensors.torch import load_file
 
+from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.topk import TopKSAE
+from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
 from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable
-from lightning_sae.trainer_cli import SAECLI
+from lightning_sae.trainer_cli import SAECLI, _latent_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sharded_run  # noqa: E402
@@ -50,6 +53,7 @@ RUNS = {
         "kwargs": {"k": 4, "aux_coefficient": 1.0},
         "callbacks": True,
         "checkpoint": True,
+        "init_check": True,
     },
     # k above a member's 64 / 2 = 32 latents on the 1x2 mesh: each member offers all it has.
     "topk_wide": {
@@ -62,6 +66,7 @@ RUNS = {
         "sparse_check": True,
         "kwargs": {"k": 4},
         "callbacks": True,
+        "init": "orthogonal",  # computed member by member (the others: kmeans, svd)
         "checkpoint": True,
     },
     # Groups that straddle the members' slices.
@@ -85,6 +90,40 @@ RUNS = {
             "frequency_floor_coefficient": 1e-3,
             "orthogonality_coefficient": 1.0,
         },
+    },
+}
+TC = M + "transcoder."
+PAIRS = {"sites": "pairs", "checkpoint": True}
+PAIR_KWARGS = {"d_out": sharded_run.D_OUT, "input_hook": sharded_run.IN,
+               "output_hook": sharded_run.OUT, "normalize_activations": True}  # fmt: skip
+RUNS |= {
+    # W_skip and both sites' scales replicated, AuxK scored on the output site, every callback.
+    "topk_skip_transcoder": {
+        "model": TC + "TopKSkipTranscoder",
+        "kwargs": {"k": 4, "aux_coefficient": 1.0, **PAIR_KWARGS},
+        "sparse_check": True,
+        "callbacks": True,
+        "init": "svd",
+        "init_check": True,
+        **PAIRS,
+    },
+    "jumprelu_transcoder": {
+        "model": TC + "JumpReLUTranscoder",
+        "kwargs": {"l0_target": 8.0, **PAIR_KWARGS},
+        **PAIRS,
+    },
+    # Per-layer scales and the L1 weighted by the sum of per-layer decoder norms.
+    "crosscoder": {
+        "model": TC + "CrossCoder",
+        "kwargs": {"hooks": sharded_run.LAYERS, "normalize_activations": True},
+        "sites": "layers",
+    },
+    "batchtopk_crosscoder": {
+        "model": TC + "BatchTopKCrossCoder",
+        "kwargs": {"k": 4, "hooks": sharded_run.LAYERS, "normalize_activations": True},
+        "sparse_check": True,
+        "sites": "layers",
+        "checkpoint": True,
     },
 }
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
@@ -146,6 +185,31 @@ def assert_same_run(sharded: Path, single: Path, devices: int, label: str) -> No
             assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{label} {key}"
 
 
+def assert_init_slices_are_the_whole(folder: Path, devices: int, run: dict, label: str) -> None:
+    """Every data-informed init method's weights, computed member by member on its latents
+    only (tests/sharded_run.py, InitSlices), joined: the one-process weights from the same
+    sample."""
+    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+    first = ranks[0]["init_slices"]
+    members = {rank["latent_rank"]: rank["init_slices"] for rank in ranks}
+    members = [members[t] for t in sorted(members)]
+    module, _, cls = run["model"].rpartition(".")
+    model = getattr(__import__(module, fromlist=[cls]), cls)(
+        d_in=sharded_run.D_IN, d_sae=sharded_run.D_SAE, **run["kwargs"]
+    )
+    for method in METHODS:
+        init = DataInformedInit(method=method, n_samples=2 * sharded_run.D_SAE, rare_fraction=0.1)
+        whole = init.initial_weights(first["x_n"], model, first["y_n"])
+        for rank in ranks:  # every rank drew the same sample and took rank 0's b_dec
+            torch.testing.assert_close(rank["init_slices"]["x_n"], first["x_n"], rtol=0, atol=0)
+            torch.testing.assert_close(rank["init_slices"][method]["b_dec"], whole["b_dec"])
+        for key, dim in (("W_dec", 0), ("W_enc", 1)):
+            joined = torch.cat([m[method][key] for m in members], dim=dim)
+            torch.testing.assert_close(
+                joined, whole[key], atol=1e-5, rtol=1e-4, msg=f"{label} {method} {key}"
+            )
+
+
 def assert_sparse_backward_exact(folder: Path, devices: int, label: str) -> None:
     """Each rank's last-step comparison (tests/sharded_run.py, SparseBackwardCheck): the same
     reconstruction bit for bit, every gradient within float tolerance of dense autograd."""
@@ -174,7 +238,12 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # resumes: [source latent_parallel, target latent_parallel, run]; 2 -> 1 and 2 -> 4 resume
     # into another mesh shape.
     [
-        (2, [2, 1], list(RUNS), [[2, 2, "topk"], [2, 1, "batchtopk"]]),
+        (
+            2,
+            [2, 1],
+            list(RUNS),
+            [[2, 2, "topk"], [2, 1, "batchtopk"], [2, 1, "topk_skip_transcoder"]],
+        ),
         (4, [2], FOUR, [[2, 4, "topk"]]),
     ],
     ids=["1x2+2x1", "2x2"],
@@ -190,6 +259,10 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
     for lp in meshes:  # the sparse encoder backward equals dense autograd on every member
         for name in (name for name in names if RUNS[name].get("sparse_check")):
             assert_sparse_backward_exact(tmp_path / f"lp{lp}" / name, devices, f"{lp} {name}")
+    for lp in meshes:  # data-informed init computed by slices equals the whole, sliced
+        for name in (name for name in names if RUNS[name].get("init_check")):
+            folder = tmp_path / f"lp{lp}" / name
+            assert_init_slices_are_the_whole(folder, devices, RUNS[name], f"{lp} {name}")
     for name in ("topk", "batchtopk"):  # every callback acted
         logs = logged(tmp_path / f"lp{meshes[0]}" / name)
         assert logs["resampling/n_resampled", STEPS // 2] >= 4  # the silenced features at least
@@ -202,7 +275,9 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
             torch.testing.assert_close(resumed[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
     # The consolidated export of the last sharded checkpoint is the one-process export.
-    for name in ("topk", "jumprelu"):
+    exported = ("topk", "jumprelu", "topk_skip_transcoder", "jumprelu_transcoder",
+                "batchtopk_crosscoder")  # fmt: skip
+    for name in (name for name in exported if name in names):
         cls = RUNS[name]["model"]
         ckpt = tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt"
         ours = export_checkpoint(ckpt, tmp_path / f"export-{name}", class_path=cls)
@@ -225,6 +300,18 @@ def test_bad_meshes_and_sizes_name_the_option() -> None:
     with pytest.raises(ValueError, match=r"d_sae=60 is not divisible by latent_parallel=8.*"
                        r"model.init_args.d_sae"):  # fmt: skip
         check_shardable(sae, 8)
+    # Transcoders and crosscoders alike; more latent shards than latents is the same refusal.
+    transcoder = TopKSkipTranscoder(d_in=16, d_out=12, d_sae=60, k=4)
+    with pytest.raises(ValueError, match=r"d_sae=60 is not divisible by latent_parallel=8"):
+        check_shardable(transcoder, 8)
+    crosscoder = BatchTopKCrossCoder(d_in=16, d_sae=4, k=2, hooks=sharded_run.LAYERS)
+    with pytest.raises(ValueError, match=r"d_sae=4 is not divisible by latent_parallel=8.*"
+                       r"model.init_args.d_sae to a multiple of 8") as refused:  # fmt: skip
+        check_shardable(crosscoder, 8)
+    assert "\n" not in str(refused.value)
+    # The command line refuses it once, before any process is launched.
+    with pytest.raises(SystemExit, match=r"^error: d_sae=4 is not divisible"):
+        _latent_parallel_strategy({}, 8, crosscoder)
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="trainer.latent_parallel"):
             LatentParallelStrategy(latent_parallel=bad)

@@ -5,6 +5,7 @@ line; and the activation cache serving several hooks together."""
 
 import gc
 import hashlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -357,6 +358,11 @@ def test_a_budget_that_cannot_hold_a_batch_is_one_line_and_bf16_holds_twice_the_
     with pytest.raises(ValueError, match=r"buffer_bytes=1,000 cannot hold one batch") as error:
         tiny(buffer_bytes=1000).setup("fit")
     assert "\n" not in str(error.value) and "buffer_dtype bfloat16" in str(error.value)
+    # The least budget it names holds a batch; a byte less does not.
+    least = int(re.search(r"at least ([\d,]+)", str(error.value))[1].replace(",", ""))
+    tiny(buffer_bytes=least).setup("fit")
+    with pytest.raises(ValueError, match="cannot hold one batch"):
+        tiny(buffer_bytes=least - 1).setup("fit")
     halves = tiny(hooks=HOOKS[:1], buffer_bytes=budget(40, 1) - 20_000, buffer_dtype="bfloat16")
     halves.setup("fit")
     full = tiny(hooks=HOOKS[:1], buffer_bytes=budget(40, 1) - 20_000)

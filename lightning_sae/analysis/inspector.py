@@ -45,7 +45,13 @@ from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.cache import ShardedActivations, open_hook_cache
 from lightning_sae.files import UnreadableFileError, read_text_bounded
-from lightning_sae.io import CONFIG_FILENAME, export_checkpoint, load, read_config
+from lightning_sae.hub import is_hub_path, sae_folder
+from lightning_sae.io import (
+    CONFIG_FILENAME,
+    export_checkpoint,
+    load,
+    sae_metadata,
+)
 from lightning_sae.metrics.similarity import load_sae_weights, nearest_neighbours
 from lightning_sae.models import SparseAutoencoder
 
@@ -80,13 +86,15 @@ class InspectError(ValueError):
 def load_saes(
     path: str | Path, class_path: str | None = None, member: str | None = None
 ) -> dict[str, tuple[SparseAutoencoder, dict]]:
-    """{name: (SAE in model units, its export metadata)} from a Lightning checkpoint or export
-    folder: ``{"": ...}`` for one SAE; an SAEGroup's members (``member``: one name, or ``None``
-    / ``"all"`` for every one), by name.
+    """{name: (SAE in model units, its export metadata)} from a Lightning checkpoint, an SAE
+    folder or a ``hf://`` path: ``{"": ...}`` for one SAE; an SAEGroup's members (``member``:
+    one name, or ``None`` / ``"all"`` for every one), by name.
 
     A checkpoint goes through ``export_checkpoint`` into a scratch folder: that folds the input
     scale into the weights and records the checkpoint's model and hook, as an export would.
     """
+    if is_hub_path(path):  # hf://org/repo[/subfolder][@revision]: its cached folder
+        return _pick_members(sae_folder(path), Path(path), member)
     path = Path(path)
     if path.is_dir():
         return _pick_members(path, path, member)
@@ -125,7 +133,7 @@ def _pick_members(
 
 
 def _metadata(folder: Path) -> dict[str, Any]:
-    return dict(read_config(folder / CONFIG_FILENAME).get("metadata") or {})
+    return sae_metadata(folder)
 
 
 def datamodule_from_config(
@@ -193,6 +201,7 @@ def _cache_options_of_stream(stream: dict[str, Any], config: str | Path) -> dict
         "model_config": model.get("config"),
         "model_seed": model.get("seed", 0),
         "model_dtype": model.get("dtype", "float32"),
+        "model_backend": model.get("backend"),
         "hooks": stream.get("hooks"),
         **{key: text[key] for key in TEXT_OPTIONS if key in text},
         "n_tokens": STREAM_CACHE_TOKENS,
@@ -339,7 +348,7 @@ def inspect(
     Every member of an SAEGroup is written to ``out/<member>``; one named member to ``out``.
 
     Args:
-        ckpt_path: Lightning checkpoint (``.ckpt``) or export folder of the SAE.
+        ckpt_path: Lightning checkpoint (``.ckpt``), SAE folder or ``hf://`` path of the SAE.
         config: YAML whose ``data:`` is the ActivationDataModule the SAE was trained on (or any
             with the same model and hook); its activation cache is built if missing. A
             streamed run's config (StreamingActivationDataModule) reads a cache of the same
@@ -614,15 +623,7 @@ def _neighbours(
 
 
 def _load_model(datamodule: ActivationDataModule, device: str) -> Any:
-    hp = datamodule.hparams
-    return lm.load_model(
-        hp.model,
-        device=device,
-        dtype=hp.model_dtype,
-        revision=hp.revision,
-        hf_config=hp.model_config,
-        seed=hp.model_seed,
-    )
+    return datamodule.language_model.load(device)
 
 
 def _write_logits(out: Path, ids: np.ndarray, effects: LogitEffects, text: TokenText) -> None:

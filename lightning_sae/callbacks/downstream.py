@@ -12,7 +12,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import saes, scoped
-from lightning_sae.data import lm
 from lightning_sae.metrics.downstream import downstream_metrics
 from lightning_sae.parallel.sharded import shard_of
 
@@ -93,15 +92,7 @@ class DownstreamEval(Callback):
         return torch.from_numpy(np.asarray(held_out[:wanted], dtype=np.int64))
 
     def _load(self, data: Any, device: torch.device) -> None:
-        hp = data.hparams
-        self._model = lm.load_model(
-            hp.model,
-            device=str(device),
-            dtype=hp.model_dtype,
-            revision=hp.revision,
-            hf_config=hp.model_config,
-            seed=hp.model_seed,
-        )
+        self._model = data.language_model.load(str(device))
         self._tokens = self._eval_tokens(data)
 
     # ----------------------------------------------------------------- hooks

@@ -8,16 +8,19 @@ random samples, ``svd``: top singular directions, ``kmeans``: centroids, ``outli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import sae_input_and_target, saes
 from lightning_sae.metrics.similarity import import_faiss
-from lightning_sae.parallel.sharded import shard_of
+from lightning_sae.parallel.comm import gather_last
+from lightning_sae.parallel.sharded import LatentShard, shard_of
 
 Method = Literal["orthogonal", "xavier", "data", "svd", "kmeans", "outliers"]
 METHODS = ("orthogonal", "xavier", "data", "svd", "kmeans", "outliers")
@@ -52,38 +55,90 @@ def geometric_median(x: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tenso
     return median.to(x.dtype)
 
 
-def _random_directions(n: int, d: int, generator: torch.Generator) -> Tensor:
-    return _unit_rows(torch.randn(n, d, generator=generator))
+# Random rows are drawn in blocks of this many latents, block b from its own seed, so that a
+# member of a latent group draws its slice of the rows alone, equal to that slice of the whole.
+_BLOCK_ROWS = 256
+_BLOCK_SEED_STRIDE = 0x9E37_79B9
 
 
-def orthogonal_directions(d_sae: int, d_in: int, generator: torch.Generator) -> Tensor:
-    """Orthogonal init (rows orthonormal when d_sae <= d_in), rows scaled to unit norm."""
-    weight = torch.empty(d_sae, d_in)
-    torch.nn.init.orthogonal_(weight, generator=generator)
-    return _unit_rows(weight)
+def _random_rows(latents: range, d: int, seed: int, uniform: bool = False) -> Tensor:
+    """Rows ``latents`` of a random [*, d] matrix (standard normal, or uniform in [-1, 1)),
+    drawn block by block: any range of latents comes out the same alone as in the whole."""
+    if len(latents) == 0:
+        return torch.empty(0, d)
+    first, last = latents.start // _BLOCK_ROWS, -(-latents.stop // _BLOCK_ROWS)
+    blocks = []
+    for block in range(first, last):
+        generator = torch.Generator().manual_seed(seed + _BLOCK_SEED_STRIDE * (block + 1))
+        rows = torch.empty(_BLOCK_ROWS, d)
+        if uniform:
+            blocks.append(rows.uniform_(-1, 1, generator=generator))
+        else:
+            blocks.append(rows.normal_(generator=generator))
+    rows = torch.cat(blocks) if blocks else torch.empty(0, d)
+    offset = first * _BLOCK_ROWS
+    return rows[latents.start - offset : latents.stop - offset]
 
 
-def xavier_directions(d_sae: int, d_in: int, generator: torch.Generator) -> Tensor:
-    """Xavier-uniform init, rows scaled to unit norm."""
-    weight = torch.empty(d_sae, d_in)
-    torch.nn.init.xavier_uniform_(weight, generator=generator)
-    return _unit_rows(weight)
+def _whole(d_sae: int) -> range:
+    return range(d_sae)
 
 
-def sample_directions(x: Tensor, d_sae: int, generator: torch.Generator) -> Tensor:
-    """Directions of ``d_sae`` distinct random samples."""
+def orthogonal_directions(
+    d_sae: int,
+    d_in: int,
+    seed: int,
+    latents: range | None = None,
+    sum_over_latents: Callable[[Tensor], Tensor] = lambda gram: gram,
+) -> Tensor:
+    """Orthogonal init, rows scaled to unit norm: the orthogonal factor of a Gaussian matrix A
+    (its polar factor, A (A^T A)^{-1/2} on A's range), so columns are orthonormal when d_sae >=
+    d_in and rows when d_sae <= d_in. Rows ``latents`` only (default all): a member of a latent
+    group passes its range and the sum of A^T A over the group (``sum_over_latents``), the one
+    quantity that couples the rows."""
+    latents = _whole(d_sae) if latents is None else latents
+    a = _random_rows(latents, d_in, seed).double()
+    eigenvalues, vectors = torch.linalg.eigh(sum_over_latents(a.T @ a))
+    rank = min(d_sae, d_in)  # a Gaussian matrix has full rank
+    eigenvalues, vectors = eigenvalues[-rank:], vectors[:, -rank:]
+    return _unit_rows((a @ (vectors * eigenvalues.rsqrt()) @ vectors.T).float())
+
+
+def xavier_directions(d_sae: int, d_in: int, seed: int, latents: range | None = None) -> Tensor:
+    """Xavier-uniform init, rows scaled to unit norm (the scale of the uniform goes with the
+    normalisation: rows uniform in the cube, then unit). Rows ``latents`` only (default all)."""
+    return _unit_rows(_random_rows(_whole(d_sae) if latents is None else latents, d_in, seed, True))
+
+
+def sample_directions(
+    x: Tensor, d_sae: int, generator: torch.Generator, latents: range | None = None
+) -> Tensor:
+    """Directions of ``d_sae`` distinct random samples; rows ``latents`` only (default all)."""
     chosen = torch.randperm(len(x), generator=generator)[:d_sae]
+    if latents is not None:
+        chosen = chosen[latents.start : latents.stop]
     return _unit_rows(x[chosen.to(x.device)])
 
 
-def svd_directions(x: Tensor, d_sae: int, generator: torch.Generator) -> Tensor:
-    """Top right-singular directions of the sample (sign: mean projection positive); the rest
-    random."""
+def svd_directions(
+    x: Tensor, d_sae: int, seed: int, latents: range | None = None, top: Tensor | None = None
+) -> Tensor:
+    """Top right-singular directions of the sample (sign: mean projection positive), the rest
+    random. Rows ``latents`` only (default all); ``top``, the singular directions when already
+    computed (a latent group shares one rank's)."""
+    latents = _whole(d_sae) if latents is None else latents
+    top = top_singular_directions(x, d_sae) if top is None else top.to(x.device)
+    mine = top[latents.start : min(latents.stop, len(top))]
+    rest = range(max(latents.start, len(top)), latents.stop)
+    return torch.cat([mine, _unit_rows(_random_rows(rest, x.shape[1], seed)).to(x.device)])
+
+
+def top_singular_directions(x: Tensor, d_sae: int) -> Tensor:
+    """The first min(d_sae, rank) right-singular directions of the sample, each signed so that
+    the sample's projections on it sum to a positive number."""
     _, _, vh = torch.linalg.svd(x.float(), full_matrices=False)
     top = vh[: min(d_sae, len(vh))]
-    top = top * torch.where((x.float() @ top.T).sum(0) < 0, -1.0, 1.0)[:, None]
-    rest = _random_directions(d_sae - len(top), x.shape[1], generator).to(x.device)
-    return torch.cat([top, rest])
+    return top * torch.where((x.float() @ top.T).sum(0) < 0, -1.0, 1.0)[:, None]
 
 
 def _spherical_kmeans(
@@ -135,6 +190,43 @@ def _dictionary_size(sae: LightningModule) -> int:
     return sae.W_dec.shape[0] if shard is None else shard.d_sae
 
 
+def _copy_weights(sae: LightningModule, weights: dict[str, Tensor]) -> None:
+    for key, value in weights.items():
+        getattr(sae, key).copy_(value.to(getattr(sae, key)))
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _from_rank_zero(x: Tensor, shard: LatentShard) -> Tensor:
+    """Global rank 0's ``x`` on every rank (``x`` has the same shape everywhere)."""
+    if shard.world_group is not None:
+        dist.broadcast(x, src=0, group=shard.world_group)
+    return x
+
+
+def _gram_sum(shard: LatentShard | None, like: Tensor) -> Callable[[Tensor], Tensor]:
+    """Sum of a member's A^T A over its latent group (on the device, for NCCL)."""
+    if shard is None or shard.latent_group is None:
+        return lambda gram: gram
+    return lambda gram: shard.sum_over_latents(gram.to(like.device)).to(gram.device)
+
+
+def _rows_from_rank_zero(whole: Tensor | None, shard: LatentShard, like: Tensor) -> Tensor:
+    """This rank's latents of a [d_sae, d] tensor that only global rank 0 computed: a scatter,
+    so every other rank receives its rows only."""
+    if shard.world_group is None:
+        return whole[shard.start : shard.stop]
+    starts = gather_last(torch.tensor([shard.start], device=like.device), shard.world_group)
+    mine = torch.empty(shard.local_size, like.shape[1], device=like.device, dtype=torch.float32)
+    parts = None
+    if _global_rank() == 0:
+        parts = [whole[s : s + shard.local_size].float().contiguous() for s in starts.tolist()]
+    dist.scatter(mine, parts, src=0, group=shard.world_group)
+    return mine
+
+
 class DataInformedInit(Callback):
     """Initialise decoder, encoder and ``b_dec`` from a data sample when a fit starts.
 
@@ -143,7 +235,10 @@ class DataInformedInit(Callback):
     ``sample(n, seed)``; if the SAE normalises inputs and has not fitted its scale yet, the scale
     is fitted on the sample first (``fit_input_scale``), and everything below happens in the
     SAE's normalised space. The weights are computed on rank 0 and broadcast, so DDP ranks stay
-    identical.
+    identical. Under ``latent_parallel`` no rank builds the whole dictionary: every rank draws
+    the sample and each member computes its own latents, equal to that slice of the one-process
+    weights (``kmeans`` and ``outliers``, whose centroids depend on each other, are computed on
+    global rank 0, and each rank receives its rows only; see :meth:`initial_weights`).
 
     ``b_dec`` is set first (geometric median or mean of the sample), then decoder rows (unit
     norm) from the sample centred on it by ``method``:
@@ -215,10 +310,12 @@ class DataInformedInit(Callback):
             raise ValueError(
                 "DataInformedInit needs a datamodule with sample(n, seed); this run has none."
             )
-        # Every rank fits the scale (an all-reduce); only rank 0 needs the sample otherwise.
+        # Every rank fits the scale (an all-reduce) and every member of a latent group computes
+        # its slice; otherwise only rank 0 needs the sample.
         needs_scale = any(not bool(sae.input_scale_fitted) for sae in named.values())
+        sharded = any(shard_of(sae) is not None for sae in named.values())
         drawn = None
-        if needs_scale or trainer.is_global_zero:
+        if needs_scale or sharded or trainer.is_global_zero:
             drawn = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET)
         weights = {}
         for name, sae in named.items():
@@ -228,45 +325,73 @@ class DataInformedInit(Callback):
                 x, target = x.to(sae.device), (x if target is x else target.to(sae.device))
             if not bool(sae.input_scale_fitted):
                 sae.fit_input_scale(x, target)
-            if trainer.is_global_zero:
+            shard = shard_of(sae)
+            if shard is not None or trainer.is_global_zero:
                 y_n = None if target is x else sae.normalize_target(target)
-                weights[name] = self.initial_weights(sae.normalize(x), sae, y_n)
+                computed = self.initial_weights(sae.normalize(x), sae, y_n, shard)
+                if shard is None:
+                    weights[name] = computed
+                else:  # this member's slice, computed here
+                    _copy_weights(sae, computed)
+        # The unsharded SAEs' weights are rank 0's, so DDP ranks stay identical.
         weights = trainer.strategy.broadcast(weights, src=0)
-        for name, sae in named.items():
-            for key, value in weights[name].items():
-                shard = shard_of(sae)  # a latent-sharded SAE takes its slice of the latents
-                if shard is not None and key in ("W_dec", "W_enc"):
-                    value = shard.local_part(value, 0 if key == "W_dec" else 1)
-                getattr(sae, key).copy_(value.to(getattr(sae, key)))
+        for name, computed in weights.items():
+            _copy_weights(named[name], computed)
         self.has_run = True
         rank_zero_info(f"DataInformedInit: decoder from {self.method}, b_dec from {self.b_dec}.")
 
     def initial_weights(
-        self, x_n: Tensor, pl_module: LightningModule, y_n: Tensor | None = None
+        self,
+        x_n: Tensor,
+        pl_module: LightningModule,
+        y_n: Tensor | None = None,
+        shard: LatentShard | None = None,
     ) -> dict[str, Tensor]:
         """New W_dec (and W_enc, b_dec as configured), on CPU, from a normalised sample; for a
-        transcoder ``y_n`` is the output site's sample of the same rows."""
+        transcoder ``y_n`` is the output site's sample of the same rows.
+
+        With ``shard`` (a latent-sharded SAE's; every rank calls this together, each with the
+        same sample), this member's latents only: its rows of W_dec and columns of W_enc, equal
+        to that slice of the whole. ``b_dec`` is global rank 0's. The data-free methods draw
+        their random rows by blocks of latents and ``orthogonal`` sums A^T A over the latent
+        group, ``data`` and ``svd`` pick their rows by index; ``kmeans`` and ``outliers``
+        cluster the whole sample into centroids that depend on each other, so global rank 0
+        computes them and each rank receives only its rows.
+        """
         generator = torch.Generator().manual_seed(self.seed + _GENERATOR_SEED_OFFSET)
+        seed = self.seed + _GENERATOR_SEED_OFFSET
         d_sae, d_in = _dictionary_size(pl_module), pl_module.W_dec.shape[1]
+        latents = None if shard is None else range(shard.start, shard.stop)
         target = x_n if y_n is None else y_n
-        b_dec = pl_module.b_dec.detach()
+        b_dec = pl_module.b_dec.detach().clone()
         if self.b_dec == "geometric_median":
             b_dec = geometric_median(target)
         elif self.b_dec == "mean":
             b_dec = target.mean(0)
+        if shard is not None:  # one centring for every member
+            b_dec = _from_rank_zero(b_dec.to(target).contiguous(), shard)
         centred = target - b_dec
         if self.method == "orthogonal":
-            W_dec = orthogonal_directions(d_sae, d_in, generator)
+            W_dec = orthogonal_directions(d_sae, d_in, seed, latents, _gram_sum(shard, x_n))
         elif self.method == "xavier":
-            W_dec = xavier_directions(d_sae, d_in, generator)
+            W_dec = xavier_directions(d_sae, d_in, seed, latents)
         elif self.method == "data":
-            W_dec = sample_directions(centred, d_sae, generator)
+            W_dec = sample_directions(centred, d_sae, generator, latents)
         elif self.method == "svd":
-            W_dec = svd_directions(centred, d_sae, generator)
-        elif self.method == "kmeans":
-            W_dec = kmeans_directions(centred, d_sae, self.seed)
+            top = None
+            if shard is not None:  # one rank's singular vectors, so every member's agree
+                top = _from_rank_zero(top_singular_directions(centred, d_sae).contiguous(), shard)
+            W_dec = svd_directions(centred, d_sae, seed, latents, top)
         else:
-            W_dec = outlier_directions(centred, d_sae, self.rare_fraction, generator, self.seed)
+            whole = None
+            if shard is None or _global_rank() == 0:
+                if self.method == "kmeans":
+                    whole = kmeans_directions(centred, d_sae, self.seed)
+                else:
+                    whole = outlier_directions(
+                        centred, d_sae, self.rare_fraction, generator, self.seed
+                    )
+            W_dec = whole if shard is None else _rows_from_rank_zero(whole, shard, centred)
         weights = {"W_dec": W_dec.float().cpu(), "b_dec": b_dec.float().cpu()}
         if self.encoder == "transpose" and y_n is not None:
             W_enc = pl_module.restart_encoder_directions(W_dec.to(x_n), x_n, centred).T

@@ -59,6 +59,7 @@ from lightning_sae.data.cache import (
     open_hook_cache,
 )
 from lightning_sae.data.identity import IdentifiedData, activation_files_identity
+from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.loader import (
     DealtRows,
     Generation,
@@ -318,6 +319,10 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
         model_config: build the model from this Hugging Face config (with ``model_type``) with
             random weights instead of loading trained ones; for tests.
         model_seed: seed of those random weights.
+        model_backend: ``transformer_lens`` (TransformerBridge; hooks such as
+            ``blocks.3.hook_resid_post``) or ``hf`` (the plain transformers model, for models
+            TransformerLens lacks; hooks are module paths such as ``model.layers.3`` or
+            ``model.layers.3.mlp:input``, see ``data/hf_model.py``).
         activations_dir: bring your own activations: a folder of ``.npy`` / ``.safetensors``
             files of shape ``[n, d_in]``; the last ``val_tokens`` rows are held out. Then
             model, hook and the text options are unused. With ``hooks`` (paired sites, for a
@@ -369,6 +374,7 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
         tokenizer: str | None = None,
         model_config: dict[str, Any] | None = None,
         model_seed: int = 0,
+        model_backend: lm.Backend = "transformer_lens",
         activations_dir: str | None = None,
         batch_size: int = 4096,
         seed: int = 0,
@@ -418,6 +424,7 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
             raise ValueError(
                 f"data.init_args.prefetch_batches must be >= 0, got {prefetch_batches}."
             )
+        lm.check_backend(model_backend)
         if verify not in ("size", "checksum"):
             raise ValueError(f"data.init_args.verify must be 'size' or 'checksum', got {verify!r}.")
         # Served hooks first; the cache holds them and the extra ones.
@@ -446,12 +453,23 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
 
     # ----------------------------------------------------------------- identity
     @property
+    def language_model(self) -> LanguageModel:
+        """The model the activations come from (the flat ``model*`` options, grouped)."""
+        hp = self.hparams
+        return LanguageModel(
+            hp.model,
+            hp.revision,
+            hp.tokenizer,
+            hp.model_config,
+            hp.model_seed,
+            hp.model_dtype,
+            hp.get("model_backend", "transformer_lens"),
+        )
+
+    @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            hp = self.hparams
-            self._tokenizer = lm.load_tokenizer(
-                hp.tokenizer or hp.model, None if hp.tokenizer else hp.revision
-            )
+            self._tokenizer = self.language_model.load_tokenizer()
         return self._tokenizer
 
     @property
@@ -465,6 +483,8 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
                 "model_config": hp.model_config,
                 "model_seed": hp.model_seed if hp.model_config else None,
                 "model_dtype": hp.model_dtype,
+                # Only the hf backend is recorded, so caches built before backends still match.
+                **self._backend_fingerprint(),
                 "tokenizer": lm.tokenizer_fingerprint(hp.tokenizer or hp.model, self.tokenizer),
                 "dataset": self.text.fingerprint(),
                 "context_size": layout.context_size,
@@ -476,6 +496,10 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
                 "shard_contexts": layout.shard_contexts,
             }
         return self._fingerprint
+
+    def _backend_fingerprint(self) -> dict[str, Any]:
+        backend = self.language_model.identity().get("backend")
+        return {} if backend is None else {"model_backend": backend}
 
     def data_identity(self) -> dict[str, Any]:
         """What the served rows are: the cache fingerprint with the served hook(s) and dtype,
@@ -518,14 +542,7 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
         if device == "cuda" and torch.cuda.is_available():  # one GPU per process of a node
             local_rank = int(os.environ.get("LOCAL_RANK", rank))
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
-        model = lm.load_model(
-            hp.model,
-            device=device,
-            dtype=hp.model_dtype,
-            revision=hp.revision,
-            hf_config=hp.model_config,
-            seed=hp.model_seed,
-        )
+        model = self.language_model.load(device)
         lm.validate_hooks(model, self.hooks)
         return lambda tokens: lm.capture(model, tokens, self.hooks)
 

@@ -1,4 +1,13 @@
-"""Language models through TransformerLens 4.x ``TransformerBridge``: loading, hooks, capture.
+"""Language models: loading, hooks, capture and splicing, through one of two backends.
+
+- ``transformer_lens`` (the default): TransformerLens 4.x ``TransformerBridge``, hook names such
+  as ``blocks.3.hook_resid_post``;
+- ``hf``: the plain transformers model, hook names its module paths (``model.layers.3``,
+  ``model.layers.3.mlp:input``), for models TransformerLens has no adapter for; see
+  :mod:`lightning_sae.data.hf_model`.
+
+The functions below (``validate_hooks``, ``capture``, ``hook_widths``, ``final_hidden_hook``,
+``run_with_replacement``) take a model of either backend.
 
 A model is named by a *spec*:
 
@@ -11,9 +20,10 @@ A model is named by a *spec*:
 - any label together with ``hf_config`` (a dict with ``model_type``): a causal LM built from that
   config with seeded random weights, for tests (no download).
 
-Activations are captured with ``run_with_cache`` restricted to the requested hooks, and the
-forward pass stops at the first block no requested hook needs (``stop_at_layer``), so caching
-``blocks.3.hook_resid_post`` of a 24-layer model runs four blocks, and never the unembedding.
+With the bridge, activations are captured with ``run_with_cache`` restricted to the requested
+hooks, and the forward pass stops at the first block no requested hook needs
+(``stop_at_layer``), so caching ``blocks.3.hook_resid_post`` of a 24-layer model runs four
+blocks, and never the unembedding.
 """
 
 from __future__ import annotations
@@ -24,9 +34,9 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +47,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+Backend = Literal["transformer_lens", "hf"]
+BACKENDS: tuple[str, ...] = ("transformer_lens", "hf")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # Hooks that fire before the first block: a capture needing only these runs no block at all.
 _EMBEDDING_HOOK = re.compile(r"^(hook_embed|hook_pos_embed|hook_tokens|(pos_|token_type_)?embed\.)")
@@ -169,8 +181,10 @@ def load_model(
     revision: str | None = None,
     hf_config: dict[str, Any] | None = None,
     seed: int = 0,
+    backend: Backend = "transformer_lens",
 ) -> Any:
-    """A ``TransformerBridge`` in eval mode with gradients off for its parameters.
+    """A ``TransformerBridge`` (or, with ``backend="hf"``, an
+    :class:`~lightning_sae.data.hf_model.HFModel`) in eval mode with gradients off.
 
     Args:
         spec: hub name, local path or ``pkg:<module>`` (see the module docstring).
@@ -180,7 +194,15 @@ def load_model(
         hf_config: build a causal LM from this config with random weights instead of loading
             ``spec`` (keys of a transformers config plus ``model_type``, e.g. ``gpt_neox``).
         seed: seed of the random weights when ``hf_config`` is given.
+        backend: ``transformer_lens`` or ``hf`` (see the module docstring).
     """
+    check_backend(backend)
+    if backend == "hf":
+        from lightning_sae.data.hf_model import load_hf_model
+
+        return load_hf_model(
+            spec, device=device, dtype=dtype, revision=revision, hf_config=hf_config, seed=seed
+        )
     from transformer_lens.model_bridge import TransformerBridge
 
     device, weights_dtype = resolve_device(device), torch_dtype(dtype)
@@ -200,11 +222,19 @@ def load_model(
     return model
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"model backend must be one of {list(BACKENDS)}, got {backend!r} (hf: a plain "
+            "transformers model hooked by module paths, for models TransformerLens lacks)."
+        )
+
+
 @dataclass(frozen=True)
 class LanguageModel:
     """Which model to run: the options the activation cache takes flat (``model``,
-    ``revision``, ``tokenizer``, ``model_config``, ``model_seed``, ``model_dtype``), grouped for
-    modules that run the model themselves.
+    ``revision``, ``tokenizer``, ``model_config``, ``model_seed``, ``model_dtype``,
+    ``model_backend``), grouped for modules that run the model themselves.
 
     Args:
         name: hub name, local folder or ``pkg:<module>`` (see the module docstring).
@@ -215,6 +245,9 @@ class LanguageModel:
         seed: seed of those random weights.
         dtype: dtype of the weights (and so of the forward pass): ``float32``, ``float16`` or
             ``bfloat16``.
+        backend: ``transformer_lens`` (TransformerBridge, hooks ``blocks.3.hook_resid_post``)
+            or ``hf`` (the plain transformers model, hooks its module paths such as
+            ``model.layers.3`` or ``model.layers.3.mlp:input``; see ``data/hf_model.py``).
     """
 
     name: str
@@ -223,9 +256,11 @@ class LanguageModel:
     config: dict[str, Any] | None = None
     seed: int = 0
     dtype: str = "float32"
+    backend: Backend = "transformer_lens"
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)  # an unknown dtype fails at construction, not at the forward
+        check_backend(self.backend)
 
     def load(self, device: str = "cpu") -> Any:
         return load_model(
@@ -235,17 +270,25 @@ class LanguageModel:
             revision=self.revision,
             hf_config=self.config,
             seed=self.seed,
+            backend=self.backend,
         )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields as data identities and cache fingerprints record them: the default
+        backend is left out, so what was recorded before backends existed still matches."""
+        fields = asdict(self)
+        if self.backend == "transformer_lens":
+            del fields["backend"]
+        return fields
 
     def load_tokenizer(self) -> Any:
         revision = None if self.tokenizer else self.revision
         return load_tokenizer(self.tokenizer or self.name, revision)
 
 
-def _random_model(
-    label: str, hf_config: dict[str, Any], seed: int, dtype: torch.dtype, device: str
-) -> Any:
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+def seeded_causal_lm(label: str, hf_config: dict[str, Any], seed: int) -> Any:
+    """A transformers causal LM built from ``hf_config`` (with ``model_type``), its random
+    weights drawn from ``seed``; the caller's global RNG is left as it was."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     options = dict(hf_config)
@@ -254,13 +297,19 @@ def _random_model(
             f"hf_config for {label!r} needs a 'model_type' (e.g. gpt_neox) to build a model."
         )
     config = AutoConfig.for_model(options.pop("model_type"), **options)
-    # Seed only the weights: the caller's global RNG is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        hf_model = AutoModelForCausalLM.from_config(config)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _random_model(
+    label: str, hf_config: dict[str, Any], seed: int, dtype: torch.dtype, device: str
+) -> Any:
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    hf_model = seeded_causal_lm(label, hf_config, seed).to(device=device, dtype=dtype).eval()
     return build_bridge_from_module(
-        hf_model, type(hf_model).__name__, hf_config=config, model_name=label
+        hf_model, type(hf_model).__name__, hf_config=hf_model.config, model_name=label
     )
 
 
@@ -299,8 +348,16 @@ def _describe_hooks(hook_names: Sequence[str]) -> str:
     return text + (f"; and outside the blocks: {', '.join(sorted(other))}" if other else "")
 
 
+def _hf(model: Any) -> bool:
+    from lightning_sae.data.hf_model import HFModel
+
+    return isinstance(model, HFModel)
+
+
 def validate_hooks(model: Any, names: Sequence[str]) -> None:
     """Raise ``ValueError`` listing the valid hook names when any of ``names`` is unknown."""
+    if _hf(model):
+        return model.validate_hooks(names)
     available = model.hook_dict
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -315,7 +372,9 @@ def validate_hooks(model: Any, names: Sequence[str]) -> None:
 @torch.no_grad()
 def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
     """Activations ``[batch, pos, d]`` at every hook in ``names``, from one forward pass that
-    stops after the last block it needs."""
+    stops after the last block (or module) it needs."""
+    if _hf(model):
+        return model.capture(tokens, names)
     validate_hooks(model, names)
     tokens = tokens.to(model.cfg.device)
     _, cache = model.run_with_cache(
@@ -335,10 +394,19 @@ def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tenso
 
 @torch.no_grad()
 def hook_widths(model: Any, names: Sequence[str]) -> dict[str, int]:
-    """Width of the activations at each hook in ``names``, from a forward pass over two tokens
-    (hooks inside attention or the MLP are not all ``d_model`` wide)."""
-    tokens = torch.zeros((1, 2), dtype=torch.long)
+    """Width of the activations at each hook in ``names``, from a forward pass over two windows
+    of two tokens (hooks inside attention or the MLP are not all ``d_model`` wide)."""
+    # Two windows: a tensor broadcast over the batch (a rotary embedding's [1, pos, d]) is then
+    # told apart from one vector per token.
+    tokens = torch.zeros((2, 2), dtype=torch.long)
     return {name: int(value.shape[-1]) for name, value in capture(model, tokens, names).items()}
+
+
+def final_hidden_hook(model: Any) -> str:
+    """The hook of the last block's output: the residual stream before the final norm."""
+    if _hf(model):
+        return model.final_hidden_hook
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
 
 # --------------------------------------------------------------------------- splicing

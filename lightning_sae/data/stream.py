@@ -470,8 +470,8 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
         """What the streamed rows are: the model, the hooks, the text and its windows, the
         held-out part, the dtype and the seed of the order (the cache's fingerprint fields)."""
         hp = self.hparams
-        names = ("model", "hooks", "text", "val_tokens", "dtype", "seed")
-        return {name: hp[name] for name in names}
+        names = ("hooks", "text", "val_tokens", "dtype", "seed")
+        return {"model": self.model.identity(), **{name: hp[name] for name in names}}
 
     # ----------------------------------------------------------------- the model
     def _device(self) -> str:

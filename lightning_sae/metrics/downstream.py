@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sae.data.lm import validate_hooks
+from lightning_sae.data import lm
 
 ENCODER_ONLY_NOTE = (
     "CE loss recovered and KL are not available for encoder-only (bidirectional) models such as "
@@ -84,7 +84,7 @@ def has_next_token_objective(bridge: Any) -> bool:
 
 
 def final_hidden_hook(bridge: Any) -> str:
-    return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
+    return lm.final_hidden_hook(bridge)
 
 
 def _splice(sae_fn: SAEFunction, first_position: int) -> Callable[..., Tensor]:
@@ -169,8 +169,8 @@ def downstream_metrics(
     """Splice ``sae_fn`` into ``bridge`` at ``hook_name`` and measure the damage.
 
     Args:
-        bridge: a TransformerLens ``TransformerBridge`` (anything with ``run_with_hooks``,
-            ``cfg.n_layers`` and ``cfg.attention_dir``).
+        bridge: a TransformerLens ``TransformerBridge`` or an hf-backend ``HFModel`` (anything
+            with ``run_with_hooks``, ``cfg.n_layers`` and ``cfg.attention_dir``).
         hook_name: where the SAE reads and writes, e.g. ``blocks.3.hook_resid_post``.
         sae_fn: activations ``[..., d]`` in model units -> reconstructions of the same shape.
         tokens: ``[n_windows, context]`` token ids; every position of every window counts.
@@ -178,12 +178,13 @@ def downstream_metrics(
         first_position: the SAE (and the zero-ablation) replaces positions from this one on;
             earlier ones keep their clean activation. Use 1 when the SAE was trained without
             BOS activations (``exclude_bos``), which it cannot be expected to reconstruct.
-        input_hook: for a transcoder, the hook ``sae_fn`` reads (e.g. ``blocks.3.hook_mlp_in``);
-            its output replaces the activation at ``hook_name`` (``blocks.3.hook_mlp_out``).
+        input_hook: for a transcoder, the hook ``sae_fn`` reads (e.g. ``blocks.3.hook_mlp_in``,
+            or ``model.layers.3.mlp:input`` with the hf backend); its output replaces the
+            activation at ``hook_name`` (``blocks.3.hook_mlp_out``, ``model.layers.3.mlp``).
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_windows, context >= 2], got {tuple(tokens.shape)}.")
-    validate_hooks(bridge, [hook_name] if input_hook is None else [input_hook, hook_name])
+    lm.validate_hooks(bridge, [hook_name] if input_hook is None else [input_hook, hook_name])
     causal = has_next_token_objective(bridge)
     device = next(bridge.parameters()).device
     final_hook = final_hidden_hook(bridge)

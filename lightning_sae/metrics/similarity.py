@@ -27,6 +27,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from lightning_sae import hub
 from lightning_sae.commands import (
     EXPORT_WEIGHTS_FILENAMES,
     HUNGARIAN_LIMIT,
@@ -376,12 +377,13 @@ def _find_key(state: Mapping[str, Tensor], name: str) -> Tensor | None:
 
 
 def load_sae_weights(path: str | Path) -> dict[str, Tensor]:
-    """W_dec and W_enc from a Lightning .ckpt, an export folder, or a .safetensors file.
+    """W_dec and W_enc from a Lightning .ckpt, an export folder (ours, SAELens's or
+    sparsify's), a ``hf://org/repo[/subfolder]`` path, or a .safetensors file.
 
     Checkpoints are read with ``torch.load(weights_only=True)``: only tensors and plain
     containers are unpickled, and no model class is needed.
     """
-    path = Path(path)
+    path = hub.local_folder(path)
     if path.is_dir():
         found = [path / name for name in EXPORT_WEIGHTS_FILENAMES if (path / name).exists()]
         if not found:
@@ -400,6 +402,8 @@ def load_sae_weights(path: str | Path) -> dict[str, Tensor]:
             raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint.")
         state = checkpoint.get("state_dict", checkpoint)
     weights = {name: _find_key(state, name) for name in ("W_dec", "W_enc")}
+    if weights["W_enc"] is None and "encoder.weight" in state:  # sparsify's nn.Linear encoder
+        weights["W_enc"] = state["encoder.weight"].T
     if weights["W_dec"] is None:
         raise ValueError(
             f"{path} holds no W_dec: expected a lightning-sae checkpoint or export "

@@ -4,8 +4,8 @@ Member ``t`` of a group of ``L`` holds latents ``[t * d_sae / L, (t + 1) * d_sae
 columns of ``W_enc``, entries of ``b_enc`` and rows of ``W_dec``, with every per-latent buffer
 and parameter of the variant (JumpReLU's thresholds, Gated's magnitude path, ApproxL0's
 frequency window, the dead-feature clock) and, through the optimizer, their Adam state.
-``b_dec`` and the input scale are replicated. The data-parallel dimension splits the global
-batch as DDP does.
+``b_dec``, a skip transcoder's ``W_skip`` and the input and output scales are replicated. The
+data-parallel dimension splits the global batch as DDP does.
 
 A sharded module is the variant itself with a layer in front: :func:`sharded_class` makes
 ``LatentSharded<Variant>`` from a mixin below and the variant class, and the mixins override
@@ -33,6 +33,9 @@ Exactness (the reason for each override):
 - Orthogonality: the active decoder rows of all members are gathered (only the active ones),
   each member finds their nearest neighbours among its own rows, and the maxima and the tie
   sums are reduced across members.
+- Transcoders and crosscoders: the steps read ``input_and_target`` (a transcoder's two sites
+  gathered alike) and score against the target; ``W_skip x`` is added after the all-reduce on
+  every member alike, so its gradient, like ``b_dec``'s there, needs no reduction.
 - Data parallel: gradients are averaged over the data-parallel group after backward (each
   rank's loss is the mean over its slice of the global batch, as under DDP).
 """
@@ -61,6 +64,19 @@ from lightning_sae.models.penalties import (
 from lightning_sae.models.sparse import SparseCode
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+from lightning_sae.models.transcoder import (
+    BatchTopKCrossCoder,
+    BatchTopKSkipTranscoder,
+    BatchTopKTranscoder,
+    CrossCoder,
+    JumpReLUSkipTranscoder,
+    JumpReLUTranscoder,
+    SkipTranscoder,
+    TopKCrossCoder,
+    TopKSkipTranscoder,
+    TopKTranscoder,
+    Transcoder,
+)
 from lightning_sae.parallel.comm import (
     all_reduce,
     copy_to_shards,
@@ -221,13 +237,21 @@ class ShardedSAE:
         return all_reduce(active, self.shard.data_group, dist.ReduceOp.MAX).bool()
 
     # ------------------------------------------------------------- steps
+    def _rows(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """(input, target) of the latent group's data-parallel slice of the global batch: the
+        same tensor for an SAE, two sites for a transcoder (gathered alike, rows aligned)."""
+        x, target = self.input_and_target(batch)
+        gathered = self.shard.gather_rows(x)
+        return gathered, gathered if target is x else self.shard.gather_rows(target)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x = self.shard.gather_rows(self._batch_tensor(batch))
+        x, target = self._rows(batch)
         if not self.input_scale_fitted:
-            self.fit_input_scale(x)
+            self.fit_input_scale(x, target)
         x_n = self.normalize(x)
+        y_n = x_n if target is x else self.normalize_target(target)
         out = self.forward_normalized(x_n)
-        terms = self.loss_terms(x_n, out)
+        terms = self.loss_terms(y_n, out)
         if self.hparams.orthogonality_coefficient != 0:
             penalty, mean_cos = sharded_orthogonality_penalty(
                 self.W_dec,
@@ -239,7 +263,7 @@ class ShardedSAE:
             terms["orthogonality"] = self.hparams.orthogonality_coefficient * penalty
             self.log("train/orthogonality_mean_cos", mean_cos)
         loss = torch.stack(list(terms.values())).sum()
-        self._log_training_stats(x_n, out, terms, loss)
+        self._log_training_stats(y_n, out, terms, read=None if y_n is x_n else x_n)
         return loss
 
     def _global_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -254,10 +278,12 @@ class ShardedSAE:
 
     @torch.no_grad()
     def _log_training_stats(
-        self, x_n: Tensor, out: SAEOutput, terms: dict[str, Tensor], loss: Tensor
+        self, x_n: Tensor, out: SAEOutput, terms: dict[str, Tensor], read: Tensor | None = None
     ) -> None:
         """The base class's step statistics, reduced over the right groups: firing counts over
-        the data group (each member its latents), partial terms over the latent group."""
+        the data group (each member its latents), partial terms over the latent group. ``x_n``
+        is what the reconstruction is scored against; ``read``, what the encoder read when that
+        is another site (a transcoder's input), checked for finiteness with it."""
         shard = self.shard
         values = self._global_terms(terms)
         x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
@@ -266,14 +292,15 @@ class ShardedSAE:
             [
                 (x_hat64 - x64).pow(2).sum(),
                 x64.pow(2).sum(),
+                x64.new_zeros(()) if read is None else read.double().pow(2).sum(),
                 torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
                 *values.values(),
             ]
         )
         sums = all_reduce(torch.cat([fired, x64.sum(0), scalars]), shard.data_group)
-        fired, sum_x = sums[: self.d_sae], sums[self.d_sae : self.d_sae + self.d_in]
-        sq_err, sum_sq, n, *term_values = sums[self.d_sae + self.d_in :].tolist()
-        if not math.isfinite(sum_sq):
+        fired, sum_x = sums[: self.d_sae], sums[self.d_sae : self.d_sae + self.d_out]
+        sq_err, sum_sq, read_sq, n, *term_values = sums[self.d_sae + self.d_out :].tolist()
+        if not (math.isfinite(sum_sq) and math.isfinite(read_sq)):
             raise ValueError(self._non_finite_batch())
         if not math.isfinite(sum(term_values)):  # the same sums on every rank: all stop
             raise ValueError(self._diverged("the loss is non-finite"))
@@ -317,8 +344,11 @@ class ShardedSAE:
             grad.copy_(part.view_as(grad))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x_n = self.normalize(self.shard.gather_rows(self._batch_tensor(batch)))
+        x, target = self._rows(batch)
+        x_n = self.normalize(x)
         out = self.forward_normalized(x_n)
+        if target is not x:
+            x_n = self.normalize_target(target)  # from here on, what out.x_hat is scored against
         values = {k: v.float() for k, v in self._global_terms(self.loss_terms(x_n, out)).items()}
         self.log("val/loss", torch.stack(list(values.values())).sum(), sync_dist=True)
         for name, value in values.items():
@@ -395,7 +425,7 @@ class ShardedTopK(ShardedSAE):
         code = self._row_top_k(pre_acts, k_aux, dead_latents, int(dead_counts.max()))
         code.values = self.encoder_values(code, out)
         residual_hat = reduce_from_shards(code.decode(self.W_dec), self.shard.latent_group)
-        residual = (x_n - out.x_hat).detach().reshape(-1, self.d_in)
+        residual = (x_n - out.x_hat).detach().reshape(-1, self.d_out)
         error = (residual_hat - residual).pow(2).sum(-1).mean()
         if self.hparams.auxk_normalization == "residual_variance":
             # Replicated over the latent group, so the world sums scale sums and count alike.
@@ -516,6 +546,20 @@ LAYERS: dict[type[SparseAutoencoder], type[ShardedSAE]] = {
     JumpReLUSAE: ShardedJumpReLU,
     GatedSAE: ShardedGated,
     ApproxL0SAE: ShardedApproxL0,
+    # Transcoders and crosscoders: the variant's layer. Their mixins change what is read and
+    # scored (sites, per-site scales, W_skip x, per-layer decoder norms), all replicated or
+    # local to a member's latents; the steps above score against input_and_target's target.
+    Transcoder: ShardedStandard,
+    SkipTranscoder: ShardedStandard,
+    TopKTranscoder: ShardedTopK,
+    TopKSkipTranscoder: ShardedTopK,
+    BatchTopKTranscoder: ShardedBatchTopK,
+    BatchTopKSkipTranscoder: ShardedBatchTopK,
+    JumpReLUTranscoder: ShardedJumpReLU,
+    JumpReLUSkipTranscoder: ShardedJumpReLU,
+    CrossCoder: ShardedStandard,
+    TopKCrossCoder: ShardedTopK,
+    BatchTopKCrossCoder: ShardedBatchTopK,
 }
 _CLASSES: dict[type, type] = {}
 
@@ -526,7 +570,7 @@ def sharded_class(cls: type) -> type:
         return cls
     if cls not in LAYERS:
         raise ValueError(
-            f"{cls.__name__} cannot be latent-sharded: only lightning-sae's SAE classes "
+            f"{cls.__name__} cannot be latent-sharded: only lightning-sae's own classes "
             f"({', '.join(c.__name__ for c in LAYERS)}) have a sharded layer. Set "
             "trainer.latent_parallel: 1 (plain DDP) for this model."
         )
