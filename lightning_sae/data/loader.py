@@ -263,7 +263,8 @@ class MixingBuffer:
                         ahead = make(refill + 1)
                         pool, order = self._pool(held, refill)
                     take = min(need, len(order) - offset)
-                    segments.append((pool, order[offset : offset + take]))
+                    # A batch is a set of rows: served ascending, each part's rows are one run.
+                    segments.append((pool, order[offset : offset + take].sort().values))
                     offset, need = offset + take, need - take
                 oldest = plan.oldest(refill + 1 if offset == len(order) else refill)
                 # With spread 1 the next row may be in the generation made ahead: it starts
@@ -288,12 +289,11 @@ class MixingBuffer:
 
 
 def _gather(pool: Sequence[Rows], positions: Tensor, pin_memory: bool = False) -> Rows:
-    """Rows at ``positions`` of the pool (its parts side by side), in that order, as new
-    tensors (a batch outlives the parts it came from)."""
-    sizes = [len(next(iter(part.values()))) for part in pool]
-    ends = torch.tensor(np.cumsum(sizes), device=positions.device)
-    which = torch.searchsorted(ends, positions, right=True)
-    starts = ends - torch.tensor(sizes, device=positions.device)
+    """Rows at ``positions`` (ascending) of the pool (its parts side by side), in that order,
+    as new tensors (a batch outlives the parts it came from)."""
+    ends = np.cumsum([len(next(iter(part.values()))) for part in pool]).tolist()
+    starts = [0, *ends[:-1]]
+    cuts = torch.searchsorted(positions, torch.tensor([0, *ends], device=positions.device))
     out = {
         key: torch.empty(
             (len(positions), *value.shape[1:]),
@@ -303,12 +303,9 @@ def _gather(pool: Sequence[Rows], positions: Tensor, pin_memory: bool = False) -
         )
         for key, value in pool[0].items()
     }
-    for j, part in enumerate(pool):
-        here = torch.nonzero(which == j).flatten()
-        if len(here):
-            rows = positions[here] - starts[j]
-            for key, value in part.items():
-                out[key][here] = value.index_select(0, rows)
+    for part, start, a, b in zip(pool, starts, cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+        for key, value in part.items():
+            torch.index_select(value, 0, positions[a:b] - start, out=out[key][a:b])
     return out
 
 
