@@ -1,8 +1,8 @@
 """The ``lightning-sae`` command: LightningCLI's fit / validate / test plus tool subcommands.
 
 Trainer subcommands go to :class:`SAECLI`. Tool subcommands that are not trainer methods
-(``cache``, ``export``, ``push``, ``compare``, ``inspect``) are registered in ``TOOL_COMMANDS`` and
-dispatched before LightningCLI parses anything.
+(``cache``, ``export``, ``push``, ``compare``, ``inspect``, ``attribute``) are registered in
+``TOOL_COMMANDS`` and dispatched before LightningCLI parses anything.
 """
 
 from __future__ import annotations
@@ -259,14 +259,18 @@ def _known_subclasses(key: str) -> list[str]:
 
 
 def _lazy(
-    module: str, function: str, parser: Callable[[], argparse.ArgumentParser] | None = None
+    module: str,
+    function: str,
+    parser: Callable[[], argparse.ArgumentParser] | None = None,
+    parse_first: bool = False,
 ) -> Callable[[list[str]], None]:
     """Import the command's module only when it runs: some pull in heavy imports. With a light
-    ``parser``, ``--help`` is answered before that import."""
+    ``parser``, ``--help`` is answered before that import; with ``parse_first`` (a command that
+    takes nothing beyond its parser's options) so is any mistake on the command line."""
 
     def run(argv: list[str]) -> None:
-        if parser is not None and {"-h", "--help"} & set(argv):
-            parser().parse_args(argv)  # prints the help and exits
+        if parser is not None and (parse_first or {"-h", "--help"} & set(argv)):
+            parser().parse_args(argv)  # prints the help or the error and exits
         getattr(importlib.import_module(module), function)(argv)
 
     return run
@@ -296,6 +300,15 @@ def _register_tools() -> None:
             "inspect": (
                 "per-feature top contexts, histograms, logit effects + static HTML browser",
                 _lazy("lightning_sae.analysis.inspector", "inspect_main", commands.inspect_parser),
+            ),
+            "attribute": (
+                "attribution graph of a prompt through a cross-layer transcoder (JSON + HTML)",
+                _lazy(
+                    "lightning_sae.analysis.attribution",
+                    "attribute_main",
+                    commands.attribute_parser,
+                    parse_first=True,
+                ),
             ),
         }
     )

@@ -198,6 +198,74 @@ def inspect_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def attribute_parser() -> argparse.ArgumentParser:
+    parser = ToolParser(
+        prog="lightning-sae attribute",
+        description="The attribution graph of a prompt through a cross-layer transcoder: the "
+        "local replacement model (attention patterns and norm scales frozen, MLPs replaced by "
+        "the CLT plus error nodes), the direct effects between active features, error nodes, "
+        "token embeddings and the top logits, pruned by influence. Writes OUT/graph.json and "
+        "OUT/graph.html (static, opens from disk).",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="CLT checkpoint or export folder")
+    parser.add_argument("--prompt", required=True, help="the text to trace")
+    parser.add_argument("--out", default="attribution", help="output folder (created if missing)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="the CLT's training YAML, whose data: names the model (default: the model the "
+        "export's cfg.json records, or --model)",
+    )
+    parser.add_argument("--model", default=None, help="model name or folder (overrides both)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        help="explain this next token's logit (one token of text; repeat for several); "
+        "default: the most probable tokens",
+    )
+    parser.add_argument(
+        "--position",
+        type=int,
+        default=-1,
+        help="the position whose logits are explained (default -1: the last, the next token; "
+        "for a masked LM, the [MASK]'s)",
+    )
+    parser.add_argument(
+        "--readout",
+        choices=("model", "tied"),
+        default="model",
+        help="logits: the model's own, or the last block's output times the input embedding "
+        "matrix (for a model without a linear LM head, e.g. MiniLM)",
+    )
+    parser.add_argument("--max_logits", type=int, default=10, help="at most this many logits")
+    parser.add_argument(
+        "--logit_probability",
+        type=float,
+        default=0.95,
+        help="the top logits explained cover this much probability",
+    )
+    parser.add_argument(
+        "--max_nodes", type=int, default=2000, help="features traced at most (by influence)"
+    )
+    parser.add_argument(
+        "--node_threshold", type=float, default=0.8, help="feature influence kept by pruning"
+    )
+    parser.add_argument(
+        "--edge_threshold", type=float, default=0.98, help="edge influence kept by pruning"
+    )
+    parser.add_argument("--batch_size", type=int, default=64, help="targets per backward pass")
+    parser.add_argument(
+        "--browser", default=None, help="the CLT's feature browser folder (inspect's OUT): link"
+    )
+    parser.add_argument(
+        "--no_special_tokens", action="store_true", help="tokenize without BOS/CLS/SEP tokens"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT/graph.json")
+    return parser
+
+
 def data_overrides(rest: list[str], command: str) -> dict[str, Any]:
     """``--data.init_args.NAME VALUE`` / ``--data.init_args.NAME=VALUE`` pairs (YAML values)
     left over by a tool's parser; anything else is a ValueError naming the argument."""

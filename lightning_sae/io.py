@@ -170,8 +170,34 @@ def _transcoding(
     return to_saelens, from_saelens
 
 
+def _clt_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    # Every tensor in model units (models/clt.py folds its per-layer scales); no SAELens
+    # architecture reads a cross-layer transcoder, so this is lightning-sae's own layout.
+    cfg = {"d_out": int(sae.d_out), "n_layers": int(sae.n_layers)}
+    return sae.folded_weights(), cfg
+
+
+def _clt_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    expected = {"W_enc", "b_enc", "b_dec", *(f"W_dec.{s}" for s in range(int(cfg["n_layers"])))}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(
+            f"the weights file lacks {', '.join(missing)} of a {cfg['n_layers']}-layer "
+            "cross-layer transcoder; the folder is incomplete: export it again."
+        )
+    ours = {key: value for key, value in weights.items() if key != "threshold"}
+    if "threshold" in weights:
+        threshold = weights["threshold"]
+        if threshold.dim() == 2:  # JumpReLU: one per feature, stored as its log
+            ours["log_threshold"] = threshold.log()
+        else:  # BatchTopK: one per layer (or one), learned in training
+            ours |= {"threshold": threshold, "threshold_updates": torch.tensor(1)}
+    return ours, {}
+
+
 _MODELS = "lightning_sae.models"
 _TC = f"{_MODELS}.transcoder"
+_CLT = f"{_MODELS}.clt"
 _RELU_TC = _transcoding(_relu_to, _relu_from)
 _TOPK_TC = _transcoding(_topk_to, _topk_from)
 _JUMPRELU_TC = _transcoding(_jumprelu_to, _jumprelu_from)
@@ -205,6 +231,17 @@ FORMATS: dict[str, _Format] = {
             "lightning_sae_batchtopk_crosscoder",
             _batchtopk_to,
             _batchtopk_from,
+        ),
+        _Format(f"{_CLT}.CrossLayerTranscoder", "lightning_sae_clt", _clt_to, _clt_from),
+        _Format(
+            f"{_CLT}.JumpReLUCrossLayerTranscoder", "lightning_sae_jumprelu_clt", _clt_to, _clt_from
+        ),
+        _Format(f"{_CLT}.TopKCrossLayerTranscoder", "lightning_sae_topk_clt", _clt_to, _clt_from),
+        _Format(
+            f"{_CLT}.BatchTopKCrossLayerTranscoder",
+            "lightning_sae_batchtopk_clt",
+            _clt_to,
+            _clt_from,
         ),
     )
 }
@@ -247,6 +284,8 @@ def _init_args(hparams: dict[str, Any]) -> dict[str, Any]:
 def saelens_state(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """SAELens weights (input scale folded in) and the architecture's cfg keys."""
     fmt = format_of(type(sae))
+    if getattr(sae, "n_layers", None) is not None:  # a cross-layer transcoder folds its own
+        return fmt.to_saelens(sae)
     dtype = sae.W_enc.dtype
     # The input's factor scales W_enc's rows (one per input dimension for a crosscoder's
     # per-layer scales); the written site's factor (a transcoder's output scale), W_dec's columns.
@@ -280,7 +319,9 @@ def export_sae(
     out.mkdir(parents=True, exist_ok=True)
     weights, extra_cfg = saelens_state(sae)
     sites: dict[str, Any] = {}  # where a transcoder or crosscoder reads and writes
-    if getattr(sae, "maps_sites", False):
+    if getattr(sae, "n_layers", None) is not None:
+        sites = {"hook_names": sae.input_hooks, "hook_names_out": sae.output_hooks}
+    elif getattr(sae, "maps_sites", False):
         sites = {"hook_name": sae.input_hook, "hook_name_out": sae.output_hook}
     elif getattr(sae, "writes_layers", False):
         sites = {"hook_names": list(sae.hooks)}
@@ -593,7 +634,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
             f"which exports as {fmt.architecture!r}; the folder was edited by hand?"
         )
     params, arch_kwargs = fmt.from_saelens(weights, cfg)
-    params |= {k: weights[k] for k in ("W_enc", "W_dec", "b_dec")}
+    for key in ("W_enc", "W_dec", "b_dec"):  # a CLT's decoder is W_dec.<layer>, given above
+        if not any(have == key or have.startswith(f"{key}.") for have in params):
+            params[key] = weights[key]
     if name == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         _fold_topk_decoder_norm(params, weights)
     if ours:
@@ -618,14 +661,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoenco
 
 
 # ----------------------------------------------------------------------------- command line
-def _folded_scales(input_scale: float | list[float], output_scale: float) -> str:
+def _folded_scales(input_scale: float | list[float], output_scale: float | list[float]) -> str:
     """', input scale X folded in' (per layer, and the output's, where they differ from 1)."""
-    scales = input_scale if isinstance(input_scale, list) else [input_scale]
     parts = []
-    if not all(math.isclose(s, 1.0) for s in scales):
-        parts.append("input scale " + "/".join(f"{s:.6g}" for s in scales))
-    if not math.isclose(output_scale, 1.0):
-        parts.append(f"output scale {output_scale:.6g}")
+    for name, value in (("input", input_scale), ("output", output_scale)):
+        scales = value if isinstance(value, list) else [value]
+        if not all(math.isclose(s, 1.0) for s in scales):
+            parts.append(f"{name} scale " + "/".join(f"{s:.6g}" for s in scales))
     return f", {' and '.join(parts)} folded in" if parts else ""
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks._reporting import decoder_rows, gathered, member_names, saes, scoped
 from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor, ground_truth_mmcs
 from lightning_sae.callbacks.init_from import InitFrom
@@ -406,6 +406,15 @@ def _is_sharded_checkpoint(path: str) -> bool:
 def _check_sharded_resume(ckpt_path: str, trainer_config: Any) -> None:
     """A latent-sharded checkpoint loads into any mesh, but only under the sharded strategy."""
     strategy = str(trainer_config.get("strategy", "auto"))
+    if trainer_config.get("member_parallel") or "MemberParallelStrategy" in strategy:
+        return  # its own folders; MemberParallelStrategy.load_checkpoint checks which it is
+    meta = load_torch_file(Path(ckpt_path) / "meta.pt", mmap=True)
+    if "member_param_groups" in meta:
+        raise SystemExit(
+            f"error: --ckpt_path {ckpt_path} is a member-parallel checkpoint (each member's "
+            "weights written by its device): resume it with trainer.member_parallel: true (any "
+            "device count); `lightning-sae export --ckpt_path <folder>` writes its SAEs."
+        )
     if trainer_config.get("latent_parallel", 1) == 1 and "LatentParallelStrategy" not in strategy:
         raise SystemExit(
             f"error: --ckpt_path {ckpt_path} is a latent-sharded checkpoint (a folder of shards). "
@@ -436,6 +445,39 @@ def _latent_parallel_strategy(
         strategy = LatentParallelStrategy(latent_parallel=latent_parallel)
         if model is not None:
             check_shardable(model, latent_parallel)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return strategy
+
+
+def _member_parallel_strategy(
+    trainer_config: Any, latent_parallel: int, model: LightningModule | None = None
+) -> Any:
+    """``trainer.member_parallel: true`` as its strategy; a strategy set beside it, a model that
+    is not a group, or a group that cannot be placed, is refused here, once, before any process
+    is launched."""
+    from lightning_sae.parallel.members import MemberParallelStrategy, check_placeable
+
+    if latent_parallel != 1:
+        raise SystemExit(
+            "error: trainer.member_parallel with trainer.latent_parallel (a member sharded over "
+            "a subgroup of ranks) is not supported yet: set one of them (latent_parallel: 1, or "
+            "member_parallel: false)."
+        )
+    if trainer_config.get("strategy", "auto") != "auto":
+        raise SystemExit(
+            "error: trainer.member_parallel sets the strategy (MemberParallelStrategy); remove "
+            f"trainer.strategy ({trainer_config.get('strategy')}) or set "
+            "trainer.member_parallel: false."
+        )
+    trainer_config.pop("strategy", None)
+    gib = trainer_config.get("member_memory_gib")
+    try:
+        strategy = MemberParallelStrategy(member_memory_gib=gib)
+        devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes", 1)
+        if model is not None:
+            world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+            check_placeable(model, world, None if gib is None else int(gib * 2**30))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     return strategy
@@ -589,6 +631,25 @@ class SAECLI(LightningCLI):
             ),
         )
         parser.add_argument(
+            "--trainer.member_parallel",
+            type=bool,
+            default=False,
+            help=(
+                "Place an SAEGroup's members on the devices (each on one, balanced by size) "
+                "and train each on the whole global batch: SAE and Adam memory per device "
+                "divides by the device count (lightning_sae.parallel.MemberParallelStrategy)."
+            ),
+        )
+        parser.add_argument(
+            "--trainer.member_memory_gib",
+            type=float | None,
+            default=None,
+            help=(
+                "With trainer.member_parallel: the most GiB of members' weights, gradients and "
+                "Adam state one device may hold (default: a GPU's memory; no limit on CPU)."
+            ),
+        )
+        parser.add_argument(
             "--init_from",
             type=str | None,
             default=None,
@@ -736,7 +797,13 @@ class SAECLI(LightningCLI):
         config = self.config.get(self.subcommand, {})
         trainer_config = self._get(self.config_init, "trainer", default={})
         latent_parallel = trainer_config.pop("latent_parallel", 1)
-        if latent_parallel != 1:
+        member_parallel = trainer_config.pop("member_parallel", False)
+        if member_parallel:
+            kwargs["strategy"] = _member_parallel_strategy(
+                trainer_config, latent_parallel, self.model
+            )
+        trainer_config.pop("member_memory_gib", None)
+        if latent_parallel != 1 and not member_parallel:
             kwargs["strategy"] = _latent_parallel_strategy(
                 trainer_config, latent_parallel, self.model
             )
@@ -807,7 +874,7 @@ class SAECLI(LightningCLI):
             checkpoint = label or self.config[self.subcommand].get("ckpt_path")
             is_file = checkpoint is not None and Path(checkpoint).is_file()
             step = _checkpoint_record(Path(checkpoint))["global_step"] if is_file else None
-        members = list(self.model.members) if isinstance(self.model, SAEGroup) else None
+        members = member_names(self.model) if isinstance(self.model, SAEGroup) else None
         table = final_metrics_table(self.trainer, self.coverage, gt_mmcs, checkpoint, step, members)
         print(table, flush=True)
         if self.subcommand == "fit":  # kept with the run: `lightning-sae push` puts it in the card
@@ -823,8 +890,9 @@ class SAECLI(LightningCLI):
         values = {
             name: ground_truth_mmcs(ground_truth, sae)
             for name, sae in saes(self.model).items()
-            if sae.W_dec.shape[1] == ground_truth.shape[1]
+            if decoder_rows(sae).shape[1] == ground_truth.shape[1]
         }
+        values = gathered(self.model, values)  # a placed member is measured on its own rank
         return values if isinstance(self.model, SAEGroup) else values.get("")
 
 

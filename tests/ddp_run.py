@@ -10,7 +10,8 @@ and, from rank 0, its CSV metrics under ``run<i>/csv``.
 built from those init args (a cache the test built beforehand), or, when the args name
 ``hooks``, on a StreamingActivationDataModule. A run's own ``"data"`` replaces ``--data``.
 ``--silence`` features start with a hugely negative encoder bias, so they are dead from the
-first step and the resampler has work at its first call.
+first step and the resampler has work at its first call. A run with ``"init": false`` leaves
+out the data-informed init.
 """
 
 import argparse
@@ -48,13 +49,14 @@ class Silence(L.Callback):
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sae in saes(pl_module).values():  # every member of an SAEGroup
-            sae.b_enc[self.features] = -1e3
+            sae.b_enc[..., self.features] = -1e3  # a cross-layer transcoder: in every layer
 
 
-def training_callbacks(silence: list[int]) -> list[L.Callback]:
-    """Every training-dynamics callback, each due within a 12-step run."""
+def training_callbacks(silence: list[int], init: bool = True) -> list[L.Callback]:
+    """Every training-dynamics callback, each due within a 12-step run (without the
+    data-informed init when ``init`` is false: a cross-layer transcoder has none)."""
     return [
-        DataInformedInit(method="kmeans", n_samples=256),
+        *([DataInformedInit(method="kmeans", n_samples=256)] if init else []),
         Silence(silence),
         DeadFeatureResampler(at_steps=[4], strategy="cluster", n_batches=2, batch_size=128),
         FeatureDensityMonitor(every_n_steps=4, window_tokens=256),
@@ -86,7 +88,7 @@ def fit(run: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
         model = model_cls(d_in=args.d_in, d_sae=64, lr=3e-3, **run["kwargs"])
     callbacks = [DecoderNormConstraint()]
     if args.all_callbacks:
-        callbacks += training_callbacks(args.silence)
+        callbacks += training_callbacks(args.silence, init=run.get("init", True))
     callbacks.append(
         ModelCheckpoint(
             dirpath=out / "ckpt",

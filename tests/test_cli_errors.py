@@ -272,7 +272,9 @@ def test_a_typo_is_answered_before_torch_is_imported(
     assert len(lines) == len(expected) + 1, result.stdout
     for line, suggestion in zip(lines, expected, strict=False):
         assert line.startswith("error: ") and f"Did you mean {suggestion}?" in line, line
-    assert "cache, export, compare, inspect" in lines[0]  # every command, not only the trainer's
+    # every command, not only the trainer's
+    assert all(f" {name}," in lines[0] for name in ("cache", "export", "compare", "inspect"))
+    assert " attribute (" in lines[0]
 
 
 _TYPOS = [

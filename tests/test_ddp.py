@@ -176,7 +176,8 @@ def test_cached_and_streamed_activations_and_every_callback_under_ddp_match_one_
     """Data-informed init, resampling (faiss clusters), density and geometry monitors, and the
     decoder-norm constraint, on cached activations read as disjoint slices per rank, and on
     activations streamed from the model, each rank running it on its own text; and a skip
-    transcoder on streamed paired sites, its callbacks acting across the two sites."""
+    transcoder on streamed paired sites, its callbacks acting across the two sites; and a
+    cross-layer transcoder on both layers' streamed MLP sites."""
     # A short dead window, so the silenced features count as dead by the resampler's step 4.
     standard = {"model": "lightning_sae.models.standard.StandardSAE",
                 "kwargs": {"dead_window_tokens": 256}}  # fmt: skip
@@ -187,12 +188,25 @@ def test_cached_and_streamed_activations_and_every_callback_under_ddp_match_one_
         "kwargs": {**sites, "k": 4, "aux_coefficient": 1.0, "dead_window_tokens": 256},
         "data": json.dumps({**STREAM, "hooks": list(sites.values())}),
     }
-    runs = [standard, {**standard, "data": json.dumps(STREAM)}, transcoder]
+    # A cross-layer transcoder (BatchTopK over both layers: the global cut-off from every rank's
+    # candidates) on both layers' streamed MLP inputs and outputs.
+    inputs, outputs = (
+        [f"blocks.{i}.hook_mlp_in" for i in (0, 1)],
+        [f"blocks.{i}.hook_mlp_out" for i in (0, 1)],
+    )
+    clt = {
+        "model": "lightning_sae.models.clt.BatchTopKCrossLayerTranscoder",
+        "kwargs": {"input_hooks": inputs, "output_hooks": outputs, "k": 4, "topk_scope": "all",
+                   "dead_window_tokens": 256, "normalize_activations": True},
+        "data": json.dumps({**STREAM, "hooks": [*inputs, *outputs]}),
+        "init": False,
+    }  # fmt: skip
+    runs = [standard, {**standard, "data": json.dumps(STREAM)}, transcoder, clt]
     args = ["--data", cached_activations, "--all_callbacks", "--runs", json.dumps(runs)]
-    ddp = train(tmp_path / "ddp", 2, *args, runs=3)
-    single = train(tmp_path / "single", 1, *args, runs=3)
+    ddp = train(tmp_path / "ddp", 2, *args, runs=4)
+    single = train(tmp_path / "single", 1, *args, runs=4)
     assert ddp[2][0]["W_skip"].abs().sum() > 0  # the skip trained (it starts at zero)
-    for i in range(3):
+    for i in range(4):
         run = f"run{i}"
         assert_ranks_identical(ddp[i])
         assert_same_run(tmp_path / "ddp" / run, tmp_path / "single" / run, ddp[i][0], single[i][0])

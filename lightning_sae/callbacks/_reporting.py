@@ -7,13 +7,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.group import SAEGroup
+from lightning_sae.parallel.members import gather_objects, placement_of
+from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import figure_image, save_figure
 
 
@@ -57,6 +60,66 @@ def saes(pl_module: LightningModule) -> dict[str, SparseAutoencoder]:
     if isinstance(pl_module, SAEGroup):
         return pl_module.named_saes()
     return {"": pl_module}
+
+
+def decoder_parameters(sae: SparseAutoencoder) -> list[Tensor]:
+    """The decoder's parameters, each with one feature per row along dim 0: ``[W_dec]``, or a
+    cross-layer transcoder's one per source layer (``[d_sae, n_targets, d_out]``, a feature's
+    row being everything it writes)."""
+    W_dec = sae.W_dec
+    return list(W_dec) if isinstance(W_dec, nn.ParameterList) else [W_dec]
+
+
+def decoder_rows(sae: SparseAutoencoder) -> Tensor:
+    """One direction per feature as rows of one matrix, what decoder geometry measures:
+    ``W_dec``, or for a cross-layer transcoder each feature's direction in its own layer's
+    output (the slabs differ in width from layer to layer)."""
+    W_dec = sae.W_dec
+    if isinstance(W_dec, nn.ParameterList):
+        return torch.cat([W[:, 0] for W in W_dec])
+    return W_dec
+
+
+def feature_count(sae: SparseAutoencoder) -> int:
+    """Features in all: ``d_sae``, or ``n_layers * d_sae`` for a cross-layer transcoder."""
+    return getattr(sae, "n_features", sae.d_sae)
+
+
+def member_names(pl_module: LightningModule) -> list[str]:
+    """The names of every SAE of the module, held here or not (``[""]`` for a single SAE): what
+    a callback reads from the logged metrics, which every rank logs for every member."""
+    if placement_of(pl_module) is not None:
+        return list(pl_module.member_names)
+    return list(saes(pl_module))
+
+
+def measures_here(trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Whether this rank measures (and decides for) its SAEs: rank 0 under DDP (the others get
+    its decisions by :func:`decided`); every rank where the measurement is collective (latent
+    sharding) or where each member is held by one rank (member placement)."""
+    return (
+        trainer.is_global_zero
+        or shard_of(pl_module) is not None
+        or placement_of(pl_module) is not None
+    )
+
+
+def decided(trainer: Trainer, pl_module: LightningModule, decisions: Any) -> Any:
+    """Per-SAE decisions (weights, plans) as every rank applies them: rank 0's, broadcast; each
+    rank's own under member placement, where a member's rank alone decides for it. Every rank
+    calls this."""
+    if placement_of(pl_module) is not None:
+        return decisions
+    return trainer.strategy.broadcast(decisions, src=0)
+
+
+def gathered(pl_module: LightningModule, values: dict[str, Any]) -> dict[str, Any]:
+    """Per-SAE values to report, complete on rank 0 (which logs): under member placement every
+    rank's joined, in the group's order (every rank calls this); elsewhere ``values``."""
+    if placement_of(pl_module) is None:
+        return values
+    joined = {k: v for rank_values in gather_objects(values) for k, v in rank_values.items()}
+    return {name: joined[name] for name in pl_module.member_names if name in joined}
 
 
 def sae_input(pl_module: LightningModule, name: str, batch: Any) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
-from lightning_sae.callbacks._reporting import saes
+from lightning_sae.callbacks._reporting import decoder_parameters, saes
 
 
 class DecoderNormConstraint(Callback):
@@ -17,7 +17,8 @@ class DecoderNormConstraint(Callback):
     With unit-norm rows the L1 penalty cannot be lowered by shrinking activations and growing the
     decoder. Removing the parallel gradient component first means Adam spends its step only on
     changing directions, not on norm changes that the renormalisation would undo. In an
-    ``SAEGroup`` every member's decoder is constrained.
+    ``SAEGroup`` every member's decoder is constrained. A cross-layer transcoder's feature row is
+    everything the feature writes, every target layer together.
     """
 
     def __init__(self, remove_parallel_gradient: bool = True) -> None:
@@ -36,8 +37,10 @@ class DecoderNormConstraint(Callback):
         if not self.remove_parallel_gradient:
             return
         for sae in saes(pl_module).values():
-            W_dec, grad = sae.W_dec, sae.W_dec.grad
-            if grad is not None:
+            for W in decoder_parameters(sae):
+                if W.grad is None:
+                    continue
+                W_dec, grad = W.flatten(1), W.grad.view(W.shape[0], -1)  # grad: a view, in place
                 directions = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 grad -= (grad * directions).sum(1, keepdim=True) * directions
 
@@ -50,4 +53,6 @@ class DecoderNormConstraint(Callback):
     @staticmethod
     def _normalise(pl_module: LightningModule) -> None:
         for sae in saes(pl_module).values():
-            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            for W in decoder_parameters(sae):
+                norms = W.flatten(1).norm(dim=1).clamp_min(1e-12)
+                W /= norms.view(-1, *[1] * (W.dim() - 1))

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
     batch_rows,
+    feature_count,
     figures_dir,
+    gathered,
     log_figure,
     log_histogram,
     log_scalars,
@@ -21,6 +23,7 @@ from lightning_sae.callbacks._reporting import (
     scoped,
     states_by_sae,
 )
+from lightning_sae.parallel.members import placement_of
 from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import density_figure
 
@@ -100,6 +103,9 @@ class FeatureDensityMonitor(Callback):
             return
         named = saes(pl_module)
         shard = shard_of(pl_module)
+        placed = placement_of(pl_module) is not None
+        if placed:  # each member counts the whole global batch it trained on, on its own rank
+            batch = pl_module.global_batch
         fired = []
         for name, sae in named.items():
             x = sae_input(pl_module, name, batch)
@@ -107,12 +113,14 @@ class FeatureDensityMonitor(Callback):
                 x = shard.gather_rows(x)
             # Eval mode: a measurement must not move running state (BatchTopK's threshold).
             with sae.measuring():
-                fired.append((sae.encode(x) != 0).sum(0).double())
-        if shard is None:
+                fired.append((sae.encode(x) != 0).reshape(len(x), -1).sum(0).double())
+        if placed:
+            parts, tokens = fired, rows * trainer.world_size
+        elif shard is None:
             counted = torch.cat([*fired, fired[0].new_tensor([rows])])
             counted = trainer.strategy.reduce(counted, reduce_op="sum")
             tokens = int(counted[-1].item())
-            parts = counted[:-1].split([sae.d_sae for sae in named.values()])
+            parts = counted[:-1].split([feature_count(sae) for sae in named.values()])
         else:  # each member counted its latents: sum over the data group, join the members'
             parts = [shard.gather_features(shard.sum_over_data(fired[0]))]
             tokens = rows * trainer.world_size
@@ -124,13 +132,19 @@ class FeatureDensityMonitor(Callback):
             window.tokens += tokens
         if step % self.every_n_steps == 0 and step != self.last_report_step:
             self.last_report_step = step
-            for name in named:
-                self._report(trainer, step, name, self.windows[name])
+            closed = {name: self._close(self.windows[name]) for name in named}
+            for name, (density, tokens) in gathered(pl_module, closed).items():
+                self._report(trainer, step, name, density, tokens)
 
-    def _report(self, trainer: Trainer, step: int, name: str, window: _Window) -> None:
+    @staticmethod
+    def _close(window: _Window) -> tuple[Tensor, int]:
+        """The window's density and token count; the window starts again."""
         density = (window.counts / max(window.tokens, 1)).float().cpu()
         window.last_density, tokens = density, window.tokens
         window.counts, window.tokens = None, 0
+        return density, tokens
+
+    def _report(self, trainer: Trainer, step: int, name: str, density: Tensor, tokens: int) -> None:
         if not trainer.is_global_zero:
             return
         dead = density == 0

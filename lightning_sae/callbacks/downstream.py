@@ -11,9 +11,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_sae.callbacks._reporting import saes, scoped
+from lightning_sae.callbacks._reporting import measures_here, saes, scoped
 from lightning_sae.metrics.downstream import downstream_metrics
-from lightning_sae.parallel.sharded import shard_of
+from lightning_sae.parallel.members import gather_objects, placement_of
 
 
 class DownstreamEval(Callback):
@@ -102,8 +102,9 @@ class DownstreamEval(Callback):
             if getattr(sae, "writes_layers", False):
                 raise ValueError(
                     f"DownstreamEval splices one site; {scoped(name, type(sae).__name__)} is a "
-                    "crosscoder, which writes several layers at once. Remove the callback (its "
-                    "val/fvu covers every layer)."
+                    "crosscoder or cross-layer transcoder, which writes several layers at once. "
+                    "Remove the callback (val/fvu covers every layer; for a cross-layer "
+                    "transcoder, ReplacementEval splices every layer)."
                 )
 
     @torch.no_grad()
@@ -118,9 +119,14 @@ class DownstreamEval(Callback):
         # A latent-sharded SAE's forward is collective over its latent group, so there every
         # rank runs the language model on the same windows and joins it; rank 0's numbers are
         # then everyone's, as under DDP where rank 0 alone measures.
-        if trainer.is_global_zero or shard_of(pl_module) is not None:
+        # Under member placement each rank measures its own members and every rank logs all.
+        placed = placement_of(pl_module) is not None
+        if measures_here(trainer, pl_module) and saes(pl_module):
             values = self._measure(data, pl_module)
-        values = trainer.strategy.broadcast(values, src=0)
+        if placed:
+            values = {k: v for part in gather_objects(values or {}) for k, v in part.items()}
+        else:
+            values = trainer.strategy.broadcast(values, src=0)
         for name, value in values.items():
             pl_module.log(name, value, sync_dist=False)
 

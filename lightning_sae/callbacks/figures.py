@@ -12,11 +12,14 @@ from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
     figures_dir,
+    gathered,
     log_figure,
+    member_names,
     saes,
     scoped,
 )
 from lightning_sae.metrics.reconstruction import FiringCounts
+from lightning_sae.parallel.members import placement_of
 from lightning_sae.parallel.sharded import shard_of
 from lightning_sae.plots import density_figure, frontier_figure, training_curves_figure
 
@@ -63,7 +66,7 @@ class TrainingFigures(Callback):
     # ----------------------------------------------------------------- recording
     def _record(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         metrics, history = trainer.callback_metrics, getattr(self, stage)
-        for name in saes(pl_module):
+        for name in member_names(pl_module):  # every rank logs every member's values
             values = {key: metrics.get(scoped(name, f"{stage}/{key}")) for key in CURVE_KEYS}
             if all(value is None for value in values.values()):
                 continue
@@ -89,14 +92,19 @@ class TrainingFigures(Callback):
         # collective that every rank joins (callbacks run on every rank).
         if trainer.sanity_checking or shard_of(pl_module) is not None:
             return
+        # A placed member's metric saw the whole batch on its own rank: read as it is, and
+        # every rank's joined (rank 0 draws).
+        placed = placement_of(pl_module) is not None
+        found = {}
         for name, sae in saes(pl_module).items():
             metric = getattr(sae, "val_dead", None)
             if not isinstance(metric, FiringCounts):
                 continue
-            with metric.sync_context():
+            with metric.sync_context(should_sync=not placed):
                 counts, n = metric.counts.detach().cpu().clone(), int(metric.n)
             if n:
-                self.val_counts[name] = (counts, n)
+                found[name] = (counts, n)
+        self.val_counts |= gathered(pl_module, found)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

@@ -10,10 +10,13 @@ from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
+    decoder_rows,
     figures_dir,
+    gathered,
     log_figure,
     log_histogram,
     log_scalars,
+    measures_here,
     per_sae_state,
     saes,
     scoped,
@@ -37,7 +40,7 @@ def ground_truth_mmcs(ground_truth: Tensor, sae: Any, backend: Backend = "auto")
     A latent-sharded SAE holds a slice of the rows: the maximum is taken over every member's
     slice, a collective that every member of its latent group must join.
     """
-    return _ground_truth_mmcs(ground_truth, sae.W_dec.detach(), shard_of(sae), backend)
+    return _ground_truth_mmcs(ground_truth, decoder_rows(sae).detach(), shard_of(sae), backend)
 
 
 def _ground_truth_mmcs(ground_truth: Tensor, W_dec: Tensor, shard: Any, backend: Backend) -> float:
@@ -111,7 +114,7 @@ class FeatureGeometryMonitor(Callback):
     ) -> None:
         step = trainer.global_step
         # A latent-sharded decoder is measured by every member, blocked (parallel/geometry.py).
-        measures = trainer.is_global_zero or shard_of(pl_module) is not None
+        measures = measures_here(trainer, pl_module)
         if step % self.every_n_steps or step == self.last_step or not measures:
             return
         self.last_step = step
@@ -120,7 +123,7 @@ class FeatureGeometryMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The curve and the figures end at the weights the run reports, not at the last multiple
         # of every_n_steps before them.
-        measures = trainer.is_global_zero or shard_of(pl_module) is not None
+        measures = measures_here(trainer, pl_module)
         if trainer.global_step != self.last_step and measures:
             self.last_step = trainer.global_step
             self.measure(trainer, pl_module)
@@ -128,17 +131,31 @@ class FeatureGeometryMonitor(Callback):
     @torch.no_grad()
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Measure and log now, every SAE of the module; returns the scalars logged."""
-        metrics: dict[str, float] = {}
+        measured = {}
         for name, sae in saes(pl_module).items():
             record = self.records.setdefault(name, _Record())
-            metrics |= self._measure(trainer, name, sae.W_dec.detach(), record, shard_of(sae))
+            W_dec = decoder_rows(sae).detach()
+            measured[name] = self._measure(trainer, name, W_dec, record, shard_of(sae))
+        metrics: dict[str, float] = {}
+        # Under member placement each rank measured its own members: rank 0 logs them all, and
+        # every rank keeps every member's curve (the final table reads it).
+        for name, (scalars, max_cos, baseline) in gathered(pl_module, measured).items():
+            record = self.records.setdefault(name, _Record())
+            if name not in measured:
+                record.history.append((trainer.global_step, *self._curve_point(scalars, name)))
+            metrics |= self._log(trainer, name, scalars, max_cos, baseline)
         return metrics
+
+    @staticmethod
+    def _curve_point(scalars: dict[str, float], name: str) -> tuple[float, float | None]:
+        return scalars[scoped(name, "geometry/mmcs")], scalars.get(scoped(name, "geometry/gt_mmcs"))
 
     def _measure(
         self, trainer: Trainer, name: str, W_dec: Tensor, record: _Record, shard: Any = None
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], Tensor, float | None]:
+        """(the scalars by log key, each row's max cosine, the random baseline) of one SAE."""
         step = trainer.global_step
-        if record.random_baseline is None and trainer.is_global_zero:
+        if record.random_baseline is None and (trainer.is_global_zero or shard is None):
             rows = W_dec.shape[0] if shard is None else shard.d_sae
             record.random_baseline = random_directions_mmcs(
                 rows, W_dec.shape[1], self.baseline_seed, self.backend, device=W_dec.device
@@ -164,15 +181,26 @@ class FeatureGeometryMonitor(Callback):
                     metrics[f"geometry/gt_step_to_{key}"] = float(step)
         record.history.append((step, metrics["geometry/mmcs"], gt_mmcs))
         metrics = {scoped(name, key): value for key, value in metrics.items()}
+        return metrics, max_cos.cpu(), record.random_baseline
+
+    def _log(
+        self,
+        trainer: Trainer,
+        name: str,
+        metrics: dict[str, float],
+        max_cos: Tensor,
+        baseline: float | None,
+    ) -> dict[str, float]:
         if not trainer.is_global_zero:  # a sharded member that helped measure: rank 0 logs
             return metrics
+        step = trainer.global_step
         log_scalars(trainer, metrics)
         log_histogram(trainer, scoped(name, "geometry/max_cos"), max_cos)
         png = figures_dir(trainer) / scoped(name, "geometry") / f"step{step:07d}.png"
         log_figure(
             trainer,
             scoped(name, "geometry/max_cos"),
-            lambda: max_cosine_figure(max_cos, step, record.random_baseline),
+            lambda: max_cosine_figure(max_cos, step, baseline),
             png if self.save_png else None,
         )
         return metrics

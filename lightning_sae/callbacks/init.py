@@ -17,9 +17,11 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_sae.callbacks._reporting import sae_input_and_target, saes
+from lightning_sae.callbacks._reporting import decided, sae_input_and_target, saes
 from lightning_sae.metrics.similarity import import_faiss
+from lightning_sae.models.base import stepping_alone
 from lightning_sae.parallel.comm import gather_last
+from lightning_sae.parallel.members import placement_of
 from lightning_sae.parallel.sharded import LatentShard, shard_of
 
 Method = Literal["orthogonal", "xavier", "data", "svd", "kmeans", "outliers"]
@@ -298,6 +300,12 @@ class DataInformedInit(Callback):
             return
         named = saes(pl_module)
         for name, sae in named.items():
+            if getattr(sae, "n_layers", None) is not None:
+                raise ValueError(
+                    f"DataInformedInit sets one decoder matrix; {type(sae).__name__} is a "
+                    "cross-layer transcoder, with one decoder per layer pair. Remove the "
+                    "callback (the CLT starts from its own random init)."
+                )
             d_sae = _dictionary_size(sae)
             if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
                 raise ValueError(
@@ -314,8 +322,10 @@ class DataInformedInit(Callback):
         # its slice; otherwise only rank 0 needs the sample.
         needs_scale = any(not bool(sae.input_scale_fitted) for sae in named.values())
         sharded = any(shard_of(sae) is not None for sae in named.values())
+        # A placed member's rank decides for it alone (parallel/members.py).
+        placed = placement_of(pl_module) is not None
         drawn = None
-        if needs_scale or sharded or trainer.is_global_zero:
+        if needs_scale or sharded or placed or trainer.is_global_zero:
             drawn = sample(self.n_samples, seed=self.seed + _SAMPLE_SEED_OFFSET)
         weights = {}
         for name, sae in named.items():
@@ -324,17 +334,22 @@ class DataInformedInit(Callback):
                 x, target = sae_input_and_target(pl_module, name, drawn)
                 x, target = x.to(sae.device), (x if target is x else target.to(sae.device))
             if not bool(sae.input_scale_fitted):
-                sae.fit_input_scale(x, target)
+                if placed:  # one rank holds the member: its scale is fitted as in one process
+                    with stepping_alone():
+                        sae.fit_input_scale(x, target)
+                else:
+                    sae.fit_input_scale(x, target)
             shard = shard_of(sae)
-            if shard is not None or trainer.is_global_zero:
+            if shard is not None or placed or trainer.is_global_zero:
                 y_n = None if target is x else sae.normalize_target(target)
                 computed = self.initial_weights(sae.normalize(x), sae, y_n, shard)
                 if shard is None:
                     weights[name] = computed
                 else:  # this member's slice, computed here
                     _copy_weights(sae, computed)
-        # The unsharded SAEs' weights are rank 0's, so DDP ranks stay identical.
-        weights = trainer.strategy.broadcast(weights, src=0)
+        # The unsharded SAEs' weights are rank 0's, so DDP ranks stay identical (a placed
+        # member's are its own rank's).
+        weights = decided(trainer, pl_module, weights)
         for name, computed in weights.items():
             _copy_weights(named[name], computed)
         self.has_run = True

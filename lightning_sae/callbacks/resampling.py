@@ -10,7 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_sae.callbacks._reporting import (
+    decided,
+    gathered,
     log_scalars,
+    measures_here,
     per_sae_state,
     sae_input_and_target,
     saes,
@@ -123,6 +126,40 @@ def restart_adam_slices(
             by_feature[indices] = 0.0
         else:
             by_feature[indices] = by_feature[live].mean(0)
+
+
+def _layer_parts(
+    sae: SparseAutoencoder,
+    state: dict[str, Any],
+    feature_dim: int,
+    layer: list[int | str],
+    indices: Tensor,
+    live: Tensor,
+) -> list[tuple[dict[str, Any], int, Tensor, Tensor]]:
+    """(state, feature dim, restarted indices, live mask) for each part of a parameter that
+    holds one layer's features of a cross-layer transcoder, whose ``reset_features`` names
+    (parameter, feature dim, layer): an int for a parameter of that layer alone
+    (``W_dec[s]``), ``"stacked"`` for one with the layers along dim 0 (``W_enc``, ``b_enc``).
+    The indices and the mask are flat over every layer's features (``layer * d_sae + j``).
+    An SAE's (parameter, feature dim) is one part, as it is."""
+    if not layer:
+        return [(state, feature_dim, indices, live)]
+    d_sae = sae.d_sae
+    live_by_layer = live.view(-1, d_sae)
+
+    def in_layer(source: int) -> Tensor:
+        chosen = indices[(indices // d_sae) == source]
+        return chosen % d_sae
+
+    if layer[0] != "stacked":
+        source = int(layer[0])
+        return [(state, feature_dim, in_layer(source), live_by_layer[source])]
+    parts = []
+    for source in range(live_by_layer.shape[0]):
+        # A view of the layer's statistics: writes reach the optimizer's state.
+        sub_state = {key: value[source] for key, value in state.items() if key != "step"}
+        parts.append((sub_state, feature_dim - 1, in_layer(source), live_by_layer[source]))
+    return parts
 
 
 def _whole(sae: SparseAutoencoder, per_feature: Tensor) -> Tensor:
@@ -249,11 +286,11 @@ class DeadFeatureResampler(Callback):
         named = saes(pl_module)
         plans = None
         # A latent-sharded forward joins its latent group's collectives, so there every rank
-        # measures; rank 0's plan still decides for all.
-        if trainer.is_global_zero or shard_of(pl_module) is not None:
+        # measures; rank 0's plan still decides for all. A placed member's rank plans for it.
+        if measures_here(trainer, pl_module):
             plans = {name: self._plan(trainer, pl_module, name) for name in named}
-        plans = trainer.strategy.broadcast(plans, src=0)
-        total = 0
+        plans = decided(trainer, pl_module, plans)
+        total, done = 0, {}
         for name, sae in named.items():
             plan = plans[name]
             self._generator(name).set_state(plan["generator_state"])  # ranks stay in step
@@ -269,11 +306,14 @@ class DeadFeatureResampler(Callback):
                 )
             self.resampled[name] = self.resampled.get(name, 0) + len(indices)
             total += len(indices)
-            if trainer.is_global_zero:
-                log_scalars(trainer, {scoped(name, "resampling/n_resampled"): float(len(indices))})
+            done[name] = (len(indices), plan["n_dead"])
+        reports = gathered(pl_module, done)
+        if trainer.is_global_zero:
+            for name, (n, n_dead) in reports.items():
+                log_scalars(trainer, {scoped(name, "resampling/n_resampled"): float(n)})
                 rank_zero_info(
-                    f"step {trainer.global_step}: {scoped(name, 'resampled')} {len(indices)} of "
-                    f"{plan['n_dead']} dead features ({self.strategy})"
+                    f"step {trainer.global_step}: {scoped(name, 'resampled')} {n} of "
+                    f"{n_dead} dead features ({self.strategy})"
                 )
         return total
 
@@ -294,7 +334,8 @@ class DeadFeatureResampler(Callback):
                 directions = pick_clustered(
                     residuals, losses, n, self.candidate_fraction, self.n_clusters, seed
                 )
-            encoder_norms = _whole(sae, sae.W_enc.norm(dim=0))[~dead]
+            # Per feature (the last axis; a cross-layer transcoder's per layer, flattened).
+            encoder_norms = _whole(sae, sae.W_enc.norm(dim=-2).reshape(-1))[~dead]
             plan.update(
                 indices=dead_indices[: len(directions)],
                 directions=directions.cpu(),
@@ -324,9 +365,11 @@ class DeadFeatureResampler(Callback):
             # Rank 0 alone: a training-mode forward could enter a collective (BatchTopK).
             with sae.measuring():
                 residual = y_n - sae.forward_normalized(x_n).x_hat
-            residuals.append(residual.float())
-            losses.append(residual.float().pow(2).sum(-1))
-            inputs.append(x_n.float())
+            # A cross-layer transcoder's rows are [layers, width]: one vector per row here.
+            residual = residual.float().flatten(1)
+            residuals.append(residual)
+            losses.append(residual.pow(2).sum(-1))
+            inputs.append(x_n.float().flatten(1))
         return torch.cat(residuals), torch.cat(losses), torch.cat(inputs)
 
     def _apply(
@@ -346,9 +389,10 @@ class DeadFeatureResampler(Callback):
         if shard is not None:  # Adam's state holds this member's latents only
             indices = sae.local_feature_indices(indices)
         for optimizer in trainer.optimizers:
-            for param, feature_dim in touched:
+            for param, feature_dim, *layer in touched:
                 state = optimizer.state.get(param, {})
-                restart_adam_slices(state, feature_dim, indices, live, shard)
+                for part in _layer_parts(sae, state, feature_dim, layer, indices, live):
+                    restart_adam_slices(*part, shard)
 
     def state_dict(self) -> dict[str, Any]:
         states = {

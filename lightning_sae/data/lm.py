@@ -369,6 +369,27 @@ def validate_hooks(model: Any, names: Sequence[str]) -> None:
         )
 
 
+def gated_mlp_in(model: Any, names: Sequence[str]) -> bool:
+    """Whether one of ``names`` is a ``hook_mlp_in`` that TransformerLens gates (off now).
+
+    On pre-norm models (GPT-NeoX, GPT-2) ``blocks.<l>.hook_mlp_in`` is a hook point of its own,
+    the MLP branch's input before its LayerNorm, which fires only after
+    ``set_use_hook_mlp_in(True)``. On post-norm BERT the name is an alias of the MLP's input
+    (``mlp.in.hook_in``), which always fires; there the setter would add a second hook point
+    under the same name, firing later with another value, so it must stay off."""
+    if getattr(model.cfg, "use_hook_mlp_in", True):
+        return False
+    points = [model.hook_dict[name] for name in names if name.endswith("hook_mlp_in")]
+    return any(point.name.endswith("hook_mlp_in") for point in points)
+
+
+def enable_mlp_in_hooks(model: Any, names: Sequence[str]) -> None:
+    """Turn on the gated ``hook_mlp_in`` when one of ``names`` needs it (:func:`gated_mlp_in`);
+    a cross-layer transcoder reads it. Nothing else changes."""
+    if gated_mlp_in(model, names):
+        model.set_use_hook_mlp_in(True)
+
+
 @torch.no_grad()
 def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
     """Activations ``[batch, pos, d]`` at every hook in ``names``, from one forward pass that
@@ -376,6 +397,7 @@ def capture(model: Any, tokens: Tensor, names: Sequence[str]) -> dict[str, Tenso
     if _hf(model):
         return model.capture(tokens, names)
     validate_hooks(model, names)
+    enable_mlp_in_hooks(model, names)
     tokens = tokens.to(model.cfg.device)
     _, cache = model.run_with_cache(
         tokens,

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from lightning_sae.models.approx_l0 import ApproxL0SAE
 from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.clt import (
+    CROSS_LAYER_TRANSCODERS,
+    BatchTopKCrossLayerTranscoder,
+    CrossLayerTranscoder,
+    JumpReLUCrossLayerTranscoder,
+    TopKCrossLayerTranscoder,
+)
 from lightning_sae.models.gated import GatedSAE
 from lightning_sae.models.jumprelu import JumpReLUSAE
 from lightning_sae.models.matryoshka import MatryoshkaSAE
@@ -41,6 +48,10 @@ __all__ = [
     "StandardSAE",
     "TopKSAE",
     "BatchTopKCrossCoder",
+    "BatchTopKCrossLayerTranscoder",
+    "CrossLayerTranscoder",
+    "JumpReLUCrossLayerTranscoder",
+    "TopKCrossLayerTranscoder",
     "BatchTopKSkipTranscoder",
     "BatchTopKTranscoder",
     "CrossCoder",
@@ -69,6 +80,7 @@ VARIANTS: dict[str, type[SparseAutoencoder]] = {
         ApproxL0SAE,
         *TRANSCODERS,
         *CROSSCODERS,
+        *CROSS_LAYER_TRANSCODERS,
     )
 }
 

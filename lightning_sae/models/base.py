@@ -18,6 +18,7 @@ relies on that, so that rank 0 may measure alone under DDP.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
@@ -142,7 +143,24 @@ def _non_finite_terms(terms: Mapping[str, Tensor], values: list[float]) -> str:
     return f"non-finite ({', '.join(bad)})" if bad else "non-finite"
 
 
+# Set while an SAE steps on a whole global batch held by one rank (a group member placed on one
+# rank, parallel/members.py): its step is a one-process step, so it joins no collective.
+_STEPS_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("steps_alone", default=False)
+
+
+@contextmanager
+def stepping_alone() -> Iterator[None]:
+    """SAE steps inside see a one-process world: no collective, whatever the process group."""
+    token = _STEPS_ALONE.set(True)
+    try:
+        yield
+    finally:
+        _STEPS_ALONE.reset(token)
+
+
 def _is_distributed() -> bool:
+    if _STEPS_ALONE.get():
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

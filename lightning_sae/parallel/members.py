@@ -1,0 +1,449 @@
+"""Member parallelism: an SAEGroup's members placed on ranks, each trained on the whole batch.
+
+Under DDP every rank holds every member of a group and its Adam state. Here each member lives
+on one rank (:func:`place_members`: the largest first, each on the least-loaded rank), so the
+SAE and optimizer memory of a rank is its members' share of the group. Every step the ranks
+exchange their slices of the global batch once (one ``all_to_all``: each rank receives, from
+every rank, the rows of the hooks its own members read), and each member steps on the whole
+global batch exactly as it would in one process: its step runs with collectives off
+(:func:`~lightning_sae.models.base.stepping_alone`), since it already sees every row.
+
+What the ranks share besides the rows:
+
+- Logged values: each rank records its members' ``self.log`` calls; one ``all_gather_object``
+  per step (and per validation epoch) hands every rank every member's values, and every rank
+  logs all of them, so rank 0's loggers write every member and every rank logs the same keys.
+- Checkpoints: a torch distributed checkpoint folder in which each member's weights and Adam
+  state are written once, by the rank that holds it; ``meta.pt`` holds the rest, each member's
+  schedule, optimizer options and callback state taken from the rank that holds the member.
+  The folder resumes on any number of ranks (members are found by name) and ``lightning-sae
+  export`` writes one SAELens folder per member from it.
+- Callbacks act on the rank's own members (``callbacks/_reporting.saes``); see
+  docs/distributed.md for how each one measures and logs.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_sae.files import METADATA_LIMIT, load_torch_file
+from lightning_sae.models.base import SparseAutoencoder, stepping_alone
+from lightning_sae.models.group import MemberOptimizers, SAEGroup
+from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
+from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes
+
+GIB = 2**30
+# float32 weight, its gradient and Adam's two moments: the bytes a trained parameter holds.
+STATE_COPIES = 4
+
+
+def member_bytes(sae: SparseAutoencoder) -> int:
+    """Bytes of the member's weights, gradients and Adam moments (buffers are negligible)."""
+    return sum(STATE_COPIES * p.numel() * p.element_size() for p in sae.parameters())
+
+
+def place_members(
+    costs: Mapping[str, int], world: int, budget_bytes: int | None = None
+) -> dict[str, int]:
+    """member -> rank, balancing ``costs`` (bytes, proportional to the FLOPs of a step on the
+    shared batch): the largest member first, each on the rank that holds the least so far
+    (ties to the lower rank). The same on every rank: it depends only on its arguments.
+
+    Raises a one-line ValueError when a member, or the placement, exceeds ``budget_bytes``.
+    """
+    load = [0] * world
+    placement: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        if budget_bytes is not None and costs[name] > budget_bytes:
+            raise ValueError(
+                f"member {name!r} needs {costs[name] / GIB:.3g} GiB of weights, gradients and "
+                f"Adam state, more than a rank's budget of {budget_bytes / GIB:.3g} GiB "
+                "(trainer.member_memory_gib): raise it, make the member smaller "
+                "(d_sae), or train it without member_parallel under trainer.latent_parallel."
+            )
+        rank = min(range(world), key=lambda r: (load[r], r))
+        placement[name] = rank
+        load[rank] += costs[name]
+    if budget_bytes is not None and max(load) > budget_bytes:
+        rank = max(range(world), key=lambda r: load[r])
+        raise ValueError(
+            f"the group does not fit: rank {rank} would hold {load[rank] / GIB:.3g} GiB of "
+            f"members (budget {budget_bytes / GIB:.3g} GiB, trainer."
+            f"member_memory_gib) with {sum(costs.values()) / GIB:.3g} GiB over {world} ranks: "
+            "add devices (trainer.devices / trainer.num_nodes) or make members smaller."
+        )
+    return placement
+
+
+def check_placeable(module: Any, world: int | None, budget_bytes: int | None) -> None:
+    """Refuse (ValueError, one line) a model member placement cannot train: not an SAEGroup,
+    or, when the rank count is known, a group that does not fit ``budget_bytes`` per rank."""
+    if not isinstance(module, SAEGroup):
+        raise ValueError(
+            f"member_parallel places the members of an SAEGroup on ranks; the model is a "
+            f"{type(module).__name__}: use model.class_path: SAEGroup, or train it with DDP "
+            "(trainer.member_parallel: false) or trainer.latent_parallel."
+        )
+    if world is not None:
+        costs = {name: member_bytes(sae) for name, sae in module.members.items()}
+        place_members(costs, world, budget_bytes)
+
+
+def member_sites(sae: SparseAutoencoder, hook: str | None) -> list[str | None]:
+    """The hooks a member reads from a ``{hook: tensor}`` batch (None: the batch's only one)."""
+    if getattr(sae, "maps_sites", False):
+        return [sae.input_hook, sae.output_hook]
+    if getattr(sae, "writes_layers", False):
+        return list(sae.hooks)
+    return [hook]
+
+
+_MISSING = object()
+
+
+def merge_by_owner(values: Sequence[Any], owner: Mapping[str, int]) -> Any:
+    """One checkpoint entry from every rank's (``values[r]``: rank r's): under a ``"members"``
+    key each member's entry is the one of the rank that holds it; elsewhere the entries are the
+    same on every rank that has one (loops, hyperparameters) and the first is taken. A rank
+    without members may lack an entry (a schedule) that the others have."""
+    present = [v for v in values if v is not _MISSING]
+    if all(isinstance(v, dict) for v in present):
+        merged = {}
+        for key in dict.fromkeys(k for v in present for k in v):
+            column = [v.get(key, _MISSING) if isinstance(v, dict) else _MISSING for v in values]
+            if key == "members" and all(isinstance(v, dict) for v in column if v is not _MISSING):
+                merged[key] = {
+                    name: column[rank][name]
+                    for name, rank in owner.items()
+                    if isinstance(column[rank], dict) and name in column[rank]
+                }
+            else:
+                merged[key] = merge_by_owner(column, owner)
+        return merged
+    if all(isinstance(v, list) for v in present):
+        longest = max(len(v) for v in present)
+        return [
+            merge_by_owner(
+                [v[i] if isinstance(v, list) and len(v) > i else _MISSING for v in values], owner
+            )
+            for i in range(longest)
+        ]
+    return present[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (in memory, between the run's own processes), in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def placement_of(module: Any) -> dict[str, int] | None:
+    """member -> rank of a member-parallel group, or None when its members are not placed."""
+    return getattr(module, "placement", None)
+
+
+class MemberParallelGroup(SAEGroup):
+    """An SAEGroup whose members live on the ranks :func:`place_members` chose.
+
+    :class:`MemberParallelStrategy` gives a group this class once processes exist;
+    ``configure_model`` then drops the members of other ranks. ``member_names`` keeps every
+    member's name in the group's order, ``placement`` its rank.
+    """
+
+    placement: dict[str, int] | None = None
+    member_names: list[str]
+    budget_bytes: int | None = None
+
+    def configure_model(self) -> None:
+        if self.placement is not None:
+            return
+        world, rank = dist.get_world_size(), dist.get_rank()
+        costs = {name: member_bytes(sae) for name, sae in self.members.items()}
+        self.placement = place_members(costs, world, self.budget_bytes)
+        self.member_names = list(self.members)
+        self.sites = {
+            name: member_sites(sae, self.hooks[name]) for name, sae in self.members.items()
+        }
+        for name in self.member_names:
+            if self.placement[name] != rank:
+                del self.members[name]
+        for member in self.members.values():
+            for module in member.modules():
+                if isinstance(module, Metric):
+                    # Each member's metrics see the whole batch on its own rank: nothing to sync
+                    # (and a sync would be a collective that only this rank enters).
+                    module.sync_on_compute = module._to_sync = False
+        self._recorded: list[tuple[str, Any, dict[str, Any]]] | None = None
+        self._epoch_values: dict[str, list[float]] = {}
+        self._epoch_metrics: dict[str, Metric] = {}
+        self.exchanged_bytes = 0  # sent by this rank at the last exchange
+
+    # ----------------------------------------------------------------- rows
+    def _needs(self, rank: int) -> list[str | None]:
+        """The hooks rank ``rank``'s members read, in a fixed order (None: a plain batch)."""
+        hooks = {h for name, r in self.placement.items() if r == rank for h in self.sites[name]}
+        return sorted(hooks, key=lambda hook: "" if hook is None else hook)
+
+    def exchange_rows(self, batch: Any) -> Any:
+        """The global batch of every hook this rank's members read, from each rank's slice.
+
+        One ``all_to_all`` of bytes: rank r sends rank q its rows of the hooks q's members
+        read, so a rank receives only what it trains on. A datamodule serves rank r slice r of
+        the global batch, so the slices joined in rank order are the one-process batch.
+        """
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        tensors = x if isinstance(x, Mapping) else {None: x}
+        world = dist.get_world_size()
+        needs = [self._needs(rank) for rank in range(world)]
+
+        def pick(hook: str | None) -> Tensor:
+            if hook is None and None not in tensors:
+                return next(iter(tensors.values()))
+            return tensors[hook]
+
+        sends = [
+            torch.cat([pick(h).contiguous().view(torch.uint8).reshape(-1) for h in hooks])
+            if hooks
+            else torch.empty(0, dtype=torch.uint8, device=next(iter(tensors.values())).device)
+            for hooks in needs
+        ]
+        mine = needs[dist.get_rank()]
+        shapes = [pick(h).shape for h in mine]
+        dtypes = [pick(h).dtype for h in mine]
+        sizes = [pick(h).numel() * pick(h).element_size() for h in mine]
+        send = torch.cat(sends)
+        received = torch.empty(sum(sizes) * world, dtype=torch.uint8, device=send.device)
+        dist.all_to_all_single(received, send, [sum(sizes)] * world, [s.numel() for s in sends])
+        self.exchanged_bytes = int(send.numel() - sends[dist.get_rank()].numel())
+        parts = received.split(sizes * world)
+        gathered = {}
+        for i, hook in enumerate(mine):
+            rows = [
+                parts[r * len(mine) + i].view(dtypes[i]).reshape(shapes[i]) for r in range(world)
+            ]
+            gathered[hook] = torch.cat(rows)
+        if not isinstance(x, Mapping):
+            full = gathered.get(None, x)
+        else:
+            full = {hook: gathered[hook] for hook in mine if hook is not None}
+        return (full, *batch[1:]) if isinstance(batch, (list, tuple)) else full
+
+    # ----------------------------------------------------------------- logging
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if self._recorded is None:
+            super().log(name, value, *args, **kwargs)
+        elif args:
+            raise TypeError(f"log({name!r}, ...) under member placement takes keyword options")
+        else:
+            self._recorded.append((name, value, kwargs))
+
+    @contextmanager
+    def _recording(self) -> Iterator[list[tuple[str, Any, dict[str, Any]]]]:
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
+
+    def _log_everywhere(self, records: list[tuple[str, Any, dict[str, Any]]]) -> None:
+        """Every rank's records, logged on every rank in rank order (one collective)."""
+        for rank_records in gather_objects(records):
+            for name, value, kwargs in rank_records:
+                super().log(name, value, **{**kwargs, "sync_dist": False})
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        batch = self.exchange_rows(batch)
+        self.global_batch = batch  # what callbacks measure this step's members on
+        with self._recording() as records, stepping_alone():
+            loss = super().training_step(batch, batch_idx) if len(self.members) else None
+        plain = [(n, float(v) if isinstance(v, Tensor) else v, kw) for n, v, kw in records]
+        self._log_everywhere(plain)
+        if loss is None:  # a rank without members: nothing to train, a loss autograd accepts
+            return torch.zeros((), device=self.device, requires_grad=True)
+        return loss
+
+    def _evaluate(self, step: Any, batch: Any, batch_idx: int) -> None:
+        batch = self.exchange_rows(batch)
+        with self._recording() as records, stepping_alone():
+            step(batch, batch_idx)
+        for name, value, _ in records:
+            if isinstance(value, Metric):
+                self._epoch_metrics[name] = value
+            else:  # Lightning's epoch value: the mean over batches (all the same size)
+                self._epoch_values.setdefault(name, []).append(float(value))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(super().validation_step, batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(super().test_step, batch, batch_idx)
+
+    def _log_epoch(self) -> None:
+        values = {name: sum(v) / len(v) for name, v in self._epoch_values.items()}
+        for name, metric in self._epoch_metrics.items():
+            values[name] = float(metric.compute())
+            metric.reset()
+        self._epoch_values, self._epoch_metrics = {}, {}
+        self._log_everywhere([(name, value, {}) for name, value in values.items()])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch()
+
+    def configure_optimizers(self) -> Any:
+        if not self.members:  # a rank without members still steps, an optimizer of nothing
+            return MemberOptimizers({})
+        return super().configure_optimizers()
+
+
+class MemberParallelStrategy(ModelParallelStrategy):
+    """Each member of an SAEGroup on one rank, trained on the whole global batch.
+
+    Args:
+        member_memory_gib: the most a rank may hold of members' weights, gradients and Adam
+            state (GiB); placement fails in one line beyond it. None: no limit on CPU, the
+            device's memory on a GPU.
+        **kwargs: ``ModelParallelStrategy``'s ``process_group_backend`` and ``timeout``.
+    """
+
+    def __init__(self, member_memory_gib: float | None = None, **kwargs: Any) -> None:
+        if member_memory_gib is not None and not member_memory_gib > 0:
+            raise ValueError(
+                f"member_memory_gib must be positive, got {member_memory_gib!r}: set "
+                "trainer.member_memory_gib (or leave it out)."
+            )
+        super().__init__(**kwargs)
+        self.member_memory_gib = member_memory_gib
+
+    def setup_environment(self) -> None:
+        module = self.lightning_module
+        check_placeable(module, None, None)
+        devices = self.num_nodes * self.num_processes
+        self._data_parallel_size, self._tensor_parallel_size = devices, 1
+        super().setup_environment()
+        module.__class__ = MemberParallelGroup
+        module.budget_bytes = self._budget_bytes()
+        # Every rank logs every member's values, gathered (the same on every rank): Lightning's
+        # advice to sync them at epoch level does not apply to the members' keys.
+        names = "|".join(re.escape(name) for name in module.members)
+        warnings.filterwarnings(
+            "ignore",
+            message=rf"It is recommended to use `self\.log\('({names})/",
+            category=PossibleUserWarning,
+        )
+        members = len(module.members)
+        if members < devices:
+            rank_zero_warn(
+                f"member_parallel: {members} members on {devices} ranks leaves "
+                f"{devices - members} ranks without a member (they only serve data); use "
+                f"{members} devices, or add members.",
+                category=UserWarning,
+            )
+
+    def _budget_bytes(self) -> int | None:
+        if self.member_memory_gib is not None:
+            return int(self.member_memory_gib * GIB)
+        if self.root_device.type == "cuda":
+            return torch.cuda.get_device_properties(self.root_device).total_memory
+        return None
+
+    # ----------------------------------------------------------------- checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self.lightning_module.state_dict()
+
+    def _optimizers_by_member(self) -> dict[str, Any]:
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        members = getattr(optimizers[0], "optimizers", {}) if optimizers else {}
+        return dict(members)
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Adam state by member and parameter name; options (lr, betas) by member."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        names = self._param_names()
+        state, groups = {}, {}
+        for member, opt in getattr(optimizer, "optimizers", {}).items():
+            state[member] = {names[id(p)]: dict(s) for p, s in opt.state.items()}
+            groups[member] = [
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "params": [names[id(p)] for p in g["params"]],
+                }
+                for g in opt.param_groups
+            ]
+        return {"state": state, "param_groups": groups}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        if self.global_rank == 0:
+            if path.is_file():
+                path.unlink()
+            path.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+        optimizers = checkpoint.pop("optimizer_states", [])
+        optimizer = optimizers[0] if optimizers else {"state": {}, "param_groups": {}}
+        # Every tensor is held by one rank (its member's): each is written once, by that rank.
+        tensors = {"state_dict": checkpoint.pop("state_dict"), "optimizer": optimizer["state"]}
+        dcp.save(tensors, checkpoint_id=path)
+        checkpoint["member_param_groups"] = {"members": optimizer["param_groups"]}
+        owner = self.lightning_module.placement
+        meta = merge_by_owner(gather_objects(checkpoint), owner)
+        if self.global_rank == 0:
+            meta["member_placement"] = dict(owner)
+            torch.save(meta, path / META_FILENAME)
+        self.barrier()
+
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / META_FILENAME).is_file():
+            raise ValueError(
+                f"{path} is not a member-parallel checkpoint folder (no {META_FILENAME}): "
+                "resume with the strategy that wrote it."
+            )
+        meta = load_torch_file(path / META_FILENAME, METADATA_LIMIT, what="checkpoint's meta.pt")
+        if "member_param_groups" not in meta:
+            raise ValueError(
+                f"{path} was not written by member_parallel (it is a latent-sharded folder): "
+                "resume it with trainer.latent_parallel, or start anew with --init_from."
+            )
+        names = self._param_names()
+        state = {}
+        for member, opt in self._optimizers_by_member().items():
+            _create_adam_state(opt)
+            state[member] = {names[id(p)]: s for p, s in opt.state.items()}
+        tensors = {"state_dict": self.lightning_module.state_dict(), "optimizer": state}
+        check_dcp_metadata(path, expected=_flat_shapes(tensors))
+        dcp.load(tensors, checkpoint_id=path)  # in place: the entries are the live tensors
+        saved_groups = meta["member_param_groups"]["members"]
+        for member, opt in self._optimizers_by_member().items():
+            for group, saved in zip(opt.param_groups, saved_groups[member], strict=True):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+        return meta

@@ -1,0 +1,197 @@
+"""Member-parallel groups: each member on one rank, trained on the whole global batch.
+
+Two launches (tests/members_run.py: 4, then 2 gloo processes) fit a group of three members of
+different widths on two hooks with every training-dynamics callback and save checkpoints; the
+two processes also resume from the four's middle checkpoint. The one-process reference runs in
+this process.
+Each member's weights (held by one rank only) and every logged metric equal the one-process
+group's, the resumed run equals the straight one, and the export of the member-parallel
+checkpoint equals the one-process export, folder by folder.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning import LightningDataModule, LightningModule
+from safetensors.torch import load_file
+
+from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
+from lightning_sae.models.group import SAEGroup
+from lightning_sae.models.topk import TopKSAE
+from lightning_sae.parallel.members import MemberParallelStrategy, merge_by_owner, place_members
+from lightning_sae.trainer_cli import SAECLI, _check_sharded_resume, _member_parallel_strategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+import members_run  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("members_run.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+NAMES = [member["name"] for member in members_run.MEMBERS]
+WALL_CLOCK = {"train/tokens_per_sec"}
+
+
+def logged(folder: Path) -> dict[tuple[str, int], float]:
+    values = {}
+    with open(folder / "csv" / "version_0" / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value:
+                    values[key, int(row["step"])] = float(value)
+    return values
+
+
+def members_of(folder: Path, devices: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every member's state from the rank that holds it; each member is held exactly once."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for rank in range(devices):
+        for name, state in torch.load(folder / f"rank{rank}.pt", weights_only=True).items():
+            assert name not in found, f"{folder}: member {name} held by two ranks"
+            found[name] = state
+    assert sorted(found) == sorted(NAMES), f"{folder}: {sorted(found)}"
+    return found
+
+
+def assert_same_run(ours: Path, reference: Path, devices: int, label: str) -> None:
+    theirs = members_of(reference, 1)
+    for name, state in members_of(ours, devices).items():
+        for key, value in theirs[name].items():
+            torch.testing.assert_close(
+                state[key], value, atol=1e-5, rtol=1e-4, msg=f"{label} {name}.{key}"
+            )
+    ours_logged, theirs_logged = logged(ours), logged(reference)
+    assert set(ours_logged) == set(theirs_logged), set(ours_logged) ^ set(theirs_logged)
+    for key, value in theirs_logged.items():
+        if key[0] not in WALL_CLOCK:
+            assert ours_logged[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{label} {key}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process group, trained in this process."""
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    members_run.fit(out, None)
+    torch.set_num_threads(threads)
+    return out
+
+
+def launch(out: Path, devices: int, *extra: str) -> None:
+    command = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(devices), *extra]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+
+
+def test_member_parallel_equals_one_process_resumes_on_other_ranks_and_exports(
+    tmp_path: Path, single: Path
+) -> None:
+    # Four ranks (three members: one rank idle), then two (more members than ranks), which also
+    # resume from the four ranks' middle checkpoint: every member now on another rank.
+    four, two = tmp_path / "4", tmp_path / "2"
+    launch(four, 4)
+    launch(
+        two, 2, "--resume_from", str(four / "straight" / "ckpt" / f"step={members_run.EVERY}.ckpt")
+    )
+    for folder, devices in ((four, 4), (two, 2)):
+        assert_same_run(folder / "straight", single, devices, f"{devices} ranks")
+        logs = logged(folder / "straight")
+        for name in NAMES:  # every callback acted on every member
+            assert logs[f"{name}/resampling/n_resampled", members_run.STEPS // 2] >= 3
+            assert (f"{name}/geometry/mmcs", members_run.STEPS) in logs
+            assert (f"{name}/density/dead_fraction", members_run.STEPS) in logs
+
+    straight = members_of(two / "straight", 2)
+    for name, state in members_of(two / "resumed", 2).items():
+        for key, value in straight[name].items():
+            torch.testing.assert_close(value, state[key], atol=1e-6, rtol=1e-5, msg=key)
+
+    # A run without member placement is told how to resume the folder.
+    with pytest.raises(SystemExit, match=r"member-parallel checkpoint.*member_parallel: true"):
+        _check_sharded_resume(str(four / "straight" / "ckpt" / "last.ckpt"), {})
+
+    # The export of the member-parallel checkpoint: one folder per member, as one process's.
+    ours = export_checkpoint(four / "straight" / "ckpt" / "last.ckpt", tmp_path / "export")
+    theirs = export_checkpoint(single / "ckpt" / "last.ckpt", tmp_path / "reference")
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for folder in theirs.iterdir():
+        expected = load_file(folder / WEIGHTS_FILENAME)
+        got = load_file(ours / folder.name / WEIGHTS_FILENAME)
+        assert set(got) == set(expected), folder.name
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_placement_balances_any_widths_and_counts() -> None:
+    # More members than ranks, unequal: the largest first, each on the least-loaded rank.
+    costs = {"a": 8, "b": 5, "c": 4, "d": 3, "e": 1}
+    assert place_members(costs, 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+    assert place_members({"a": 1}, 3) == {"a": 0}  # fewer members than ranks
+    with pytest.raises(ValueError, match=r"member 'a' needs .*member_memory_gib"):
+        place_members(costs, 2, budget_bytes=7)
+    with pytest.raises(ValueError, match=r"does not fit: rank 0 .* add devices"):
+        place_members(costs, 2, budget_bytes=10)
+
+
+def test_checkpoint_entries_merge_each_member_from_its_rank() -> None:
+    owner = {"a": 0, "b": 1}
+    # hyper_parameters' members (a list of specs) are the same on every rank; a rank without
+    # members has no LR schedule.
+    hparams = {"members": [{"name": "a"}, {"name": "b"}]}
+    ranks = [
+        {"loops": 3, "cb": {"members": {"a": 1, "b": "stale"}}, "lr": [{"members": {"a": 1}}]},
+        {"loops": 3, "cb": {"members": {"b": 2}}, "lr": [{"members": {"b": 2}}]},
+        {"loops": 3, "cb": {"members": {}}, "lr": []},
+    ]
+    for rank in ranks:
+        rank["hyper_parameters"] = hparams
+    merged = merge_by_owner(ranks, owner)
+    assert merged == {
+        "hyper_parameters": hparams,
+        "loops": 3,
+        "cb": {"members": {"a": 1, "b": 2}},
+        "lr": [{"members": {"a": 1, "b": 2}}],
+    }
+
+
+def test_what_cannot_be_placed_is_refused_in_one_line_before_launch() -> None:
+    group = SAEGroup(members_run.MEMBERS)
+    # The members hold 149,760 (l1), 67,072 and 33,792 bytes of weights, gradients and Adam
+    # state: a budget below the largest, then one that fits it but not the group on one rank.
+    for devices, gib, message in (
+        (2, 1e-4, r"^error: member 'l1' needs .*trainer.member_memory_gib"),
+        (1, 2e-4, r"^error: the group does not fit: rank 0 .* add devices"),
+    ):
+        config = {"devices": devices, "member_memory_gib": gib}
+        with pytest.raises(SystemExit, match=message) as refused:
+            _member_parallel_strategy(config, 1, group)
+        assert "\n" not in str(refused.value)
+    with pytest.raises(SystemExit, match=r"^error: member_parallel places the members of an "
+                       r"SAEGroup.*the model is a TopKSAE"):  # fmt: skip
+        _member_parallel_strategy({"devices": 2}, 1, TopKSAE(d_in=16, d_sae=32, k=4))
+    with pytest.raises(SystemExit, match=r"^error: trainer.member_parallel with "
+                       r"trainer.latent_parallel .* not supported yet"):  # fmt: skip
+        _member_parallel_strategy({"devices": 4}, 2, group)
+    with pytest.raises(SystemExit, match=r"remove trainer.strategy \(ddp\)"):
+        _member_parallel_strategy({"strategy": "ddp"}, 1, group)
+    with pytest.raises(ValueError, match="trainer.member_memory_gib"):
+        MemberParallelStrategy(member_memory_gib=0)
+
+
+def test_example_config_turns_member_placement_on(capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).parents[1] / "configs" / "minilm" / "all-layers-member-parallel.yaml"
+    with pytest.raises(SystemExit) as stopped:  # --print_config prints, then exits
+        SAECLI(
+            LightningModule, LightningDataModule, subclass_mode_model=True,
+            subclass_mode_data=True, args=["fit", "--config", str(config), "--print_config"],
+        )  # fmt: skip
+    assert stopped.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["trainer"]["devices"], printed["trainer"]["member_parallel"]) == (2, True)
+    members = printed["model"]["init_args"]["members"]
+    assert [m["hook"] for m in members] == printed["data"]["init_args"]["hooks"]
