@@ -95,7 +95,7 @@ def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     candidate reaches the cut-off can hold more of the answer; such rows (few: those using far
     more latents than average) join with all their entries, and the ``count`` largest of that
     union are the answer. Raising the cut-off cannot make another row overflow, so one round is
-    exact. On CUDA, where reading which rows overflow would be a synchronisation and the flat
+    exact. On CUDA, where finding the rows that overflow would be a synchronisation and the flat
     top-k is a radix select, the flat top-k runs directly (not measured on a GPU).
     """
     n, d = scores.shape
@@ -109,8 +109,8 @@ def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     candidates = candidates.flatten()
     values, slots = candidates.topk(count, sorted=False)
     overflowing = candidates.view(n, per_row).amin(1) >= values.min()
-    if overflowing.any():
-        rows = overflowing.nonzero().squeeze(1)
+    rows = overflowing.nonzero().squeeze(1)  # computed in place on CPU: nothing to wait for
+    if rows.numel():
         kept = ~overflowing.repeat_interleave(per_row)
         whole_rows = (rows[:, None] * d + torch.arange(d, device=scores.device)).flatten()
         candidates = torch.cat([candidates[kept], scores[rows].flatten()])
