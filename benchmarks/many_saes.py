@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 from _common import quiet_trainer
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.stream import StreamingActivationDataModule
@@ -66,6 +67,30 @@ def timed_fit(model: L.LightningModule, steps: int, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def dense_gflop_per_step(specs: list[dict[str, Any]], batch_size: int) -> float:
+    """GFLOP of the members' dense products in one training step (forward and backward), as
+    torch's FLOP counter sees them (sparse gathers and sums not counted: a lower bound)."""
+    x = torch.randn(batch_size, 384)
+    flops = 0
+    for spec in specs:
+        sae = variant_class(spec["class_path"])(**spec["init_args"])
+        with FlopCounterMode(display=False) as counter:
+            out = sae(x)
+            torch.stack(list(sae.loss_terms(x, out).values())).sum().backward()
+        flops += counter.get_total_flops()
+    return flops / 1e9
+
+
+def gemm_gflops() -> float:
+    """This machine's rate on one large float32 product (the best any SAE step could do)."""
+    a, b = torch.randn(2048, 1024), torch.randn(1024, 4096)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048 * 1024 * 4096 / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -100,6 +125,22 @@ def main() -> None:
     print(f"{'4 separate streamed runs (sum)':<34}{sum(apart):>10.1f}")
     print(f"ratio separate / together: {sum(apart) / together:.2f}x less total wall time")
     print(f"members equal their separate runs bitwise: {identical}")
+
+    # Every run pays the same shared part S (model load, stream set-up, the LM's forwards) and
+    # the members' steps M; four runs cost 4S + M, one group S + M, so S = (apart - together)/3.
+    # With the members' steps at their floor F (their dense products at this machine's GEMM
+    # rate, nothing else) the ratio could reach at most (4S + F) / (S + F).
+    shared = (sum(apart) - together) / 3
+    members_now = together - shared
+    floor = args.steps * dense_gflop_per_step(specs, args.batch_size) / gemm_gflops()
+    print(
+        f"shared per run (load, set-up, LM forwards) {shared:.1f} s; the members' steps "
+        f"{members_now:.1f} s; their dense products at this machine's GEMM rate {floor:.1f} s"
+    )
+    print(
+        f"best possible ratio with SAE steps at that floor: "
+        f"{(4 * shared + floor) / (shared + floor):.2f}x"
+    )
 
 
 if __name__ == "__main__":

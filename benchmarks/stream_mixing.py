@@ -261,9 +261,9 @@ def fvu_table(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"held_out_rows": len(held_out), "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
         rows = training_text_cache(mixing, Path(tmp))
-        cache = ActivationDataModule(
+        cache = ActivationDataModule(  # one generation of every row, served in a random order
             activations_dir=tmp, val_tokens=BATCH, batch_size=BATCH, seed=0,
-            shuffle_buffer_tokens=rows, pin_memory=False,
+            shuffle_buffer_tokens=2 * rows, mix_refills=1, pin_memory=False,
         )  # fmt: skip
         results["cache_rows"] = rows
         results["cache"] = held_out_fvu(train(cache, args.steps), held_out)
@@ -283,7 +283,7 @@ def main() -> None:
     # stream before the mixing buffer (two generations of 129 windows and 5 queued batches).
     parser.add_argument("--buffer-bytes", type=int, default=56 << 20)
     parser.add_argument("--mix-refills", type=int, default=16)
-    parser.add_argument("--cursors", type=int, default=32)
+    parser.add_argument("--cursors", type=int, default=64)
     parser.add_argument("--skip", type=int, default=40)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--saelens-python", type=Path, default=SAELENS_PYTHON)

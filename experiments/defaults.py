@@ -48,6 +48,8 @@ CANDIDATES = {
     "topk_s0.1_dw": ("topk", {"dead_window_tokens": 256_000}, 0.1, None, None),
     "topk_s1_clip": ("topk", {}, 1.0, None, 1.0),
     "topk_s1_wu": ("topk", {"lr_warmup_steps": 100}, 1.0, None, None),
+    "topk_s0.5": ("topk", {}, 0.5, None, None),
+    "topk_s0.5_clip": ("topk", {}, 0.5, None, 1.0),
 }
 
 
@@ -55,7 +57,9 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
     variant, kwargs, scale, dec_norm, clip = CANDIDATES[name]
     torch.manual_seed(seed)
     # Every candidate states its scale and betas: the library's defaults are what this decides.
-    common = dict(d_in=128, d_sae=512, lr=3e-3, init_seed=seed, encoder_init_scale=scale)
+    # The SAE's own clipping (gradient_clip_norm) carries the candidate's clip, 0 = off.
+    common = dict(d_in=128, d_sae=512, lr=3e-3, init_seed=seed, encoder_init_scale=scale,
+                  gradient_clip_norm=clip or 0.0)  # fmt: skip
     common = common | {"betas": (0.9, 0.999)} | kwargs
     if variant == "standard":
         sae = StandardSAE(l1_coefficient=0.1, weight_by_decoder_norm=True, **common)
@@ -67,7 +71,7 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
             sae.W_enc.copy_(sae.W_dec.T)
     measure = Measure(data, every)
     callbacks = [measure] if dec_norm is not None else [DecoderNormConstraint(), measure]
-    trainer = quiet_trainer(len(data["train"]), callbacks, gradient_clip_val=clip)
+    trainer = quiet_trainer(len(data["train"]), callbacks)
     start = time.perf_counter()
     trainer.fit(sae, SavedBatches(data["train"], data["features"]))
     return {

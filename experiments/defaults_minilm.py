@@ -79,6 +79,7 @@ def main() -> None:
                 normalize_activations=True,
                 init_seed=seed,
                 encoder_init_scale=scale,
+                gradient_clip_norm=0.0,  # the table was measured without clipping
             )
             cls = StandardSAE if variant == "standard" else TopKSAE
             sae = cls(**(common | {"betas": (0.9, 0.999)} | options))

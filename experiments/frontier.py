@@ -323,6 +323,30 @@ def verdicts(points: list[dict[str, Any]], peers: list[str]) -> list[list[Any]]:
     return rows
 
 
+def frontier_against_frontier(points: list[dict[str, Any]], peers: list[str]) -> list[list[str]]:
+    """At the L0 of every point, the library's frontier (the best of all its SAEs: a point
+    there, or the chord, linear in log L0, between any two of its points around it) against
+    the best peer's, where both reach that L0."""
+    rows = []
+    for l0 in sorted({round(p["l0"], 1) for p in points}):
+        ours, ours_range = peer_fvu_at(points, OURS, l0)
+        found = [(peer, *peer_fvu_at(points, peer, l0)) for peer in peers]
+        found = [f for f in found if not math.isnan(f[1])]
+        if math.isnan(ours) or not found:
+            continue
+        peer, fvu, peer_range = min(found, key=lambda f: f[1])
+        gap, spread = ours - fvu, max(ours_range, peer_range)
+        if gap <= 0:
+            verdict = "at or below"
+        elif gap <= spread:
+            verdict = "above, within seed spread"
+        else:
+            verdict = f"above: {peer} wins"
+        rows.append([f"{l0:.1f}", f"{ours:.4f}", f"{peer} {fvu:.4f}",
+                     f"{gap:+.4f} (spread {spread:.4f})", verdict])  # fmt: skip
+    return rows
+
+
 def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
     colours = {OURS: "tab:blue", SAELENS: "tab:orange", SPARSIFY: "tab:green"}
     markers = {"topk": "o", "batchtopk": "s", "jumprelu": "^", "standard": "D"}
@@ -414,7 +438,10 @@ def main() -> None:
     p.add_argument("--libraries", nargs="+", choices=every, default=every)
     p.add_argument("--processes-per-peer", type=int, default=2, help="peer runs split over")
     p.add_argument(
-        "--gradient-clip", type=float, default=None, help="gradient_clip_val of our Trainer"
+        "--gradient-clip",
+        type=float,
+        default=None,
+        help="trainer.gradient_clip_val for our side (replaces the classes' own clipping)",
     )
     p.add_argument(
         "--peers-from", type=Path, help="a results.json at the same scale: reuse its peer runs"
@@ -549,6 +576,14 @@ def report(
             "'spread' is the larger seed-to-seed FVU range of the two), from any of its SAEs "
             "and from the same kind of SAE:\n\n"
             + markdown_table(compare, verdicts(points, meta["peers"]))
+            + "\nFrontier against frontier: at the L0 of every point, lightning-sae's best FVU "
+            "from any of its SAEs (a point there, or the chord between any two of its points "
+            "around it, linear in log L0) against the best peer's by the same rule, where both "
+            "libraries have points around that L0:\n\n"
+            + markdown_table(
+                ["L0", "lightning-sae frontier", "best peer frontier", "ours - peer", "verdict"],
+                frontier_against_frontier(points, meta["peers"]),
+            )
         )
     else:
         text += "\nNo peer venv found: the project's side only.\n"

@@ -22,6 +22,7 @@ toy configs. Thresholds are reported in batches, in samples seen and (reference)
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +129,18 @@ def l1_sweep_setup(base: Setup, exponent: int, decay: float | None = None) -> Se
     )
 
 
-OPTIMIZERS = {  # name: (gradient_clip_val, betas)
-    "adam": (None, (0.9, 0.999)),
+def sweep_setup_named(name: str) -> Setup | None:
+    """The L1-sweep setup a runs file names (``<setup>_e<exponent>[_decay<decay>]``), so that a
+    table filled in parts covers the exponents of earlier parts too; None for any other name."""
+    match = re.fullmatch(r"(.+)_e(-?\d+)(?:_decay([0-9.e+-]+))?", name)
+    if match is None or match[1] not in SETUPS:
+        return None
+    decay = None if match[3] is None else float(match[3])
+    return l1_sweep_setup(SETUPS[match[1]], int(match[2]), decay)
+
+
+OPTIMIZERS = {  # name: (the SAE's gradient_clip_norm, 0 = off; betas)
+    "adam": (0.0, (0.9, 0.999)),
     "clip1": (1.0, (0.9, 0.999)),
     "clip1+b2=0.99": (1.0, (0.9, 0.99)),
 }
@@ -170,14 +181,16 @@ def run(setup: Setup, method: str, optimizer: str, seed: int) -> dict[str, Any]:
     clip, betas = OPTIMIZERS[optimizer]
     data = ToySuperpositionDataModule(seed=0, **setup.data)
     d_in = setup.data.get("d_in", 128)
-    model = StandardSAE(d_in=d_in, d_sae=512, betas=betas, init_seed=seed, **setup.model)
+    model = StandardSAE(
+        d_in=d_in, d_sae=512, betas=betas, gradient_clip_norm=clip, init_seed=seed, **setup.model
+    )
     monitor = GroundTruthRecovery(setup.every)
     callbacks: list[Callback] = [DecoderNormConstraint(), monitor]
     if method != "none":
         callbacks.insert(
             0, DataInformedInit(method=method, n_samples=8192, seed=seed, **setup.init)
         )
-    trainer = quiet_trainer(setup.max_steps, callbacks, gradient_clip_val=clip, deterministic=True)
+    trainer = quiet_trainer(setup.max_steps, callbacks, deterministic=True)
     torch.manual_seed(seed)
     with Timer() as timer:
         trainer.fit(model, data)
@@ -297,6 +310,10 @@ def main() -> None:
     runs_file = out / f"runs_{tag}.json"
     # Runs already in the file are kept and not repeated: a long table can be filled in parts.
     results = [] if args.smoke or not runs_file.exists() else json.loads(runs_file.read_text())
+    for earlier in {r["setup"] for r in results} - setups.keys():
+        setup = sweep_setup_named(earlier)
+        if setup is not None:
+            setups[earlier] = setup
     done = {(r["setup"], r["method"], r["optimizer"], r["seed"]) for r in results}
     for name, method, optimizer, seed in plan:
         if (name, method, optimizer, seed) in done:

@@ -109,6 +109,10 @@ def test_resume_from_state_dict_continues_with_the_next_unseen_batch(tmp_path: P
         assert seen + [row_ids(following)] == expected[: stop + 1]
     with pytest.raises(ValueError, match="resume with the same data and batch_size"):
         ActivationBatches(dm._open(), 0, 1800, 50, shuffle=True).load_state_dict(state)
+    # A position saved by the loader before the mixing buffer: its order is gone; one line.
+    before_mixing = {"epoch": 0, "next_index": 5, "rows": 1800, "batch_size": 100}
+    with pytest.raises(ValueError, match=r"before the cache was served through the mixing bu"):
+        ActivationBatches(dm._open(), 0, 1800, 100, shuffle=True).load_state_dict(before_mixing)
 
 
 def test_ddp_ranks_read_disjoint_slices_of_the_global_batch(
@@ -166,8 +170,8 @@ def test_prefetching_serves_the_batches_of_the_inline_loader(
             threads=threads, prefetch_batches=prefetch,
         )  # fmt: skip
 
-    offsets = [offset for offset, _, _ in loader(0)._buffers(epoch=0, skip_rows=0)]
-    assert len(offsets) >= 4 and any(o % 100 for o in offsets)  # some batches span two buffers
+    pool_ends = loader(0).plan(epoch=0).ends
+    assert len(pool_ends) >= 4 and any(e % 100 for e in pool_ends)  # batches span two pools
     for world in (1, 2):
         for rank in range(world):
             monkeypatch.setattr(activations, "_rank_and_world", lambda r=rank, w=world: (r, w))
@@ -198,14 +202,14 @@ def test_prefetching_serves_the_batches_of_the_inline_loader(
 
 
 def count_new_batches(loader: ActivationBatches) -> threading.Semaphore:
-    """A semaphore released each time ``loader`` starts filling a batch."""
-    made, new_batch = threading.Semaphore(0), loader._new_batch
+    """A semaphore released each time ``loader`` has gathered a batch."""
+    made, served = threading.Semaphore(0), loader._served
 
-    def counted(n: int) -> tuple[np.ndarray, torch.Tensor]:
+    def counted(rows: dict) -> torch.Tensor:
         made.release()
-        return new_batch(n)
+        return served(rows)
 
-    loader._new_batch = counted
+    loader._served = counted
     return made
 
 
@@ -262,8 +266,8 @@ def test_a_read_error_in_the_background_reaches_the_consumer(
 ) -> None:
     dm = datamodule(own_activations(tmp_path), shuffle_chunk_tokens=64, shuffle_buffer_tokens=512)
     loader, store = dm.train_dataloader(), dm._open()
-    (_, _, first_order), (_, second_chunks, _) = list(loader._buffers(epoch=0, skip_rows=0))[:2]
-    corrupt = {tuple(chunk) for chunk in second_chunks.tolist()}
+    plan, broken = loader.plan(epoch=0), 20  # generation 20 is first needed by refill 20
+    corrupt = set(loader.pieces(epoch=0, generation=broken))
     read = store.read
 
     def read_or_fail(start: int, stop: int, out: np.ndarray) -> None:
@@ -276,7 +280,7 @@ def test_a_read_error_in_the_background_reaches_the_consumer(
     with pytest.raises(CorruptCacheError, match="sha256 mismatch"):
         for batch in loader:
             served.append(batch)
-    assert len(served) == len(first_order) // 100  # the first buffer's batches, then the error
+    assert len(served) == plan.ends[broken - 1] // 100  # the batches before it, then the error
     assert loader.state_dict()["next_index"] == len(served)
     assert set(threading.enumerate()) == before
 

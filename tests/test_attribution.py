@@ -13,8 +13,10 @@ import torch
 from _tiny_models import tiny_neox
 
 from lightning_sae.analysis.attribution import (
+    AttributionError,
     LocalReplacementModel,
     attribute,
+    feature_pages,
     normalised,
     prune,
 )
@@ -307,27 +309,83 @@ def test_tied_readout_at_a_chosen_position(model, clt):
     assert not logit_rows[:, graph.features[:, 0] > 3].any()
 
 
-def test_attribute_command_writes_the_graph_and_its_page(tmp_path: Path, model, clt) -> None:
-    """The command end to end: an exported CLT, the model named by the run's config, links to
-    the feature browser's pages; its graph is the API's on the same tokens (float32 vs 64)."""
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, clt) -> tuple[Path, Path, Path]:
+    """(exported CLT, run config, its feature browser): ``lightning-sae inspect`` of the
+    CLT over a 512-token cache of the tiny model's MLP inputs (pydoc text)."""
     import copy
 
     import yaml
 
-    from lightning_sae.cli import main
-    from lightning_sae.data.lm import load_tokenizer
+    from lightning_sae.analysis import inspect
     from lightning_sae.io import export_sae
 
-    folder = export_sae(copy.deepcopy(clt).float(), tmp_path / "clt")
-    config = tmp_path / "run.yaml"
+    root = tmp_path_factory.mktemp("clt-browser")
+    folder = export_sae(copy.deepcopy(clt).float(), root / "clt")
+    config = root / "run.yaml"
     data = {"model": "tiny-neox", "model_config": tiny_neox(num_hidden_layers=N_LAYERS),
-            "tokenizer": TOKENIZER}  # fmt: skip
+            "tokenizer": TOKENIZER, "hooks": INPUT_HOOKS, "dataset": "pydoc_data.topics",
+            "context_size": 16, "n_tokens": 512, "val_tokens": 0, "shard_tokens": 256,
+            "cache_dir": str(root / "cache"), "device": "cpu"}  # fmt: skip
     config.write_text(yaml.safe_dump({"data": {"class_path": "ActivationDataModule",
                                                "init_args": data}}))  # fmt: skip
+    inspect(folder, config, root / "browser", progress=False, n_logits=3, n_top=4)
+    return folder, config, root / "browser"
+
+
+def test_inspect_records_every_layers_features_of_a_clt(browser) -> None:
+    """Flat feature ``l * d_sae + f`` is layer ``l``'s feature ``f`` encoded from the cached
+    MLP inputs of every layer at once: counts and maxima equal a direct encode of the cache."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from lightning_sae import load
+    from lightning_sae.data.activations import ActivationDataModule
+
+    folder, config, pages = browser
+    clt = load(folder)
+    data = ActivationDataModule(**yaml.safe_load(config.read_text())["data"]["init_args"])
+    rows = torch.stack([_cached_rows(data, hook) for hook in INPUT_HOOKS], dim=1)
+    acts = clt.encode(rows.float()).detach().flatten(1)  # [tokens, n_layers * d_sae]
+    features = pq.read_table(pages / "features.parquet").to_pandas()
+    assert features.feature.tolist() == list(range(N_LAYERS * D_SAE))
+    assert features.n_fired.tolist() == (acts > 0).sum(0).tolist()
+    assert (features.n_fired > 0).mean() > 0.5 and features.n_fired.max() < len(rows)
+    torch.testing.assert_close(torch.tensor(features.max_act), acts.amax(0), rtol=1e-5, atol=0)
+    assert features.layer.tolist() == [flat // D_SAE for flat in features.feature]
+    # A feature of layer 1 writes to layers 1 and 2 only; its logit effects are recorded.
+    writes = features.writes[D_SAE + 3]
+    assert writes[0] == 0 and min(writes[1:]) > 0
+    assert len(pq.read_table(pages / "logits.parquet")) == N_LAYERS * D_SAE * 2 * 3
+
+
+def _cached_rows(data, hook: str) -> torch.Tensor:
+    """Every cached row of ``hook``, in cache order."""
+    from lightning_sae.analysis.inspector import open_cache
+
+    store, _ = open_cache(data, progress=False, hook=hook)
+    parts = []
+    for lo, hi in store.shard_bounds:
+        part = store.empty(hi - lo)
+        store.read(lo, hi, part)
+        parts.append(torch.from_numpy(part))
+    return torch.cat(parts)
+
+
+def test_attribute_command_writes_the_graph_and_its_page(tmp_path: Path, model, clt, browser):
+    """The command end to end: an exported CLT, the model named by the run's config, links to
+    the pages ``lightning-sae inspect`` wrote for the CLT's features (only those that exist);
+    its graph is the API's on the same tokens (float32 vs 64)."""
+    import shutil
+
+    from lightning_sae.cli import main
+    from lightning_sae.data.lm import load_tokenizer
+
+    folder, config, inspected = browser
     pages = tmp_path / "browser" / "features"
-    pages.mkdir(parents=True)
-    for flat in range(0, N_LAYERS * D_SAE, 2):  # every other feature has a page
-        (pages / f"{flat:02d}.html").write_text("page")
+    shutil.copytree(inspected, pages.parent)
+    for flat in range(1, N_LAYERS * D_SAE, 2):  # every other feature keeps its page
+        (pages / f"{flat:02d}.html").unlink()
     out = tmp_path / "graph"
     argv = ["attribute", "--ckpt_path", str(folder), "--prompt", "the capital of france is",
             "--config", str(config), "--out", str(out), "--browser", str(pages.parent),
@@ -353,12 +411,19 @@ def test_attribute_command_writes_the_graph_and_its_page(tmp_path: Path, model, 
     assert "<script src" not in html and "<link" not in html  # opens from disk, no network
     linked = [n for n in record["nodes"] if n["kind"] == "feature"]
     data = json.loads(html.split('id="graph-data">')[1].split("</script>")[0])
+    assert any((node["layer"] * D_SAE + node["feature"]) % 2 == 0 for node in linked)
     for node in linked:
         flat = node["layer"] * D_SAE + node["feature"]
         link = data["links"].get(node["id"])
         assert link == (f"../browser/features/{flat:02d}.html" if flat % 2 == 0 else None)
+        if link:  # the page is that node's feature: its layer and index within the layer
+            page = (out / link).read_text()
+            assert f'"layer":{node["layer"]},"feature":{node["feature"]},' in page
     error = _error_of(*argv)
     assert error.startswith("error: ") and "--overwrite" in error
+    # Pages of another dictionary's features are refused, not linked under the wrong ids.
+    with pytest.raises(AttributionError, match=f"not the inspection of a CLT with {N_LAYERS} "):
+        feature_pages(pages.parent, out, N_LAYERS, D_SAE + 1)
 
 
 def test_a_bert_is_frozen_through_its_attention_function() -> None:

@@ -133,8 +133,9 @@ def test_reference_config_builds_the_reference_setup() -> None:
     data = ToySuperpositionDataModule(**config["data"]["init_args"])
     assert "b_dec" not in dict(sae.named_parameters())
     assert data.toy.correlation_mode == "per_batch" and data.train_batches.fixed
-    # The credited script steps plain Adam: no gradient clipping.
+    # The credited script steps plain Adam: no gradient clipping, betas (0.9, 0.999).
     assert config["trainer"].get("gradient_clip_val") is None
+    assert sae.gradient_clip_max_norm() == 0.0 and sae.adam_betas() == (0.9, 0.999)
 
 
 # ---------------------------------------------------------------- smoke runs of the scripts
@@ -154,6 +155,17 @@ def test_smoke_init_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     runs = json.loads((tmp_path / "runs_reference_ours.json").read_text())
     assert {(r["setup"], r["method"]) for r in runs} >= {("reference", "data"), ("ours", "none")}
     assert (tmp_path / "mmcs_reference.png").stat().st_size > 0
+
+
+def test_init_table_rebuilds_the_sweep_setups_an_earlier_part_ran() -> None:
+    """A runs file filled in parts holds exponents the current command did not name; its table
+    needs their setups (it failed with a KeyError on the name, losing the new runs' table)."""
+    from experiments.init_table import SETUPS, l1_sweep_setup, sweep_setup_named
+
+    for exponent, decay in ((-4, None), (0, 1.0), (-8, 0.99)):
+        expected = l1_sweep_setup(SETUPS["reference_256"], exponent, decay)
+        assert sweep_setup_named(expected.name) == expected
+    assert sweep_setup_named("reference") is None and sweep_setup_named("nope_e1") is None
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +259,7 @@ def test_frontier_batch_order_is_epochs_of_permutations() -> None:
 
 
 def test_frontier_compares_against_the_best_peer_at_the_same_l0() -> None:
-    from experiments.frontier import OURS, peer_fvu_at, verdicts
+    from experiments.frontier import OURS, frontier_against_frontier, peer_fvu_at, verdicts
 
     def point(library: str, l0: float, fvu: float, spread: float = 0.01, variant="topk") -> dict:
         return {"library": library, "variant": variant, "setting": f"k {l0:g}", "l0": l0,
@@ -263,3 +275,20 @@ def test_frontier_compares_against_the_best_peer_at_the_same_l0() -> None:
     assert rows[1][4] == "B 0.2500"  # at L0 32, B's point beats A's interpolated 0.3
     # Against the same kind of SAE only, B's standard SAE does not count: A's TopK frontier does.
     assert rows[1][7:] == ["A 0.3000", "-0.0600 (spread 0.0100)", "at or below"]
+    # Library against library: at each L0 where both reach, our best (any SAE) against theirs.
+    table = {row[0]: row[1:] for row in frontier_against_frontier(peers + ours, ["A", "B"])}
+    assert set(table) == {"16.0", "32.0", "64.0"}  # 100 and below 16: no one else there
+    assert table["16.0"] == ["0.4500", "A 0.4000", "+0.0500 (spread 0.0200)", "above: A wins"]
+    assert table["32.0"][:2] == ["0.2400", "B 0.2500"] and table["32.0"][3] == "at or below"
+
+
+def test_smoke_defaults_frontier(
+    minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import defaults_frontier
+
+    argv = ["--work", str(tmp_path / "w"), "--cache-dir", str(minilm_cache)]
+    run_main(defaults_frontier, [*argv, "topk16", "topk16_old"], monkeypatch)
+    run_main(defaults_frontier, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
+    table = (tmp_path / "out" / "table_frontier.md").read_text()
+    assert "| topk16_old | 0 |" in table and "| topk16 | 0 |" in table

@@ -196,6 +196,28 @@ class HostTransfers:
 
 
 # ----------------------------------------------------------------------------- equality
+def test_members_clip_by_their_own_default_as_alone() -> None:
+    """Without a trainer's clipping, each member clips by its own default (the TopK family and
+    the L1 SAEs at norm 1, a chosen norm here so that it engages at every step; a JumpReLU
+    member not at all) over its own gradient, as it would alone: bitwise."""
+    members = [
+        spec("TopKSAE", "k4", "resid", k=4, lr=3e-3, gradient_clip_norm=0.05),
+        spec("StandardSAE", "l1", "mlp", lr=1e-3, l1_coefficient=0.5, gradient_clip_norm=0.01),
+        spec("JumpReLUSAE", "jump", "resid", lr=1e-3),
+    ]
+    group = SAEGroup(members=copy.deepcopy(members))
+    fit(group, TwoHookToy(), 4, callbacks=[DecoderNormConstraint()])
+    for member in members:
+        alone = solo(member)
+        fit(alone, TwoHookToy(serve=member["hook"]), 4, callbacks=[DecoderNormConstraint()])
+        assert_same_weights(alone, group.members[member["name"]], member["name"])
+        if member["name"] != "jump":  # the clip engaged: unclipped, the member ends elsewhere
+            off = member["init_args"] | {"gradient_clip_norm": 0}
+            unclipped = solo(member | {"init_args": off})
+            fit(unclipped, TwoHookToy(serve=member["hook"]), 4, callbacks=[DecoderNormConstraint()])
+            assert not torch.equal(unclipped.W_enc, alone.W_enc), member["name"]
+
+
 @pytest.mark.parametrize("serve", ["dict", "tensor"])
 def test_each_member_trains_exactly_as_alone(serve: str) -> None:
     """Members with their own optimizers (Adam, AdamW), schedules, clipping and callbacks end

@@ -47,7 +47,9 @@ M = "lightning_sae.models."
 # callbacks: every training-dynamics callback (else the decoder-norm constraint alone);
 # checkpoint: sharded checkpoints, for the resumes and exports below.
 RUNS = {
-    "standard": {"model": M + "standard.StandardSAE", "kwargs": {}},
+    # A clip far below the gradient's norm engages at every step: the members must clip by the
+    # whole dictionary's norm, not their slices'.
+    "standard": {"model": M + "standard.StandardSAE", "kwargs": {"gradient_clip_norm": 0.01}},
     "tanh": {"model": M + "standard.StandardSAE", "kwargs": {"sparsity_penalty": "tanh"}},
     "topk": {
         "model": M + "topk.TopKSAE",
@@ -61,7 +63,7 @@ RUNS = {
     "topk_wide": {
         "model": M + "topk.TopKSAE",
         "sparse_check": True,
-        "kwargs": {"k": 40, "auxk_normalization": "residual_variance"},
+        "kwargs": {"k": 40, "auxk_normalization": "residual_variance", "gradient_clip_norm": 0.01},
     },
     "batchtopk": {
         "model": M + "topk.BatchTopKSAE",

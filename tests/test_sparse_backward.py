@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sae.models.matryoshka import MatryoshkaSAE
-from lightning_sae.models.sparse import SparseCode, sparse_encoder_values
+from lightning_sae.models.sparse import SparseCode, largest_of_batch, sparse_encoder_values
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 from lightning_sae.models.transcoder import (
     BatchTopKCrossCoder,
@@ -138,3 +138,31 @@ def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
         loss.backward()
     assert seen.shapes and (ROWS, D_SAE) not in seen.shapes
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "case", ["spread", "one row holds most", "all of a row", "nothing", "ties at the cut"]
+)
+def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
+    """The two-stage selection (each row's candidates, then the cut) keeps exactly the entries
+    one top-k over the flattened batch keeps, including when one row holds more of them than
+    its candidates (the fallback) and when nothing or everything is kept."""
+    torch.manual_seed(0)
+    scores = torch.randn(64, 96)
+    count = 64 * 3
+    if case == "one row holds most":
+        scores[5] += 10.0  # row 5 holds 96 of the 192 largest: far beyond its 12 candidates
+    if case == "all of a row":
+        scores, count = scores[:2], 2 * 96
+    if case == "nothing":
+        count = 0
+    if case == "ties at the cut":
+        scores = scores.round()  # many equal values; the cut falls inside a run of ties
+    values, flat = largest_of_batch(scores, count)
+    expected_values, expected_flat = scores.flatten().topk(count, sorted=False)
+    assert torch.equal(flat, flat.sort().values)  # positions ascending, grouped by row
+    assert torch.equal(values, scores.flatten()[flat])
+    if case == "ties at the cut":  # which of the tied entries is kept is either's choice
+        assert torch.equal(values.sort().values, expected_values.sort().values)
+    else:
+        assert torch.equal(flat, expected_flat.sort().values)

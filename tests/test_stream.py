@@ -297,7 +297,7 @@ def test_the_cache_serves_several_hooks_with_aligned_rows(tmp_path: Path) -> Non
     batches = list(loader)
     assert len(batches) == 18 and all(set(b) == set(HOOKS) for b in batches)
     for i, batch in enumerate(batches[:4]):
-        rows = loader.first.batch_rows(0, i)
+        rows = loader.batch_rows(0, i)
         for hook in HOOKS:
             expected = torch.from_numpy(dm._open(hook).gather(rows))
             assert torch.equal(batch[hook], expected), (hook, i)

@@ -396,7 +396,8 @@ def test_orthogonality_term_is_added_by_the_base_with_either_sign() -> None:
 # ---------------------------------------------------------------- errors and configs
 def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
     """docs/defaults.md: a ReLU SAE's encoder starts at d_in/d_sae times the decoder's transpose
-    (its first reconstruction is then about half the input, not twice it); TopK keeps 1."""
+    (its first reconstruction is then about half the input, not twice it); the TopK family at
+    half the transpose (measured on the frontier's MiniLM data; it was the transpose before)."""
     standard = StandardSAE(d_in=16, d_sae=64, init_seed=1)
     torch.testing.assert_close(standard.W_enc, standard.W_dec.T * 0.25)
     torch.testing.assert_close(standard.decoder_norms(), torch.ones(64))
@@ -405,10 +406,44 @@ def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
         gain = float((standard(x).x_hat * x).sum() / x.pow(2).sum())
     assert 0.3 < gain < 0.7, gain
     topk = TopKSAE(d_in=16, d_sae=64, init_seed=1)
-    assert torch.equal(topk.W_enc, topk.W_dec.T)
+    torch.testing.assert_close(topk.W_enc, topk.W_dec.T * 0.5)
+    matryoshka = MatryoshkaSAE(d_in=16, d_sae=64, k=4, group_sizes=[16, 48])
+    torch.testing.assert_close(matryoshka.W_enc, matryoshka.W_dec.T * 0.5)
+    jumprelu = JumpReLUSAE(d_in=16, d_sae=64, init_seed=1)
+    assert torch.equal(jumprelu.W_enc, jumprelu.W_dec.T)  # unmeasured: as before
     chosen = StandardSAE(d_in=16, d_sae=64, init_seed=1, encoder_init_scale=1.0)
     assert torch.equal(chosen.W_enc, chosen.W_dec.T)
     assert StandardSAE(d_in=64, d_sae=32).encoder_init_factor() == 1.0  # never above the transpose
+
+
+def test_default_gradient_clipping_is_clip_grad_norm_and_the_trainer_replaces_it() -> None:
+    """docs/defaults.md: the TopK family and the L1 SAEs clip the gradient's norm at 1 by
+    default (SAELens's trainer step does too); the other variants do not (unmeasured). The
+    default is torch's clip_grad_norm_ (what trainer.gradient_clip_val 1 does); a trainer's
+    gradient_clip_val replaces it, and gradient_clip_norm 0 turns it off."""
+    assert TopKSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
+    assert BatchTopKSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
+    assert StandardSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
+    for unmeasured in (JumpReLUSAE, GatedSAE, ApproxL0SAE):
+        assert unmeasured(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 0.0
+    assert TopKSAE(d_in=D_IN, d_sae=D_SAE, gradient_clip_norm=0.5).gradient_clip_max_norm() == 0.5
+
+    rows = _x(3 * 64) * 10  # three batches whose gradient norms are well above 1
+
+    def trained(clip: float | None, **trainer_options: float) -> dict[str, torch.Tensor]:
+        sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, lr=1e-2, gradient_clip_norm=clip)
+        batches = torch.utils.data.DataLoader(rows, batch_size=64)
+        quiet_trainer(3, accelerator="cpu", **trainer_options).fit(sae, batches)
+        return {name: p.detach().clone() for name, p in sae.named_parameters()}
+
+    default = trained(None)
+    lightning_clip = trained(0.0, gradient_clip_val=1.0)
+    unclipped = trained(0.0)
+    replaced = trained(None, gradient_clip_val=1e6)  # never engages: the default is not applied
+    for name, value in default.items():
+        torch.testing.assert_close(value, lightning_clip[name], msg=name)
+        torch.testing.assert_close(replaced[name], unclipped[name], msg=name)
+    assert not torch.allclose(default["W_enc"], unclipped["W_enc"])
 
 
 @pytest.mark.parametrize(
@@ -424,6 +459,7 @@ def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
         (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, epsilon=0.0), "model.init_args.epsilon"),
         (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, frequency_window=0), "frequency_window"),
         (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, encoder_init_scale=0.0), "encoder_init_scale"),
+        (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, gradient_clip_norm=-1.0), "gradient_clip_norm"),
     ],
 )
 def test_bad_arguments_name_the_option(make, option: str) -> None:

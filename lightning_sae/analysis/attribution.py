@@ -863,16 +863,37 @@ def _finite_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def feature_pages(browser: str | Path, out: str | Path, d_sae: int) -> dict[tuple[int, int], str]:
+def feature_pages(
+    browser: str | Path, out: str | Path, n_layers: int, d_sae: int
+) -> dict[tuple[int, int], str]:
     """Links (relative to ``out``) to the feature browser's pages of a CLT's features, keyed by
     (layer, feature). The browser (``lightning-sae inspect``) writes ``features/<id>.html`` with
     ids zero-padded to one width; a CLT's feature ``f`` of layer ``l`` has the flat id
-    ``l * d_sae + f``. Only pages that exist are linked."""
+    ``l * d_sae + f``. Only pages that exist are linked, and only from the inspection of a CLT
+    of the same shape (another SAE's page ids mean other features)."""
+    from lightning_sae.analysis.results import META_FILENAME
+    from lightning_sae.files import UnreadableFileError, read_text_bounded
+
     folder = Path(browser) / "features"
-    if not folder.is_dir():
+    meta_path = Path(browser) / META_FILENAME
+    if not folder.is_dir() or not meta_path.is_file():
         raise AttributionError(
-            f"--browser {browser}: no features/ folder there; give the folder that "
-            "lightning-sae inspect wrote for this CLT (it holds index.html and features/)."
+            f"--browser {browser}: no features/ folder or {META_FILENAME} there; give the folder "
+            "that lightning-sae inspect wrote for this CLT (it holds index.html and features/)."
+        )
+    try:
+        meta = json.loads(read_text_bounded(meta_path))
+    except (OSError, ValueError, UnreadableFileError) as error:
+        raise AttributionError(
+            f"--browser {browser}: cannot read {META_FILENAME}: {error}"
+        ) from None
+    shape = meta.get("clt") if isinstance(meta, dict) else None
+    shape = shape if isinstance(shape, dict) else {}
+    if (shape.get("n_layers"), shape.get("d_sae")) != (n_layers, d_sae):
+        raise AttributionError(
+            f"--browser {browser} is not the inspection of a CLT with {n_layers} layers of "
+            f"{d_sae} features; run lightning-sae inspect --ckpt_path on this CLT and pass its "
+            "--out folder."
         )
     base = Path(_relative(Path(browser), Path(out)))
     pages = {}
@@ -1011,7 +1032,8 @@ def run(args: Any) -> Path:
     }  # fmt: skip
     logit_strs = [tokenizer.decode([t]) for t in graph.logit_tokens]
     record = graph_record(graph, strs, logit_strs, {**options, "targets": args.target}, about)
-    pages = feature_pages(args.browser, out, int(clt.d_sae)) if args.browser else {}
+    shape = int(clt.n_layers), int(clt.d_sae)
+    pages = feature_pages(args.browser, out, *shape) if args.browser else {}
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / GRAPH_FILENAME, _finite_json(record))
     write_html(record, out, pages)

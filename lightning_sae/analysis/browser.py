@@ -162,8 +162,27 @@ def _feature_page(
             for i, c in zip(row.neighbours, row.neighbour_cos, strict=True)
         ],
         "match": match,
+        "clt": _clt_feature(meta, row),
         "top": top,
         "intervals": intervals,
+    }
+
+
+def _clt_feature(meta: dict[str, Any], row: Any) -> dict[str, Any] | None:
+    """A cross-layer transcoder's feature: its layer, the hook it reads and the norm of what it
+    writes to each output hook from its own layer on; ``None`` for another SAE."""
+    clt = meta.get("clt")
+    if not clt:
+        return None
+    layer = int(row.layer)
+    return {
+        "layer": layer,
+        "feature": int(row.layer_feature),
+        "reads": clt["input_hooks"][layer],
+        "writes": [
+            [clt["output_hooks"][target], float(row.writes[target])]
+            for target in range(layer, clt["n_layers"])
+        ],
     }
 
 

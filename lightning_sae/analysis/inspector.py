@@ -54,6 +54,7 @@ from lightning_sae.io import (
 )
 from lightning_sae.metrics.similarity import load_sae_weights, nearest_neighbours
 from lightning_sae.models import SparseAutoencoder
+from lightning_sae.models.clt import CrossLayerTranscoder
 
 # The data classes a config may name; the name is compared, never imported.
 DATA_CLASS_PATHS = (
@@ -398,7 +399,17 @@ def inspect(
     group = list(saes) != [""]
     # A group's members may read other hooks than the config's first: cache theirs too.
     member_hooks = [meta.get("hook_name") for _, meta in saes.values()] if group else []
-    datamodule = datamodule_from_config(config, data_overrides, member_hooks, say=_say)
+    # A cross-layer transcoder reads every layer's MLP input: cache them all.
+    clt_hooks = [h for sae, _ in saes.values() if isinstance(sae, CrossLayerTranscoder)
+                 for h in sae.input_hooks]  # fmt: skip
+    if clt_hooks and compare is not None:
+        raise InspectError(
+            "--compare matches decoder rows of one hook; a cross-layer transcoder writes to "
+            "several layers: leave out --compare."
+        )
+    datamodule = datamodule_from_config(
+        config, data_overrides, [*member_hooks, *clt_hooks], say=_say
+    )
     options = {
         "ckpt_path": ckpt_path, "config": config, "split": split, "n_tokens": n_tokens,
         "features": features, "n_top": n_top, "n_intervals": n_intervals,
@@ -447,17 +458,26 @@ def _inspect_sae(
     progress: bool,
     html: bool,
 ) -> None:
-    """:func:`inspect` of one SAE (a group's ``member``) on ``hook`` of ``datamodule``."""
+    """:func:`inspect` of one SAE (a group's ``member``) on ``hook`` of ``datamodule``; a
+    cross-layer transcoder reads its input hooks instead, and its feature ``f`` of layer ``l``
+    is recorded as the flat feature ``l * d_sae + f``."""
     sae = sae.to(device)
-    ids = parse_features(features, sae.d_sae)
-    store, cache_root = open_cache(datamodule, progress, hook)
+    clt = sae if isinstance(sae, CrossLayerTranscoder) else None
+    hooks = list(clt.input_hooks) if clt is not None else [hook]
+    n_features = sae.d_sae * (clt.n_layers if clt is not None else 1)
+    ids = parse_features(features, n_features)
+    stores = []
+    for read in hooks:
+        store, cache_root = open_cache(datamodule, progress, read)
+        stores.append(store)
     model_spec = datamodule.hparams.model
-    if store.d_in != sae.d_in:
-        which = f"member {member} of {ckpt_path}" if member else f"SAE {ckpt_path}"
-        raise InspectError(
-            f"the {which} reads d_in={sae.d_in} vectors, but {hook} of {model_spec} "
-            f"(the config's hook) has d_in={store.d_in}: pass the config the SAE was trained with."
-        )
+    for read, store in zip(hooks, stores, strict=True):
+        if store.d_in != sae.d_in:
+            which = f"member {member} of {ckpt_path}" if member else f"SAE {ckpt_path}"
+            raise InspectError(
+                f"the {which} reads d_in={sae.d_in} vectors, but {read} of {model_spec} "
+                f"has d_in={store.d_in}: pass the config the SAE was trained with."
+            )
     # The second SAE is checked before the pass, so a bad one fails at once.
     other = None if compare is None else load_sae_weights(compare)["W_dec"].to(device)
     if other is not None and other.shape[1] != sae.d_in:
@@ -478,8 +498,8 @@ def _inspect_sae(
     recorder = FeatureRecorder(
         len(ids), n_top, n_samples, context_left, context_right, device, seed
     )
-    windows_per_batch = max(1, min(batch_windows, MAX_BATCH_ELEMENTS // (positions * sae.d_sae)))
-    select = None if len(ids) == sae.d_sae else torch.from_numpy(ids).to(device)
+    windows_per_batch = max(1, min(batch_windows, MAX_BATCH_ELEMENTS // (positions * n_features)))
+    select = None if len(ids) == n_features else torch.from_numpy(ids).to(device)
     with (
         torch.no_grad(),
         tqdm(
@@ -491,16 +511,20 @@ def _inspect_sae(
         ) as bar,
     ):
         started = time.perf_counter()
-        for window_ids, rows in batches(store, positions, first, stop, windows_per_batch):
-            acts = sae.encode(rows.to(device).float())
+        for window_ids, rows in _layer_batches(stores, positions, first, stop, windows_per_batch):
+            # One hook: rows [N, d_in]; a CLT: [N, n_layers, d_in], its acts flattened by layer.
+            acts = sae.encode(rows.to(device).float()).flatten(1)
             if select is not None:
                 acts = acts[:, select]
             recorder.update(acts.view(len(window_ids), positions, -1), window_ids.to(device))
             bar.update(rows.shape[0])
         pass_seconds = time.perf_counter() - started
 
-    W_dec = sae.W_dec.detach().float()
-    directions = W_dec[torch.from_numpy(ids).to(device)]
+    # The rows compared for neighbours, and what each feature writes to the residual stream.
+    W_dec = _decoder_rows(clt) if clt is not None else sae.W_dec.detach().float()
+    written = _total_writes(clt) if clt is not None else W_dec
+    selected = torch.from_numpy(ids).to(device)
+    directions = W_dec[selected]
     picked = pick_contexts(recorder, n_intervals, per_interval)
     text = TokenText(datamodule.tokenizer)
     (out / "features").mkdir(parents=True, exist_ok=True)
@@ -527,7 +551,7 @@ def _inspect_sae(
         },
     )
 
-    n_neighbours = min(n_neighbours, sae.d_sae - 1)
+    n_neighbours = min(n_neighbours, n_features - 1)
     neighbour_ids, neighbour_cos = _neighbours(directions, W_dec, ids, n_neighbours)
     feature_columns: dict[str, Any] = {
         "feature": ids,
@@ -539,6 +563,15 @@ def _inspect_sae(
         "neighbours": neighbour_ids,
         "neighbour_cos": neighbour_cos,
     }
+    if clt is not None:
+        layer, feature = np.divmod(ids, clt.d_sae)
+        # [source layer, d_sae, target layer]: the norm of what a feature writes to each layer.
+        norms = _decoder_rows(clt).view(clt.n_layers, clt.d_sae, clt.n_layers, -1).norm(dim=-1)
+        feature_columns |= {
+            "layer": layer,
+            "layer_feature": feature,
+            "writes": norms[layer, feature].cpu().numpy().astype(np.float32),
+        }
     compare_meta = None
     if other is not None:
         cos, found = nearest_neighbours(directions, other, 1)
@@ -548,12 +581,18 @@ def _inspect_sae(
     write_table(out / FEATURES_FILENAME, feature_columns)
 
     effects = (
-        logit_effects(_load_model(datamodule, device), directions, n_logits, model_spec)
+        logit_effects(_load_model(datamodule, device), written[selected], n_logits, model_spec)
         if n_logits
         else LogitEffects(note="logit effects skipped (--n_logits 0).")
     )
     if effects.note:
         notes.append(effects.note)
+    elif clt is not None and n_logits:
+        notes.append(
+            "logit effects of a cross-layer transcoder's feature: the sum of its writes to its "
+            "own and every later layer's MLP output, through the final norm and unembedding "
+            "(the direct path)."
+        )
     _write_logits(out, ids, effects, text)
 
     meta = {
@@ -562,13 +601,21 @@ def _inspect_sae(
             "path": str(ckpt_path),
             "class": type(sae).__name__,
             "d_in": sae.d_in,
-            "d_sae": sae.d_sae,
+            "d_sae": n_features,
             "metadata": sae_meta,
             "member": member,
         },
+        "clt": None
+        if clt is None
+        else {
+            "n_layers": clt.n_layers,
+            "d_sae": clt.d_sae,
+            "input_hooks": list(clt.input_hooks),
+            "output_hooks": list(clt.output_hooks),
+        },
         "config": str(config),
         "model": model_spec,
-        "hook": hook,
+        "hook": hook if clt is None else f"{hooks[0]} .. {hooks[-1]}",
         "cache": str(cache_root),
         "split": split,
         "windows": [first, stop],
@@ -594,6 +641,40 @@ def _inspect_sae(
     write_meta(out, meta)
     if html:
         browser.write_browser(out)
+
+
+def _layer_batches(
+    stores: list[ShardedActivations], positions: int, first: int, stop: int, per_batch: int
+) -> Any:
+    """:func:`batches` of one hook's store; of several (a CLT's layers, cached alike), the
+    same rows of each stacked ``[N, n_layers, d_in]``."""
+    if len(stores) == 1:
+        yield from batches(stores[0], positions, first, stop, per_batch)
+        return
+    readers = [batches(store, positions, first, stop, per_batch) for store in stores]
+    for parts in zip(*readers, strict=True):
+        (window_ids, _), *others = parts
+        if any(not torch.equal(window_ids, w) for w, _ in others):
+            raise InspectError(
+                "the CLT's input hooks are cached in different shards; rebuild the cache."
+            )
+        yield window_ids, torch.stack([rows for _, rows in parts], dim=1)
+
+
+def _decoder_rows(clt: CrossLayerTranscoder) -> Tensor:
+    """``[n_layers * d_sae, n_layers * d_out]``: each feature's writes to every layer side by
+    side (zero before its own layer), so decoder cosine compares features of any layers."""
+    rows = torch.zeros(clt.n_layers, clt.d_sae, clt.n_layers, clt.d_out)
+    for source in range(clt.n_layers):
+        rows[source, :, source:] = clt.decoder_directions(source).detach().float().cpu()
+    return rows.flatten(2).flatten(0, 1).to(clt.W_enc.device)
+
+
+def _total_writes(clt: CrossLayerTranscoder) -> Tensor:
+    """``[n_layers * d_sae, d_out]``: the sum of each feature's writes over its target layers,
+    what it adds to the residual stream through the MLP outputs; its direct logit effect."""
+    total = [clt.decoder_directions(s).detach().float().sum(dim=1) for s in range(clt.n_layers)]
+    return torch.cat(total)
 
 
 def _context_tokens(

@@ -1,20 +1,21 @@
 """ActivationDataModule: activations of a real language model, cached on disk, served shuffled.
 
 ``prepare_data`` builds the cache when it is missing (``lightning-sae cache --config X`` builds
-it alone), ``setup`` memory-maps it, and the training loader serves ``[batch, d_in]`` rows in an
-order that mixes contexts and shards while holding at most two shuffle buffers in memory:
+it alone), ``setup`` memory-maps it, and the training loader (:class:`ActivationBatches`) serves
+``[batch, d_in]`` rows through the data layer's one mixing buffer (``data/loader.py``, which the
+stream feeds too), holding at most ``shuffle_buffer_tokens`` rows per process:
 
 1. the training rows are cut into chunks of ``shuffle_chunk_tokens`` consecutive rows (never
    crossing a shard), and the chunks are put in a random order each epoch;
-2. consecutive groups of chunks (``shuffle_buffer_tokens`` rows) form a buffer whose rows are
-   permuted again;
-3. global batch ``i`` is positions ``[i * batch_size, (i + 1) * batch_size)`` of that order;
-   under DDP rank ``r`` serves its slice of each global batch, so ranks read disjoint rows and
-   a DDP run sees what one process with the same global batch sees.
+2. that sequence is read in generations; each generation's rows are dealt at random over
+   ``mix_refills`` refills, and each refill's pool is served in a random order, so a batch
+   mixes rows of ``mix_refills`` generations of chunks from all over the cache;
+3. global batch ``i`` of an epoch is positions ``[i * batch_size, (i + 1) * batch_size)`` of
+   that order; under DDP rank ``r`` serves its slice of each global batch, so ranks serve
+   disjoint rows and a DDP run sees what one process with the same global batch sees.
 
-A background thread prepares the next ``prefetch_batches`` batches while the training step
-runs, reading the next buffer while it gathers from this one: memory is at most two buffers
-plus the queued batches.
+The next generation is read while batches are cut from the pool, and ``prefetch_batches``
+batches are prepared ahead in a background thread while the training step runs.
 
 Every order is a pure function of (seed, epoch), so the loader's position is two integers,
 saved in Lightning checkpoints: a resumed run continues with the next unseen batch.
@@ -32,10 +33,10 @@ import os
 import re
 import sys
 import threading
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, closing
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import closing
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,12 +55,18 @@ from lightning_sae.data.cache import (
     Compute,
     DataError,
     ShardedActivations,
-    host_array,
     open_activation_files,
     open_hook_cache,
 )
 from lightning_sae.data.identity import IdentifiedData, activation_files_identity
 from lightning_sae.data.lm import LanguageModel
+from lightning_sae.data.loader import (
+    DealtRows,
+    Generation,
+    MixingBuffer,
+    MixingPlan,
+    Rows,
+)
 from lightning_sae.data.loader import in_background as _in_background
 from lightning_sae.data.loader import rank_and_world as _rank_and_world
 from lightning_sae.data.tokens import (
@@ -75,27 +82,29 @@ CacheDtype = Literal["float32", "float16", "bfloat16"]
 
 
 class ActivationBatches:
-    """Batches of rows ``[start, stop)`` of a :class:`ShardedActivations`, sliced per rank.
+    """Batches of rows ``[start, stop)`` of one :class:`ShardedActivations`, or of several
+    hooks' (``{hook: store}``, served as ``{hook: batch}`` with rows aligned), sliced per rank.
 
-    It has a length, so Lightning does not prefetch, and ``state_dict`` is the exact position
-    (the batches handed out, not those prepared ahead). Without ``shuffle`` the rows come in
-    order and every pass starts from the first batch. Reading a buffer and gathering a batch
-    are split over ``threads`` threads. With ``prefetch_batches`` > 0 a background thread keeps
-    up to that many batches ready and reads the next buffer while it gathers from this one;
-    with 0 everything runs on the caller's thread, one buffer at a time.
+    With ``shuffle``, an epoch is one pass over the rows through the mixing buffer (see the
+    module docstring) holding at most ``buffer_rows`` rows; without, the rows come in order and
+    every pass starts from the first batch. It has a length, so Lightning does not prefetch,
+    and ``state_dict`` is the exact position (the batches handed out, not those prepared ahead).
+    Reads are split over ``threads`` threads; ``prefetch_batches`` > 0 gathers that many
+    batches ahead in a background thread.
     """
 
     def __init__(
         self,
-        store: ShardedActivations,
+        store: ShardedActivations | dict[str, ShardedActivations],
         start: int,
         stop: int,
         batch_size: int,
         *,
         shuffle: bool,
         seed: int = 0,
-        buffer_rows: int = 1 << 18,
+        buffer_rows: int = 1 << 19,
         chunk_rows: int = 4096,
+        mix_refills: int = 16,
         pin_memory: bool = False,
         threads: int = 4,
         prefetch_batches: int = 4,
@@ -105,15 +114,24 @@ class ActivationBatches:
                 f"only {stop - start:,} rows for batches of {batch_size:,}: lower "
                 "data.init_args.batch_size or cache more tokens."
             )
-        if prefetch_batches < 0:
-            raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}.")
-        self.store, self.start, self.stop, self.batch_size = store, start, stop, batch_size
+        # A buffer holds (mix_refills + 3) / 2 generations (MixingPlan.held_rows).
+        generation_rows = min(2 * buffer_rows // (mix_refills + 3), stop - start)
+        if shuffle and generation_rows < mix_refills:
+            raise ValueError(
+                f"data.init_args.shuffle_buffer_tokens={buffer_rows:,} cannot deal a generation "
+                f"over mix_refills={mix_refills}: raise it to at least "
+                f"{mix_refills * (mix_refills + 3) // 2:,} or lower mix_refills."
+            )
+        self.single = not isinstance(store, dict)
+        self.stores = {None: store} if self.single else store
+        self.store = next(iter(self.stores.values()))
+        self.start, self.stop, self.batch_size = start, stop, batch_size
         self.shuffle, self.seed, self.pin_memory = shuffle, seed, pin_memory
-        self.threads = max(1, threads)
-        self.prefetch_batches = prefetch_batches
-        self.chunks_per_buffer = max(1, buffer_rows // chunk_rows)
+        self.generation_rows, self.mix_refills = generation_rows, mix_refills
+        self.threads, self.prefetch_batches = max(1, threads), prefetch_batches
         self.chunks = self._chunk_bounds(chunk_rows)
         self.epoch, self.next_index = 0, 0
+        self._epoch_order: tuple[int, MixingPlan, np.ndarray, np.ndarray] | None = None
 
     def _chunk_bounds(self, chunk_rows: int) -> np.ndarray:
         """[n_chunks, 2] (start, stop) rows: ``chunk_rows`` long, cut at every shard boundary."""
@@ -126,166 +144,94 @@ class ActivationBatches:
     def __len__(self) -> int:
         return (self.stop - self.start) // self.batch_size
 
-    def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, *key])
+    def _epoch(self, epoch: int) -> tuple[MixingPlan, np.ndarray, np.ndarray]:
+        """``epoch``'s mixing plan, its chunks in reading order and where each ends in that
+        order (kept for the epoch last asked about)."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            rows, key = self.stop - self.start, [self.seed, epoch]
+            plan = MixingPlan(self.generation_rows, self.mix_refills, key, rows)
+            chunks = self.chunks[np.random.default_rng(key).permutation(len(self.chunks))]
+            self._epoch_order = epoch, plan, chunks, np.cumsum(chunks[:, 1] - chunks[:, 0])
+        return self._epoch_order[1:]
 
-    def _buffers(self, epoch: int, skip_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(first position, chunks, serving order of the buffer's rows) of each buffer that
-        ends after position ``skip_rows``; earlier buffers are skipped without being drawn."""
-        chunks = (
-            self.chunks[self._rng(epoch).permutation(len(self.chunks))]
-            if self.shuffle
-            else self.chunks
-        )
-        starts = np.arange(0, len(chunks), self.chunks_per_buffer)
-        sizes = np.add.reduceat(chunks[:, 1] - chunks[:, 0], starts)
-        offset = 0
-        for g, (first, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
-            if offset + size > skip_rows:
-                order = (
-                    self._rng(epoch, g + 1).permutation(size) if self.shuffle else np.arange(size)
-                )
-                yield offset, chunks[first : first + self.chunks_per_buffer], order
-            offset += size
+    def plan(self, epoch: int) -> MixingPlan:
+        return self._epoch(epoch)[0]
 
-    def _rank_indices(
-        self, epoch: int, first_batch: int, rank: int, world: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Per buffer, (its chunks, the buffer rows this rank serves from global batch
-        ``first_batch`` on, in serving order)."""
-        local = self.batch_size // world
-        begin, end = first_batch * self.batch_size, len(self) * self.batch_size
-        for offset, chunks, order in self._buffers(epoch, begin):
-            if offset >= end:
-                return
-            position = np.arange(offset, offset + len(order))
-            mine = (position >= begin) & (position < end)
-            mine &= (position % self.batch_size) // local == rank
-            yield chunks, order[mine]
+    def pieces(self, epoch: int, generation: int) -> list[tuple[int, int]]:
+        """The source rows of ``generation`` in ``epoch``, as (start, stop) pieces in order,
+        each within one chunk."""
+        plan, chunks, ends = self._epoch(epoch)
+        position = generation * plan.generation_rows
+        last = position + plan.rows(generation)
+        i, found = int(np.searchsorted(ends, position, side="right")), []
+        while position < last:
+            lo = int(chunks[i, 1] - (ends[i] - position))  # this chunk's row at position
+            hi = lo + min(last, int(ends[i])) - position
+            found.append((lo, hi))
+            position, i = position + hi - lo, i + 1
+        return found
+
+    def _make(
+        self, epoch: int, generation: int, stop: threading.Event, labels: bool, pool: Executor
+    ) -> Generation | None:
+        """A generation read from the stores by ``pool`` (or, with ``labels``, its source row
+        numbers), dealt into its parts as each piece is read."""
+        pieces = self.pieces(epoch, generation)
+        columns = {k: (s.d_in, s.torch_dtype) for k, s in self.stores.items()}
+        columns = {"row": (1, torch.int64)} if labels else columns
+        dealt = DealtRows(self.plan(epoch).parts(generation), columns, torch.device("cpu"))
+
+        def read(lo: int, hi: int, offset: int) -> None:
+            block = {"row": torch.arange(lo, hi)[:, None]} if labels else {}
+            for key, store in {} if labels or stop.is_set() else self.stores.items():
+                block[key] = store.to_torch(array := store.empty(hi - lo))
+                store.read(lo, hi, array)
+            if block:
+                dealt.write(offset, block)
+
+        offsets = np.cumsum([0] + [hi - lo for lo, hi in pieces]).tolist()
+        reads = [pool.submit(read, *p, o) for p, o in zip(pieces, offsets, strict=False)]
+        for done in reads:
+            done.result()
+        return None if stop.is_set() else Generation(generation, dealt.parts)
+
+    def _mixed(
+        self, epoch: int, first_batch: int, keep: slice, stop: threading.Event, labels: bool
+    ) -> Iterator[Rows]:
+        """Rows ``keep`` of each global batch of ``epoch`` from ``first_batch`` on."""
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="activation-read")
+        make = lambda g, stop: self._make(epoch, g, stop, labels, pool)  # noqa: E731
+        pin = self.pin_memory and not labels
+        buffer = MixingBuffer(self.plan(epoch), make, stop, "activation-mixing", pin)
+        served = buffer.serve(first_batch * self.batch_size, self.batch_size, keep)
+        with pool, closing(served):  # the buffer stops before the reading threads
+            for rows, _ in islice(served, len(self) - first_batch):
+                yield rows
 
     def batch_rows(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> np.ndarray:
         """Source rows of global batch ``index`` that ``rank`` serves (for inspection)."""
-        local, found = self.batch_size // world, []
-        for chunks, indices in self._rank_indices(epoch, index, rank, world):
-            source = np.concatenate([np.arange(lo, hi) for lo, hi in chunks])
-            found.append(source[indices])
-            if sum(map(len, found)) >= local:
-                break
-        return np.concatenate(found)[:local]
-
-    def _read(
-        self,
-        chunks: np.ndarray,
-        pool: ThreadPoolExecutor,
-        space: np.ndarray,
-        stop: threading.Event | None = None,
-    ) -> np.ndarray:
-        """The buffer: its chunks copied side by side (sequential reads from the shards) into
-        the start of ``space``; cut short, and not to be used, once ``stop`` is set.
-
-        At most ``threads`` chunk reads wait in the pool at a time: a read ahead submitted
-        whole would queue the gathers of the current buffer behind all of it.
-        """
-        sizes = chunks[:, 1] - chunks[:, 0]
-        buffer = space[: int(sizes.sum())]
-        ends = np.cumsum(sizes).tolist()
-        starts = [0, *ends[:-1]]
-        reads: deque[Future[None]] = deque()
-        for (lo, hi), a, b in zip(chunks.tolist(), starts, ends, strict=True):
-            if stop is not None and stop.is_set():
-                break
-            if len(reads) == self.threads:
-                reads.popleft().result()
-            reads.append(pool.submit(self.store.read, lo, hi, buffer[a:b]))
-        for read in reads:
-            read.result()
-        return buffer
-
-    def _read_ahead(
-        self,
-        steps: Iterator[tuple[np.ndarray, np.ndarray]],
-        pool: ThreadPoolExecutor,
-        stop: threading.Event,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(buffer, serving order) of each of ``steps``: buffer g + 1 is read into the other
-        of two spaces while the caller gathers from buffer g."""
-        spaces = (self._new_space(), self._new_space())
-        # One thread waits on the reads, so no pool worker waits on the pool (with threads=1
-        # that would deadlock).
-        with ThreadPoolExecutor(1, thread_name_prefix="activation-read-ahead") as reader:
-            previous: tuple[Future[np.ndarray], np.ndarray] | None = None
-            for g, (chunks, indices) in enumerate(steps):
-                # Space g % 2 held buffer g - 2, which the caller finished with before asking
-                # for buffer g - 1.
-                reading = reader.submit(self._read, chunks, pool, spaces[g % 2], stop), indices
-                if previous is not None:
-                    yield previous[0].result(), previous[1]
-                previous = reading
-            if previous is not None:
-                yield previous[0].result(), previous[1]
-
-    def _take(
-        self, buffer: np.ndarray, indices: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor
-    ) -> None:
-        """``out[:] = buffer[indices]``, split over the pool (numpy releases the GIL)."""
-        cuts = np.linspace(0, len(indices), self.threads + 1).astype(int).tolist()
-        parts = [
-            pool.submit(np.take, buffer, indices[a:b], 0, out[a:b])
-            for a, b in zip(cuts[:-1], cuts[1:], strict=True)
-            if b > a
-        ]
-        for part in parts:
-            part.result()
-
-    def _new_batch(self, n: int) -> tuple[np.ndarray, Tensor]:
-        """A batch to fill, as (numpy view, tensor); pinned memory copies to a GPU
-        asynchronously. Each batch is a new allocation: it outlives the buffer it came from."""
-        if self.pin_memory:
-            tensor = torch.empty(
-                (n, self.store.d_in), dtype=self.store.torch_dtype, pin_memory=True
-            )
-            return host_array(tensor), tensor
-        array = self.store.empty(n)
-        return array, self.store.to_torch(array)
-
-    def _new_space(self) -> np.ndarray:
-        """Room for the largest buffer. One allocation serves every buffer of a pass: fresh
-        pages would cost a page fault each."""
-        largest_chunk = int((self.chunks[:, 1] - self.chunks[:, 0]).max())
-        return self.store.empty(min(self.stop - self.start, largest_chunk * self.chunks_per_buffer))
-
-    def _batches(
-        self, epoch: int, first_batch: int, rank: int, world: int, stop: threading.Event | None
-    ) -> Iterator[Tensor]:
-        """The batches ``rank`` serves from global batch ``first_batch`` on. Given ``stop``
-        (that is, run in the background), the next buffer is read while this one is gathered
-        from."""
         local = self.batch_size // world
-        pending: list[np.ndarray] = []  # rows of a batch that continues in the next buffer
-        n_pending = 0
-        steps = self._rank_indices(epoch, first_batch, rank, world)
-        with ThreadPoolExecutor(self.threads) as pool:
-            if stop is None:
-                space = self._new_space()
-                buffers = ((self._read(chunks, pool, space), order) for chunks, order in steps)
-            else:
-                buffers = self._read_ahead(steps, pool, stop)
-            with closing(buffers):  # stop the reads before the pool shuts down
-                for buffer, indices in buffers:
-                    start = 0
-                    while n_pending + len(indices) - start >= local:
-                        take = local - n_pending
-                        array, batch = self._new_batch(local)
-                        if pending:
-                            array[:n_pending] = np.concatenate(pending)
-                        self._take(buffer, indices[start : start + take], array[n_pending:], pool)
-                        pending, n_pending, start = [], 0, start + take
-                        yield batch
-                    if start < len(indices):  # a copy: a later read overwrites the space
-                        pending.append(buffer[indices[start:]])
-                        n_pending += len(indices) - start
+        keep = slice(rank * local, (rank + 1) * local)
+        if not self.shuffle:
+            return self.start + index * self.batch_size + np.arange(self.batch_size)[keep]
+        with closing(self._mixed(epoch, index, keep, threading.Event(), labels=True)) as rows:
+            return next(rows)["row"].flatten().numpy()
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def _served(self, rows: Rows) -> Tensor | dict[str, Tensor]:
+        return rows[None] if self.single else rows
+
+    def _batches(self, keep: slice, stop: threading.Event) -> Iterator[Tensor | dict[str, Tensor]]:
+        if self.shuffle:
+            rows = self._mixed(self.epoch, self.next_index, keep, stop, labels=False)
+        else:  # in order: rows [lo, lo + batch_size)[keep] of each batch
+            lows = range(self.start + self.next_index * self.batch_size, self.stop, self.batch_size)
+            indices = (np.arange(lo, lo + self.batch_size)[keep] for lo in lows[: len(self)])
+            rows = ({k: s.to_torch(s.gather(i)) for k, s in self.stores.items()} for i in indices)
+        with closing(rows):
+            for batch in rows:
+                yield self._served(batch)
+
+    def __iter__(self) -> Iterator[Tensor | dict[str, Tensor]]:
         rank, world = _rank_and_world()
         if self.batch_size % world:
             raise ValueError(
@@ -296,66 +242,45 @@ class ActivationBatches:
             self.next_index = 0
         elif self.next_index >= len(self):  # the previous pass ran to its end
             self.epoch, self.next_index = self.epoch + 1, 0
+        local = self.batch_size // world
+        keep, stop = slice(rank * local, (rank + 1) * local), threading.Event()
+        batches = self._batches(keep, stop)
         if self.prefetch_batches:
-            stop = threading.Event()
-            batches = _in_background(
-                self._batches(self.epoch, self.next_index, rank, world, stop),
-                self.prefetch_batches,
-                stop,
-            )
-        else:
-            batches = self._batches(self.epoch, self.next_index, rank, world, None)
-        with closing(batches):
+            batches = _in_background(batches, self.prefetch_batches, stop)
+        try:
             for batch in batches:
                 self.next_index += 1  # counted when handed out, so a checkpoint resumes here
                 yield batch
+        finally:
+            stop.set()  # the generation being read ahead stops too
+            batches.close()
 
-    def state_dict(self) -> dict[str, int]:
+    def _shape(self) -> dict[str, int]:
         return {
-            "epoch": self.epoch,
-            "next_index": self.next_index,
             "rows": self.stop - self.start,
             "batch_size": self.batch_size,
+            "generation_rows": self.generation_rows,
+            "mix_refills": self.mix_refills,
         }
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "next_index": self.next_index, **self._shape()}
+
     def load_state_dict(self, state: dict[str, int]) -> None:
-        saved = (
-            state.get("rows", self.stop - self.start),
-            state.get("batch_size", self.batch_size),
-        )
-        if saved != (self.stop - self.start, self.batch_size):
+        if "mix_refills" not in state:
             raise ValueError(
-                f"the checkpoint's loader position is for {saved[0]:,} rows in batches of "
-                f"{saved[1]:,}, but this data has {self.stop - self.start:,} rows in batches of "
-                f"{self.batch_size:,}: resume with the same data and batch_size."
+                "the checkpoint's loader position was saved before the cache was served through "
+                "the mixing buffer: its order cannot be continued. Start a new fit from its "
+                "weights with --init_from <checkpoint> instead of --ckpt_path."
+            )
+        saved, here = {key: state[key] for key in self._shape()}, self._shape()
+        if saved != here:
+            raise ValueError(
+                f"the checkpoint's loader position is for {saved}, but this data has {here}: "
+                "resume with the same data and batch_size (and shuffle_buffer_tokens, "
+                "mix_refills)."
             )
         self.epoch, self.next_index = state["epoch"], state["next_index"]
-
-
-class HookBatches:
-    """Several hooks' loaders served together as ``{hook: batch}``: every loader draws the
-    same rows (same layout and seed), so row ``i`` of each hook is the same token position.
-    The position is the first loader's; every loader is kept at it."""
-
-    def __init__(self, loaders: dict[str, ActivationBatches]) -> None:
-        self.loaders = loaders
-        self.first = next(iter(loaders.values()))
-
-    def __len__(self) -> int:
-        return len(self.first)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        with ExitStack() as stack:  # stop every loader's threads when this one stops
-            iterators = [stack.enter_context(closing(iter(x))) for x in self.loaders.values()]
-            for batches in zip(*iterators, strict=True):
-                yield dict(zip(self.loaders, batches, strict=True))
-
-    def state_dict(self) -> dict[str, int]:
-        return self.first.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for loader in self.loaders.values():
-            loader.load_state_dict(state)
 
 
 class ActivationDataModule(IdentifiedData, LightningDataModule):
@@ -406,9 +331,11 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
             hook the same token), and are served aligned like cached hooks.
         batch_size: global batch of activation vectors (split evenly across DDP ranks).
         seed: seed of the window order and of the shuffling.
-        shuffle_buffer_tokens: rows per rank shuffled together; two such buffers are in
-            memory while the next one is read ahead.
+        shuffle_buffer_tokens: rows the mixing buffer holds at most per process (the pool
+            being served and the generation read ahead), besides the queued batches.
         shuffle_chunk_tokens: consecutive rows read together from disk.
+        mix_refills: each generation's rows are dealt over this many refills of the buffer,
+            so a batch mixes rows of that many generations (1: each served alone).
         verify: on setup, check shard sizes only (``size``) or also sha256 checksums
             (``checksum``; reads the whole cache once).
         build_on_all_ranks: under DDP, split the cache build across all ranks in ``setup``
@@ -416,9 +343,9 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
         pin_memory: serve batches in pinned memory, so copies to the GPU are asynchronous
             (default: when a GPU is available).
         loader_threads: threads that read and gather batches (numpy copies run in parallel).
-        prefetch_batches: batches a background thread prepares ahead of the training step,
-            reading the next shuffle buffer meanwhile (0: read and gather on the training
-            thread, one buffer at a time).
+        prefetch_batches: batches a background thread prepares ahead of the training step
+            (0: gathered on the training thread; the buffer's next generation is read ahead
+            either way).
     """
 
     def __init__(
@@ -451,8 +378,9 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
         activations_dir: str | None = None,
         batch_size: int = 4096,
         seed: int = 0,
-        shuffle_buffer_tokens: int = 1 << 18,
+        shuffle_buffer_tokens: int = 1 << 19,
         shuffle_chunk_tokens: int = 4096,
+        mix_refills: int = 16,
         verify: Literal["size", "checksum"] = "checksum",
         build_on_all_ranks: bool = False,
         pin_memory: bool | None = None,
@@ -485,6 +413,7 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
             "batch_size": batch_size,
             "shuffle_buffer_tokens": shuffle_buffer_tokens,
             "shuffle_chunk_tokens": shuffle_chunk_tokens,
+            "mix_refills": mix_refills,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -519,8 +448,8 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
         self._stores: dict[str | None, ShardedActivations] = {}
         self._built_here = False
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.train_batches: ActivationBatches | HookBatches | None = None
-        self.val_batches: ActivationBatches | HookBatches | None = None
+        self.train_batches: ActivationBatches | None = None
+        self.val_batches: ActivationBatches | None = None
 
     # ----------------------------------------------------------------- identity
     @property
@@ -714,29 +643,25 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
             )
         return (0, n - n_val), (n - n_val, n)
 
-    def _batches(
-        self, start: int, stop: int, batch_size: int, shuffle: bool
-    ) -> ActivationBatches | HookBatches:
+    def _batches(self, start: int, stop: int, batch_size: int, shuffle: bool) -> ActivationBatches:
         """Loaders of the served hooks over rows ``[start, stop)``: their orders depend only on
         the layout and the seed, so the hooks' rows stay aligned."""
         hp = self.hparams
-        loaders = {
-            hook: ActivationBatches(
-                self._open(hook),
-                start,
-                stop,
-                batch_size,
-                shuffle=shuffle,
-                seed=hp.seed,
-                buffer_rows=hp.shuffle_buffer_tokens,
-                chunk_rows=hp.shuffle_chunk_tokens,
-                pin_memory=self.pin_memory,
-                threads=hp.loader_threads,
-                prefetch_batches=hp.prefetch_batches,
-            )
-            for hook in self.served or [None]
-        }
-        return HookBatches(loaders) if len(loaders) > 1 else next(iter(loaders.values()))
+        stores = {hook: self._open(hook) for hook in self.served}
+        return ActivationBatches(
+            stores if len(stores) > 1 else self._open(),
+            start,
+            stop,
+            batch_size,
+            shuffle=shuffle,
+            seed=hp.seed,
+            buffer_rows=hp.shuffle_buffer_tokens,
+            chunk_rows=hp.shuffle_chunk_tokens,
+            mix_refills=hp.mix_refills,
+            pin_memory=self.pin_memory,
+            threads=hp.loader_threads,
+            prefetch_batches=hp.prefetch_batches,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.hparams.model is not None and self.hparams.build_on_all_ranks:
@@ -769,17 +694,17 @@ class ActivationDataModule(IdentifiedData, LightningDataModule):
             samples[hook] = store.to_torch(store.gather(rows)).float()
         return samples if len(samples) > 1 else next(iter(samples.values()))
 
-    def train_dataloader(self) -> ActivationBatches | HookBatches:
+    def train_dataloader(self) -> ActivationBatches:
         if self.train_batches is None:
             self.setup("fit")
         return self.train_batches
 
-    def val_dataloader(self) -> ActivationBatches | HookBatches | list:
+    def val_dataloader(self) -> ActivationBatches | list:
         if self.train_batches is None:
             self.setup("validate")
         return self.val_batches if self.val_batches is not None else []
 
-    def test_dataloader(self) -> ActivationBatches | HookBatches | list:
+    def test_dataloader(self) -> ActivationBatches | list:
         return self.val_dataloader()
 
 

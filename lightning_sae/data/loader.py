@@ -1,6 +1,6 @@
-"""What the activation loaders share: the process's place in a DDP run, and a generator run
-ahead of its consumer in a background thread (the cache's reader and the stream's model both
-work while the training step runs)."""
+"""What the activation loaders share: the process's place in a DDP run, a generator run ahead
+of its consumer in a background thread, and the one mixing buffer that the cache's reader and
+the stream's model both feed (each works while the training step runs)."""
 
 from __future__ import annotations
 
@@ -74,35 +74,61 @@ class MixingPlan:
     """Which rows a mixing buffer serves at each refill: index arithmetic only, a pure function
     of ``(seed, generation, refill)``, so a resumed run recomputes what it held.
 
-    The source is read in *generations* of ``generation_rows`` rows. Generation ``g``'s rows
-    are dealt at random into ``spread`` parts (sizes differing by at most one) and part ``j``
-    joins the pool of refill ``g + j``. Refill ``t``'s pool, part ``j`` of generation ``t - j``
-    for every ``j < spread``, is served in a random order. So a batch mixes rows of ``spread``
-    generations, and a row waits at most ``spread - 1`` refills: to serve refill ``t`` a
-    buffer needs generations ``t - spread + 1 .. t`` and nothing older (SAELens's buffer keeps
-    a random half, so a row can wait without bound and its state cannot be recomputed).
-    ``spread`` 1 serves each generation alone, in a random order.
+    The source is read in *generations* of ``generation_rows`` rows: without end (the stream),
+    or ``total_rows`` in all (the cache's pass over its rows; the last generation is shorter).
+    Generation ``g``'s rows are dealt at random into ``spread`` parts (sizes differing by at
+    most one) and part ``j`` joins the pool of refill ``g + j``. Refill ``t``'s pool, part ``j``
+    of generation ``t - j`` for every ``j < spread``, is served in a random order. So a batch
+    mixes rows of ``spread`` generations, and a row waits at most ``spread - 1`` refills: to
+    serve refill ``t`` a buffer needs generations ``t - spread + 1 .. t`` and nothing older
+    (SAELens's buffer keeps a random half, so a row can wait without bound and its state cannot
+    be recomputed). ``spread`` 1 serves each generation alone, in a random order. A finite
+    source serves every row once: its first and last ``spread - 1`` pools are smaller.
     """
 
-    def __init__(self, generation_rows: int, spread: int, seed: Sequence[int]) -> None:
+    def __init__(
+        self,
+        generation_rows: int,
+        spread: int,
+        seed: Sequence[int],
+        total_rows: int | None = None,
+    ) -> None:
         if generation_rows < spread:
             raise ValueError(f"{generation_rows} rows cannot be dealt into {spread} parts.")
         self.generation_rows, self.spread, self.seed = generation_rows, spread, list(seed)
-        base, extra = divmod(generation_rows, spread)
-        self.part_rows = [base + (j < extra) for j in range(spread)]
-        self.cuts = np.cumsum([0, *self.part_rows])
+        self.generations = None if total_rows is None else -(-total_rows // generation_rows)
+        self.last_rows = generation_rows
+        self.ends: np.ndarray | None = None  # a finite plan's served rows at each refill's end
+        if self.generations is not None:
+            self.last_rows = total_rows - (self.generations - 1) * generation_rows
+            sizes = [self.pool_rows(t) for t in range(self.generations + spread - 1)]
+            self.ends = np.cumsum(sizes)
+
+    def rows(self, generation: int) -> int:
+        last = self.generations is not None and generation == self.generations - 1
+        return self.last_rows if last else self.generation_rows
+
+    def part_rows(self, generation: int) -> list[int]:
+        base, extra = divmod(self.rows(generation), self.spread)
+        return [base + (j < extra) for j in range(self.spread)]
 
     def parts(self, generation: int) -> list[np.ndarray]:
-        """Rows of ``generation`` (indices into it) in each of its parts."""
-        deal = np.random.default_rng([*self.seed, 0, generation]).permutation(self.generation_rows)
-        return [deal[a:b] for a, b in zip(self.cuts[:-1], self.cuts[1:], strict=True)]
+        """Rows of ``generation`` (indices into it) in each of its parts, ascending."""
+        rng = np.random.default_rng([*self.seed, 0, generation])
+        deal = rng.permutation(self.rows(generation))
+        return [np.sort(p) for p in np.split(deal, np.cumsum(self.part_rows(generation))[:-1])]
+
+    def exists(self, generation: int) -> bool:
+        return self.generations is None or generation < self.generations
 
     def pool(self, refill: int) -> list[tuple[int, int]]:
         """(generation, part) of each part in refill ``refill``'s pool, in pool order."""
-        return [(refill - j, j) for j in range(self.spread) if refill - j >= 0]
+        return [
+            (refill - j, j) for j in range(self.spread) if refill >= j and self.exists(refill - j)
+        ]
 
     def pool_rows(self, refill: int) -> int:
-        return sum(self.part_rows[j] for _, j in self.pool(refill))
+        return sum(self.part_rows(g)[j] for g, j in self.pool(refill))
 
     def order(self, refill: int) -> np.ndarray:
         """The pool's positions in serving order."""
@@ -115,6 +141,9 @@ class MixingPlan:
     def locate(self, position: int) -> tuple[int, int]:
         """(refill, offset in its serving order) of row ``position`` of the served sequence.
         The first ``spread - 1`` pools are smaller: they have fewer generations to draw from."""
+        if self.ends is not None:
+            refill = int(np.searchsorted(self.ends, position, side="right"))
+            return refill, position - (int(self.ends[refill - 1]) if refill else 0)
         refill = 0
         while refill < self.spread - 1:
             size = self.pool_rows(refill)
@@ -133,6 +162,36 @@ class MixingPlan:
 Rows = dict[str, Tensor]  # hook (or label) -> [rows, width]
 
 
+class DealtRows:
+    """A generation's parts being filled: blocks of its rows, written as they are made (by the
+    model, or read from disk), go straight to their parts, so no undealt copy is held.
+    ``deal[j]`` lists, in ascending order, the generation's rows in part ``j`` (the order
+    within a pool is drawn when it is served), so each block fills a run of each part;
+    ``columns`` gives each key's (width, dtype)."""
+
+    def __init__(
+        self,
+        deal: Sequence[np.ndarray],
+        columns: dict[str, tuple[int, torch.dtype]],
+        device: torch.device,
+    ) -> None:
+        self.deal, self.device = deal, device
+        self.parts: list[Rows] = [
+            {k: torch.empty((len(r), w), dtype=t, device=device) for k, (w, t) in columns.items()}
+            for r in deal
+        ]
+
+    def write(self, first: int, block: Rows) -> None:
+        """Rows ``first, first + 1, ...`` of the generation, in the parts' dtypes; blocks may be
+        written from several threads at once (they fill disjoint rows)."""
+        n = len(next(iter(block.values())))
+        for rows, part in zip(self.deal, self.parts, strict=True):
+            a, b = np.searchsorted(rows, [first, first + n]).tolist()
+            here = torch.from_numpy(rows[a:b] - first).to(self.device)
+            for key, value in block.items():
+                torch.index_select(value, 0, here, out=part[key][a:b])
+
+
 @dataclass
 class Generation:
     """The rows of one generation dealt into the plan's parts (``None`` once served), and where
@@ -140,8 +199,8 @@ class Generation:
 
     index: int
     parts: list[Rows | None]
-    start: object
-    end: object
+    start: object = None
+    end: object = None
 
 
 class MixingBuffer:
@@ -155,72 +214,98 @@ class MixingBuffer:
         make: Callable[[int, threading.Event], Generation | None],
         stop: threading.Event,
         name: str = "mixing-buffer",
+        pin_memory: bool = False,
     ) -> None:
         self.plan, self.make, self.stop, self.name = plan, make, stop, name
+        self.pin_memory = pin_memory
 
-    def serve(self, position: int, n: int) -> Iterator[tuple[Rows, object]]:
-        """Consecutive blocks of ``n`` served rows from row ``position`` on, each with the
-        ``start`` of the oldest generation the next row needs: where a resumed run restarts."""
+    def serve(
+        self, position: int, n: int, keep: slice = slice(None)
+    ) -> Iterator[tuple[Rows, object]]:
+        """Rows ``keep`` of each consecutive block of ``n`` served rows from row ``position``
+        on (a DDP process's slice of each global batch), each with the ``start`` of the oldest
+        generation the next row needs: where a resumed run restarts. A finite plan's last
+        block shorter than ``n`` is not served."""
         plan = self.plan
         refill, offset = plan.locate(position)
+        lo, hi, _ = keep.indices(n)
         held: dict[int, Generation] = {}
         with ThreadPoolExecutor(1, thread_name_prefix=self.name) as worker:
-            for g in range(plan.oldest(refill), refill + 1):
-                made = worker.submit(self.make, g, self.stop).result()
-                if made is None:  # stopped
-                    return
+
+            def make(g: int) -> Future[Generation | None] | None:
+                return worker.submit(self.make, g, self.stop) if plan.exists(g) else None
+
+            if not plan.pool(refill):  # a finite plan, served to its end
+                return
+            for g in (g for g, _ in reversed(plan.pool(refill))):
+                if (made := worker.submit(self.make, g, self.stop).result()) is None:
+                    return  # stopped
                 for j in range(refill - g):  # parts served before the resume point
                     made.parts[j] = None
                 held[g] = made
-            ahead: Future[Generation | None] = worker.submit(self.make, refill + 1, self.stop)
+            ahead = make(refill + 1)
             pool, order = self._pool(held, refill)
             while True:
-                blocks, need = [], n
+                segments, need = [], n  # (pool, positions in it) making up the block
                 while need:
                     if offset == len(order):  # this pool is served: the next refill
                         for g, j in plan.pool(refill):
                             held[g].parts[j] = None
                         held.pop(refill - plan.spread + 1, None)  # wholly served
                         pool = []  # its parts are freed before the next generation is made
-                        made = ahead.result()
-                        if made is None:
-                            return
+                        if ahead is not None:
+                            if (made := ahead.result()) is None:
+                                return
+                            held[refill + 1] = made
                         refill, offset = refill + 1, 0
-                        held[refill] = made
-                        ahead = worker.submit(self.make, refill + 1, self.stop)
+                        if not plan.pool(refill):  # a finite plan's end
+                            return
+                        ahead = make(refill + 1)
                         pool, order = self._pool(held, refill)
                     take = min(need, len(order) - offset)
-                    blocks.append(_gather(pool, order[offset : offset + take]))
+                    # A batch is a set of rows: served ascending, each part's rows are one run.
+                    segments.append((pool, order[offset : offset + take].sort().values))
                     offset, need = offset + take, need - take
                 oldest = plan.oldest(refill + 1 if offset == len(order) else refill)
                 # With spread 1 the next row may be in the generation made ahead: it starts
                 # where the last held one ended.
                 resume = held[oldest].start if oldest in held else held[oldest - 1].end
-                yield cat_rows(blocks), resume
+                yield self._kept(segments, lo, hi), resume
 
     def _pool(self, held: dict[int, Generation], refill: int) -> tuple[list[Rows], Tensor]:
         pool = [held[g].parts[j] for g, j in self.plan.pool(refill)]
         device = next(iter(pool[0].values())).device
         return pool, torch.from_numpy(self.plan.order(refill)).to(device)
 
+    def _kept(self, segments: list[tuple[list[Rows], Tensor]], lo: int, hi: int) -> Rows:
+        """Rows ``[lo, hi)`` of the block that ``segments`` make up, gathered."""
+        blocks, start = [], 0
+        for pool, positions in segments:
+            a, b = max(lo - start, 0), min(hi - start, len(positions))
+            if b > a:
+                blocks.append(_gather(pool, positions[a:b], self.pin_memory))
+            start += len(positions)
+        return cat_rows(blocks)
 
-def _gather(pool: Sequence[Rows], positions: Tensor) -> Rows:
-    """Rows at ``positions`` of the pool (its parts side by side), in that order, as new
-    tensors (a batch outlives the parts it came from)."""
-    sizes = [len(next(iter(part.values()))) for part in pool]
-    ends = torch.tensor(np.cumsum(sizes), device=positions.device)
-    which = torch.searchsorted(ends, positions, right=True)
-    starts = ends - torch.tensor(sizes, device=positions.device)
+
+def _gather(pool: Sequence[Rows], positions: Tensor, pin_memory: bool = False) -> Rows:
+    """Rows at ``positions`` (ascending) of the pool (its parts side by side), in that order,
+    as new tensors (a batch outlives the parts it came from)."""
+    ends = np.cumsum([len(next(iter(part.values()))) for part in pool]).tolist()
+    starts = [0, *ends[:-1]]
+    cuts = torch.searchsorted(positions, torch.tensor([0, *ends], device=positions.device))
     out = {
-        key: torch.empty((len(positions), *value.shape[1:]), dtype=value.dtype, device=value.device)
+        key: torch.empty(
+            (len(positions), *value.shape[1:]),
+            dtype=value.dtype,
+            device=value.device,
+            pin_memory=pin_memory,
+        )
         for key, value in pool[0].items()
     }
-    for j, part in enumerate(pool):
-        here = torch.nonzero(which == j).flatten()
-        if len(here):
-            rows = positions[here] - starts[j]
-            for key, value in part.items():
-                out[key][here] = value.index_select(0, rows)
+    for part, start, a, b in zip(pool, starts, cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+        for key, value in part.items():
+            torch.index_select(value, 0, positions[a:b] - start, out=out[key][a:b])
     return out
 
 

@@ -49,6 +49,7 @@ from lightning_sae.data.cache import NonFiniteDataError
 from lightning_sae.data.identity import IdentifiedData
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.loader import (
+    DealtRows,
     Generation,
     MixingBuffer,
     MixingPlan,
@@ -114,16 +115,8 @@ class _Forward:
         (default: one part of every row). ``None`` when ``stop`` was set midway."""
         n, positions, first = len(windows), self.text.positions, self.text.first_position
         deal = deal if deal is not None else [np.arange(n * positions)]
-        part_of, slot = np.empty(n * positions, np.int64), np.empty(n * positions, np.int64)
-        for j, rows in enumerate(deal):
-            part_of[rows], slot[rows] = j, np.arange(len(rows))
-        out = [
-            {
-                hook: torch.empty((len(rows), width), dtype=self.dtype, device=self.device)
-                for hook, width in self.widths.items()
-            }
-            for rows in deal
-        ]
+        columns = {hook: (width, self.dtype) for hook, width in self.widths.items()}
+        out = DealtRows(deal, columns, self.device)
         # Always the same forward batches for the same windows: the bits do not depend on
         # where a run stopped.
         for a in range(0, n, self.batch_windows):
@@ -136,14 +129,8 @@ class _Forward:
                 for hook, value in activations.items()
             }
             self._check_finite(blocks, a, where)
-            lo, hi = a * positions, b * positions
-            for j in np.unique(part_of[lo:hi]).tolist():
-                here = np.flatnonzero(part_of[lo:hi] == j)
-                to = torch.from_numpy(slot[lo:hi][here]).to(self.device)
-                here = torch.from_numpy(here).to(self.device)
-                for hook, block in blocks.items():
-                    out[j][hook][to] = block.index_select(0, here)
-        return out
+            out.write(a * positions, blocks)
+        return out.parts
 
     def _check_finite(self, blocks: Rows, first_window: int, where: str) -> None:
         # In the buffer dtype, so a float16 overflow counts: non-finite rows train to NaN.
@@ -346,24 +333,18 @@ class StreamValBatches:
         return -(-self.rows_per_stream // self.stream_batch)
 
     def _stream(self, windows: np.ndarray, stop: threading.Event) -> Iterator[Rows]:
-        positions = self.forward.text.positions
-        per_forward = max(1, -(-self.stream_batch // positions))
-        pending: list[Rows] = []
-        n_pending = 0
+        per_forward = max(1, -(-self.stream_batch // self.forward.text.positions))
+        pending: list[Rows] = []  # rows left over from the forward before
         for a in range(0, len(windows), per_forward):
             parts = self.forward.rows(windows[a : a + per_forward], stop, "(validation) ")
             if parts is None:
                 return
-            rows = parts[0]
-            pending.append(rows)
-            n_pending += len(next(iter(rows.values())))
-            while n_pending >= self.stream_batch or (n_pending and a + per_forward >= len(windows)):
-                joined = cat_rows(pending)
-                take = min(self.stream_batch, n_pending)
-                yield {hook: value[:take] for hook, value in joined.items()}
-                rest = {hook: value[take:] for hook, value in joined.items()}
-                n_pending -= take
-                pending = [rest] if n_pending else []
+            rows = cat_rows([*pending, parts[0]])
+            n = len(next(iter(rows.values())))
+            end = n if a + per_forward >= len(windows) else n - n % self.stream_batch
+            for b in range(0, end, self.stream_batch):
+                yield {hook: value[b : b + self.stream_batch] for hook, value in rows.items()}
+            pending = [{hook: value[end:] for hook, value in rows.items()}]
 
     def _batches(self, stop: threading.Event) -> Iterator[Batch]:
         with ExitStack() as stack:
@@ -426,7 +407,7 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
         buffer_bytes: int = 1 << 30,
         buffer_dtype: ServedDtype | None = None,
         mix_refills: int = 16,
-        cursors: int = 32,
+        cursors: int = 64,
         model_batch_size: int = 32,
         dtype: ServedDtype = "float32",
         device: str | None = None,

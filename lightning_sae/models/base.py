@@ -193,6 +193,14 @@ class SparseAutoencoder(LightningModule):
             (:meth:`default_encoder_init_scale`; docs/defaults.md): a ReLU SAE whose start
             reconstructs twice its input (half of d_sae directions fire) learns slower, because
             its first large gradients inflate Adam's second moment for the rest of the run.
+        gradient_clip_norm: before each optimizer step, scale the gradient of all parameters
+            down to this global norm when it is larger. ``None``: the variant's measured default
+            (:meth:`default_gradient_clip_norm`; docs/defaults.md): 1 for the TopK family and
+            the L1 SAEs, off for the others; 0: off. A ``trainer.gradient_clip_val`` replaces
+            it. The gradient's norm scales with the data's (clipping at 1 engages on
+            activations of norm ~10, rarely on unit-scale toy data); while it engages, Adam's
+            second moment tracks the current gradient instead of remembering the large first
+            ones, so the steps keep their size through a run.
         compile: compile ``forward_normalized`` (encode + decode, where the FLOPs are) with
             ``torch.compile``. Loss terms stay eager: their warm-up factors change every step.
     """
@@ -216,6 +224,7 @@ class SparseAutoencoder(LightningModule):
         orthogonality_power: float = 2.0,
         init_seed: int = 0,
         encoder_init_scale: float | None = None,
+        gradient_clip_norm: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -226,6 +235,10 @@ class SparseAutoencoder(LightningModule):
         if encoder_init_scale is not None:
             check_positive(
                 "encoder_init_scale", encoder_init_scale, "model.init_args.encoder_init_scale"
+            )
+        if gradient_clip_norm is not None:
+            check_nonnegative(
+                "gradient_clip_norm", gradient_clip_norm, "model.init_args.gradient_clip_norm"
             )
         check_positive(
             "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
@@ -275,6 +288,14 @@ class SparseAutoencoder(LightningModule):
     def default_betas(self) -> tuple[float, float]:
         """Adam's betas when not given."""
         return (0.9, 0.999)
+
+    def default_gradient_clip_norm(self) -> float:
+        """The gradient norm clipped at when not given (0: off)."""
+        return 0.0
+
+    def gradient_clip_max_norm(self) -> float:
+        clip = self.hparams.get("gradient_clip_norm")
+        return self.default_gradient_clip_norm() if clip is None else float(clip)
 
     def adam_betas(self) -> tuple[float, float]:
         betas = self.hparams.get("betas")
@@ -678,6 +699,32 @@ class SparseAutoencoder(LightningModule):
         self.validation_step(batch, batch_idx)
 
     # ----------------------------------------------------------------- optimiser
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if gradient_clip_val:  # the trainer's clipping, set by the user, replaces the default
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        max_norm = self.gradient_clip_max_norm()
+        if max_norm > 0:
+            self.clip_gradient_norm(max_norm)
+
+    @torch.no_grad()
+    def clip_gradient_norm(self, max_norm: float) -> None:
+        """Scale every gradient by min(1, max_norm / global norm), as ``clip_grad_norm_``."""
+        parameters = [p for p in self.parameters() if p.grad is not None]
+        if parameters:
+            norm = self.gradient_norm()
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+
+    def gradient_norm(self) -> Tensor:
+        """The L2 norm of the whole gradient (a latent-sharded layer adds the other slices)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam

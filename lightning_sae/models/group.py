@@ -450,6 +450,13 @@ class SAEGroup(LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # Clipping by norm over all members at once would couple them; each member is clipped
-        # over its own parameters, as it would be alone.
-        for member_optimizer in optimizer.optimizers.values():
-            self.clip_gradients(member_optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # over its own parameters, as it would be alone: by the trainer's clipping when set,
+        # else by the member's own default (SparseAutoencoder.configure_gradient_clipping).
+        for name, member_optimizer in optimizer.optimizers.items():
+            if gradient_clip_val:
+                self.clip_gradients(member_optimizer, gradient_clip_val, gradient_clip_algorithm)
+                continue
+            member = self.members[name]
+            max_norm = member.gradient_clip_max_norm()
+            if max_norm > 0:
+                member.clip_gradient_norm(max_norm)

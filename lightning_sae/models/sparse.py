@@ -84,6 +84,42 @@ class SparseCode:
         )
 
 
+def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest entries of ``scores`` [n, d]: their values and flat positions
+    (``row * d + column``), positions ascending.
+
+    On CPU in two stages, against one top-k over all ``n * d`` entries (that flat top-k cost
+    about one encoder product, most of a BatchTopK step: docs/benchmarks.md). First every row's
+    ``per_row`` largest (twice a row's average share) and the ``count`` largest of those. An
+    entry left out is at most its row's smallest candidate, so only a row whose smallest
+    candidate reaches the cut-off can hold more of the answer; such rows (few: those using far
+    more latents than average) join with all their entries, and the ``count`` largest of that
+    union are the answer. Raising the cut-off cannot make another row overflow, so one round is
+    exact. On CUDA, where finding the rows that overflow would be a synchronisation and the flat
+    top-k is a radix select, the flat top-k runs directly (not measured on a GPU).
+    """
+    n, d = scores.shape
+    per_row = min(d, 2 * -(-count // max(n, 1)))
+    if scores.device.type != "cpu" or not 0 < per_row < d:
+        values, flat = scores.flatten().topk(count, sorted=False)
+        flat, order = flat.sort()
+        return values[order], flat
+    candidates, columns = scores.topk(per_row, dim=1, sorted=False)
+    flat = (torch.arange(n, device=scores.device)[:, None] * d + columns).flatten()
+    candidates = candidates.flatten()
+    values, slots = candidates.topk(count, sorted=False)
+    overflowing = candidates.view(n, per_row).amin(1) >= values.min()
+    rows = overflowing.nonzero().squeeze(1)  # computed in place on CPU: nothing to wait for
+    if rows.numel():
+        kept = ~overflowing.repeat_interleave(per_row)
+        whole_rows = (rows[:, None] * d + torch.arange(d, device=scores.device)).flatten()
+        candidates = torch.cat([candidates[kept], scores[rows].flatten()])
+        flat = torch.cat([flat[kept], whole_rows])
+        values, slots = candidates.topk(count, sorted=False)
+    flat, order = flat[slots].sort()
+    return values[order], flat
+
+
 def check_decode_impl(decode_impl: str) -> None:
     if decode_impl not in ("auto", "dense", "sparse"):
         raise ValueError(

@@ -361,6 +361,23 @@ class ShardedSAE:
         for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             grad.copy_(part.view_as(grad))
 
+    @torch.no_grad()
+    def gradient_norm(self) -> Tensor:
+        """The whole dictionary's gradient norm: the sharded parameters' squares summed over
+        the latent group, the replicated ones' (identical on every member) counted once. Every
+        member enters the all-reduce, so every member clips by the same factor."""
+        sharded, replicated = [], []
+        for name, parameter in self.named_parameters():
+            if parameter.grad is not None:
+                (sharded if name in SHARDED_DIMS else replicated).append(parameter.grad)
+        squares = self.b_dec.new_zeros((), dtype=torch.float32)
+        if sharded:
+            squares += torch.nn.utils.get_total_norm(sharded).float().square()
+        all_reduce(squares, self.shard.latent_group)
+        if replicated:
+            squares += torch.nn.utils.get_total_norm(replicated).float().square()
+        return squares.sqrt()
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, target = self._rows(batch)
         x_n = self.normalize(x)

@@ -17,7 +17,9 @@
     return a;
   };
 
-  document.getElementById("title").textContent = `Feature ${d.id}`;
+  document.getElementById("title").textContent = d.clt
+    ? `Feature ${d.id}: layer ${d.clt.layer}, feature ${d.clt.feature}`
+    : `Feature ${d.id}`;
   const nav = document.getElementById("nav");
   const index = el("a", "", "\u2190 all features");
   index.href = "../index.html";
@@ -30,6 +32,10 @@
     ["density", `${fmt(d.frequency, 3)} (${d.n_fired} of ${d.n_tokens} tokens)`],
     ["max activation", fmt(d.max_act, 4)],
     ["mean activation (when firing)", fmt(d.mean_act, 4)],
+    ...(d.clt
+      ? [["reads", d.clt.reads],
+         ...d.clt.writes.map(([hook, norm]) => [`writes to ${hook}`, `norm ${fmt(norm, 3)}`])]
+      : []),
   ]) {
     const tr = el("tr");
     tr.appendChild(el("td", "meta", name));

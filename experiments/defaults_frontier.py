@@ -1,0 +1,196 @@
+"""Candidate defaults on the frontier's data (experiments/frontier.py: MiniLM block 3, d_sae
+768, 200 steps of batch 512, identical batches per seed): held-out FVU, L0 and dead latents.
+
+    python -m experiments.defaults_frontier NAME [NAME ...] --seeds 0 1
+    python -m experiments.defaults_frontier --table     # docs/experiments/defaults/
+
+Each candidate states the options it changes from the class defaults of this tree; the rest
+(and ``DecoderNormConstraint``, as the configs) is what a user gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from experiments import _minilm
+from experiments._common import DOCS, markdown_table, quiet_trainer, write, write_json
+from experiments.frontier import SavedOrder, prepare_data
+from experiments.frontier_data import DATA_FILE, training_batches
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.jumprelu import JumpReLUSAE
+from lightning_sae.models.standard import StandardSAE
+from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+
+WORK = Path("/tmp/lightning-sae-defaults-frontier")
+CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
+           "standard": StandardSAE}  # fmt: skip
+# The TopK family's settings before this measurement: the transpose, beta2 0.999, no clipping.
+OLD = {"betas": (0.9, 0.999), "encoder_init_scale": 1.0, "gradient_clip_norm": 0.0}
+CLIP = {"gradient_clip_norm": 1.0}
+
+
+def _topk(variant: str, k: int, scale: float, clip: float = 0.0, **options: Any) -> tuple:
+    settings = OLD | {"encoder_init_scale": scale, "gradient_clip_norm": clip} | options
+    return (variant, {"k": k} | settings, {})
+
+
+# name: (variant, model options, trainer options[, extras]); extras: "lr" (a factor of the
+# shared lr) and "b_dec": "mean" (b_dec at the first batch's mean, as sparsify starts).
+CANDIDATES: dict[str, tuple] = {}
+for _k in (16, 32, 64):
+    CANDIDATES |= {
+        f"topk{_k}_old": _topk("topk", _k, 1.0),
+        f"topk{_k}": ("topk", {"k": _k}, {}),  # this tree's defaults
+        f"topk{_k}_old_clip": _topk("topk", _k, 1.0, 1.0),
+        f"topk{_k}_old_b2.99": _topk("topk", _k, 1.0, betas=(0.9, 0.99)),
+        f"topk{_k}_old_b2.95": _topk("topk", _k, 1.0, betas=(0.9, 0.95)),
+        f"topk{_k}_old_wu20": _topk("topk", _k, 1.0, lr_warmup_steps=20),
+        f"topk{_k}_old_s0.5": _topk("topk", _k, 0.5),
+        f"topk{_k}_old_s0.5_clip": _topk("topk", _k, 0.5, 1.0),
+        f"topk{_k}_old_s0.1_clip": _topk("topk", _k, 0.1, 1.0),
+        f"topk{_k}_old_bmean": (*_topk("topk", _k, 1.0), {"b_dec": "mean"}),
+        f"topk{_k}_old_bmean_clip": (*_topk("topk", _k, 1.0, 1.0), {"b_dec": "mean"}),
+        f"topk{_k}_old_lr2": (*_topk("topk", _k, 1.0), {"lr": 2}),
+        f"topk{_k}_old_lr3": (*_topk("topk", _k, 1.0), {"lr": 3}),
+        f"topk{_k}_s0.5_b2.95": _topk("topk", _k, 0.5, betas=(0.9, 0.95)),
+        f"topk{_k}_s0.25_b2.95": _topk("topk", _k, 0.25, betas=(0.9, 0.95)),
+        f"topk{_k}_s0.5_b2.9": _topk("topk", _k, 0.5, betas=(0.9, 0.9)),
+        f"topk{_k}_s0.25_clip": _topk("topk", _k, 0.25, 1.0),
+        f"topk{_k}_s0.5_clip0.5": _topk("topk", _k, 0.5, 0.5),
+        f"topk{_k}_s0.5_clip2": _topk("topk", _k, 0.5, 2.0),
+        f"topk{_k}_s0.5_clip_b2.99": _topk("topk", _k, 0.5, 1.0, betas=(0.9, 0.99)),
+        f"topk{_k}_s0.5_clip_bmean": (*_topk("topk", _k, 0.5, 1.0), {"b_dec": "mean"}),
+        f"topk{_k}_old_clip_b2.99": _topk("topk", _k, 1.0, 1.0, betas=(0.9, 0.99)),
+    }
+CANDIDATES |= {
+    "btopk32_old": _topk("batchtopk", 32, 1.0),
+    "btopk32_old_clip": _topk("batchtopk", 32, 1.0, 1.0),
+    "btopk32_s0.5_clip": _topk("batchtopk", 32, 0.5, 1.0),
+    "jump32_old": ("jumprelu", {"l0_target": 32.0} | OLD, {}),
+    "jump32_old_clip": ("jumprelu", {"l0_target": 32.0} | OLD | CLIP, {}),
+    "jump32_s0.5_clip": (
+        "jumprelu",
+        {"l0_target": 32.0} | OLD | CLIP | {"encoder_init_scale": 0.5},
+        {},
+    ),
+}
+for _c in (
+    1.0,
+    2.0,
+    4.0,
+):  # StandardSAE: its earlier defaults (s = d_in/d_sae, beta2 0.99) unclipped
+    _l1 = {"l1_coefficient": _c}
+    CANDIDATES |= {
+        f"std{_c:g}": ("standard", _l1 | {"gradient_clip_norm": 0.0}, {}),
+        f"std{_c:g}_clip": ("standard", _l1 | CLIP, {}),
+        f"std{_c:g}_s0.1_clip": ("standard", _l1 | CLIP | {"encoder_init_scale": 0.1}, {}),
+        f"std{_c:g}_s1_clip": ("standard", _l1 | CLIP | {"encoder_init_scale": 1.0}, {}),
+        f"std{_c:g}_b2.999_clip": ("standard", _l1 | CLIP | {"betas": (0.9, 0.999)}, {}),
+    }
+
+
+def candidate_sae(
+    name: str, d_in: int, d_sae: int, lr: float, seed: int, first: torch.Tensor
+) -> SparseAutoencoder:
+    variant, options, _, *rest = CANDIDATES[name]
+    extras = rest[0] if rest else {}
+    lr *= extras.get("lr", 1)
+    sae = CLASSES[variant](d_in=d_in, d_sae=d_sae, lr=lr, init_seed=seed, **options)
+    if extras.get("b_dec") == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(first.mean(0))
+    return sae
+
+
+def run(name: str, seed: int, tensors: dict[str, torch.Tensor], args: Any) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    train, val = tensors["train"], tensors["val"]
+    order = training_batches(tensors, seed)
+    sae = candidate_sae(name, train.shape[1], args.d_sae, args.lr, seed, train[order[0]])
+    trainer = quiet_trainer(len(order), [DecoderNormConstraint()], **CANDIDATES[name][2])
+    started = time.perf_counter()
+    trainer.fit(sae, SavedOrder(train, order))
+    measured = _minilm.evaluate(sae, val)
+    row = {k: v for k, v in measured.items() if k != "frequency"}
+    return row | {"name": name, "seed": seed, "seconds": time.perf_counter() - started}
+
+
+def table(work: Path, out: Path) -> None:
+    """Mean (min-max over seeds) of every candidate run in ``work``."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(work.glob("*_s[0-9].json")):
+        row = json.loads(path.read_text())
+        runs.setdefault(row["name"], []).append(row)
+    rows = []
+    for name in CANDIDATES:
+        if name not in runs:
+            continue
+        mine = sorted(runs[name], key=lambda r: r["seed"])
+
+        def cell(metric: str, digits: int, mine: list[dict[str, Any]] = mine) -> str:
+            values = [r[metric] for r in mine]
+            mean = sum(values) / len(values)
+            if len(values) == 1:
+                return f"{mean:.{digits}f}"
+            return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+        seeds = ",".join(str(r["seed"]) for r in mine)
+        rows.append([name, seeds, cell("l0", 1), cell("fvu", 4), cell("dead", 0)])
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(["candidate", "seeds", "L0", "FVU", "dead (of 768)"], rows)
+    print(text)
+    write(out, "table_frontier.md", text)
+    write_json(out, "results_frontier.json", runs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help=f"candidates: {', '.join(CANDIDATES)}")
+    p.add_argument("--table", action="store_true", help="tabulate the runs in --work")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--out", type=Path, default=DOCS / "defaults")
+    p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
+    _minilm.add_data_options(p)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.table:
+        table(args.work, args.out)
+        return
+    # The frontier's scale, so that its data file (and its batch orders) serves both scripts.
+    args.steps, args.batch_size, args.d_sae, args.lr = 200, 512, 768, 1e-3
+    if args.smoke:
+        args.steps, args.batch_size, args.d_sae, args.seeds = 3, 64, 64, [0]
+        args.names = args.names or ["topk16"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / DATA_FILE
+    if not path.exists():  # every seed's batch order, as the frontier writes them
+        seeds = sorted({0, 1, *args.seeds})
+        prepare_data(argparse.Namespace(**(vars(args) | {"seeds": seeds})), args.work)
+    tensors = load_file(str(path))
+    for seed in args.seeds:
+        if f"order_{seed}" not in tensors:
+            raise SystemExit(f"error: {path} has no batch order for seed {seed}: delete it")
+        for name in args.names:
+            if name not in CANDIDATES:
+                known = ", ".join(CANDIDATES)
+                raise SystemExit(f"error: unknown candidate {name!r}: one of {known}")
+            out = args.work / f"{name}_s{seed}.json"
+            if out.exists():
+                continue
+            row = run(name, seed, tensors, args)
+            out.write_text(json.dumps(row))
+            print(f"{name} seed {seed}: l0 {row['l0']:.1f} fvu {row['fvu']:.4f} "
+                  f"dead {row['dead']} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
