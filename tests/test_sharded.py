@@ -144,7 +144,7 @@ RUNS |= {
     # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
     "topk_clt": {
         "model": CLT + "TopKCrossLayerTranscoder",
-        "kwargs": {"k": 4, **CLT_KWARGS},
+        "kwargs": {"k": 4, "gradient_clip_norm": 1e-2, **CLT_KWARGS},  # norm over all slices
         "sites": "clt",
         "checkpoint": True,
     },

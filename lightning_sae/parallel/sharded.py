@@ -366,10 +366,10 @@ class ShardedSAE:
         """The whole dictionary's gradient norm: the sharded parameters' squares summed over
         the latent group, the replicated ones' (identical on every member) counted once. Every
         member enters the all-reduce, so every member clips by the same factor."""
-        sharded, replicated = [], []
+        sharded, replicated, dims = [], [], self.sharded_dims(self)
         for name, parameter in self.named_parameters():
             if parameter.grad is not None:
-                (sharded if name in SHARDED_DIMS else replicated).append(parameter.grad)
+                (sharded if name in dims else replicated).append(parameter.grad)
         squares = self.b_dec.new_zeros((), dtype=torch.float32)
         if sharded:
             squares += torch.nn.utils.get_total_norm(sharded).float().square()
