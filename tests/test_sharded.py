@@ -337,6 +337,13 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
         assert set(ours) == set(theirs)
         for key, value in theirs.items():
             torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    # A CLT's layer-major dead clock, saved through a [n_layers, d_sae] view, comes back flat
+    # in the one-process order.
+    for name in (name for name in ("jumprelu_clt", "topk_clt") if name in names):
+        ours = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt")
+        theirs = torch.load(single / name / "ckpt" / "last.ckpt", weights_only=True)
+        clocks = (c["state_dict"]["tokens_since_fired"] for c in (ours, theirs))
+        assert torch.equal(*clocks), name
     # ... and the whole Adam state comes back, by parameter index as torch lays it out.
     full = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / "topk" / "ckpt" / "last.ckpt")
     order = [name for name, _ in TopKSAE(d_in=16, d_sae=64).named_parameters()]
