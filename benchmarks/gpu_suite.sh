@@ -101,4 +101,7 @@ run cache_throughput $PYTHON benchmarks/cache_throughput.py --device cuda --rand
 if [ "$gpus" -ge 2 ]; then
   sizes="1 2"; [ "$gpus" -ge 4 ] && sizes="$sizes 4"; [ "$gpus" -ge 8 ] && sizes="$sizes 8"
   run sharded $PYTHON benchmarks/sharded.py --accelerator gpu --d_in 4096 --d_sae 262144 --batch 4096 --sizes $sizes
+  # Member placement against replication: per-GPU bytes, rows exchanged per step, step time
+  # (8 members of 4096 x 16384 replicated hold about 17 GB per GPU with Adam).
+  run member_parallel $PYTHON benchmarks/member_parallel.py --accelerator gpu --members 8 --d_in 4096 --d_sae 16384 --batch 4096 --k 64 --sizes ${sizes#1 }
 fi
