@@ -8,8 +8,9 @@ two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 training-dynamics callback, else the decoder-norm constraint alone; init: the data-informed
 init method of those callbacks, default kmeans; checkpoint: save every
 ``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
-encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs`` or
-``layers``, toy rows served as a transcoder's or a crosscoder's hooks; init_check: every
+encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs``,
+``layers`` or ``clt``, toy rows served as a transcoder's, a crosscoder's or a cross-layer
+transcoder's hooks; init_check: every
 data-informed init method's weights for the member's latents, :class:`InitSlices`), then
 every resume of ``--resumes`` (``[source latent_parallel, target latent_parallel, name]``:
 the run restarted from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit
@@ -45,13 +46,23 @@ STEPS, EVERY = 8, 4  # steps per fit; a checkpoint every EVERY steps
 IN, OUT, D_OUT = "blocks.0.hook_mlp_in", "blocks.0.hook_mlp_out", 12
 LAYERS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
+# Cross-layer transcoders read two layers' MLP inputs and write their MLP outputs.
+CLT_IN = ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in"]
+CLT_OUT = ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+
 
 def sites(x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    """Toy rows as the hooks a transcoder (``pairs``) or a crosscoder (``layers``) reads, row
+    """Toy rows as the hooks a transcoder (``pairs``), a crosscoder (``layers``) or a
+    cross-layer transcoder (``clt``) reads, row
     by row, so that a rank's slice of the global batch maps to the same slice of the sites.
     Each site has its own scale, so the per-site factors differ."""
     if kind == "layers":
         return {LAYERS[0]: x[:, : D_IN // 2], LAYERS[1]: 4 * x[:, D_IN // 2 :]}
+    if kind == "clt":  # layer 1 reads a mix of x and layer 0's output, at another scale
+        pair = sites(x, "pairs")
+        x1 = 2 * x.roll(1, dims=1)
+        y1 = sites(x1, "pairs")[OUT] / 2 + pair[OUT]
+        return {CLT_IN[0]: x, CLT_OUT[0]: pair[OUT], CLT_IN[1]: x1, CLT_OUT[1]: y1}
     g = torch.Generator().manual_seed(1234)  # the map itself is fixed
     linear, detect = torch.randn(D_IN, D_OUT, generator=g), torch.randn(D_IN, 24, generator=g)
     write = torch.randn(24, D_OUT, generator=g)

@@ -26,12 +26,14 @@ from lightning import LightningDataModule
 from safetensors.torch import load_file
 
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
+from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
-from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable
+from lightning_sae.parallel.sharded import ShardSpec, check_shardable, sharded_class
 from lightning_sae.trainer_cli import SAECLI, _latent_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -128,6 +130,30 @@ RUNS |= {
         "checkpoint": True,
     },
 }
+CLT = M + "clt."
+CLT_KWARGS = {"d_out": sharded_run.D_OUT, "input_hooks": sharded_run.CLT_IN,
+              "output_hooks": sharded_run.CLT_OUT, "normalize_activations": True}  # fmt: skip
+RUNS |= {
+    # The tanh sparsity and the pre-activation loss: each member's share of the features.
+    "jumprelu_clt": {
+        "model": CLT + "JumpReLUCrossLayerTranscoder",
+        "kwargs": {"sparsity_coefficient": 1e-2, "preact_coefficient": 1e-2, **CLT_KWARGS},
+        "sites": "clt",
+        "checkpoint": True,
+    },
+    # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
+    "topk_clt": {
+        "model": CLT + "TopKCrossLayerTranscoder",
+        "kwargs": {"k": 4, "gradient_clip_norm": 1e-2, **CLT_KWARGS},  # norm over all slices
+        "sites": "clt",
+        "checkpoint": True,
+    },
+    "topk_all_clt": {
+        "model": CLT + "TopKCrossLayerTranscoder",
+        "kwargs": {"k": 40, "topk_scope": "all", **CLT_KWARGS},
+        "sites": "clt",
+    },
+}
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
 # dimensions: global selection over the whole mesh, per-row selection and AuxK with callbacks,
 # a target on the global L0, the frequency window and the orthogonality term, straddled groups.
@@ -146,9 +172,25 @@ def launch(out: Path, devices: int, meshes: list[int], names: list[str], resumes
     assert result.returncode == 0, result.stderr[-6000:]
 
 
-def reassembled(folder: Path, devices: int) -> dict[str, torch.Tensor]:
+def sharded_dims(run: dict) -> dict[str, ShardSpec]:
+    """The run's per-latent tensors, as its sharded layer slices them."""
+    module, _, cls = run["model"].rpartition(".")
+    model_cls = getattr(__import__(module, fromlist=[cls]), cls)
+    model = model_cls(d_in=sharded_run.D_IN, d_sae=sharded_run.D_SAE, **run["kwargs"])
+    return sharded_class(model_cls).sharded_dims(model)
+
+
+def joined(parts: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    dim, view = spec
+    if view is None:
+        return torch.cat(parts, dim=dim)
+    return torch.cat([part.view(view) for part in parts], dim=dim).reshape(-1)
+
+
+def reassembled(folder: Path, devices: int, run: dict) -> dict[str, torch.Tensor]:
     """The whole dictionary from the members' slices; every data-parallel replica of a slice
     must be identical."""
+    dims = sharded_dims(run)
     saved = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(devices)]
     by_member: dict[int, dict[str, torch.Tensor]] = {}
     for rank in saved:
@@ -157,9 +199,7 @@ def reassembled(folder: Path, devices: int) -> dict[str, torch.Tensor]:
             assert torch.equal(value, first[name]), f"{folder}: {name} differs between replicas"
     members = [by_member[t] for t in sorted(by_member)]
     return {
-        name: torch.cat([m[name] for m in members], dim=SHARDED_DIMS[name])
-        if name in SHARDED_DIMS
-        else value
+        name: joined([m[name] for m in members], dims[name]) if name in dims else value
         for name, value in members[0].items()
     }
 
@@ -174,9 +214,9 @@ def logged(folder: Path) -> dict[tuple[str, int], float]:
     return values
 
 
-def assert_same_run(sharded: Path, single: Path, devices: int, label: str) -> None:
+def assert_same_run(sharded: Path, single: Path, devices: int, run: dict, label: str) -> None:
     reference = torch.load(single / "rank0.pt", weights_only=True)["state"]
-    state = reassembled(sharded, devices)
+    state = reassembled(sharded, devices, run)
     assert set(state) == set(reference), label
     for name, value in reference.items():
         torch.testing.assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=f"{label} {name}")
@@ -244,7 +284,13 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
             2,
             [2, 1],
             list(RUNS),
-            [[2, 2, "topk"], [2, 1, "batchtopk"], [2, 1, "topk_skip_transcoder"]],
+            [
+                [2, 2, "topk"],
+                [2, 1, "batchtopk"],
+                [2, 1, "topk_skip_transcoder"],
+                [2, 1, "jumprelu_clt"],
+                [2, 2, "topk_clt"],
+            ],
         ),
         (4, [2], FOUR, [[2, 4, "topk"]]),
     ],
@@ -257,7 +303,8 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
     for lp in meshes:
         for name in names:
             label = f"{devices // lp}x{lp} {name}"
-            assert_same_run(tmp_path / f"lp{lp}" / name, single / name, devices, label)
+            folder = tmp_path / f"lp{lp}" / name
+            assert_same_run(folder, single / name, devices, RUNS[name], label)
     for lp in meshes:  # the sparse encoder backward equals dense autograd on every member
         for name in (name for name in names if RUNS[name].get("sparse_check")):
             assert_sparse_backward_exact(tmp_path / f"lp{lp}" / name, devices, f"{lp} {name}")
@@ -271,14 +318,15 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
         assert ("geometry/mmcs", STEPS) in logs and ("density/dead_fraction", STEPS) in logs
 
     for source, target, name in resumes:
-        resumed = reassembled(tmp_path / f"lp{target}" / f"{name}-resumed-from-lp{source}", devices)
-        straight = reassembled(tmp_path / f"lp{source}" / name, devices)
+        resumed = tmp_path / f"lp{target}" / f"{name}-resumed-from-lp{source}"
+        resumed = reassembled(resumed, devices, RUNS[name])
+        straight = reassembled(tmp_path / f"lp{source}" / name, devices, RUNS[name])
         for key, value in straight.items():
             torch.testing.assert_close(resumed[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
     # The consolidated export of the last sharded checkpoint is the one-process export.
     exported = ("topk", "jumprelu", "topk_skip_transcoder", "jumprelu_transcoder",
-                "batchtopk_crosscoder")  # fmt: skip
+                "batchtopk_crosscoder", "jumprelu_clt", "topk_clt")  # fmt: skip
     for name in (name for name in exported if name in names):
         cls = RUNS[name]["model"]
         ckpt = tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt"
@@ -289,6 +337,13 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
         assert set(ours) == set(theirs)
         for key, value in theirs.items():
             torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    # A CLT's layer-major dead clock, saved through a [n_layers, d_sae] view, comes back flat
+    # in the one-process order.
+    for name in (name for name in ("jumprelu_clt", "topk_clt") if name in names):
+        ours = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt")
+        theirs = torch.load(single / name / "ckpt" / "last.ckpt", weights_only=True)
+        clocks = (c["state_dict"]["tokens_since_fired"] for c in (ours, theirs))
+        assert torch.equal(*clocks), name
     # ... and the whole Adam state comes back, by parameter index as torch lays it out.
     full = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / "topk" / "ckpt" / "last.ckpt")
     order = [name for name, _ in TopKSAE(d_in=16, d_sae=64).named_parameters()]
@@ -310,6 +365,12 @@ def test_bad_meshes_and_sizes_name_the_option() -> None:
     with pytest.raises(ValueError, match=r"d_sae=4 is not divisible by latent_parallel=8.*"
                        r"model.init_args.d_sae to a multiple of 8") as refused:  # fmt: skip
         check_shardable(crosscoder, 8)
+    assert "\n" not in str(refused.value)
+    # A CLT variant without a sharded layer is named, with the option to change.
+    batchtopk_clt = BatchTopKCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2, k=2)
+    with pytest.raises(ValueError, match=r"^BatchTopKCrossLayerTranscoder cannot be latent-"
+                       r"sharded yet.*trainer.latent_parallel: 1") as refused:  # fmt: skip
+        check_shardable(batchtopk_clt, 2)
     assert "\n" not in str(refused.value)
     # The command line refuses it once, before any process is launched.
     with pytest.raises(SystemExit, match=r"^error: d_sae=4 is not divisible"):
@@ -337,3 +398,14 @@ def test_yaml_latent_parallel_option_parses(capsys: pytest.CaptureFixture[str]) 
     assert stopped.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert (printed["devices"], printed["latent_parallel"]) == (4, 2)
+
+
+def test_sharded_clt_refuses_callbacks_that_address_features_by_index() -> None:
+    """A member holds features of every layer, not a contiguous range of the flat indices the
+    resampler, the monitors and the init address: refused in one line, on every rank alike."""
+    clt = JumpReLUCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2)
+    clt.__class__ = sharded_class(JumpReLUCrossLayerTranscoder)
+    clt._trainer = SimpleNamespace(callbacks=[DeadFeatureResampler(at_steps=[4])], datamodule=None)
+    refusal = r"^DeadFeatureResampler is not supported yet .* trainer.latent_parallel: 1\.$"
+    with pytest.raises(ValueError, match=refusal):
+        clt.setup("fit")

@@ -407,8 +407,18 @@ class CrossLayerTranscoder(SparseAutoencoder):
         active = fired.reshape(L, self.d_sae).sum(-1)
         return torch.cat([rest, sq_err, variance, active, sum_sq.sum()[None], dead])
 
-    def _report_training_statistics(self, term_names: list[str], scalars: list[float]) -> None:
-        world = dist.get_world_size() if _is_distributed() else 1
+    def _report_training_statistics(
+        self,
+        term_names: list[str],
+        scalars: list[float],
+        replicas: int | None = None,
+        n_features: int | None = None,
+    ) -> None:
+        """Check and log the step's sums; the loss sums are over ``replicas`` copies of the
+        step's loss (DDP's ranks by default; a latent-sharded run's data-parallel group), the
+        dead count over ``n_features`` (this module's by default; a latent group's in all)."""
+        world = replicas or (dist.get_world_size() if _is_distributed() else 1)
+        n_features = n_features or self.n_features
         L, n_terms = self.n_layers, len(term_names)
         n, read_sq, total, *term_values = scalars[: 3 + n_terms]
         rest = scalars[3 + n_terms :]
@@ -434,7 +444,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
             fvu = sq_err[layer] / variance[layer] if variance[layer] > 0 else float("nan")
             self.log(f"train/fvu/layer{layer}", fvu)
         if self.dead_window_passed(int(n)):
-            self.log("train/dead_fraction", n_dead / self.n_features)
+            self.log("train/dead_fraction", n_dead / n_features)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = self.input_and_target(batch)

@@ -138,6 +138,8 @@ def consolidate_checkpoint(path: str | Path, out: str | Path | None = None) -> d
         full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
     checkpoint = load_torch_file(path / META_FILENAME, METADATA_LIMIT, what="checkpoint's meta.pt")
     checkpoint["state_dict"] = full["state_dict"]
+    for name, shape in checkpoint.pop("viewed_tensors", {}).items():  # saved through a view
+        checkpoint["state_dict"][name] = checkpoint["state_dict"][name].reshape(shape)
     optimizer_states = []
     for i, groups in enumerate(checkpoint.pop("optimizer_param_groups", [])):
         saved = full.get(f"optimizer_{i}", {}).get("state", {})

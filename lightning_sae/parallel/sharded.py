@@ -98,6 +98,9 @@ SHARDED_DIMS: dict[str, int] = {
     "frequency_history": 1,
 }
 
+# A per-latent tensor's latent dim, and the shape to view it as first (None: as it is).
+ShardSpec = tuple[int, tuple[int, ...] | None]
+
 
 @dataclass
 class LatentShard:
@@ -189,6 +192,21 @@ class ShardedSAE:
     """Overrides shared by every variant; see the module docstring for the maths."""
 
     shard: LatentShard
+
+    @classmethod
+    def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
+        """Every per-latent tensor of ``module`` by state-dict name: (latent dim, the shape to
+        view it as first, or None). A flat tensor whose latents are not contiguous (a
+        cross-layer transcoder's layer-major dead clock) is sliced, saved and reassembled
+        through that view."""
+        return {name: (dim, None) for name, dim in SHARDED_DIMS.items()}
+
+    def on_sharded(self) -> None:
+        """Replace the validation metrics that count per latent or per row with the members'
+        shares (the reconstruction's are counted by the group's first member)."""
+        first = self.shard.latent_rank == 0
+        self.val_l0 = _ShardedL0(counts_rows=first)
+        self.val_dead = _ShardedDeadFraction(self.shard.d_sae, self.shard.start, counts_rows=first)
 
     # Loss terms that are sums over latents: each member computes its share.
     def partial_terms(self) -> set[str]:
@@ -348,10 +366,10 @@ class ShardedSAE:
         """The whole dictionary's gradient norm: the sharded parameters' squares summed over
         the latent group, the replicated ones' (identical on every member) counted once. Every
         member enters the all-reduce, so every member clips by the same factor."""
-        sharded, replicated = [], []
+        sharded, replicated, dims = [], [], self.sharded_dims(self)
         for name, parameter in self.named_parameters():
             if parameter.grad is not None:
-                (sharded if name in SHARDED_DIMS else replicated).append(parameter.grad)
+                (sharded if name in dims else replicated).append(parameter.grad)
         squares = self.b_dec.new_zeros((), dtype=torch.float32)
         if sharded:
             squares += torch.nn.utils.get_total_norm(sharded).float().square()
@@ -580,11 +598,18 @@ LAYERS: dict[type[SparseAutoencoder], type[ShardedSAE]] = {
 }
 _CLASSES: dict[type, type] = {}
 
+# Cross-layer transcoders: their layers live beside this one (they import ShardedSAE from here).
+from lightning_sae.parallel import sharded_clt  # noqa: E402
+
+sharded_clt.register(LAYERS)
+
 
 def sharded_class(cls: type) -> type:
     """``LatentSharded<cls>``: the layer of ``cls`` in front of ``cls`` (made once per class)."""
     if cls in _CLASSES.values():
         return cls
+    if refused := sharded_clt.refusal(cls):
+        raise ValueError(refused)
     if cls not in LAYERS:
         raise ValueError(
             f"{cls.__name__} cannot be latent-sharded: only lightning-sae's own classes "
@@ -630,20 +655,23 @@ def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
         data_group=data_mesh.get_group() if data_mesh.size() > 1 else None,
         world_group=dist.group.WORLD if world > 1 else None,
     )
+    dims = sharded_class(type(module)).sharded_dims(module)
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        dim = SHARDED_DIMS.get(name)
-        if dim is None:
+        if name not in dims:
             continue
-        local = shard.local_part(tensor.detach(), dim).clone()
+        dim, view = dims[name]
+        full = tensor.detach() if view is None else tensor.detach().view(view)
+        local = shard.local_part(full, dim).clone()
+        local = local if view is None else local.reshape(-1)
+        path, _, leaf = name.rpartition(".")  # a ParameterList entry: "W_dec.0"
+        owner = module.get_submodule(path) if path else module
         if isinstance(tensor, nn.Parameter):
-            setattr(module, name, nn.Parameter(local, requires_grad=tensor.requires_grad))
+            setattr(owner, leaf, nn.Parameter(local, requires_grad=tensor.requires_grad))
         else:
-            module._buffers[name] = local
+            owner._buffers[leaf] = local
     module.__class__ = sharded_class(type(module))
     module.shard, module.d_sae = shard, shard.local_size
-    first = shard.latent_rank == 0
-    module.val_l0 = _ShardedL0(counts_rows=first)
-    module.val_dead = _ShardedDeadFraction(shard.d_sae, shard.start, counts_rows=first)
+    module.on_sharded()
     return module
 
 

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
-from lightning_sae.parallel.sharded import SHARDED_DIMS, check_shardable, shard_of, sharded_class
+from lightning_sae.parallel.sharded import check_shardable, shard_of, sharded_class
 
 
 class LatentParallelStrategy(ModelParallelStrategy):
@@ -88,12 +88,27 @@ class LatentParallelStrategy(ModelParallelStrategy):
 
     # ----------------------------------------------------------------- checkpoints
     def _wrap(self, name: str, tensor: Tensor) -> Tensor:
-        dim = SHARDED_DIMS.get(name)
-        if dim is None or shard_of(self.lightning_module) is None:
+        module = self.lightning_module
+        if shard_of(module) is None or name not in module.sharded_dims(module):
             return tensor
+        dim, view = module.sharded_dims(module)[name]
+        local = tensor if view is None else tensor.view(view)  # a view: loads land in place
         return DTensor.from_local(
-            tensor, self.device_mesh, [Replicate(), Shard(dim)], run_check=False
+            local, self.device_mesh, [Replicate(), Shard(dim)], run_check=False
         )
+
+    def _viewed(self) -> dict[str, list[int]]:
+        """The flat tensors saved through a view, with their one-process shapes, for
+        :func:`~lightning_sae.parallel.checkpoint.consolidate_checkpoint` to restore."""
+        module = self.lightning_module
+        if shard_of(module) is None:
+            return {}
+        state = module.state_dict()
+        return {
+            name: [state[name].numel() * module.shard.latent_size]
+            for name, (_, view) in module.sharded_dims(module).items()
+            if view is not None and name in state
+        }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = self.lightning_module.state_dict()
@@ -129,12 +144,14 @@ class LatentParallelStrategy(ModelParallelStrategy):
             path.mkdir(parents=True, exist_ok=True)
         self.barrier()
         optimizers = checkpoint.pop("optimizer_states", [])
+        viewed = self._viewed()
         tensors = {"state_dict": checkpoint.pop("state_dict")}
         tensors |= {f"optimizer_{i}": {"state": o["state"]} for i, o in enumerate(optimizers)}
         dcp.save(tensors, checkpoint_id=path)
         if self.global_rank == 0:
             checkpoint["optimizer_param_groups"] = [o["param_groups"] for o in optimizers]
             checkpoint["latent_parallel"] = self.latent_parallel
+            checkpoint["viewed_tensors"] = viewed
             torch.save(checkpoint, path / META_FILENAME)
         self.barrier()
 

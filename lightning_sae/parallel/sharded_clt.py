@@ -1,0 +1,224 @@
+"""Latent sharding of cross-layer transcoders (``models/clt.py``).
+
+Member ``t`` of a latent group of ``N`` holds features ``[t * d_sae / N, (t + 1) * d_sae / N)``
+of every layer: those columns of ``W_enc[l]``, entries of ``b_enc[l]`` and of JumpReLU's
+``log_threshold[l]``, rows of every ``W_dec[s]``, and their entries of the layer-major dead clock.
+``b_dec`` and the per-layer input and output scales are replicated.
+
+Exactness, as in ``parallel/sharded.py``:
+
+- Encoding and JumpReLU are local; each member decodes its features into every target layer and
+  the partial outputs are summed over the latent group (then ``b_dec``).
+- TopK ranks ``ReLU(h_i) * ||W_dec_i||`` (a feature's decoder norm is its own rows: local): per
+  layer, each (row, layer) is one row of the sharded row top-k of ``parallel/sharded.py``; over
+  all layers, each row is one, the member's candidates taken from all its layers.
+- The tanh sparsity and the pre-activation loss are sums over features, each member's share;
+  the MSE is replicated. Logged values are the global sums.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_sae.metrics.reconstruction import DeadFraction
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder
+from lightning_sae.models.clt import (
+    BatchTopKCrossLayerTranscoder,
+    CrossLayerTranscoder,
+    JumpReLUCrossLayerTranscoder,
+    TopKCrossLayerTranscoder,
+)
+from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
+from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
+
+# Callbacks that address features by contiguous dictionary indices, which a CLT's layer-major
+# features are not on a member; refused until they learn the CLT's layout.
+UNSUPPORTED_CALLBACKS = (
+    "DeadFeatureResampler",
+    "DataInformedInit",
+    "FeatureDensityMonitor",
+    "FeatureGeometryMonitor",
+    "ReplacementEval",
+)
+
+
+class _ShardedLayerDeadFraction(DeadFraction):
+    """Firing counts of every layer's features, each member adding its slice of each layer."""
+
+    def __init__(self, positions: Tensor, n_features: int, counts_rows: bool) -> None:
+        super().__init__(n_features)
+        self.register_buffer("positions", positions, persistent=False)
+        self.counts_rows = counts_rows
+
+    def update(self, acts: Tensor) -> None:
+        self.counts[self.positions] += (acts != 0).sum(0)
+        if self.counts_rows:
+            self.n += acts.shape[0]
+
+
+class ShardedCLT(ShardedSAE):
+    """The cross-layer transcoder's layer: steps, decoding and statistics of a member."""
+
+    @classmethod
+    def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
+        dims: dict[str, ShardSpec] = {
+            "W_enc": (2, None),
+            "b_enc": (1, None),
+            "log_threshold": (1, None),
+            "tokens_since_fired": (1, (module.n_layers, -1)),
+        }
+        return dims | {f"W_dec.{s}": (0, None) for s in range(module.n_layers)}
+
+    def on_sharded(self) -> None:
+        shard, layers = self.shard, self.n_layers
+        self.n_features = layers * shard.local_size
+        first = shard.latent_rank == 0
+        positions = torch.arange(layers)[:, None] * shard.d_sae + torch.arange(
+            shard.start, shard.stop
+        )
+        self.val_l0 = _ShardedL0(counts_rows=first)
+        self.val_dead = _ShardedLayerDeadFraction(
+            positions.reshape(-1), layers * shard.d_sae, counts_rows=first
+        )
+
+    def partial_terms(self) -> set[str]:
+        return {"sparsity", "preact"}
+
+    def setup(self, stage: str) -> None:
+        for callback in self.trainer.callbacks:
+            if type(callback).__name__ in UNSUPPORTED_CALLBACKS:
+                raise ValueError(
+                    f"{type(callback).__name__} is not supported yet with a latent-sharded "
+                    "cross-layer transcoder: remove it from trainer.callbacks, or set "
+                    "trainer.latent_parallel: 1."
+                )
+        super().setup(stage)
+
+    # ------------------------------------------------------------- the map
+    def reconstruct(self, acts: Tensor) -> Tensor:
+        lead = acts.shape[:-2]
+        partial = acts.new_zeros(*lead, self.n_layers, self.d_out)
+        for source, W in enumerate(self.W_dec):
+            written = acts[..., source, :] @ W.reshape(self.d_sae, -1).to(acts.dtype)
+            written = written.reshape(*lead, self.n_layers - source, self.d_out)
+            partial = partial + F.pad(written, (0, 0, source, 0))
+        return reduce_from_shards(partial, self.shard.latent_group) + self.b_dec.to(acts.dtype)
+
+    def decode_layer(self, target: int, acts: Tensor) -> Tensor:
+        raise ValueError(
+            "a latent-sharded cross-layer transcoder holds part of every layer's features; "
+            "run the replacement model on its export (lightning-sae export), one process."
+        )
+
+    # ------------------------------------------------------------- steps
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return SparseAutoencoder.training_step(self, batch, batch_idx)
+
+    def step_and_statistics(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
+        # The latent group's rows of the global batch (gathered), then the CLT's own step.
+        rows = self._rows(batch)
+        return CrossLayerTranscoder.step_and_statistics(self, rows)
+
+    @torch.no_grad()
+    def _training_statistics(
+        self,
+        y_n: Tensor,
+        out: SAEOutput,
+        terms: dict[str, Tensor],
+        loss: Tensor,
+        read: Tensor | None = None,
+    ) -> Tensor:
+        """The CLT's step sums: per-feature counts over the data group (each member its
+        features), partial terms over the latent group, the rest over the data group."""
+        shard = self.shard
+        values = self._global_terms(terms)
+        y64, y_hat64 = y_n.double(), out.x_hat.detach().double()
+        L, n_rows = self.n_layers, y_n.shape[0]
+        read_sq = y64.new_zeros(()) if read is None else read.double().pow(2).sum()
+        fired = (out.acts != 0).reshape(-1, self.n_features).sum(0).double()
+        scalars = [y64.new_tensor(float(n_rows)), read_sq, sum(values.values()), *values.values()]
+        sums = torch.cat(
+            [
+                fired,
+                y64.sum(0).reshape(-1),
+                (y_hat64 - y64).pow(2).sum((0, 2)),
+                y64.pow(2).sum((0, 2)),
+                torch.stack(scalars),
+            ]
+        )
+        all_reduce(sums, shard.data_group)
+        F_, D = self.n_features, L * self.d_out
+        fired, sum_y = sums[:F_], sums[F_ : F_ + D].reshape(L, self.d_out)
+        sq_err, sum_sq = sums[F_ + D : F_ + D + L], sums[F_ + D + L : F_ + D + 2 * L]
+        rest = sums[F_ + D + 2 * L :]
+        n = rest[0]
+        self.tokens_since_fired += n.long()
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)
+        self._clock_version_at_statistics = self._clock_version()
+        latent = torch.cat([fired.reshape(L, self.d_sae).sum(-1), self.dead_mask().sum()[None]])
+        active, dead = all_reduce(latent.double(), shard.latent_group).split([L, 1])
+        variance = sum_sq - sum_y.pow(2).sum(-1) / n
+        return torch.cat([rest, sq_err, variance, active, sum_sq.sum()[None], dead])
+
+    def _report_training_statistics(self, term_names: list[str], scalars: list[float]) -> None:
+        shard = self.shard
+        CrossLayerTranscoder._report_training_statistics(
+            self, term_names, scalars, shard.data_size, self.n_layers * shard.d_sae
+        )
+        self._known_dead_count = None  # the count was the group's: dead_count() is the member's
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self._rows(batch)
+        out = self.forward_normalized(self.normalize(x))
+        y_n = self.normalize_target(y)
+        values = {k: v.float() for k, v in self._global_terms(self.loss_terms(y_n, out)).items()}
+        self.log("val/loss", torch.stack(list(values.values())).sum(), sync_dist=True)
+        for name, value in values.items():
+            self.log(f"val/loss/{name}", value, sync_dist=True)
+        # The reconstruction is replicated over the latent group: one member counts it.
+        rows = y_n.shape[0] if self.shard.latent_rank == 0 else 0
+        x_hat, y_n = out.x_hat[:rows], y_n[:rows]
+        self.val_l0.update(out.acts.reshape(out.acts.shape[0], -1))
+        width = self.n_layers * self.d_out
+        self.val_mse.update(x_hat.reshape(rows, width), y_n.reshape(rows, width))
+        self.val_fvu.update(x_hat.reshape(rows, width), y_n.reshape(rows, width))
+        self.val_dead.update(out.acts.reshape(out.acts.shape[0], -1))
+        for layer, metric in enumerate(self.val_layer_fvu):
+            metric.update(x_hat[:, layer], y_n[:, layer])
+            self.log(f"val/fvu/layer{layer}", metric)
+        for name in ("l0", "mse", "fvu"):
+            self.log(f"val/{name}", getattr(self, f"val_{name}"))
+        self.log("val/dead_fraction", self.val_dead)
+
+
+class ShardedTopKCLT(ShardedCLT):
+    def activation(self, pre: Tensor) -> Tensor:
+        """TopK exact across the latent group: one selection per (row, layer), or per row over
+        every layer (``topk_scope: all``)."""
+        scores = torch.relu(pre.detach()) * self.written_norms().detach().to(pre.dtype)
+        width = self.d_sae if self.hparams.topk_scope == "layer" else self.n_features
+        rows = scores.reshape(-1, width)
+        kept = self._row_top_k(rows, self.k).to_dense(width) != 0
+        return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
+
+
+def refusal(cls: type) -> str | None:
+    """The one-line refusal of a CLT variant without a sharded layer, or None."""
+    if cls is not BatchTopKCrossLayerTranscoder:
+        return None
+    return (
+        "BatchTopKCrossLayerTranscoder cannot be latent-sharded yet (its global batch cut-off "
+        "is not split across members): set trainer.latent_parallel: 1, or use "
+        "TopKCrossLayerTranscoder or JumpReLUCrossLayerTranscoder."
+    )
+
+
+def register(layers: dict[type[SparseAutoencoder], type[ShardedSAE]]) -> None:
+    """Add the CLT layers to ``parallel/sharded.py``'s table (BatchTopK is not sharded yet)."""
+    layers[CrossLayerTranscoder] = ShardedCLT
+    layers[JumpReLUCrossLayerTranscoder] = ShardedCLT
+    layers[TopKCrossLayerTranscoder] = ShardedTopKCLT
