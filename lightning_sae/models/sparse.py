@@ -86,7 +86,9 @@ class SparseCode:
 
 def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """The ``count`` largest entries of ``scores`` [n, d]: their values and flat positions
-    (``row * d + column``), positions ascending.
+    (``row * d + column``), positions ascending. Of entries tied at the cut-off, the first in
+    flat order are kept (:func:`keep_above_and_first_ties`), so a batch split over ranks in
+    row order keeps the same entries (BatchTopK's global top-k).
 
     On CPU in two stages, against one top-k over all ``n * d`` entries (that flat top-k cost
     about one encoder product, most of a BatchTopK step: docs/benchmarks.md). First every row's
@@ -95,29 +97,51 @@ def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     candidate reaches the cut-off can hold more of the answer; such rows (few: those using far
     more latents than average) join with all their entries, and the ``count`` largest of that
     union are the answer. Raising the cut-off cannot make another row overflow, so one round is
-    exact. On CUDA, where finding the rows that overflow would be a synchronisation and the flat
-    top-k is a radix select, the flat top-k runs directly (not measured on a GPU).
+    exact, and the union holds every entry tied at the cut-off. On CUDA, where finding the rows
+    that overflow would be a synchronisation and the flat top-k is a radix select, the flat
+    top-k runs directly (not measured on a GPU).
     """
     n, d = scores.shape
+    if count == 0:
+        return scores.new_empty(0), torch.empty(0, dtype=torch.long, device=scores.device)
     per_row = min(d, 2 * -(-count // max(n, 1)))
     if scores.device.type != "cpu" or not 0 < per_row < d:
-        values, flat = scores.flatten().topk(count, sorted=False)
-        flat, order = flat.sort()
-        return values[order], flat
+        flat_scores = scores.flatten()
+        cutoff = flat_scores.topk(count, sorted=False).values.min()
+        ties = count - (flat_scores > cutoff).sum()
+        keep = keep_above_and_first_ties(flat_scores, cutoff, ties)
+        flat = torch.nonzero_static(keep, size=count).squeeze(1)  # no host synchronisation
+        return flat_scores[flat], flat
     candidates, columns = scores.topk(per_row, dim=1, sorted=False)
     flat = (torch.arange(n, device=scores.device)[:, None] * d + columns).flatten()
     candidates = candidates.flatten()
-    values, slots = candidates.topk(count, sorted=False)
-    overflowing = candidates.view(n, per_row).amin(1) >= values.min()
+    cutoff = candidates.topk(count, sorted=False).values.min()
+    overflowing = candidates.view(n, per_row).amin(1) >= cutoff
     rows = overflowing.nonzero().squeeze(1)  # computed in place on CPU: nothing to wait for
     if rows.numel():
         kept = ~overflowing.repeat_interleave(per_row)
         whole_rows = (rows[:, None] * d + torch.arange(d, device=scores.device)).flatten()
         candidates = torch.cat([candidates[kept], scores[rows].flatten()])
         flat = torch.cat([flat[kept], whole_rows])
-        values, slots = candidates.topk(count, sorted=False)
-    flat, order = flat[slots].sort()
-    return values[order], flat
+        cutoff = candidates.topk(count, sorted=False).values.min()
+    flat, order = flat.sort()  # flat order, so that the first ties are the earliest
+    candidates = candidates[order]
+    keep = keep_above_and_first_ties(candidates, cutoff, count - (candidates > cutoff).sum())
+    return candidates[keep], flat[keep]
+
+
+def keep_above_and_first_ties(scores: Tensor, cutoff: Tensor, ties: Tensor | int) -> Tensor:
+    """The mask of ``scores`` above ``cutoff`` and of the first ``ties`` (in flat order) equal
+    to it.
+
+    Which entries tied at a top-k's cut-off are kept is otherwise the implementation's choice,
+    and it differs between one top-k over a batch and a cut-off shared by ranks that each hold
+    part of it; ties are common in activations (identical tokens at the same position, e.g.
+    every context's first token, give identical rows).
+    """
+    tied = scores == cutoff
+    tie_number = tied.flatten().cumsum(0).view_as(scores)
+    return (scores > cutoff) | (tied & (tie_number <= ties))
 
 
 def check_decode_impl(decode_impl: str) -> None:

@@ -33,6 +33,7 @@ from lightning_sae.models.sparse import (
     SparseCode,
     check_decode_impl,
     decodes_sparsely,
+    keep_above_and_first_ties,
     largest_of_batch,
     sparse_encoder_values,
 )
@@ -282,8 +283,15 @@ class BatchTopKSAE(TopKSAE):
         candidates, _ = largest_of_batch(pre_acts.detach(), min(n_global, pre_acts.numel()))
         gathered = [torch.empty_like(candidates) for _ in range(world)]
         dist.all_gather(gathered, candidates)
-        cutoff = torch.cat(gathered).topk(n_global, sorted=False).values.min()
-        code = SparseCode.from_mask(pre_acts >= cutoff, pre_acts)
+        everyone = torch.cat(gathered)
+        cutoff = everyone.topk(n_global, sorted=False).values.min()
+        # Of the entries tied at the cut-off, the first in the global batch's row order, as
+        # one process keeps them (largest_of_batch): those of the lower ranks first. A rank's
+        # candidates hold as many of its ties as it may be given (its own n_global largest).
+        ties = torch.stack([(rank_candidates == cutoff).sum() for rank_candidates in gathered])
+        ties_before = (ties.cumsum(0) - ties)[dist.get_rank()]
+        ours = n_global - (everyone > cutoff).sum() - ties_before
+        code = SparseCode.from_mask(keep_above_and_first_ties(pre_acts, cutoff, ours), pre_acts)
         code.values = torch.relu(code.values)  # ReLU after selecting, as in one process
         return code
 
