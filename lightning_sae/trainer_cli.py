@@ -431,7 +431,7 @@ def _latent_parallel_strategy(
 ) -> Any:
     """``trainer.latent_parallel: N`` as its strategy; a strategy set beside it, or a model the
     mesh cannot split, is refused here, once, before any process is launched."""
-    from lightning_sae.parallel.sharded import check_shardable
+    from lightning_sae.parallel.layers import check_shardable
     from lightning_sae.parallel.strategy import LatentParallelStrategy
 
     if trainer_config.get("strategy", "auto") != "auto":

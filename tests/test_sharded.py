@@ -33,7 +33,8 @@ from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder, JumpReLUCros
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
-from lightning_sae.parallel.sharded import ShardSpec, check_shardable, sharded_class
+from lightning_sae.parallel.layers import check_shardable, sharded_class
+from lightning_sae.parallel.sharded import ShardSpec
 from lightning_sae.trainer_cli import SAECLI, _latent_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sae.data import lm
+from lightning_sae.data import sources
 
 INPUT, OUTPUT = "input", "output"
 # A config's architectures naming one of these is loaded with its LM head (next-token logits).
@@ -104,12 +104,12 @@ def load_hf_model(
     """An :class:`HFModel` in eval mode with gradients off (arguments as ``lm.load_model``)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    device, weights_dtype = lm.resolve_device(device), lm.torch_dtype(dtype)
+    device, weights_dtype = sources.resolve_device(device), sources.torch_dtype(dtype)
     if hf_config is not None:
-        module, causal = lm.seeded_causal_lm(spec, hf_config, seed), True
+        module, causal = sources.seeded_causal_lm(spec, hf_config, seed), True
     else:
-        lm.require_hub(spec, "model")
-        path = lm.resolve_model_path(spec)
+        sources.require_hub(spec, "model")
+        path = sources.resolve_model_path(spec)
         try:
             config = AutoConfig.from_pretrained(path, revision=revision)
             causal = is_causal_architecture(config)
@@ -118,7 +118,7 @@ def load_hf_model(
                 path, config=config, revision=revision, dtype=weights_dtype
             )
         except OSError as error:
-            raise lm.hub_failure(spec, "model", error) from None
+            raise sources.hub_failure(spec, "model", error) from None
     module = module.to(device=device, dtype=weights_dtype).eval()
     module.requires_grad_(False)
     module.config.use_cache = False  # one forward per window: no key/value cache to build

@@ -51,32 +51,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import L0, DeadFraction
-from lightning_sae.models.approx_l0 import ApproxL0SAE
 from lightning_sae.models.base import SAEOutput, SparseAutoencoder
-from lightning_sae.models.gated import GatedSAE
-from lightning_sae.models.jumprelu import JumpReLUSAE, heaviside
-from lightning_sae.models.matryoshka import MatryoshkaSAE
+from lightning_sae.models.jumprelu import heaviside
 from lightning_sae.models.penalties import (
     OrthogonalityShape,
     l1_penalty,
     shaped_orthogonality,
 )
 from lightning_sae.models.sparse import SparseCode
-from lightning_sae.models.standard import StandardSAE
-from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
-from lightning_sae.models.transcoder import (
-    BatchTopKCrossCoder,
-    BatchTopKSkipTranscoder,
-    BatchTopKTranscoder,
-    CrossCoder,
-    JumpReLUSkipTranscoder,
-    JumpReLUTranscoder,
-    SkipTranscoder,
-    TopKCrossCoder,
-    TopKSkipTranscoder,
-    TopKTranscoder,
-    Transcoder,
-)
+from lightning_sae.models.topk import BatchTopKSAE
 from lightning_sae.parallel.comm import (
     all_reduce,
     copy_to_shards,
@@ -570,60 +553,8 @@ class ShardedApproxL0(ShardedSAE):
         self.frequency_steps += 1
 
 
-# The layer of each shipped variant, by exact class: a subclass from elsewhere may override
-# what the layer relies on, so it is refused rather than assumed.
-LAYERS: dict[type[SparseAutoencoder], type[ShardedSAE]] = {
-    SparseAutoencoder: ShardedSAE,
-    StandardSAE: ShardedStandard,
-    TopKSAE: ShardedTopK,
-    BatchTopKSAE: ShardedBatchTopK,
-    MatryoshkaSAE: ShardedMatryoshka,
-    JumpReLUSAE: ShardedJumpReLU,
-    GatedSAE: ShardedGated,
-    ApproxL0SAE: ShardedApproxL0,
-    # Transcoders and crosscoders: the variant's layer. Their mixins change what is read and
-    # scored (sites, per-site scales, W_skip x, per-layer decoder norms), all replicated or
-    # local to a member's latents; the steps above score against input_and_target's target.
-    Transcoder: ShardedStandard,
-    SkipTranscoder: ShardedStandard,
-    TopKTranscoder: ShardedTopK,
-    TopKSkipTranscoder: ShardedTopK,
-    BatchTopKTranscoder: ShardedBatchTopK,
-    BatchTopKSkipTranscoder: ShardedBatchTopK,
-    JumpReLUTranscoder: ShardedJumpReLU,
-    JumpReLUSkipTranscoder: ShardedJumpReLU,
-    CrossCoder: ShardedStandard,
-    TopKCrossCoder: ShardedTopK,
-    BatchTopKCrossCoder: ShardedBatchTopK,
-}
-_CLASSES: dict[type, type] = {}
-
-# Cross-layer transcoders: their layers live beside this one (they import ShardedSAE from here).
-from lightning_sae.parallel import sharded_clt  # noqa: E402
-
-sharded_clt.register(LAYERS)
-
-
-def sharded_class(cls: type) -> type:
-    """``LatentSharded<cls>``: the layer of ``cls`` in front of ``cls`` (made once per class)."""
-    if cls in _CLASSES.values():
-        return cls
-    if refused := sharded_clt.refusal(cls):
-        raise ValueError(refused)
-    if cls not in LAYERS:
-        raise ValueError(
-            f"{cls.__name__} cannot be latent-sharded: only lightning-sae's own classes "
-            f"({', '.join(c.__name__ for c in LAYERS)}) have a sharded layer. Set "
-            "trainer.latent_parallel: 1 (plain DDP) for this model."
-        )
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"LatentSharded{cls.__name__}", (LAYERS[cls], cls), {})
-    return _CLASSES[cls]
-
-
-def check_shardable(module: SparseAutoencoder, latent_parallel: int) -> None:
-    """Bad input, before any process group work: clear errors naming the option to change."""
-    sharded_class(type(module))
+def check_latent_split(module: SparseAutoencoder, latent_parallel: int) -> None:
+    """The sizes that must allow ``latent_parallel`` members: one line naming what to change."""
     d_sae = module.hparams.d_sae
     if d_sae % latent_parallel:
         raise ValueError(
@@ -641,10 +572,11 @@ def check_shardable(module: SparseAutoencoder, latent_parallel: int) -> None:
 @torch.no_grad()
 def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
     """Slice ``module`` in place to this rank's latents of the ``("data_parallel",
-    "tensor_parallel")`` device mesh and give it the sharded layer. Returns it."""
+    "tensor_parallel")`` device mesh. Its class is already its sharded layer
+    (``parallel/layers.py``: the strategy gives it); this slices the weights. Returns it."""
     latent_mesh, data_mesh = mesh["tensor_parallel"], mesh["data_parallel"]
     latent_size = latent_mesh.size()
-    check_shardable(module, latent_size)
+    check_latent_split(module, latent_size)
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = LatentShard(
         d_sae=module.d_sae,
@@ -655,7 +587,7 @@ def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
         data_group=data_mesh.get_group() if data_mesh.size() > 1 else None,
         world_group=dist.group.WORLD if world > 1 else None,
     )
-    dims = sharded_class(type(module)).sharded_dims(module)
+    dims = type(module).sharded_dims(module)
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if name not in dims:
             continue
@@ -669,7 +601,6 @@ def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
             setattr(owner, leaf, nn.Parameter(local, requires_grad=tensor.requires_grad))
         else:
             owner._buffers[leaf] = local
-    module.__class__ = sharded_class(type(module))
     module.shard, module.d_sae = shard, shard.local_size
     module.on_sharded()
     return module

@@ -27,10 +27,7 @@ from torch import Tensor
 from lightning_sae.metrics.reconstruction import DeadFraction
 from lightning_sae.models.base import SAEOutput, SparseAutoencoder
 from lightning_sae.models.clt import (
-    BatchTopKCrossLayerTranscoder,
     CrossLayerTranscoder,
-    JumpReLUCrossLayerTranscoder,
-    TopKCrossLayerTranscoder,
 )
 from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
 from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
@@ -204,21 +201,3 @@ class ShardedTopKCLT(ShardedCLT):
         rows = scores.reshape(-1, width)
         kept = self._row_top_k(rows, self.k).to_dense(width) != 0
         return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
-
-
-def refusal(cls: type) -> str | None:
-    """The one-line refusal of a CLT variant without a sharded layer, or None."""
-    if cls is not BatchTopKCrossLayerTranscoder:
-        return None
-    return (
-        "BatchTopKCrossLayerTranscoder cannot be latent-sharded yet (its global batch cut-off "
-        "is not split across members): set trainer.latent_parallel: 1, or use "
-        "TopKCrossLayerTranscoder or JumpReLUCrossLayerTranscoder."
-    )
-
-
-def register(layers: dict[type[SparseAutoencoder], type[ShardedSAE]]) -> None:
-    """Add the CLT layers to ``parallel/sharded.py``'s table (BatchTopK is not sharded yet)."""
-    layers[CrossLayerTranscoder] = ShardedCLT
-    layers[JumpReLUCrossLayerTranscoder] = ShardedCLT
-    layers[TopKCrossLayerTranscoder] = ShardedTopKCLT

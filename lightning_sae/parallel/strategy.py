@@ -29,7 +29,8 @@ from torch.optim import Optimizer
 
 from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
-from lightning_sae.parallel.sharded import check_shardable, shard_of, sharded_class
+from lightning_sae.parallel.layers import check_shardable, sharded_class
+from lightning_sae.parallel.sharded import shard_of
 
 
 class LatentParallelStrategy(ModelParallelStrategy):
