@@ -73,3 +73,40 @@ def test_global_top_k_over_two_gloo_ranks_keeps_one_process_entries(tmp_path: Pa
     single = one_process_mask(tied_batch())
     assert single.sum() == K * ROWS
     assert torch.equal(ranks, single)
+
+
+def _sharded_rank(rank: int, port: int, world: int, out: Path) -> None:
+    """Latent sharding, both ways a 2-process mesh can split: the features over the two ranks
+    (1x2: each holds half of every row's latents), then the rows (2x1)."""
+    from lightning_sae.parallel.layers import sharded_class
+    from lightning_sae.parallel.sharded import LatentShard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        everyone = dist.group.WORLD
+        meshes = {
+            "1x2": (LatentShard(D_SAE, rank, world, 1, everyone, None, everyone),
+                    tied_batch().chunk(world, dim=1)[rank]),
+            "2x1": (LatentShard(D_SAE, 0, 1, world, None, everyone, everyone),
+                    tied_batch().chunk(world)[rank]),
+        }  # fmt: skip
+        for name, (shard, part) in meshes.items():
+            sae = BatchTopKSAE(d_in=4, d_sae=D_SAE, k=K).train()
+            sae.__class__ = sharded_class(BatchTopKSAE)
+            sae.shard, sae.d_sae = shard, part.shape[1]
+            mask = sae._batch_top_k(part).to_dense(part.shape[1]) != 0
+            torch.save(mask, out / f"{name}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_latent_sharded_batch_top_k_keeps_one_process_entries(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sharded_rank, args=(port, 2, tmp_path), nprocs=2)
+    single = one_process_mask(tied_batch())
+    for name, dim in (("1x2", 1), ("2x1", 0)):
+        parts = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert torch.equal(torch.cat(parts, dim=dim), single), name

@@ -462,12 +462,34 @@ class ShardedBatchTopK(ShardedTopK):
         rows = n * shard.data_size if self.training else n
         group = shard.world_group if self.training else shard.latent_group
         count = min(self.k * rows, rows * shard.d_sae)
-        flat = pre_acts.detach().flatten()
-        candidates = flat.topk(min(count, flat.numel()), sorted=False).values
+        scores = pre_acts.detach()
+        candidates = scores.flatten().topk(min(count, scores.numel()), sorted=False).values
         cutoff = gather_last(candidates, group).topk(count, sorted=False).values.min()
-        code = SparseCode.from_mask(pre_acts >= cutoff, pre_acts)
+        code = SparseCode.from_mask(self._above_and_first_ties(scores, cutoff, count), pre_acts)
         code.values = torch.relu(code.values)
         return code
+
+    def _above_and_first_ties(self, scores: Tensor, cutoff: Tensor, count: int) -> Tensor:
+        """The entries above the cut-off and, of those tied at it, the first ones in the order
+        of the whole batch (global row, then global latent) until ``count`` are kept: the
+        entries one process keeps (``models/sparse.keep_above_and_first_ties``).
+
+        One all_gather tells every member how many ties each member holds in each of its rows.
+        In training the members are every rank (world rank = data block x latent_size + latent
+        rank: the latent group is consecutive ranks); in eval the latent group's rows only."""
+        shard, n = self.shard, scores.shape[0]
+        group = shard.world_group if self.training else shard.latent_group
+        tied = scores == cutoff
+        mine = torch.cat([tied.sum(1), (scores > cutoff).sum()[None]])
+        counts = gather_last(mine[None], group).view(-1, n + 1)  # [members, n rows + above]
+        ties_left = count - counts[:, -1].sum()
+        # Ties before each (data block, row, latent member), in the whole batch's order.
+        in_order = counts[:, :-1].view(-1, shard.latent_size, n).transpose(1, 2).reshape(-1)
+        before = (in_order.cumsum(0) - in_order).view(-1, n, shard.latent_size)
+        position = dist.get_rank(group) if group is not None else 0
+        mine_before = before[position // shard.latent_size, :, shard.latent_rank]
+        tie_number = mine_before[:, None] + tied.long().cumsum(1)
+        return (scores > cutoff) | (tied & (tie_number <= ties_left))
 
 
 class ShardedMatryoshka(ShardedBatchTopK):
