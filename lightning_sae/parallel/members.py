@@ -45,7 +45,7 @@ from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.models.base import SparseAutoencoder, stepping_alone
 from lightning_sae.models.group import MemberOptimizers, SAEGroup
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
-from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes
+from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes, param_groups_by_name
 
 GIB = 2**30
 # float32 weight, its gradient and Adam's two moments: the bytes a trained parameter holds.
@@ -388,13 +388,7 @@ class MemberParallelStrategy(ModelParallelStrategy):
         state, groups = {}, {}
         for member, opt in getattr(optimizer, "optimizers", {}).items():
             state[member] = {names[id(p)]: dict(s) for p, s in opt.state.items()}
-            groups[member] = [
-                {
-                    **{k: v for k, v in g.items() if k != "params"},
-                    "params": [names[id(p)] for p in g["params"]],
-                }
-                for g in opt.param_groups
-            ]
+            groups[member] = param_groups_by_name(opt, names)
         return {"state": state, "param_groups": groups}
 
     def save_checkpoint(

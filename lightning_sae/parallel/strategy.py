@@ -126,14 +126,7 @@ class LatentParallelStrategy(ModelParallelStrategy):
             }
             for p, param_state in optimizer.state.items()
         }
-        groups = [
-            {
-                **{k: v for k, v in g.items() if k != "params"},
-                "params": [names[id(p)] for p in g["params"]],
-            }
-            for g in optimizer.param_groups
-        ]
-        return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": param_groups_by_name(optimizer, names)}
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
@@ -212,3 +205,15 @@ def _create_adam_state(optimizer: Optimizer) -> None:
             state["exp_avg_sq"] = torch.zeros_like(p)
             if group.get("amsgrad"):
                 state["max_exp_avg_sq"] = torch.zeros_like(p)
+
+
+def param_groups_by_name(optimizer: Optimizer, names: dict[int, str]) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups (lr, betas, ...) with each parameter given by its name in
+    the module, as a checkpoint stores them (``names``: ``id(parameter)`` -> name)."""
+    return [
+        {
+            **{k: v for k, v in group.items() if k != "params"},
+            "params": [names[id(p)] for p in group["params"]],
+        }
+        for group in optimizer.param_groups
+    ]
