@@ -100,7 +100,7 @@ def _topk_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, d
 
 
 def _jumprelu_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    return {"b_enc": sae.b_enc.detach(), "threshold": sae.log_threshold.detach().exp()}, {}
+    return {"b_enc": sae.b_enc.detach(), "threshold": sae.positive_threshold().detach()}, {}
 
 
 def _saelens_threshold(weights: dict[str, Tensor]) -> Tensor:
@@ -109,8 +109,7 @@ def _saelens_threshold(weights: dict[str, Tensor]) -> Tensor:
 
 
 def _jumprelu_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
-    # A zero threshold becomes log_threshold = -inf, and exp(-inf) = 0 is the same activation.
-    return {"b_enc": weights["b_enc"], "log_threshold": _saelens_threshold(weights).log()}, {}
+    return {"b_enc": weights["b_enc"], "threshold": _saelens_threshold(weights)}, {}
 
 
 def _batchtopk_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -75,7 +75,6 @@ SHARDED_DIMS: dict[str, int] = {
     "b_enc": 0,
     "W_dec": 0,
     "tokens_since_fired": 0,
-    "log_threshold": 0,
     "r_mag": 0,
     "b_mag": 0,
     "frequency_history": 1,
@@ -513,13 +512,18 @@ class ShardedMatryoshka(ShardedBatchTopK):
 
 
 class ShardedJumpReLU(ShardedSAE):
+    @classmethod
+    def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
+        # JumpReLU's per-latent thresholds (BatchTopK's "threshold" is one replicated number).
+        return super().sharded_dims(module) | {"threshold": (0, None)}
+
     def partial_terms(self) -> set[str]:
         return {"preact"} | ({"l0"} if self.hparams.l0_target is None else set())
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams
         terms = SparseAutoencoder.loss_terms(self, x_n, out)
-        threshold = self.threshold
+        threshold = self.positive_threshold()
         l0 = heaviside(out.pre_acts, threshold, hp.bandwidth).sum(-1).mean()
         # Without a target, this member's share of a sum over latents; with one, a function of
         # the whole L0 of the global batch, replicated.
