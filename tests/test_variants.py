@@ -451,23 +451,41 @@ def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
     torch.testing.assert_close(topk.W_enc, topk.W_dec.T * 0.5)
     matryoshka = MatryoshkaSAE(d_in=16, d_sae=64, k=4, group_sizes=[16, 48])
     torch.testing.assert_close(matryoshka.W_enc, matryoshka.W_dec.T * 0.5)
-    jumprelu = JumpReLUSAE(d_in=16, d_sae=64, init_seed=1)
-    assert torch.equal(jumprelu.W_enc, jumprelu.W_dec.T)  # unmeasured: as before
+    for reluish in (JumpReLUSAE, GatedSAE):  # measured too, as StandardSAE
+        sae = reluish(d_in=16, d_sae=64, init_seed=1)
+        torch.testing.assert_close(sae.W_enc, sae.W_dec.T * 0.25)
+    approx_l0 = ApproxL0SAE(d_in=16, d_sae=64, init_seed=1)
+    assert torch.equal(approx_l0.W_enc, approx_l0.W_dec.T)  # measured: more dead when smaller
     chosen = StandardSAE(d_in=16, d_sae=64, init_seed=1, encoder_init_scale=1.0)
     assert torch.equal(chosen.W_enc, chosen.W_dec.T)
     assert StandardSAE(d_in=64, d_sae=32).encoder_init_factor() == 1.0  # never above the transpose
 
 
+def test_jumprelu_gated_and_approx_l0_defaults_are_the_measured_ones() -> None:
+    """docs/defaults.md, measured on the toy side-by-side and the MiniLM frontier data: JumpReLU
+    and Gated start at d_in/d_sae of the transpose, ApproxL0 at the transpose; all three step
+    Adam with beta2 0.99 and clip the gradient's norm at 1."""
+    for cls, scale, betas in (
+        (JumpReLUSAE, 0.25, (0.9, 0.99)),
+        (GatedSAE, 0.25, (0.9, 0.99)),
+        (ApproxL0SAE, 1.0, (0.9, 0.99)),
+    ):
+        sae = cls(d_in=16, d_sae=64)
+        assert sae.encoder_init_factor() == scale, cls.__name__
+        assert sae.adam_betas() == betas, cls.__name__
+        assert sae.gradient_clip_max_norm() == 1.0, cls.__name__
+
+
 def test_default_gradient_clipping_is_clip_grad_norm_and_the_trainer_replaces_it() -> None:
     """docs/defaults.md: the TopK family and the L1 SAEs clip the gradient's norm at 1 by
-    default (SAELens's trainer step does too); the other variants do not (unmeasured). The
+    default (SAELens's trainer step does too), and so do JumpReLU, Gated and ApproxL0. The
     default is torch's clip_grad_norm_ (what trainer.gradient_clip_val 1 does); a trainer's
     gradient_clip_val replaces it, and gradient_clip_norm 0 turns it off."""
     assert TopKSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
     assert BatchTopKSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
     assert StandardSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
-    for unmeasured in (JumpReLUSAE, GatedSAE, ApproxL0SAE):
-        assert unmeasured(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 0.0
+    for measured in (JumpReLUSAE, GatedSAE, ApproxL0SAE):
+        assert measured(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
     assert TopKSAE(d_in=D_IN, d_sae=D_SAE, gradient_clip_norm=0.5).gradient_clip_max_norm() == 0.5
 
     rows = _x(3 * 64) * 10  # three batches whose gradient norms are well above 1

@@ -173,7 +173,8 @@ class SparseAutoencoder(LightningModule):
         lr: peak learning rate.
         optimizer: ``adam`` or ``adamw``.
         betas: Adam betas. ``None``: the variant's measured default (:meth:`default_betas`;
-            docs/defaults.md): (0.9, 0.999), and (0.9, 0.99) for the L1 SAEs.
+            docs/defaults.md): (0.9, 0.99) for the L1, JumpReLU, Gated and ApproxL0 SAEs,
+            (0.9, 0.999) for the TopK family and the cross-layer transcoders.
         weight_decay: AdamW weight decay (ignored by Adam).
         lr_warmup_steps: linear warm-up of the learning rate from 0.
         lr_decay_steps: linear decay to ``lr_end_factor * lr`` over the last this many steps.
@@ -195,10 +196,12 @@ class SparseAutoencoder(LightningModule):
             its first large gradients inflate Adam's second moment for the rest of the run.
         gradient_clip_norm: before each optimizer step, scale the gradient of all parameters
             down to this global norm when it is larger. ``None``: the variant's measured default
-            (:meth:`default_gradient_clip_norm`; docs/defaults.md): 1 for the TopK family and
-            the L1 SAEs, off for the others; 0: off. A ``trainer.gradient_clip_val`` replaces
-            it. The gradient's norm scales with the data's (clipping at 1 engages on
-            activations of norm ~10, rarely on unit-scale toy data); while it engages, Adam's
+            (:meth:`default_gradient_clip_norm`; docs/defaults.md): 1 for the L1, TopK,
+            JumpReLU, Gated and ApproxL0 SAEs (and the transcoders and crosscoders built on
+            them), off for the cross-layer transcoders (not measured); 0: off. A
+            ``trainer.gradient_clip_val`` replaces it. The gradient's norm scales with the
+            data's (clipping at 1 engages on activations of norm ~10, rarely on unit-scale toy
+            data); while it engages, Adam's
             second moment tracks the current gradient instead of remembering the large first
             ones, so the steps keep their size through a run.
         compile: compile ``forward_normalized`` (encode + decode, where the FLOPs are) with

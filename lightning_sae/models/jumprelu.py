@@ -148,6 +148,18 @@ class JumpReLUSAE(SparseAutoencoder):
         # 0.001 at lr 4e-4 it needs 17k steps to reach 1). docs/defaults.md measures it.
         self.threshold = nn.Parameter(torch.full((self.d_sae,), float(threshold_init)))
 
+    def default_encoder_init_scale(self) -> float:
+        # Measured (docs/defaults.md): d_in/d_sae of the transpose, with clipping at 1 and beta2
+        # 0.99, reaches FVU 0.208 at L0 32 on the MiniLM frontier data against 0.243 (two
+        # seeds), and ground-truth MMCS 0.81 against 0.68 on the toy side-by-side.
+        return min(1.0, self.d_in / self.d_sae)
+
+    def default_betas(self) -> tuple[float, float]:
+        return (0.9, 0.99)
+
+    def default_gradient_clip_norm(self) -> float:
+        return 1.0
+
     def positive_threshold(self) -> Tensor:
         """theta as the encoder uses it: at least 0 in value, with the gradient of theta itself.
 
