@@ -26,7 +26,6 @@ from lightning import LightningDataModule
 from safetensors.torch import load_file
 
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
-from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder
@@ -134,6 +133,10 @@ RUNS |= {
 CLT = M + "clt."
 CLT_KWARGS = {"d_out": sharded_run.D_OUT, "input_hooks": sharded_run.CLT_IN,
               "output_hooks": sharded_run.CLT_OUT, "normalize_activations": True}  # fmt: skip
+# The resampler, the density and the geometry monitor address a CLT's features by global index
+# layer * d_sae + f; a member holds a slice of each layer. Silenced: features of both layers on
+# both members (d_sae 64 per layer, 2 layers).
+CLT_CALLBACKS = {"callbacks": True, "init": None, "silence": [1, 40, 69, 127]}
 RUNS |= {
     # The tanh sparsity and the pre-activation loss: each member's share of the features.
     "jumprelu_clt": {
@@ -141,6 +144,7 @@ RUNS |= {
         "kwargs": {"sparsity_coefficient": 1e-2, "preact_coefficient": 1e-2, **CLT_KWARGS},
         "sites": "clt",
         "checkpoint": True,
+        **CLT_CALLBACKS,
     },
     # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
     "topk_clt": {
@@ -148,11 +152,13 @@ RUNS |= {
         "kwargs": {"k": 4, "gradient_clip_norm": 1e-2, **CLT_KWARGS},  # norm over all slices
         "sites": "clt",
         "checkpoint": True,
+        **CLT_CALLBACKS,
     },
     "topk_all_clt": {
         "model": CLT + "TopKCrossLayerTranscoder",
         "kwargs": {"k": 40, "topk_scope": "all", **CLT_KWARGS},
         "sites": "clt",
+        **CLT_CALLBACKS,
     },
 }
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
@@ -313,10 +319,18 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
         for name in (name for name in names if RUNS[name].get("init_check")):
             folder = tmp_path / f"lp{lp}" / name
             assert_init_slices_are_the_whole(folder, devices, RUNS[name], f"{lp} {name}")
-    for name in ("topk", "batchtopk"):  # every callback acted
+    acted = ("topk", "batchtopk", "jumprelu_clt", "topk_clt", "topk_all_clt")
+    for name in (name for name in acted if name in names):  # every callback acted
         logs = logged(tmp_path / f"lp{meshes[0]}" / name)
         assert logs["resampling/n_resampled", STEPS // 2] >= 4  # the silenced features at least
         assert ("geometry/mmcs", STEPS) in logs and ("density/dead_fraction", STEPS) in logs
+    for lp in meshes:  # each feature's density, by global index, is the one-process one
+        for name in (name for name in names if RUNS[name].get("sites") == "clt"):
+            density = torch.load(single / name / "rank0.pt", weights_only=True)["density"]
+            for rank in range(devices):
+                saved = tmp_path / f"lp{lp}" / name / f"rank{rank}.pt"
+                saved = torch.load(saved, weights_only=True)["density"]
+                torch.testing.assert_close(saved, density, msg=f"{lp} {name} rank {rank}")
 
     for source, target, name in resumes:
         resumed = tmp_path / f"lp{target}" / f"{name}-resumed-from-lp{source}"
@@ -403,10 +417,10 @@ def test_yaml_latent_parallel_option_parses(capsys: pytest.CaptureFixture[str]) 
 
 def test_sharded_clt_refuses_callbacks_that_address_features_by_index() -> None:
     """A member holds features of every layer, not a contiguous range of the flat indices the
-    resampler, the monitors and the init address: refused in one line, on every rank alike."""
+    data-informed init computes: refused in one line, on every rank alike."""
     clt = JumpReLUCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2)
     clt.__class__ = sharded_class(JumpReLUCrossLayerTranscoder)
-    clt._trainer = SimpleNamespace(callbacks=[DeadFeatureResampler(at_steps=[4])], datamodule=None)
-    refusal = r"^DeadFeatureResampler is not supported yet .* trainer.latent_parallel: 1\.$"
+    clt._trainer = SimpleNamespace(callbacks=[DataInformedInit()], datamodule=None)
+    refusal = r"^DataInformedInit is not supported yet .* trainer.latent_parallel: 1\.$"
     with pytest.raises(ValueError, match=refusal):
         clt.setup("fit")

@@ -156,7 +156,8 @@ class FeatureGeometryMonitor(Callback):
         """(the scalars by log key, each row's max cosine, the random baseline) of one SAE."""
         step = trainer.global_step
         if record.random_baseline is None and (trainer.is_global_zero or shard is None):
-            rows = W_dec.shape[0] if shard is None else shard.d_sae
+            # Every member's rows: a sharded cross-layer transcoder's of every layer.
+            rows = W_dec.shape[0] if shard is None else W_dec.shape[0] * shard.latent_size
             record.random_baseline = random_directions_mmcs(
                 rows, W_dec.shape[1], self.baseline_seed, self.backend, device=W_dec.device
             )

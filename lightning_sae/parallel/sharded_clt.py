@@ -14,6 +14,14 @@ Exactness, as in ``parallel/sharded.py``:
   all layers, each row is one, the member's candidates taken from all its layers.
 - The tanh sparsity and the pre-activation loss are sums over features, each member's share;
   the MSE is replicated. Logged values are the global sums.
+- The replacement model (``ReplacementEval``) runs layer by layer on every rank: a layer's
+  encoding is local (TopK per layer: the sharded row top-k of that layer), and each target
+  layer's output is the all-reduce of the members' partial outputs.
+
+Callbacks address features by their global index ``layer * d_sae + f``, as one process and the
+``inspect`` pages do; the module's ``shard`` (``feature_layers`` = ``n_layers``) maps a member's
+layer-major slice to and from it (``LatentShard.global_indices``, ``local_indices``,
+``gather_features``), so the resampler, the density and geometry monitors work unchanged.
 """
 
 from __future__ import annotations
@@ -33,14 +41,9 @@ from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
 from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
 
 # Callbacks that address features by contiguous dictionary indices, which a CLT's layer-major
-# features are not on a member; refused until they learn the CLT's layout.
-UNSUPPORTED_CALLBACKS = (
-    "DeadFeatureResampler",
-    "DataInformedInit",
-    "FeatureDensityMonitor",
-    "FeatureGeometryMonitor",
-    "ReplacementEval",
-)
+# features are not on a member; refused until they learn the CLT's layout (LatentShard maps a
+# member's features to their global index layer * d_sae + f).
+UNSUPPORTED_CALLBACKS = ("DataInformedInit",)
 
 
 class _ShardedLayerDeadFraction(DeadFraction):
@@ -61,6 +64,10 @@ class ShardedCLT(ShardedSAE):
     """The cross-layer transcoder's layer: steps, decoding and statistics of a member."""
 
     @classmethod
+    def feature_layers(cls, module: SparseAutoencoder) -> int:
+        return module.n_layers
+
+    @classmethod
     def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
         dims: dict[str, ShardSpec] = {
             "W_enc": (2, None),
@@ -74,12 +81,9 @@ class ShardedCLT(ShardedSAE):
         shard, layers = self.shard, self.n_layers
         self.n_features = layers * shard.local_size
         first = shard.latent_rank == 0
-        positions = torch.arange(layers)[:, None] * shard.d_sae + torch.arange(
-            shard.start, shard.stop
-        )
         self.val_l0 = _ShardedL0(counts_rows=first)
         self.val_dead = _ShardedLayerDeadFraction(
-            positions.reshape(-1), layers * shard.d_sae, counts_rows=first
+            shard.global_indices(), layers * shard.d_sae, counts_rows=first
         )
 
     def partial_terms(self) -> set[str]:
@@ -106,10 +110,14 @@ class ShardedCLT(ShardedSAE):
         return reduce_from_shards(partial, self.shard.latent_group) + self.b_dec.to(acts.dtype)
 
     def decode_layer(self, target: int, acts: Tensor) -> Tensor:
-        raise ValueError(
-            "a latent-sharded cross-layer transcoder holds part of every layer's features; "
-            "run the replacement model on its export (lightning-sae export), one process."
-        )
+        """Layer ``target``'s MLP output (model units) from this member's activations of layers
+        0..target: the partial outputs summed over the latent group, then ``b_dec``."""
+        partial = acts.new_zeros(*acts.shape[:-2], self.d_out)
+        for source in range(target + 1):
+            W = self.W_dec[source][:, target - source].to(acts.dtype)
+            partial = partial + acts[..., source, :] @ W
+        written = reduce_from_shards(partial, self.shard.latent_group)
+        return (written + self.b_dec[target].to(acts.dtype)) / self.output_scale[target]
 
     # ------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -200,4 +208,14 @@ class ShardedTopKCLT(ShardedCLT):
         width = self.d_sae if self.hparams.topk_scope == "layer" else self.n_features
         rows = scores.reshape(-1, width)
         kept = self._row_top_k(rows, self.k).to_dense(width) != 0
+        return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
+
+    def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
+        """One layer's TopK (``topk_scope: layer``) across the latent group, as the replacement
+        model meets it; over all layers it is refused, as in one process."""
+        if self.hparams.topk_scope == "all":
+            return super().layer_activation(layer, pre)  # raises, saying why
+        scores = torch.relu(pre.detach()) * self.written_norms()[layer].detach().to(pre.dtype)
+        rows = scores.reshape(-1, self.d_sae)
+        kept = self._row_top_k(rows, self.k).to_dense(self.d_sae) != 0
         return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
