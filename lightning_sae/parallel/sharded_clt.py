@@ -40,9 +40,9 @@ from lightning_sae.models.clt import (
 from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
 from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
 
-# Callbacks that address features by contiguous dictionary indices, which a CLT's layer-major
-# features are not on a member; refused until they learn the CLT's layout (LatentShard maps a
-# member's features to their global index layer * d_sae + f).
+# Callbacks that compute a member's weights for one contiguous range of dictionary latents,
+# which a CLT member's are not (it holds a slice of every layer); refused until they learn the
+# CLT's layout. The others address features through LatentShard's global indices.
 UNSUPPORTED_CALLBACKS = ("DataInformedInit",)
 
 
