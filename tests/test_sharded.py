@@ -33,7 +33,7 @@ from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
 from lightning_sae.parallel.layers import check_shardable, sharded_class
-from lightning_sae.parallel.sharded import ShardSpec
+from lightning_sae.parallel.sharded import LatentShard, ShardSpec
 from lightning_sae.trainer_cli import SAECLI, _latent_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -424,3 +424,21 @@ def test_sharded_clt_refuses_callbacks_that_address_features_by_index() -> None:
     refusal = r"^DataInformedInit is not supported yet .* trainer.latent_parallel: 1\.$"
     with pytest.raises(ValueError, match=refusal):
         clt.setup("fit")
+
+
+def test_a_clt_members_features_map_to_their_global_indices() -> None:
+    """Member t of 2 holds latents [32t, 32t + 32) of each of 3 layers, layer-major: its local
+    index l * 32 + j is global index l * 64 + 32t + j. The maps agree with each other, and
+    every member's slice joined in member order comes back in global order."""
+    shards = [LatentShard(64, t, 2, 1, None, None, None, layers=3) for t in range(2)]
+    everything = torch.arange(3 * 64)
+    for shard in shards:
+        mine = shard.global_indices()
+        assert mine[:3].tolist() == [32 * shard.latent_rank + j for j in range(3)]
+        assert mine[32] == 64 + 32 * shard.latent_rank  # layer 1's first
+        assert torch.equal(everything[shard.holds(everything)], mine)
+        assert torch.equal(shard.local_indices(mine), torch.arange(3 * 32))
+        assert torch.equal(shard.local_indices(mine.flip(0)), torch.arange(3 * 32).flip(0))
+    by_member = torch.cat([shard.global_indices() for shard in shards])
+    assert torch.equal(shards[0].in_global_order(by_member), everything)
+    assert torch.equal(shards[0].in_global_order(by_member[:, None]), everything[:, None])
