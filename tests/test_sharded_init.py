@@ -19,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_sae.callbacks.init import METHODS as ALL_METHODS
 from lightning_sae.callbacks.init import DataInformedInit
+from lightning_sae.models.clt import JumpReLUCrossLayerTranscoder
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.parallel.kmeans import _SplitRandom, sharded_spherical_kmeans
 from lightning_sae.parallel.sharded import LatentShard
@@ -48,6 +50,33 @@ def clustered_sample() -> torch.Tensor:
 def one_process(method: str) -> dict[str, torch.Tensor]:
     init = DataInformedInit(method=method, n_samples=N, rare_fraction=0.1)
     return init.initial_weights(clustered_sample(), StandardSAE(d_in=D_IN, d_sae=D_SAE))
+
+
+# A cross-layer transcoder of 3 layers, 32 features each, reading 16 and writing 8 wide.
+LAYERS, CLT_OUT = 3, 8
+
+
+def clt_sample() -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [N, 3, 16], outputs [N, 3, 8]): each layer reads the clustered rows mixed its
+    own way and writes a fixed map of what it reads, so the layers' samples differ."""
+    g = torch.Generator().manual_seed(1)
+    x = clustered_sample()
+    inputs = torch.stack([x @ torch.randn(D_IN, D_IN, generator=g) for _ in range(LAYERS)], 1)
+    outputs = torch.relu(inputs) @ torch.randn(D_IN, CLT_OUT, generator=g)
+    return inputs, outputs + torch.arange(LAYERS)[:, None]
+
+
+def clt(shard: LatentShard | None = None) -> JumpReLUCrossLayerTranscoder:
+    module = JumpReLUCrossLayerTranscoder(d_in=D_IN, d_sae=D_SAE, n_layers=LAYERS, d_out=CLT_OUT)
+    if shard is not None:
+        module.shard = shard  # what shard_of reads: its features per layer are the shard's
+    return module
+
+
+def clt_init(method: str, shard: LatentShard | None = None) -> dict[str, torch.Tensor]:
+    init = DataInformedInit(method=method, n_samples=N, rare_fraction=0.1)
+    x_n, y_n = clt_sample()
+    return init.initial_weights(x_n, clt(shard), y_n, shard)
 
 
 class LargestTensors(TorchDispatchMode):
@@ -83,6 +112,8 @@ def _rank(rank: int, port: int, world: int, out: Path) -> None:
                 with LargestTensors() as created:
                     weights = init.initial_weights(clustered_sample(), sae, None, shard)
                 report[mesh, method] = weights, created.shapes
+            for method in ALL_METHODS:  # a CLT's slice of every layer
+                report[mesh, "clt", method] = clt_init(method, shard)
         torch.save(report, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -128,6 +159,25 @@ def test_no_member_allocates_a_dictionary_sized_tensor(two_ranks: list, method: 
     with LargestTensors() as created:
         one_process(method)
     assert any(D_SAE in shape for shape in created.shapes)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_sharded_clt_members_features_of_every_layer_are_the_one_process_init(
+    two_ranks: list, method: str
+) -> None:
+    """Member t holds features [16 t, 16 (t + 1)) of each layer: its rows of every W_dec[s]
+    and columns of every layer's encoder are those of the one-process init."""
+    whole = clt_init(method)
+    assert set(whole) == {"b_dec", "W_enc", *(f"W_dec.{s}" for s in range(LAYERS))}
+    for source in range(LAYERS):  # a feature's whole slab is a unit direction
+        norms = whole[f"W_dec.{source}"].flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones(D_SAE))
+    parts = [rank["1x2", "clt", method] for rank in two_ranks]
+    for key, value in whole.items():
+        dim = {"b_dec": None, "W_enc": 2}.get(key, 0)
+        joined = parts[0][key] if dim is None else torch.cat([p[key] for p in parts], dim=dim)
+        torch.testing.assert_close(joined, value, msg=f"{method} {key}")
+        torch.testing.assert_close(two_ranks[1]["2x1", "clt", method][key], value)
 
 
 def test_kmeans_with_sharded_centroids_is_faiss_kmeans() -> None:

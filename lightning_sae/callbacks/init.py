@@ -8,6 +8,7 @@ random samples, ``svd``: top singular directions, ``kmeans``: centroids, ``outli
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from torch import Tensor
 from lightning_sae.callbacks._reporting import decided, sae_input_and_target, saes
 from lightning_sae.metrics.similarity import import_faiss
 from lightning_sae.models.base import stepping_alone
+from lightning_sae.models.transcoder import cross_directions
 from lightning_sae.parallel.comm import all_reduce
 from lightning_sae.parallel.kmeans import (
     MAX_POINTS_PER_CENTROID,
@@ -39,6 +41,8 @@ BiasInit = Literal["geometric_median", "mean", "keep"]
 # from the same stream would start next to them).
 _SAMPLE_SEED_OFFSET = 0x1A17_5A3D
 _GENERATOR_SEED_OFFSET = 0x6E0_1E7
+# A cross-layer transcoder's source layers draw apart: layer l's seeds are offset by l strides.
+_LAYER_SEED_STRIDE = 0x2545_F491
 
 
 def _unit_rows(x: Tensor) -> Tensor:
@@ -272,14 +276,18 @@ def _sharded_outlier_directions(
 
 
 def _dictionary_size(sae: LightningModule) -> int:
-    """Latents of the whole dictionary (a latent-sharded SAE holds a slice of them)."""
+    """Latents of the whole dictionary (a latent-sharded SAE holds a slice of them); a
+    cross-layer transcoder's per layer."""
     shard = shard_of(sae)
-    return sae.W_dec.shape[0] if shard is None else shard.d_sae
+    if shard is not None:
+        return shard.d_sae
+    return sae.d_sae if getattr(sae, "n_layers", None) is not None else sae.W_dec.shape[0]
 
 
 def _copy_weights(sae: LightningModule, weights: dict[str, Tensor]) -> None:
-    for key, value in weights.items():
-        getattr(sae, key).copy_(value.to(getattr(sae, key)))
+    for key, value in weights.items():  # a CLT's decoders are W_dec.<source layer>
+        tensor = functools.reduce(getattr, key.split("."), sae)
+        tensor.copy_(value.to(tensor))
 
 
 def _from_rank_zero(x: Tensor, shard: LatentShard) -> Tensor:
@@ -367,12 +375,6 @@ class DataInformedInit(Callback):
             return
         named = saes(pl_module)
         for name, sae in named.items():
-            if getattr(sae, "n_layers", None) is not None:
-                raise ValueError(
-                    f"DataInformedInit sets one decoder matrix; {type(sae).__name__} is a "
-                    "cross-layer transcoder, with one decoder per layer pair. Remove the "
-                    "callback (the CLT starts from its own random init)."
-                )
             d_sae = _dictionary_size(sae)
             if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
                 raise ValueError(
@@ -440,42 +442,86 @@ class DataInformedInit(Callback):
         faiss's k-means with each member holding its own centroids, exchanging each sample's
         nearest centroid per iteration (``parallel/kmeans.py``), so no rank holds them all.
         """
-        generator = torch.Generator().manual_seed(self.seed + _GENERATOR_SEED_OFFSET)
-        seed = self.seed + _GENERATOR_SEED_OFFSET
-        d_sae, d_in = _dictionary_size(pl_module), pl_module.W_dec.shape[1]
+        if getattr(pl_module, "n_layers", None) is not None:
+            return self._cross_layer_weights(x_n, pl_module, y_n, shard)
+        d_sae = _dictionary_size(pl_module)
         latents = None if shard is None else range(shard.start, shard.stop)
         target = x_n if y_n is None else y_n
-        b_dec = pl_module.b_dec.detach().clone()
-        if self.b_dec == "geometric_median":
-            b_dec = geometric_median(target)
-        elif self.b_dec == "mean":
-            b_dec = target.mean(0)
+        b_dec = pl_module.b_dec.detach().clone() if self.b_dec == "keep" else self._centre(target)
         if shard is not None:  # one centring for every member
             b_dec = _from_rank_zero(b_dec.to(target).contiguous(), shard)
         centred = target - b_dec
-        if self.method == "orthogonal":
-            W_dec = orthogonal_directions(d_sae, d_in, seed, latents, _gram_sum(shard, x_n))
-        elif self.method == "xavier":
-            W_dec = xavier_directions(d_sae, d_in, seed, latents)
-        elif self.method == "data":
-            W_dec = sample_directions(centred, d_sae, generator, latents)
-        elif self.method == "svd":
-            top = None
-            if shard is not None:  # one rank's singular vectors, so every member's agree
-                top = _from_rank_zero(top_singular_directions(centred, d_sae).contiguous(), shard)
-            W_dec = svd_directions(centred, d_sae, seed, latents, top)
-        elif self.method == "kmeans":
-            W_dec = kmeans_directions(centred, d_sae, self.seed, shard)
-        else:
-            W_dec = outlier_directions(
-                centred, d_sae, self.rare_fraction, generator, self.seed, shard
-            )
+        W_dec = self._directions(centred, d_sae, latents, shard)
         weights = {"W_dec": W_dec.float().cpu(), "b_dec": b_dec.float().cpu()}
         if self.encoder == "transpose" and y_n is not None:
             W_enc = pl_module.restart_encoder_directions(W_dec.to(x_n), x_n, centred).T
             weights["W_enc"] = W_enc.float().cpu().contiguous()
         elif self.encoder == "transpose":
             weights["W_enc"] = weights["W_dec"].T.contiguous()
+        return weights
+
+    def _centre(self, target: Tensor) -> Tensor:
+        """``b_dec`` of a sample [n, d] (geometric median or mean)."""
+        return geometric_median(target) if self.b_dec == "geometric_median" else target.mean(0)
+
+    def _directions(
+        self, centred: Tensor, d_sae: int, latents: range | None, shard: LatentShard | None,
+        layer: int = 0,
+    ) -> Tensor:  # fmt: skip
+        """Unit decoder rows ``latents`` (default all) of a ``d_sae``-row dictionary for the
+        centred sample, by ``method``; ``layer`` (a CLT's source layer) offsets every seed, so
+        that each layer draws its own rows and layer 0 those of an SAE."""
+        seed = self.seed + _GENERATOR_SEED_OFFSET + layer * _LAYER_SEED_STRIDE
+        generator = torch.Generator().manual_seed(seed)
+        width = centred.shape[1]
+        if self.method == "orthogonal":
+            return orthogonal_directions(d_sae, width, seed, latents, _gram_sum(shard, centred))
+        if self.method == "xavier":
+            return xavier_directions(d_sae, width, seed, latents)
+        if self.method == "data":
+            return sample_directions(centred, d_sae, generator, latents)
+        if self.method == "svd":
+            top = None
+            if shard is not None:  # one rank's singular vectors, so every member's agree
+                top = _from_rank_zero(top_singular_directions(centred, d_sae).contiguous(), shard)
+            return svd_directions(centred, d_sae, seed, latents, top)
+        if self.method == "kmeans":
+            return kmeans_directions(centred, d_sae, self.seed + layer, shard)
+        return outlier_directions(
+            centred, d_sae, self.rare_fraction, generator, self.seed + layer, shard
+        )
+
+    def _cross_layer_weights(
+        self, x_n: Tensor, clt: LightningModule, y_n: Tensor | None, shard: LatentShard | None
+    ) -> dict[str, Tensor]:
+        """A cross-layer transcoder's weights from its normalised sample (``x_n`` [n, layers,
+        d_in], ``y_n`` [n, layers, d_out]): ``b_dec[t]`` from layer ``t``'s outputs; the
+        features of source layer ``s`` as a transcoder's from that layer's inputs to what they
+        write, every output from layer ``s`` on (centred and joined, so that a decoder row is
+        the feature's whole slab at unit norm); the encoder column the input direction that
+        predicts it (:func:`~lightning_sae.models.transcoder.cross_directions`). With ``shard``
+        (a member holds features ``[start, stop)`` of every layer), those features of every
+        layer, equal to that slice of the whole."""
+        if y_n is None:
+            raise ValueError("a cross-layer transcoder's init needs the output sample y_n.")
+        d_sae, layers = _dictionary_size(clt), clt.n_layers
+        latents = None if shard is None else range(shard.start, shard.stop)
+        if self.b_dec == "keep":
+            b_dec = clt.b_dec.detach().clone()
+        else:
+            b_dec = torch.stack([self._centre(y_n[:, target]) for target in range(layers)])
+        if shard is not None:  # one centring for every member
+            b_dec = _from_rank_zero(b_dec.to(y_n).contiguous(), shard)
+        weights = {"b_dec": b_dec.float().cpu()}
+        encoders = []
+        for source in range(layers):
+            written = (y_n[:, source:] - b_dec[source:]).flatten(1)
+            rows = self._directions(written, d_sae, latents, shard, layer=source)
+            weights[f"W_dec.{source}"] = rows.reshape(len(rows), layers - source, -1).float().cpu()
+            if self.encoder == "transpose":
+                encoders.append(cross_directions(rows.to(x_n), x_n[:, source], written).T)
+        if encoders:
+            weights["W_enc"] = torch.stack(encoders).float().cpu().contiguous()
         return weights
 
     def state_dict(self) -> dict[str, Any]:

@@ -123,14 +123,13 @@ class _SplitRandom:
         largest."""
         k = len(counts)
         p = ((counts.astype(np.float64) - 1.0) / np.float64(np.float32(n - k))).astype(np.float32)
-        tries = 10 * k
-        self._ensure(tries)
-        draws = self._drawn[self._used : self._used + tries]
-        hits = np.flatnonzero(draws < p[np.arange(tries) % k])
-        if len(hits):
-            self._used += int(hits[0]) + 1
-            return int(hits[0]) % k
-        self._used += tries
+        for _ in range(10):  # one cycle over the clusters at a time: usually the first hits
+            self._ensure(k)
+            hits = np.flatnonzero(self._drawn[self._used : self._used + k] < p)
+            if len(hits):
+                self._used += int(hits[0]) + 1
+                return int(hits[0])
+            self._used += k
         return int(np.argmax(counts))
 
 
