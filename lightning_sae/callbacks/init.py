@@ -334,6 +334,10 @@ class DataInformedInit(Callback):
     column the input-site direction that predicts its decoder row over the sample
     (``models.transcoder.cross_directions``).
 
+    A cross-layer transcoder is initialised layer by layer: ``b_dec[t]`` from layer ``t``'s
+    outputs, and source layer ``s``'s features as a transcoder's from that layer's inputs to
+    every output they write (see :meth:`_cross_layer_weights`).
+
     In an ``SAEGroup`` every member is initialised this way from the same sample (its own
     hook's activations), exactly as it would be alone.
 
