@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
-from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder
+from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
@@ -133,9 +133,9 @@ RUNS |= {
 CLT = M + "clt."
 CLT_KWARGS = {"d_out": sharded_run.D_OUT, "input_hooks": sharded_run.CLT_IN,
               "output_hooks": sharded_run.CLT_OUT, "normalize_activations": True}  # fmt: skip
-# The resampler, the density and the geometry monitor address a CLT's features by global index
-# layer * d_sae + f; a member holds a slice of each layer. Silenced: features of both layers on
-# both members (d_sae 64 per layer, 2 layers).
+# Every callback, which address a CLT's features by global index layer * d_sae + f while a
+# member holds a slice of each layer; the data-informed init per run. Silenced: features of both
+# layers on both members (d_sae 64 per layer, 2 layers).
 CLT_CALLBACKS = {"callbacks": True, "init": None, "silence": [1, 40, 69, 127]}
 RUNS |= {
     # The tanh sparsity and the pre-activation loss: each member's share of the features.
@@ -145,6 +145,7 @@ RUNS |= {
         "sites": "clt",
         "checkpoint": True,
         **CLT_CALLBACKS,
+        "init": "kmeans",  # each member its features of every layer (callbacks/init.py)
     },
     # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
     "topk_clt": {
@@ -159,6 +160,7 @@ RUNS |= {
         "kwargs": {"k": 40, "topk_scope": "all", **CLT_KWARGS},
         "sites": "clt",
         **CLT_CALLBACKS,
+        "init": "outliers",
     },
 }
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
@@ -413,17 +415,6 @@ def test_yaml_latent_parallel_option_parses(capsys: pytest.CaptureFixture[str]) 
     assert stopped.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert (printed["devices"], printed["latent_parallel"]) == (4, 2)
-
-
-def test_sharded_clt_refuses_callbacks_that_address_features_by_index() -> None:
-    """A member holds features of every layer, not a contiguous range of the flat indices the
-    data-informed init computes: refused in one line, on every rank alike."""
-    clt = JumpReLUCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2)
-    clt.__class__ = sharded_class(JumpReLUCrossLayerTranscoder)
-    clt._trainer = SimpleNamespace(callbacks=[DataInformedInit()], datamodule=None)
-    refusal = r"^DataInformedInit is not supported yet .* trainer.latent_parallel: 1\.$"
-    with pytest.raises(ValueError, match=refusal):
-        clt.setup("fit")
 
 
 def test_a_clt_members_features_map_to_their_global_indices() -> None:

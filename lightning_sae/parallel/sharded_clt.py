@@ -40,11 +40,6 @@ from lightning_sae.models.clt import (
 from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
 from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
 
-# Callbacks that compute a member's weights for one contiguous range of dictionary latents,
-# which a CLT member's are not (it holds a slice of every layer); refused until they learn the
-# CLT's layout. The others address features through LatentShard's global indices.
-UNSUPPORTED_CALLBACKS = ("DataInformedInit",)
-
 
 class _ShardedLayerDeadFraction(DeadFraction):
     """Firing counts of every layer's features, each member adding its slice of each layer."""
@@ -88,16 +83,6 @@ class ShardedCLT(ShardedSAE):
 
     def partial_terms(self) -> set[str]:
         return {"sparsity", "preact"}
-
-    def setup(self, stage: str) -> None:
-        for callback in self.trainer.callbacks:
-            if type(callback).__name__ in UNSUPPORTED_CALLBACKS:
-                raise ValueError(
-                    f"{type(callback).__name__} is not supported yet with a latent-sharded "
-                    "cross-layer transcoder: remove it from trainer.callbacks, or set "
-                    "trainer.latent_parallel: 1."
-                )
-        super().setup(stage)
 
     # ------------------------------------------------------------- the map
     def reconstruct(self, acts: Tensor) -> Tensor:
