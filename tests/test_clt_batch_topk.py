@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder
+from lightning_sae.parallel.layers import sharded_class
+from lightning_sae.parallel.sharded import LatentShard
 
 K, ROWS, N_LAYERS, D_SAE = 2, 8, 2, 6
 ABOVE, TIES, TIE = 9, 10, 5.0  # of the k x rows = 16 kept: 9 above the cut, 7 of 10 ties
@@ -61,18 +63,31 @@ def joined(parts: list[torch.Tensor], scope: str, mesh: str) -> torch.Tensor:
 
 
 def _rank(rank: int, port: int, out: Path) -> None:
+    """DDP, then latent sharding both ways a 2-process mesh can split (1x2: each rank holds
+    half of every layer's features; 2x1: half of the rows)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        everyone = dist.group.WORLD
+        shards = {
+            "1x2": LatentShard(D_SAE, rank, 2, 1, everyone, None, everyone),
+            "2x1": LatentShard(D_SAE, 0, 1, 2, None, everyone, everyone),
+        }
         for scope in SCOPES:
             clt = make(scope)
             mask = clt.keep_mask(halves(tied_scores(scope), scope, "2x1", rank))
             torch.save(mask, out / f"ddp-{scope}-rank{rank}.pt")
+            for mesh, shard in shards.items():
+                clt = make(scope)
+                clt.__class__ = sharded_class(BatchTopKCrossLayerTranscoder)
+                clt.shard, clt.d_sae = shard, shard.local_size
+                mask = clt.keep_mask(halves(tied_scores(scope), scope, mesh, rank))
+                torch.save(mask, out / f"{mesh}-{scope}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ties_at_the_cut_off_keep_k_per_row_in_one_process_and_over_two_ranks(
+def test_ties_at_the_cut_off_keep_k_per_row_in_one_process_and_on_every_2_rank_mesh(
     tmp_path: Path,
 ) -> None:
     with socket.socket() as sock:
@@ -94,7 +109,7 @@ def test_ties_at_the_cut_off_keep_k_per_row_in_one_process_and_over_two_ranks(
         first = tied.flatten(1).cumsum(1) <= K * ROWS - ABOVE
         assert torch.equal(single.flatten(1), (flat > TIE) | (tied.flatten(1) & first)), scope
 
-        parts = [
-            torch.load(tmp_path / f"ddp-{scope}-rank{r}.pt", weights_only=True) for r in (0, 1)
-        ]
-        assert torch.equal(joined(parts, scope, "2x1"), single), f"ddp {scope}"
+        for run, mesh in (("ddp", "2x1"), ("1x2", "1x2"), ("2x1", "2x1")):
+            files = [tmp_path / f"{run}-{scope}-rank{r}.pt" for r in (0, 1)]
+            parts = [torch.load(file, weights_only=True) for file in files]
+            assert torch.equal(joined(parts, scope, mesh), single), f"{run} {scope}"
