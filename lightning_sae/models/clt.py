@@ -61,6 +61,7 @@ from lightning_sae.models.base import (
     _is_distributed,
     _non_finite_terms,
     check_finite,
+    check_fits_in_memory,
     check_nonnegative,
     check_positive,
 )
@@ -114,6 +115,15 @@ class CrossLayerTranscoder(SparseAutoencoder):
         if d_out is not None:
             check_positive("d_out", d_out, "model.init_args.d_out")
         check_positive("d_sae", d_sae, "model.init_args.d_sae")
+        width_out = d_in if d_out is None else d_out
+        check_fits_in_memory(
+            type(self).parameter_count(d_in, d_sae, n_layers, width_out),
+            n_layers * d_sae,
+            f"a cross-layer transcoder of n_layers={n_layers} with d_sae={d_sae:,} features each "
+            f"(d_in={d_in:,}, d_out={width_out:,}, a decoder from each layer to every later one)",
+            "model.init_args.d_sae, or the layers covered (model.init_args.n_layers, "
+            "input_hooks and output_hooks)",
+        )
         kwargs["apply_b_dec_to_input"] = False
         # The base class keeps one dead clock (and one firing count) per feature of all layers.
         super().__init__(d_in=d_in, d_sae=n_layers * d_sae, **kwargs)
@@ -146,6 +156,19 @@ class CrossLayerTranscoder(SparseAutoencoder):
         self.val_l0, self.val_mse, self.val_fvu = L0(), MSE(), FVU(n_layers * self.d_out)
         self.val_layer_fvu = nn.ModuleList(FVU(self.d_out) for _ in range(n_layers))
         self.val_dead = DeadFraction(self.n_features)
+
+    @classmethod
+    def parameter_count(cls, d_in: int, d_sae: int, n_layers: int, d_out: int) -> int:
+        """The parameters this class allocates: an encoder and its bias per layer, a decoder
+        from each layer to it and every later layer (n_layers (n_layers + 1) / 2 slabs), the
+        output biases, and what the variant adds (:meth:`extra_parameter_count`)."""
+        encoders = n_layers * (d_in * d_sae + d_sae)
+        decoders = n_layers * (n_layers + 1) // 2 * d_sae * d_out + n_layers * d_out
+        return encoders + decoders + cls.extra_parameter_count(d_sae, n_layers)
+
+    @classmethod
+    def extra_parameter_count(cls, d_sae: int, n_layers: int) -> int:
+        return 0
 
     # ----------------------------------------------------------------- interface accessors
     def encoder_direction(self, layer: int) -> Tensor:
@@ -576,6 +599,10 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         self.log_threshold = nn.Parameter(
             torch.full((self.n_layers, self.d_sae), math.log(threshold_init))
         )
+
+    @classmethod
+    def extra_parameter_count(cls, d_sae: int, n_layers: int) -> int:
+        return n_layers * d_sae  # the thresholds
 
     @property
     def threshold(self) -> Tensor:
