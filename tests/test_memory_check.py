@@ -10,6 +10,7 @@ import pytest
 
 from lightning_sae.models.clt import CROSS_LAYER_TRANSCODERS, CrossLayerTranscoder
 from lightning_sae.models.topk import TopKSAE
+from lightning_sae.models.transcoder import TopKSkipTranscoder
 
 PAGE = 4096
 CLT = {"d_in": 64, "d_sae": 64, "n_layers": 8, "d_out": 48}
@@ -64,3 +65,21 @@ def test_an_sae_is_still_counted_by_its_own_weights(monkeypatch: pytest.MonkeyPa
         TopKSAE(d_in=64, d_sae=512)
     machine_with(monkeypatch, needed + PAGE)
     TopKSAE(d_in=64, d_sae=512)
+
+
+def test_a_transcoder_is_counted_by_its_output_width_and_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transcoder's decoder writes d_out columns and its skip is d_out x d_in: with d_out far
+    above d_in it needs many times an SAE of its input width, which the check once counted."""
+    shape = {"d_in": 16, "d_sae": 64, "d_out": 256, "k": 4}
+    needed = weight_bytes(TopKSkipTranscoder(**shape))
+    assert needed > 8 * weight_bytes(TopKSAE(d_in=16, d_sae=64, k=4))
+    machine_with(monkeypatch, needed - PAGE)
+    with pytest.raises(ValueError) as refused:
+        TopKSkipTranscoder(**shape)
+    line = str(refused.value)
+    assert "\n" not in line and f"{needed:,} bytes" in line, line
+    assert "d_out=256" in line and "model.init_args.d_sae" in line, line
+    machine_with(monkeypatch, needed + PAGE)
+    assert weight_bytes(TopKSkipTranscoder(**shape)) == needed
