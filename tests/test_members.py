@@ -25,6 +25,7 @@ from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.parallel.members import MemberParallelStrategy, merge_by_owner, place_members
+from lightning_sae.parallel.sharded import SHARDED_DIMS
 from lightning_sae.trainer_cli import SAECLI, _check_sharded_resume, _member_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,13 +48,24 @@ def logged(folder: Path) -> dict[tuple[str, int], float]:
 
 
 def members_of(folder: Path, devices: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Every member's state from the rank that holds it; each member is held exactly once."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
+    """Every member's state from the ranks that hold it: one rank, or the consecutive ranks of a
+    split member, whose per-latent slices are joined in rank order (the replicated tensors
+    equal on all of them)."""
+    held: dict[str, list[dict[str, torch.Tensor]]] = {}
     for rank in range(devices):
         for name, state in torch.load(folder / f"rank{rank}.pt", weights_only=True).items():
-            assert name not in found, f"{folder}: member {name} held by two ranks"
-            found[name] = state
-    assert sorted(found) == sorted(NAMES), f"{folder}: {sorted(found)}"
+            held.setdefault(name, []).append(state)
+    assert sorted(held) == sorted(NAMES), f"{folder}: {sorted(held)}"
+    found = {}
+    for name, slices in held.items():
+        found[name] = {}
+        for key, value in slices[0].items():
+            if len(slices) > 1 and key in SHARDED_DIMS:
+                value = torch.cat([s[key] for s in slices], dim=SHARDED_DIMS[key])
+            else:
+                for other in slices[1:]:
+                    assert torch.equal(other[key], value), f"{folder}: {name}.{key} differs"
+            found[name][key] = value
     return found
 
 
