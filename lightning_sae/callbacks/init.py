@@ -197,14 +197,16 @@ def _copy_weights(sae: LightningModule, weights: dict[str, Tensor]) -> None:
         getattr(sae, key).copy_(value.to(getattr(sae, key)))
 
 
-def _global_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def _first_of_mesh(shard: LatentShard) -> bool:
+    """Whether this rank is the first of the shard's mesh: global rank 0, or under member
+    placement the first rank of the member's block."""
+    return shard.world_group is None or dist.get_rank(shard.world_group) == 0
 
 
 def _from_rank_zero(x: Tensor, shard: LatentShard) -> Tensor:
-    """Global rank 0's ``x`` on every rank (``x`` has the same shape everywhere)."""
+    """The mesh's first rank's ``x`` on every rank (``x`` has the same shape everywhere)."""
     if shard.world_group is not None:
-        dist.broadcast(x, src=0, group=shard.world_group)
+        dist.broadcast(x, group=shard.world_group, group_src=0)
     return x
 
 
@@ -216,16 +218,16 @@ def _gram_sum(shard: LatentShard | None, like: Tensor) -> Callable[[Tensor], Ten
 
 
 def _rows_from_rank_zero(whole: Tensor | None, shard: LatentShard, like: Tensor) -> Tensor:
-    """This rank's latents of a [d_sae, d] tensor that only global rank 0 computed: a scatter,
-    so every other rank receives its rows only."""
+    """This rank's latents of a [d_sae, d] tensor that only the mesh's first rank computed: a
+    scatter, so every other rank receives its rows only."""
     if shard.world_group is None:
         return whole[shard.start : shard.stop]
     starts = gather_last(torch.tensor([shard.start], device=like.device), shard.world_group)
     mine = torch.empty(shard.local_size, like.shape[1], device=like.device, dtype=torch.float32)
     parts = None
-    if _global_rank() == 0:
+    if _first_of_mesh(shard):
         parts = [whole[s : s + shard.local_size].float().contiguous() for s in starts.tolist()]
-    dist.scatter(mine, parts, src=0, group=shard.world_group)
+    dist.scatter(mine, parts, group=shard.world_group, group_src=0)
     return mine
 
 
@@ -399,7 +401,7 @@ class DataInformedInit(Callback):
             W_dec = svd_directions(centred, d_sae, seed, latents, top)
         else:
             whole = None
-            if shard is None or _global_rank() == 0:
+            if shard is None or _first_of_mesh(shard):
                 if self.method == "kmeans":
                     whole = kmeans_directions(centred, d_sae, self.seed)
                 else:
