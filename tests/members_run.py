@@ -4,7 +4,8 @@ Lightning's launcher re-executes this script once per extra rank, so it is a sta
 program; the test imports :func:`fit` to train the one-process reference in-process. One launch
 fits the group of :data:`MEMBERS` (three members of different widths on two hooks) with every
 training-dynamics callback and checkpoints, then, with ``--resume_from``, fits it again from
-that checkpoint (another launch's, on another number of ranks).
+that checkpoint (its own, written by the first fit, or another launch's, on another number of
+ranks). ``--shard l1=2`` splits member l1's latents over two ranks (``member_shards``).
 A fit writes ``rank<R>.pt`` (the rank's members' state dicts by name), CSV metrics from rank 0
 under ``csv`` and its checkpoints under ``ckpt``, in ``<out>/straight`` and ``<out>/resumed``.
 """
