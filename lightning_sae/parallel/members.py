@@ -8,14 +8,22 @@ every rank, the rows of the hooks its own members read), and each member steps o
 global batch exactly as it would in one process: its step runs with collectives off
 (:func:`~lightning_sae.models.base.stepping_alone`), since it already sees every row.
 
+A member too large for one rank is split (:func:`shard_counts`: named in ``member_shards``, or
+larger than the memory budget): its latents are sharded over a block of consecutive ranks of
+its own, each rank of the block holding a slice (:class:`BlockShard`, the latent-sharded layer
+of ``parallel/sharded.py`` with the block as its whole mesh). Every rank of the block receives
+the whole global batch in the same exchange, so the split member's step is the latent-sharded
+step with no rows to gather, its collectives on the block's process group only.
+
 What the ranks share besides the rows:
 
 - Logged values: each rank records its members' ``self.log`` calls; one ``all_gather_object``
   per step (and per validation epoch) hands every rank every member's values, and every rank
   logs all of them, so rank 0's loggers write every member and every rank logs the same keys.
 - Checkpoints: a torch distributed checkpoint folder in which each member's weights and Adam
-  state are written once, by the rank that holds it; ``meta.pt`` holds the rest, each member's
-  schedule, optimizer options and callback state taken from the rank that holds the member.
+  state are written once, by the rank that holds it (a split member's per-latent tensors as
+  DTensors over its block: each slice once); ``meta.pt`` holds the rest, each member's
+  schedule, optimizer options and callback state taken from the (first) rank that holds it.
   The folder resumes on any number of ranks (members are found by name) and ``lightning-sae
   export`` writes one SAELens folder per member from it.
 - Callbacks act on the rank's own members (``callbacks/_reporting.saes``); see
@@ -51,6 +59,7 @@ from lightning_sae.models.group import MemberOptimizers, SAEGroup
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
 from lightning_sae.parallel.layers import LAYERS, sharded_class
 from lightning_sae.parallel.sharded import LatentShard, shard_of, slice_to_shard
+from lightning_sae.parallel.sharded_clt import ShardedCLT
 from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes, param_groups_by_name
 
 GIB = 2**30
@@ -124,9 +133,10 @@ def place_members(
     return placement
 
 
-def _splittable(name: str, sae: SparseAutoencoder, count: int) -> str | None:
-    """Why member ``name`` cannot be split over ``count`` ranks (None: it can)."""
-    if type(sae) not in LAYERS or getattr(sae, "writes_layers", False):
+def _splittable(sae: SparseAutoencoder, count: int) -> str | None:
+    """Why ``sae`` cannot be split over ``count`` ranks (None: it can)."""
+    layer = LAYERS.get(type(sae))
+    if layer is None or issubclass(layer, ShardedCLT):
         # A cross-layer transcoder's sharded step reduces over the whole world, not a block.
         return f"its class {type(sae).__name__} has no latent-sharded layer for member placement"
     if sae.hparams.d_sae % count:
@@ -165,7 +175,7 @@ def shard_counts(
                     f"trainer.member_shards[{name!r}] is {count!r}: it must be a whole number of "
                     f"devices from 1 to the {world} there are."
                 )
-            why = _splittable(name, sae, count) if count > 1 else None
+            why = _splittable(sae, count) if count > 1 else None
             if why:
                 raise ValueError(
                     f"member {name!r} cannot be split over {count} devices "
@@ -176,10 +186,10 @@ def shard_counts(
             fitting = [
                 n
                 for n in range(2, world + 1)
-                if math.ceil(cost / n) <= budget_bytes and _splittable(name, sae, n) is None
+                if math.ceil(cost / n) <= budget_bytes and _splittable(sae, n) is None
             ]
             if not fitting:
-                why = _splittable(name, sae, 2) or "no device count divides its d_sae and fits"
+                why = _splittable(sae, 2) or "no device count divides its d_sae and fits"
                 raise ValueError(
                     f"member {name!r} needs {cost / GIB:.3g} GiB of weights, gradients and Adam "
                     f"state, more than a rank's budget of {budget_bytes / GIB:.3g} GiB "
