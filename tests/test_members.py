@@ -257,10 +257,12 @@ def test_example_config_turns_member_placement_on(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as stopped:  # --print_config prints, then exits
         SAECLI(
             LightningModule, LightningDataModule, subclass_mode_model=True,
-            subclass_mode_data=True, args=["fit", "--config", str(config), "--print_config"],
+            subclass_mode_data=True, args=["fit", "--config", str(config),
+            "--trainer.member_shards", "{L5: 2}", "--print_config"],
         )  # fmt: skip
     assert stopped.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["trainer"]["devices"], printed["trainer"]["member_parallel"]) == (2, True)
+    assert printed["trainer"]["member_shards"] == {"L5": 2}
     members = printed["model"]["init_args"]["members"]
     assert [m["hook"] for m in members] == printed["data"]["init_args"]["hooks"]
