@@ -6,7 +6,8 @@ One launch runs every mesh of its world size (``--latent_parallel 2 1``: meshes 
 two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 "<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
 training-dynamics callback, else the decoder-norm constraint alone; init: the data-informed
-init method of those callbacks, default kmeans; checkpoint: save every
+init method of those callbacks, default kmeans; init_only: a data-informed init method, its
+callback added to the constraint alone; checkpoint: save every
 ``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
 encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs``,
 ``layers`` or ``clt``, toy rows served as a transcoder's, a crosscoder's or a cross-layer
@@ -239,6 +240,8 @@ def fit(
     dynamics = [DecoderNormConstraint()]
     if run.get("callbacks"):
         dynamics = callbacks(steps, run.get("init", "kmeans"))
+    if run.get("init_only"):  # the data-informed init alone, by the method named
+        dynamics.append(DataInformedInit(method=run["init_only"], n_samples=D_SAE * 2))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,

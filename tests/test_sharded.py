@@ -141,6 +141,7 @@ RUNS |= {
         "kwargs": {"sparsity_coefficient": 1e-2, "preact_coefficient": 1e-2, **CLT_KWARGS},
         "sites": "clt",
         "checkpoint": True,
+        "init_only": "kmeans",  # each member its features of every layer (callbacks/init.py)
     },
     # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
     "topk_clt": {
@@ -153,6 +154,7 @@ RUNS |= {
         "model": CLT + "TopKCrossLayerTranscoder",
         "kwargs": {"k": 40, "topk_scope": "all", **CLT_KWARGS},
         "sites": "clt",
+        "init_only": "outliers",
     },
 }
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh

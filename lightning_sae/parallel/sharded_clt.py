@@ -36,7 +36,6 @@ from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
 # features are not on a member; refused until they learn the CLT's layout.
 UNSUPPORTED_CALLBACKS = (
     "DeadFeatureResampler",
-    "DataInformedInit",
     "FeatureDensityMonitor",
     "FeatureGeometryMonitor",
     "ReplacementEval",
