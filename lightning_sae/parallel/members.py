@@ -386,8 +386,10 @@ class MemberParallelGroup(SAEGroup):
 
     def _publishes(self, key: str) -> bool:
         """Whether this rank logs ``<member>/...``: a split member's values are the same on
-        every rank of its block, and its first rank speaks for it."""
-        return self.placement[key.split("/", 1)[0]] == dist.get_rank()
+        every rank of its block, and its first rank speaks for it (a key of no member: every
+        rank that recorded it)."""
+        first = self.placement.get(key.split("/", 1)[0])
+        return first is None or first == dist.get_rank()
 
     # ----------------------------------------------------------------- rows
     def _needs(self, rank: int) -> list[str | None]:
