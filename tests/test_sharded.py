@@ -156,6 +156,19 @@ RUNS |= {
         "sites": "clt",
         "init_only": "outliers",
     },
+    # The global batch's cut-off per layer over the whole mesh; its inference threshold
+    # resumed and exported.
+    "batchtopk_clt": {
+        "model": CLT + "BatchTopKCrossLayerTranscoder",
+        "kwargs": {"k": 4, **CLT_KWARGS},
+        "sites": "clt",
+        "checkpoint": True,
+    },
+    "batchtopk_all_clt": {
+        "model": CLT + "BatchTopKCrossLayerTranscoder",
+        "kwargs": {"k": 6, "topk_scope": "all", **CLT_KWARGS},
+        "sites": "clt",
+    },
 }
 # On four processes (slow on a 2-core CI machine) the variants whose collectives span both mesh
 # dimensions: global selection over the whole mesh, per-row selection and AuxK with callbacks,
@@ -293,6 +306,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 [2, 1, "topk_skip_transcoder"],
                 [2, 1, "jumprelu_clt"],
                 [2, 2, "topk_clt"],
+                [2, 1, "batchtopk_clt"],
             ],
         ),
         (4, [2], FOUR, [[2, 4, "topk"]]),
@@ -329,7 +343,7 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
 
     # The consolidated export of the last sharded checkpoint is the one-process export.
     exported = ("topk", "jumprelu", "topk_skip_transcoder", "jumprelu_transcoder",
-                "batchtopk_crosscoder", "jumprelu_clt", "topk_clt")  # fmt: skip
+                "batchtopk_crosscoder", "jumprelu_clt", "topk_clt", "batchtopk_clt")  # fmt: skip
     for name in (name for name in exported if name in names):
         cls = RUNS[name]["model"]
         ckpt = tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt"
@@ -342,7 +356,8 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
             torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=key)
     # A CLT's layer-major dead clock, saved through a [n_layers, d_sae] view, comes back flat
     # in the one-process order.
-    for name in (name for name in ("jumprelu_clt", "topk_clt") if name in names):
+    clts = ("jumprelu_clt", "topk_clt", "batchtopk_clt")
+    for name in (name for name in clts if name in names):
         ours = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt")
         theirs = torch.load(single / name / "ckpt" / "last.ckpt", weights_only=True)
         clocks = (c["state_dict"]["tokens_since_fired"] for c in (ours, theirs))
@@ -369,12 +384,10 @@ def test_bad_meshes_and_sizes_name_the_option() -> None:
                        r"model.init_args.d_sae to a multiple of 8") as refused:  # fmt: skip
         check_shardable(crosscoder, 8)
     assert "\n" not in str(refused.value)
-    # A CLT variant without a sharded layer is named, with the option to change.
-    batchtopk_clt = BatchTopKCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2, k=2)
-    with pytest.raises(ValueError, match=r"^BatchTopKCrossLayerTranscoder cannot be latent-"
-                       r"sharded yet.*trainer.latent_parallel: 1") as refused:  # fmt: skip
-        check_shardable(batchtopk_clt, 2)
-    assert "\n" not in str(refused.value)
+    # A cross-layer transcoder's d_sae (features per layer) likewise.
+    batchtopk_clt = BatchTopKCrossLayerTranscoder(d_in=16, d_sae=6, n_layers=2, k=2)
+    with pytest.raises(ValueError, match=r"^d_sae=6 is not divisible by latent_parallel=4"):
+        check_shardable(batchtopk_clt, 4)
     # The command line refuses it once, before any process is launched.
     with pytest.raises(SystemExit, match=r"^error: d_sae=4 is not divisible"):
         _latent_parallel_strategy({}, 8, crosscoder)

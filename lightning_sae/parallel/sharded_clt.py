@@ -12,6 +12,11 @@ Exactness, as in ``parallel/sharded.py``:
 - TopK ranks ``ReLU(h_i) * ||W_dec_i||`` (a feature's decoder norm is its own rows: local): per
   layer, each (row, layer) is one row of the sharded row top-k of ``parallel/sharded.py``; over
   all layers, each row is one, the member's candidates taken from all its layers.
+- BatchTopK ranks the same scores over the global batch (per layer, or over all layers): each
+  member sends its k x global batch largest per group over the whole data x latent mesh, the
+  cut-off of those is the global one (``parallel/sharded.py``, ``ShardedBatchTopK``), and of
+  the entries tied at it the first in the whole batch's order are kept, as in one process.
+  The inference threshold is replicated: every rank reduces the same global minimum.
 - The tanh sparsity and the pre-activation loss are sums over features, each member's share;
   the MSE is replicated. Logged values are the global sums.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,7 +35,7 @@ from lightning_sae.models.base import SAEOutput, SparseAutoencoder
 from lightning_sae.models.clt import (
     CrossLayerTranscoder,
 )
-from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
+from lightning_sae.parallel.comm import all_reduce, gather_last, reduce_from_shards
 from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
 
 # Callbacks that address features by contiguous dictionary indices, which a CLT's layer-major
@@ -200,3 +206,55 @@ class ShardedTopKCLT(ShardedCLT):
         rows = scores.reshape(-1, width)
         kept = self._row_top_k(rows, self.k).to_dense(width) != 0
         return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
+
+
+class ShardedBatchTopKCLT(ShardedCLT):
+    def keep_mask(self, scores: Tensor) -> Tensor:
+        """BatchTopK's selection (``BatchTopKCrossLayerTranscoder.keep_mask``) over the whole
+        dictionary: in training over the global batch (every rank of the mesh), in eval without
+        a threshold over the rows given (the latent group's). ``scores`` [groups, rows, this
+        member's features of the group]."""
+        if not self.training and int(self.threshold_updates) > 0:
+            return scores > self.threshold.to(scores.dtype)[:, None, None]
+        shard = self.shard
+        group = shard.world_group if self.training else shard.latent_group
+        groups, rows, width = scores.shape
+        global_rows = rows * (shard.data_size if self.training else 1)
+        count = min(self.k * global_rows, global_rows * width * shard.latent_size)
+        flat = scores.reshape(groups, -1)
+        candidates = flat.topk(min(count, flat.shape[1]), dim=-1, sorted=False).values
+        everyone = gather_last(candidates, group)  # [groups, members x c]
+        cutoff = everyone.topk(count, dim=-1, sorted=False).values.amin(-1)
+        # The batch's order runs over (row, layer) pairs in the all-layers scope, each holding
+        # a slice of every member's features: those pairs are the units the members interleave.
+        units = scores.reshape(groups, -1, self.d_sae)
+        keep = self._above_and_first_ties_in_batch_order(units, cutoff, count, group)
+        mask = keep.view_as(scores) & (scores > 0)
+        if self.training:
+            self._update_threshold(torch.where(mask, scores, torch.inf).reshape(groups, -1))
+        return mask
+
+    def _above_and_first_ties_in_batch_order(
+        self, units: Tensor, cutoff: Tensor, count: int, group: Any
+    ) -> Tensor:
+        """Per group, the entries of ``units`` [groups, units, features] above its ``cutoff``
+        and, of those tied at it, the first in the whole batch's order until ``count`` are kept
+        (``ShardedBatchTopK._above_and_first_ties``, one group per layer or one for all).
+
+        The order is (data block, unit, latent member, feature); ``group``'s ranks are the data
+        blocks' latent groups in turn (world rank = data block x latent size + latent rank).
+        One all_gather tells each member every member's ties per unit."""
+        shard = self.shard
+        n_groups, n_units, _ = units.shape
+        at = cutoff[:, None, None]
+        tied = units == at
+        mine = torch.cat([tied.sum(-1), (units > at).sum((1, 2))[:, None]], dim=1)
+        counts = gather_last(mine.flatten(), group).view(-1, n_groups, n_units + 1)
+        ties_left = count - counts[:, :, -1].sum(0)  # [groups]
+        per_unit = counts[:, :, :-1].reshape(-1, shard.latent_size, n_groups, n_units)
+        in_order = per_unit.permute(2, 0, 3, 1).reshape(n_groups, -1)
+        before = (in_order.cumsum(-1) - in_order).view(n_groups, -1, n_units, shard.latent_size)
+        position = dist.get_rank(group) if group is not None else 0
+        mine_before = before[:, position // shard.latent_size, :, shard.latent_rank]
+        tie_number = mine_before[..., None] + tied.long().cumsum(-1)
+        return (units > at) | (tied & (tie_number <= ties_left[:, None, None]))
