@@ -291,9 +291,9 @@ def _copy_weights(sae: LightningModule, weights: dict[str, Tensor]) -> None:
 
 
 def _from_rank_zero(x: Tensor, shard: LatentShard) -> Tensor:
-    """Global rank 0's ``x`` on every rank (``x`` has the same shape everywhere)."""
+    """The mesh's first rank's ``x`` on every rank (``x`` has the same shape everywhere)."""
     if shard.world_group is not None:
-        dist.broadcast(x, src=0, group=shard.world_group)
+        dist.broadcast(x, group=shard.world_group, group_src=0)
     return x
 
 

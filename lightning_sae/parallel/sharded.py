@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import L0, DeadFraction
-from lightning_sae.models.base import SAEOutput, SparseAutoencoder
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder, stepping_alone
 from lightning_sae.models.jumprelu import heaviside
 from lightning_sae.models.penalties import (
     OrthogonalityShape,
@@ -304,6 +304,13 @@ class ShardedSAE:
         self._log_training_stats(y_n, out, terms, read=None if y_n is x_n else x_n)
         return loss
 
+    def step_and_statistics(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
+        """The step as a group member takes it (a member latent-sharded inside member placement,
+        ``parallel/members.py``): the sharded step reduces and logs its statistics itself, over
+        its own groups, so nothing is left for the group's one host transfer."""
+        loss = self.training_step(batch, 0)
+        return loss, loss.new_zeros(0, dtype=torch.float64).detach(), lambda values: None
+
     def _global_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """Detached term values with the partial ones summed over the latent group."""
         partial = [name for name in terms if name in self.partial_terms()]
@@ -506,6 +513,18 @@ class ShardedBatchTopK(ShardedTopK):
         code.values = torch.relu(code.values)
         return code
 
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        """The variant's running threshold from the smallest kept value over the whole mesh
+        (``shard.world_group``), named explicitly: inside member placement the mesh is a block
+        of ranks, not the world that the variant's own reduction would span."""
+        inf = values.new_tensor(float("inf"))
+        smallest = torch.where(values > 0, values, inf).min() if values.numel() else inf
+        smallest = smallest.to(self.threshold.dtype)  # bf16 under autocast
+        all_reduce(smallest, self.shard.world_group, dist.ReduceOp.MIN)
+        with stepping_alone():  # already the mesh's minimum: the variant reduces nothing more
+            super()._update_threshold(smallest.reshape(1))
+
     def _above_and_first_ties(self, scores: Tensor, cutoff: Tensor, count: int) -> Tensor:
         """The entries above the cut-off and, of those tied at it, the first ones in the order
         of the whole batch (global row, then global latent) until ``count`` are kept: the
@@ -647,6 +666,13 @@ def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
         world_group=dist.group.WORLD if world > 1 else None,
         layers=type(module).feature_layers(module),
     )
+    return slice_to_shard(module, shard)
+
+
+@torch.no_grad()
+def slice_to_shard(module: SparseAutoencoder, shard: LatentShard) -> SparseAutoencoder:
+    """Keep only ``shard``'s latents of ``module`` (its class already its sharded layer), in
+    place: every per-latent parameter and buffer becomes its slice. Returns it."""
     dims = type(module).sharded_dims(module)
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if name not in dims:
