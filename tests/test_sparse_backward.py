@@ -203,19 +203,20 @@ def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
         assert torch.equal(flat, expected_flat.sort().values)
 
 
-@pytest.mark.parametrize("name", ["topk", "matryoshka"])
+@pytest.mark.parametrize("name", ["topk", "matryoshka", "batchtopk-skip-transcoder"])
 def test_training_steps_reuse_the_last_steps_pre_activations(name: str) -> None:
     """On CPU a training step writes its pre-activations into the last step's tensor (no fresh
     [rows, d_sae] allocation): the steps equal, bit for bit, those of a twin that allocates
     every time, and an output taken outside a step is never overwritten."""
-    sae, x, _ = prepared(name)
+    sae, x, y = prepared(name)
+    batch = x if y is x else (x, y)
     twin = copy.deepcopy(sae)
     outside = sae.forward_normalized(x)
     outside_pre_acts = outside.pre_acts.clone()
     storage = []
     for _ in range(3):
         for model in (sae, twin):
-            loss, stats, _ = model.step_and_statistics(x)
+            loss, _, _ = model.step_and_statistics(batch)
             loss.backward()
             with torch.no_grad():
                 for param in model.parameters():
