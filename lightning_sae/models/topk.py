@@ -141,8 +141,11 @@ class TopKSAE(SparseAutoencoder):
 
     def recycle(self, out: SAEOutput) -> None:
         # CPU only: CUDA's caching allocator already reuses the memory. Not across an eval
-        # phase (train(False) drops it), so validation does not hold a second copy.
-        if self.training and out.pre_acts is not None and out.pre_acts.device.type == "cpu":
+        # phase (train(False) drops it), so validation does not hold a second copy; not for a
+        # compiled forward, which makes its own outputs.
+        compiled = hasattr(self.forward_normalized, "_torchdynamo_orig_callable")
+        on_cpu = out.pre_acts is not None and out.pre_acts.device.type == "cpu"
+        if self.training and on_cpu and not compiled:
             self._recycled = out.pre_acts.reshape(-1, self.d_sae)
 
     def train(self, mode: bool = True) -> TopKSAE:
