@@ -107,22 +107,25 @@ def _gib(n: int) -> str:
     return f"{n:,} bytes ({n / (1 << 30):,.1f} GiB)"
 
 
-def check_fits_in_memory(d_in: int, d_sae: int) -> None:
-    """Refuse, before anything is allocated, a dictionary whose weights alone exceed this
-    machine's memory: the allocator's own error names neither the option nor the sizes."""
+def check_fits_in_memory(parameters: int, counters: int, sizes: str, option: str) -> None:
+    """Refuse, before anything is allocated, a model whose weights alone exceed this machine's
+    memory: the allocator's own error names neither the option nor the sizes.
+
+    ``parameters``: its float32 parameters, as the model's class counts them (an SAE, a
+    cross-layer transcoder: each its own layout); ``counters``: its int64 per-feature counters
+    (the dead clock). ``sizes`` names the sizes in the message, ``option`` what to lower."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):  # no sysconf (Windows): the allocator decides
         return
-    parameters = 2 * d_in * d_sae + d_sae + d_in  # W_enc, W_dec, b_enc, b_dec
-    weights = 4 * parameters + 8 * d_sae  # float32, and the int64 firing counters
+    weights = 4 * parameters + 8 * counters
     if weights > memory:
         # Training adds a gradient and Adam's two moments per parameter.
         training = weights + 3 * 4 * parameters
         raise ValueError(
-            f"d_sae={d_sae:,} with d_in={d_in:,}: the SAE's weights need {_gib(weights)}, and "
-            f"training them with Adam (gradients and two moments) {_gib(training)}; this "
-            f"machine has {_gib(memory)} of memory: lower model.init_args.d_sae."
+            f"{sizes}: the weights need {_gib(weights)}, and training them with Adam (gradients "
+            f"and two moments) {_gib(training)}; this machine has {_gib(memory)} of memory: "
+            f"lower {option}."
         )
 
 
@@ -230,7 +233,12 @@ class SparseAutoencoder(LightningModule):
         super().__init__()
         check_positive("d_in", d_in, "model.init_args.d_in")
         check_positive("d_sae", d_sae, "model.init_args.d_sae")
-        check_fits_in_memory(d_in, d_sae)
+        check_fits_in_memory(
+            2 * d_in * d_sae + d_sae + d_in,  # W_enc, W_dec, b_enc, b_dec
+            d_sae,
+            f"d_sae={d_sae:,} with d_in={d_in:,}",
+            "model.init_args.d_sae",
+        )
         check_positive("lr", lr, "model.init_args.lr")
         if encoder_init_scale is not None:
             check_positive(
