@@ -462,6 +462,11 @@ class ShardedStandard(ShardedSAE):
     def partial_terms(self) -> set[str]:
         return {"l1", "tanh"}
 
+    def steps_sparsely(self, pre_acts: Tensor) -> bool:
+        # Dense steps: StandardSAE's sparse step decodes without the partial decodes' all-reduce
+        # (reconstruct above), and the members would pick by their own slices' densities.
+        return False
+
     def input_offset(self) -> Tensor | None:
         # use_b_dec: false keeps b_dec a zero buffer and subtracts nothing.
         return super().input_offset() if self.hparams.get("use_b_dec", True) else None
