@@ -92,15 +92,15 @@ class TrainingFigures(Callback):
         # collective that every rank joins (callbacks run on every rank).
         if trainer.sanity_checking or shard_of(pl_module) is not None:
             return
-        # A placed member's metric saw the whole batch on its own rank: read as it is, and
-        # every rank's joined (rank 0 draws).
+        # A placed member's metric saw the whole batch on its own rank: read as it is (a member
+        # split over a block: synced over the block), and every rank's joined (rank 0 draws).
         placed = placement_of(pl_module) is not None
         found = {}
         for name, sae in saes(pl_module).items():
             metric = getattr(sae, "val_dead", None)
             if not isinstance(metric, FiringCounts):
                 continue
-            with metric.sync_context(should_sync=not placed):
+            with metric.sync_context(should_sync=not placed or shard_of(sae) is not None):
                 counts, n = metric.counts.detach().cpu().clone(), int(metric.n)
             if n:
                 found[name] = (counts, n)
