@@ -187,8 +187,8 @@ def _clt_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, di
     ours = {key: value for key, value in weights.items() if key != "threshold"}
     if "threshold" in weights:
         threshold = weights["threshold"]
-        if threshold.dim() == 2:  # JumpReLU: one per feature, stored as its log
-            ours["log_threshold"] = threshold.log()
+        if threshold.dim() == 2:  # JumpReLU: one per feature
+            ours["threshold"] = threshold
         else:  # BatchTopK: one per layer (or one), learned in training
             ours |= {"threshold": threshold, "threshold_updates": torch.tensor(1)}
     return ours, {}

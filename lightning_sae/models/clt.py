@@ -596,27 +596,42 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
             check_nonnegative(name, value, f"model.init_args.{name}")
         check_positive("sparsity_c", sparsity_c, "model.init_args.sparsity_c")
         super().__init__(*args, **kwargs)
-        self.log_threshold = nn.Parameter(
-            torch.full((self.n_layers, self.d_sae), math.log(threshold_init))
+        # theta [n_layers, d_sae] itself, not its log, as JumpReLUSAE's (models/jumprelu.py):
+        # Adam moves a parameter by about lr per step, so a log step moves theta by theta x lr
+        # and from a small start theta could grow at most e^(lr x steps)-fold.
+        self.threshold = nn.Parameter(
+            torch.full((self.n_layers, self.d_sae), float(threshold_init))
         )
 
     @classmethod
     def extra_parameter_count(cls, d_sae: int, n_layers: int) -> int:
         return n_layers * d_sae  # the thresholds
 
-    @property
-    def threshold(self) -> Tensor:
-        """theta [n_layers, d_sae], in pre-activation units (the same in model units)."""
-        return self.log_threshold.exp()
+    def positive_threshold(self) -> Tensor:
+        """theta [n_layers, d_sae] as the encoder uses it (pre-activation units, the same in
+        model units): at least 0 in value, with the gradient of theta itself, so that a
+        threshold Adam stepped below 0 lets no negative pre-activation through and can still
+        be lifted back (:meth:`JumpReLUSAE.positive_threshold`)."""
+        theta = self.threshold
+        return theta + (theta.clamp_min(0) - theta).detach()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Checkpoints written before theta was its own parameter hold log(theta).
+        log_threshold = state_dict.pop(prefix + "log_threshold", None)
+        if log_threshold is not None and prefix + "threshold" not in state_dict:
+            state_dict[prefix + "threshold"] = log_threshold.exp()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def activation(self, pre: Tensor) -> Tensor:
         # The kernel sums its threshold gradient over the rows of a [rows, features] tensor.
         flat = pre.reshape(-1, self.n_features)
-        acts = jumprelu(flat, self.threshold.reshape(-1), self.hparams.bandwidth)
+        acts = jumprelu(flat, self.positive_threshold().reshape(-1), self.hparams.bandwidth)
         return acts.reshape(pre.shape)
 
     def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
-        return jumprelu(pre, self.threshold[layer], self.hparams.bandwidth)
+        return jumprelu(pre, self.positive_threshold()[layer], self.hparams.bandwidth)
 
     def loss_terms(self, y_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams
@@ -626,22 +641,23 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         tanh = torch.tanh(hp.sparsity_c * norms * out.acts)
         terms["sparsity"] = weight * tanh.sum((-2, -1)).mean()
         if hp.preact_coefficient > 0:
-            shortfall = torch.relu(self.threshold - out.pre_acts) * norms
+            shortfall = torch.relu(self.positive_threshold() - out.pre_acts) * norms
             terms["preact"] = hp.preact_coefficient * shortfall.sum((-2, -1)).mean()
         return terms
 
     @torch.no_grad()
     def reset_features(self, indices: Tensor, *args: Any, **kwargs: Any) -> list:
         touched = super().reset_features(indices, *args, **kwargs)
-        indices = indices.to(self.log_threshold.device)
-        self.log_threshold.view(-1)[indices] = math.log(self.hparams.threshold_init)
+        # A dead feature's threshold may sit above anything its new encoder column produces.
+        indices = indices.to(self.threshold.device)
+        self.threshold.view(-1)[indices] = self.hparams.threshold_init
         return touched
 
     def feature_parameters(self) -> list[tuple[nn.Parameter, int, int | str]]:
-        return [*super().feature_parameters(), (self.log_threshold, 1, "stacked")]
+        return [*super().feature_parameters(), (self.threshold, 1, "stacked")]
 
     def extra_folded_weights(self) -> dict[str, Tensor]:
-        return {"threshold": self.threshold.detach().double()}
+        return {"threshold": self.positive_threshold().detach().double()}
 
 
 # ----------------------------------------------------------------------------- TopK family

@@ -2,7 +2,7 @@
 
 Member ``t`` of a latent group of ``N`` holds features ``[t * d_sae / N, (t + 1) * d_sae / N)``
 of every layer: those columns of ``W_enc[l]``, entries of ``b_enc[l]`` and of JumpReLU's
-``log_threshold[l]``, rows of every ``W_dec[s]``, and their entries of the layer-major dead clock.
+``threshold[l]``, rows of every ``W_dec[s]``, and their entries of the layer-major dead clock.
 ``b_dec`` and the per-layer input and output scales are replicated.
 
 Exactness, as in ``parallel/sharded.py``:
@@ -73,7 +73,7 @@ class ShardedCLT(ShardedSAE):
         dims: dict[str, ShardSpec] = {
             "W_enc": (2, None),
             "b_enc": (1, None),
-            "log_threshold": (1, None),
+            "threshold": (1, None),
             "tokens_since_fired": (1, (module.n_layers, -1)),
         }
         return dims | {f"W_dec.{s}": (0, None) for s in range(module.n_layers)}
