@@ -43,7 +43,12 @@ from lightning_sae.parallel.sharded import (
     ShardedTopK,
     check_latent_split,
 )
-from lightning_sae.parallel.sharded_clt import ShardedBatchTopKCLT, ShardedCLT, ShardedTopKCLT
+from lightning_sae.parallel.sharded_clt import (
+    ShardedBatchTopKCLT,
+    ShardedCLT,
+    ShardedJumpReLUCLT,
+    ShardedTopKCLT,
+)
 
 # The layer of each shipped variant, by exact class: a subclass from elsewhere may override
 # what the layer relies on, so it is refused rather than assumed.
@@ -72,7 +77,7 @@ LAYERS: dict[type[SparseAutoencoder], type[ShardedSAE]] = {
     BatchTopKCrossCoder: ShardedBatchTopK,
     # Cross-layer transcoders (parallel/sharded_clt.py).
     CrossLayerTranscoder: ShardedCLT,
-    JumpReLUCrossLayerTranscoder: ShardedCLT,
+    JumpReLUCrossLayerTranscoder: ShardedJumpReLUCLT,
     TopKCrossLayerTranscoder: ShardedTopKCLT,
     BatchTopKCrossLayerTranscoder: ShardedBatchTopKCLT,
 }

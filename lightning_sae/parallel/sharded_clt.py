@@ -73,7 +73,6 @@ class ShardedCLT(ShardedSAE):
         dims: dict[str, ShardSpec] = {
             "W_enc": (2, None),
             "b_enc": (1, None),
-            "threshold": (1, None),
             "tokens_since_fired": (1, (module.n_layers, -1)),
         }
         return dims | {f"W_dec.{s}": (0, None) for s in range(module.n_layers)}
@@ -189,6 +188,13 @@ class ShardedCLT(ShardedSAE):
         for name in ("l0", "mse", "fvu"):
             self.log(f"val/{name}", getattr(self, f"val_{name}"))
         self.log("val/dead_fraction", self.val_dead)
+
+
+class ShardedJumpReLUCLT(ShardedCLT):
+    @classmethod
+    def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
+        # JumpReLU's per-feature thresholds (BatchTopK's "threshold" is one per layer, replicated).
+        return super().sharded_dims(module) | {"threshold": (1, None)}
 
 
 class ShardedTopKCLT(ShardedCLT):
