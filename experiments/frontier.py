@@ -106,13 +106,17 @@ class Setting:
 
 def settings(args: Any) -> list[Setting]:
     runs: list[Setting] = []
+    # JumpReLU from each library's class default threshold, or from each start asked for
+    target = {"target_l0": args.target_l0}
+    starts = args.jumprelu_threshold_init or [None]
+    jumprelu = [target if t is None else {**target, "threshold_init": t} for t in starts]
     for library, l1s in ((OURS, args.l1), (SAELENS, args.saelens_l1)):
         runs += [Setting(library, "topk", {"k": k}) for k in args.k]
         runs.append(Setting(library, "batchtopk", {"k": args.batch_k}))
-        runs.append(Setting(library, "jumprelu", {"target_l0": args.target_l0}))
+        runs += [Setting(library, "jumprelu", options) for options in jumprelu]
         runs += [Setting(library, "standard", {"l1_coefficient": c}) for c in l1s]
     runs += [Setting(SPARSIFY, "topk", {"k": k}) for k in args.k]
-    return runs
+    return [run for run in runs if run.variant in args.variants]
 
 
 # --------------------------------------------------------------------------- data
@@ -164,7 +168,8 @@ def build_ours(setting: Setting, d_in: int, args: Any, seed: int) -> SparseAutoe
     if setting.variant == "batchtopk":
         return BatchTopKSAE(k=int(o["k"]), **common)
     if setting.variant == "jumprelu":
-        return JumpReLUSAE(l0_target=o["target_l0"], **common)
+        start = {"threshold_init": o["threshold_init"]} if "threshold_init" in o else {}
+        return JumpReLUSAE(l0_target=o["target_l0"], **start, **common)
     return StandardSAE(l1_coefficient=o["l1_coefficient"], **common)
 
 
@@ -278,12 +283,13 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def peer_fvu_at(points: list[dict[str, Any]], library: str, l0: float) -> tuple[float, float]:
     """(FVU, seed range) of ``library``'s frontier at ``l0``: the best of its points at this L0
     (within 2%) and of every pair of its points around ``l0`` (any variants), linear in log
-    L0 between the pair; NaN outside its L0 range."""
+    L0 between the pair; NaN outside its L0 range. A point at L0 0 (an SAE that never fires)
+    has no place on a log L0 axis and bounds no chord."""
     mine = [p for p in points if p["library"] == library]
     candidates = [(p["fvu"], p["fvu_range"]) for p in mine if abs(p["l0"] - l0) <= 0.02 * l0]
     for lo in mine:
         for hi in mine:
-            if lo["l0"] < l0 < hi["l0"]:
+            if 0 < lo["l0"] < l0 < hi["l0"]:
                 t = math.log(l0 / lo["l0"]) / math.log(hi["l0"] / lo["l0"])
                 fvu = (1 - t) * lo["fvu"] + t * hi["fvu"]
                 candidates.append((fvu, max(lo["fvu_range"], hi["fvu_range"])))
@@ -356,7 +362,8 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
         (axes[1], "final_hidden_rel_mse", "final hidden rel. MSE (spliced)"),
     ):
         for library, colour in colours.items():
-            mine = [p for p in points if p["library"] == library]
+            # an SAE that never fires (L0 0) has no place on the log axis: the table has it
+            mine = [p for p in points if p["library"] == library and p["l0"] > 0]
             for variant, marker in markers.items():
                 line = sorted((p for p in mine if p["variant"] == variant), key=lambda p: p["l0"])
                 if not line:
@@ -405,18 +412,33 @@ def read_results(path: Path) -> dict[str, Any]:
     return saved
 
 
-def reuse_peer_runs(args: Any, n_train: int) -> list[dict[str, Any]]:
-    saved = read_results(args.peers_from)
+def runs_at_this_scale(path: Path, args: Any, n_train: int) -> list[dict[str, Any]]:
+    """The runs of a results.json, after checking it was run at this scale."""
+    saved = read_results(path)
     now = {"d_sae": args.d_sae, "steps": args.steps, "batch_size": args.batch_size,
            "n_train": n_train, "lr": args.lr, "seeds": args.seeds}  # fmt: skip
     differ = [k for k in SCALE_KEYS if saved["meta"][k] != now[k]]
     if differ:
         theirs = ", ".join(f"{k} {saved['meta'][k]}" for k in differ)
         raise SystemExit(
-            f"error: {args.peers_from} was run with other settings ({theirs}): rerun the "
-            "peers, or pass the same options."
+            f"error: {path} was run with other settings ({theirs}): rerun its runs, or pass "
+            "the same options."
         )
-    return [r for r in saved["runs"] if r["library"] != OURS]
+    return saved["runs"]
+
+
+def reuse_peer_runs(args: Any, n_train: int) -> list[dict[str, Any]]:
+    return [r for r in runs_at_this_scale(args.peers_from, args, n_train) if r["library"] != OURS]
+
+
+def keep_runs_not_rerun(
+    args: Any, n_train: int, rerun: list[tuple[Setting, int]]
+) -> list[dict[str, Any]]:
+    """The stored runs of every (library, SAE) pair that is not trained now: a rerun of one
+    kind of SAE replaces all of its stored points, whatever their settings."""
+    replaced = {(setting.library, setting.variant) for setting, _ in rerun}
+    saved = runs_at_this_scale(args.keep_from, args, n_train)
+    return [r for r in saved if (r["library"], r["variant"]) not in replaced]
 
 
 def main() -> None:
@@ -430,12 +452,23 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[16, 32, 64], help="TopK k")
     p.add_argument("--batch-k", type=int, default=32, help="BatchTopK k")
     p.add_argument("--target-l0", type=float, default=32.0, help="JumpReLU target L0")
+    p.add_argument(
+        "--jumprelu-threshold-init",
+        type=float,
+        nargs="+",
+        default=None,
+        help="JumpReLU's threshold starts, one point each, the same on both sides (ours "
+        "threshold_init, SAELens's jumprelu_init_threshold; both in raw activation units "
+        "here); default: each class's own",
+    )
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="ours")
     p.add_argument("--saelens-l1", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows spliced")
     p.add_argument("--work", type=Path, default=Path("/tmp/lightning-sae-frontier"))
     every = [OURS, SAELENS, SPARSIFY]
     p.add_argument("--libraries", nargs="+", choices=every, default=every)
+    kinds = ["topk", "batchtopk", "jumprelu", "standard"]
+    p.add_argument("--variants", nargs="+", choices=kinds, default=kinds, help="SAEs trained")
     p.add_argument("--processes-per-peer", type=int, default=2, help="peer runs split over")
     p.add_argument(
         "--gradient-clip",
@@ -445,6 +478,12 @@ def main() -> None:
     )
     p.add_argument(
         "--peers-from", type=Path, help="a results.json at the same scale: reuse its peer runs"
+    )
+    p.add_argument(
+        "--keep-from",
+        type=Path,
+        help="a results.json at the same scale: keep its runs of every library and SAE not "
+        "trained now (e.g. with --variants jumprelu, rerun only JumpReLU on both sides)",
     )
     p.add_argument(
         "--report-from", type=Path, help="a results.json: only redo its table and figure"
@@ -458,6 +497,7 @@ def main() -> None:
     if args.smoke:
         args.steps, args.batch_size, args.d_sae, args.seeds = 3, 64, 64, [0]
         args.k, args.batch_k, args.target_l0 = [4], 4, 4.0
+        args.keep_from = None
         args.l1 = args.saelens_l1 = [1.0]
         args.eval_windows = 1
     peers = []
@@ -479,6 +519,9 @@ def main() -> None:
     model = lm.load_model(data["model"])
 
     runs = [(s, seed) for s in settings(args) if s.library in libraries for seed in args.seeds]
+    if args.keep_from is not None:  # the stored runs of the SAEs not trained now
+        reused += keep_runs_not_rerun(args, len(data["tensors"]["train"]), runs)
+        peers = sorted({*peers, *(r["library"] for r in reused)} - {OURS})
     # The peers train in their own processes while ours trains here; every finished run is
     # measured as soon as its reconstructions are written.
     results: list[dict[str, Any]] = []
@@ -534,6 +577,8 @@ def main() -> None:
         "eval_windows": min(args.eval_windows, len(data["tokens"])),
         "seconds": round(timer.seconds), "gradient_clip": args.gradient_clip,
         "peers_from": None if args.peers_from is None else str(args.peers_from),
+        "kept_from": None if args.keep_from is None else str(args.keep_from),
+        "rerun": sorted({f"{s.library} {s.variant}" for s, _ in runs}),
     }  # fmt: skip
     report(out, results, meta, update_docs=not args.smoke and args.out == DOCS / "frontier")
 
@@ -557,6 +602,11 @@ def report(
         scale += f" lightning-sae trained with gradient_clip_val {meta['gradient_clip']:g}."
     if meta.get("peers_from"):
         scale += f" The peers' runs are those of {meta['peers_from']} (same data and scale)."
+    if meta.get("kept_from"):
+        scale += (
+            f" Rerun here: {', '.join(meta['rerun'])}; every other run is kept from "
+            f"{meta['kept_from']} (same data and scale)."
+        )
     header = ["library", "SAE", "setting", "L0", "FVU", "FVU range", "final hidden rel MSE",
               "final hidden cos", "dead (held out)"]  # fmt: skip
     order = {name: i for i, name in enumerate((OURS, SAELENS, SPARSIFY))}

@@ -41,9 +41,18 @@ def training_sae(options: dict, d_in: int) -> torch.nn.Module:
     if variant == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=options["k"], **shapes))
     if variant == "jumprelu":
-        # SAELens's target-L0 mode (Gemma Scope 2's quadratic penalty around the target).
+        # SAELens's target-L0 mode (Gemma Scope 2's quadratic penalty around the target); the
+        # threshold start, when given, in raw activation units as ours (neither normalises).
+        start = (
+            {"jumprelu_init_threshold": options["threshold_init"]}
+            if "threshold_init" in options
+            else {}
+        )
         config = JumpReLUTrainingSAEConfig(
-            jumprelu_sparsity_loss_mode="quadratic", target_l0=options["target_l0"], **shapes
+            jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=options["target_l0"],
+            **start,
+            **shapes,
         )
         return JumpReLUTrainingSAE(config)
     raise ValueError(f"unknown variant {variant!r}")

@@ -280,6 +280,44 @@ def test_frontier_compares_against_the_best_peer_at_the_same_l0() -> None:
     assert set(table) == {"16.0", "32.0", "64.0"}  # 100 and below 16: no one else there
     assert table["16.0"] == ["0.4500", "A 0.4000", "+0.0500 (spread 0.0200)", "above: A wins"]
     assert table["32.0"][:2] == ["0.2400", "B 0.2500"] and table["32.0"][3] == "at or below"
+    # A point whose SAE never fires (L0 0, e.g. every threshold above every pre-activation)
+    # has no place on a log L0 axis: no chord from it, and the report does not divide by 0.
+    dead = [point("A", 0, 1.1), *peers]
+    assert math.isclose(peer_fvu_at(dead, "A", 32)[0], 0.3)  # not from the L0-0 point
+    assert [row[6] for row in verdicts(dead + ours, ["A", "B"])] == [row[6] for row in rows]
+    assert len(frontier_against_frontier(dead + ours, ["A", "B"])) == 3
+
+
+def test_frontier_reruns_one_kind_of_sae_with_a_given_threshold_start(tmp_path: Path) -> None:
+    # --variants jumprelu --jumprelu-threshold-init 0.75 --keep-from: only JumpReLU trains, on
+    # both sides from the same threshold start; the stored runs of every other SAE are kept.
+    from argparse import Namespace
+
+    from experiments.frontier import OURS, SAELENS, build_ours, keep_runs_not_rerun, settings
+
+    scale = {"d_sae": 8, "steps": 3, "batch_size": 4, "lr": 1e-3, "seeds": [0]}
+    args = Namespace(k=[4], batch_k=4, target_l0=2.0, l1=[1.0], saelens_l1=[2.0],
+                     variants=["jumprelu"], jumprelu_threshold_init=None, **scale)  # fmt: skip
+    assert [s.options for s in settings(args)] == [{"target_l0": 2.0}] * 2  # class defaults
+    assert build_ours(settings(args)[0], 4, args, seed=0).hparams.threshold_init == 0.001
+    args.jumprelu_threshold_init = [0.75]
+    jumprelu = settings(args)
+    assert [s.library for s in jumprelu] == [OURS, SAELENS]
+    assert all(s.options == {"target_l0": 2.0, "threshold_init": 0.75} for s in jumprelu)
+    sae = build_ours(jumprelu[0], 4, args, seed=0)
+    assert torch.equal(sae.threshold.detach(), torch.full((8,), 0.75))
+
+    def run(library: str, variant: str) -> dict:
+        return {"library": library, "variant": variant, "run": f"{library}_{variant}"}
+
+    stored = [run(OURS, "jumprelu"), run(SAELENS, "jumprelu"), run(OURS, "topk"),
+              run("sparsify", "topk")]  # fmt: skip
+    args.keep_from = tmp_path / "results.json"
+    args.keep_from.write_text(json.dumps({"meta": {**scale, "n_train": 10}, "runs": stored}))
+    kept = keep_runs_not_rerun(args, 10, [(jumprelu[0], 0), (jumprelu[1], 0)])
+    assert kept == stored[2:]
+    with pytest.raises(SystemExit, match="other settings"):
+        keep_runs_not_rerun(args, 11, [(jumprelu[0], 0)])
 
 
 def test_smoke_defaults_frontier(
