@@ -168,6 +168,28 @@ def test_init_table_rebuilds_the_sweep_setups_an_earlier_part_ran() -> None:
     assert sweep_setup_named("reference") is None and sweep_setup_named("nope_e1") is None
 
 
+def test_init_table_l1_sweep_plan_runs_informed_inits_beside_random() -> None:
+    """The L1 sweep ran only random init; the init table's question is informed init against
+    it at the same L1 weight: random with plain Adam (the reference's), informed with the
+    chosen optimizer."""
+    from experiments.init_table import SETUPS, l1_sweep_plan, l1_sweep_setup
+
+    swept = [l1_sweep_setup(SETUPS["reference_256"], e, 1.0) for e in (-4, -5)]
+    plan = l1_sweep_plan(swept, ["none", "data"], "adam", [0])
+    assert plan == [
+        ("reference_256_e-4_decay1", "none", "adam", 0),
+        ("reference_256_e-4_decay1", "data", "adam", 0),
+        ("reference_256_e-5_decay1", "none", "adam", 0),
+        ("reference_256_e-5_decay1", "data", "adam", 0),
+    ]
+    assert l1_sweep_plan(swept[:1], ["none", "svd"], "clip1", [1])[1] == (
+        "reference_256_e-4_decay1",
+        "svd",
+        "clip1",
+        1,
+    )
+
+
 @pytest.fixture(scope="module")
 def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny MiniLM activation cache that every MiniLM smoke run reuses."""
