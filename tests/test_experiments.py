@@ -190,6 +190,20 @@ def test_init_table_l1_sweep_plan_runs_informed_inits_beside_random() -> None:
     )
 
 
+def test_approx_l0_standard_settings_are_standard_sae_defaults() -> None:
+    """--approx-l0-settings standard gives ApproxL0SAE what StandardSAE resolves by default
+    (its class defaults differ: docs/defaults.md), so the comparison isolates the objective."""
+    from experiments.approx_l0 import standard_settings
+    from lightning_sae.models.approx_l0 import ApproxL0SAE
+
+    settings = standard_settings(16, 64)
+    assert settings == {"encoder_init_scale": 0.25, "betas": (0.9, 0.99), "gradient_clip_norm": 1.0}
+    plain = ApproxL0SAE(d_in=16, d_sae=64)
+    assert (plain.encoder_init_factor(), plain.adam_betas()) != (0.25, (0.9, 0.99))
+    aligned = ApproxL0SAE(d_in=16, d_sae=64, **settings)
+    assert aligned.gradient_clip_max_norm() == 1.0 and aligned.adam_betas() == (0.9, 0.99)
+
+
 @pytest.fixture(scope="module")
 def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny MiniLM activation cache that every MiniLM smoke run reuses."""
