@@ -363,6 +363,33 @@ def main() -> None:
             title=f"{name} setup, seed 0",
             hlines=THRESHOLDS,
         )
+    if args.l1_exponents is not None and results:
+        plots.curves(
+            sweep_series(results),
+            out / f"mmcs_{tag}.png",
+            xlabel="batch",
+            ylabel="ground-truth MMCS",
+            title=f"{tag}, seed 0",
+            hlines=THRESHOLDS,
+        )
+
+
+def sweep_series(results: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Seed 0's MMCS curve of every run in an L1 sweep, labelled by exponent and init, in
+    exponent order: one figure shows where along the sweep the ground truth is recovered."""
+    series = {}
+    for r in sorted(results, key=lambda r: sweep_exponent(r["setup"])):
+        if r["seed"] == 0:
+            label = f"e={sweep_exponent(r['setup'])} {r['method']}/{r['optimizer']}"
+            series[label] = ([s for s, _ in r["curve"]], [g for _, g in r["curve"]])
+    return series
+
+
+def sweep_exponent(name: str) -> int:
+    match = re.fullmatch(r".+_e(-?\d+)(?:_decay[0-9.e+-]+)?", name)
+    if match is None:
+        raise ValueError(f"{name!r} is not an L1-sweep setup name (<setup>_e<exponent>)")
+    return int(match[1])
 
 
 if __name__ == "__main__":

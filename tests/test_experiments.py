@@ -172,7 +172,7 @@ def test_init_table_l1_sweep_plan_runs_informed_inits_beside_random() -> None:
     """The L1 sweep ran only random init; the init table's question is informed init against
     it at the same L1 weight: random with plain Adam (the reference's), informed with the
     chosen optimizer."""
-    from experiments.init_table import SETUPS, l1_sweep_plan, l1_sweep_setup
+    from experiments.init_table import SETUPS, l1_sweep_plan, l1_sweep_setup, sweep_series
 
     swept = [l1_sweep_setup(SETUPS["reference_256"], e, 1.0) for e in (-4, -5)]
     plan = l1_sweep_plan(swept, ["none", "data"], "adam", [0])
@@ -181,6 +181,16 @@ def test_init_table_l1_sweep_plan_runs_informed_inits_beside_random() -> None:
         ("reference_256_e-4_decay1", "data", "adam", 0),
         ("reference_256_e-5_decay1", "none", "adam", 0),
         ("reference_256_e-5_decay1", "data", "adam", 0),
+    ]
+    runs = [
+        {"setup": name, "method": method, "optimizer": opt, "seed": seed, "curve": [[0, 0.2]]}
+        for name, method, opt, seed in plan
+    ]
+    assert list(sweep_series(runs)) == [
+        "e=-5 none/adam",
+        "e=-5 data/adam",
+        "e=-4 none/adam",
+        "e=-4 data/adam",
     ]
     assert l1_sweep_plan(swept[:1], ["none", "svd"], "clip1", [1])[1] == (
         "reference_256_e-4_decay1",
