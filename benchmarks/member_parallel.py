@@ -3,11 +3,14 @@ groups (DDP) on the same number of processes (CPU, gloo).
 
     python benchmarks/member_parallel.py   # 8 TopK members (one per "layer"), 2 and 4 ranks
     python benchmarks/member_parallel.py --members 32 --d_sae 8192 --sizes 2 4 8
+    python benchmarks/member_parallel.py --members 3 --sizes 4 --split L0=2  # L0 on 2 ranks
 
 Each configuration is one Lightning fit of an SAEGroup of ``--members`` TopKSAEs, member i
 reading hook ``L<i>`` of a toy datamodule that serves one hook per member (a one-SAE-per-layer
 run), in a subprocess: ``replicated`` is the group under DDP (every rank holds every member),
-``member`` is ``MemberParallelStrategy`` (each member on one rank). A callback records every
+``member`` is ``MemberParallelStrategy`` (each member on one rank), and with ``--split`` a
+third, ``split``, the same with those members' latents sharded over blocks of ranks
+(``member_shards``; every rank's bytes are printed below its row). A callback records every
 rank's parameter + Adam-state bytes after the last step, the bytes this rank sent in the step's
 row exchange (``MemberParallelGroup.exchanged_bytes``) and the step times. Printed: the largest
 rank's bytes, their ratio to the replicated run's against 1/ranks, and the bytes each rank sends
@@ -32,7 +35,7 @@ import torch
 
 from lightning_sae.data.toy import ToySuperpositionDataModule
 from lightning_sae.models.group import SAEGroup
-from lightning_sae.parallel.members import MemberParallelStrategy
+from lightning_sae.parallel.members import MemberParallelStrategy, place_members
 
 
 class Layers:
@@ -101,7 +104,8 @@ def run_one(args: argparse.Namespace) -> None:
         args.members, n_features=args.d_in * 2, d_in=args.d_in, batch_size=args.batch,
         batches_per_epoch=args.steps, val_batches=1,
     )  # fmt: skip
-    strategy = MemberParallelStrategy() if args.mode == "member" else "ddp"
+    shards = split_counts(args.split) if args.mode == "split" else None
+    strategy = "ddp" if args.mode == "replicated" else MemberParallelStrategy(member_shards=shards)
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.ranks,
@@ -117,11 +121,23 @@ def run_one(args: argparse.Namespace) -> None:
     trainer.fit(SAEGroup(members), data)
 
 
-def on_paper(args: argparse.Namespace, ranks: int) -> int:
-    """Bytes one rank sends per step: to each other rank, its B/ranks rows of the hooks that
-    rank's members read (members / ranks hooks each, when the count divides)."""
-    hooks_per_rank = -(-args.members // ranks)
-    return (ranks - 1) * (args.batch // ranks) * hooks_per_rank * args.d_in * 4
+def split_counts(pairs: list[str]) -> dict[str, int]:
+    """``["L0=2"]`` -> ``{"L0": 2}``."""
+    return {name: int(count) for name, count in (pair.split("=") for pair in pairs)}
+
+
+def on_paper(args: argparse.Namespace, ranks: int, shards: dict[str, int] | None = None) -> int:
+    """The most bytes a rank sends per step: to each other rank q, its B/ranks rows of the hooks
+    q's members read (a split member's hook to every rank of its block), placed as the
+    strategy places them (equal members, one hook each)."""
+    names = [f"L{i}" for i in range(args.members)]
+    first = place_members({name: 1 for name in names}, ranks, shards=shards or {})
+    hooks = [0] * ranks
+    for name in names:
+        for rank in range(first[name], first[name] + (shards or {}).get(name, 1)):
+            hooks[rank] += 1
+    rows = args.batch // ranks * args.d_in * 4
+    return max(sum(hooks[q] for q in range(ranks) if q != r) * rows for r in range(ranks))
 
 
 def main() -> None:
@@ -134,6 +150,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (nccl)")
+    parser.add_argument(
+        "--split", nargs="*", default=[], help="members to split, e.g. L0=2 (adds a split run)"
+    )
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ranks", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -155,13 +174,14 @@ def main() -> None:
     )
     for ranks in args.sizes:
         results = {}
-        for mode in ("replicated", "member"):
+        for mode in ("replicated", "member", *(["split"] if args.split else [])):
             with tempfile.TemporaryDirectory() as tmp:
                 command = [
                     sys.executable, __file__, "--mode", mode, "--ranks", str(ranks),
                     "--out", tmp, "--members", str(args.members), "--d_in", str(args.d_in),
                     "--d_sae", str(args.d_sae), "--batch", str(args.batch), "--k", str(args.k),
                     "--steps", str(args.steps), "--accelerator", args.accelerator,
+                    "--split", *args.split,
                 ]  # fmt: skip
                 subprocess.run(command, env=env, check=True, capture_output=True)
                 found = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
@@ -170,18 +190,23 @@ def main() -> None:
         for mode, found in results.items():
             largest = max(found, key=lambda r: r["param_bytes"] + r["optim_bytes"])
             per_rank = largest["param_bytes"] + largest["optim_bytes"]
-            sent = f"{max(max(r['sent']) for r in found) / 1e6:.4f}" if mode == "member" else "-"
+            placed = mode != "replicated"
+            sent = f"{max(max(r['sent']) for r in found) / 1e6:.4f}" if placed else "-"
             step = statistics.median(statistics.median(r["step_times"][1:]) for r in found)
             # Replicated: DDP's ring all-reduce of every gradient, 2 (ranks - 1) / ranks x bytes.
             params = largest["param_bytes"]
-            paper = on_paper(args, ranks) if mode == "member" else 2 * (ranks - 1) * params / ranks
+            shards = split_counts(args.split) if mode == "split" else None
+            paper = on_paper(args, ranks, shards) if placed else 2 * (ranks - 1) * params / ranks
             print(
                 f"{ranks:>5} {mode:>10} {largest['members']:>7} "
                 f"{largest['param_bytes'] / 1e6:>10.2f} {largest['optim_bytes'] / 1e6:>8.2f} "
                 f"{per_rank / 1e6:>11.2f} {per_rank / base:>7.4f} "
-                f"{1 / ranks if mode == 'member' else 1:>7.4f} {sent:>12} "
+                f"{1 / ranks if placed else 1:>7.4f} {sent:>12} "
                 f"{paper / 1e6:>9.4f} {step * 1e3:>8.1f}"
             )
+            if mode == "split":
+                each = [(r["param_bytes"] + r["optim_bytes"]) / 1e6 for r in found]
+                print(f"{'':>17} per rank MB: {', '.join(f'{mb:.2f}' for mb in each)}")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,27 @@ from safetensors.torch import load_file
 from experiments._common import markdown_table, parser, publish, quiet_trainer, start
 from experiments.vs_saelens import Measure, SavedBatches, make_data
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.models.approx_l0 import ApproxL0SAE
+from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.jumprelu import JumpReLUSAE
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import TopKSAE
 
 WORK = Path("/tmp/lightning-sae-defaults")
+# Each variant's class and sparsity setting on this data: L1 0.1 as the side-by-side's standard
+# SAE; k 8; JumpReLU, Gated and ApproxL0 with the sparsity settings of their toy configs
+# (configs/toy/*.yaml: thresholds and kernel width in the toy's raw units) or, for ApproxL0,
+# the coefficient its docstring measured on toy data.
+VARIANTS = {
+    "standard": (StandardSAE, {"l1_coefficient": 0.1, "weight_by_decoder_norm": True}),
+    "topk": (TopKSAE, {"k": 8}),
+    "jumprelu": (
+        JumpReLUSAE,
+        {"threshold_init": 0.1, "bandwidth": 0.05, "l0_coefficient": 0.003},
+    ),
+    "gated": (GatedSAE, {"l1_coefficient": 0.1}),
+    "approx_l0": (ApproxL0SAE, {"approx_l0_coefficient": 0.03, "min_frequency": 1e-4}),
+}
 CANDIDATES = {
     # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
     "std_s1": ("standard", {}, 1.0, None, None),
@@ -51,6 +68,22 @@ CANDIDATES = {
     "topk_s0.5": ("topk", {}, 0.5, None, None),
     "topk_s0.5_clip": ("topk", {}, 0.5, None, 1.0),
 }
+# JumpReLU, Gated and ApproxL0: the transpose, beta2 0.999 and no clipping were their defaults
+# before this measurement ("s1"); "s0.25" is d_in/d_sae here.
+for _variant, _short in (("jumprelu", "jump"), ("gated", "gated"), ("approx_l0", "al0")):
+    CANDIDATES |= {
+        f"{_short}_s1": (_variant, {}, 1.0, None, None),
+        f"{_short}_s0.5": (_variant, {}, 0.5, None, None),
+        f"{_short}_s0.25": (_variant, {}, 0.25, None, None),
+        f"{_short}_s1_clip": (_variant, {}, 1.0, None, 1.0),
+        f"{_short}_s0.5_clip": (_variant, {}, 0.5, None, 1.0),
+        f"{_short}_s1_b2": (_variant, {"betas": (0.9, 0.99)}, 1.0, None, None),
+        f"{_short}_s0.5_b2": (_variant, {"betas": (0.9, 0.99)}, 0.5, None, None),
+        f"{_short}_s0.25_b2": (_variant, {"betas": (0.9, 0.99)}, 0.25, None, None),
+        f"{_short}_s0.25_clip_b2": (_variant, {"betas": (0.9, 0.99)}, 0.25, None, 1.0),
+        f"{_short}_s1_clip_b2": (_variant, {"betas": (0.9, 0.99)}, 1.0, None, 1.0),
+        f"{_short}_s1_wu": (_variant, {"lr_warmup_steps": 100}, 1.0, None, None),
+    }
 
 
 def run(name: str, seed: int, data: dict, every: int) -> dict:
@@ -61,10 +94,8 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
     common = dict(d_in=128, d_sae=512, lr=3e-3, init_seed=seed, encoder_init_scale=scale,
                   gradient_clip_norm=clip or 0.0)  # fmt: skip
     common = common | {"betas": (0.9, 0.999)} | kwargs
-    if variant == "standard":
-        sae = StandardSAE(l1_coefficient=0.1, weight_by_decoder_norm=True, **common)
-    else:
-        sae = TopKSAE(k=8, **common)
+    cls, sparsity = VARIANTS[variant]
+    sae = cls(**sparsity, **common)
     with torch.no_grad():
         if dec_norm is not None:
             sae.W_dec.mul_(dec_norm)

@@ -24,14 +24,16 @@ from experiments._common import DOCS, markdown_table, quiet_trainer, write, writ
 from experiments.frontier import SavedOrder, prepare_data
 from experiments.frontier_data import DATA_FILE, training_batches
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.models.approx_l0 import ApproxL0SAE
 from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.gated import GatedSAE
 from lightning_sae.models.jumprelu import JumpReLUSAE
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 
 WORK = Path("/tmp/lightning-sae-defaults-frontier")
 CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
-           "standard": StandardSAE}  # fmt: skip
+           "standard": StandardSAE, "gated": GatedSAE, "approx_l0": ApproxL0SAE}  # fmt: skip
 # The TopK family's settings before this measurement: the transpose, beta2 0.999, no clipping.
 OLD = {"betas": (0.9, 0.999), "encoder_init_scale": 1.0, "gradient_clip_norm": 0.0}
 CLIP = {"gradient_clip_norm": 1.0}
@@ -74,14 +76,52 @@ CANDIDATES |= {
     "btopk32_old": _topk("batchtopk", 32, 1.0),
     "btopk32_old_clip": _topk("batchtopk", 32, 1.0, 1.0),
     "btopk32_s0.5_clip": _topk("batchtopk", 32, 0.5, 1.0),
-    "jump32_old": ("jumprelu", {"l0_target": 32.0} | OLD, {}),
-    "jump32_old_clip": ("jumprelu", {"l0_target": 32.0} | OLD | CLIP, {}),
-    "jump32_s0.5_clip": (
-        "jumprelu",
-        {"l0_target": 32.0} | OLD | CLIP | {"encoder_init_scale": 0.5},
-        {},
-    ),
 }
+# JumpReLU, Gated and ApproxL0 (their defaults before this measurement are OLD too). Each
+# states its sparsity setting: JumpReLU's target L0 of 32, with a threshold start ("tX") near
+# the pre-activations' scale so that 200 steps can reach it (a threshold moves about lr per
+# step: 0.2 here, from the class's 0.001; docs/defaults.md) and a target-term weight ("cX";
+# Adam divides most of it away), Gated's L1 and ApproxL0's lambda.
+SPARSITY = {
+    "jump32": ("jumprelu", {"l0_target": 32.0}),
+    **{
+        f"jump32_t{t:g}": ("jumprelu", {"l0_target": 32.0, "threshold_init": t})
+        for t in (0.375, 0.5, 0.75, 1.0)
+    },
+    # bandwidth 0.05 (SAELens's default; the class's is 0.001): more pre-activations near
+    # each threshold, so its gradient arrives at most steps instead of a few
+    **{
+        f"jump32_t{t:g}_bw0.05": (
+            "jumprelu",
+            {"l0_target": 32.0, "threshold_init": t, "bandwidth": 0.05},
+        )
+        for t in (0.75, 1.0)
+    },
+    "jump32_t1_c10": (
+        "jumprelu",
+        {"l0_target": 32.0, "threshold_init": 1.0, "l0_coefficient": 10.0},
+    ),
+    **{f"gated{c:g}": ("gated", {"l1_coefficient": c}) for c in (0.5, 1.0, 2.0, 4.0)},
+    **{f"al0_{c:g}": ("approx_l0", {"approx_l0_coefficient": c}) for c in (0.3, 1.0, 3.0, 10.0)},
+}
+for _name, (_variant, _sparsity) in SPARSITY.items():
+    _old = _sparsity | OLD
+    CANDIDATES |= {
+        f"{_name}_old": (_variant, _old, {}),
+        f"{_name}_old_clip": (_variant, _old | CLIP, {}),
+        f"{_name}_s0.5": (_variant, _old | {"encoder_init_scale": 0.5}, {}),
+        f"{_name}_s0.25": (_variant, _old | {"encoder_init_scale": 0.25}, {}),
+        f"{_name}_s0.5_clip": (_variant, _old | CLIP | {"encoder_init_scale": 0.5}, {}),
+        f"{_name}_s0.5_clip_b2.99": (
+            _variant,
+            _old | CLIP | {"encoder_init_scale": 0.5, "betas": (0.9, 0.99)},
+            {},
+        ),
+        f"{_name}_old_b2.99": (_variant, _old | {"betas": (0.9, 0.99)}, {}),
+        f"{_name}_old_clip_b2.99": (_variant, _old | CLIP | {"betas": (0.9, 0.99)}, {}),
+        f"{_name}_old_wu20": (_variant, _old | {"lr_warmup_steps": 20}, {}),
+        f"{_name}": (_variant, _sparsity, {}),  # this tree's class defaults
+    }
 for _c in (
     1.0,
     2.0,
@@ -120,6 +160,10 @@ def run(name: str, seed: int, tensors: dict[str, torch.Tensor], args: Any) -> di
     trainer.fit(sae, SavedOrder(train, order))
     measured = _minilm.evaluate(sae, val)
     row = {k: v for k, v in measured.items() if k != "frequency"}
+    if isinstance(sae, JumpReLUSAE):  # how far the thresholds moved from threshold_init
+        threshold = sae.threshold.detach()
+        row |= {"threshold_" + k: float(f(threshold)) for k, f in
+                (("min", torch.min), ("median", torch.median), ("max", torch.max))}  # fmt: skip
     return row | {"name": name, "seed": seed, "seconds": time.perf_counter() - started}
 
 

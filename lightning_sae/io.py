@@ -100,7 +100,7 @@ def _topk_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, d
 
 
 def _jumprelu_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    return {"b_enc": sae.b_enc.detach(), "threshold": sae.log_threshold.detach().exp()}, {}
+    return {"b_enc": sae.b_enc.detach(), "threshold": sae.positive_threshold().detach()}, {}
 
 
 def _saelens_threshold(weights: dict[str, Tensor]) -> Tensor:
@@ -109,8 +109,7 @@ def _saelens_threshold(weights: dict[str, Tensor]) -> Tensor:
 
 
 def _jumprelu_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
-    # A zero threshold becomes log_threshold = -inf, and exp(-inf) = 0 is the same activation.
-    return {"b_enc": weights["b_enc"], "log_threshold": _saelens_threshold(weights).log()}, {}
+    return {"b_enc": weights["b_enc"], "threshold": _saelens_threshold(weights)}, {}
 
 
 def _batchtopk_to(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -188,8 +187,8 @@ def _clt_from(weights: dict[str, Tensor], cfg: dict[str, Any]) -> tuple[dict, di
     ours = {key: value for key, value in weights.items() if key != "threshold"}
     if "threshold" in weights:
         threshold = weights["threshold"]
-        if threshold.dim() == 2:  # JumpReLU: one per feature, stored as its log
-            ours["log_threshold"] = threshold.log()
+        if threshold.dim() == 2:  # JumpReLU: one per feature
+            ours["threshold"] = threshold
         else:  # BatchTopK: one per layer (or one), learned in training
             ours |= {"threshold": threshold, "threshold_updates": torch.tensor(1)}
     return ours, {}

@@ -460,9 +460,9 @@ def _member_parallel_strategy(
 
     if latent_parallel != 1:
         raise SystemExit(
-            "error: trainer.member_parallel with trainer.latent_parallel (a member sharded over "
-            "a subgroup of ranks) is not supported yet: set one of them (latent_parallel: 1, or "
-            "member_parallel: false)."
+            "error: trainer.latent_parallel does not apply to member_parallel: split a member "
+            "over several devices with trainer.member_shards (e.g. {l3: 4}), or set "
+            "trainer.member_parallel: false."
         )
     if trainer_config.get("strategy", "auto") != "auto":
         raise SystemExit(
@@ -472,12 +472,14 @@ def _member_parallel_strategy(
         )
     trainer_config.pop("strategy", None)
     gib = trainer_config.get("member_memory_gib")
+    shards = trainer_config.get("member_shards")
     try:
-        strategy = MemberParallelStrategy(member_memory_gib=gib)
+        strategy = MemberParallelStrategy(member_memory_gib=gib, member_shards=shards)
         devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes", 1)
         if model is not None:
             world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
-            check_placeable(model, world, None if gib is None else int(gib * 2**30))
+            budget = None if gib is None else int(gib * 2**30)
+            check_placeable(model, world, budget, strategy.member_shards)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     return strategy
@@ -646,7 +648,20 @@ class SAECLI(LightningCLI):
             default=None,
             help=(
                 "With trainer.member_parallel: the most GiB of members' weights, gradients and "
-                "Adam state one device may hold (default: a GPU's memory; no limit on CPU)."
+                "Adam state one device may hold (default: a GPU's memory; no limit on CPU); "
+                "a larger member is split over the fewest devices that fit it."
+            ),
+        )
+        parser.add_argument(
+            "--trainer.member_shards",
+            type=dict[str, int] | None,
+            default=None,
+            help=(
+                "With trainer.member_parallel: members to split, by name, and over how many "
+                "consecutive devices each ({l3: 4}: member l3's latents sharded over four "
+                "devices of its own, as under trainer.latent_parallel); the other members are "
+                "held whole. A member larger than trainer.member_memory_gib is split "
+                "automatically over the fewest devices that fit it."
             ),
         )
         parser.add_argument(
@@ -803,6 +818,11 @@ class SAECLI(LightningCLI):
                 trainer_config, latent_parallel, self.model
             )
         trainer_config.pop("member_memory_gib", None)
+        if trainer_config.pop("member_shards", None) and not member_parallel:
+            raise SystemExit(
+                "error: trainer.member_shards splits members of a member-parallel group: set "
+                "trainer.member_parallel: true, or remove trainer.member_shards."
+            )
         if latent_parallel != 1 and not member_parallel:
             kwargs["strategy"] = _latent_parallel_strategy(
                 trainer_config, latent_parallel, self.model

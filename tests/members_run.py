@@ -4,7 +4,8 @@ Lightning's launcher re-executes this script once per extra rank, so it is a sta
 program; the test imports :func:`fit` to train the one-process reference in-process. One launch
 fits the group of :data:`MEMBERS` (three members of different widths on two hooks) with every
 training-dynamics callback and checkpoints, then, with ``--resume_from``, fits it again from
-that checkpoint (another launch's, on another number of ranks).
+that checkpoint (its own, written by the first fit, or another launch's, on another number of
+ranks). ``--shard l1=2`` splits member l1's latents over two ranks (``member_shards``).
 A fit writes ``rank<R>.pt`` (the rank's members' state dicts by name), CSV metrics from rank 0
 under ``csv`` and its checkpoints under ``ckpt``, in ``<out>/straight`` and ``<out>/resumed``.
 """
@@ -36,9 +37,14 @@ MEMBERS = [
 
 
 def fit(
-    out: Path, devices: int | None, ckpt_path: str | None = None, dynamics: bool = True
+    out: Path,
+    devices: int | None,
+    ckpt_path: str | None = None,
+    dynamics: bool = True,
+    shards: dict[str, int] | None = None,
 ) -> L.LightningModule:
-    """One fit; ``devices=None`` is the plain one-process reference."""
+    """One fit; ``devices=None`` is the plain one-process reference; ``shards`` splits members
+    over blocks of ranks (``MemberParallelStrategy(member_shards=...)``)."""
     L.seed_everything(0)
     model = SAEGroup(MEMBERS)
     data = TwoHookToy(val_batches=1, batches_per_epoch=STEPS)
@@ -49,7 +55,7 @@ def fit(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices or 1,
-        strategy="auto" if devices is None else MemberParallelStrategy(),
+        strategy="auto" if devices is None else MemberParallelStrategy(member_shards=shards),
         max_steps=STEPS,
         val_check_interval=STEPS,
         check_val_every_n_epoch=None,
@@ -76,11 +82,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--resume_from", type=str, default=None)
     parser.add_argument("--no-dynamics", action="store_true")
+    parser.add_argument("--shard", action="append", default=[], help="member=ranks, e.g. l1=2")
     args = parser.parse_args()
     dynamics = not args.no_dynamics
-    fit(args.out / "straight", args.devices, dynamics=dynamics)
+    shards = {name: int(count) for name, count in (s.split("=") for s in args.shard)}
+    fit(args.out / "straight", args.devices, dynamics=dynamics, shards=shards)
     if args.resume_from:
-        fit(args.out / "resumed", args.devices, args.resume_from, dynamics)
+        fit(args.out / "resumed", args.devices, args.resume_from, dynamics, shards)
 
 
 if __name__ == "__main__":

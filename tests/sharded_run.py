@@ -6,7 +6,9 @@ One launch runs every mesh of its world size (``--latent_parallel 2 1``: meshes 
 two processes) times every run of ``--runs`` (a JSON object, name -> ``{"model":
 "<module>.<Class>", "kwargs": {...}, "callbacks": bool, "checkpoint": bool}``; callbacks: every
 training-dynamics callback, else the decoder-norm constraint alone; init: the data-informed
-init method of those callbacks, default kmeans; checkpoint: save every
+init method of those callbacks, default kmeans (None: no data-informed init); silence: the
+features the callbacks silence for the resampler; init_only: a data-informed init method, its
+callback added to the constraint alone; checkpoint: save every
 ``--checkpoint_every`` steps and at the end; sparse_check: compare the last step's sparse
 encoder backward with dense autograd, :class:`SparseBackwardCheck`; sites: ``pairs``,
 ``layers`` or ``clt``, toy rows served as a transcoder's, a crosscoder's or a cross-layer
@@ -14,7 +16,8 @@ transcoder's hooks; init_check: every
 data-informed init method's weights for the member's latents, :class:`InitSlices`), then
 every resume of ``--resumes`` (``[source latent_parallel, target latent_parallel, name]``:
 the run restarted from its step-``--checkpoint_every`` checkpoint on the target mesh). A fit
-writes ``rank<R>.pt`` (the rank's state dict, latent rank, sparse check and init slices), CSV
+writes ``rank<R>.pt`` (the rank's state dict, latent rank, the density monitor's last
+densities, sparse check and init slices), CSV
 metrics from rank 0 under ``csv`` and its checkpoints under ``ckpt``, in
 ``lp<latent_parallel>/<name>`` (a resume: ``<name>-resumed-from-lp<S>``).
 """
@@ -32,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
@@ -92,8 +96,9 @@ class SiteToyData(ToySuperpositionDataModule):
 
 
 class Silence(L.Callback):
-    """Kills chosen dictionary features at the start of the fit (after any init), so that the
-    resampler has work at its first call; each member silences the ones it holds."""
+    """Kills chosen features (global indices: a cross-layer transcoder's ``layer * d_sae + f``)
+    at the start of the fit (after any init), so that the resampler has work at its first call;
+    each member silences the ones it holds."""
 
     def __init__(self, features: list[int]) -> None:
         self.features = torch.tensor(features)
@@ -104,7 +109,7 @@ class Silence(L.Callback):
         features = (
             self.features if shard is None else pl_module.local_feature_indices(self.features)
         )
-        pl_module.b_enc[features] = -1e3
+        pl_module.b_enc.view(-1)[features] = -1e3  # a CLT's b_enc is [n_layers, d_sae]
 
 
 def dense_encoder_values(
@@ -202,11 +207,14 @@ class InitSlices(L.Callback):
             self.report[method] = init.initial_weights(x_n, pl_module, y_n, shard)
 
 
-def callbacks(steps: int, init: str = "kmeans") -> list[L.Callback]:
+def callbacks(
+    steps: int, init: str | None = "kmeans", silence: list[int] = (1, 5, 40, 63)
+) -> list[L.Callback]:
+    """Every training-dynamics callback (``init`` None: no data-informed init)."""
     return [
         DecoderNormConstraint(),
-        DataInformedInit(method=init, n_samples=D_SAE * 2),
-        Silence([1, 5, 40, 63]),
+        *([] if init is None else [DataInformedInit(method=init, n_samples=D_SAE * 2)]),
+        Silence(list(silence)),
         DeadFeatureResampler(at_steps=[steps // 2], strategy="cluster", n_batches=1, batch_size=64),
         FeatureDensityMonitor(every_n_steps=steps // 2, window_tokens=BATCH * 2, save_png=False),
         FeatureGeometryMonitor(every_n_steps=steps // 2, save_png=False),
@@ -238,7 +246,10 @@ def fit(
     slices = InitSlices() if run.get("init_check") else None
     dynamics = [DecoderNormConstraint()]
     if run.get("callbacks"):
-        dynamics = callbacks(steps, run.get("init", "kmeans"))
+        dynamics = callbacks(steps, run.get("init", "kmeans"), run.get("silence", (1, 5, 40, 63)))
+    if run.get("init_only"):  # the data-informed init alone, by the method named
+        dynamics.append(DataInformedInit(method=run["init_only"], n_samples=D_SAE * 2))
+    figures = TrainingFigures(save_png=False) if run.get("figures") else None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -253,6 +264,7 @@ def fit(
             *(checkpoints if run.get("checkpoint") else []),
             *([check] if check else []),
             *([slices] if slices else []),
+            *([figures] if figures else []),
         ],
         enable_checkpointing=bool(run.get("checkpoint")),
         enable_progress_bar=False,
@@ -262,12 +274,15 @@ def fit(
     )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     shard = shard_of(model)
+    density = next((c for c in dynamics if isinstance(c, FeatureDensityMonitor)), None)
     torch.save(
         {
             "state": model.state_dict(),
             "latent_rank": 0 if shard is None else shard.latent_rank,
+            "density": None if density is None else density.last_density,
             "sparse_check": check.report if check else None,
             "init_slices": slices.report if slices else None,
+            "val_counts": None if figures is None else figures.val_counts,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

@@ -141,7 +141,7 @@ def test_jumprelu_loss_terms_equal_a_direct_computation() -> None:
     x, y = layered_batch(9)
     loss, _, _ = clt.step_and_statistics((x, y))
     x_n, y_n = x * clt.input_scale[:, None], y * clt.output_scale[:, None]
-    theta = clt.log_threshold.exp()
+    theta = clt.threshold.clamp_min(0)  # scrambled: some thresholds are below 0
     pre = torch.einsum("bli,lif->blf", x_n, clt.W_enc) + clt.b_enc
     acts = torch.where(pre > theta, pre, 0)
     y_hat = torch.zeros(9, N_LAYERS, D_OUT) + clt.b_dec
@@ -171,8 +171,37 @@ def test_jumprelu_thresholds_learn_through_the_tanh_penalty() -> None:
     out = clt.forward_normalized(clt.normalize(x))
     clt.loss_terms(clt.normalize_target(y), out)["sparsity"].backward()
     near = ((out.pre_acts - clt.threshold).abs() < 0.25).any(0)
-    grad = clt.log_threshold.grad
+    grad = clt.threshold.grad
     assert bool((grad[~near] == 0).all()) and bool((grad[near] < 0).all())
+
+
+def test_jumprelu_threshold_moves_about_lr_per_step_from_its_default_start() -> None:
+    """Adam moves a parameter by about lr per step whatever its gradient's size. The threshold
+    is that parameter, not its log: a log step of lr moves a threshold of 0.03 (the default
+    start) by 0.03 lr, so it could grow at most e^(lr x steps)-fold (as the SAE's, whose test
+    in test_variants.py this mirrors)."""
+    clt = make(bandwidth=0.5, sparsity_coefficient=1.0, preact_coefficient=0.0)
+    clt.input_scale_fitted.fill_(True)
+    optimizer = torch.optim.Adam(clt.parameters(), lr=0.01)
+    x, y = layered_batch(64)
+    x_n, y_n = clt.normalize(x), clt.normalize_target(y)
+    for _ in range(20):  # the tanh penalty alone: it pushes every threshold with a hit up
+        optimizer.zero_grad()
+        clt.loss_terms(y_n, clt.forward_normalized(x_n))["sparsity"].backward()
+        optimizer.step()
+    # 20 steps of ~0.01 from 0.03; the log form reached 0.03 x e^0.2 = 0.037.
+    assert float(clt.threshold.median()) > 0.1
+
+
+def test_jumprelu_loads_a_checkpoint_with_log_thresholds() -> None:
+    """Checkpoints written before the threshold was its own parameter hold log_threshold."""
+    clt = make()
+    state = clt.state_dict()
+    thresholds = torch.linspace(0.1, 2.0, N_LAYERS * D_SAE).reshape(N_LAYERS, D_SAE)
+    del state["threshold"]
+    state["log_threshold"] = thresholds.log()
+    clt.load_state_dict(state)
+    torch.testing.assert_close(clt.threshold.detach(), thresholds)
 
 
 @pytest.mark.parametrize("scope", ["layer", "all"])

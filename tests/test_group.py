@@ -33,6 +33,7 @@ from lightning_sae.data.toy import ToySuperpositionDataModule
 from lightning_sae.io import export_checkpoint, load
 from lightning_sae.models import variant_class
 from lightning_sae.models.group import SAEGroup
+from lightning_sae.parallel.sharded import shard_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_models import tiny_neox  # noqa: E402
@@ -124,7 +125,10 @@ class Silence(L.Callback):
         if trainer.ckpt_path is not None:  # a resume: the weights are restored as they were
             return
         for sae in saes(pl_module).values():
-            sae.b_enc[[1, 5, 9]] = -1e3
+            killed = torch.tensor([1, 5, 9])
+            if shard_of(sae) is not None:  # a member split over ranks: the ones it holds
+                killed = sae.local_feature_indices(killed)
+            sae.b_enc[killed] = -1e3
 
 
 def callbacks(resampling: bool = True) -> list[L.Callback]:

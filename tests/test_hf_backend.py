@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_sae.analysis.logits import logit_effects
 from lightning_sae.analysis.results import META_FILENAME
 from lightning_sae.callbacks.downstream import DownstreamEval
+from lightning_sae.callbacks.replacement import ReplacementEval
 from lightning_sae.data import lm
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.hf_model import HFModel
@@ -32,6 +33,8 @@ from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.stream import StreamingActivationDataModule
 from lightning_sae.data.tokens import TextOptions
 from lightning_sae.metrics.downstream import ENCODER_ONLY_NOTE, downstream_metrics
+from lightning_sae.metrics.replacement import replacement_metrics
+from lightning_sae.models.clt import JumpReLUCrossLayerTranscoder
 from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.transcoder import TopKTranscoder
@@ -326,3 +329,36 @@ def test_the_qwen2_configs_name_valid_hooks_of_qwen2(tmp_path: Path) -> None:
         transcoder["output_hook"],
     ]
     lm.validate_hooks(hf, [*data.hooks, *cache["data"]["init_args"]["hooks"]])
+
+
+def test_a_clt_replacement_eval_runs_through_the_hf_backend(tmp_path: Path, neox: Any) -> None:
+    """ReplacementEval on a cross-layer transcoder cached and evaluated through the plain
+    transformers model (module-path hooks): with error terms it is the model, and without them
+    it logs what the bridge measures for the same CLT at the same sites."""
+    hf_in = [f"gpt_neox.layers.{layer}.mlp:input" for layer in range(3)]
+    hf_out = [f"gpt_neox.layers.{layer}.mlp" for layer in range(3)]
+    data = ActivationDataModule(
+        model="tiny-neox", model_config=NEOX, tokenizer=MINILM, model_backend="hf",
+        hooks=[*hf_in, *hf_out], context_size=16, n_tokens=512, val_tokens=128,
+        cache_dir=str(tmp_path / "cache"), batch_size=64, device="cpu",
+    )  # fmt: skip
+    clt = JumpReLUCrossLayerTranscoder(
+        d_in=32, d_sae=16, input_hooks=hf_in, output_hooks=hf_out, normalize_activations=True
+    )
+    callback = ReplacementEval(n_tokens=32, batch_size=2, with_errors=True)
+    trainer = quiet_trainer(
+        2, [callback], limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path
+    )
+    trainer.fit(clt, datamodule=data)
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    assert logged["replacement_with_errors/top1_agreement"] == 1.0
+    assert logged["replacement_with_errors/kl"] == pytest.approx(0, abs=1e-6)
+    # The bridge names the same sites blocks.<l>.mlp.hook_in and blocks.<l>.hook_mlp_out.
+    bridge, _ = neox
+    clt.eval()
+    clt.input_hooks = [f"blocks.{layer}.mlp.hook_in" for layer in range(3)]
+    clt.output_hooks = [f"blocks.{layer}.hook_mlp_out" for layer in range(3)]
+    expected = replacement_metrics(bridge, clt, callback._tokens, 2, first_position=1)
+    assert expected.kl > 0
+    for key, value in expected.to_log_dict().items():
+        assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

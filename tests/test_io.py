@@ -61,8 +61,8 @@ def make_variant(name: str, apply_b_dec_to_input: bool = True) -> SparseAutoenco
     with torch.no_grad():
         for param_name, param in sae.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if param_name == "log_threshold":  # thresholds around typical pre-activations
-                param.copy_(noise * 0.3 - 0.5)
+            if param_name == "threshold":  # thresholds around typical pre-activations
+                param.copy_((noise * 0.3 - 0.5).exp())
             elif param_name == "W_dec":  # rows of different norms
                 param.mul_(1 + torch.rand(D_SAE, 1, generator=generator))
             elif param.ndim == 1:

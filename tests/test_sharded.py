@@ -26,15 +26,14 @@ from lightning import LightningDataModule
 from safetensors.torch import load_file
 
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
-from lightning_sae.callbacks.resampling import DeadFeatureResampler
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.base import SparseAutoencoder
-from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder, JumpReLUCrossLayerTranscoder
+from lightning_sae.models.clt import BatchTopKCrossLayerTranscoder
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.models.transcoder import BatchTopKCrossCoder, TopKSkipTranscoder
 from lightning_sae.parallel import LatentParallelStrategy, consolidate_checkpoint
 from lightning_sae.parallel.layers import check_shardable, sharded_class
-from lightning_sae.parallel.sharded import ShardSpec
+from lightning_sae.parallel.sharded import LatentShard, ShardSpec
 from lightning_sae.trainer_cli import SAECLI, _latent_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,6 +56,7 @@ RUNS = {
         "sparse_check": True,
         "kwargs": {"k": 4, "aux_coefficient": 1.0},
         "callbacks": True,
+        "figures": True,
         "checkpoint": True,
         "init_check": True,
     },
@@ -134,6 +134,10 @@ RUNS |= {
 CLT = M + "clt."
 CLT_KWARGS = {"d_out": sharded_run.D_OUT, "input_hooks": sharded_run.CLT_IN,
               "output_hooks": sharded_run.CLT_OUT, "normalize_activations": True}  # fmt: skip
+# Every callback, which address a CLT's features by global index layer * d_sae + f while a
+# member holds a slice of each layer; the data-informed init per run. Silenced: features of both
+# layers on both members (d_sae 64 per layer, 2 layers).
+CLT_CALLBACKS = {"callbacks": True, "init": None, "silence": [1, 40, 69, 127]}
 RUNS |= {
     # The tanh sparsity and the pre-activation loss: each member's share of the features.
     "jumprelu_clt": {
@@ -141,6 +145,9 @@ RUNS |= {
         "kwargs": {"sparsity_coefficient": 1e-2, "preact_coefficient": 1e-2, **CLT_KWARGS},
         "sites": "clt",
         "checkpoint": True,
+        **CLT_CALLBACKS,
+        "init": "kmeans",  # each member its features of every layer (callbacks/init.py)
+        "figures": True,
     },
     # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
     "topk_clt": {
@@ -148,10 +155,28 @@ RUNS |= {
         "kwargs": {"k": 4, "gradient_clip_norm": 1e-2, **CLT_KWARGS},  # norm over all slices
         "sites": "clt",
         "checkpoint": True,
+        **CLT_CALLBACKS,
     },
     "topk_all_clt": {
         "model": CLT + "TopKCrossLayerTranscoder",
         "kwargs": {"k": 40, "topk_scope": "all", **CLT_KWARGS},
+        "sites": "clt",
+        "figures": True,
+        **CLT_CALLBACKS,
+        "init": "outliers",
+    },
+    # The global batch's cut-off per layer over the whole mesh; its inference threshold
+    # resumed and exported.
+    "batchtopk_clt": {
+        "model": CLT + "BatchTopKCrossLayerTranscoder",
+        "kwargs": {"k": 4, **CLT_KWARGS},
+        "sites": "clt",
+        "checkpoint": True,
+        **CLT_CALLBACKS,
+    },
+    "batchtopk_all_clt": {
+        "model": CLT + "BatchTopKCrossLayerTranscoder",
+        "kwargs": {"k": 6, "topk_scope": "all", **CLT_KWARGS},
         "sites": "clt",
     },
 }
@@ -291,6 +316,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 [2, 1, "topk_skip_transcoder"],
                 [2, 1, "jumprelu_clt"],
                 [2, 2, "topk_clt"],
+                [2, 1, "batchtopk_clt"],
             ],
         ),
         (4, [2], FOUR, [[2, 4, "topk"]]),
@@ -313,10 +339,27 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
         for name in (name for name in names if RUNS[name].get("init_check")):
             folder = tmp_path / f"lp{lp}" / name
             assert_init_slices_are_the_whole(folder, devices, RUNS[name], f"{lp} {name}")
-    for name in ("topk", "batchtopk"):  # every callback acted
+    acted = ("topk", "batchtopk", "jumprelu_clt", "topk_clt", "topk_all_clt", "batchtopk_clt")
+    for name in (name for name in acted if name in names):  # every callback acted
         logs = logged(tmp_path / f"lp{meshes[0]}" / name)
         assert logs["resampling/n_resampled", STEPS // 2] >= 4  # the silenced features at least
         assert ("geometry/mmcs", STEPS) in logs and ("density/dead_fraction", STEPS) in logs
+    for lp in meshes:  # each feature's density, by global index, is the one-process one
+        clts = [name for name in names if RUNS[name].get("sites") == "clt"]
+        for name in (name for name in clts if RUNS[name].get("callbacks")):
+            density = torch.load(single / name / "rank0.pt", weights_only=True)["density"]
+            for rank in range(devices):
+                saved = tmp_path / f"lp{lp}" / name / f"rank{rank}.pt"
+                saved = torch.load(saved, weights_only=True)["density"]
+                torch.testing.assert_close(saved, density, msg=f"{lp} {name} rank {rank}")
+    for lp in meshes:  # the density figure's validation counts are the one-process ones
+        for name in (name for name in names if RUNS[name].get("figures")):
+            counts = torch.load(single / name / "rank0.pt", weights_only=True)["val_counts"]
+            saved = tmp_path / f"lp{lp}" / name / "rank0.pt"
+            saved = torch.load(saved, weights_only=True)["val_counts"]
+            assert set(saved) == set(counts) == {""}, f"{lp} {name}: {set(saved)}"
+            assert torch.equal(saved[""][0], counts[""][0]), f"{lp} {name}"
+            assert saved[""][1] == counts[""][1], f"{lp} {name}"
 
     for source, target, name in resumes:
         resumed = tmp_path / f"lp{target}" / f"{name}-resumed-from-lp{source}"
@@ -327,7 +370,7 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
 
     # The consolidated export of the last sharded checkpoint is the one-process export.
     exported = ("topk", "jumprelu", "topk_skip_transcoder", "jumprelu_transcoder",
-                "batchtopk_crosscoder", "jumprelu_clt", "topk_clt")  # fmt: skip
+                "batchtopk_crosscoder", "jumprelu_clt", "topk_clt", "batchtopk_clt")  # fmt: skip
     for name in (name for name in exported if name in names):
         cls = RUNS[name]["model"]
         ckpt = tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt"
@@ -340,7 +383,8 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
             torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=key)
     # A CLT's layer-major dead clock, saved through a [n_layers, d_sae] view, comes back flat
     # in the one-process order.
-    for name in (name for name in ("jumprelu_clt", "topk_clt") if name in names):
+    clts = ("jumprelu_clt", "topk_clt", "batchtopk_clt")
+    for name in (name for name in clts if name in names):
         ours = consolidate_checkpoint(tmp_path / f"lp{meshes[0]}" / name / "ckpt" / "last.ckpt")
         theirs = torch.load(single / name / "ckpt" / "last.ckpt", weights_only=True)
         clocks = (c["state_dict"]["tokens_since_fired"] for c in (ours, theirs))
@@ -367,12 +411,10 @@ def test_bad_meshes_and_sizes_name_the_option() -> None:
                        r"model.init_args.d_sae to a multiple of 8") as refused:  # fmt: skip
         check_shardable(crosscoder, 8)
     assert "\n" not in str(refused.value)
-    # A CLT variant without a sharded layer is named, with the option to change.
-    batchtopk_clt = BatchTopKCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2, k=2)
-    with pytest.raises(ValueError, match=r"^BatchTopKCrossLayerTranscoder cannot be latent-"
-                       r"sharded yet.*trainer.latent_parallel: 1") as refused:  # fmt: skip
-        check_shardable(batchtopk_clt, 2)
-    assert "\n" not in str(refused.value)
+    # A cross-layer transcoder's d_sae (features per layer) likewise.
+    batchtopk_clt = BatchTopKCrossLayerTranscoder(d_in=16, d_sae=6, n_layers=2, k=2)
+    with pytest.raises(ValueError, match=r"^d_sae=6 is not divisible by latent_parallel=4"):
+        check_shardable(batchtopk_clt, 4)
     # The command line refuses it once, before any process is launched.
     with pytest.raises(SystemExit, match=r"^error: d_sae=4 is not divisible"):
         _latent_parallel_strategy({}, 8, crosscoder)
@@ -401,12 +443,19 @@ def test_yaml_latent_parallel_option_parses(capsys: pytest.CaptureFixture[str]) 
     assert (printed["devices"], printed["latent_parallel"]) == (4, 2)
 
 
-def test_sharded_clt_refuses_callbacks_that_address_features_by_index() -> None:
-    """A member holds features of every layer, not a contiguous range of the flat indices the
-    resampler, the monitors and the init address: refused in one line, on every rank alike."""
-    clt = JumpReLUCrossLayerTranscoder(d_in=16, d_sae=8, n_layers=2)
-    clt.__class__ = sharded_class(JumpReLUCrossLayerTranscoder)
-    clt._trainer = SimpleNamespace(callbacks=[DeadFeatureResampler(at_steps=[4])], datamodule=None)
-    refusal = r"^DeadFeatureResampler is not supported yet .* trainer.latent_parallel: 1\.$"
-    with pytest.raises(ValueError, match=refusal):
-        clt.setup("fit")
+def test_a_clt_members_features_map_to_their_global_indices() -> None:
+    """Member t of 2 holds latents [32t, 32t + 32) of each of 3 layers, layer-major: its local
+    index l * 32 + j is global index l * 64 + 32t + j. The maps agree with each other, and
+    every member's slice joined in member order comes back in global order."""
+    shards = [LatentShard(64, t, 2, 1, None, None, None, layers=3) for t in range(2)]
+    everything = torch.arange(3 * 64)
+    for shard in shards:
+        mine = shard.global_indices()
+        assert mine[:3].tolist() == [32 * shard.latent_rank + j for j in range(3)]
+        assert mine[32] == 64 + 32 * shard.latent_rank  # layer 1's first
+        assert torch.equal(everything[shard.holds(everything)], mine)
+        assert torch.equal(shard.local_indices(mine), torch.arange(3 * 32))
+        assert torch.equal(shard.local_indices(mine.flip(0)), torch.arange(3 * 32).flip(0))
+    by_member = torch.cat([shard.global_indices() for shard in shards])
+    assert torch.equal(shards[0].in_global_order(by_member), everything)
+    assert torch.equal(shards[0].in_global_order(by_member[:, None]), everything[:, None])

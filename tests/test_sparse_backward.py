@@ -7,6 +7,7 @@ family did before). Values must be equal bit for bit; gradients within float tol
 sparse sums run in another order). The sharded twin of this check runs in tests/sharded_run.py.
 """
 
+import copy
 import sys
 from pathlib import Path
 
@@ -15,7 +16,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sae.models.matryoshka import MatryoshkaSAE
-from lightning_sae.models.sparse import SparseCode, largest_of_batch, sparse_encoder_values
+from lightning_sae.models.sparse import (
+    SparseCode,
+    largest_of_batch,
+    row_top_k,
+    sparse_encoder_values,
+)
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
 from lightning_sae.models.transcoder import (
     BatchTopKCrossCoder,
@@ -140,8 +146,30 @@ def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("case", ["spread", "one group holds all", "ties", "narrow"])
+def test_row_top_k_keeps_what_torch_topk_keeps(case: str) -> None:
+    """The grouped selection (wide rows on CPU: group maxima first) keeps each row's k largest
+    values, including when one group of columns holds all of them, and with ties, where any
+    of the tied entries may be kept but the values are the k largest all the same."""
+    torch.manual_seed(0)
+    scores, k = torch.randn(24, 1024), 8
+    if case == "one group holds all":
+        scores[3, 64:96] += 10.0  # row 3's 8 largest all in one group of 32 columns
+    if case == "ties":
+        scores = (scores * 2).round()
+    if case == "narrow":
+        scores = scores[:, :96]  # too few groups to gain: torch's top-k itself
+    values, columns = row_top_k(scores, k)
+    expected_values, expected_columns = scores.topk(k, dim=1)
+    assert torch.equal(values, scores.gather(1, columns))
+    assert torch.equal(values.sort(1).values, expected_values.sort(1).values)
+    if case != "ties":
+        assert torch.equal(columns.sort(1).values, expected_columns.sort(1).values)
+
+
 @pytest.mark.parametrize(
-    "case", ["spread", "one row holds most", "all of a row", "nothing", "ties at the cut"]
+    "case",
+    ["spread", "one row holds most", "all of a row", "nothing", "ties at the cut", "wide rows"],
 )
 def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
     """The two-stage selection (each row's candidates, then the cut) keeps exactly the entries
@@ -158,6 +186,10 @@ def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
         count = 0
     if case == "ties at the cut":
         scores = scores.round()  # many equal values; the cut falls inside a run of ties
+    if case == "wide rows":  # each row's candidates from row_top_k's grouped selection
+        scores = torch.randn(16, 1024)
+        scores[2] += 3.0
+        count = 16 * 3
     values, flat = largest_of_batch(scores, count)
     expected_values, expected_flat = scores.flatten().topk(count, sorted=False)
     assert torch.equal(flat, flat.sort().values)  # positions ascending, grouped by row
@@ -169,3 +201,33 @@ def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
         assert torch.equal(flat, torch.cat([above, ties]).sort().values)
     else:
         assert torch.equal(flat, expected_flat.sort().values)
+
+
+@pytest.mark.parametrize("name", ["topk", "matryoshka", "batchtopk-skip-transcoder"])
+def test_training_steps_reuse_the_last_steps_pre_activations(name: str) -> None:
+    """On CPU a training step writes its pre-activations into the last step's tensor (no fresh
+    [rows, d_sae] allocation): the steps equal, bit for bit, those of a twin that allocates
+    every time, and an output taken outside a step is never overwritten."""
+    sae, x, y = prepared(name)
+    batch = x if y is x else (x, y)
+    twin = copy.deepcopy(sae)
+    outside = sae.forward_normalized(x)
+    outside_pre_acts = outside.pre_acts.clone()
+    storage = []
+    for _ in range(3):
+        for model in (sae, twin):
+            loss, _, _ = model.step_and_statistics(batch)
+            loss.backward()
+            with torch.no_grad():
+                for param in model.parameters():
+                    param -= 0.1 * param.grad
+                    param.grad = None
+        twin.train(False)  # drops what it kept: the twin's next step allocates afresh
+        twin.train(True)
+        storage.append(sae._recycled.data_ptr())
+        for (param_name, ours), theirs in zip(
+            sae.named_parameters(), twin.parameters(), strict=True
+        ):
+            assert torch.equal(ours, theirs), param_name
+    assert storage[0] == storage[1] == storage[2]
+    assert torch.equal(outside.pre_acts, outside_pre_acts)

@@ -244,11 +244,53 @@ def test_jumprelu_threshold_receives_gradient_from_the_l0_term_and_the_reconstru
     x = _x(256)
     out = sae.forward_normalized(x)
     terms = sae.loss_terms(x, out)
-    (grad_l0,) = torch.autograd.grad(terms["l0"], sae.log_threshold, retain_graph=True)
-    (grad_mse,) = torch.autograd.grad(terms["mse"], sae.log_threshold)
+    (grad_l0,) = torch.autograd.grad(terms["l0"], sae.threshold, retain_graph=True)
+    (grad_mse,) = torch.autograd.grad(terms["mse"], sae.threshold)
     assert (grad_l0 < 0).sum() > D_SAE // 2  # raising theta lowers L0, for every feature hit
     assert (grad_l0 > 0).sum() == 0
     assert grad_mse.abs().sum() > 0
+
+
+def test_jumprelu_threshold_moves_about_lr_per_step_from_its_default_start() -> None:
+    """Adam moves a parameter by about lr per step whatever its gradient's size. The threshold
+    is that parameter, not its log: a log step of lr moves a threshold of 0.001 (the default
+    start) by 0.001 lr, so it could grow at most e^(lr x steps)-fold (1.22x in the frontier's
+    200 steps at lr 1e-3, where L0 stayed at ~535 of 768 against a target of 32;
+    docs/defaults.md). SAELens made the same change (its PR #718)."""
+    sae = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, l0_target=1.0, bandwidth=0.5)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.01)
+    x = _x(256)
+    for _ in range(30):  # the L0 term alone: it pushes every threshold with a hit up
+        optimizer.zero_grad()
+        sae.loss_terms(x, sae.forward_normalized(x))["l0"].backward()
+        optimizer.step()
+    # 30 steps of ~0.01 from 0.001; the log form reached 0.001 x e^0.3 = 0.0013.
+    assert float(sae.threshold.median()) > 0.2
+
+
+def test_jumprelu_threshold_below_zero_acts_as_zero_and_still_learns() -> None:
+    """Adam can step a threshold below zero; there it must not let negative pre-activations
+    through, and the L0 term must still reach it (a clamp's zero gradient would pin it)."""
+    sae = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE, l0_target=1.0, bandwidth=0.5)
+    with torch.no_grad():
+        sae.threshold[:4] = -0.2
+    x = _x(256)
+    out = sae.forward_normalized(x)
+    assert (out.acts >= 0).all()
+    assert torch.equal(out.acts[:, :4], torch.relu(out.pre_acts[:, :4]))
+    (grad,) = torch.autograd.grad(sae.loss_terms(x, out)["l0"], sae.threshold)
+    assert (grad[:4] < 0).all()  # raising them lowers L0
+
+
+def test_jumprelu_loads_a_checkpoint_with_log_thresholds() -> None:
+    """Checkpoints written before the threshold was its own parameter hold log_threshold."""
+    sae = JumpReLUSAE(d_in=D_IN, d_sae=D_SAE)
+    state = sae.state_dict()
+    thresholds = torch.linspace(0.1, 2.0, D_SAE)
+    del state["threshold"]
+    state["log_threshold"] = thresholds.log()
+    sae.load_state_dict(state)
+    torch.testing.assert_close(sae.threshold.detach(), thresholds)
 
 
 def test_jumprelu_target_mode_and_preact_loss() -> None:
@@ -409,23 +451,41 @@ def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
     torch.testing.assert_close(topk.W_enc, topk.W_dec.T * 0.5)
     matryoshka = MatryoshkaSAE(d_in=16, d_sae=64, k=4, group_sizes=[16, 48])
     torch.testing.assert_close(matryoshka.W_enc, matryoshka.W_dec.T * 0.5)
-    jumprelu = JumpReLUSAE(d_in=16, d_sae=64, init_seed=1)
-    assert torch.equal(jumprelu.W_enc, jumprelu.W_dec.T)  # unmeasured: as before
+    for reluish in (JumpReLUSAE, GatedSAE):  # measured too, as StandardSAE
+        sae = reluish(d_in=16, d_sae=64, init_seed=1)
+        torch.testing.assert_close(sae.W_enc, sae.W_dec.T * 0.25)
+    approx_l0 = ApproxL0SAE(d_in=16, d_sae=64, init_seed=1)
+    assert torch.equal(approx_l0.W_enc, approx_l0.W_dec.T)  # measured: more dead when smaller
     chosen = StandardSAE(d_in=16, d_sae=64, init_seed=1, encoder_init_scale=1.0)
     assert torch.equal(chosen.W_enc, chosen.W_dec.T)
     assert StandardSAE(d_in=64, d_sae=32).encoder_init_factor() == 1.0  # never above the transpose
 
 
+def test_jumprelu_gated_and_approx_l0_defaults_are_the_measured_ones() -> None:
+    """docs/defaults.md, measured on the toy side-by-side and the MiniLM frontier data: JumpReLU
+    and Gated start at d_in/d_sae of the transpose, ApproxL0 at the transpose; all three step
+    Adam with beta2 0.99 and clip the gradient's norm at 1."""
+    for cls, scale, betas in (
+        (JumpReLUSAE, 0.25, (0.9, 0.99)),
+        (GatedSAE, 0.25, (0.9, 0.99)),
+        (ApproxL0SAE, 1.0, (0.9, 0.99)),
+    ):
+        sae = cls(d_in=16, d_sae=64)
+        assert sae.encoder_init_factor() == scale, cls.__name__
+        assert sae.adam_betas() == betas, cls.__name__
+        assert sae.gradient_clip_max_norm() == 1.0, cls.__name__
+
+
 def test_default_gradient_clipping_is_clip_grad_norm_and_the_trainer_replaces_it() -> None:
     """docs/defaults.md: the TopK family and the L1 SAEs clip the gradient's norm at 1 by
-    default (SAELens's trainer step does too); the other variants do not (unmeasured). The
+    default (SAELens's trainer step does too), and so do JumpReLU, Gated and ApproxL0. The
     default is torch's clip_grad_norm_ (what trainer.gradient_clip_val 1 does); a trainer's
     gradient_clip_val replaces it, and gradient_clip_norm 0 turns it off."""
     assert TopKSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
     assert BatchTopKSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
     assert StandardSAE(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
-    for unmeasured in (JumpReLUSAE, GatedSAE, ApproxL0SAE):
-        assert unmeasured(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 0.0
+    for measured in (JumpReLUSAE, GatedSAE, ApproxL0SAE):
+        assert measured(d_in=D_IN, d_sae=D_SAE).gradient_clip_max_norm() == 1.0
     assert TopKSAE(d_in=D_IN, d_sae=D_SAE, gradient_clip_norm=0.5).gradient_clip_max_norm() == 0.5
 
     rows = _x(3 * 64) * 10  # three batches whose gradient norms are well above 1
@@ -609,7 +669,7 @@ def test_reset_features_restarts_every_per_feature_state_of_the_variant(name: st
         assert {id(sae.r_mag), id(sae.b_mag)} <= set(feature_dims)
     if name == "jumprelu":
         torch.testing.assert_close(sae.threshold[indices], torch.full((2,), 0.05))
-        assert id(sae.log_threshold) in feature_dims
+        assert id(sae.threshold) in feature_dims
     if name == "approx_l0":  # a new feature's frequency is its own, from its first step on
         assert (sae.window_frequencies()[indices] == 0).all()
         estimate = torch.rand(D_SAE)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
@@ -106,20 +107,41 @@ def measures_here(trainer: Trainer, pl_module: LightningModule) -> bool:
 
 def decided(trainer: Trainer, pl_module: LightningModule, decisions: Any) -> Any:
     """Per-SAE decisions (weights, plans) as every rank applies them: rank 0's, broadcast; each
-    rank's own under member placement, where a member's rank alone decides for it. Every rank
+    rank's own under member placement, where a member's rank alone decides for it (a member
+    split over a block of ranks: the block's first rank, broadcast over the block). Every rank
     calls this."""
-    if placement_of(pl_module) is not None:
-        return decisions
-    return trainer.strategy.broadcast(decisions, src=0)
+    if placement_of(pl_module) is None:
+        return trainer.strategy.broadcast(decisions, src=0)
+    blocks = getattr(pl_module, "blocks", {})
+    for name in [name for name in pl_module.member_names if name in decisions]:
+        if name in blocks:  # the block's ranks reach this name in the same order
+            carried = [decisions[name]]
+            dist.broadcast_object_list(carried, group=blocks[name], group_src=0)
+            decisions[name] = carried[0]
+    return decisions
 
 
 def gathered(pl_module: LightningModule, values: dict[str, Any]) -> dict[str, Any]:
-    """Per-SAE values to report, complete on rank 0 (which logs): under member placement every
-    rank's joined, in the group's order (every rank calls this); elsewhere ``values``."""
-    if placement_of(pl_module) is None:
+    """Per-SAE values to report, complete on rank 0 (which logs): under member placement each
+    member's from its (first) rank, in the group's order (every rank calls this); elsewhere
+    ``values``."""
+    placement = placement_of(pl_module)
+    if placement is None:
         return values
-    joined = {k: v for rank_values in gather_objects(values) for k, v in rank_values.items()}
+    joined = {
+        name: value
+        for rank, rank_values in enumerate(gather_objects(values))
+        for name, value in rank_values.items()
+        if placement[name] == rank
+    }
     return {name: joined[name] for name in pl_module.member_names if name in joined}
+
+
+def reports_for(trainer: Trainer, pl_module: LightningModule, name: str) -> bool:
+    """Whether this rank's measurement of SAE ``name`` is the one logged: rank 0's, or under
+    member placement the member's (first) rank's (see :func:`gathered`)."""
+    placement = placement_of(pl_module)
+    return trainer.is_global_zero if placement is None else placement[name] == trainer.global_rank
 
 
 def sae_input(pl_module: LightningModule, name: str, batch: Any) -> Tensor:

@@ -114,8 +114,12 @@ class FeatureDensityMonitor(Callback):
             # Eval mode: a measurement must not move running state (BatchTopK's threshold).
             with sae.measuring():
                 fired.append((sae.encode(x) != 0).reshape(len(x), -1).sum(0).double())
-        if placed:
-            parts, tokens = fired, rows * trainer.world_size
+        if placed:  # a member split over a block counted its latents: joined over the block
+            parts = [
+                part if shard_of(sae) is None else shard_of(sae).gather_features(part)
+                for sae, part in zip(named.values(), fired, strict=True)
+            ]
+            tokens = rows * trainer.world_size
         elif shard is None:
             counted = torch.cat([*fired, fired[0].new_tensor([rows])])
             counted = trainer.strategy.reduce(counted, reduce_op="sum")

@@ -18,6 +18,7 @@ from lightning_sae.callbacks._reporting import (
     log_scalars,
     measures_here,
     per_sae_state,
+    reports_for,
     saes,
     scoped,
     states_by_sae,
@@ -135,7 +136,10 @@ class FeatureGeometryMonitor(Callback):
         for name, sae in saes(pl_module).items():
             record = self.records.setdefault(name, _Record())
             W_dec = decoder_rows(sae).detach()
-            measured[name] = self._measure(trainer, name, W_dec, record, shard_of(sae))
+            shard = shard_of(sae)
+            # The random baseline is the logging rank's alone (it costs a d_sae x d_sae search).
+            baseline_here = shard is None or reports_for(trainer, pl_module, name)
+            measured[name] = self._measure(trainer, name, W_dec, record, shard, baseline_here)
         metrics: dict[str, float] = {}
         # Under member placement each rank measured its own members: rank 0 logs them all, and
         # every rank keeps every member's curve (the final table reads it).
@@ -151,12 +155,19 @@ class FeatureGeometryMonitor(Callback):
         return scalars[scoped(name, "geometry/mmcs")], scalars.get(scoped(name, "geometry/gt_mmcs"))
 
     def _measure(
-        self, trainer: Trainer, name: str, W_dec: Tensor, record: _Record, shard: Any = None
+        self,
+        trainer: Trainer,
+        name: str,
+        W_dec: Tensor,
+        record: _Record,
+        shard: Any = None,
+        baseline_here: bool = True,
     ) -> tuple[dict[str, float], Tensor, float | None]:
         """(the scalars by log key, each row's max cosine, the random baseline) of one SAE."""
         step = trainer.global_step
-        if record.random_baseline is None and (trainer.is_global_zero or shard is None):
-            rows = W_dec.shape[0] if shard is None else shard.d_sae
+        if record.random_baseline is None and baseline_here:
+            # Every member's rows: a sharded cross-layer transcoder's of every layer.
+            rows = W_dec.shape[0] if shard is None else W_dec.shape[0] * shard.latent_size
             record.random_baseline = random_directions_mmcs(
                 rows, W_dec.shape[1], self.baseline_seed, self.backend, device=W_dec.device
             )

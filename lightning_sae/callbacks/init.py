@@ -8,9 +8,11 @@ random samples, ``svd``: top singular directions, ``kmeans``: centroids, ``outli
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning import Callback, LightningModule, Trainer
@@ -20,7 +22,14 @@ from torch import Tensor
 from lightning_sae.callbacks._reporting import decided, sae_input_and_target, saes
 from lightning_sae.metrics.similarity import import_faiss
 from lightning_sae.models.base import stepping_alone
-from lightning_sae.parallel.comm import gather_last
+from lightning_sae.models.transcoder import cross_directions
+from lightning_sae.parallel.comm import all_reduce
+from lightning_sae.parallel.kmeans import (
+    MAX_POINTS_PER_CENTROID,
+    NITER,
+    even_bounds,
+    sharded_spherical_kmeans,
+)
 from lightning_sae.parallel.members import placement_of
 from lightning_sae.parallel.sharded import LatentShard, shard_of
 
@@ -32,6 +41,8 @@ BiasInit = Literal["geometric_median", "mean", "keep"]
 # from the same stream would start next to them).
 _SAMPLE_SEED_OFFSET = 0x1A17_5A3D
 _GENERATOR_SEED_OFFSET = 0x6E0_1E7
+# A cross-layer transcoder's source layers draw apart: layer l's seeds are offset by l strides.
+_LAYER_SEED_STRIDE = 0x2545_F491
 
 
 def _unit_rows(x: Tensor) -> Tensor:
@@ -143,6 +154,11 @@ def top_singular_directions(x: Tensor, d_sae: int) -> Tensor:
     return top * torch.where((x.float() @ top.T).sum(0) < 0, -1.0, 1.0)[:, None]
 
 
+def _unit_data(points: Tensor) -> np.ndarray:
+    """The rows faiss clusters: unit float32 rows on the host."""
+    return _unit_rows(points.float()).cpu().contiguous().numpy()
+
+
 def _spherical_kmeans(
     points: Tensor, k: int, seed: int, restarts: int = 1
 ) -> tuple[Tensor, Tensor]:
@@ -152,21 +168,43 @@ def _spherical_kmeans(
     can settle in a local optimum, e.g. one centroid for two clusters).
     """
     faiss = import_faiss()
-    data = _unit_rows(points.float()).cpu().contiguous().numpy()
-    kmeans = faiss.Kmeans(data.shape[1], k, niter=25, nredo=restarts, seed=seed, spherical=True)
+    data = _unit_data(points)
+    kmeans = faiss.Kmeans(data.shape[1], k, niter=NITER, nredo=restarts, seed=seed, spherical=True)
     kmeans.cp.min_points_per_centroid = 1  # small samples are fine; don't warn about them
+    kmeans.cp.max_points_per_centroid = MAX_POINTS_PER_CENTROID
     kmeans.train(data)
     assignment = torch.from_numpy(kmeans.index.search(data, 1)[1][:, 0]).long()
     return _unit_rows(torch.from_numpy(kmeans.centroids).float()), assignment
 
 
-def kmeans_directions(x: Tensor, d_sae: int, seed: int) -> Tensor:
-    """Spherical k-means centroids of the sample, one per feature."""
-    return _spherical_kmeans(x, d_sae, seed)[0].to(x.device)
+def _member_bounds(shard: LatentShard) -> list[int]:
+    """The dictionary's latents of each member of the shard's latent group."""
+    return [t * shard.local_size for t in range(shard.latent_size + 1)]
+
+
+def kmeans_directions(x: Tensor, d_sae: int, seed: int, shard: LatentShard | None = None) -> Tensor:
+    """Spherical k-means centroids of the sample, one per feature. With ``shard`` (every member
+    of its latent group calls this together), this member's rows only: faiss's k-means run
+    with each member holding its own centroids (``parallel/kmeans.py``)."""
+    if shard is None:
+        return _spherical_kmeans(x, d_sae, seed)[0].to(x.device)
+    part = sharded_spherical_kmeans(
+        _unit_data(x), d_sae, seed, _member_bounds(shard), shard.latent_group, x.device
+    )
+    return _unit_rows(torch.from_numpy(part.centroids).float()).to(x.device)
+
+
+# Few clusters, cheap to restart; a centroid caught on the rare inputs would hide them.
+_OUTLIER_RESTARTS = 5
 
 
 def outlier_directions(
-    x: Tensor, d_sae: int, rare_fraction: float, generator: torch.Generator, seed: int
+    x: Tensor,
+    d_sae: int,
+    rare_fraction: float,
+    generator: torch.Generator,
+    seed: int,
+    shard: LatentShard | None = None,
 ) -> Tensor:
     """The "rare features" init: a ``rare_fraction`` of rows from poorly explained inputs.
 
@@ -174,11 +212,13 @@ def outlier_directions(
     rare rows wanted approximate them. Subtracting from each input its projection on its nearest
     centroid leaves what the common structure does not explain; the inputs where that residual is
     the largest fraction of the input give the rare rows (their normalised residuals). The other
-    rows are random samples, as in ``data``.
+    rows are random samples, as in ``data``. With ``shard``, this member's rows only (see
+    :func:`_sharded_outlier_directions`).
     """
     n_rare = max(1, round(rare_fraction * d_sae))
-    # Few clusters, cheap to restart; a centroid caught on the rare inputs would hide them.
-    centroids, assignment = _spherical_kmeans(x, n_rare, seed, restarts=5)
+    if shard is not None:
+        return _sharded_outlier_directions(x, d_sae, n_rare, generator, seed, shard)
+    centroids, assignment = _spherical_kmeans(x, n_rare, seed, restarts=_OUTLIER_RESTARTS)
     nearest = centroids[assignment].to(x.device)
     residual = x - (x * nearest).sum(1, keepdim=True) * nearest
     unexplained = residual.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)
@@ -186,25 +226,74 @@ def outlier_directions(
     return torch.cat([rare, sample_directions(x, d_sae - n_rare, generator)])
 
 
+def _sharded_outlier_directions(
+    x: Tensor,
+    d_sae: int,
+    n_rare: int,
+    generator: torch.Generator,
+    seed: int,
+    shard: LatentShard,
+) -> Tensor:
+    """A member's rows of :func:`outlier_directions`; every member of the latent group calls it
+    together with the same sample.
+
+    The ``n_rare`` centroids are split evenly over the members (``parallel/kmeans.py``); each
+    member measures the inputs nearest to its centroids, one all_reduce gives every member every
+    input's unexplained fraction (so all pick the same rare inputs), and each member receives
+    the residuals of its rare rows from their centroids' owners (one reduce per member holding
+    rare rows). The sample rows are picked by index, as ``data`` does.
+    """
+    group, members = shard.latent_group, shard.latent_size
+    part = sharded_spherical_kmeans(
+        _unit_data(x), n_rare, seed, even_bounds(n_rare, members), group, x.device,
+        restarts=_OUTLIER_RESTARTS,
+    )  # fmt: skip
+    centroids = _unit_rows(torch.from_numpy(part.centroids).float()).to(x.device)
+    assignment = torch.from_numpy(part.assignment).to(x.device)
+    mine = ((assignment >= part.owned.start) & (assignment < part.owned.stop)).nonzero()[:, 0]
+    nearest = centroids[assignment[mine] - part.owned.start]
+    residual = x[mine] - (x[mine] * nearest).sum(1, keepdim=True) * nearest
+    unexplained = x.new_zeros(len(x))  # each input's value from its centroid's owner
+    unexplained[mine] = residual.norm(dim=1) / x[mine].norm(dim=1).clamp_min(1e-12)
+    all_reduce(unexplained, group)
+    rare_inputs = unexplained.topk(n_rare).indices
+    row_of_input = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    row_of_input[mine] = torch.arange(len(mine), device=x.device)
+    rare = x.new_empty(0, x.shape[1])
+    for member in range(members):
+        first, stop = member * shard.local_size, min((member + 1) * shard.local_size, n_rare)
+        if first >= stop:
+            continue
+        rows = row_of_input[rare_inputs[first:stop]]
+        received = x.new_zeros(stop - first, x.shape[1])  # zeros where another member owns it
+        received[rows >= 0] = residual[rows[rows >= 0]]
+        if group is not None:
+            dist.reduce(received, group_dst=member, group=group)
+        if member == shard.latent_rank:
+            rare = _unit_rows(received)
+    samples = range(max(shard.start, n_rare) - n_rare, max(shard.stop, n_rare) - n_rare)
+    return torch.cat([rare, sample_directions(x, d_sae - n_rare, generator, samples)])
+
+
 def _dictionary_size(sae: LightningModule) -> int:
-    """Latents of the whole dictionary (a latent-sharded SAE holds a slice of them)."""
+    """Latents of the whole dictionary (a latent-sharded SAE holds a slice of them); a
+    cross-layer transcoder's per layer."""
     shard = shard_of(sae)
-    return sae.W_dec.shape[0] if shard is None else shard.d_sae
+    if shard is not None:
+        return shard.d_sae
+    return sae.d_sae if getattr(sae, "n_layers", None) is not None else sae.W_dec.shape[0]
 
 
 def _copy_weights(sae: LightningModule, weights: dict[str, Tensor]) -> None:
-    for key, value in weights.items():
-        getattr(sae, key).copy_(value.to(getattr(sae, key)))
-
-
-def _global_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    for key, value in weights.items():  # a CLT's decoders are W_dec.<source layer>
+        tensor = functools.reduce(getattr, key.split("."), sae)
+        tensor.copy_(value.to(tensor))
 
 
 def _from_rank_zero(x: Tensor, shard: LatentShard) -> Tensor:
-    """Global rank 0's ``x`` on every rank (``x`` has the same shape everywhere)."""
+    """The mesh's first rank's ``x`` on every rank (``x`` has the same shape everywhere)."""
     if shard.world_group is not None:
-        dist.broadcast(x, src=0, group=shard.world_group)
+        dist.broadcast(x, group=shard.world_group, group_src=0)
     return x
 
 
@@ -213,20 +302,6 @@ def _gram_sum(shard: LatentShard | None, like: Tensor) -> Callable[[Tensor], Ten
     if shard is None or shard.latent_group is None:
         return lambda gram: gram
     return lambda gram: shard.sum_over_latents(gram.to(like.device)).to(gram.device)
-
-
-def _rows_from_rank_zero(whole: Tensor | None, shard: LatentShard, like: Tensor) -> Tensor:
-    """This rank's latents of a [d_sae, d] tensor that only global rank 0 computed: a scatter,
-    so every other rank receives its rows only."""
-    if shard.world_group is None:
-        return whole[shard.start : shard.stop]
-    starts = gather_last(torch.tensor([shard.start], device=like.device), shard.world_group)
-    mine = torch.empty(shard.local_size, like.shape[1], device=like.device, dtype=torch.float32)
-    parts = None
-    if _global_rank() == 0:
-        parts = [whole[s : s + shard.local_size].float().contiguous() for s in starts.tolist()]
-    dist.scatter(mine, parts, src=0, group=shard.world_group)
-    return mine
 
 
 class DataInformedInit(Callback):
@@ -239,8 +314,8 @@ class DataInformedInit(Callback):
     SAE's normalised space. The weights are computed on rank 0 and broadcast, so DDP ranks stay
     identical. Under ``latent_parallel`` no rank builds the whole dictionary: every rank draws
     the sample and each member computes its own latents, equal to that slice of the one-process
-    weights (``kmeans`` and ``outliers``, whose centroids depend on each other, are computed on
-    global rank 0, and each rank receives its rows only; see :meth:`initial_weights`).
+    weights (``kmeans`` and ``outliers`` run faiss's k-means with each member holding its own
+    centroids, ``parallel/kmeans.py``; see :meth:`initial_weights`).
 
     ``b_dec`` is set first (geometric median or mean of the sample), then decoder rows (unit
     norm) from the sample centred on it by ``method``:
@@ -258,6 +333,10 @@ class DataInformedInit(Callback):
     decoder rows come from the output site's sample, and ``transpose`` gives each encoder
     column the input-site direction that predicts its decoder row over the sample
     (``models.transcoder.cross_directions``).
+
+    A cross-layer transcoder is initialised layer by layer: ``b_dec[t]`` from layer ``t``'s
+    outputs, and source layer ``s``'s features as a transcoder's from that layer's inputs to
+    every output they write (see :meth:`_cross_layer_weights`).
 
     In an ``SAEGroup`` every member is initialised this way from the same sample (its own
     hook's activations), exactly as it would be alone.
@@ -300,12 +379,6 @@ class DataInformedInit(Callback):
             return
         named = saes(pl_module)
         for name, sae in named.items():
-            if getattr(sae, "n_layers", None) is not None:
-                raise ValueError(
-                    f"DataInformedInit sets one decoder matrix; {type(sae).__name__} is a "
-                    "cross-layer transcoder, with one decoder per layer pair. Remove the "
-                    "callback (the CLT starts from its own random init)."
-                )
             d_sae = _dictionary_size(sae)
             if self.method in ("data", "kmeans", "outliers") and self.n_samples < d_sae:
                 raise ValueError(
@@ -369,50 +442,90 @@ class DataInformedInit(Callback):
         same sample), this member's latents only: its rows of W_dec and columns of W_enc, equal
         to that slice of the whole. ``b_dec`` is global rank 0's. The data-free methods draw
         their random rows by blocks of latents and ``orthogonal`` sums A^T A over the latent
-        group, ``data`` and ``svd`` pick their rows by index; ``kmeans`` and ``outliers``
-        cluster the whole sample into centroids that depend on each other, so global rank 0
-        computes them and each rank receives only its rows.
+        group, ``data`` and ``svd`` pick their rows by index; ``kmeans`` and ``outliers`` run
+        faiss's k-means with each member holding its own centroids, exchanging each sample's
+        nearest centroid per iteration (``parallel/kmeans.py``), so no rank holds them all.
         """
-        generator = torch.Generator().manual_seed(self.seed + _GENERATOR_SEED_OFFSET)
-        seed = self.seed + _GENERATOR_SEED_OFFSET
-        d_sae, d_in = _dictionary_size(pl_module), pl_module.W_dec.shape[1]
+        if getattr(pl_module, "n_layers", None) is not None:
+            return self._cross_layer_weights(x_n, pl_module, y_n, shard)
+        d_sae = _dictionary_size(pl_module)
         latents = None if shard is None else range(shard.start, shard.stop)
         target = x_n if y_n is None else y_n
-        b_dec = pl_module.b_dec.detach().clone()
-        if self.b_dec == "geometric_median":
-            b_dec = geometric_median(target)
-        elif self.b_dec == "mean":
-            b_dec = target.mean(0)
+        b_dec = pl_module.b_dec.detach().clone() if self.b_dec == "keep" else self._centre(target)
         if shard is not None:  # one centring for every member
             b_dec = _from_rank_zero(b_dec.to(target).contiguous(), shard)
         centred = target - b_dec
-        if self.method == "orthogonal":
-            W_dec = orthogonal_directions(d_sae, d_in, seed, latents, _gram_sum(shard, x_n))
-        elif self.method == "xavier":
-            W_dec = xavier_directions(d_sae, d_in, seed, latents)
-        elif self.method == "data":
-            W_dec = sample_directions(centred, d_sae, generator, latents)
-        elif self.method == "svd":
-            top = None
-            if shard is not None:  # one rank's singular vectors, so every member's agree
-                top = _from_rank_zero(top_singular_directions(centred, d_sae).contiguous(), shard)
-            W_dec = svd_directions(centred, d_sae, seed, latents, top)
-        else:
-            whole = None
-            if shard is None or _global_rank() == 0:
-                if self.method == "kmeans":
-                    whole = kmeans_directions(centred, d_sae, self.seed)
-                else:
-                    whole = outlier_directions(
-                        centred, d_sae, self.rare_fraction, generator, self.seed
-                    )
-            W_dec = whole if shard is None else _rows_from_rank_zero(whole, shard, centred)
+        W_dec = self._directions(centred, d_sae, latents, shard)
         weights = {"W_dec": W_dec.float().cpu(), "b_dec": b_dec.float().cpu()}
         if self.encoder == "transpose" and y_n is not None:
             W_enc = pl_module.restart_encoder_directions(W_dec.to(x_n), x_n, centred).T
             weights["W_enc"] = W_enc.float().cpu().contiguous()
         elif self.encoder == "transpose":
             weights["W_enc"] = weights["W_dec"].T.contiguous()
+        return weights
+
+    def _centre(self, target: Tensor) -> Tensor:
+        """``b_dec`` of a sample [n, d] (geometric median or mean)."""
+        return geometric_median(target) if self.b_dec == "geometric_median" else target.mean(0)
+
+    def _directions(
+        self, centred: Tensor, d_sae: int, latents: range | None, shard: LatentShard | None,
+        layer: int = 0,
+    ) -> Tensor:  # fmt: skip
+        """Unit decoder rows ``latents`` (default all) of a ``d_sae``-row dictionary for the
+        centred sample, by ``method``; ``layer`` (a CLT's source layer) offsets every seed, so
+        that each layer draws its own rows and layer 0 those of an SAE."""
+        seed = self.seed + _GENERATOR_SEED_OFFSET + layer * _LAYER_SEED_STRIDE
+        generator = torch.Generator().manual_seed(seed)
+        width = centred.shape[1]
+        if self.method == "orthogonal":
+            return orthogonal_directions(d_sae, width, seed, latents, _gram_sum(shard, centred))
+        if self.method == "xavier":
+            return xavier_directions(d_sae, width, seed, latents)
+        if self.method == "data":
+            return sample_directions(centred, d_sae, generator, latents)
+        if self.method == "svd":
+            top = None
+            if shard is not None:  # one rank's singular vectors, so every member's agree
+                top = _from_rank_zero(top_singular_directions(centred, d_sae).contiguous(), shard)
+            return svd_directions(centred, d_sae, seed, latents, top)
+        if self.method == "kmeans":
+            return kmeans_directions(centred, d_sae, self.seed + layer, shard)
+        return outlier_directions(
+            centred, d_sae, self.rare_fraction, generator, self.seed + layer, shard
+        )
+
+    def _cross_layer_weights(
+        self, x_n: Tensor, clt: LightningModule, y_n: Tensor | None, shard: LatentShard | None
+    ) -> dict[str, Tensor]:
+        """A cross-layer transcoder's weights from its normalised sample (``x_n`` [n, layers,
+        d_in], ``y_n`` [n, layers, d_out]): ``b_dec[t]`` from layer ``t``'s outputs; the
+        features of source layer ``s`` as a transcoder's from that layer's inputs to what they
+        write, every output from layer ``s`` on (centred and joined, so that a decoder row is
+        the feature's whole slab at unit norm); the encoder column the input direction that
+        predicts it (:func:`~lightning_sae.models.transcoder.cross_directions`). With ``shard``
+        (a member holds features ``[start, stop)`` of every layer), those features of every
+        layer, equal to that slice of the whole."""
+        if y_n is None:
+            raise ValueError("a cross-layer transcoder's init needs the output sample y_n.")
+        d_sae, layers = _dictionary_size(clt), clt.n_layers
+        latents = None if shard is None else range(shard.start, shard.stop)
+        if self.b_dec == "keep":
+            b_dec = clt.b_dec.detach().clone()
+        else:
+            b_dec = torch.stack([self._centre(y_n[:, target]) for target in range(layers)])
+        if shard is not None:  # one centring for every member
+            b_dec = _from_rank_zero(b_dec.to(y_n).contiguous(), shard)
+        weights = {"b_dec": b_dec.float().cpu()}
+        encoders = []
+        for source in range(layers):
+            written = (y_n[:, source:] - b_dec[source:]).flatten(1)
+            rows = self._directions(written, d_sae, latents, shard, layer=source)
+            weights[f"W_dec.{source}"] = rows.reshape(len(rows), layers - source, -1).float().cpu()
+            if self.encoder == "transpose":
+                encoders.append(cross_directions(rows.to(x_n), x_n[:, source], written).T)
+        if encoders:
+            weights["W_enc"] = torch.stack(encoders).float().cpu().contiguous()
         return weights
 
     def state_dict(self) -> dict[str, Any]:

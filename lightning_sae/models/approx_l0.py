@@ -93,6 +93,18 @@ class ApproxL0SAE(SparseAutoencoder):
         self.register_buffer("frequency_history", torch.zeros(frequency_window, self.d_sae))
         self.register_buffer("frequency_steps", torch.tensor(0, dtype=torch.long))
 
+    def default_gradient_clip_norm(self) -> float:
+        # Measured (docs/defaults.md): clipping at 1 (with beta2 0.99) reaches FVU 0.277 at L0
+        # 25 on the MiniLM frontier data against 0.353 at L0 35 (two seeds), and ground-truth
+        # MMCS 0.84 against 0.78 on the toy side-by-side. The encoder keeps the transpose:
+        # d_in/d_sae of it left 49-60 of 768 latents that never fire on the frontier data.
+        return 1.0
+
+    def default_betas(self) -> tuple[float, float]:
+        # Measured (docs/defaults.md): beta2 0.99 lifts ground-truth MMCS on the toy side-by-side
+        # (0.835 against 0.813 with clipping); on the frontier data it makes no difference.
+        return (0.9, 0.99)
+
     @torch.no_grad()
     def _record_frequencies(self, batch_estimate: Tensor) -> None:
         if _is_distributed():

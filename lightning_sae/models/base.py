@@ -107,22 +107,25 @@ def _gib(n: int) -> str:
     return f"{n:,} bytes ({n / (1 << 30):,.1f} GiB)"
 
 
-def check_fits_in_memory(d_in: int, d_sae: int) -> None:
-    """Refuse, before anything is allocated, a dictionary whose weights alone exceed this
-    machine's memory: the allocator's own error names neither the option nor the sizes."""
+def check_fits_in_memory(parameters: int, counters: int, sizes: str, option: str) -> None:
+    """Refuse, before anything is allocated, a model whose weights alone exceed this machine's
+    memory: the allocator's own error names neither the option nor the sizes.
+
+    ``parameters``: its float32 parameters, as the model's class counts them (an SAE, a
+    cross-layer transcoder: each its own layout); ``counters``: its int64 per-feature counters
+    (the dead clock). ``sizes`` names the sizes in the message, ``option`` what to lower."""
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):  # no sysconf (Windows): the allocator decides
         return
-    parameters = 2 * d_in * d_sae + d_sae + d_in  # W_enc, W_dec, b_enc, b_dec
-    weights = 4 * parameters + 8 * d_sae  # float32, and the int64 firing counters
+    weights = 4 * parameters + 8 * counters
     if weights > memory:
         # Training adds a gradient and Adam's two moments per parameter.
         training = weights + 3 * 4 * parameters
         raise ValueError(
-            f"d_sae={d_sae:,} with d_in={d_in:,}: the SAE's weights need {_gib(weights)}, and "
-            f"training them with Adam (gradients and two moments) {_gib(training)}; this "
-            f"machine has {_gib(memory)} of memory: lower model.init_args.d_sae."
+            f"{sizes}: the weights need {_gib(weights)}, and training them with Adam (gradients "
+            f"and two moments) {_gib(training)}; this machine has {_gib(memory)} of memory: "
+            f"lower {option}."
         )
 
 
@@ -158,6 +161,11 @@ def stepping_alone() -> Iterator[None]:
         _STEPS_ALONE.reset(token)
 
 
+def _sum_of_squares(values: Tensor) -> Tensor:
+    flat = values.reshape(-1)
+    return flat.dot(flat)
+
+
 def _is_distributed() -> bool:
     if _STEPS_ALONE.get():
         return False
@@ -173,7 +181,8 @@ class SparseAutoencoder(LightningModule):
         lr: peak learning rate.
         optimizer: ``adam`` or ``adamw``.
         betas: Adam betas. ``None``: the variant's measured default (:meth:`default_betas`;
-            docs/defaults.md): (0.9, 0.999), and (0.9, 0.99) for the L1 SAEs.
+            docs/defaults.md): (0.9, 0.99) for the L1, JumpReLU, Gated and ApproxL0 SAEs,
+            (0.9, 0.999) for the TopK family and the cross-layer transcoders.
         weight_decay: AdamW weight decay (ignored by Adam).
         lr_warmup_steps: linear warm-up of the learning rate from 0.
         lr_decay_steps: linear decay to ``lr_end_factor * lr`` over the last this many steps.
@@ -195,10 +204,12 @@ class SparseAutoencoder(LightningModule):
             its first large gradients inflate Adam's second moment for the rest of the run.
         gradient_clip_norm: before each optimizer step, scale the gradient of all parameters
             down to this global norm when it is larger. ``None``: the variant's measured default
-            (:meth:`default_gradient_clip_norm`; docs/defaults.md): 1 for the TopK family and
-            the L1 SAEs, off for the others; 0: off. A ``trainer.gradient_clip_val`` replaces
-            it. The gradient's norm scales with the data's (clipping at 1 engages on
-            activations of norm ~10, rarely on unit-scale toy data); while it engages, Adam's
+            (:meth:`default_gradient_clip_norm`; docs/defaults.md): 1 for the L1, TopK,
+            JumpReLU, Gated and ApproxL0 SAEs (and the transcoders and crosscoders built on
+            them), off for the cross-layer transcoders (not measured); 0: off. A
+            ``trainer.gradient_clip_val`` replaces it. The gradient's norm scales with the
+            data's (clipping at 1 engages on activations of norm ~10, rarely on unit-scale toy
+            data); while it engages, Adam's
             second moment tracks the current gradient instead of remembering the large first
             ones, so the steps keep their size through a run.
         compile: compile ``forward_normalized`` (encode + decode, where the FLOPs are) with
@@ -230,7 +241,12 @@ class SparseAutoencoder(LightningModule):
         super().__init__()
         check_positive("d_in", d_in, "model.init_args.d_in")
         check_positive("d_sae", d_sae, "model.init_args.d_sae")
-        check_fits_in_memory(d_in, d_sae)
+        check_fits_in_memory(
+            2 * d_in * d_sae + d_sae + d_in,  # W_enc, W_dec, b_enc, b_dec
+            d_sae,
+            f"d_sae={d_sae:,} with d_in={d_in:,}",
+            "model.init_args.d_sae",
+        )
         check_positive("lr", lr, "model.init_args.lr")
         if encoder_init_scale is not None:
             check_positive(
@@ -564,7 +580,12 @@ class SparseAutoencoder(LightningModule):
             self.log("train/orthogonality_mean_cos", mean_cos)
         loss = torch.stack(list(terms.values())).sum()
         stats = self._training_statistics(y_n, out, terms, loss, read=None if y_n is x_n else x_n)
+        self.recycle(out)
         return loss, stats, functools.partial(self._report_training_statistics, list(terms))
+
+    def recycle(self, out: SAEOutput) -> None:
+        """The training step is done with ``out`` (the backward reads only what autograd
+        saved): a variant may keep its buffers for the next step. Nothing by default."""
 
     def _diverged(self, what: str) -> str:
         return (
@@ -620,16 +641,19 @@ class SparseAutoencoder(LightningModule):
         the reconstruction is scored against; ``read``, what the encoder read when that is
         another site (a transcoder's input), checked for finiteness with it.
         """
-        x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
-        read_sq = x64.new_zeros(()) if read is None else read.double().pow(2).sum()
+        # Two float64 copies in all, squared sums as dot products: every [batch, d] temporary
+        # is a fresh allocation, and on CPU its page faults cost more than the arithmetic
+        # (5 temporaries took 42 ms of a 705 ms TopK step at 4096 x 512 -> 8192; 2 take ~10).
+        x64 = x_n.double()
+        read_sq = x64.new_zeros(()) if read is None else _sum_of_squares(read.double())
         sums = torch.cat(
             [
                 out.fired(self.d_sae).double(),
                 x64.sum(0),
                 torch.stack(
                     [
-                        (x_hat64 - x64).pow(2).sum(),
-                        x64.pow(2).sum(),
+                        _sum_of_squares(out.x_hat.detach().double().sub_(x64)),
+                        _sum_of_squares(x64),
                         torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
                         read_sq,
                         loss.detach().double(),

@@ -61,10 +61,11 @@ from lightning_sae.models.base import (
     _is_distributed,
     _non_finite_terms,
     check_finite,
+    check_fits_in_memory,
     check_nonnegative,
     check_positive,
 )
-from lightning_sae.models.jumprelu import jumprelu
+from lightning_sae.models.jumprelu import at_least_zero, jumprelu, threshold_from_its_log
 from lightning_sae.models.transcoder import cross_directions
 
 TopKScope = Literal["layer", "all"]
@@ -114,6 +115,15 @@ class CrossLayerTranscoder(SparseAutoencoder):
         if d_out is not None:
             check_positive("d_out", d_out, "model.init_args.d_out")
         check_positive("d_sae", d_sae, "model.init_args.d_sae")
+        width_out = d_in if d_out is None else d_out
+        check_fits_in_memory(
+            type(self).parameter_count(d_in, d_sae, n_layers, width_out),
+            n_layers * d_sae,
+            f"a cross-layer transcoder of n_layers={n_layers} with d_sae={d_sae:,} features each "
+            f"(d_in={d_in:,}, d_out={width_out:,}, a decoder from each layer to every later one)",
+            "model.init_args.d_sae, or the layers covered (model.init_args.n_layers, "
+            "input_hooks and output_hooks)",
+        )
         kwargs["apply_b_dec_to_input"] = False
         # The base class keeps one dead clock (and one firing count) per feature of all layers.
         super().__init__(d_in=d_in, d_sae=n_layers * d_sae, **kwargs)
@@ -146,6 +156,19 @@ class CrossLayerTranscoder(SparseAutoencoder):
         self.val_l0, self.val_mse, self.val_fvu = L0(), MSE(), FVU(n_layers * self.d_out)
         self.val_layer_fvu = nn.ModuleList(FVU(self.d_out) for _ in range(n_layers))
         self.val_dead = DeadFraction(self.n_features)
+
+    @classmethod
+    def parameter_count(cls, d_in: int, d_sae: int, n_layers: int, d_out: int) -> int:
+        """The parameters this class allocates: an encoder and its bias per layer, a decoder
+        from each layer to it and every later layer (n_layers (n_layers + 1) / 2 slabs), the
+        output biases, and what the variant adds (:meth:`extra_parameter_count`)."""
+        encoders = n_layers * (d_in * d_sae + d_sae)
+        decoders = n_layers * (n_layers + 1) // 2 * d_sae * d_out + n_layers * d_out
+        return encoders + decoders + cls.extra_parameter_count(d_sae, n_layers)
+
+    @classmethod
+    def extra_parameter_count(cls, d_sae: int, n_layers: int) -> int:
+        return 0
 
     # ----------------------------------------------------------------- interface accessors
     def encoder_direction(self, layer: int) -> Tensor:
@@ -573,23 +596,38 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
             check_nonnegative(name, value, f"model.init_args.{name}")
         check_positive("sparsity_c", sparsity_c, "model.init_args.sparsity_c")
         super().__init__(*args, **kwargs)
-        self.log_threshold = nn.Parameter(
-            torch.full((self.n_layers, self.d_sae), math.log(threshold_init))
+        # theta [n_layers, d_sae] itself, not its log, as JumpReLUSAE's (models/jumprelu.py):
+        # Adam moves a parameter by about lr per step, so a log step moves theta by theta x lr
+        # and from a small start theta could grow at most e^(lr x steps)-fold.
+        self.threshold = nn.Parameter(
+            torch.full((self.n_layers, self.d_sae), float(threshold_init))
         )
 
-    @property
-    def threshold(self) -> Tensor:
-        """theta [n_layers, d_sae], in pre-activation units (the same in model units)."""
-        return self.log_threshold.exp()
+    @classmethod
+    def extra_parameter_count(cls, d_sae: int, n_layers: int) -> int:
+        return n_layers * d_sae  # the thresholds
+
+    def positive_threshold(self) -> Tensor:
+        """theta [n_layers, d_sae] as the encoder uses it (pre-activation units, the same in
+        model units): at least 0 in value, with the gradient of theta itself, so that a
+        threshold Adam stepped below 0 lets no negative pre-activation through and can still
+        be lifted back (:meth:`JumpReLUSAE.positive_threshold`)."""
+        return at_least_zero(self.threshold)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        threshold_from_its_log(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def activation(self, pre: Tensor) -> Tensor:
         # The kernel sums its threshold gradient over the rows of a [rows, features] tensor.
         flat = pre.reshape(-1, self.n_features)
-        acts = jumprelu(flat, self.threshold.reshape(-1), self.hparams.bandwidth)
+        acts = jumprelu(flat, self.positive_threshold().reshape(-1), self.hparams.bandwidth)
         return acts.reshape(pre.shape)
 
     def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
-        return jumprelu(pre, self.threshold[layer], self.hparams.bandwidth)
+        return jumprelu(pre, self.positive_threshold()[layer], self.hparams.bandwidth)
 
     def loss_terms(self, y_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams
@@ -599,22 +637,23 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         tanh = torch.tanh(hp.sparsity_c * norms * out.acts)
         terms["sparsity"] = weight * tanh.sum((-2, -1)).mean()
         if hp.preact_coefficient > 0:
-            shortfall = torch.relu(self.threshold - out.pre_acts) * norms
+            shortfall = torch.relu(self.positive_threshold() - out.pre_acts) * norms
             terms["preact"] = hp.preact_coefficient * shortfall.sum((-2, -1)).mean()
         return terms
 
     @torch.no_grad()
     def reset_features(self, indices: Tensor, *args: Any, **kwargs: Any) -> list:
         touched = super().reset_features(indices, *args, **kwargs)
-        indices = indices.to(self.log_threshold.device)
-        self.log_threshold.view(-1)[indices] = math.log(self.hparams.threshold_init)
+        # A dead feature's threshold may sit above anything its new encoder column produces.
+        indices = indices.to(self.threshold.device)
+        self.threshold.view(-1)[indices] = self.hparams.threshold_init
         return touched
 
     def feature_parameters(self) -> list[tuple[nn.Parameter, int, int | str]]:
-        return [*super().feature_parameters(), (self.log_threshold, 1, "stacked")]
+        return [*super().feature_parameters(), (self.threshold, 1, "stacked")]
 
     def extra_folded_weights(self) -> dict[str, Tensor]:
-        return {"threshold": self.threshold.detach().double()}
+        return {"threshold": self.positive_threshold().detach().double()}
 
 
 # ----------------------------------------------------------------------------- TopK family
@@ -710,6 +749,14 @@ class BatchTopKCrossLayerTranscoder(TopKCrossLayerTranscoder):
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
 
     def keep_mask(self, scores: Tensor) -> Tensor:
+        """The k x batch largest of each group of ``scores`` [groups, rows, features] (in
+        training over the global batch), or those above the threshold (eval, once learned).
+
+        Of the entries tied at a group's cut-off, the first in the batch's order (row, then
+        feature) are kept, as the SAE's BatchTopK does (``models/sparse.py``,
+        :func:`~lightning_sae.models.sparse.keep_above_and_first_ties`): keeping every tied
+        entry would keep more than k x batch, and other entries under DDP than in one process.
+        """
         if not self.training and int(self.threshold_updates) > 0:
             return scores > self.threshold.to(scores.dtype)[:, None, None]
         groups, rows, width = scores.shape
@@ -718,14 +765,30 @@ class BatchTopKCrossLayerTranscoder(TopKCrossLayerTranscoder):
         wanted = min(self.k * rows, flat.shape[1]) * world
         candidates = flat.topk(min(wanted, flat.shape[1]), dim=-1).values  # [groups, c]
         if world > 1:
-            gathered = [torch.empty_like(candidates) for _ in range(world)]
-            dist.all_gather(gathered, candidates.contiguous())
-            candidates = torch.cat(gathered, dim=-1)
-        cutoff = candidates.topk(wanted, dim=-1).values[:, -1]
-        mask = (scores >= cutoff[:, None, None]) & (scores > 0)
+            cutoff, ties = self._global_cutoff_and_ties(candidates, wanted)
+        else:
+            cutoff = candidates[:, -1]
+            ties = wanted - (candidates > cutoff[:, None]).sum(-1)
+        keep = keep_above_and_first_ties_per_group(flat, cutoff, ties).view_as(scores)
+        mask = keep & (scores > 0)
         if self.training:
             self._update_threshold(torch.where(mask, scores, torch.inf).reshape(groups, -1))
         return mask
+
+    def _global_cutoff_and_ties(self, candidates: Tensor, wanted: int) -> tuple[Tensor, Tensor]:
+        """Each group's cut-off over every rank's ``candidates`` [groups, c] (its own ``wanted``
+        largest: any rank's share of the global top set is among them), and how many of this
+        rank's entries tied at it to keep: the global batch is the ranks' rows in rank order,
+        so the ties of the lower ranks come first. A rank's candidates hold as many of its ties
+        as it may be given."""
+        gathered = [torch.empty_like(candidates) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, candidates.contiguous())
+        everyone = torch.stack(gathered)  # [world, groups, c]
+        cutoff = everyone.transpose(0, 1).flatten(1).topk(wanted, dim=-1).values[:, -1]
+        tied = (everyone == cutoff[:, None]).sum(-1)  # [world, groups]
+        ties_before = (tied.cumsum(0) - tied)[dist.get_rank()]
+        above = (everyone > cutoff[:, None]).sum((0, 2))
+        return cutoff, wanted - above - ties_before
 
     @property
     def replaces_layer_by_layer(self) -> bool:
@@ -801,6 +864,14 @@ def _layer_count(
             "number of hooks, or leave it out."
         )
     return int(n_layers)
+
+
+def keep_above_and_first_ties_per_group(scores: Tensor, cutoff: Tensor, ties: Tensor) -> Tensor:
+    """:func:`~lightning_sae.models.sparse.keep_above_and_first_ties` for each row of
+    ``scores`` [groups, n] (a BatchTopK group), with its own ``cutoff`` and ``ties`` [groups]:
+    the entries above the cut-off and the first ``ties`` equal to it."""
+    tied = scores == cutoff[:, None]
+    return (scores > cutoff[:, None]) | (tied & (tied.cumsum(-1) <= ties[:, None]))
 
 
 def _hook(batch: Mapping[str, Tensor], hook: str, option: str) -> Tensor:

@@ -57,6 +57,18 @@ class GatedSAE(SparseAutoencoder):
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
 
+    def default_encoder_init_scale(self) -> float:
+        # Measured (docs/defaults.md), as StandardSAE's: d_in/d_sae of the transpose, clipping
+        # at 1 and beta2 0.99 reach FVU 0.156 at L0 64 on the MiniLM frontier data against 0.220
+        # at L0 77 (two seeds), and ground-truth MMCS 0.70 against 0.56 on the toy side-by-side.
+        return min(1.0, self.d_in / self.d_sae)
+
+    def default_betas(self) -> tuple[float, float]:
+        return (0.9, 0.99)
+
+    def default_gradient_clip_norm(self) -> float:
+        return 1.0
+
     @torch.no_grad()
     def reset_features(
         self,

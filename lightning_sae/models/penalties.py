@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_sae.models.sparse import SparseCode
+
 OrthogonalityShape = Literal["sigmoid", "power", "linear"]
 
 
@@ -21,6 +23,25 @@ def l1_penalty(acts: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
     if decoder_norms is not None:
         per_feature = per_feature * decoder_norms
     return per_feature.sum() / max(acts.numel() // acts.shape[-1], 1)
+
+
+def l1_penalty_of_code(code: SparseCode, decoder_norms: Tensor | None = None) -> Tensor:
+    """:func:`l1_penalty` of the dense activations ``code`` stands for, from its entries alone
+    (a zero adds nothing to the sum)."""
+    magnitudes = code.values.abs()
+    if decoder_norms is not None:
+        magnitudes = magnitudes * decoder_norms[code.indices]
+    return magnitudes.sum() / max(code.n_rows, 1)
+
+
+def tanh_penalty_of_code(
+    code: SparseCode, scale: float, decoder_norms: Tensor | None = None
+) -> Tensor:
+    """:func:`tanh_penalty` of the dense activations ``code`` stands for (tanh(0) = 0)."""
+    weighted = code.values.abs()
+    if decoder_norms is not None:
+        weighted = weighted * decoder_norms[code.indices]
+    return torch.tanh(scale * weighted).sum() / max(code.n_rows, 1)
 
 
 def tanh_penalty(acts: Tensor, scale: float, decoder_norms: Tensor | None = None) -> Tensor:

@@ -35,6 +35,7 @@ from lightning_sae.models.sparse import (
     decodes_sparsely,
     keep_above_and_first_ties,
     largest_of_batch,
+    row_top_k,
     sparse_encoder_values,
 )
 
@@ -109,19 +110,48 @@ class TopKSAE(SparseAutoencoder):
     # ----------------------------------------------------------------- encoding
     def sparse_code(self, pre_acts: Tensor) -> SparseCode:
         """The kept activations of [n, d_sae] pre-activations."""
-        values, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
+        values, indices = row_top_k(pre_acts, self.k)
         return SparseCode(indices, torch.relu(values), pre_acts.shape[0])
 
     def _encode(self, x_n: Tensor) -> tuple[SparseCode, Tensor]:
         """The kept code of ``x_n`` and the dense pre-activations (without a graph)."""
         x_rows = x_n.reshape(-1, x_n.shape[-1])
         bias = self.encoder_bias()
-        with torch.no_grad():
-            # As pre_activation computes it (bias inside the product: bf16 under autocast).
-            pre_acts = F.linear(x_rows, self.W_enc.T, bias)
+        pre_acts = self._pre_activations_without_graph(x_rows, bias)
         code = self.sparse_code(pre_acts)
         code.values = torch.relu(sparse_encoder_values(code, pre_acts, x_rows, self.W_enc, bias))
         return code, pre_acts
+
+    @torch.no_grad()
+    def _pre_activations_without_graph(self, x_rows: Tensor, bias: Tensor) -> Tensor:
+        """``F.linear(x_rows, W_enc.T, bias)``, as pre_activation computes it (the bias inside
+        the product: bf16 under autocast), into the last training step's pre-activations when
+        :meth:`recycle` kept them. On CPU a fresh [n, d_sae] tensor is a fresh mapping whose
+        page faults cost about an eighth of the product itself (32k faults, ~55 ms, for the
+        128 MB at batch 4096 and d_sae 8192; docs/benchmarks.md)."""
+        buffer = None if torch.compiler.is_compiling() else self.__dict__.pop("_recycled", None)
+        if (
+            buffer is None
+            or buffer.shape != (x_rows.shape[0], self.d_sae)
+            or not buffer.dtype == x_rows.dtype == self.W_enc.dtype == bias.dtype
+            or torch.is_autocast_enabled(x_rows.device.type)
+        ):
+            return F.linear(x_rows, self.W_enc.T, bias)
+        return torch.addmm(bias, x_rows, self.W_enc, out=buffer)  # what F.linear calls
+
+    def recycle(self, out: SAEOutput) -> None:
+        # CPU only: CUDA's caching allocator already reuses the memory. Not across an eval
+        # phase (train(False) drops it), so validation does not hold a second copy; not for a
+        # compiled forward, which makes its own outputs.
+        compiled = hasattr(self.forward_normalized, "_torchdynamo_orig_callable")
+        on_cpu = out.pre_acts is not None and out.pre_acts.device.type == "cpu"
+        if self.training and on_cpu and not compiled:
+            self._recycled = out.pre_acts.reshape(-1, self.d_sae)
+
+    def train(self, mode: bool = True) -> TopKSAE:
+        if not mode:
+            self.__dict__.pop("_recycled", None)
+        return super().train(mode)
 
     def encoder_values(self, code: SparseCode, out: SAEOutput) -> Tensor:
         """ReLU'd pre-activations of ``out`` at ``code``'s entries, with the encoder's gradient

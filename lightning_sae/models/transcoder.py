@@ -43,7 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, MSE
-from lightning_sae.models.base import SAEOutput, SparseAutoencoder, check_positive
+from lightning_sae.models.base import (
+    SAEOutput,
+    SparseAutoencoder,
+    check_fits_in_memory,
+    check_positive,
+)
 from lightning_sae.models.jumprelu import JumpReLUSAE
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
@@ -127,6 +132,18 @@ class Transcoding:
         self.hparams["apply_b_dec_to_input"] = False
         self.d_out = self.d_in if d_out is None else d_out
         self.input_hook, self.output_hook = input_hook, output_hook
+        d_in, d_sae, d_out = self.d_in, self.d_sae, self.d_out
+        # The base class counted an SAE's weights; the output width and the skip add more.
+        check_fits_in_memory(
+            d_in * d_sae
+            + d_sae
+            + d_sae * d_out
+            + d_out
+            + (d_out * d_in if self.skip_connection else 0),
+            d_sae,
+            f"d_sae={d_sae:,} with d_in={d_in:,} and d_out={d_out:,}",
+            "model.init_args.d_sae",
+        )
         # Encoder and decoder live in different spaces: draw them independently (an SAE's
         # tied start, W_enc = W_dec^T, means nothing across sites).
         generator = torch.Generator().manual_seed(self.hparams.init_seed + _INIT_OFFSET)

@@ -18,8 +18,10 @@ from lightning_sae.parallel.sharded import LatentShard
 
 
 def sharded_self_max_cosine(W_dec: Tensor, shard: LatentShard, backend: Backend = "auto") -> Tensor:
-    """Every dictionary row's max cosine similarity with any other row, ``[d_sae]``, on every
-    member (the sharded :func:`~lightning_sae.metrics.similarity.self_max_cosine_similarity`)."""
+    """Every dictionary row's max cosine similarity with any other row, on every member, in
+    global feature order (the sharded
+    :func:`~lightning_sae.metrics.similarity.self_max_cosine_similarity`). ``W_dec`` is the
+    member's rows, one per local feature (a cross-layer transcoder's of every layer)."""
     group = shard.latent_group
     if group is None:
         return max_cosine_similarity(W_dec, W_dec, exclude_self=True, backend=backend)[0]
@@ -30,7 +32,7 @@ def sharded_self_max_cosine(W_dec: Tensor, shard: LatentShard, backend: Backend 
         mine = member == shard.latent_rank
         best = max_cosine_similarity(block, W_dec, exclude_self=mine, backend=backend)[0]
         blocks.append(all_reduce(best.contiguous(), group, dist.ReduceOp.MAX))
-    return torch.cat(blocks)
+    return shard.in_global_order(torch.cat(blocks))
 
 
 def sharded_max_cosine_to(

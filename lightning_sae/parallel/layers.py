@@ -43,7 +43,12 @@ from lightning_sae.parallel.sharded import (
     ShardedTopK,
     check_latent_split,
 )
-from lightning_sae.parallel.sharded_clt import ShardedCLT, ShardedTopKCLT
+from lightning_sae.parallel.sharded_clt import (
+    ShardedBatchTopKCLT,
+    ShardedCLT,
+    ShardedJumpReLUCLT,
+    ShardedTopKCLT,
+)
 
 # The layer of each shipped variant, by exact class: a subclass from elsewhere may override
 # what the layer relies on, so it is refused rather than assumed.
@@ -70,10 +75,11 @@ LAYERS: dict[type[SparseAutoencoder], type[ShardedSAE]] = {
     CrossCoder: ShardedStandard,
     TopKCrossCoder: ShardedTopK,
     BatchTopKCrossCoder: ShardedBatchTopK,
-    # Cross-layer transcoders (parallel/sharded_clt.py); BatchTopK's is not written yet.
+    # Cross-layer transcoders (parallel/sharded_clt.py).
     CrossLayerTranscoder: ShardedCLT,
-    JumpReLUCrossLayerTranscoder: ShardedCLT,
+    JumpReLUCrossLayerTranscoder: ShardedJumpReLUCLT,
     TopKCrossLayerTranscoder: ShardedTopKCLT,
+    BatchTopKCrossLayerTranscoder: ShardedBatchTopKCLT,
 }
 _CLASSES: dict[type, type] = {}
 
@@ -82,12 +88,6 @@ def sharded_class(cls: type) -> type:
     """``LatentSharded<cls>``: the layer of ``cls`` in front of ``cls`` (made once per class)."""
     if cls in _CLASSES.values():
         return cls
-    if cls is BatchTopKCrossLayerTranscoder:
-        raise ValueError(
-            "BatchTopKCrossLayerTranscoder cannot be latent-sharded yet (its global batch "
-            "cut-off is not split across members): set trainer.latent_parallel: 1, or use "
-            "TopKCrossLayerTranscoder or JumpReLUCrossLayerTranscoder."
-        )
     if cls not in LAYERS:
         raise ValueError(
             f"{cls.__name__} cannot be latent-sharded: only lightning-sae's own classes "

@@ -8,14 +8,22 @@ every rank, the rows of the hooks its own members read), and each member steps o
 global batch exactly as it would in one process: its step runs with collectives off
 (:func:`~lightning_sae.models.base.stepping_alone`), since it already sees every row.
 
+A member too large for one rank is split (:func:`shard_counts`: named in ``member_shards``, or
+larger than the memory budget): its latents are sharded over a block of consecutive ranks of
+its own, each rank of the block holding a slice (:class:`BlockShard`, the latent-sharded layer
+of ``parallel/sharded.py`` with the block as its whole mesh). Every rank of the block receives
+the whole global batch in the same exchange, so the split member's step is the latent-sharded
+step with no rows to gather, its collectives on the block's process group only.
+
 What the ranks share besides the rows:
 
 - Logged values: each rank records its members' ``self.log`` calls; one ``all_gather_object``
   per step (and per validation epoch) hands every rank every member's values, and every rank
   logs all of them, so rank 0's loggers write every member and every rank logs the same keys.
 - Checkpoints: a torch distributed checkpoint folder in which each member's weights and Adam
-  state are written once, by the rank that holds it; ``meta.pt`` holds the rest, each member's
-  schedule, optimizer options and callback state taken from the rank that holds the member.
+  state are written once, by the rank that holds it (a split member's per-latent tensors as
+  DTensors over its block: each slice once); ``meta.pt`` holds the rest, each member's
+  schedule, optimizer options and callback state taken from the (first) rank that holds it.
   The folder resumes on any number of ranks (members are found by name) and ``lightning-sae
   export`` writes one SAELens folder per member from it.
 - Callbacks act on the rank's own members (``callbacks/_reporting.saes``); see
@@ -24,10 +32,12 @@ What the ranks share besides the rows:
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +49,17 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torchmetrics import Metric
 
 from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.models.base import SparseAutoencoder, stepping_alone
 from lightning_sae.models.group import MemberOptimizers, SAEGroup
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
+from lightning_sae.parallel.layers import LAYERS, sharded_class
+from lightning_sae.parallel.sharded import LatentShard, shard_of, slice_to_shard
+from lightning_sae.parallel.sharded_clt import ShardedCLT
 from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes, param_groups_by_name
 
 GIB = 2**30
@@ -58,23 +73,51 @@ def member_bytes(sae: SparseAutoencoder) -> int:
 
 
 def place_members(
-    costs: Mapping[str, int], world: int, budget_bytes: int | None = None
+    costs: Mapping[str, int],
+    world: int,
+    budget_bytes: int | None = None,
+    shards: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """member -> rank, balancing ``costs`` (bytes, proportional to the FLOPs of a step on the
-    shared batch): the largest member first, each on the rank that holds the least so far
-    (ties to the lower rank). The same on every rank: it depends only on its arguments.
+    """member -> its (first) rank, balancing ``costs`` (bytes, proportional to the FLOPs of a
+    step on the shared batch). The same on every rank: it depends only on its arguments.
 
-    Raises a one-line ValueError when a member, or the placement, exceeds ``budget_bytes``.
+    A member split over ``shards[name] > 1`` ranks (latent sharding, :func:`shard_counts`)
+    takes that many consecutive ranks of its own, the largest such member first from rank 0,
+    each of them holding ``1 / shards`` of its cost. Then the whole members, the largest first,
+    each go to the rank that holds the least so far (ties to the lower rank), which may be a
+    rank that also holds a slice.
+
+    Raises a one-line ValueError when a member, or the placement, exceeds ``budget_bytes``, or
+    when the split members need more ranks than there are.
     """
+    shards = dict(shards or {})
     load = [0] * world
     placement: dict[str, int] = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+    by_size = sorted(costs, key=lambda n: (-costs[n], n))
+    split = [name for name in by_size if shards.get(name, 1) > 1]
+    needed = sum(shards[name] for name in split)
+    if needed > world:
+        counts = ", ".join(f"{name}: {shards[name]}" for name in split)
+        raise ValueError(
+            f"the split members ({counts}) need {needed} devices of their own, more than the "
+            f"{world} there are: add devices (trainer.devices / trainer.num_nodes) or split "
+            "over fewer (trainer.member_shards, trainer.member_memory_gib)."
+        )
+    first = 0
+    for name in split:
+        placement[name] = first
+        for rank in range(first, first + shards[name]):
+            load[rank] += math.ceil(costs[name] / shards[name])
+        first += shards[name]
+    for name in by_size:
+        if name in placement:
+            continue
         if budget_bytes is not None and costs[name] > budget_bytes:
             raise ValueError(
                 f"member {name!r} needs {costs[name] / GIB:.3g} GiB of weights, gradients and "
                 f"Adam state, more than a rank's budget of {budget_bytes / GIB:.3g} GiB "
                 "(trainer.member_memory_gib): raise it, make the member smaller "
-                "(d_sae), or train it without member_parallel under trainer.latent_parallel."
+                "(d_sae), or split its latents over devices (trainer.member_shards)."
             )
         rank = min(range(world), key=lambda r: (load[r], r))
         placement[name] = rank
@@ -90,9 +133,83 @@ def place_members(
     return placement
 
 
-def check_placeable(module: Any, world: int | None, budget_bytes: int | None) -> None:
+def _splittable(sae: SparseAutoencoder, count: int) -> str | None:
+    """Why ``sae`` cannot be split over ``count`` ranks (None: it can)."""
+    layer = LAYERS.get(type(sae))
+    if layer is None or issubclass(layer, ShardedCLT):
+        # A cross-layer transcoder's sharded step reduces over the whole world, not a block.
+        return f"its class {type(sae).__name__} has no latent-sharded layer for member placement"
+    if sae.hparams.d_sae % count:
+        return f"d_sae={sae.hparams.d_sae} does not divide into {count} slices"
+    if sae.hparams.get("compile"):
+        return "init_args.compile is on (a sharded step holds collectives)"
+    return None
+
+
+def shard_counts(
+    members: Mapping[str, SparseAutoencoder],
+    world: int,
+    budget_bytes: int | None = None,
+    requested: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """member -> over how many consecutive ranks its latents are split (1: held whole).
+
+    ``requested`` (``trainer.member_shards``) names members and their counts; any other member
+    larger than ``budget_bytes`` (``trainer.member_memory_gib``) is split over the fewest ranks
+    that bring its share within the budget and divide its ``d_sae``. Raises a one-line
+    ValueError naming the option to change.
+    """
+    requested = dict(requested or {})
+    unknown = sorted(set(requested) - set(members))
+    if unknown:
+        raise ValueError(
+            f"trainer.member_shards names {unknown}, not members of the group (its members: "
+            f"{', '.join(members)}): use the members' names."
+        )
+    counts = {}
+    for name, sae in members.items():
+        count = requested.get(name, 1)
+        if name in requested:
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= world:
+                raise ValueError(
+                    f"trainer.member_shards[{name!r}] is {count!r}: it must be a whole number of "
+                    f"devices from 1 to the {world} there are."
+                )
+            why = _splittable(sae, count) if count > 1 else None
+            if why:
+                raise ValueError(
+                    f"member {name!r} cannot be split over {count} devices "
+                    f"(trainer.member_shards): {why}; set another count, or 1."
+                )
+        elif budget_bytes is not None and member_bytes(sae) > budget_bytes:
+            cost = member_bytes(sae)
+            fitting = [
+                n
+                for n in range(2, world + 1)
+                if math.ceil(cost / n) <= budget_bytes and _splittable(sae, n) is None
+            ]
+            if not fitting:
+                why = _splittable(sae, 2) or "no device count divides its d_sae and fits"
+                raise ValueError(
+                    f"member {name!r} needs {cost / GIB:.3g} GiB of weights, gradients and Adam "
+                    f"state, more than a rank's budget of {budget_bytes / GIB:.3g} GiB "
+                    f"(trainer.member_memory_gib) even split over the {world} devices ({why}): "
+                    "add devices, raise trainer.member_memory_gib, or make it smaller (d_sae)."
+                )
+            count = fitting[0]
+        counts[name] = count
+    return counts
+
+
+def check_placeable(
+    module: Any,
+    world: int | None,
+    budget_bytes: int | None,
+    requested: Mapping[str, int] | None = None,
+) -> None:
     """Refuse (ValueError, one line) a model member placement cannot train: not an SAEGroup,
-    or, when the rank count is known, a group that does not fit ``budget_bytes`` per rank."""
+    or, when the rank count is known, a group that cannot be split and placed within
+    ``budget_bytes`` per rank."""
     if not isinstance(module, SAEGroup):
         raise ValueError(
             f"member_parallel places the members of an SAEGroup on ranks; the model is a "
@@ -100,8 +217,37 @@ def check_placeable(module: Any, world: int | None, budget_bytes: int | None) ->
             "(trainer.member_parallel: false) or trainer.latent_parallel."
         )
     if world is not None:
-        costs = {name: member_bytes(sae) for name, sae in module.members.items()}
-        place_members(costs, world, budget_bytes)
+        members = dict(module.members.items())
+        shards = shard_counts(members, world, budget_bytes, requested)
+        costs = {name: member_bytes(sae) for name, sae in members.items()}
+        place_members(costs, world, budget_bytes, shards)
+
+
+@dataclass
+class BlockShard(LatentShard):
+    """The latent shard of a member split over a block of ranks under member placement.
+
+    Every rank of the block already holds the whole global batch (the group's row exchange), so
+    there are no rows to gather and no data-parallel group; the block is the shard's whole mesh.
+    """
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        return x
+
+
+def split_member(sae: SparseAutoencoder, block: dist.ProcessGroup, count: int) -> None:
+    """Make ``sae`` its sharded layer, holding this rank's slice of ``count`` over ``block``."""
+    sae.__class__ = sharded_class(type(sae))
+    shard = BlockShard(
+        d_sae=sae.d_sae,
+        latent_rank=dist.get_rank(block),
+        latent_size=count,
+        data_size=1,
+        latent_group=block,
+        data_group=None,
+        world_group=block,
+    )
+    slice_to_shard(sae, shard)
 
 
 def member_sites(sae: SparseAutoencoder, hook: str | None) -> list[str | None]:
@@ -164,42 +310,96 @@ class MemberParallelGroup(SAEGroup):
     """An SAEGroup whose members live on the ranks :func:`place_members` chose.
 
     :class:`MemberParallelStrategy` gives a group this class once processes exist;
-    ``configure_model`` then drops the members of other ranks. ``member_names`` keeps every
-    member's name in the group's order, ``placement`` its rank.
+    ``configure_model`` then drops the members of other ranks and splits the latents of each
+    member that :func:`shard_counts` splits over its block of ranks. ``member_names`` keeps
+    every member's name in the group's order, ``placement`` its (first) rank, ``shards`` over
+    how many ranks it is split (1: held whole).
     """
 
     placement: dict[str, int] | None = None
     member_names: list[str]
+    shards: dict[str, int]
     budget_bytes: int | None = None
+    member_shards: dict[str, int] | None = None
+
+    def ranks_of(self, name: str) -> range:
+        """The ranks that hold member ``name`` (one, or its block of consecutive ranks)."""
+        first = self.placement[name]
+        return range(first, first + self.shards[name])
 
     def configure_model(self) -> None:
         if self.placement is not None:
             return
         world, rank = dist.get_world_size(), dist.get_rank()
-        costs = {name: member_bytes(sae) for name, sae in self.members.items()}
-        self.placement = place_members(costs, world, self.budget_bytes)
+        members = dict(self.members.items())
+        self.shards = shard_counts(members, world, self.budget_bytes, self.member_shards)
+        costs = {name: member_bytes(sae) for name, sae in members.items()}
+        self.placement = place_members(costs, world, self.budget_bytes, self.shards)
         self.member_names = list(self.members)
         self.sites = {
             name: member_sites(sae, self.hooks[name]) for name, sae in self.members.items()
         }
+        split = [name for name in self.member_names if self.shards[name] > 1]
+        clips_by_norm = self.trainer.gradient_clip_algorithm in (None, "norm")
+        if split and self.trainer.gradient_clip_val and clips_by_norm:
+            raise ValueError(
+                "trainer.gradient_clip_val with gradient_clip_algorithm 'norm' is not "
+                f"supported with split members ({', '.join(split)}): each rank would clip by "
+                "its own slice's norm. Set trainer.gradient_clip_algorithm: value, or leave "
+                "clipping to the members (model...init_args.gradient_clip_norm)."
+            )
+        # Every rank creates every block's process group, in the same order: new_group is a
+        # collective of the whole world, even for the ranks outside the block.
+        self.blocks: dict[str, dist.ProcessGroup] = {}
+        for name in split:
+            block = dist.new_group(list(self.ranks_of(name)))
+            if rank in self.ranks_of(name):
+                self.blocks[name] = block
         for name in self.member_names:
-            if self.placement[name] != rank:
+            if rank not in self.ranks_of(name):
                 del self.members[name]
-        for member in self.members.values():
+        for name, member in self.members.items():
+            block = self.blocks.get(name)
+            if block is not None:
+                split_member(member, block, self.shards[name])
             for module in member.modules():
-                if isinstance(module, Metric):
+                if not isinstance(module, Metric):
+                    continue
+                if block is None:
                     # Each member's metrics see the whole batch on its own rank: nothing to sync
                     # (and a sync would be a collective that only this rank enters).
                     module.sync_on_compute = module._to_sync = False
+                else:  # a split member's metrics count its slice: summed over its block
+                    module.process_group = block
+        idle = world - len({r for name in self.member_names for r in self.ranks_of(name)})
+        if idle:
+            rank_zero_warn(
+                f"member_parallel: {len(self.member_names)} members on {world} ranks leaves "
+                f"{idle} ranks without a member (they only serve data); use fewer devices, "
+                "add members, or split a member over more (trainer.member_shards).",
+                category=UserWarning,
+            )
         self._recorded: list[tuple[str, Any, dict[str, Any]]] | None = None
         self._epoch_values: dict[str, list[float]] = {}
         self._epoch_metrics: dict[str, Metric] = {}
         self.exchanged_bytes = 0  # sent by this rank at the last exchange
 
+    def _publishes(self, key: str) -> bool:
+        """Whether this rank logs ``<member>/...``: a split member's values are the same on
+        every rank of its block, and its first rank speaks for it (a key of no member: every
+        rank that recorded it)."""
+        first = self.placement.get(key.split("/", 1)[0])
+        return first is None or first == dist.get_rank()
+
     # ----------------------------------------------------------------- rows
     def _needs(self, rank: int) -> list[str | None]:
         """The hooks rank ``rank``'s members read, in a fixed order (None: a plain batch)."""
-        hooks = {h for name, r in self.placement.items() if r == rank for h in self.sites[name]}
+        hooks = {
+            hook
+            for name in self.member_names
+            if rank in self.ranks_of(name)
+            for hook in self.sites[name]
+        }
         return sorted(hooks, key=lambda hook: "" if hook is None else hook)
 
     def exchange_rows(self, batch: Any) -> Any:
@@ -275,7 +475,11 @@ class MemberParallelGroup(SAEGroup):
         self.global_batch = batch  # what callbacks measure this step's members on
         with self._recording() as records, stepping_alone():
             loss = super().training_step(batch, batch_idx) if len(self.members) else None
-        plain = [(n, float(v) if isinstance(v, Tensor) else v, kw) for n, v, kw in records]
+        plain = [
+            (n, float(v) if isinstance(v, Tensor) else v, kw)
+            for n, v, kw in records
+            if self._publishes(n)
+        ]
         self._log_everywhere(plain)
         if loss is None:  # a rank without members: nothing to train, a loss autograd accepts
             return torch.zeros((), device=self.device, requires_grad=True)
@@ -300,10 +504,12 @@ class MemberParallelGroup(SAEGroup):
     def _log_epoch(self) -> None:
         values = {name: sum(v) / len(v) for name, v in self._epoch_values.items()}
         for name, metric in self._epoch_metrics.items():
+            # Every rank of a split member's block computes (a sync over the block); one logs.
             values[name] = float(metric.compute())
             metric.reset()
         self._epoch_values, self._epoch_metrics = {}, {}
-        self._log_everywhere([(name, value, {}) for name, value in values.items()])
+        published = [(name, value, {}) for name, value in values.items() if self._publishes(name)]
+        self._log_everywhere(published)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch()
@@ -318,23 +524,39 @@ class MemberParallelGroup(SAEGroup):
 
 
 class MemberParallelStrategy(ModelParallelStrategy):
-    """Each member of an SAEGroup on one rank, trained on the whole global batch.
+    """Each member of an SAEGroup on its ranks, trained on the whole global batch.
 
     Args:
         member_memory_gib: the most a rank may hold of members' weights, gradients and Adam
-            state (GiB); placement fails in one line beyond it. None: no limit on CPU, the
+            state (GiB); a larger member is split over the fewest consecutive ranks that fit
+            it, and placement fails in one line when nothing fits. None: no limit on CPU, the
             device's memory on a GPU.
+        member_shards: members to split, by name, and over how many consecutive ranks each
+            (``{"l3": 4}``: member l3's latents in four slices on four ranks of its own), as
+            under ``latent_parallel``; the other members are held whole.
         **kwargs: ``ModelParallelStrategy``'s ``process_group_backend`` and ``timeout``.
     """
 
-    def __init__(self, member_memory_gib: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        member_memory_gib: float | None = None,
+        member_shards: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if member_memory_gib is not None and not member_memory_gib > 0:
             raise ValueError(
                 f"member_memory_gib must be positive, got {member_memory_gib!r}: set "
                 "trainer.member_memory_gib (or leave it out)."
             )
+        if member_shards is not None and not isinstance(member_shards, Mapping):
+            raise ValueError(
+                f"member_shards must map member names to device counts, got {member_shards!r}: "
+                "set trainer.member_shards, e.g. {l3: 4}."
+            )
         super().__init__(**kwargs)
         self.member_memory_gib = member_memory_gib
+        self.member_shards = dict(member_shards or {})
+        self._meshes: dict[str, DeviceMesh] = {}
 
     def setup_environment(self) -> None:
         module = self.lightning_module
@@ -344,6 +566,7 @@ class MemberParallelStrategy(ModelParallelStrategy):
         super().setup_environment()
         module.__class__ = MemberParallelGroup
         module.budget_bytes = self._budget_bytes()
+        module.member_shards = self.member_shards
         # Every rank logs every member's values, gathered (the same on every rank): Lightning's
         # advice to sync them at epoch level does not apply to the members' keys.
         names = "|".join(re.escape(name) for name in module.members)
@@ -352,14 +575,6 @@ class MemberParallelStrategy(ModelParallelStrategy):
             message=rf"It is recommended to use `self\.log\('({names})/",
             category=PossibleUserWarning,
         )
-        members = len(module.members)
-        if members < devices:
-            rank_zero_warn(
-                f"member_parallel: {members} members on {devices} ranks leaves "
-                f"{devices - members} ranks without a member (they only serve data); use "
-                f"{members} devices, or add members.",
-                category=UserWarning,
-            )
 
     def _budget_bytes(self) -> int | None:
         if self.member_memory_gib is not None:
@@ -369,8 +584,34 @@ class MemberParallelStrategy(ModelParallelStrategy):
         return None
 
     # ----------------------------------------------------------------- checkpoints
+    def _as_saved(self, name: str, tensor: Tensor) -> Tensor:
+        """A split member's per-latent tensor (``members.<member>.<tensor>``) as a DTensor
+        sharded over its block, so that each rank writes its slice and a load reshards; any
+        other tensor as it is."""
+        module = self.lightning_module
+        parts = name.split(".", 2)  # members, <member>, <tensor>
+        held = len(parts) == 3 and parts[0] == "members" and parts[1] in module.members
+        member = module.members[parts[1]] if held else None
+        if member is None or shard_of(member) is None or tensor.dim() == 0:
+            return tensor
+        dims = type(member).sharded_dims(member)
+        if parts[2] not in dims:
+            return tensor
+        if parts[1] not in self._meshes:  # the block's ranks only: from_group is no collective
+            block = module.blocks[parts[1]]
+            self._meshes[parts[1]] = DeviceMesh.from_group(block, self.root_device.type)
+        dim, _ = dims[parts[2]]  # no view: split members have plain per-latent tensors
+        return DTensor.from_local(tensor, self._meshes[parts[1]], [Shard(dim)], run_check=False)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return self.lightning_module.state_dict()
+        state = self.lightning_module.state_dict()
+        return {name: self._as_saved(name, tensor) for name, tensor in state.items()}
+
+    def _optimizer_tensors(self, opt: Any, names: dict[int, str]) -> dict[str, Any]:
+        return {
+            names[id(p)]: {key: self._as_saved(names[id(p)], v) for key, v in s.items()}
+            for p, s in opt.state.items()
+        }
 
     def _optimizers_by_member(self) -> dict[str, Any]:
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
@@ -387,7 +628,7 @@ class MemberParallelStrategy(ModelParallelStrategy):
         names = self._param_names()
         state, groups = {}, {}
         for member, opt in getattr(optimizer, "optimizers", {}).items():
-            state[member] = {names[id(p)]: dict(s) for p, s in opt.state.items()}
+            state[member] = self._optimizer_tensors(opt, names)
             groups[member] = param_groups_by_name(opt, names)
         return {"state": state, "param_groups": groups}
 
@@ -410,6 +651,7 @@ class MemberParallelStrategy(ModelParallelStrategy):
         meta = merge_by_owner(gather_objects(checkpoint), owner)
         if self.global_rank == 0:
             meta["member_placement"] = dict(owner)
+            meta["member_shards"] = dict(self.lightning_module.shards)
             torch.save(meta, path / META_FILENAME)
         self.barrier()
 
@@ -432,10 +674,12 @@ class MemberParallelStrategy(ModelParallelStrategy):
         state = {}
         for member, opt in self._optimizers_by_member().items():
             _create_adam_state(opt)
-            state[member] = {names[id(p)]: s for p, s in opt.state.items()}
-        tensors = {"state_dict": self.lightning_module.state_dict(), "optimizer": state}
+            state[member] = self._optimizer_tensors(opt, names)
+        # In place: the entries are the live tensors (a split member's wrapped as DTensors
+        # that view them), so torch reshards whatever split the folder was written with.
+        tensors = {"state_dict": self.lightning_module_state_dict(), "optimizer": state}
         check_dcp_metadata(path, expected=_flat_shapes(tensors))
-        dcp.load(tensors, checkpoint_id=path)  # in place: the entries are the live tensors
+        dcp.load(tensors, checkpoint_id=path)
         saved_groups = meta["member_param_groups"]["members"]
         for member, opt in self._optimizers_by_member().items():
             for group, saved in zip(opt.param_groups, saved_groups[member], strict=True):

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import L0, DeadFraction
-from lightning_sae.models.base import SAEOutput, SparseAutoencoder
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder, stepping_alone
 from lightning_sae.models.jumprelu import heaviside
 from lightning_sae.models.penalties import (
     OrthogonalityShape,
@@ -75,7 +75,6 @@ SHARDED_DIMS: dict[str, int] = {
     "b_enc": 0,
     "W_dec": 0,
     "tokens_since_fired": 0,
-    "log_threshold": 0,
     "r_mag": 0,
     "b_mag": 0,
     "frequency_history": 1,
@@ -88,7 +87,13 @@ ShardSpec = tuple[int, tuple[int, ...] | None]
 @dataclass
 class LatentShard:
     """Where a member sits in the data x latent mesh, and its process groups (None when the
-    dimension has size 1, so that every collective on it is skipped)."""
+    dimension has size 1, so that every collective on it is skipped).
+
+    The dictionary's features are ``layers`` blocks of ``d_sae`` (one block for an SAE; a
+    cross-layer transcoder's layers, layer-major: feature ``f`` of layer ``l`` is global index
+    ``l * d_sae + f``). A member holds latents ``[start, stop)`` of every block, kept
+    layer-major too: local index ``l * local_size + (f - start)``. The methods below map
+    between the two, so that callbacks address features by their global index."""
 
     d_sae: int
     latent_rank: int
@@ -97,6 +102,7 @@ class LatentShard:
     latent_group: dist.ProcessGroup | None
     data_group: dist.ProcessGroup | None
     world_group: dist.ProcessGroup | None
+    layers: int = 1
 
     @property
     def local_size(self) -> int:
@@ -128,10 +134,34 @@ class LatentShard:
         return all_reduce(x, self.data_group)
 
     def gather_features(self, x: Tensor) -> Tensor:
-        """A per-latent ``[d_sae / L, ...]`` tensor of every member, as ``[d_sae, ...]``."""
+        """A per-feature ``[layers * d_sae / L, ...]`` tensor of every member, as
+        ``[layers * d_sae, ...]`` in global index order."""
         if x.dtype == torch.bool:  # gloo gathers no bool tensors
-            return gather_rows(x.to(torch.uint8), self.latent_group).bool()
-        return gather_rows(x, self.latent_group)
+            return self.in_global_order(gather_rows(x.to(torch.uint8), self.latent_group)).bool()
+        return self.in_global_order(gather_rows(x, self.latent_group))
+
+    def in_global_order(self, by_member: Tensor) -> Tensor:
+        """Every member's features joined in member order, reordered by global index."""
+        if self.layers == 1:
+            return by_member
+        rest = by_member.shape[1:]
+        blocks = by_member.reshape(self.latent_size, self.layers, self.local_size, *rest)
+        return blocks.transpose(0, 1).reshape(-1, *rest)
+
+    def global_indices(self) -> Tensor:
+        """The global index of each of this member's features, ``[layers * local_size]``."""
+        layer_starts = torch.arange(self.layers)[:, None] * self.d_sae
+        return (layer_starts + torch.arange(self.start, self.stop)).reshape(-1)
+
+    def holds(self, indices: Tensor) -> Tensor:
+        """Which of the global ``indices`` this member holds (a mask)."""
+        latent = indices % self.d_sae
+        return (latent >= self.start) & (latent < self.stop)
+
+    def local_indices(self, indices: Tensor) -> Tensor:
+        """The global ``indices`` this member holds, as its local indices, in their order."""
+        held = indices[self.holds(indices)]
+        return held // self.d_sae * self.local_size + held % self.d_sae - self.start
 
     def local_part(self, full: Tensor, dim: int) -> Tensor:
         """This member's slice of a full ``[..., d_sae, ...]`` tensor."""
@@ -177,6 +207,11 @@ class ShardedSAE:
     shard: LatentShard
 
     @classmethod
+    def feature_layers(cls, module: SparseAutoencoder) -> int:
+        """How many blocks of ``d_sae`` features the module has (:class:`LatentShard`)."""
+        return 1
+
+    @classmethod
     def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
         """Every per-latent tensor of ``module`` by state-dict name: (latent dim, the shape to
         view it as first, or None). A flat tensor whose latents are not contiguous (a
@@ -218,19 +253,20 @@ class ShardedSAE:
         encoder_norm: float,
         encoder_directions: Tensor | None = None,
     ) -> list[tuple[nn.Parameter, int]]:
-        """Restart the features among ``indices`` (dictionary indices) that this member holds."""
-        mine = (indices >= self.shard.start) & (indices < self.shard.stop)
-        on_host = mine.to(directions.device)
+        """Restart the features among ``indices`` (global indices) that this member holds."""
+        on_host = self.shard.holds(indices).to(directions.device)
         if encoder_directions is not None:
             encoder_directions = encoder_directions[on_host]
         return super().reset_features(
-            indices[mine] - self.shard.start, directions[on_host], encoder_norm, encoder_directions
+            self.local_feature_indices(indices),
+            directions[on_host],
+            encoder_norm,
+            encoder_directions,
         )
 
     def local_feature_indices(self, indices: Tensor) -> Tensor:
-        """The dictionary ``indices`` this member holds, as local indices."""
-        mine = (indices >= self.shard.start) & (indices < self.shard.stop)
-        return indices[mine] - self.shard.start
+        """The global feature ``indices`` this member holds, as local indices."""
+        return self.shard.local_indices(indices)
 
     @torch.no_grad()
     def _active_in_global_batch(self, acts: Tensor) -> Tensor:
@@ -266,6 +302,13 @@ class ShardedSAE:
         loss = torch.stack(list(terms.values())).sum()
         self._log_training_stats(y_n, out, terms, read=None if y_n is x_n else x_n)
         return loss
+
+    def step_and_statistics(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
+        """The step as a group member takes it (a member latent-sharded inside member placement,
+        ``parallel/members.py``): the sharded step reduces and logs its statistics itself, over
+        its own groups, so nothing is left for the group's one host transfer."""
+        loss = self.training_step(batch, 0)
+        return loss, loss.new_zeros(0, dtype=torch.float64).detach(), lambda values: None
 
     def _global_terms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """Detached term values with the partial ones summed over the latent group."""
@@ -418,6 +461,11 @@ class ShardedStandard(ShardedSAE):
     def partial_terms(self) -> set[str]:
         return {"l1", "tanh"}
 
+    def steps_sparsely(self, pre_acts: Tensor) -> bool:
+        # Dense steps: StandardSAE's sparse step decodes without the partial decodes' all-reduce
+        # (reconstruct above), and the members would pick by their own slices' densities.
+        return False
+
     def input_offset(self) -> Tensor | None:
         # use_b_dec: false keeps b_dec a zero buffer and subtracts nothing.
         return super().input_offset() if self.hparams.get("use_b_dec", True) else None
@@ -469,6 +517,18 @@ class ShardedBatchTopK(ShardedTopK):
         code.values = torch.relu(code.values)
         return code
 
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        """The variant's running threshold from the smallest kept value over the whole mesh
+        (``shard.world_group``), named explicitly: inside member placement the mesh is a block
+        of ranks, not the world that the variant's own reduction would span."""
+        inf = values.new_tensor(float("inf"))
+        smallest = torch.where(values > 0, values, inf).min() if values.numel() else inf
+        smallest = smallest.to(self.threshold.dtype)  # bf16 under autocast
+        all_reduce(smallest, self.shard.world_group, dist.ReduceOp.MIN)
+        with stepping_alone():  # already the mesh's minimum: the variant reduces nothing more
+            super()._update_threshold(smallest.reshape(1))
+
     def _above_and_first_ties(self, scores: Tensor, cutoff: Tensor, count: int) -> Tensor:
         """The entries above the cut-off and, of those tied at it, the first ones in the order
         of the whole batch (global row, then global latent) until ``count`` are kept: the
@@ -513,13 +573,18 @@ class ShardedMatryoshka(ShardedBatchTopK):
 
 
 class ShardedJumpReLU(ShardedSAE):
+    @classmethod
+    def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
+        # JumpReLU's per-latent thresholds (BatchTopK's "threshold" is one replicated number).
+        return super().sharded_dims(module) | {"threshold": (0, None)}
+
     def partial_terms(self) -> set[str]:
         return {"preact"} | ({"l0"} if self.hparams.l0_target is None else set())
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         hp = self.hparams
         terms = SparseAutoencoder.loss_terms(self, x_n, out)
-        threshold = self.threshold
+        threshold = self.positive_threshold()
         l0 = heaviside(out.pre_acts, threshold, hp.bandwidth).sum(-1).mean()
         # Without a target, this member's share of a sum over latents; with one, a function of
         # the whole L0 of the global batch, replicated.
@@ -608,7 +673,15 @@ def shard_module(module: SparseAutoencoder, mesh: Any) -> SparseAutoencoder:
         latent_group=latent_mesh.get_group() if latent_size > 1 else None,
         data_group=data_mesh.get_group() if data_mesh.size() > 1 else None,
         world_group=dist.group.WORLD if world > 1 else None,
+        layers=type(module).feature_layers(module),
     )
+    return slice_to_shard(module, shard)
+
+
+@torch.no_grad()
+def slice_to_shard(module: SparseAutoencoder, shard: LatentShard) -> SparseAutoencoder:
+    """Keep only ``shard``'s latents of ``module`` (its class already its sharded layer), in
+    place: every per-latent parameter and buffer becomes its slice. Returns it."""
     dims = type(module).sharded_dims(module)
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if name not in dims:

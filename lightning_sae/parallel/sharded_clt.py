@@ -2,7 +2,7 @@
 
 Member ``t`` of a latent group of ``N`` holds features ``[t * d_sae / N, (t + 1) * d_sae / N)``
 of every layer: those columns of ``W_enc[l]``, entries of ``b_enc[l]`` and of JumpReLU's
-``log_threshold[l]``, rows of every ``W_dec[s]``, and their entries of the layer-major dead clock.
+``threshold[l]``, rows of every ``W_dec[s]``, and their entries of the layer-major dead clock.
 ``b_dec`` and the per-layer input and output scales are replicated.
 
 Exactness, as in ``parallel/sharded.py``:
@@ -12,8 +12,21 @@ Exactness, as in ``parallel/sharded.py``:
 - TopK ranks ``ReLU(h_i) * ||W_dec_i||`` (a feature's decoder norm is its own rows: local): per
   layer, each (row, layer) is one row of the sharded row top-k of ``parallel/sharded.py``; over
   all layers, each row is one, the member's candidates taken from all its layers.
+- BatchTopK ranks the same scores over the global batch (per layer, or over all layers): each
+  member sends its k x global batch largest per group over the whole data x latent mesh, the
+  cut-off of those is the global one (``parallel/sharded.py``, ``ShardedBatchTopK``), and of
+  the entries tied at it the first in the whole batch's order are kept, as in one process.
+  The inference threshold is replicated: every rank reduces the same global minimum.
 - The tanh sparsity and the pre-activation loss are sums over features, each member's share;
   the MSE is replicated. Logged values are the global sums.
+- The replacement model (``ReplacementEval``) runs layer by layer on every rank: a layer's
+  encoding is local (TopK per layer: the sharded row top-k of that layer), and each target
+  layer's output is the all-reduce of the members' partial outputs.
+
+Callbacks address features by their global index ``layer * d_sae + f``, as one process and the
+``inspect`` pages do; the module's ``shard`` (``feature_layers`` = ``n_layers``) maps a member's
+layer-major slice to and from it (``LatentShard.global_indices``, ``local_indices``,
+``gather_features``), so the resampler, the density and geometry monitors work unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,18 +43,8 @@ from lightning_sae.models.base import SAEOutput, SparseAutoencoder
 from lightning_sae.models.clt import (
     CrossLayerTranscoder,
 )
-from lightning_sae.parallel.comm import all_reduce, reduce_from_shards
+from lightning_sae.parallel.comm import all_reduce, gather_last, reduce_from_shards
 from lightning_sae.parallel.sharded import ShardedSAE, ShardSpec, _ShardedL0
-
-# Callbacks that address features by contiguous dictionary indices, which a CLT's layer-major
-# features are not on a member; refused until they learn the CLT's layout.
-UNSUPPORTED_CALLBACKS = (
-    "DeadFeatureResampler",
-    "DataInformedInit",
-    "FeatureDensityMonitor",
-    "FeatureGeometryMonitor",
-    "ReplacementEval",
-)
 
 
 class _ShardedLayerDeadFraction(DeadFraction):
@@ -61,11 +65,14 @@ class ShardedCLT(ShardedSAE):
     """The cross-layer transcoder's layer: steps, decoding and statistics of a member."""
 
     @classmethod
+    def feature_layers(cls, module: SparseAutoencoder) -> int:
+        return module.n_layers
+
+    @classmethod
     def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
         dims: dict[str, ShardSpec] = {
             "W_enc": (2, None),
             "b_enc": (1, None),
-            "log_threshold": (1, None),
             "tokens_since_fired": (1, (module.n_layers, -1)),
         }
         return dims | {f"W_dec.{s}": (0, None) for s in range(module.n_layers)}
@@ -74,26 +81,13 @@ class ShardedCLT(ShardedSAE):
         shard, layers = self.shard, self.n_layers
         self.n_features = layers * shard.local_size
         first = shard.latent_rank == 0
-        positions = torch.arange(layers)[:, None] * shard.d_sae + torch.arange(
-            shard.start, shard.stop
-        )
         self.val_l0 = _ShardedL0(counts_rows=first)
         self.val_dead = _ShardedLayerDeadFraction(
-            positions.reshape(-1), layers * shard.d_sae, counts_rows=first
+            shard.global_indices(), layers * shard.d_sae, counts_rows=first
         )
 
     def partial_terms(self) -> set[str]:
         return {"sparsity", "preact"}
-
-    def setup(self, stage: str) -> None:
-        for callback in self.trainer.callbacks:
-            if type(callback).__name__ in UNSUPPORTED_CALLBACKS:
-                raise ValueError(
-                    f"{type(callback).__name__} is not supported yet with a latent-sharded "
-                    "cross-layer transcoder: remove it from trainer.callbacks, or set "
-                    "trainer.latent_parallel: 1."
-                )
-        super().setup(stage)
 
     # ------------------------------------------------------------- the map
     def reconstruct(self, acts: Tensor) -> Tensor:
@@ -106,10 +100,14 @@ class ShardedCLT(ShardedSAE):
         return reduce_from_shards(partial, self.shard.latent_group) + self.b_dec.to(acts.dtype)
 
     def decode_layer(self, target: int, acts: Tensor) -> Tensor:
-        raise ValueError(
-            "a latent-sharded cross-layer transcoder holds part of every layer's features; "
-            "run the replacement model on its export (lightning-sae export), one process."
-        )
+        """Layer ``target``'s MLP output (model units) from this member's activations of layers
+        0..target: the partial outputs summed over the latent group, then ``b_dec``."""
+        partial = acts.new_zeros(*acts.shape[:-2], self.d_out)
+        for source in range(target + 1):
+            W = self.W_dec[source][:, target - source].to(acts.dtype)
+            partial = partial + acts[..., source, :] @ W
+        written = reduce_from_shards(partial, self.shard.latent_group)
+        return (written + self.b_dec[target].to(acts.dtype)) / self.output_scale[target]
 
     # ------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -192,6 +190,13 @@ class ShardedCLT(ShardedSAE):
         self.log("val/dead_fraction", self.val_dead)
 
 
+class ShardedJumpReLUCLT(ShardedCLT):
+    @classmethod
+    def sharded_dims(cls, module: SparseAutoencoder) -> dict[str, ShardSpec]:
+        # JumpReLU's per-feature thresholds (BatchTopK's "threshold" is one per layer, replicated).
+        return super().sharded_dims(module) | {"threshold": (1, None)}
+
+
 class ShardedTopKCLT(ShardedCLT):
     def activation(self, pre: Tensor) -> Tensor:
         """TopK exact across the latent group: one selection per (row, layer), or per row over
@@ -201,3 +206,65 @@ class ShardedTopKCLT(ShardedCLT):
         rows = scores.reshape(-1, width)
         kept = self._row_top_k(rows, self.k).to_dense(width) != 0
         return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
+
+    def layer_activation(self, layer: int, pre: Tensor) -> Tensor:
+        """One layer's TopK (``topk_scope: layer``) across the latent group, as the replacement
+        model meets it; over all layers it is refused, as in one process."""
+        if self.hparams.topk_scope == "all":
+            return super().layer_activation(layer, pre)  # raises, saying why
+        scores = torch.relu(pre.detach()) * self.written_norms()[layer].detach().to(pre.dtype)
+        rows = scores.reshape(-1, self.d_sae)
+        kept = self._row_top_k(rows, self.k).to_dense(self.d_sae) != 0
+        return torch.where(kept.reshape(pre.shape), torch.relu(pre), 0)
+
+
+class ShardedBatchTopKCLT(ShardedCLT):
+    def keep_mask(self, scores: Tensor) -> Tensor:
+        """BatchTopK's selection (``BatchTopKCrossLayerTranscoder.keep_mask``) over the whole
+        dictionary: in training over the global batch (every rank of the mesh), in eval without
+        a threshold over the rows given (the latent group's). ``scores`` [groups, rows, this
+        member's features of the group]."""
+        if not self.training and int(self.threshold_updates) > 0:
+            return scores > self.threshold.to(scores.dtype)[:, None, None]
+        shard = self.shard
+        group = shard.world_group if self.training else shard.latent_group
+        groups, rows, width = scores.shape
+        global_rows = rows * (shard.data_size if self.training else 1)
+        count = min(self.k * global_rows, global_rows * width * shard.latent_size)
+        flat = scores.reshape(groups, -1)
+        candidates = flat.topk(min(count, flat.shape[1]), dim=-1, sorted=False).values
+        everyone = gather_last(candidates, group)  # [groups, members x c]
+        cutoff = everyone.topk(count, dim=-1, sorted=False).values.amin(-1)
+        # The batch's order runs over (row, layer) pairs in the all-layers scope, each holding
+        # a slice of every member's features: those pairs are the units the members interleave.
+        units = scores.reshape(groups, -1, self.d_sae)
+        keep = self._above_and_first_ties_in_batch_order(units, cutoff, count, group)
+        mask = keep.view_as(scores) & (scores > 0)
+        if self.training:
+            self._update_threshold(torch.where(mask, scores, torch.inf).reshape(groups, -1))
+        return mask
+
+    def _above_and_first_ties_in_batch_order(
+        self, units: Tensor, cutoff: Tensor, count: int, group: Any
+    ) -> Tensor:
+        """Per group, the entries of ``units`` [groups, units, features] above its ``cutoff``
+        and, of those tied at it, the first in the whole batch's order until ``count`` are kept
+        (``ShardedBatchTopK._above_and_first_ties``, one group per layer or one for all).
+
+        The order is (data block, unit, latent member, feature); ``group``'s ranks are the data
+        blocks' latent groups in turn (world rank = data block x latent size + latent rank).
+        One all_gather tells each member every member's ties per unit."""
+        shard = self.shard
+        n_groups, n_units, _ = units.shape
+        at = cutoff[:, None, None]
+        tied = units == at
+        mine = torch.cat([tied.sum(-1), (units > at).sum((1, 2))[:, None]], dim=1)
+        counts = gather_last(mine.flatten(), group).view(-1, n_groups, n_units + 1)
+        ties_left = count - counts[:, :, -1].sum(0)  # [groups]
+        per_unit = counts[:, :, :-1].reshape(-1, shard.latent_size, n_groups, n_units)
+        in_order = per_unit.permute(2, 0, 3, 1).reshape(n_groups, -1)
+        before = (in_order.cumsum(-1) - in_order).view(n_groups, -1, n_units, shard.latent_size)
+        position = dist.get_rank(group) if group is not None else 0
+        mine_before = before[:, position // shard.latent_size, :, shard.latent_rank]
+        tie_number = mine_before[..., None] + tied.long().cumsum(-1)
+        return (units > at) | (tied & (tie_number <= ties_left[:, None, None]))
