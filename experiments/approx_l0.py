@@ -31,15 +31,32 @@ from lightning_sae.models.approx_l0 import ApproxL0SAE  # noqa: E402
 from lightning_sae.models.standard import StandardSAE  # noqa: E402
 
 
+def standard_settings(d_in: int, d_sae: int) -> dict[str, Any]:
+    """StandardSAE's measured defaults (docs/defaults.md) that ApproxL0SAE does not share."""
+    standard = StandardSAE(d_in=d_in, d_sae=d_sae)
+    return {
+        "encoder_init_scale": standard.encoder_init_factor(),
+        "betas": standard.adam_betas(),
+        "gradient_clip_norm": standard.gradient_clip_max_norm(),
+    }
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "approx_l0")
     _minilm.add_data_options(p)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--d-sae", type=int, default=768)
-    p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--l1", type=float, nargs="*", default=[1.0, 2.0, 4.0])
     p.add_argument("--approx-l0", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     p.add_argument("--floor", type=float, default=0.01, help="frequency_floor_coefficient")
     p.add_argument("--min-frequency", type=float, default=1e-4)
+    p.add_argument(
+        "--approx-l0-settings",
+        choices=["own", "standard"],
+        default="own",
+        help="own: ApproxL0SAE's defaults (what a user gets); standard: StandardSAE's measured "
+        "encoder start, Adam betas and clipping, to compare the objectives alone",
+    )
     args = p.parse_args()
     out = start(args)
     if args.smoke:
@@ -49,6 +66,9 @@ def main() -> None:
     common = dict(d_in=data.d_in, d_sae=args.d_sae, lr=2e-3, normalize_activations=True)
     common["lr_warmup_steps"] = min(50, args.steps)
 
+    approx_l0_options = (
+        standard_settings(data.d_in, args.d_sae) if args.approx_l0_settings == "standard" else {}
+    )
     runs: list[tuple[str, float, Any]] = [
         ("L1", c, lambda c=c: StandardSAE(l1_coefficient=c, **common)) for c in args.l1
     ]
@@ -60,6 +80,7 @@ def main() -> None:
                 approx_l0_coefficient=c,
                 frequency_floor_coefficient=args.floor,
                 min_frequency=args.min_frequency,
+                **approx_l0_options,
                 **common,
             ),
         )
@@ -96,7 +117,14 @@ def main() -> None:
     text = (
         f"MiniLM `{data.hparams.hook}`, {len(x)} training tokens, d_in {data.d_in}, d_sae "
         f"{args.d_sae}, {args.steps} steps of batch {data.hparams.batch_size}, lr 2e-3. "
-        f"Floor: coefficient {args.floor:g}, s_min {args.min_frequency:g}, window 100 steps.\n\n"
+        f"Floor: coefficient {args.floor:g}, s_min {args.min_frequency:g}, window 100 steps. "
+        "Each class at its own defaults (docs/defaults.md)"
+        + (
+            "; approx-L0 with StandardSAE's encoder start, betas and clipping "
+            f"{approx_l0_options}.\n\n"
+            if approx_l0_options
+            else ".\n\n"
+        )
         + markdown_table(header, rows)
     )
     publish(out, text, results)

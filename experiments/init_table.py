@@ -265,10 +265,29 @@ def default_plan(setups: list[str], methods: list[str], chosen: str, seeds: list
     return [(*entry, seed) for entry in plan for seed in seeds]
 
 
+def l1_sweep_plan(
+    swept: list[Setup], methods: list[str], chosen: str, seeds: list[int]
+) -> list[tuple[str, str, str, int]]:
+    """Runs of an L1 sweep: random init (method ``none``) with the reference's own optimiser,
+    plain Adam; an informed init with ``chosen`` (``adam`` compares both under the same one)."""
+    return [
+        (s.name, method, "adam" if method == "none" else chosen, seed)
+        for s in swept
+        for method in methods
+        for seed in seeds
+    ]
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "init_table")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=["none", *METHODS])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="initialisations to compare (default: none and every method; with --l1-exponents, "
+        "none only)",
+    )
     p.add_argument("--chosen-optimizer", default="clip1", choices=sorted(OPTIMIZERS))
     p.add_argument("--setups", nargs="+", default=["reference", "ours"], choices=sorted(SETUPS))
     p.add_argument(
@@ -292,7 +311,8 @@ def main() -> None:
         plan = [tuple(r.split(":")) for r in args.runs]
         plan = [(name, method, optimizer, int(seed)) for name, method, optimizer, seed in plan]
     else:
-        plan = default_plan(args.setups, args.methods, args.chosen_optimizer, args.seeds)
+        methods = args.methods or ["none", *METHODS]
+        plan = default_plan(args.setups, methods, args.chosen_optimizer, args.seeds)
     setups = dict(SETUPS)
     if args.l1_exponents is not None:
         swept = [
@@ -301,7 +321,7 @@ def main() -> None:
             for e in args.l1_exponents
         ]
         setups |= {s.name: s for s in swept}
-        plan = [(s.name, "none", "adam", seed) for s in swept for seed in args.seeds]
+        plan = l1_sweep_plan(swept, args.methods or ["none"], args.chosen_optimizer, args.seeds)
     if args.smoke:
         plan = default_plan(args.setups, ["none", "data"], args.chosen_optimizer, [0])
         for name, s in SETUPS.items():
@@ -343,6 +363,33 @@ def main() -> None:
             title=f"{name} setup, seed 0",
             hlines=THRESHOLDS,
         )
+    if args.l1_exponents is not None and results:
+        plots.curves(
+            sweep_series(results),
+            out / f"mmcs_{tag}.png",
+            xlabel="batch",
+            ylabel="ground-truth MMCS",
+            title=f"{tag}, seed 0",
+            hlines=THRESHOLDS,
+        )
+
+
+def sweep_series(results: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Seed 0's MMCS curve of every run in an L1 sweep, labelled by exponent and init, in
+    exponent order: one figure shows where along the sweep the ground truth is recovered."""
+    series = {}
+    for r in sorted(results, key=lambda r: sweep_exponent(r["setup"])):
+        if r["seed"] == 0:
+            label = f"e={sweep_exponent(r['setup'])} {r['method']}/{r['optimizer']}"
+            series[label] = ([s for s, _ in r["curve"]], [g for _, g in r["curve"]])
+    return series
+
+
+def sweep_exponent(name: str) -> int:
+    match = re.fullmatch(r".+_e(-?\d+)(?:_decay[0-9.e+-]+)?", name)
+    if match is None:
+        raise ValueError(f"{name!r} is not an L1-sweep setup name (<setup>_e<exponent>)")
+    return int(match[1])
 
 
 if __name__ == "__main__":

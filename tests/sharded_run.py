@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.callbacks.density import FeatureDensityMonitor
+from lightning_sae.callbacks.figures import TrainingFigures
 from lightning_sae.callbacks.geometry import FeatureGeometryMonitor
 from lightning_sae.callbacks.init import METHODS, DataInformedInit
 from lightning_sae.callbacks.resampling import DeadFeatureResampler
@@ -248,6 +249,7 @@ def fit(
         dynamics = callbacks(steps, run.get("init", "kmeans"), run.get("silence", (1, 5, 40, 63)))
     if run.get("init_only"):  # the data-informed init alone, by the method named
         dynamics.append(DataInformedInit(method=run["init_only"], n_samples=D_SAE * 2))
+    figures = TrainingFigures(save_png=False) if run.get("figures") else None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -262,6 +264,7 @@ def fit(
             *(checkpoints if run.get("checkpoint") else []),
             *([check] if check else []),
             *([slices] if slices else []),
+            *([figures] if figures else []),
         ],
         enable_checkpointing=bool(run.get("checkpoint")),
         enable_progress_bar=False,
@@ -279,6 +282,7 @@ def fit(
             "density": None if density is None else density.last_density,
             "sparse_check": check.report if check else None,
             "init_slices": slices.report if slices else None,
+            "val_counts": None if figures is None else figures.val_counts,
         },
         out / f"rank{trainer.global_rank}.pt",
     )

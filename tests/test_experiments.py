@@ -168,6 +168,52 @@ def test_init_table_rebuilds_the_sweep_setups_an_earlier_part_ran() -> None:
     assert sweep_setup_named("reference") is None and sweep_setup_named("nope_e1") is None
 
 
+def test_init_table_l1_sweep_plan_runs_informed_inits_beside_random() -> None:
+    """The L1 sweep ran only random init; the init table's question is informed init against
+    it at the same L1 weight: random with plain Adam (the reference's), informed with the
+    chosen optimizer."""
+    from experiments.init_table import SETUPS, l1_sweep_plan, l1_sweep_setup, sweep_series
+
+    swept = [l1_sweep_setup(SETUPS["reference_256"], e, 1.0) for e in (-4, -5)]
+    plan = l1_sweep_plan(swept, ["none", "data"], "adam", [0])
+    assert plan == [
+        ("reference_256_e-4_decay1", "none", "adam", 0),
+        ("reference_256_e-4_decay1", "data", "adam", 0),
+        ("reference_256_e-5_decay1", "none", "adam", 0),
+        ("reference_256_e-5_decay1", "data", "adam", 0),
+    ]
+    runs = [
+        {"setup": name, "method": method, "optimizer": opt, "seed": seed, "curve": [[0, 0.2]]}
+        for name, method, opt, seed in plan
+    ]
+    assert list(sweep_series(runs)) == [
+        "e=-5 none/adam",
+        "e=-5 data/adam",
+        "e=-4 none/adam",
+        "e=-4 data/adam",
+    ]
+    assert l1_sweep_plan(swept[:1], ["none", "svd"], "clip1", [1])[1] == (
+        "reference_256_e-4_decay1",
+        "svd",
+        "clip1",
+        1,
+    )
+
+
+def test_approx_l0_standard_settings_are_standard_sae_defaults() -> None:
+    """--approx-l0-settings standard gives ApproxL0SAE what StandardSAE resolves by default
+    (its class defaults differ: docs/defaults.md), so the comparison isolates the objective."""
+    from experiments.approx_l0 import standard_settings
+    from lightning_sae.models.approx_l0 import ApproxL0SAE
+
+    settings = standard_settings(16, 64)
+    assert settings == {"encoder_init_scale": 0.25, "betas": (0.9, 0.99), "gradient_clip_norm": 1.0}
+    plain = ApproxL0SAE(d_in=16, d_sae=64)
+    assert (plain.encoder_init_factor(), plain.adam_betas()) != (0.25, (0.9, 0.99))
+    aligned = ApproxL0SAE(d_in=16, d_sae=64, **settings)
+    assert aligned.gradient_clip_max_norm() == 1.0 and aligned.adam_betas() == (0.9, 0.99)
+
+
 @pytest.fixture(scope="module")
 def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny MiniLM activation cache that every MiniLM smoke run reuses."""

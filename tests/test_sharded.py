@@ -56,6 +56,7 @@ RUNS = {
         "sparse_check": True,
         "kwargs": {"k": 4, "aux_coefficient": 1.0},
         "callbacks": True,
+        "figures": True,
         "checkpoint": True,
         "init_check": True,
     },
@@ -146,6 +147,7 @@ RUNS |= {
         "checkpoint": True,
         **CLT_CALLBACKS,
         "init": "kmeans",  # each member its features of every layer (callbacks/init.py)
+        "figures": True,
     },
     # Per (row, layer) selection; over all layers, k above a member's 32 features per layer.
     "topk_clt": {
@@ -159,6 +161,7 @@ RUNS |= {
         "model": CLT + "TopKCrossLayerTranscoder",
         "kwargs": {"k": 40, "topk_scope": "all", **CLT_KWARGS},
         "sites": "clt",
+        "figures": True,
         **CLT_CALLBACKS,
         "init": "outliers",
     },
@@ -349,6 +352,14 @@ def test_sharded_fits_resumes_and_exports_equal_one_process(
                 saved = tmp_path / f"lp{lp}" / name / f"rank{rank}.pt"
                 saved = torch.load(saved, weights_only=True)["density"]
                 torch.testing.assert_close(saved, density, msg=f"{lp} {name} rank {rank}")
+    for lp in meshes:  # the density figure's validation counts are the one-process ones
+        for name in (name for name in names if RUNS[name].get("figures")):
+            counts = torch.load(single / name / "rank0.pt", weights_only=True)["val_counts"]
+            saved = tmp_path / f"lp{lp}" / name / "rank0.pt"
+            saved = torch.load(saved, weights_only=True)["val_counts"]
+            assert set(saved) == set(counts) == {""}, f"{lp} {name}: {set(saved)}"
+            assert torch.equal(saved[""][0], counts[""][0]), f"{lp} {name}"
+            assert saved[""][1] == counts[""][1], f"{lp} {name}"
 
     for source, target, name in resumes:
         resumed = tmp_path / f"lp{target}" / f"{name}-resumed-from-lp{source}"

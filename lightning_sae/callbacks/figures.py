@@ -44,7 +44,8 @@ class TrainingFigures(Callback):
     The history is in the state dict: the curves of a resumed run start at step 0. ``validate``
     alone (no fit) draws the density figure when its pass ends.
 
-    A latent-sharded module's validation counts are per shard: its density figure is left out.
+    A latent-sharded module's validation counts hold each member's slice (a cross-layer
+    transcoder's of every layer) at its global index, so syncing them gives the whole's.
 
     Args:
         every_n_steps: training values are recorded every this many steps (default: the
@@ -90,8 +91,9 @@ class TrainingFigures(Callback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The counts are read before Lightning computes and resets the metric; syncing them is a
         # collective that every rank joins (callbacks run on every rank).
-        if trainer.sanity_checking or shard_of(pl_module) is not None:
+        if trainer.sanity_checking:
             return
+        # A latent-sharded module's counts are synced like DDP's: each member added its slice.
         # A placed member's metric saw the whole batch on its own rank: read as it is (a member
         # split over a block: synced over the block), and every rank's joined (rank 0 draws).
         placed = placement_of(pl_module) is not None

@@ -65,7 +65,7 @@ from lightning_sae.models.base import (
     check_nonnegative,
     check_positive,
 )
-from lightning_sae.models.jumprelu import jumprelu
+from lightning_sae.models.jumprelu import at_least_zero, jumprelu, threshold_from_its_log
 from lightning_sae.models.transcoder import cross_directions
 
 TopKScope = Literal["layer", "all"]
@@ -612,16 +612,12 @@ class JumpReLUCrossLayerTranscoder(CrossLayerTranscoder):
         model units): at least 0 in value, with the gradient of theta itself, so that a
         threshold Adam stepped below 0 lets no negative pre-activation through and can still
         be lifted back (:meth:`JumpReLUSAE.positive_threshold`)."""
-        theta = self.threshold
-        return theta + (theta.clamp_min(0) - theta).detach()
+        return at_least_zero(self.threshold)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        # Checkpoints written before theta was its own parameter hold log(theta).
-        log_threshold = state_dict.pop(prefix + "log_threshold", None)
-        if log_threshold is not None and prefix + "threshold" not in state_dict:
-            state_dict[prefix + "threshold"] = log_threshold.exp()
+        threshold_from_its_log(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def activation(self, pre: Tensor) -> Tensor:

@@ -86,6 +86,19 @@ def heaviside(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     return HeavisideFunction.apply(z, threshold, bandwidth)
 
 
+def at_least_zero(theta: Tensor) -> Tensor:
+    """``theta`` clamped at 0 in value with the gradient of ``theta`` itself: a threshold Adam
+    stepped below 0 lets no negative pre-activation through and can still be lifted back."""
+    return theta + (theta.clamp_min(0) - theta).detach()
+
+
+def threshold_from_its_log(state_dict: dict[str, Any], prefix: str) -> None:
+    """Checkpoints written before theta was its own parameter hold log(theta): convert them."""
+    log_threshold = state_dict.pop(prefix + "log_threshold", None)
+    if log_threshold is not None and prefix + "threshold" not in state_dict:
+        state_dict[prefix + "threshold"] = log_threshold.exp()
+
+
 class JumpReLUSAE(SparseAutoencoder):
     """JumpReLU encoder with learned per-feature thresholds theta; loss = MSE + L0 terms.
 
@@ -166,16 +179,12 @@ class JumpReLUSAE(SparseAutoencoder):
         Adam may step a threshold below 0, where it would let negative pre-activations through;
         a clamp's zero gradient there would pin it for good, so the gradient passes straight
         through and the L0 term can lift it back."""
-        theta = self.threshold
-        return theta + (theta.clamp_min(0) - theta).detach()
+        return at_least_zero(self.threshold)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        # Checkpoints written before theta was its own parameter hold log(theta).
-        log_threshold = state_dict.pop(prefix + "log_threshold", None)
-        if log_threshold is not None and prefix + "threshold" not in state_dict:
-            state_dict[prefix + "threshold"] = log_threshold.exp()
+        threshold_from_its_log(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
