@@ -2,7 +2,8 @@
 
 Lightning's launcher re-executes this script once per extra rank, so it is a standalone
 program; the test imports :func:`fit` to train the one-process reference in-process. One launch
-fits the group of :data:`MEMBERS` (three members of different widths on two hooks) with every
+fits the group of :data:`MEMBERS` (three SAEs of different widths on two hooks and a cross-layer
+transcoder from one to the other) with every
 training-dynamics callback and checkpoints, then, with ``--resume_from``, fits it again from
 that checkpoint (its own, written by the first fit, or another launch's, on another number of
 ranks). ``--shard l1=2`` splits member l1's latents over two ranks (``member_shards``).
@@ -27,13 +28,18 @@ from lightning_sae.models.group import SAEGroup  # noqa: E402
 from lightning_sae.parallel.members import MemberParallelStrategy  # noqa: E402
 
 STEPS, EVERY = 8, 4
-# Widths differ (placement balances them); three members on two or four ranks: more members
-# than ranks, and fewer (an idle rank).
+# Widths differ (placement balances them); four members on two or four ranks: more members
+# than ranks, or on four, two members split over two ranks each and two whole.
 MEMBERS = [
     spec("TopKSAE", "k4", "resid", k=4, lr=3e-3, lr_warmup_steps=3, lr_decay_steps=4),
     spec("StandardSAE", "l1", "mlp", lr=1e-3, l1_coefficient=0.5, d_sae=96),
     spec("BatchTopKSAE", "btk", "resid", k=8, lr=2e-3, d_sae=32),
-]
+    # A cross-layer transcoder (one layer: resid -> mlp), which picks its own sites.
+    spec(
+        "BatchTopKCrossLayerTranscoder", "clt", d_out=48, k=4, lr=2e-3,
+        input_hooks=["resid"], output_hooks=["mlp"],
+    ),
+]  # fmt: skip
 
 
 def fit(

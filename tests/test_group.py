@@ -128,7 +128,7 @@ class Silence(L.Callback):
             killed = torch.tensor([1, 5, 9])
             if shard_of(sae) is not None:  # a member split over ranks: the ones it holds
                 killed = sae.local_feature_indices(killed)
-            sae.b_enc[killed] = -1e3
+            sae.b_enc.view(-1)[killed] = -1e3  # a cross-layer transcoder's: layer-major
 
 
 def callbacks(resampling: bool = True) -> list[L.Callback]:

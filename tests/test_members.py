@@ -1,10 +1,10 @@
 """Member-parallel groups: each member on its ranks, trained on the whole global batch.
 
-Two launches (tests/members_run.py: 4, then 2 gloo processes) fit a group of three members of
-different widths on two hooks with every training-dynamics callback and save checkpoints. On
-four, member l1 is split over ranks 0-1 (latent sharding over a block) and the others are held
-whole; the four resume from their own middle checkpoint, the two from the four's. The
-one-process reference runs in this process.
+Two launches (tests/members_run.py: 4, then 2 gloo processes) fit a group of three SAEs of
+different widths on two hooks and a cross-layer transcoder with every training-dynamics callback
+and save checkpoints. On four, member l1 is split over ranks 0-1 and the transcoder over ranks
+2-3 (latent sharding over a block) and the others are held whole; the four resume from their own
+middle checkpoint, the two from the four's. The one-process reference runs in this process.
 Each member's weights (its slices joined) and every logged metric equal the one-process
 group's, each resumed run equals its straight one, and the export of the member-parallel
 checkpoint equals the one-process export, folder by folder.
@@ -25,13 +25,13 @@ from safetensors.torch import load_file
 from lightning_sae.io import WEIGHTS_FILENAME, export_checkpoint
 from lightning_sae.models.group import SAEGroup
 from lightning_sae.models.topk import TopKSAE
+from lightning_sae.parallel.layers import LAYERS
 from lightning_sae.parallel.members import (
     MemberParallelStrategy,
     merge_by_owner,
     place_members,
     shard_counts,
 )
-from lightning_sae.parallel.sharded import SHARDED_DIMS
 from lightning_sae.trainer_cli import SAECLI, _check_sharded_resume, _member_parallel_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,6 +41,11 @@ SCRIPT = Path(__file__).with_name("members_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
 NAMES = [member["name"] for member in members_run.MEMBERS]
 WALL_CLOCK = {"train/tokens_per_sec"}
+# member -> its per-latent tensors and the dim (and view) its slices join along.
+SPLIT_DIMS = {
+    name: LAYERS[type(sae)].sharded_dims(sae)
+    for name, sae in SAEGroup(members_run.MEMBERS).members.items()
+}
 
 
 def logged(folder: Path) -> dict[tuple[str, int], float]:
@@ -66,8 +71,11 @@ def members_of(folder: Path, devices: int) -> dict[str, dict[str, torch.Tensor]]
     for name, slices in held.items():
         found[name] = {}
         for key, value in slices[0].items():
-            if len(slices) > 1 and key in SHARDED_DIMS:
-                value = torch.cat([s[key] for s in slices], dim=SHARDED_DIMS[key])
+            if len(slices) > 1 and key in SPLIT_DIMS[name]:
+                dim, view = SPLIT_DIMS[name][key]  # a view: a CLT's flat layer-major clock
+                parts = [s[key] if view is None else s[key].view(view) for s in slices]
+                value = torch.cat(parts, dim=dim)
+                value = value if view is None else value.reshape(-1)
             else:
                 for other in slices[1:]:
                     assert torch.equal(other[key], value), f"{folder}: {name}.{key} differs"
@@ -118,15 +126,16 @@ def holders(folder: Path, devices: int) -> dict[str, list[int]]:
 def test_member_parallel_equals_one_process_resumes_on_other_ranks_and_exports(
     tmp_path: Path, single: Path
 ) -> None:
-    # Four ranks: l1 split over ranks 0-1 (latent sharding over a block), k4 and btk whole on
-    # ranks 2 and 3; it also resumes from its own middle checkpoint. Then two ranks (more
-    # members than ranks, all whole), which resume from the four ranks' middle checkpoint:
-    # every member on another rank, l1's slices joined.
+    # Four ranks: l1 split over ranks 0-1 and the cross-layer transcoder clt over ranks 2-3
+    # (latent sharding over a block), k4 and btk whole on ranks 2 and 3; it also resumes from
+    # its own middle checkpoint. Then two ranks (more members than ranks, all whole), which
+    # resume from the four ranks' middle checkpoint: every member on another rank, the split
+    # members' slices joined.
     four, two = tmp_path / "4", tmp_path / "2"
     middle = four / "straight" / "ckpt" / f"step={members_run.EVERY}.ckpt"
-    launch(four, 4, "--shard", "l1=2", "--resume_from", str(middle))
+    launch(four, 4, "--shard", "l1=2", "--shard", "clt=2", "--resume_from", str(middle))
     launch(two, 2, "--resume_from", str(middle))
-    assert holders(four / "straight", 4) == {"l1": [0, 1], "k4": [2], "btk": [3]}
+    assert holders(four / "straight", 4) == {"l1": [0, 1], "clt": [2, 3], "k4": [2], "btk": [3]}
     for folder, devices in ((four, 4), (two, 2)):
         assert_same_run(folder / "straight", single, devices, f"{devices} ranks")
         logs = logged(folder / "straight")
@@ -179,11 +188,12 @@ def test_split_members_take_blocks_of_their_own_and_the_rest_balance() -> None:
 
 
 def test_a_member_over_the_budget_is_split_over_the_fewest_ranks_that_fit_it() -> None:
-    group = SAEGroup(members_run.MEMBERS)  # l1: 149,760 bytes (d_sae 96), k4 67,072, btk 33,792
-    members = dict(group.members.items())
-    assert shard_counts(members, 4, 100_000) == {"k4": 1, "l1": 2, "btk": 1}
-    assert shard_counts(members, 4, 40_000) == {"k4": 2, "l1": 4, "btk": 1}
-    assert shard_counts(members, 4, None, {"l1": 3}) == {"k4": 1, "l1": 3, "btk": 1}
+    # l1: 149,760 bytes (d_sae 96), clt 83,712, k4 67,072, btk 33,792
+    members = dict(SAEGroup(members_run.MEMBERS).members.items())
+    assert shard_counts(members, 4, 100_000) == {"k4": 1, "l1": 2, "btk": 1, "clt": 1}
+    # clt over 40,000: two slices are 41,856, three do not divide d_sae 64: four.
+    assert shard_counts(members, 4, 40_000) == {"k4": 2, "l1": 4, "btk": 1, "clt": 4}
+    assert shard_counts(members, 4, None, {"l1": 3}) == {"k4": 1, "l1": 3, "btk": 1, "clt": 1}
 
 
 def test_what_cannot_be_split_is_refused_in_one_line_before_launch() -> None:
@@ -229,9 +239,9 @@ def test_checkpoint_entries_merge_each_member_from_its_rank() -> None:
 
 def test_what_cannot_be_placed_is_refused_in_one_line_before_launch() -> None:
     group = SAEGroup(members_run.MEMBERS)
-    # The members hold 149,760 (l1), 67,072 and 33,792 bytes of weights, gradients and Adam
-    # state: a budget below the largest on one device (nothing to split it over), then one that
-    # fits it but not the group on one rank.
+    # The members hold 149,760 (l1), 83,712 (clt), 67,072 and 33,792 bytes of weights,
+    # gradients and Adam state: a budget below the largest on one device (nothing to split it
+    # over), then one that fits it but not the group on one rank.
     for devices, gib, message in (
         (1, 1e-4, r"^error: member 'l1' needs .*trainer.member_memory_gib\) even split"),
         (1, 2e-4, r"^error: the group does not fit: rank 0 .* add devices"),

@@ -55,11 +55,11 @@ from torchmetrics import Metric
 
 from lightning_sae.files import METADATA_LIMIT, load_torch_file
 from lightning_sae.models.base import SparseAutoencoder, stepping_alone
+from lightning_sae.models.clt import CrossLayerTranscoder
 from lightning_sae.models.group import MemberOptimizers, SAEGroup
 from lightning_sae.parallel.checkpoint import META_FILENAME, check_dcp_metadata
 from lightning_sae.parallel.layers import LAYERS, sharded_class
-from lightning_sae.parallel.sharded import LatentShard, shard_of, slice_to_shard
-from lightning_sae.parallel.sharded_clt import ShardedCLT
+from lightning_sae.parallel.sharded import LatentShard, ShardSpec, shard_of, slice_to_shard
 from lightning_sae.parallel.strategy import _create_adam_state, _flat_shapes, param_groups_by_name
 
 GIB = 2**30
@@ -136,8 +136,7 @@ def place_members(
 def _splittable(sae: SparseAutoencoder, count: int) -> str | None:
     """Why ``sae`` cannot be split over ``count`` ranks (None: it can)."""
     layer = LAYERS.get(type(sae))
-    if layer is None or issubclass(layer, ShardedCLT):
-        # A cross-layer transcoder's sharded step reduces over the whole world, not a block.
+    if layer is None:
         return f"its class {type(sae).__name__} has no latent-sharded layer for member placement"
     if sae.hparams.d_sae % count:
         return f"d_sae={sae.hparams.d_sae} does not divide into {count} slices"
@@ -246,12 +245,15 @@ def split_member(sae: SparseAutoencoder, block: dist.ProcessGroup, count: int) -
         latent_group=block,
         data_group=None,
         world_group=block,
+        layers=type(sae).feature_layers(sae),  # a cross-layer transcoder's slice of each layer
     )
     slice_to_shard(sae, shard)
 
 
 def member_sites(sae: SparseAutoencoder, hook: str | None) -> list[str | None]:
     """The hooks a member reads from a ``{hook: tensor}`` batch (None: the batch's only one)."""
+    if isinstance(sae, CrossLayerTranscoder):  # maps sites and writes layers: its own lists
+        return [*sae._hooks("in"), *sae._hooks("out")]
     if getattr(sae, "maps_sites", False):
         return [sae.input_hook, sae.output_hook]
     if getattr(sae, "writes_layers", False):
@@ -584,24 +586,47 @@ class MemberParallelStrategy(ModelParallelStrategy):
         return None
 
     # ----------------------------------------------------------------- checkpoints
+    def _saved_spec(self, name: str) -> tuple[str, ShardSpec] | None:
+        """The member name and sharded spec of a per-latent tensor ``members.<member>.<tensor>``
+        held on this rank (None: any other tensor)."""
+        module = self.lightning_module
+        parts = name.split(".", 2)  # members, <member>, <tensor>
+        if len(parts) != 3 or parts[0] != "members" or parts[1] not in module.members:
+            return None
+        member = module.members[parts[1]]
+        # A split member's class is its sharded layer already; a whole member's is looked up.
+        layer = type(member) if shard_of(member) is not None else LAYERS.get(type(member))
+        dims = layer.sharded_dims(member) if layer is not None else {}
+        return (parts[1], dims[parts[2]]) if parts[2] in dims else None
+
     def _as_saved(self, name: str, tensor: Tensor) -> Tensor:
         """A split member's per-latent tensor (``members.<member>.<tensor>``) as a DTensor
         sharded over its block, so that each rank writes its slice and a load reshards; any
-        other tensor as it is."""
-        module = self.lightning_module
-        parts = name.split(".", 2)  # members, <member>, <tensor>
-        held = len(parts) == 3 and parts[0] == "members" and parts[1] in module.members
-        member = module.members[parts[1]] if held else None
-        if member is None or shard_of(member) is None or tensor.dim() == 0:
+        other tensor as it is. A tensor kept flat but sharded through a view (a cross-layer
+        transcoder's layer-major dead clock) is saved through that view, by whole members too,
+        so that a folder resumes on any split; the view shares its storage: loads land in
+        place."""
+        found = self._saved_spec(name)
+        if found is None or tensor.dim() == 0:
             return tensor
-        dims = type(member).sharded_dims(member)
-        if parts[2] not in dims:
-            return tensor
-        if parts[1] not in self._meshes:  # the block's ranks only: from_group is no collective
-            block = module.blocks[parts[1]]
-            self._meshes[parts[1]] = DeviceMesh.from_group(block, self.root_device.type)
-        dim, _ = dims[parts[2]]  # no view: split members have plain per-latent tensors
-        return DTensor.from_local(tensor, self._meshes[parts[1]], [Shard(dim)], run_check=False)
+        member, (dim, view) = found
+        local = tensor if view is None else tensor.view(view)
+        if member not in self.lightning_module.blocks:  # held whole
+            return local
+        if member not in self._meshes:  # the block's ranks only: from_group is no collective
+            block = self.lightning_module.blocks[member]
+            self._meshes[member] = DeviceMesh.from_group(block, self.root_device.type)
+        return DTensor.from_local(local, self._meshes[member], [Shard(dim)], run_check=False)
+
+    def _viewed(self) -> dict[str, list[int]]:
+        """This rank's members' tensors saved through a view, with their one-process (flat)
+        shapes, for :func:`~lightning_sae.parallel.checkpoint.consolidate_checkpoint`."""
+        viewed = {}
+        for name, tensor in self.lightning_module.state_dict().items():
+            found = self._saved_spec(name)
+            if found is not None and found[1][1] is not None:
+                viewed[name] = [tensor.numel() * self.lightning_module.shards[found[0]]]
+        return viewed
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = self.lightning_module.state_dict()
@@ -647,6 +672,7 @@ class MemberParallelStrategy(ModelParallelStrategy):
         tensors = {"state_dict": checkpoint.pop("state_dict"), "optimizer": optimizer["state"]}
         dcp.save(tensors, checkpoint_id=path)
         checkpoint["member_param_groups"] = {"members": optimizer["param_groups"]}
+        checkpoint["viewed_tensors"] = self._viewed()  # merged: every rank's members
         owner = self.lightning_module.placement
         meta = merge_by_owner(gather_objects(checkpoint), owner)
         if self.global_rank == 0:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sae.metrics.reconstruction import DeadFraction
-from lightning_sae.models.base import SAEOutput, SparseAutoencoder
+from lightning_sae.models.base import SAEOutput, SparseAutoencoder, stepping_alone
 from lightning_sae.models.clt import (
     CrossLayerTranscoder,
 )
@@ -243,6 +243,17 @@ class ShardedBatchTopKCLT(ShardedCLT):
         if self.training:
             self._update_threshold(torch.where(mask, scores, torch.inf).reshape(groups, -1))
         return mask
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        """The running per-group threshold from the smallest kept score over the whole mesh
+        (``shard.world_group``), named explicitly: inside member placement the mesh is a block
+        of ranks, and the variant's own reduction (over the default group) is switched off
+        there, so each rank of the block would keep the minimum of its own slice."""
+        smallest = kept.min(dim=-1, keepdim=True).values.to(self.threshold.dtype)
+        all_reduce(smallest, self.shard.world_group, dist.ReduceOp.MIN)
+        with stepping_alone():  # already the mesh's minimum: the variant reduces nothing more
+            super()._update_threshold(smallest)
 
     def _above_and_first_ties_in_batch_order(
         self, units: Tensor, cutoff: Tensor, count: int, group: Any
