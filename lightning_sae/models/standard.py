@@ -120,11 +120,7 @@ class StandardSAE(SparseAutoencoder):
         if impl == "dense":
             return super().reconstruct(acts)
         flat = acts.reshape(-1, self.d_sae)
-        # The choice needs the density on the host (one sync); a slice of rows estimates it at
-        # a fraction of a full count's cost.
-        sample = flat[:DENSITY_SAMPLE_ROWS]
-        active_per_sample = int(sample.count_nonzero()) / max(len(sample), 1)
-        if not decodes_sparsely(impl, active_per_sample, self.d_sae, self.W_dec.device):
+        if not self._sparse_enough(flat[:DENSITY_SAMPLE_ROWS] != 0):
             return super().reconstruct(acts)
         decoded = SparseCode.from_mask(flat != 0, flat).decode(self.W_dec)
         return (decoded + self.b_dec).reshape(*acts.shape[:-1], self.d_out)
@@ -136,9 +132,16 @@ class StandardSAE(SparseAutoencoder):
         impl = self.hparams.decode_impl
         if impl != "auto":
             return impl == "sparse"
-        sample = pre_acts[:DENSITY_SAMPLE_ROWS]
-        active_per_sample = int((sample > 0).sum()) / max(len(sample), 1)
-        return decodes_sparsely(impl, active_per_sample, self.d_sae, self.W_dec.device)
+        return self._sparse_enough(pre_acts[:DENSITY_SAMPLE_ROWS] > 0)
+
+    def _sparse_enough(self, active: Tensor) -> bool:
+        """Whether ``decode_impl`` picks the sparse path at the density of ``active`` (a slice
+        of a step's rows, as a mask). The choice needs the density on the host (one sync); a
+        slice of rows estimates it at a fraction of a full count's cost."""
+        active_per_sample = int(active.sum()) / max(len(active), 1)
+        return decodes_sparsely(
+            self.hparams.decode_impl, active_per_sample, self.d_sae, self.W_dec.device
+        )
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
         """The dense pre-activations, made without a graph; then, in a sparse step, the active
