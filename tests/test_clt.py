@@ -193,6 +193,42 @@ def test_jumprelu_threshold_moves_about_lr_per_step_from_its_default_start() -> 
     assert float(clt.threshold.median()) > 0.1
 
 
+@pytest.mark.parametrize("cls", CROSS_LAYER_TRANSCODERS, ids=lambda c: c.__name__)
+def test_null_options_resolve_to_the_measured_defaults(cls: type[CrossLayerTranscoder]) -> None:
+    """docs/defaults.md ("Cross-layer transcoders"): every CLT clips the gradient's norm at 1
+    (it did not before), keeps unit-norm encoder columns and Adam (0.9, 0.999); the options'
+    None means these, and numbers given are used as given (clipping 0: off)."""
+    sparsity = {"k": 4} if issubclass(cls, TopKCrossLayerTranscoder) else {}
+    clt = make(cls, **sparsity)
+    assert (clt.hparams.encoder_init_scale, clt.hparams.betas) == (None, None)
+    assert clt.hparams.gradient_clip_norm is None
+    assert clt.gradient_clip_max_norm() == 1.0
+    assert clt.adam_betas() == (0.9, 0.999) and clt.encoder_init_factor() == 1.0
+    torch.testing.assert_close(clt.W_enc.norm(dim=1), torch.ones(N_LAYERS, D_SAE))
+    chosen = make(cls, encoder_init_scale=0.5, betas=(0.9, 0.99), gradient_clip_norm=0.0,
+                  **sparsity)  # fmt: skip
+    assert chosen.gradient_clip_max_norm() == 0.0 and chosen.adam_betas() == (0.9, 0.99)
+    torch.testing.assert_close(chosen.W_enc, clt.W_enc * 0.5)
+
+
+def test_default_clipping_engages_in_training() -> None:
+    """A CLT trained with its default clipping steps as one given gradient_clip_norm 1, not as
+    one with clipping off (on batches whose gradient norm is far above 1)."""
+    x, y = layered_batch(3 * 32)
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x * 50, y * 50), 32)
+
+    def trained(**options: float) -> dict[str, Tensor]:
+        clt = make(TopKCrossLayerTranscoder, k=4, lr=1e-2, **options)
+        quiet_trainer(3, accelerator="cpu").fit(clt, pairs)
+        return {name: p.detach().clone() for name, p in clt.named_parameters()}
+
+    default, unclipped = trained(), trained(gradient_clip_norm=0.0)
+    clipped = trained(gradient_clip_norm=1.0)
+    for name, value in default.items():
+        torch.testing.assert_close(value, clipped[name], msg=name)
+    assert not torch.allclose(default["W_enc"], unclipped["W_enc"])
+
+
 def test_jumprelu_loads_a_checkpoint_with_log_thresholds() -> None:
     """Checkpoints written before the threshold was its own parameter hold log_threshold."""
     clt = make()

@@ -376,3 +376,38 @@ def test_smoke_defaults_frontier(
     run_main(defaults_frontier, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
     table = (tmp_path / "out" / "table_frontier.md").read_text()
     assert "| topk16_old | 0 |" in table and "| topk16 | 0 |" in table
+
+
+def test_smoke_defaults_clt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import defaults_clt
+
+    argv = ["--work", str(tmp_path / "w")]
+    run_main(defaults_clt, [*argv, "topk_old", "jump_new"], monkeypatch)
+    run_main(defaults_clt, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
+    table = (tmp_path / "out" / "table_clt.md").read_text()
+    assert "| topk_old | 0 |" in table and "| jump_new | 0 |" in table
+    runs = json.loads((tmp_path / "out" / "results_clt.json").read_text())["toy"]
+    old = runs["topk_old"][0]["settings"]
+    assert old == {"encoder_init_scale": 1.0, "betas": [0.9, 0.999], "gradient_clip_norm": 0.0,
+                   "lr_warmup_steps": 0}  # fmt: skip
+    jump = runs["jump_new"][0]
+    assert 0 < jump["gt_mmcs"] <= 1 and len(jump["fvu_layers"]) == 3
+
+
+def test_toy_cross_layer_truth_reconstructs_its_outputs_and_scores_one() -> None:
+    """The toy CLT's ground truth is exact: a CLT holding the true decoder slabs decodes the
+    true codes into the outputs, and its ground-truth MMCS is 1 (a random one's is far below)."""
+    from experiments.defaults_clt import ToyCrossLayer
+    from lightning_sae.models.clt import CrossLayerTranscoder
+
+    toy = ToyCrossLayer(n_layers=3, d=16, n_features=32, mean_active=3.0)
+    codes = toy.codes(64, torch.Generator().manual_seed(0))
+    x, y = toy.observe(codes)
+    assert (codes[:, 0] != 0).sum(1).float().mean() > 1 and x.shape == y.shape == (64, 3, 16)
+    clt = CrossLayerTranscoder(d_in=16, d_sae=32, n_layers=3)
+    assert max(toy.ground_truth_mmcs(clt)) < 0.7
+    with torch.no_grad():
+        for source, slab in enumerate(toy.slabs):
+            clt.W_dec[source].copy_(slab)
+    torch.testing.assert_close(clt.decode(codes), y)
+    assert toy.ground_truth_mmcs(clt) == pytest.approx([1.0, 1.0, 1.0])

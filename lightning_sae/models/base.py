@@ -206,7 +206,7 @@ class SparseAutoencoder(LightningModule):
             down to this global norm when it is larger. ``None``: the variant's measured default
             (:meth:`default_gradient_clip_norm`; docs/defaults.md): 1 for the L1, TopK,
             JumpReLU, Gated and ApproxL0 SAEs (and the transcoders and crosscoders built on
-            them), off for the cross-layer transcoders (not measured); 0: off. A
+            them) and for the cross-layer transcoders; 0: off. A
             ``trainer.gradient_clip_val`` replaces it. The gradient's norm scales with the
             data's (clipping at 1 engages on activations of norm ~10, rarely on unit-scale toy
             data); while it engages, Adam's
