@@ -3,8 +3,8 @@
 Every config runs through ``lightning-sae fit --config configs/toy/<name>.yaml`` in its own
 process, with nothing changed but the run folder and one added callback that measures the
 ground-truth MMCS every ``--every`` steps (it reads the weights and changes nothing). The final
-FVU, L0, dead fraction and ground-truth MMCS are the ones the command prints (its
-``final_metrics.txt``: the validation split in eval mode).
+FVU, L0, dead fraction and ground-truth MMCS are the ones the command prints and keeps with
+the run (the validation split in eval mode).
 
     python -m experiments.toy_configs                      # docs/experiments/toy_configs/
     python -m experiments.toy_configs --configs topk gated # some of them
@@ -25,6 +25,7 @@ import yaml
 from lightning import Callback, LightningModule, Trainer
 
 from experiments._common import Timer, markdown_table, parser, start, write, write_json
+from lightning_sae.commands import FINAL_METRICS_FILENAME
 from lightning_sae.metrics.similarity import mean_max_cosine_similarity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +83,14 @@ def run_config(name: str, runs: Path, every: int, max_steps: int | None) -> dict
     ]
     if max_steps is not None:
         command += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10"]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    }
     with Timer() as timer:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}: lightning-sae fit failed:\n{done.stderr[-3000:]}")
-    final_files = sorted(run_dir.rglob("final_metrics.txt"))
+    final_files = sorted(run_dir.rglob(FINAL_METRICS_FILENAME))
     final = final_metrics(final_files[-1].read_text() if final_files else done.stdout)
     curve = json.loads(curve_file.read_text())
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
@@ -118,7 +121,6 @@ def row(result: dict[str, Any]) -> list[Any]:
         f"{final['dead']:.3f}",
         at,
         "-" if first is None else f"{first[0]} ({first[1]:.3f})",
-        result["seconds"],
     ]
 
 
@@ -127,22 +129,42 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(TABLE), choices=TABLE)
     p.add_argument("--every", type=int, default=100, help="steps between MMCS probes")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/toy_configs"))
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="results.json files of runs made in parts: the table of them all, nothing run",
+    )
     args = p.parse_args()
     out = start(args)
+    if args.merge:
+        merged = {}
+        for path in args.merge:
+            merged |= json.loads(path.read_text())
+        write_json(out, "results.json", merged)
+        write_table(out, merged)
+        return
     max_steps = None
     if args.smoke:
         args.configs, args.every, max_steps = args.configs[:1], 10, 20
         args.runs = args.runs / "smoke"
     args.runs.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
-    results = {} if args.smoke or not results_file.exists() else json.loads(results_file.read_text())
+    results = (
+        {} if args.smoke or not results_file.exists() else json.loads(results_file.read_text())
+    )
     for name in args.configs:
         results[name] = run_config(name, args.runs, args.every, max_steps)
         print(name, results[name]["final"], f"({results[name]['seconds']} s)", flush=True)
         if not args.smoke:
             write_json(out, "results.json", results)
+    write_table(out, results)
+
+
+def write_table(out: Path, results: dict[str, Any]) -> None:
     header = ["config", "variant", "d_sae", "steps", "GT MMCS", "FVU", "L0", "dead"]
-    header += [f"MMCS at {' / '.join(map(str, CHECKPOINTS))} steps", "first probe >= 0.9", "s"]
+    header += [f"MMCS at {' / '.join(map(str, CHECKPOINTS))} steps", "first probe >= 0.9"]
     ordered = [results[name] for name in TABLE if name in results]
     write(out, "table.md", markdown_table(header, [row(r) for r in ordered]))
 

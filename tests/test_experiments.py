@@ -376,3 +376,17 @@ def test_smoke_defaults_frontier(
     run_main(defaults_frontier, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
     table = (tmp_path / "out" / "table_frontier.md").read_text()
     assert "| topk16_old | 0 |" in table and "| topk16 | 0 |" in table
+
+
+def test_toy_configs_reads_the_numbers_the_fit_command_prints() -> None:
+    """experiments/toy_configs.py takes its table from the final-metrics table of
+    ``lightning-sae fit``; a change of that table's labels must not leave its columns empty."""
+    from types import SimpleNamespace
+
+    from experiments.toy_configs import final_metrics
+    from lightning_sae.trainer_cli import final_metrics_table
+
+    metrics = {"val/fvu": 0.0312, "val/l0": 6.75, "val/dead_fraction": 0.5293}
+    trainer = SimpleNamespace(callback_metrics=metrics, callbacks=[], checkpoint_callback=None)
+    text = final_metrics_table(trainer, gt_mmcs=0.9141)
+    assert final_metrics(text) == {"fvu": 0.0312, "l0": 6.75, "dead": 0.5293, "gt_mmcs": 0.9141}
