@@ -122,6 +122,25 @@ CANDIDATES |= {
 CANDIDATES |= {
     f"al0_now_eps{e:g}": ("approx_l0", _NOW | {"epsilon": e}, 1.0, None, 1.0) for e in (0.03, 0.3)
 }
+# JumpReLU on normalised inputs (normalize_activations: the toy's rows, of mean norm 1.21, scaled
+# 9.36-fold to sqrt(128)): the toy config's threshold start and L0 weight in those units
+# (0.1 x 9.36; 0.003 x 9.36^2, as the MSE grows by that square), kernel widths in those units
+CANDIDATES |= {
+    f"jump_norm_bw{w:g}": (
+        "jumprelu",
+        _NOW
+        | {
+            "normalize_activations": True,
+            "threshold_init": 0.94,
+            "l0_coefficient": 0.26,
+            "bandwidth": w,
+        },
+        0.25,
+        None,
+        1.0,
+    )  # fmt: skip
+    for w in (0.1, 0.3, 0.47)
+}
 # epsilon 0.3 at a coefficient that brings L0 back to epsilon 0.1's
 CANDIDATES |= {
     f"al0_now_eps0.3_c{c:g}": (

@@ -54,7 +54,7 @@ class ApproxL0SAE(SparseAutoencoder):
             eps / (a + eps)^2 then vanishes for all but near-zero activations; larger eps
             behaves like L1 (a / eps for a << eps). Default 0.3, measured (docs/defaults.md):
             on the MiniLM frontier data (rows of norm about 13, two thirds of sqrt(d_in)) it
-            reaches a lower FVU than 0.1 at matched L0 (0.238 at L0 32.5 against about 0.250
+            reaches a lower FVU than 0.1 at matched L0 (0.238 at L0 32.6 against about 0.251
             between 0.1's points), and on the toy side-by-side a higher ground-truth MMCS.
             The reference post's value is not in its text.
         frequency_floor_coefficient: mu, weight of the frequency floor (0 = off).
