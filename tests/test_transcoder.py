@@ -193,6 +193,39 @@ def test_every_site_is_scaled_by_its_own_factor_fitted_in_training() -> None:
     torch.testing.assert_close(cc.input_scale, torch.full((D_IN,), 3.0))
 
 
+def test_crosscoder_reports_fvu_in_the_models_units_though_each_layer_is_scaled() -> None:
+    """The loss weighs every layer alike (per-layer scales), but train/fvu and val/fvu are those
+    of the model's activations: what ``cc(x)`` and the exported crosscoder give. One scale per
+    layer makes the two differ (a scalar scale cancels out of an FVU)."""
+
+    class TrainFVU(L.Callback):  # the step's logged FVU, and the FVU its weights give
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.expected = _fvu(module, batch[0], batch[0])
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.logged = float(trainer.callback_metrics["train/fvu"])
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    layers = toy_map(256)[0] * LAYER_MAGNITUDES
+    cc = CrossCoder(d_in=D_IN, d_sae=16, hooks=hooks, normalize_activations=True, lr=1e-2)
+    loader = DataLoader(TensorDataset(layers), batch_size=256)
+    train_fvu = TrainFVU()
+    trainer = quiet_trainer(3, [train_fvu], limit_val_batches=1, check_val_every_n_epoch=3)
+    trainer.fit(cc, loader, loader)
+    assert train_fvu.logged == pytest.approx(train_fvu.expected, rel=1e-4)
+    assert float(trainer.callback_metrics["val/fvu"]) == pytest.approx(
+        _fvu(cc.eval(), layers, layers), rel=1e-4
+    )
+    with torch.no_grad():  # in the loss's units the FVU is another number
+        normalised = cc.normalize(layers)
+        in_loss_units = _fvu_of(cc.forward_normalized(normalised).x_hat, normalised)
+    assert abs(in_loss_units - _fvu(cc, layers, layers)) > 0.01
+
+
+def _fvu_of(x_hat: Tensor, y: Tensor) -> float:
+    return float((x_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
 def _fvu(model: L.LightningModule, x: Tensor, y: Tensor) -> float:
     with torch.no_grad():
         error = (model(x).x_hat - y).pow(2).sum()

@@ -308,6 +308,12 @@ class CrossCoding:
     def scale_metadata(self) -> dict[str, Any]:
         return {"input_scale": self.input_scale[:: self.d_layer].tolist()}  # one per layer
 
+    def in_reported_units(self, x_hat_n: Tensor, y_n: Tensor) -> tuple[Tensor, Tensor]:
+        # Each layer's own scale weighs the layers alike in the loss, but would make the
+        # reported mse and fvu differ from what the crosscoder does to the model's activations
+        # (and from the exported crosscoder's): report those in the model's units.
+        return x_hat_n / self.input_scale, y_n / self.input_scale
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Saved before per-layer scales: one factor for every layer.
         scale = state_dict.get(prefix + "input_scale")
