@@ -17,10 +17,13 @@ A candidate is a form and settings, e.g. ``tc_topk32_old_clip``:
   200 steps can reach), ``cc_l1C`` and ``cc_topkK`` (crosscoders over the three residual
   streams);
 - settings, applied left to right over the class's defaults (the form alone is what a user
-  gets): ``old`` (the transpose scale 1, Adam (0.9, 0.999), no clipping: every variant before
-  the measured defaults), ``sX`` (encoder start X), ``clip``/``noclip`` (gradient norm clipped
-  at 1 / not), ``b2.X`` (Adam beta2 0.X), ``wuN`` (N warm-up steps), ``sqrt`` (encoder start
-  sqrt(d_in/d_sae)).
+  gets): ``old`` (encoder start 1, Adam (0.9, 0.999), no clipping: every variant before the
+  measured defaults), ``sX`` (encoder start X), ``clip``/``clipN``/``noclip`` (gradient norm
+  clipped at 1 / at N / not), ``b2.X`` (Adam beta2 0.X), ``wuN`` (N warm-up steps), ``sqrt``
+  (encoder start sqrt(d_in/d_sae)).
+
+A transcoder's encoder is drawn apart from its decoder (it reads another site), so its "start"
+is the norm of its encoder columns; a crosscoder's is a multiple of the decoder's transpose.
 """
 
 from __future__ import annotations
@@ -87,8 +90,8 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
     for setting in settings:
         if setting == "old":
             options |= OLD
-        elif setting == "clip":
-            options["gradient_clip_norm"] = 1.0
+        elif setting.startswith("clip"):
+            options["gradient_clip_norm"] = float(setting[4:] or 1.0)
         elif setting == "noclip":
             options["gradient_clip_norm"] = 0.0
         elif setting == "sqrt":
@@ -134,8 +137,9 @@ def batch_order(n_rows: int, seed: int, steps: int, batch: int) -> Tensor:
     return rows[: steps * batch].reshape(steps, batch)
 
 
-def load_sites(smoke: bool) -> dict[str, dict[str, Tensor]]:
-    """{split: {hook: [rows, 384]}} for the transcoder's two sites and the three layers."""
+def load_sites(smoke: bool, hooks: list[str]) -> dict[str, dict[str, Tensor]]:
+    """{split: {hook: [rows, 384]}} for ``hooks`` (the candidates' sites), read from the cache
+    of the transcoder's two sites and the three layers (one cache serves every candidate)."""
     options = dict(yaml.safe_load(CONFIG.read_text())["data"]["init_args"])
     options |= {"hooks": [MLP_IN, MLP_OUT, *LAYERS], "batch_size": 128 if smoke else 4096}
     if smoke:
@@ -145,9 +149,19 @@ def load_sites(smoke: bool) -> dict[str, dict[str, Tensor]]:
     data.setup("fit")
     sites = {}
     for split, loader in (("train", data.train_dataloader()), ("val", data.val_dataloader())):
-        batches = list(loader)
-        sites[split] = {h: torch.cat([b[h].float() for b in batches]) for h in batches[0]}
+        parts: dict[str, list[Tensor]] = {hook: [] for hook in hooks}
+        for batch in loader:  # only the sites asked for: the machine's memory is shared
+            for hook in hooks:
+                parts[hook].append(batch[hook].float())
+        sites[split] = {hook: torch.cat(parts.pop(hook)) for hook in hooks}
     return sites
+
+
+def sites_of(names: list[str]) -> list[str]:
+    """The hooks the candidates read."""
+    crosscoders = [name.startswith("cc_") for name in names]
+    return [*([MLP_IN, MLP_OUT] if not all(crosscoders) else []),
+            *(LAYERS if any(crosscoders) else [])]  # fmt: skip
 
 
 @torch.no_grad()
@@ -185,14 +199,20 @@ def run(name: str, seed: int, sites: dict[str, dict[str, Tensor]], steps: int, b
                   "seconds": time.perf_counter() - started}  # fmt: skip
 
 
+def _form(name: str) -> str:
+    return "_".join(name.split("_")[:2])
+
+
 def table(work: Path, out: Path) -> None:
-    """Mean (min-max over seeds) of every candidate run in ``work``, in the order first run."""
+    """Mean (min-max over seeds) of every candidate run in ``work``, by form, in the order
+    first run."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(work.glob("*_s[0-9].json"), key=lambda p: p.stat().st_mtime):
         row = json.loads(path.read_text())
         runs.setdefault(row["name"], []).append(row)
     rows = []
-    for name, mine in runs.items():
+    forms = list(dict.fromkeys(_form(name) for name in runs))
+    for name, mine in sorted(runs.items(), key=lambda item: forms.index(_form(item[0]))):
         mine.sort(key=lambda r: r["seed"])
 
         def cell(metric: str, digits: int, mine: list[dict[str, Any]] = mine) -> str:
@@ -233,7 +253,7 @@ def main() -> None:
     steps, batch = (3, 64) if args.smoke else (STEPS, BATCH)
     names = args.names or (["tc_topk32", "cc_l12"] if args.smoke else [])
     args.work.mkdir(parents=True, exist_ok=True)
-    sites = load_sites(args.smoke)
+    sites = load_sites(args.smoke, sites_of(names))
     for seed in args.seeds:
         for name in names:
             out = args.work / f"{name}_s{seed}.json"
