@@ -107,15 +107,15 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
     return classes[(kind, sparsity)], options
 
 
-def build(name: str, seed: int) -> SparseAutoencoder:
+def build(name: str, seed: int, d_sae: int = D_SAE) -> SparseAutoencoder:
     cls, options = parse(name)
     if cls in (CrossCoder, TopKCrossCoder):
         shapes: dict[str, Any] = {"d_in": 384 * len(LAYERS), "hooks": LAYERS}
     else:
         shapes = {"d_in": 384, "d_out": 384, "input_hook": MLP_IN, "output_hook": MLP_OUT}
     if options.get("encoder_init_scale") == "sqrt":
-        options["encoder_init_scale"] = math.sqrt(shapes["d_in"] / D_SAE)
-    return cls(d_sae=D_SAE, lr=LR, normalize_activations=True, init_seed=seed, **shapes, **options)
+        options["encoder_init_scale"] = math.sqrt(shapes["d_in"] / d_sae)
+    return cls(d_sae=d_sae, lr=LR, normalize_activations=True, init_seed=seed, **shapes, **options)
 
 
 class Batches(LightningDataModule):
@@ -137,13 +137,17 @@ def batch_order(n_rows: int, seed: int, steps: int, batch: int) -> Tensor:
     return rows[: steps * batch].reshape(steps, batch)
 
 
-def load_sites(smoke: bool, hooks: list[str]) -> dict[str, dict[str, Tensor]]:
+def load_sites(
+    smoke: bool, hooks: list[str], cache_dir: str | None = None
+) -> dict[str, dict[str, Tensor]]:
     """{split: {hook: [rows, 384]}} for ``hooks`` (the candidates' sites), read from the cache
     of the transcoder's two sites and the three layers (one cache serves every candidate)."""
     options = dict(yaml.safe_load(CONFIG.read_text())["data"]["init_args"])
     options |= {"hooks": [MLP_IN, MLP_OUT, *LAYERS], "batch_size": 128 if smoke else 4096}
     if smoke:
-        options |= {"n_tokens": 1024, "val_tokens": 256}
+        options |= {"n_tokens": 512, "val_tokens": 128}
+    if cache_dir is not None:
+        options["cache_dir"] = cache_dir
     data = ActivationDataModule(**options)
     data.prepare_data()
     data.setup("fit")
@@ -185,9 +189,13 @@ def evaluate(sae: SparseAutoencoder, val: dict[str, Tensor], chunk: int = 4096) 
     return row
 
 
-def run(name: str, seed: int, sites: dict[str, dict[str, Tensor]], steps: int, batch: int) -> dict:
+def run(
+    name: str, seed: int, sites: dict[str, dict[str, Tensor]], scale: tuple[int, int, int]
+) -> dict:
+    """Train candidate ``name`` for ``scale`` = (steps, batch, d_sae) and measure it."""
+    steps, batch, d_sae = scale
     torch.manual_seed(seed)
-    sae = build(name, seed)
+    sae = build(name, seed, d_sae)
     train = sites["train"]
     order = batch_order(len(next(iter(train.values()))), seed, steps, batch)
     trainer = quiet_trainer(steps, [DecoderNormConstraint()])
@@ -200,7 +208,9 @@ def run(name: str, seed: int, sites: dict[str, dict[str, Tensor]], steps: int, b
 
 
 def _form(name: str) -> str:
-    return "_".join(name.split("_")[:2])
+    """The class a candidate trains, e.g. ``tc_l1`` for ``tc_l12_old``."""
+    head, sparsity = name.split("_")[:2]
+    return f"{head}_{sparsity.rstrip('0123456789.')}"
 
 
 def table(work: Path, out: Path) -> None:
@@ -243,6 +253,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=DOCS / "defaults")
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
+    p.add_argument("--cache-dir", default=None, help="activation cache folder (default: ~/.cache)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.table:
@@ -250,18 +261,17 @@ def main() -> None:
         return
     for name in args.names:
         parse(name)  # every name is checked before the data are read
-    steps, batch = (3, 64) if args.smoke else (STEPS, BATCH)
+    scale = (3, 64, 64) if args.smoke else (STEPS, BATCH, D_SAE)
     names = args.names or (["tc_topk32", "cc_l12"] if args.smoke else [])
     args.work.mkdir(parents=True, exist_ok=True)
-    sites = load_sites(args.smoke, sites_of(names))
+    sites = load_sites(args.smoke, sites_of(names), args.cache_dir)
     for seed in args.seeds:
         for name in names:
             out = args.work / f"{name}_s{seed}.json"
-            if out.exists() and not args.smoke:
+            if out.exists():
                 continue
-            row = run(name, seed, sites, steps, batch)
-            if not args.smoke:
-                out.write_text(json.dumps(row))
+            row = run(name, seed, sites, scale)
+            out.write_text(json.dumps(row))
             print(f"{name} seed {seed}: l0 {row['l0']:.1f} fvu {row['fvu']:.4f} "
                   f"dead {row['dead']} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
 
