@@ -484,6 +484,7 @@ def test_export_load_round_trip_in_saelens_or_our_format(tmp_path: Path) -> None
         ["minilm/transcoder-l3.yaml", "minilm/skip-transcoder-l3.yaml"],
         ["pythia-70m/transcoder-l3.yaml"],
         ["minilm/transcoders-all-layers.yaml"],
+        ["minilm/crosscoder-resid.yaml"],
     ],
 )
 def test_transcoder_configs_parse(configs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -495,6 +496,10 @@ def test_transcoder_configs_parse(configs: list[str], capsys: pytest.CaptureFixt
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
+    if "hooks" in model["init_args"]:  # a crosscoder reads and writes its layers
+        assert printed["data"]["init_args"]["hooks"] == model["init_args"]["hooks"]
+        assert variant_class(model["class_path"]) in CROSSCODERS
+        return
     transcoders = model["init_args"].get("members", [model])  # a group: one per layer
     sites = [tc["init_args"][f"{site}_hook"] for tc in transcoders for site in ("input", "output")]
     assert printed["data"]["init_args"]["hooks"] == sites
