@@ -130,7 +130,7 @@ class Shapes(TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("name", ["topk", "batchtopk", "topk-transcoder"])
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "topk-transcoder"])
 def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
     """The backward of a step (main pass and AuxK) creates no [rows, d_sae] tensor: the encoder's
     gradient flows through the kept entries alone. (The dense path makes [rows, d_sae]

@@ -29,8 +29,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     The mean (the default; ``prefix_loss`` picks the sum) keeps the term on the scale of a
     single MSE, so its balance with AuxK carries over from BatchTopK; the full-dictionary MSE
     is the last prefix's and is still logged as ``train/mse``. Every prefix sum comes out of
-    one pass of the decoder: per-group partial reconstructions, then a cumulative sum over
-    groups.
+    one pass of the decoder: per-group partial reconstructions (``extras["group_x_hat"]``,
+    one sparse decode with a bag per sample and group), whose running sum over groups the loss
+    takes inside one autograd function (:func:`prefix_squared_errors`), forward and backward;
+    :meth:`prefix_reconstructions` builds the prefixes themselves when they are wanted.
 
     Args:
         group_sizes: latents per group, in order, summing to d_sae. Default: prefixes of
