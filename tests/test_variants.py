@@ -225,7 +225,7 @@ def test_matryoshka_prefixes_reconstruct_with_their_own_latents_only() -> None:
     sae = MatryoshkaSAE(d_in=D_IN, d_sae=D_SAE, k=6, group_sizes=[8, 16, 24])
     x = _x()
     out = sae.forward_normalized(x)
-    prefixes = out.extras["prefix_x_hat"]
+    prefixes = sae.prefix_reconstructions(out)
     assert prefixes.shape == (32, 3, D_IN)
     for end, prefix in zip((8, 24, 48), prefixes.unbind(1), strict=True):
         by_hand = out.acts[:, :end] @ sae.W_dec[:end] + sae.b_dec
@@ -712,7 +712,7 @@ def test_matryoshka_prefix_losses_summed_or_averaged() -> None:
         )
         out = sae.forward_normalized(x)
         terms[reduction] = sae.loss_terms(x, out)["prefix_mse"]
-        per_prefix = (out.extras["prefix_x_hat"] - x[:, None]).pow(2).sum(-1).mean(0)
+        per_prefix = (sae.prefix_reconstructions(out) - x[:, None]).pow(2).sum(-1).mean(0)
     torch.testing.assert_close(terms["sum"], per_prefix.sum())
     torch.testing.assert_close(terms["mean"], per_prefix.mean())
     with pytest.raises(ValueError, match="prefix_loss"):
