@@ -72,8 +72,15 @@ def log_host_scalars(module: LightningModule, entries: Sequence[LogEntry]) -> No
     Lightning gives a number); after the first entry, which takes the public path (it resets the
     hook's records when Lightning starts a new one), each of those whose key is registered with
     the same options updates its record directly. Anything else (a tensor, other options, a new
-    key) goes through ``module.log``.
+    key) goes through ``module.log``; so does every entry, as it is, when the module overrides
+    ``log``.
     """
+    if type(module).log is not LightningModule.log or "log" in vars(module):
+        # A module with its own log (member placement records its ranks' calls and logs them
+        # on every rank) is given every entry as it is.
+        for name, value, kwargs in entries:
+            module.log(name, value, **kwargs)
+        return
     numbers_at = [
         index
         for index, (_, value, kwargs) in enumerate(entries)
