@@ -8,8 +8,9 @@ and per step, and an :class:`~lightning_sae.models.group.SAEGroup` pays it for e
   which waits for the device (``copy_`` of pageable memory synchronises its stream), so one
   synchronisation per logged scalar;
 - Lightning's result collection moves its record of the key to the value's device on every
-  call (``_ResultMetric.to``, a walk over the record's attributes): about 1 ms a call on this
-  project's CPU, 70% of a tiny group step (measured with cProfile, docs/many-saes.md).
+  call (``_ResultMetric.to``, a walk over the record's attributes): in benchmarks/many_saes.py's
+  group (24 scalars a step) 8.9-9.2 ms of the main thread's CPU per step, against 2.5-2.8 ms
+  this way (docs/many-saes.md).
 
 :func:`log_host_scalars` logs the numbers as one CPU tensor (no device copy) and hands a key
 that Lightning has already registered, with the same options, straight to the record's update,
