@@ -58,7 +58,7 @@ from lightning_sae.models.penalties import (
     l1_penalty,
     shaped_orthogonality,
 )
-from lightning_sae.models.sparse import SparseCode
+from lightning_sae.models.sparse import SparseCode, largest_of_batch
 from lightning_sae.models.topk import BatchTopKSAE
 from lightning_sae.parallel.comm import (
     all_reduce,
@@ -511,7 +511,8 @@ class ShardedBatchTopK(ShardedTopK):
         group = shard.world_group if self.training else shard.latent_group
         count = min(self.k * rows, rows * shard.d_sae)
         scores = pre_acts.detach()
-        candidates = scores.flatten().topk(min(count, scores.numel()), sorted=False).values
+        # This member's count largest: the only ones that can be among the mesh's count largest.
+        candidates, _ = largest_of_batch(scores, min(count, scores.numel()))
         cutoff = gather_last(candidates, group).topk(count, sorted=False).values.min()
         code = SparseCode.from_mask(self._above_and_first_ties(scores, cutoff, count), pre_acts)
         code.values = torch.relu(code.values)
