@@ -330,7 +330,8 @@ class ShardedSAE:
         is another site (a transcoder's input), checked for finiteness with it."""
         shard = self.shard
         values = self._global_terms(terms)
-        x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
+        x_hat, x_n = self.in_reported_units(out.x_hat.detach(), x_n)
+        x64, x_hat64 = x_n.double(), x_hat.double()
         fired = out.fired(self.d_sae).double()
         scalars = torch.stack(
             [
@@ -418,8 +419,9 @@ class ShardedSAE:
         first = self.shard.latent_rank == 0
         rows = slice(None) if first else slice(0, 0)
         self.val_l0.update(out.acts)
-        self.val_mse.update(out.x_hat[rows], x_n[rows])
-        self.val_fvu.update(out.x_hat[rows], x_n[rows])
+        x_hat, x_n = self.in_reported_units(out.x_hat[rows], x_n[rows])
+        self.val_mse.update(x_hat, x_n)
+        self.val_fvu.update(x_hat, x_n)
         self.val_dead.update(out.acts)
         for name in ("l0", "mse", "fvu"):
             self.log(f"val/{name}", getattr(self, f"val_{name}"))
