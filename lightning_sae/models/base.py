@@ -661,7 +661,7 @@ class SparseAutoencoder(LightningModule):
                     [
                         _sum_of_squares(x_hat.double().sub_(x64)),
                         _sum_of_squares(x64),
-                        torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
+                        x64.new_full((), float(x_n.shape[0])),  # a fill, not a copy from the host
                         read_sq,
                         loss.detach().double(),
                         *[t.detach().double() for t in terms.values()],

@@ -332,7 +332,7 @@ class BatchTopKSAE(TopKSAE):
     def _update_threshold(self, values: Tensor) -> None:
         # The smallest kept positive activation of the global batch (inf when none): the
         # minimum over ranks' minima. Decided on the device: no host transfer per step.
-        inf = values.new_tensor(float("inf"))
+        inf = values.new_full((), float("inf"))  # a fill: a copy would wait
         batch_min = torch.where(values > 0, values, inf).min() if values.numel() else inf
         batch_min = batch_min.to(self.threshold.dtype)  # values are bf16 under autocast
         if _is_distributed():
