@@ -32,6 +32,7 @@ from lightning_sae.models.sparse import (
     DecodeImpl,
     SparseCode,
     check_decode_impl,
+    decode_with_latent_bags,
     decodes_sparsely,
     keep_above_and_first_ties,
     largest_of_batch,
@@ -173,7 +174,7 @@ class TopKSAE(SparseAutoencoder):
         """W_dec-part of the reconstruction (no bias), sparse or dense as configured; ``acts``
         (the dense activations) is needed only for a dense decode."""
         if self.decodes_code_sparsely(code):
-            return code.decode(self.W_dec)
+            return decode_with_latent_bags(code, self.W_dec)
         return acts @ self.W_dec
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
@@ -211,7 +212,7 @@ class TopKSAE(SparseAutoencoder):
         code = SparseCode(dead_latents[slots], pre_acts.new_empty(0), pre_acts.shape[0])
         code.values = self.encoder_values(code, out)
         if self.decodes_sparsely(k_aux):
-            residual_hat = code.decode(self.W_dec)
+            residual_hat = decode_with_latent_bags(code, self.W_dec)
         else:
             residual_hat = code.to_dense(self.d_sae) @ self.W_dec
         # The residual is the target; its gradient would push the main pass, not the dead ones.
