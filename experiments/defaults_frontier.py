@@ -100,6 +100,17 @@ for _k in (16, 32, 64):
                 {},
             ),
         }
+# k 4: the low-k regime where experiments/auxk.py found AuxK costly (docs/experiments.md section 4)
+CANDIDATES |= {
+    "topk4": ("topk", {"k": 4}, {}),
+    "topk4_prev": ("topk", {"k": 4} | PREV_AUXK, {}),
+    # the default window with the earlier AuxK weight 1/32
+    **{
+        f"topk{k}_a0.03": ("topk", {"k": k, "aux_coefficient": 1 / 32}, {}) for k in (4, 16, 32, 64)
+    },
+    "topk4_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0}, {}),
+    "topk4_prev_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0} | PREV_AUXK, {}),
+}
 CANDIDATES |= {
     "btopk32_old": _topk("batchtopk", 32, 1.0),
     "btopk32_old_clip": _topk("batchtopk", 32, 1.0, 1.0),
