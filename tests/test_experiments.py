@@ -366,6 +366,20 @@ def test_frontier_reruns_one_kind_of_sae_with_a_given_threshold_start(tmp_path: 
         keep_runs_not_rerun(args, 11, [(jumprelu[0], 0)])
 
 
+def test_smoke_defaults_transcoders(
+    minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import defaults_transcoders
+
+    argv = ["--work", str(tmp_path / "w"), "--cache-dir", str(minilm_cache)]
+    run_main(defaults_transcoders, [*argv, "tc_topk32_old_clip", "cc_l12"], monkeypatch)
+    run_main(defaults_transcoders, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
+    table = (tmp_path / "out" / "table_transcoders.md").read_text()
+    assert "| tc_topk32_old_clip | 0 |" in table and "| cc_l12 | 0 |" in table
+    with pytest.raises(SystemExit, match="unknown setting"):
+        run_main(defaults_transcoders, [*argv, "tc_topk32_nope"], monkeypatch)
+
+
 def test_smoke_defaults_frontier(
     minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -465,7 +465,11 @@ def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
 def test_jumprelu_gated_and_approx_l0_defaults_are_the_measured_ones() -> None:
     """docs/defaults.md, measured on the toy side-by-side and the MiniLM frontier data: JumpReLU
     and Gated start at d_in/d_sae of the transpose, ApproxL0 at the transpose; all three step
-    Adam with beta2 0.99 and clip the gradient's norm at 1."""
+    Adam with beta2 0.99, clip the gradient's norm at 1 and warm the learning rate up over no
+    steps (20-100 warm-up steps were worse for each). JumpReLU's kernel is 0.1 wide (0.001
+    was worse at matched L0) and its thresholds start at 0.001 (a start above the
+    pre-activations leaves latents that never fire); ApproxL0's epsilon is 0.3 (0.1 was worse
+    at matched L0)."""
     for cls, scale, betas in (
         (JumpReLUSAE, 0.25, (0.9, 0.99)),
         (GatedSAE, 0.25, (0.9, 0.99)),
@@ -475,6 +479,11 @@ def test_jumprelu_gated_and_approx_l0_defaults_are_the_measured_ones() -> None:
         assert sae.encoder_init_factor() == scale, cls.__name__
         assert sae.adam_betas() == betas, cls.__name__
         assert sae.gradient_clip_max_norm() == 1.0, cls.__name__
+        assert sae.hparams.lr_warmup_steps == 0, cls.__name__
+    jumprelu = JumpReLUSAE(d_in=16, d_sae=64)
+    assert (jumprelu.hparams.bandwidth, jumprelu.hparams.threshold_init) == (0.1, 0.001)
+    assert torch.equal(jumprelu.threshold.detach(), torch.full((64,), 0.001))
+    assert ApproxL0SAE(d_in=16, d_sae=64).hparams.epsilon == 0.3
 
 
 def test_topk_family_auxk_engages_within_a_short_run_by_default() -> None:

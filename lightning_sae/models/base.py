@@ -526,6 +526,12 @@ class SparseAutoencoder(LightningModule):
         """The decoder's target in normalised units."""
         return y.to(self.W_enc.dtype) * self.target_scale()
 
+    def in_reported_units(self, x_hat_n: Tensor, y_n: Tensor) -> tuple[Tensor, Tensor]:
+        """A reconstruction and its target (normalised) in the units that ``train/`` and
+        ``val/`` mse and fvu report: the loss's here, where each site has one scale (which an
+        FVU does not see); a crosscoder, one scale per layer, reports the model's units."""
+        return x_hat_n, y_n
+
     # ----------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
         if self.hparams.compile and not hasattr(
@@ -656,6 +662,7 @@ class SparseAutoencoder(LightningModule):
         # Two float64 copies in all, squared sums as dot products: every [batch, d] temporary
         # is a fresh allocation, and on CPU its page faults cost more than the arithmetic
         # (5 temporaries took 42 ms of a 705 ms TopK step at 4096 x 512 -> 8192; 2 take ~10).
+        x_hat, x_n = self.in_reported_units(out.x_hat.detach(), x_n)
         x64 = x_n.double()
         read_sq = x64.new_zeros(()) if read is None else _sum_of_squares(read.double())
         sums = torch.cat(
@@ -664,7 +671,7 @@ class SparseAutoencoder(LightningModule):
                 x64.sum(0),
                 torch.stack(
                     [
-                        _sum_of_squares(out.x_hat.detach().double().sub_(x64)),
+                        _sum_of_squares(x_hat.double().sub_(x64)),
                         _sum_of_squares(x64),
                         torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
                         read_sq,
@@ -724,8 +731,9 @@ class SparseAutoencoder(LightningModule):
         for name, value in terms.items():
             self.log(f"val/loss/{name}", value, sync_dist=True)
         self.val_l0.update(out.acts)
-        self.val_mse.update(out.x_hat, x_n)
-        self.val_fvu.update(out.x_hat, x_n)
+        x_hat, x_n = self.in_reported_units(out.x_hat, x_n)
+        self.val_mse.update(x_hat, x_n)
+        self.val_fvu.update(x_hat, x_n)
         self.val_dead.update(out.acts)
         for name in ("l0", "mse", "fvu"):
             self.log(f"val/{name}", getattr(self, f"val_{name}"))

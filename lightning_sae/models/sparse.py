@@ -120,42 +120,42 @@ def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     flat order are kept (:func:`keep_above_and_first_ties`), so a batch split over ranks in
     row order keeps the same entries (BatchTopK's global top-k).
 
-    On CPU in two stages, against one top-k over all ``n * d`` entries (that flat top-k cost
-    about one encoder product, most of a BatchTopK step: docs/benchmarks.md). First every row's
-    ``per_row`` largest (twice a row's average share) and the ``count`` largest of those. An
-    entry left out is at most its row's smallest candidate, so only a row whose smallest
-    candidate reaches the cut-off can hold more of the answer; such rows (few: those using far
-    more latents than average) join with all their entries, and the ``count`` largest of that
-    union are the answer. Raising the cut-off cannot make another row overflow, so one round is
-    exact, and the union holds every entry tied at the cut-off. On CUDA, where finding the rows
-    that overflow would be a synchronisation and the flat top-k is a radix select, the flat
-    top-k runs directly (not measured on a GPU).
+    On CPU through group maxima, as :func:`row_top_k` per row, against one top-k over all
+    ``n * d`` entries (that flat top-k cost about one encoder product, most of a BatchTopK
+    step: docs/benchmarks.md). The flat entries are cut into groups of up to
+    :data:`ROW_TOP_K_GROUP` consecutive ones (a group may span two rows), and the ``floor`` is
+    the ``count``-th largest group maximum. Exact: the ``count`` groups with the largest maxima
+    hold ``count`` entries of at least the floor, so the cut-off (the ``count``-th largest entry)
+    is at least the floor, and every entry at or above the cut-off, ties included, lies in a
+    group whose maximum reaches the floor. The entries of those groups that reach the floor (few
+    more than ``count`` unless the large entries crowd into the same groups) are gathered in
+    flat order, and the cut-off is the ``count``-th largest of them. Groups are made smaller
+    where ``count`` is a large share of the batch, so that at least half of the groups can be
+    left out; below groups of 4 the flat top-k runs. On CUDA, where compacting the candidates
+    would be a synchronisation and the flat top-k is a radix select, the flat top-k runs
+    directly (not measured on a GPU).
     """
-    n, d = scores.shape
     if count == 0:
         return scores.new_empty(0), torch.empty(0, dtype=torch.long, device=scores.device)
-    per_row = min(d, 2 * -(-count // max(n, 1)))
-    if scores.device.type != "cpu" or not 0 < per_row < d:
-        flat_scores = scores.flatten()
+    flat_scores = scores.reshape(-1)
+    group = ROW_TOP_K_GROUP
+    while group >= 4 and (flat_scores.numel() % group or flat_scores.numel() // group < 2 * count):
+        group //= 2
+    if scores.device.type != "cpu" or group < 4:
         cutoff = flat_scores.topk(count, sorted=False).values.min()
         ties = count - (flat_scores > cutoff).sum()
         keep = keep_above_and_first_ties(flat_scores, cutoff, ties)
         flat = torch.nonzero_static(keep, size=count).squeeze(1)  # no host synchronisation
         return flat_scores[flat], flat
-    candidates, columns = row_top_k(scores, per_row)
-    flat = (torch.arange(n, device=scores.device)[:, None] * d + columns).flatten()
-    candidates = candidates.flatten()
-    cutoff = candidates.topk(count, sorted=False).values.min()
-    overflowing = candidates.view(n, per_row).amin(1) >= cutoff
-    rows = overflowing.nonzero().squeeze(1)  # computed in place on CPU: nothing to wait for
-    if rows.numel():
-        kept = ~overflowing.repeat_interleave(per_row)
-        whole_rows = (rows[:, None] * d + torch.arange(d, device=scores.device)).flatten()
-        candidates = torch.cat([candidates[kept], scores[rows].flatten()])
-        flat = torch.cat([flat[kept], whole_rows])
-        cutoff = candidates.topk(count, sorted=False).values.min()
-    flat, order = flat.sort()  # flat order, so that the first ties are the earliest
-    candidates = candidates[order]
+    groups = flat_scores.view(-1, group)
+    maxima = groups.amax(1)
+    floor = maxima.topk(count, sorted=False).values.min()
+    reaching = (maxima >= floor).nonzero().squeeze(1)  # ascending: the groups in flat order
+    members = groups.index_select(0, reaching)
+    slots, offsets = (members >= floor).nonzero(as_tuple=True)  # row-major: flat order kept
+    candidates = members[slots, offsets]
+    flat = reaching[slots] * group + offsets
+    cutoff = candidates.kthvalue(candidates.numel() - count + 1).values
     keep = keep_above_and_first_ties(candidates, cutoff, count - (candidates > cutoff).sum())
     return candidates[keep], flat[keep]
 

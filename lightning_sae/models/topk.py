@@ -336,22 +336,25 @@ class BatchTopKSAE(TopKSAE):
         gathering those candidates (one all_gather of k * global batch values per rank, not the
         pre-activations) gives the global cut-off exactly.
         """
-        world = dist.get_world_size()
-        n_global = min(self.k * pre_acts.shape[0], pre_acts.numel()) * world
-        candidates, _ = largest_of_batch(pre_acts.detach(), min(n_global, pre_acts.numel()))
+        world, n = dist.get_world_size(), pre_acts.shape[0]
+        n_global = min(self.k * n, pre_acts.numel()) * world
+        candidates, flat = largest_of_batch(pre_acts.detach(), min(n_global, pre_acts.numel()))
         gathered = [torch.empty_like(candidates) for _ in range(world)]
         dist.all_gather(gathered, candidates)
         everyone = torch.cat(gathered)
         cutoff = everyone.topk(n_global, sorted=False).values.min()
         # Of the entries tied at the cut-off, the first in the global batch's row order, as
         # one process keeps them (largest_of_batch): those of the lower ranks first. A rank's
-        # candidates hold as many of its ties as it may be given (its own n_global largest).
+        # candidates hold all of its entries above the cut-off (fewer than n_global, globally)
+        # and as many of its ties as it may be given (its own n_global largest, first ties
+        # first), so the kept entries are chosen among them, in flat order.
         ties = torch.stack([(rank_candidates == cutoff).sum() for rank_candidates in gathered])
         ties_before = (ties.cumsum(0) - ties)[dist.get_rank()]
         ours = n_global - (everyone > cutoff).sum() - ties_before
-        code = SparseCode.from_mask(keep_above_and_first_ties(pre_acts, cutoff, ours), pre_acts)
-        code.values = torch.relu(code.values)  # ReLU after selecting, as in one process
-        return code
+        keep = keep_above_and_first_ties(candidates, cutoff, ours)
+        flat = flat[keep]
+        # ReLU after selecting, as in one process.
+        return SparseCode(flat % self.d_sae, torch.relu(candidates[keep]), n, flat // self.d_sae)
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
