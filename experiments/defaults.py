@@ -47,6 +47,9 @@ VARIANTS = {
         {"approx_l0_coefficient": 0.03, "min_frequency": 1e-4, "epsilon": 0.1},
     ),
 }
+# The TopK family's AuxK settings before the dead-window change (docs/defaults.md): the TopK
+# candidates measured before it keep them, so that they run as they were measured.
+PREV_AUXK = {"dead_window_tokens": 10_000_000, "aux_coefficient": 1 / 32}
 CANDIDATES = {
     # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
     "std_s1": ("standard", {}, 1.0, None, None),
@@ -67,18 +70,51 @@ CANDIDATES = {
     "std_s0.1_b2": ("standard", {"betas": (0.9, 0.99)}, 0.1, None, None),
     "std_s1_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, None, None),
     "std_dec0.1_free_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, 0.1, None),
-    "topk_b2": ("topk", {"betas": (0.9, 0.99)}, 1.0, None, None),
-    "topk_s1": ("topk", {}, 1.0, None, None),
-    "topk_s0.25": ("topk", {}, 0.25, None, None),
-    "topk_s0.1": ("topk", {}, 0.1, None, None),
-    "topk_s1_dw": ("topk", {"dead_window_tokens": 256_000}, 1.0, None, None),
-    "topk_s0.25_dw": ("topk", {"dead_window_tokens": 256_000}, 0.25, None, None),
-    "topk_s0.1_dw": ("topk", {"dead_window_tokens": 256_000}, 0.1, None, None),
-    "topk_s1_clip": ("topk", {}, 1.0, None, 1.0),
-    "topk_s1_wu": ("topk", {"lr_warmup_steps": 100}, 1.0, None, None),
-    "topk_s0.5": ("topk", {}, 0.5, None, None),
-    "topk_s0.5_clip": ("topk", {}, 0.5, None, 1.0),
+    "topk_b2": ("topk", PREV_AUXK | {"betas": (0.9, 0.99)}, 1.0, None, None),
+    "topk_s1": ("topk", PREV_AUXK, 1.0, None, None),
+    "topk_s0.25": ("topk", PREV_AUXK, 0.25, None, None),
+    "topk_s0.1": ("topk", PREV_AUXK, 0.1, None, None),
+    "topk_s1_dw": ("topk", PREV_AUXK | {"dead_window_tokens": 256_000}, 1.0, None, None),
+    "topk_s0.25_dw": ("topk", PREV_AUXK | {"dead_window_tokens": 256_000}, 0.25, None, None),
+    "topk_s0.1_dw": ("topk", PREV_AUXK | {"dead_window_tokens": 256_000}, 0.1, None, None),
+    "topk_s1_clip": ("topk", PREV_AUXK, 1.0, None, 1.0),
+    "topk_s1_wu": ("topk", PREV_AUXK | {"lr_warmup_steps": 100}, 1.0, None, None),
+    "topk_s0.5": ("topk", PREV_AUXK, 0.5, None, None),
+    "topk_s0.5_clip": ("topk", PREV_AUXK, 0.5, None, 1.0),
 }
+# The TopK default before the dead-window change (= topk_s0.5_clip).
+CANDIDATES["topk_prev"] = ("topk", PREV_AUXK, 0.5, None, 1.0)
+# AuxK on the TopK default start (half the transpose, clipped): "dwN" a dead window of N steps of
+# 256 tokens (10M tokens never engages in this run's 384k), "aN" aux_coefficient N (else 1/32,
+# the class's before; SAELens's is 1), "rv" the Gao-normalised form (residual_variance). The new
+# default (100 d_sae / k = 6,400 tokens, coefficient 1) is topk_dw25_a1.
+for _steps in (10, 25, 50, 100, 250, 1000):
+    _dw = {"dead_window_tokens": 256 * _steps, "aux_coefficient": 1 / 32}
+    CANDIDATES |= {
+        f"topk_dw{_steps}": ("topk", _dw, 0.5, None, 1.0),
+        f"topk_dw{_steps}_a1": ("topk", _dw | {"aux_coefficient": 1.0}, 0.5, None, 1.0),
+        f"topk_dw{_steps}_rv": (
+            "topk",
+            _dw | {"auxk_normalization": "residual_variance"},
+            0.5,
+            None,
+            1.0,
+        ),
+        f"topk_dw{_steps}_rv_a0.125": (
+            "topk",
+            _dw | {"auxk_normalization": "residual_variance", "aux_coefficient": 0.125},
+            0.5,
+            None,
+            1.0,
+        ),
+        f"topk_dw{_steps}_rv_a1": (
+            "topk",
+            _dw | {"auxk_normalization": "residual_variance", "aux_coefficient": 1.0},
+            0.5,
+            None,
+            1.0,
+        ),
+    }
 # JumpReLU, Gated and ApproxL0: the transpose, beta2 0.999 and no clipping were their defaults
 # before this measurement ("s1"); "s0.25" is d_in/d_sae here.
 for _variant, _short in (("jumprelu", "jump"), ("gated", "gated"), ("approx_l0", "al0")):

@@ -39,8 +39,14 @@ OLD = {"betas": (0.9, 0.999), "encoder_init_scale": 1.0, "gradient_clip_norm": 0
 CLIP = {"gradient_clip_norm": 1.0}
 
 
+# The TopK family's AuxK settings before the dead-window change (docs/defaults.md), which the
+# TopK candidates measured before it keep.
+PREV_AUXK = {"dead_window_tokens": 10_000_000, "aux_coefficient": 1 / 32}
+
+
 def _topk(variant: str, k: int, scale: float, clip: float = 0.0, **options: Any) -> tuple:
-    settings = OLD | {"encoder_init_scale": scale, "gradient_clip_norm": clip} | options
+    settings = OLD | PREV_AUXK | {"encoder_init_scale": scale, "gradient_clip_norm": clip}
+    settings |= options
     return (variant, {"k": k} | settings, {})
 
 
@@ -51,6 +57,7 @@ for _k in (16, 32, 64):
     CANDIDATES |= {
         f"topk{_k}_old": _topk("topk", _k, 1.0),
         f"topk{_k}": ("topk", {"k": _k}, {}),  # this tree's defaults
+        f"topk{_k}_prev": ("topk", {"k": _k} | PREV_AUXK, {}),  # before the dead-window change
         f"topk{_k}_old_clip": _topk("topk", _k, 1.0, 1.0),
         f"topk{_k}_old_b2.99": _topk("topk", _k, 1.0, betas=(0.9, 0.99)),
         f"topk{_k}_old_b2.95": _topk("topk", _k, 1.0, betas=(0.9, 0.95)),
@@ -72,6 +79,38 @@ for _k in (16, 32, 64):
         f"topk{_k}_s0.5_clip_bmean": (*_topk("topk", _k, 0.5, 1.0), {"b_dec": "mean"}),
         f"topk{_k}_old_clip_b2.99": _topk("topk", _k, 1.0, 1.0, betas=(0.9, 0.99)),
     }
+# AuxK with a dead window that engages in this run (200 steps of 512 = 102k tokens; the class's
+# 10M tokens never does): "dwNk" N thousand tokens, "a1" aux_coefficient 1 (else 1/32, the
+# class's before; SAELens's is 1), "rv" the Gao-normalised form (residual_variance); the rest
+# this tree's defaults.
+for _k in (16, 32, 64):
+    for _window in (2, 5, 10, 25, 50):
+        _dw = {"k": _k} | PREV_AUXK | {"dead_window_tokens": _window * 1000}
+        CANDIDATES |= {
+            f"topk{_k}_dw{_window}k": ("topk", _dw, {}),
+            f"topk{_k}_dw{_window}k_a1": ("topk", _dw | {"aux_coefficient": 1.0}, {}),
+            f"topk{_k}_dw{_window}k_rv": (
+                "topk",
+                _dw | {"auxk_normalization": "residual_variance"},
+                {},
+            ),
+            f"topk{_k}_dw{_window}k_rv_a1": (
+                "topk",
+                _dw | {"auxk_normalization": "residual_variance", "aux_coefficient": 1.0},
+                {},
+            ),
+        }
+# k 4: the low-k regime where experiments/auxk.py found AuxK costly (docs/experiments.md section 4)
+CANDIDATES |= {
+    "topk4": ("topk", {"k": 4}, {}),
+    "topk4_prev": ("topk", {"k": 4} | PREV_AUXK, {}),
+    # the default window with the earlier AuxK weight 1/32
+    **{
+        f"topk{k}_a0.03": ("topk", {"k": k, "aux_coefficient": 1 / 32}, {}) for k in (4, 16, 32, 64)
+    },
+    "topk4_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0}, {}),
+    "topk4_prev_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0} | PREV_AUXK, {}),
+}
 CANDIDATES |= {
     "btopk32_old": _topk("batchtopk", 32, 1.0),
     "btopk32_old_clip": _topk("batchtopk", 32, 1.0, 1.0),

@@ -58,7 +58,7 @@ def prepared(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         for param in sae.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    sae.tokens_since_fired[::3] = sae.hparams.dead_window_tokens
+    sae.tokens_since_fired[::3] = sae.dead_window()
     x = torch.randn(ROWS, D_IN)
     y = torch.randn(ROWS, sae.d_out) if sae.d_out != D_IN else x
     return sae, x, y

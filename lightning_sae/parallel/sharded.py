@@ -556,23 +556,14 @@ class ShardedBatchTopK(ShardedTopK):
 
 
 class ShardedMatryoshka(ShardedBatchTopK):
-    def forward_normalized(self, x_n: Tensor) -> SAEOutput:
-        code, pre_acts = self._encode(x_n)
-        acts = code.to_dense(self.d_sae)
-        start, bounds = self.shard.start, [0, *self.group_ends.tolist()]
-        parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            lo, hi = (min(max(b - start, 0), self.d_sae) for b in (lo, hi))
-            parts.append(acts[:, lo:hi] @ self.W_dec[lo:hi].to(acts.dtype))
-        partial = torch.stack(parts, dim=1)  # [n, n_groups, d_in], this member's latents
-        prefix_x_hat = reduce_from_shards(partial, self.shard.latent_group).cumsum(1) + self.b_dec
-        lead = x_n.shape[:-1]
-        return SAEOutput(
-            x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_in),
-            acts=acts.reshape(*lead, self.d_sae),
-            pre_acts=pre_acts.reshape(*lead, self.d_sae),
-            extras={"prefix_x_hat": prefix_x_hat, "encoder_input": x_n},
-        )
+    def local_group_ends(self) -> Tensor:
+        # A group wholly outside this member's slice is empty here; its share comes from others.
+        return (self.group_ends - self.shard.start).clamp(0, self.d_sae)
+
+    def group_decode(self, code: SparseCode, acts: Tensor | None) -> Tensor:
+        """The groups' shares of the whole dictionary's reconstruction: this member's partial
+        decode of each group, summed over the latent group."""
+        return reduce_from_shards(super().group_decode(code, acts), self.shard.latent_group)
 
 
 class ShardedJumpReLU(ShardedSAE):
