@@ -9,7 +9,10 @@ forward FLOPs. That time is the "roofline" a step cannot beat without sparse ker
 prints each variant's step time as a fraction of it (roofline time / step time). The last
 column is the step time as a multiple of ONE dense encoder product [batch, d_in] x [d_in, d_sae]
 (timed right after each variant): a TopK step cannot cost less, since selecting needs every
-pre-activation, and with the sparse encoder backward it should cost little more.
+pre-activation, and with the sparse encoder backward it should cost little more. The TopK
+family's transcoders (``transcoder, ...``: d_out = d_in, trained on pairs (x, y)) and
+crosscoders (``crosscoder, ...``: two layers of d_in / 2) have the same encoder product and are
+timed beside the SAEs.
 
 ``--decode-sweep`` also times decoding k active latents per sample from (indices, values) with
 ``embedding_bag`` against the dense product (both forward + backward), the measurement behind
@@ -44,6 +47,14 @@ from lightning_sae.models.jumprelu import JumpReLUSAE
 from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+from lightning_sae.models.transcoder import (
+    BatchTopKCrossCoder,
+    BatchTopKSkipTranscoder,
+    BatchTopKTranscoder,
+    TopKCrossCoder,
+    TopKSkipTranscoder,
+    TopKTranscoder,
+)
 
 
 def variants(
@@ -52,6 +63,8 @@ def variants(
     """Each variant with default losses; dead_window_tokens is small so AuxK really runs.
     With ``l0``, the standard SAE is also timed at that (a trained SAE's) sparsity."""
     dead = {"dead_window_tokens": 1}
+    topk = {"k": k, **dead}
+    crosscoder = {**topk, "hooks": ["layer 0", "layer 1"]}
 
     def standard_at_l0(d_in: int, d_sae: int) -> StandardSAE:
         sae = StandardSAE(d_in=d_in, d_sae=d_sae)
@@ -69,6 +82,22 @@ def variants(
         ),
         "batchtopk (auto)": lambda d_in, d_sae: BatchTopKSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
         "matryoshka (auto)": lambda d_in, d_sae: MatryoshkaSAE(d_in=d_in, d_sae=d_sae, k=k, **dead),
+        "transcoder, topk": lambda d_in, d_sae: TopKTranscoder(d_in=d_in, d_sae=d_sae, **topk),
+        "transcoder, topk skip": lambda d_in, d_sae: TopKSkipTranscoder(
+            d_in=d_in, d_sae=d_sae, **topk
+        ),
+        "transcoder, batchtopk": lambda d_in, d_sae: BatchTopKTranscoder(
+            d_in=d_in, d_sae=d_sae, **topk
+        ),
+        "transcoder, batchtopk skip": lambda d_in, d_sae: BatchTopKSkipTranscoder(
+            d_in=d_in, d_sae=d_sae, **topk
+        ),
+        "crosscoder, topk": lambda d_in, d_sae: TopKCrossCoder(
+            d_in=d_in, d_sae=d_sae, **crosscoder
+        ),
+        "crosscoder, batchtopk": lambda d_in, d_sae: BatchTopKCrossCoder(
+            d_in=d_in, d_sae=d_sae, **crosscoder
+        ),
         "jumprelu": lambda d_in, d_sae: JumpReLUSAE(d_in=d_in, d_sae=d_sae),
         "gated": lambda d_in, d_sae: GatedSAE(d_in=d_in, d_sae=d_sae),
         "approx_l0": lambda d_in, d_sae: ApproxL0SAE(d_in=d_in, d_sae=d_sae),
@@ -98,22 +127,29 @@ class StepTimer(L.Callback):
 class RepeatBatch:
     """The same batch ``n`` times; data loading is not what is measured."""
 
-    def __init__(self, x: Tensor, n: int) -> None:
-        self.x, self.n = x, n
+    def __init__(self, batch: Tensor | tuple[Tensor, Tensor], n: int) -> None:
+        self.batch, self.n = batch, n
 
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[Tensor]:
-        return (self.x for _ in range(self.n))
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        return (self.batch for _ in range(self.n))
 
 
 def time_training_step(
     make: Callable[[int, int], SparseAutoencoder], x: Tensor, args: argparse.Namespace
 ) -> float:
-    """Median seconds per training step after ``args.warmup`` untimed steps."""
+    """Median seconds per training step after ``args.warmup`` untimed steps. A transcoder
+    trains on pairs: ``x`` and a target drawn beside it."""
     device = torch.device(args.device)
     module = make(args.d_in, args.d_sae)
+    batch: Tensor | tuple[Tensor, Tensor] = x
+    if getattr(module, "maps_sites", False):
+        batch = (
+            x,
+            torch.randn(x.shape[0], module.d_out, generator=torch.Generator().manual_seed(1)),
+        )
     module.hparams.compile = args.compile  # setup() compiles forward_normalized
     timer = StepTimer(device)
     trainer = quiet_trainer(
@@ -123,7 +159,7 @@ def time_training_step(
         callbacks=[timer],
         precision="bf16-mixed" if args.bf16 else "32-true",
     )
-    trainer.fit(module, train_dataloaders=RepeatBatch(x, args.warmup + args.steps))
+    trainer.fit(module, train_dataloaders=RepeatBatch(batch, args.warmup + args.steps))
     return statistics.median(timer.times[args.warmup :])
 
 
@@ -245,7 +281,7 @@ def main() -> None:
         )
         gemm = time_encoder_gemm(args)
         print(f"one encoder GEMM [batch, d_in] x [d_in, d_sae]: {gemm * 1e3:.1f} ms")
-        print(f"{'variant':<24}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}{'x GEMM':>9}")
+        print(f"{'variant':<28}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}{'x GEMM':>9}")
         x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(0))
         for label, make in variants(args.k, x, args.l0).items():
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
@@ -254,7 +290,7 @@ def main() -> None:
             # The GEMM is timed again beside each variant: on a shared machine the load drifts.
             gemm = time_encoder_gemm(args)
             print(
-                f"{label:<24}{seconds * 1e3:>10.1f}{args.batch / seconds:>12,.0f}"
+                f"{label:<28}{seconds * 1e3:>10.1f}{args.batch / seconds:>12,.0f}"
                 f"{roofline / seconds:>13.2f}{seconds / gemm:>9.2f}",
                 flush=True,
             )

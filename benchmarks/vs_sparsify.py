@@ -93,7 +93,10 @@ def run_ours(args: argparse.Namespace) -> float:
                 clock.tick()
                 yield x
 
-    sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, aux_coefficient=1 / 32)
+    # sparsify's 10M-token dead window on our side too (the class's default is sized to the
+    # dictionary and would start AuxK within the run): no latent dead on either side, as timed
+    window = 10_000_000
+    sae = TopKSAE(d_in=args.d_in, d_sae=args.d_sae, k=args.k, dead_window_tokens=window)
     trainer = quiet_trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
         devices=1,

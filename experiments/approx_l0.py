@@ -1,9 +1,9 @@
 """002: approximate L0 + frequency floor vs L1 on a real model, swept over the sparsity weight.
 
 On MiniLM activations (configs/minilm/resid-l3-standard.yaml, offline) a StandardSAE (L1) and an
-ApproxL0SAE (a / (a + 0.1) per activation, plus the frequency floor at s_min 1e-4) are each
-trained at three sparsity coefficients, with the same width, steps, learning rate and
-normalised inputs. Reported on the training tokens: L0, FVU, dead (never fires) and dense
+ApproxL0SAE (a / (a + eps) per activation at the class's eps, plus the frequency floor at s_min
+1e-4) are each trained at three sparsity coefficients, with the same width, steps, learning
+rate and normalised inputs. Reported on the training tokens: L0, FVU, dead (never fires) and dense
 (fires on more than 10% of tokens) feature counts, and a figure of FVU and dead features
 against L0. The claim tested (reference 002): at matched L0, approx-L0 with the floor leaves far
 fewer dead features than L1.

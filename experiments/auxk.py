@@ -4,9 +4,11 @@ TopKSAE (k 4, d_sae 1536, lr 2e-3, normalised inputs) on the block-3 residual st
 (configs/minilm/resid-l3-standard.yaml). A latent counts as dead once it has not fired for
 ``--dead-window`` tokens (the library's ``dead_window_tokens``, here a fifth of an epoch of the 100k
 cached tokens, so that a short run can show the effect); the fraction is logged every step.
-Three runs: ``aux_coefficient`` 0, 1/32 with AuxK as SAELens has it (``auxk_normalization:
-none``) and 1/32 divided by the residual's variance as in Gao et al. / EleutherAI
-(``residual_variance``). At the end: dead (never fires on the training tokens), L0 and FVU.
+Four runs: ``aux_coefficient`` 0, 1/32 on the raw squared error (the class's default before
+docs/defaults.md's dead-window change), 1/32 divided by the residual's variance as in Gao et
+al. / EleutherAI (``residual_variance``), all three with ``--dead-window``, and the class's
+defaults (coefficient 1 on the raw error, as SAELens; window ``100 d_sae / k`` tokens). At the
+end: dead (never fires on the training tokens), L0 and FVU.
 
     python -m experiments.auxk            # docs/experiments/auxk/
     python -m experiments.auxk --smoke
@@ -23,10 +25,15 @@ from experiments._common import markdown_table, parser, publish, start
 from lightning_sae import plots
 from lightning_sae.models.topk import TopKSAE
 
-RUNS = {  # name: (aux_coefficient, auxk_normalization)
-    "no AuxK": (0.0, "none"),
-    "AuxK": (1 / 32, "none"),
-    "AuxK, Gao-normalised": (1 / 32, "residual_variance"),
+RUNS: dict[str, dict[str, Any]] = {  # name: options (``--dead-window`` where "window")
+    "no AuxK": {"aux_coefficient": 0.0, "window": True},
+    "AuxK 1/32": {"aux_coefficient": 1 / 32, "auxk_normalization": "none", "window": True},
+    "AuxK, Gao-normalised": {
+        "aux_coefficient": 1 / 32,
+        "auxk_normalization": "residual_variance",
+        "window": True,
+    },
+    "AuxK, the class's defaults": {"window": False},
 }
 
 
@@ -47,7 +54,10 @@ def main() -> None:
     rows: list[list[Any]] = []
     results: dict[str, Any] = {}
     curves = {}
-    for name, (coefficient, normalization) in RUNS.items():
+    for name, options in RUNS.items():
+        options = dict(options)
+        if options.pop("window"):
+            options["dead_window_tokens"] = args.dead_window
         torch.manual_seed(0)
         sae = TopKSAE(
             d_in=data.d_in,
@@ -56,9 +66,7 @@ def main() -> None:
             lr=2e-3,
             lr_warmup_steps=min(50, args.steps),
             normalize_activations=True,
-            aux_coefficient=coefficient,
-            auxk_normalization=normalization,
-            dead_window_tokens=args.dead_window,
+            **options,
         )
         recorder = _minilm.train(sae, data, args.steps, every=1 if args.smoke else 5)
         curves[name] = recorder.series("train/dead_fraction")
@@ -84,11 +92,13 @@ def main() -> None:
         ylabel=f"dead fraction (no firing in {args.dead_window} tokens)",
         title=f"TopK k={args.k}, d_sae {args.d_sae}, MiniLM block 3",
     )
+    default_window = TopKSAE(d_in=data.d_in, d_sae=args.d_sae, k=args.k).dead_window()
     header = ["run", "max dead fraction", "final dead fraction", "never fires", "L0", "FVU"]
     text = (
         f"MiniLM `{data.hparams.hook}`, {len(x)} training tokens, d_in {data.d_in}, "
         f"d_sae {args.d_sae}, k {args.k}, {args.steps} steps of batch "
-        f"{data.hparams.batch_size}; dead window {args.dead_window} tokens. 'never fires': "
+        f"{data.hparams.batch_size}; dead window {args.dead_window} tokens (the class's "
+        f"defaults: {default_window}). 'never fires': "
         "latents with no activation over all training tokens after training.\n\n"
         + markdown_table(header, rows)
     )

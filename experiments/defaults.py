@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from experiments._common import markdown_table, parser, publish, quiet_trainer, start
+from experiments._common import (
+    markdown_table,
+    parser,
+    publish,
+    quiet_trainer,
+    start,
+    write,
+    write_json,
+)
 from experiments.vs_saelens import Measure, SavedBatches, make_data
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.models.approx_l0 import ApproxL0SAE
@@ -34,8 +42,14 @@ VARIANTS = {
         {"threshold_init": 0.1, "bandwidth": 0.05, "l0_coefficient": 0.003},
     ),
     "gated": (GatedSAE, {"l1_coefficient": 0.1}),
-    "approx_l0": (ApproxL0SAE, {"approx_l0_coefficient": 0.03, "min_frequency": 1e-4}),
+    "approx_l0": (
+        ApproxL0SAE,
+        {"approx_l0_coefficient": 0.03, "min_frequency": 1e-4, "epsilon": 0.1},
+    ),
 }
+# The TopK family's AuxK settings before the dead-window change (docs/defaults.md): the TopK
+# candidates measured before it keep them, so that they run as they were measured.
+PREV_AUXK = {"dead_window_tokens": 10_000_000, "aux_coefficient": 1 / 32}
 CANDIDATES = {
     # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
     "std_s1": ("standard", {}, 1.0, None, None),
@@ -56,18 +70,51 @@ CANDIDATES = {
     "std_s0.1_b2": ("standard", {"betas": (0.9, 0.99)}, 0.1, None, None),
     "std_s1_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, None, None),
     "std_dec0.1_free_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, 0.1, None),
-    "topk_b2": ("topk", {"betas": (0.9, 0.99)}, 1.0, None, None),
-    "topk_s1": ("topk", {}, 1.0, None, None),
-    "topk_s0.25": ("topk", {}, 0.25, None, None),
-    "topk_s0.1": ("topk", {}, 0.1, None, None),
-    "topk_s1_dw": ("topk", {"dead_window_tokens": 256_000}, 1.0, None, None),
-    "topk_s0.25_dw": ("topk", {"dead_window_tokens": 256_000}, 0.25, None, None),
-    "topk_s0.1_dw": ("topk", {"dead_window_tokens": 256_000}, 0.1, None, None),
-    "topk_s1_clip": ("topk", {}, 1.0, None, 1.0),
-    "topk_s1_wu": ("topk", {"lr_warmup_steps": 100}, 1.0, None, None),
-    "topk_s0.5": ("topk", {}, 0.5, None, None),
-    "topk_s0.5_clip": ("topk", {}, 0.5, None, 1.0),
+    "topk_b2": ("topk", PREV_AUXK | {"betas": (0.9, 0.99)}, 1.0, None, None),
+    "topk_s1": ("topk", PREV_AUXK, 1.0, None, None),
+    "topk_s0.25": ("topk", PREV_AUXK, 0.25, None, None),
+    "topk_s0.1": ("topk", PREV_AUXK, 0.1, None, None),
+    "topk_s1_dw": ("topk", PREV_AUXK | {"dead_window_tokens": 256_000}, 1.0, None, None),
+    "topk_s0.25_dw": ("topk", PREV_AUXK | {"dead_window_tokens": 256_000}, 0.25, None, None),
+    "topk_s0.1_dw": ("topk", PREV_AUXK | {"dead_window_tokens": 256_000}, 0.1, None, None),
+    "topk_s1_clip": ("topk", PREV_AUXK, 1.0, None, 1.0),
+    "topk_s1_wu": ("topk", PREV_AUXK | {"lr_warmup_steps": 100}, 1.0, None, None),
+    "topk_s0.5": ("topk", PREV_AUXK, 0.5, None, None),
+    "topk_s0.5_clip": ("topk", PREV_AUXK, 0.5, None, 1.0),
 }
+# The TopK default before the dead-window change (= topk_s0.5_clip).
+CANDIDATES["topk_prev"] = ("topk", PREV_AUXK, 0.5, None, 1.0)
+# AuxK on the TopK default start (half the transpose, clipped): "dwN" a dead window of N steps of
+# 256 tokens (10M tokens never engages in this run's 384k), "aN" aux_coefficient N (else 1/32,
+# the class's before; SAELens's is 1), "rv" the Gao-normalised form (residual_variance). The new
+# default (100 d_sae / k = 6,400 tokens, coefficient 1) is topk_dw25_a1.
+for _steps in (10, 25, 50, 100, 250, 1000):
+    _dw = {"dead_window_tokens": 256 * _steps, "aux_coefficient": 1 / 32}
+    CANDIDATES |= {
+        f"topk_dw{_steps}": ("topk", _dw, 0.5, None, 1.0),
+        f"topk_dw{_steps}_a1": ("topk", _dw | {"aux_coefficient": 1.0}, 0.5, None, 1.0),
+        f"topk_dw{_steps}_rv": (
+            "topk",
+            _dw | {"auxk_normalization": "residual_variance"},
+            0.5,
+            None,
+            1.0,
+        ),
+        f"topk_dw{_steps}_rv_a0.125": (
+            "topk",
+            _dw | {"auxk_normalization": "residual_variance", "aux_coefficient": 0.125},
+            0.5,
+            None,
+            1.0,
+        ),
+        f"topk_dw{_steps}_rv_a1": (
+            "topk",
+            _dw | {"auxk_normalization": "residual_variance", "aux_coefficient": 1.0},
+            0.5,
+            None,
+            1.0,
+        ),
+    }
 # JumpReLU, Gated and ApproxL0: the transpose, beta2 0.999 and no clipping were their defaults
 # before this measurement ("s1"); "s0.25" is d_in/d_sae here.
 for _variant, _short in (("jumprelu", "jump"), ("gated", "gated"), ("approx_l0", "al0")):
@@ -84,6 +131,63 @@ for _variant, _short in (("jumprelu", "jump"), ("gated", "gated"), ("approx_l0",
         f"{_short}_s1_clip_b2": (_variant, {"betas": (0.9, 0.99)}, 1.0, None, 1.0),
         f"{_short}_s1_wu": (_variant, {"lr_warmup_steps": 100}, 1.0, None, None),
     }
+# Their measured defaults of this tree (docs/defaults.md: JumpReLU and Gated at d_in/d_sae of
+# the transpose, ApproxL0 at the transpose; all clipped at 1 with beta2 0.99) and one knob on
+# top: learning-rate warm-up (a fifteenth and a fifth of the run), JumpReLU's kernel width
+# (the toy config's 0.05 is a twentieth of the features' magnitudes, uniform(0, 1)) and
+# threshold start, ApproxL0's epsilon (the class's 0.1).
+_NOW = {"betas": (0.9, 0.99)}
+for _variant, _short, _scale in (
+    ("jumprelu", "jump", 0.25),
+    ("gated", "gated", 0.25),
+    ("approx_l0", "al0", 1.0),
+):
+    CANDIDATES |= {
+        f"{_short}_now": (_variant, _NOW, _scale, None, 1.0),
+        f"{_short}_now_wu100": (_variant, _NOW | {"lr_warmup_steps": 100}, _scale, None, 1.0),
+        f"{_short}_now_wu300": (_variant, _NOW | {"lr_warmup_steps": 300}, _scale, None, 1.0),
+    }
+CANDIDATES |= {
+    f"jump_now_bw{w:g}": ("jumprelu", _NOW | {"bandwidth": w}, 0.25, None, 1.0)
+    for w in (0.005, 0.01, 0.1, 0.2)
+}
+CANDIDATES |= {
+    f"jump_now_t{t:g}": ("jumprelu", _NOW | {"threshold_init": t}, 0.25, None, 1.0)
+    for t in (0.001, 0.01, 0.03, 0.3, 1.0)
+}
+CANDIDATES |= {
+    f"al0_now_eps{e:g}": ("approx_l0", _NOW | {"epsilon": e}, 1.0, None, 1.0) for e in (0.03, 0.3)
+}
+# JumpReLU on normalised inputs (normalize_activations: the toy's rows, of mean norm 1.21, scaled
+# 9.36-fold to sqrt(128)): the toy config's threshold start and L0 weight in those units
+# (0.1 x 9.36; 0.003 x 9.36^2, as the MSE grows by that square), kernel widths in those units
+CANDIDATES |= {
+    f"jump_norm_bw{w:g}": (
+        "jumprelu",
+        _NOW
+        | {
+            "normalize_activations": True,
+            "threshold_init": 0.94,
+            "l0_coefficient": 0.26,
+            "bandwidth": w,
+        },
+        0.25,
+        None,
+        1.0,
+    )  # fmt: skip
+    for w in (0.1, 0.3, 0.47)
+}
+# epsilon 0.3 at a coefficient that brings L0 back to epsilon 0.1's
+CANDIDATES |= {
+    f"al0_now_eps0.3_c{c:g}": (
+        "approx_l0",
+        _NOW | {"epsilon": 0.3, "approx_l0_coefficient": c},
+        1.0,
+        None,
+        1.0,
+    )
+    for c in (0.06, 0.1)
+}
 
 
 def run(name: str, seed: int, data: dict, every: int) -> dict:
@@ -95,7 +199,7 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
                   gradient_clip_norm=clip or 0.0)  # fmt: skip
     common = common | {"betas": (0.9, 0.999)} | kwargs
     cls, sparsity = VARIANTS[variant]
-    sae = cls(**sparsity, **common)
+    sae = cls(**(sparsity | common))  # a candidate may change the sparsity setting too
     with torch.no_grad():
         if dec_norm is not None:
             sae.W_dec.mul_(dec_norm)
@@ -113,7 +217,7 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
     }
 
 
-def table(work: Path, out: Path) -> None:
+def table(work: Path, out: Path, stem: str = "") -> None:
     """Mean (min-max over seeds) of every candidate's final metrics, and the raw runs."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(work.glob("*_s[0-9].json")):
@@ -139,7 +243,13 @@ def table(work: Path, out: Path) -> None:
         )
     header = ["candidate", "seeds", "GT MMCS", "L0", "FVU", "dead (of 512)"]
     out.mkdir(parents=True, exist_ok=True)
-    publish(out, markdown_table(header, rows), runs)
+    text = markdown_table(header, rows)
+    if stem:  # another table beside the first one
+        print(text)
+        write(out, f"table_{stem}.md", text)
+        write_json(out, f"results_{stem}.json", runs)
+    else:
+        publish(out, text, runs)
 
 
 def main() -> None:
@@ -148,13 +258,14 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="tabulate the runs in --work")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--every", type=int, default=100)
+    p.add_argument("--stem", default="", help="--table writes table_STEM.md, not table.md")
     p.add_argument("--work", type=Path, default=WORK, help="data and one JSON per run")
     args = p.parse_args()
     start(args)
     if args.smoke:  # tiny data, two candidates, then the table
         args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2"], [0], 3
     if not args.smoke and args.table:
-        table(args.work, args.out)
+        table(args.work, args.out, args.stem)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.work / "data.safetensors"

@@ -39,8 +39,14 @@ OLD = {"betas": (0.9, 0.999), "encoder_init_scale": 1.0, "gradient_clip_norm": 0
 CLIP = {"gradient_clip_norm": 1.0}
 
 
+# The TopK family's AuxK settings before the dead-window change (docs/defaults.md), which the
+# TopK candidates measured before it keep.
+PREV_AUXK = {"dead_window_tokens": 10_000_000, "aux_coefficient": 1 / 32}
+
+
 def _topk(variant: str, k: int, scale: float, clip: float = 0.0, **options: Any) -> tuple:
-    settings = OLD | {"encoder_init_scale": scale, "gradient_clip_norm": clip} | options
+    settings = OLD | PREV_AUXK | {"encoder_init_scale": scale, "gradient_clip_norm": clip}
+    settings |= options
     return (variant, {"k": k} | settings, {})
 
 
@@ -51,6 +57,7 @@ for _k in (16, 32, 64):
     CANDIDATES |= {
         f"topk{_k}_old": _topk("topk", _k, 1.0),
         f"topk{_k}": ("topk", {"k": _k}, {}),  # this tree's defaults
+        f"topk{_k}_prev": ("topk", {"k": _k} | PREV_AUXK, {}),  # before the dead-window change
         f"topk{_k}_old_clip": _topk("topk", _k, 1.0, 1.0),
         f"topk{_k}_old_b2.99": _topk("topk", _k, 1.0, betas=(0.9, 0.99)),
         f"topk{_k}_old_b2.95": _topk("topk", _k, 1.0, betas=(0.9, 0.95)),
@@ -72,6 +79,38 @@ for _k in (16, 32, 64):
         f"topk{_k}_s0.5_clip_bmean": (*_topk("topk", _k, 0.5, 1.0), {"b_dec": "mean"}),
         f"topk{_k}_old_clip_b2.99": _topk("topk", _k, 1.0, 1.0, betas=(0.9, 0.99)),
     }
+# AuxK with a dead window that engages in this run (200 steps of 512 = 102k tokens; the class's
+# 10M tokens never does): "dwNk" N thousand tokens, "a1" aux_coefficient 1 (else 1/32, the
+# class's before; SAELens's is 1), "rv" the Gao-normalised form (residual_variance); the rest
+# this tree's defaults.
+for _k in (16, 32, 64):
+    for _window in (2, 5, 10, 25, 50):
+        _dw = {"k": _k} | PREV_AUXK | {"dead_window_tokens": _window * 1000}
+        CANDIDATES |= {
+            f"topk{_k}_dw{_window}k": ("topk", _dw, {}),
+            f"topk{_k}_dw{_window}k_a1": ("topk", _dw | {"aux_coefficient": 1.0}, {}),
+            f"topk{_k}_dw{_window}k_rv": (
+                "topk",
+                _dw | {"auxk_normalization": "residual_variance"},
+                {},
+            ),
+            f"topk{_k}_dw{_window}k_rv_a1": (
+                "topk",
+                _dw | {"auxk_normalization": "residual_variance", "aux_coefficient": 1.0},
+                {},
+            ),
+        }
+# k 4: the low-k regime where experiments/auxk.py found AuxK costly (docs/experiments.md section 4)
+CANDIDATES |= {
+    "topk4": ("topk", {"k": 4}, {}),
+    "topk4_prev": ("topk", {"k": 4} | PREV_AUXK, {}),
+    # the default window with the earlier AuxK weight 1/32
+    **{
+        f"topk{k}_a0.03": ("topk", {"k": k, "aux_coefficient": 1 / 32}, {}) for k in (4, 16, 32, 64)
+    },
+    "topk4_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0}, {}),
+    "topk4_prev_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0} | PREV_AUXK, {}),
+}
 CANDIDATES |= {
     "btopk32_old": _topk("batchtopk", 32, 1.0),
     "btopk32_old_clip": _topk("batchtopk", 32, 1.0, 1.0),
@@ -82,10 +121,13 @@ CANDIDATES |= {
 # the pre-activations' scale so that 200 steps can reach it (a threshold moves about lr per
 # step: 0.2 here, from the class's 0.001; docs/defaults.md) and a target-term weight ("cX";
 # Adam divides most of it away), Gated's L1 and ApproxL0's lambda.
+# The kernel width and epsilon are stated where they were the class's defaults when measured
+# (bandwidth 0.001, epsilon 0.1), so that each name keeps meaning what it measured.
+BW = {"bandwidth": 0.001}
 SPARSITY = {
-    "jump32": ("jumprelu", {"l0_target": 32.0}),
+    "jump32": ("jumprelu", {"l0_target": 32.0} | BW),
     **{
-        f"jump32_t{t:g}": ("jumprelu", {"l0_target": 32.0, "threshold_init": t})
+        f"jump32_t{t:g}": ("jumprelu", {"l0_target": 32.0, "threshold_init": t} | BW)
         for t in (0.375, 0.5, 0.75, 1.0)
     },
     # bandwidth 0.05 (SAELens's default; the class's is 0.001): more pre-activations near
@@ -97,12 +139,53 @@ SPARSITY = {
         )
         for t in (0.75, 1.0)
     },
+    # bandwidth relative to the thresholds' scale (about 0.75 here): 0.001 is the class's; a
+    # second start per width gives each its own FVU-L0 curve to compare at matched L0
+    **{
+        f"jump32_t{t:g}{f'_bw{w:g}' if w != 0.001 else ''}": (
+            "jumprelu",
+            {"l0_target": 32.0, "threshold_init": t, "bandwidth": w},
+        )
+        for t, w in (
+            (0.75, 0.01),
+            (0.75, 0.1),
+            (0.75, 0.3),
+            (0.65, 0.001),
+            (0.9, 0.001),
+            (0.9, 0.05),
+            (0.9, 0.1),
+        )  # fmt: skip
+    },
+    # normalised inputs (normalize_activations: mean norm sqrt(d_in), about 1.5 times the raw
+    # rows here): the threshold start a user of the library's configs gets, in those units
+    **{
+        f"jump32n_t{t:g}{f'_bw{w:g}' if w != 0.001 else ''}": (
+            "jumprelu",
+            {
+                "l0_target": 32.0,
+                "threshold_init": t,
+                "bandwidth": w,
+                "normalize_activations": True,
+            },  # fmt: skip
+        )
+        for t in (0.001, 0.1, 0.5, 1.0, 2.0)
+        for w in (0.001, 0.05, 0.1, 0.3)
+    },
     "jump32_t1_c10": (
         "jumprelu",
-        {"l0_target": 32.0, "threshold_init": 1.0, "l0_coefficient": 10.0},
+        {"l0_target": 32.0, "threshold_init": 1.0, "l0_coefficient": 10.0} | BW,
     ),
     **{f"gated{c:g}": ("gated", {"l1_coefficient": c}) for c in (0.5, 1.0, 2.0, 4.0)},
-    **{f"al0_{c:g}": ("approx_l0", {"approx_l0_coefficient": c}) for c in (0.3, 1.0, 3.0, 10.0)},
+    **{
+        f"al0_{c:g}": ("approx_l0", {"approx_l0_coefficient": c, "epsilon": 0.1})
+        for c in (0.3, 0.6, 1.0, 3.0, 10.0)
+    },
+    # ApproxL0's epsilon (the activation that counts as half a feature; the class's is 0.1)
+    **{
+        f"al0_{c:g}_eps{e:g}": ("approx_l0", {"approx_l0_coefficient": c, "epsilon": e})
+        for c in (1.0, 2.0)
+        for e in (0.03, 0.3, 1.0)
+    },
 }
 for _name, (_variant, _sparsity) in SPARSITY.items():
     _old = _sparsity | OLD
@@ -120,7 +203,10 @@ for _name, (_variant, _sparsity) in SPARSITY.items():
         f"{_name}_old_b2.99": (_variant, _old | {"betas": (0.9, 0.99)}, {}),
         f"{_name}_old_clip_b2.99": (_variant, _old | CLIP | {"betas": (0.9, 0.99)}, {}),
         f"{_name}_old_wu20": (_variant, _old | {"lr_warmup_steps": 20}, {}),
-        f"{_name}": (_variant, _sparsity, {}),  # this tree's class defaults
+        f"{_name}": (_variant, _sparsity, {}),  # the class defaults besides the settings named
+        # learning-rate warm-up on top of the class defaults: a tenth and a quarter of the run
+        f"{_name}_wu20": (_variant, _sparsity | {"lr_warmup_steps": 20}, {}),
+        f"{_name}_wu50": (_variant, _sparsity | {"lr_warmup_steps": 50}, {}),
     }
 for _c in (
     1.0,
@@ -167,7 +253,7 @@ def run(name: str, seed: int, tensors: dict[str, torch.Tensor], args: Any) -> di
     return row | {"name": name, "seed": seed, "seconds": time.perf_counter() - started}
 
 
-def table(work: Path, out: Path) -> None:
+def table(work: Path, out: Path, stem: str = "frontier") -> None:
     """Mean (min-max over seeds) of every candidate run in ``work``."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(work.glob("*_s[0-9].json")):
@@ -191,8 +277,8 @@ def table(work: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown_table(["candidate", "seeds", "L0", "FVU", "dead (of 768)"], rows)
     print(text)
-    write(out, "table_frontier.md", text)
-    write_json(out, "results_frontier.json", runs)
+    write(out, f"table_{stem}.md", text)
+    write_json(out, f"results_{stem}.json", runs)
 
 
 def main() -> None:
@@ -202,12 +288,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=DOCS / "defaults")
+    p.add_argument("--stem", default="frontier", help="--table writes table_STEM.md")
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
     _minilm.add_data_options(p)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.table:
-        table(args.work, args.out)
+        table(args.work, args.out, args.stem)
         return
     # The frontier's scale, so that its data file (and its batch orders) serves both scripts.
     args.steps, args.batch_size, args.d_sae, args.lr = 200, 512, 768, 1e-3

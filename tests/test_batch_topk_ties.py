@@ -150,10 +150,14 @@ def test_ties_at_the_cut_off_keep_the_first_entries_in_row_order() -> None:
     assert above == 9 and ties.numel() == 10  # the cut falls inside the ties
     expected = torch.cat([(scores > 5).flatten().nonzero().squeeze(1), ties[: K * ROWS - above]])
     assert torch.equal(flat, expected.sort().values)
-    assert torch.equal(values, scores.flatten()[flat])
-    # The flat path (a count no two-stage split helps, as on CUDA) keeps the same entries.
-    values_flat, flat_flat = largest_of_batch(scores, K * ROWS + 1)  # per_row: every column
-    assert torch.equal(flat_flat, torch.cat([flat, ties[K * ROWS - above :][:1]]).sort().values)
+    assert torch.equal(values, scores.flatten()[flat])  # a third of the batch: the flat top-k
+    # The same rows widened by columns far below the cut: few enough kept that the search goes
+    # through group maxima (groups of 16 flat entries, some spanning two rows). It keeps the
+    # same entries, at their positions in the wider rows.
+    wide = torch.cat([scores, torch.full((ROWS, 64 - D_SAE), -10.0)], dim=1)
+    values_wide, flat_wide = largest_of_batch(wide, K * ROWS)
+    assert torch.equal(flat_wide, flat // D_SAE * 64 + flat % D_SAE)
+    assert torch.equal(values_wide, values)
 
 
 def test_global_top_k_over_two_gloo_ranks_keeps_one_process_entries(ranks: Path) -> None:

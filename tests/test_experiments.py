@@ -366,6 +366,20 @@ def test_frontier_reruns_one_kind_of_sae_with_a_given_threshold_start(tmp_path: 
         keep_runs_not_rerun(args, 11, [(jumprelu[0], 0)])
 
 
+def test_smoke_defaults_transcoders(
+    minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import defaults_transcoders
+
+    argv = ["--work", str(tmp_path / "w"), "--cache-dir", str(minilm_cache)]
+    run_main(defaults_transcoders, [*argv, "tc_topk32_old_clip", "cc_l12"], monkeypatch)
+    run_main(defaults_transcoders, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
+    table = (tmp_path / "out" / "table_transcoders.md").read_text()
+    assert "| tc_topk32_old_clip | 0 |" in table and "| cc_l12 | 0 |" in table
+    with pytest.raises(SystemExit, match="unknown setting"):
+        run_main(defaults_transcoders, [*argv, "tc_topk32_nope"], monkeypatch)
+
+
 def test_smoke_defaults_frontier(
     minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -411,3 +425,17 @@ def test_toy_cross_layer_truth_reconstructs_its_outputs_and_scores_one() -> None
             clt.W_dec[source].copy_(slab)
     torch.testing.assert_close(clt.decode(codes), y)
     assert toy.ground_truth_mmcs(clt) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_toy_configs_reads_the_numbers_the_fit_command_prints() -> None:
+    """experiments/toy_configs.py takes its table from the final-metrics table of
+    ``lightning-sae fit``; a change of that table's labels must not leave its columns empty."""
+    from types import SimpleNamespace
+
+    from experiments.toy_configs import final_metrics
+    from lightning_sae.trainer_cli import final_metrics_table
+
+    metrics = {"val/fvu": 0.0312, "val/l0": 6.75, "val/dead_fraction": 0.5293}
+    trainer = SimpleNamespace(callback_metrics=metrics, callbacks=[], checkpoint_callback=None)
+    text = final_metrics_table(trainer, gt_mmcs=0.9141)
+    assert final_metrics(text) == {"fvu": 0.0312, "l0": 6.75, "dead": 0.5293, "gt_mmcs": 0.9141}

@@ -160,41 +160,57 @@ def assert_same_weights(a: L.LightningModule, b: L.LightningModule, label: str) 
 
 
 class HostTransfers:
-    """Counts what makes the host wait for the device (``item``, ``tolist``, a tensor's
-    ``bool``/``int``/``float``) during each call of a wrapped step."""
+    """Counts what makes the host wait for the device during each call of a wrapped function:
+    reads (``item``, ``tolist``, a tensor's ``bool``/``int``/``float``) and copies of host data
+    to the device (``torch.tensor``/``as_tensor`` with a device, ``new_tensor``: a copy from
+    pageable memory synchronises the device's stream). On CPU these cost nothing, so they are
+    counted where they are made."""
 
-    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__")
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "new_tensor")
+    FUNCTIONS = ("tensor", "as_tensor")
 
     def __init__(self) -> None:
         self.per_step: list[int] = []
 
-    def counting(self, step: Any) -> Any:
+    def counting(self, step: Any, *, same_step: bool = False) -> Any:
+        """``step`` counted into a new entry of :attr:`per_step` (or, ``same_step``, the last)."""
+
         def counted(*args: Any, **kwargs: Any) -> Any:
             originals = {name: getattr(torch.Tensor, name) for name in self.METHODS}
-            self.per_step.append(0)
+            functions = {name: getattr(torch, name) for name in self.FUNCTIONS}
+            if not same_step:
+                self.per_step.append(0)
 
-            def wrap(original: Any) -> Any:
-                def method(tensor: Tensor, *a: Any, **k: Any) -> Any:
+            def restore(methods: dict[str, Any], funcs: dict[str, Any]) -> None:
+                for name, value in methods.items():
+                    setattr(torch.Tensor, name, value)
+                for name, value in funcs.items():
+                    setattr(torch, name, value)
+
+            def wrap(original: Any, counts: Any) -> Any:
+                def method(*a: Any, **k: Any) -> Any:
+                    if not counts(k):
+                        return original(*a, **k)
                     self.per_step[-1] += 1
                     # The originals call each other (tolist of a 0-d tensor): count once.
-                    for name, value in originals.items():
-                        setattr(torch.Tensor, name, value)
+                    restore(originals, functions)
                     try:
-                        return original(tensor, *a, **k)
+                        return original(*a, **k)
                     finally:
-                        for name, value in wrapped.items():
-                            setattr(torch.Tensor, name, value)
+                        restore(wrapped, wrapped_functions)
 
                 return method
 
-            wrapped = {name: wrap(original) for name, original in originals.items()}
-            for name, value in wrapped.items():
-                setattr(torch.Tensor, name, value)
+            def with_device(k: dict[str, Any]) -> bool:
+                return k.get("device") is not None
+
+            wrapped = {name: wrap(f, lambda k: True) for name, f in originals.items()}
+            wrapped_functions = {name: wrap(f, with_device) for name, f in functions.items()}
+            restore(wrapped, wrapped_functions)
             try:
                 return step(*args, **kwargs)
             finally:
-                for name, value in originals.items():
-                    setattr(torch.Tensor, name, value)
+                restore(originals, functions)
 
         return counted
 
@@ -248,8 +264,10 @@ def test_each_member_trains_exactly_as_alone(serve: str) -> None:
 
 def test_a_group_step_waits_for_the_device_once() -> None:
     """Every member's statistics come back in one transfer per group step; AuxK's dead count
-    comes with them, BatchTopK's threshold and the input-scale check stay on the device. (There
-    were one transfer per member and more per TopK, BatchTopK and input-scale check.) The first
+    comes with them, BatchTopK's threshold and the input-scale check stay on the device, and
+    the logged scalars are not copied back to it, nor is the step's row count or BatchTopK's
+    infinity. (There were one transfer per member and more per TopK, BatchTopK and input-scale
+    check; then a copy to the device per logged scalar and per member.) The first
     step counts the dead features and reads the input-scale flag once; a StandardSAE's
     ``decode_impl: auto`` adds its own density check, so this one decodes densely."""
     members = [
@@ -264,7 +282,10 @@ def test_a_group_step_waits_for_the_device_once() -> None:
         for name in ("k4", "btk", "tc"):  # never fire, so dead after a step: AuxK runs
             group.members[name].b_enc[[1, 5, 9]] = -1e3
     transfers = HostTransfers()
-    group.training_step = transfers.counting(group.training_step)
+    # The whole step: forward, logging, backward, each member's clipping and optimizer step
+    # (all inside optimizer_step), then the members' LR schedules.
+    group.optimizer_step = transfers.counting(group.optimizer_step)
+    group.lr_scheduler_step = transfers.counting(group.lr_scheduler_step, same_step=True)
     fit(group, TwoHookToy(batches_per_epoch=5), 5)
     assert all(int(group.members[name].dead_mask().sum()) > 0 for name in ("k4", "btk", "tc"))
     assert transfers.per_step[1:] == [1] * 4, transfers.per_step
@@ -324,25 +345,57 @@ def test_group_resumes_exactly(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- logging
-def test_members_log_under_their_names(tmp_path: Path) -> None:
-    members = copy.deepcopy(MEMBERS[:2])
-    members[0]["init_args"]["dead_window_tokens"] = 4 * 128  # full after step 3 (batch 128)
-    members[1]["init_args"]["dead_window_tokens"] = 10_000_000
-    group = SAEGroup(members=members)
-    monitor = FeatureGeometryMonitor(every_n_steps=4, save_png=False)
-    logger = CSVLogger(tmp_path, name="csv", version=0)
-    fit(
-        group,
-        TwoHookToy(),
-        8,
-        callbacks=[monitor, LearningRateMonitor(logging_interval="step")],
-        logger=logger,
-        log_every_n_steps=1,
-        limit_val_batches=None,
-        val_check_interval=8,
-    )
-    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
+class SeenMetrics(L.Callback):
+    """What callbacks, the progress bar and the loggers are given, after every training step."""
+
+    KINDS = ("callback_metrics", "progress_bar_metrics", "logged_metrics")
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, dict[str, Any]]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps.append({kind: dict(getattr(trainer, kind)) for kind in self.KINDS})
+
+
+def assert_same_metrics(a: dict[str, Any], b: dict[str, Any], label: str) -> None:
+    assert a.keys() == b.keys(), (label, sorted(a.keys() ^ b.keys()))
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, Tensor):
+            assert (value.dtype, value.device) == (other.dtype, other.device), (label, key)
+            assert torch.equal(value, other) or (value.isnan() & other.isnan()).all(), (label, key)
+        else:
+            assert value == other or value != value and other != other, (label, key)
+
+
+def test_members_log_under_their_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Member ``m`` logs what it logs alone under ``m/``; the group logs every member's step
+    scalars at once (``host_log``), and callbacks, the progress bar and the logger see exactly
+    what one ``self.log`` per scalar gives them, at every step."""
+
+    def run(name: str) -> tuple[list[dict[str, str]], SeenMetrics]:
+        members = copy.deepcopy(MEMBERS[:2])
+        members[0]["init_args"]["dead_window_tokens"] = 4 * 128  # full after step 3 (batch 128)
+        members[1]["init_args"]["dead_window_tokens"] = 10_000_000
+        seen = SeenMetrics()
+        fit(
+            SAEGroup(members=members),
+            TwoHookToy(),
+            8,
+            callbacks=[
+                FeatureGeometryMonitor(every_n_steps=4, save_png=False),
+                LearningRateMonitor(logging_interval="step"),
+                seen,
+            ],
+            logger=CSVLogger(tmp_path, name=name, version=0),
+            log_every_n_steps=1,
+            limit_val_batches=None,
+            val_check_interval=8,
+        )
+        with open(tmp_path / name / "version_0" / "metrics.csv") as handle:
+            return list(csv.DictReader(handle)), seen
+
+    rows, seen = run("at-once")
     columns = set(rows[0])
     # Each member's dead fraction once its own window of tokens has passed (l1's: 10M, never).
     dead = [int(row["step"]) for row in rows if row.get("k4/train/dead_fraction")]
@@ -353,6 +406,20 @@ def test_members_log_under_their_names(tmp_path: Path) -> None:
         assert f"{name}/geometry/mmcs" in columns
         assert f"lr/{name}" in columns
     assert "train/loss" not in columns
+
+    # As before host_log: one self.log of a Python number per scalar.
+    def one_by_one(module: L.LightningModule, entries: list) -> None:
+        for name, value, kwargs in entries:
+            module.log(name, value, **kwargs)
+
+    monkeypatch.setattr("lightning_sae.models.group.log_host_scalars", one_by_one)
+    plain_rows, plain_seen = run("one-by-one")
+    assert rows == plain_rows
+    assert len(seen.steps) == len(plain_seen.steps) == 8
+    for step, (ours, theirs) in enumerate(zip(seen.steps, plain_seen.steps, strict=True)):
+        for kind in SeenMetrics.KINDS:
+            assert_same_metrics(ours[kind], theirs[kind], f"step {step} {kind}")
+    assert "k4/train/loss" in seen.steps[-1]["progress_bar_metrics"]
 
 
 # ----------------------------------------------------------------------------- bad input

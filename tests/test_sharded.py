@@ -112,6 +112,13 @@ RUNS |= {
         "init_check": True,
         **PAIRS,
     },
+    # BatchTopK's cut over the whole mesh, scored on the output site, with W_skip.
+    "batchtopk_skip_transcoder": {
+        "model": TC + "BatchTopKSkipTranscoder",
+        "kwargs": {"k": 4, "aux_coefficient": 1.0, **PAIR_KWARGS},
+        "sparse_check": True,
+        "sites": "pairs",
+    },
     "jumprelu_transcoder": {
         "model": TC + "JumpReLUTranscoder",
         "kwargs": {"l0_target": 8.0, **PAIR_KWARGS},

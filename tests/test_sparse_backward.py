@@ -58,7 +58,7 @@ def prepared(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         for param in sae.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    sae.tokens_since_fired[::3] = sae.hparams.dead_window_tokens
+    sae.tokens_since_fired[::3] = sae.dead_window()
     x = torch.randn(ROWS, D_IN)
     y = torch.randn(ROWS, sae.d_out) if sae.d_out != D_IN else x
     return sae, x, y
@@ -130,7 +130,7 @@ class Shapes(TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("name", ["topk", "batchtopk", "topk-transcoder"])
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "topk-dense-decode"])
 def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
     """The backward of a step (main pass and AuxK) creates no [rows, d_sae] tensor: the encoder's
     gradient flows through the kept entries alone. (The dense path makes [rows, d_sae]
@@ -169,27 +169,41 @@ def test_row_top_k_keeps_what_torch_topk_keeps(case: str) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["spread", "one row holds most", "all of a row", "nothing", "ties at the cut", "wide rows"],
+    [
+        "spread",
+        "one row holds most",
+        "groups span rows",
+        "all of a row",
+        "nothing",
+        "ties at the cut",
+        "wide rows",
+        "odd size",
+    ],
 )
 def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
-    """The two-stage selection (each row's candidates, then the cut) keeps exactly the entries
-    one top-k over the flattened batch keeps, including when one row holds more of them than
-    its candidates (the fallback) and when nothing or everything is kept."""
+    """The selection through group maxima (the floor, then the cut among the entries of the
+    groups that reach it) keeps exactly the entries one top-k over the flattened batch keeps:
+    when one row holds half of them, when groups span two rows, with ties at the floor and at
+    the cut, and on the flat top-k's own path (everything kept, a size no group divides)."""
     torch.manual_seed(0)
     scores = torch.randn(64, 96)
-    count = 64 * 3
+    count = 64 * 3  # groups of 16 flat entries
     if case == "one row holds most":
-        scores[5] += 10.0  # row 5 holds 96 of the 192 largest: far beyond its 12 candidates
+        scores[5] += 10.0  # row 5 holds 96 of the 192 largest: six whole groups
+    if case == "groups span rows":
+        scores = torch.randn(64, 100)  # 100 columns, groups of 16
     if case == "all of a row":
         scores, count = scores[:2], 2 * 96
     if case == "nothing":
         count = 0
     if case == "ties at the cut":
-        scores = scores.round()  # many equal values; the cut falls inside a run of ties
-    if case == "wide rows":  # each row's candidates from row_top_k's grouped selection
+        scores = scores.round()  # many equal values; floor and cut fall inside runs of ties
+    if case == "wide rows":  # groups of 32
         scores = torch.randn(16, 1024)
         scores[2] += 3.0
         count = 16 * 3
+    if case == "odd size":  # 63 x 97 entries: no group size divides them
+        scores = torch.randn(63, 97)
     values, flat = largest_of_batch(scores, count)
     expected_values, expected_flat = scores.flatten().topk(count, sorted=False)
     assert torch.equal(flat, flat.sort().values)  # positions ascending, grouped by row

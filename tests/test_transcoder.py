@@ -157,6 +157,34 @@ def test_crosscoder_reads_and_writes_every_layer_with_per_layer_norm_penalty() -
         TopKCrossCoder(d_in=8, d_sae=16, k=4, hooks=hooks)
 
 
+def test_null_options_resolve_to_the_transcoders_and_crosscoders_measured_defaults() -> None:
+    """docs/defaults.md ("Transcoders and crosscoders"): a transcoder's encoder, drawn apart from
+    its decoder, starts with unit columns (the SAEs' smaller starts left most latents dead on
+    MiniLM); clipping and Adam's betas are its variant's. A crosscoder keeps its variant's
+    defaults (measured better than the old ones)."""
+    sites = dict(d_in=D_IN, d_out=D_OUT, d_sae=48)
+    for cls in TRANSCODERS:
+        variant = next(base for base in cls.__mro__ if base.__module__ != cls.__module__)
+        options = {"k": 4} if "TopK" in cls.__name__ else {}
+        tc = cls(**sites, **options, encoder_init_scale=None, betas=None, gradient_clip_norm=None)
+        assert tc.encoder_init_factor() == 1.0, cls.__name__
+        torch.testing.assert_close(tc.W_enc.norm(dim=0), torch.ones(48))
+        plain = variant(d_in=D_IN, d_sae=48, **options)  # what the transcoder's form resolves
+        assert tc.adam_betas() == plain.adam_betas(), cls.__name__
+        assert tc.gradient_clip_max_norm() == plain.gradient_clip_max_norm() == 1.0, cls.__name__
+        chosen = cls(**sites, **options, encoder_init_scale=0.25)  # a number is used as given
+        torch.testing.assert_close(chosen.W_enc.norm(dim=0), torch.full((48,), 0.25))
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for cls in CROSSCODERS:
+        options = {"k": 4} if "TopK" in cls.__name__ else {}
+        cc = cls(d_in=D_IN, d_sae=48, hooks=hooks, **options)
+        variant = next(base for base in cls.__mro__ if base.__module__ != cls.__module__)
+        plain = variant(d_in=D_IN, d_sae=48, **options)
+        assert cc.encoder_init_factor() == plain.encoder_init_factor(), cls.__name__
+        assert cc.adam_betas() == plain.adam_betas(), cls.__name__
+        assert cc.gradient_clip_max_norm() == plain.gradient_clip_max_norm(), cls.__name__
+
+
 LAYER_MAGNITUDES = torch.tensor([7.0] * (D_IN // 2) + [0.3] * (D_IN // 2))  # two layers
 
 
@@ -191,6 +219,39 @@ def test_every_site_is_scaled_by_its_own_factor_fitted_in_training() -> None:
     state = cc.state_dict() | {"input_scale": torch.tensor(3.0)}  # saved with one factor
     cc.load_state_dict(state)
     torch.testing.assert_close(cc.input_scale, torch.full((D_IN,), 3.0))
+
+
+def test_crosscoder_reports_fvu_in_the_models_units_though_each_layer_is_scaled() -> None:
+    """The loss weighs every layer alike (per-layer scales), but train/fvu and val/fvu are those
+    of the model's activations: what ``cc(x)`` and the exported crosscoder give. One scale per
+    layer makes the two differ (a scalar scale cancels out of an FVU)."""
+
+    class TrainFVU(L.Callback):  # the step's logged FVU, and the FVU its weights give
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.expected = _fvu(module, batch[0], batch[0])
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.logged = float(trainer.callback_metrics["train/fvu"])
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    layers = toy_map(256)[0] * LAYER_MAGNITUDES
+    cc = CrossCoder(d_in=D_IN, d_sae=16, hooks=hooks, normalize_activations=True, lr=1e-2)
+    loader = DataLoader(TensorDataset(layers), batch_size=256)
+    train_fvu = TrainFVU()
+    trainer = quiet_trainer(3, [train_fvu], limit_val_batches=1, check_val_every_n_epoch=3)
+    trainer.fit(cc, loader, loader)
+    assert train_fvu.logged == pytest.approx(train_fvu.expected, rel=1e-4)
+    assert float(trainer.callback_metrics["val/fvu"]) == pytest.approx(
+        _fvu(cc.eval(), layers, layers), rel=1e-4
+    )
+    with torch.no_grad():  # in the loss's units the FVU is another number
+        normalised = cc.normalize(layers)
+        in_loss_units = _fvu_of(cc.forward_normalized(normalised).x_hat, normalised)
+    assert abs(in_loss_units - _fvu(cc, layers, layers)) > 0.01
+
+
+def _fvu_of(x_hat: Tensor, y: Tensor) -> float:
+    return float((x_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
 def _fvu(model: L.LightningModule, x: Tensor, y: Tensor) -> float:
@@ -423,6 +484,7 @@ def test_export_load_round_trip_in_saelens_or_our_format(tmp_path: Path) -> None
         ["minilm/transcoder-l3.yaml", "minilm/skip-transcoder-l3.yaml"],
         ["pythia-70m/transcoder-l3.yaml"],
         ["minilm/transcoders-all-layers.yaml"],
+        ["minilm/crosscoder-resid.yaml"],
     ],
 )
 def test_transcoder_configs_parse(configs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -434,6 +496,10 @@ def test_transcoder_configs_parse(configs: list[str], capsys: pytest.CaptureFixt
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
+    if "hooks" in model["init_args"]:  # a crosscoder reads and writes its layers
+        assert printed["data"]["init_args"]["hooks"] == model["init_args"]["hooks"]
+        assert variant_class(model["class_path"]) in CROSSCODERS
+        return
     transcoders = model["init_args"].get("members", [model])  # a group: one per layer
     sites = [tc["init_args"][f"{site}_hook"] for tc in transcoders for site in ("input", "output")]
     assert printed["data"]["init_args"]["hooks"] == sites

@@ -29,6 +29,7 @@ from lightning_sae.models.penalties import (
 from lightning_sae.models.sparse import SparseCode
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
+from lightning_sae.models.transcoder import TopKTranscoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 D_IN, D_SAE = 16, 48
@@ -165,7 +166,7 @@ def test_auxk_reconstructs_the_residual_from_dead_latents_without_a_second_bias(
         sae.b_dec.fill_(3.0)  # a large bias makes a double-counted b_dec visible
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:12] = True
-    sae.tokens_since_fired[dead] = sae.hparams.dead_window_tokens
+    sae.tokens_since_fired[dead] = sae.dead_window()
     x = _x()
     out = sae.forward_normalized(x)
 
@@ -187,7 +188,7 @@ def test_auxk_is_scaled_by_the_dead_fraction_of_aux_k_and_zero_without_dead_late
     sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, aux_k=8)
     x = _x()
     assert sae.auxk_loss(x, sae.forward_normalized(x)) == 0
-    sae.tokens_since_fired[:2] = sae.hparams.dead_window_tokens
+    sae.tokens_since_fired[:2] = sae.dead_window()
     two_dead = sae.auxk_loss(x, sae.forward_normalized(x))
     # by hand: 2 dead of aux_k = 8, so a quarter of the unscaled error
     out = sae.forward_normalized(x)
@@ -225,7 +226,7 @@ def test_matryoshka_prefixes_reconstruct_with_their_own_latents_only() -> None:
     sae = MatryoshkaSAE(d_in=D_IN, d_sae=D_SAE, k=6, group_sizes=[8, 16, 24])
     x = _x()
     out = sae.forward_normalized(x)
-    prefixes = out.extras["prefix_x_hat"]
+    prefixes = sae.prefix_reconstructions(out)
     assert prefixes.shape == (32, 3, D_IN)
     for end, prefix in zip((8, 24, 48), prefixes.unbind(1), strict=True):
         by_hand = out.acts[:, :end] @ sae.W_dec[:end] + sae.b_dec
@@ -301,7 +302,7 @@ def test_jumprelu_target_mode_and_preact_loss() -> None:
     terms = sae.loss_terms(x, out)
     torch.testing.assert_close(terms["l0"], (l0 / 5.0 - 1) ** 2)
     assert terms["preact"] == 0  # no dead features yet
-    sae.tokens_since_fired[:4] = sae.hparams.dead_window_tokens
+    sae.tokens_since_fired[:4] = sae.dead_window()
     preact = sae.loss_terms(x, out)["preact"]
     by_hand = (sae.threshold[:4] - out.pre_acts[:, :4]).relu() * sae.decoder_norms()[:4]
     torch.testing.assert_close(preact, by_hand.sum(-1).mean())
@@ -464,7 +465,11 @@ def test_encoder_starts_as_the_scaled_decoder_transpose() -> None:
 def test_jumprelu_gated_and_approx_l0_defaults_are_the_measured_ones() -> None:
     """docs/defaults.md, measured on the toy side-by-side and the MiniLM frontier data: JumpReLU
     and Gated start at d_in/d_sae of the transpose, ApproxL0 at the transpose; all three step
-    Adam with beta2 0.99 and clip the gradient's norm at 1."""
+    Adam with beta2 0.99, clip the gradient's norm at 1 and warm the learning rate up over no
+    steps (20-100 warm-up steps were worse for each). JumpReLU's kernel is 0.1 wide (0.001
+    was worse at matched L0) and its thresholds start at 0.001 (a start above the
+    pre-activations leaves latents that never fire); ApproxL0's epsilon is 0.3 (0.1 was worse
+    at matched L0)."""
     for cls, scale, betas in (
         (JumpReLUSAE, 0.25, (0.9, 0.99)),
         (GatedSAE, 0.25, (0.9, 0.99)),
@@ -474,6 +479,41 @@ def test_jumprelu_gated_and_approx_l0_defaults_are_the_measured_ones() -> None:
         assert sae.encoder_init_factor() == scale, cls.__name__
         assert sae.adam_betas() == betas, cls.__name__
         assert sae.gradient_clip_max_norm() == 1.0, cls.__name__
+        assert sae.hparams.lr_warmup_steps == 0, cls.__name__
+    jumprelu = JumpReLUSAE(d_in=16, d_sae=64)
+    assert (jumprelu.hparams.bandwidth, jumprelu.hparams.threshold_init) == (0.1, 0.001)
+    assert torch.equal(jumprelu.threshold.detach(), torch.full((64,), 0.001))
+    assert ApproxL0SAE(d_in=16, d_sae=64).hparams.epsilon == 0.3
+
+
+def test_topk_family_auxk_engages_within_a_short_run_by_default() -> None:
+    """docs/defaults.md: the TopK family's dead window is the tokens in which an average latent
+    fires 100 times (100 * d_sae / k, at most 10M), so AuxK acts within a short run, at
+    aux_coefficient 1. With a fixed 10M-token window it never engaged in the toy
+    side-by-side's 384k tokens, where 173 of 512 latents ended never firing on the held-out
+    samples."""
+    sae = TopKSAE(d_in=8, d_sae=64, k=4, lr=1e-3)  # window 100 * 64 / 4 = 1600 tokens
+    with torch.no_grad():
+        sae.b_enc[:10] = -100.0  # ten latents that never win a top-k slot
+    generator = torch.Generator().manual_seed(0)
+    # 3072 tokens in 6 steps: dead after the fourth (2048 tokens), AuxK in the fifth and sixth
+    rows = torch.randn(6 * 512, 8, generator=generator)
+    trainer = quiet_trainer(6, accelerator="cpu")
+    trainer.fit(sae, torch.utils.data.DataLoader(rows, batch_size=512))
+    assert sae.dead_count() == 10
+    assert float(trainer.callback_metrics["train/loss/auxk"]) > 0
+    assert sae.hparams.aux_coefficient == 1.0
+
+    def window(cls: type, **options: object) -> int:
+        return cls(d_in=8, **options).dead_window()
+
+    for cls in (TopKSAE, BatchTopKSAE, TopKTranscoder):  # the family inherits the rule
+        assert window(cls, d_sae=768, k=16) == 4800, cls.__name__
+    assert window(MatryoshkaSAE, d_sae=64, k=4, group_sizes=[16, 48]) == 1600
+    assert window(TopKSAE, d_sae=2**20, k=8) == 10_000_000  # at most the base class's
+    assert window(TopKSAE, d_sae=64, k=4, dead_window_tokens=500) == 500  # given: as it is
+    for cls in (StandardSAE, JumpReLUSAE, GatedSAE, ApproxL0SAE):
+        assert window(cls, d_sae=64) == 10_000_000, cls.__name__
 
 
 def test_default_gradient_clipping_is_clip_grad_norm_and_the_trainer_replaces_it() -> None:
@@ -520,6 +560,7 @@ def test_default_gradient_clipping_is_clip_grad_norm_and_the_trainer_replaces_it
         (lambda: ApproxL0SAE(d_in=D_IN, d_sae=D_SAE, frequency_window=0), "frequency_window"),
         (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, encoder_init_scale=0.0), "encoder_init_scale"),
         (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, gradient_clip_norm=-1.0), "gradient_clip_norm"),
+        (lambda: TopKSAE(d_in=D_IN, d_sae=D_SAE, dead_window_tokens=0), "dead_window_tokens"),
     ],
 )
 def test_bad_arguments_name_the_option(make, option: str) -> None:
@@ -684,7 +725,7 @@ def test_auxk_normalised_by_the_residual_variance_as_in_gao_et_al() -> None:
     losses = {}
     for normalization in ("none", "residual_variance"):
         sae = TopKSAE(d_in=D_IN, d_sae=D_SAE, k=4, aux_k=6, auxk_normalization=normalization)
-        sae.tokens_since_fired[:12] = sae.hparams.dead_window_tokens
+        sae.tokens_since_fired[:12] = sae.dead_window()
         out = sae.forward_normalized(x)
         losses[normalization] = sae.auxk_loss(x, out)
     residual = (x - out.x_hat).detach()
@@ -703,7 +744,7 @@ def test_matryoshka_prefix_losses_summed_or_averaged() -> None:
         )
         out = sae.forward_normalized(x)
         terms[reduction] = sae.loss_terms(x, out)["prefix_mse"]
-        per_prefix = (out.extras["prefix_x_hat"] - x[:, None]).pow(2).sum(-1).mean(0)
+        per_prefix = (sae.prefix_reconstructions(out) - x[:, None]).pow(2).sum(-1).mean(0)
     torch.testing.assert_close(terms["sum"], per_prefix.sum())
     torch.testing.assert_close(terms["mean"], per_prefix.mean())
     with pytest.raises(ValueError, match="prefix_loss"):

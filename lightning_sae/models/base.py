@@ -192,6 +192,8 @@ class SparseAutoencoder(LightningModule):
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
         dead_window_tokens: a feature is dead when it has not fired for this many tokens.
             ``train/dead_fraction`` is logged once this many tokens have been trained on.
+            ``None``: the variant's default (:meth:`default_dead_window_tokens`): 10M tokens,
+            and for the TopK family a window sized to the dictionary (docs/defaults.md).
         orthogonality_coefficient: weight of the decoder orthogonality regulariser; negative
             values pull active features towards their nearest neighbours instead.
         orthogonality_shape: ``sigmoid``, ``power`` or ``linear`` penalty of the cosine.
@@ -229,7 +231,7 @@ class SparseAutoencoder(LightningModule):
         lr_end_factor: float = 0.0,
         normalize_activations: bool = False,
         apply_b_dec_to_input: bool = True,
-        dead_window_tokens: int = 10_000_000,
+        dead_window_tokens: int | None = None,
         orthogonality_coefficient: float = 0.0,
         orthogonality_shape: OrthogonalityShape = "sigmoid",
         orthogonality_power: float = 2.0,
@@ -256,9 +258,10 @@ class SparseAutoencoder(LightningModule):
             check_nonnegative(
                 "gradient_clip_norm", gradient_clip_norm, "model.init_args.gradient_clip_norm"
             )
-        check_positive(
-            "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
-        )
+        if dead_window_tokens is not None:
+            check_positive(
+                "dead_window_tokens", dead_window_tokens, "model.init_args.dead_window_tokens"
+            )
         for name in ("lr_warmup_steps", "lr_decay_steps", "weight_decay", "lr_end_factor"):
             check_nonnegative(name, locals()[name], f"model.init_args.{name}")
         if optimizer not in ("adam", "adamw"):
@@ -308,6 +311,15 @@ class SparseAutoencoder(LightningModule):
     def default_gradient_clip_norm(self) -> float:
         """The gradient norm clipped at when not given (0: off)."""
         return 0.0
+
+    def default_dead_window_tokens(self) -> int:
+        """Tokens without firing after which a feature is dead, when not given."""
+        return 10_000_000
+
+    def dead_window(self) -> int:
+        """The dead window in tokens: ``dead_window_tokens``, or the variant's default."""
+        window = self.hparams.get("dead_window_tokens")
+        return self.default_dead_window_tokens() if window is None else int(window)
 
     def gradient_clip_max_norm(self) -> float:
         clip = self.hparams.get("gradient_clip_norm")
@@ -390,7 +402,7 @@ class SparseAutoencoder(LightningModule):
 
     def dead_mask(self) -> Tensor:
         """Features that have not fired within the last ``dead_window_tokens`` tokens."""
-        return self.tokens_since_fired >= self.hparams.dead_window_tokens
+        return self.tokens_since_fired >= self.dead_window()
 
     def dead_window_passed(self, batch_tokens: int) -> bool:
         """Whether a whole dead window of tokens has been trained on, counting this step's
@@ -399,7 +411,7 @@ class SparseAutoencoder(LightningModule):
 
         Tokens are counted as optimizer steps x this batch: with gradient accumulation that
         undercounts, which only delays the first report."""
-        return (self.global_step + 1) * batch_tokens >= self.hparams.dead_window_tokens
+        return (self.global_step + 1) * batch_tokens >= self.dead_window()
 
     def dead_count(self) -> int:
         """How many features are dead now. Counted on the host without a transfer when the
@@ -513,6 +525,12 @@ class SparseAutoencoder(LightningModule):
     def normalize_target(self, y: Tensor) -> Tensor:
         """The decoder's target in normalised units."""
         return y.to(self.W_enc.dtype) * self.target_scale()
+
+    def in_reported_units(self, x_hat_n: Tensor, y_n: Tensor) -> tuple[Tensor, Tensor]:
+        """A reconstruction and its target (normalised) in the units that ``train/`` and
+        ``val/`` mse and fvu report: the loss's here, where each site has one scale (which an
+        FVU does not see); a crosscoder, one scale per layer, reports the model's units."""
+        return x_hat_n, y_n
 
     # ----------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
@@ -644,6 +662,7 @@ class SparseAutoencoder(LightningModule):
         # Two float64 copies in all, squared sums as dot products: every [batch, d] temporary
         # is a fresh allocation, and on CPU its page faults cost more than the arithmetic
         # (5 temporaries took 42 ms of a 705 ms TopK step at 4096 x 512 -> 8192; 2 take ~10).
+        x_hat, x_n = self.in_reported_units(out.x_hat.detach(), x_n)
         x64 = x_n.double()
         read_sq = x64.new_zeros(()) if read is None else _sum_of_squares(read.double())
         sums = torch.cat(
@@ -652,9 +671,9 @@ class SparseAutoencoder(LightningModule):
                 x64.sum(0),
                 torch.stack(
                     [
-                        _sum_of_squares(out.x_hat.detach().double().sub_(x64)),
+                        _sum_of_squares(x_hat.double().sub_(x64)),
                         _sum_of_squares(x64),
-                        torch.tensor(float(x_n.shape[0]), device=x_n.device, dtype=torch.float64),
+                        x64.new_full((), float(x_n.shape[0])),  # a fill, not a copy from the host
                         read_sq,
                         loss.detach().double(),
                         *[t.detach().double() for t in terms.values()],
@@ -712,8 +731,9 @@ class SparseAutoencoder(LightningModule):
         for name, value in terms.items():
             self.log(f"val/loss/{name}", value, sync_dist=True)
         self.val_l0.update(out.acts)
-        self.val_mse.update(out.x_hat, x_n)
-        self.val_fvu.update(out.x_hat, x_n)
+        x_hat, x_n = self.in_reported_units(out.x_hat, x_n)
+        self.val_mse.update(x_hat, x_n)
+        self.val_fvu.update(x_hat, x_n)
         self.val_dead.update(out.acts)
         for name in ("l0", "mse", "fvu"):
             self.log(f"val/{name}", getattr(self, f"val_{name}"))

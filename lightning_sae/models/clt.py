@@ -427,7 +427,7 @@ class CrossLayerTranscoder(SparseAutoencoder):
                 y64.pow(2).sum((0, 2)),  # [L]
                 torch.stack(
                     [
-                        y64.new_tensor(float(n_rows)),
+                        y64.new_full((), float(n_rows)),
                         read_sq,
                         loss.detach().double(),
                         *[t.detach().double() for t in terms.values()],

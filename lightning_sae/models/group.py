@@ -10,7 +10,7 @@ own ``training_step`` / ``validation_step``, and its own optimizer and LR schedu
   several hooks yields ``dict[hook, Tensor]``; one serving a single hook, a plain tensor);
 - routes each member's ``self.log`` to ``<member>/<name>`` (``k16/train/loss``);
 - transfers every member's step statistics to the host at once (one transfer per group step,
-  not one per member);
+  not one per member) and logs them at once, as host tensors (:mod:`.host_log`);
 - returns the plain sum of the members' losses, whose gradient with respect to a member's
   parameters is that member's own gradient, bit for bit;
 - presents the members' optimizers and schedules to Lightning as one (:class:`MemberOptimizers`,
@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 
 from lightning_sae.models import class_path_of, variant_class
 from lightning_sae.models.base import SparseAutoencoder
+from lightning_sae.models.host_log import LogEntry, log_host_scalars
 
 MEMBER_KEYS = ("class_path", "init_args", "hook", "name")
 # A name becomes a log prefix, a folder of the export and a state_dict key: no dots or slashes.
@@ -359,15 +360,21 @@ class SAEGroup(LightningModule):
 
     # ----------------------------------------------------------------- steps
     @contextmanager
-    def _speaking_for(self, name: str, member: SparseAutoencoder) -> Iterator[None]:
-        """Route the member's ``self.log`` to the group's, under ``<name>/``.
+    def _speaking_for(
+        self, name: str, member: SparseAutoencoder, into: list[LogEntry] | None = None
+    ) -> Iterator[None]:
+        """Route the member's ``self.log`` to the group's, under ``<name>/``; or, with ``into``,
+        collect its calls there, for the group to log them with every other member's at once.
 
         Lightning records logs only from the module it runs the hook on (the group); the member
         logs through it for the duration of its step.
         """
 
-        def log(key: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            self.log(f"{name}/{key}", value, *args, **kwargs)
+        def log(key: str, value: Any, **kwargs: Any) -> None:
+            if into is None:
+                self.log(f"{name}/{key}", value, **kwargs)
+            else:
+                into.append((f"{name}/{key}", value, kwargs))
 
         member.log = log  # an instance attribute shadows the method until deleted
         try:
@@ -387,13 +394,16 @@ class SAEGroup(LightningModule):
             reports.append(report)
         # One host transfer for the whole group: every member's statistics at once.
         values = torch.cat(statistics).tolist()
+        logged: list[LogEntry] = []
         start = 0
         for (name, member), stats, report in zip(
             self.members.items(), statistics, reports, strict=True
         ):
-            with self._speaking_for(name, member):
+            with self._speaking_for(name, member, into=logged):
                 report(values[start : start + len(stats)])
             start += len(stats)
+        # Then every member's scalars in one go, as host tensors (no copy back to the device).
+        log_host_scalars(self, logged)
         # d(sum)/d(loss_i) is exactly 1: each member's gradient is its own, bit for bit.
         return torch.stack(losses).sum()
 

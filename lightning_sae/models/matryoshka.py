@@ -8,13 +8,15 @@ feature absorption.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_sae.models.base import SAEOutput
-from lightning_sae.models.sparse import SparseCode
+from lightning_sae.models.sparse import SparseCode, decode_with_latent_bags
 from lightning_sae.models.topk import BatchTopKSAE
 
 
@@ -27,8 +29,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     The mean (the default; ``prefix_loss`` picks the sum) keeps the term on the scale of a
     single MSE, so its balance with AuxK carries over from BatchTopK; the full-dictionary MSE
     is the last prefix's and is still logged as ``train/mse``. Every prefix sum comes out of
-    one pass of the decoder: per-group partial reconstructions, then a cumulative sum over
-    groups.
+    one pass of the decoder: per-group partial reconstructions (``extras["group_x_hat"]``,
+    one sparse decode with a bag per sample and group), whose running sum over groups the loss
+    takes inside one autograd function (:func:`prefix_squared_errors`), forward and backward;
+    :meth:`prefix_reconstructions` builds the prefixes themselves when they are wanted.
 
     Args:
         group_sizes: latents per group, in order, summing to d_sae. Default: prefixes of
@@ -66,40 +70,136 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.register_buffer("group_ends", torch.tensor(group_sizes).cumsum(0), persistent=False)
 
     def group_decode(self, code: SparseCode, acts: Tensor | None) -> Tensor:
-        """Each group's share of the reconstruction, [n, n_groups, d_in], without bias."""
-        n_groups = len(self.group_sizes)
+        """Each group's share of the reconstruction, [n, n_groups, d_out], without bias."""
+        ends = self.local_group_ends()
         if self.decodes_code_sparsely(code):
             # Entries are sorted by (sample, latent) and groups are latent ranges, so bag ids
             # sample * n_groups + group are already ascending.
-            group = torch.bucketize(code.indices, self.group_ends, right=True)
+            n_groups = len(ends)
+            group = torch.bucketize(code.indices, ends, right=True)
             bags = SparseCode(
                 code.indices, code.values, code.n_rows * n_groups, code.rows * n_groups + group
             )
-            return bags.decode(self.W_dec).reshape(code.n_rows, n_groups, self.d_out)
-        parts = zip(
-            acts.split(self.group_sizes, -1), self.W_dec.split(self.group_sizes), strict=True
-        )
+            decoded = decode_with_latent_bags(bags, self.W_dec)
+            return decoded.reshape(code.n_rows, n_groups, self.d_out)
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+        W_dec = self.W_dec.to(acts.dtype)
+        parts = zip(acts.split(sizes, -1), W_dec.split(sizes), strict=True)
         return torch.stack([a @ w for a, w in parts], dim=1)
+
+    def local_group_ends(self) -> Tensor:
+        """Where each group ends among the latents this module holds (all of them here; a
+        latent-sharded member holds a slice, ``parallel/sharded.py``)."""
+        return self.group_ends
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
         code, pre_acts = self._encode(x_n)
         acts = None if self.decodes_code_sparsely(code) else code.to_dense(self.d_sae)
-        prefix_x_hat = self.group_decode(code, acts).cumsum(1) + self.b_dec
+        groups = self.group_decode(code, acts)
         lead = x_n.shape[:-1]
         return SAEOutput(
-            x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_out),
+            x_hat=(groups.sum(1) + self.b_dec).reshape(*lead, self.d_out),
             acts=None if acts is None else acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
-            extras={"prefix_x_hat": prefix_x_hat, "encoder_input": x_n},
+            extras={"group_x_hat": groups, "encoder_input": x_n},
             code=code,
             acts_shape=(*lead, self.d_sae),
         )
 
+    def prefix_reconstructions(self, out: SAEOutput) -> Tensor:
+        """Every prefix's reconstruction of ``out``'s rows, [n, n_groups, d_out]: prefix m
+        decodes groups 0..m alone, plus ``b_dec`` (the training loss never builds these)."""
+        return out.extras["group_x_hat"].cumsum(1) + self.b_dec
+
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
-        x = x_n.reshape(-1, 1, self.d_out)
-        per_prefix = (out.extras["prefix_x_hat"] - x).pow(2).sum(-1).mean(0)
+        x = x_n.reshape(-1, self.d_out)
+        # In training on CPU the errors' tensor is handed back after each backward and reused:
+        # a fresh [n, groups, d] tensor is a fresh mapping whose page faults cost about as much
+        # as the cumulative sum itself (as the pre-activations, TopKSAE.recycle).
+        reuse = self.training and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        pool = self.__dict__.setdefault("_spare_errors", []) if reuse else None
+        per_prefix = prefix_squared_errors(out.extras["group_x_hat"], self.b_dec, x, pool)
         reduced = per_prefix.sum() if self.hparams.prefix_loss == "sum" else per_prefix.mean()
         terms = {"prefix_mse": reduced}
         if self.hparams.aux_coefficient > 0:
             terms["auxk"] = self.hparams.aux_coefficient * self.auxk_loss(x_n, out)
         return terms
+
+    def train(self, mode: bool = True) -> MatryoshkaSAE:
+        if not mode:
+            self.__dict__.pop("_spare_errors", None)
+        return super().train(mode)
+
+
+class _PrefixSquaredErrors(torch.autograd.Function):
+    """Mean over rows of each prefix's squared error, from the groups' partial reconstructions.
+
+    With ``P[:, g]`` group g's share of the reconstruction, prefix m's error is ``E_m = P_0 +
+    ... + P_m + b_dec - x``. Forward: one cumulative sum into an [n, groups, d] tensor, shifted
+    in place by ``b_dec - x``: it holds every ``E_m``. Backward, with ``w_m`` the gradient of
+    prefix m's value: group g enters every prefix from g on, so its gradient is ``sum over
+    m >= g of 2 w_m E_m / n``, a running sum from the last group down, computed in place in
+    ``E``; ``b_dec`` gets group 0's (it is in every prefix), ``x`` minus that. Through
+    autograd's ``cumsum``, ``sub``, ``pow`` and their backward this took about eight
+    [n, groups, d] tensors; here ``E`` is the only one, and it becomes the gradient of ``P``.
+    Sums in float32 at least (under bf16 autocast ``P`` is bf16), the gradient of ``P`` in its
+    dtype.
+
+    ``pool`` (a list, or None) lends ``E``: the forward takes a tensor from it when one fits,
+    and the backward puts ``E`` back once the gradient in it is handed on (the backward that
+    reads it runs before any later forward can take it).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, groups: Tensor, b_dec: Tensor, x: Tensor, pool: list[Tensor] | None
+    ) -> Tensor:
+        dtype = functools.reduce(torch.promote_types, (groups.dtype, b_dec.dtype, x.dtype))
+        dtype = torch.promote_types(dtype, torch.float32)
+        spare = pool.pop() if pool else None
+        fits = spare is not None and (spare.shape, spare.dtype, spare.device) == (
+            groups.shape,
+            dtype,
+            groups.device,
+        )
+        errors = torch.cumsum(groups, 1, dtype=dtype, out=spare if fits else None)
+        errors += (b_dec.to(dtype) - x.to(dtype))[:, None]
+        ctx.save_for_backward(errors)
+        ctx.dtypes, ctx.pool = (groups.dtype, b_dec.dtype, x.dtype), pool
+        # Squared norms of each (row, prefix) first: a reduction over the contiguous last
+        # dimension, several times faster than one over rows and features at once.
+        per_row = torch.linalg.vector_norm(errors, dim=2).square_()
+        return per_row.sum(0) / errors.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_per_prefix: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        # The gradient is made in place of the saved errors: a second backward through a
+        # retained graph fails autograd's version check rather than reading gradients.
+        (errors,) = ctx.saved_tensors
+        groups_dtype, b_dec_dtype, x_dtype = ctx.dtypes
+        grad = errors.mul_((2 / errors.shape[0]) * grad_per_prefix.to(errors.dtype)[:, None])
+        for group in range(grad.shape[1] - 2, -1, -1):
+            grad[:, group] += grad[:, group + 1]
+        grad_b_dec = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = grad[:, 0].sum(0).to(b_dec_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_x = grad[:, 0].neg().to(x_dtype)
+        grad_groups = grad.to(groups_dtype) if ctx.needs_input_grad[0] else None
+        if ctx.pool is not None:
+            ctx.pool[:] = [errors]
+        return grad_groups, grad_b_dec, grad_x, None
+
+
+def prefix_squared_errors(
+    groups: Tensor, b_dec: Tensor, x: Tensor, pool: list[Tensor] | None = None
+) -> Tensor:
+    """``(groups.cumsum(1) + b_dec - x[:, None]).pow(2).sum(-1).mean(0)``, the mean over the
+    rows of each prefix's squared error, [n_groups], from ``groups`` [n, n_groups, d] (each
+    group's share of the reconstruction of ``x`` [n, d], without ``b_dec``), with one
+    [n, n_groups, d] tensor instead of autograd's several, lent by ``pool`` when it has one
+    (:class:`_PrefixSquaredErrors`)."""
+    return _PrefixSquaredErrors.apply(groups, b_dec, x, pool)

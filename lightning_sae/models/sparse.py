@@ -120,42 +120,42 @@ def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
     flat order are kept (:func:`keep_above_and_first_ties`), so a batch split over ranks in
     row order keeps the same entries (BatchTopK's global top-k).
 
-    On CPU in two stages, against one top-k over all ``n * d`` entries (that flat top-k cost
-    about one encoder product, most of a BatchTopK step: docs/benchmarks.md). First every row's
-    ``per_row`` largest (twice a row's average share) and the ``count`` largest of those. An
-    entry left out is at most its row's smallest candidate, so only a row whose smallest
-    candidate reaches the cut-off can hold more of the answer; such rows (few: those using far
-    more latents than average) join with all their entries, and the ``count`` largest of that
-    union are the answer. Raising the cut-off cannot make another row overflow, so one round is
-    exact, and the union holds every entry tied at the cut-off. On CUDA, where finding the rows
-    that overflow would be a synchronisation and the flat top-k is a radix select, the flat
-    top-k runs directly (not measured on a GPU).
+    On CPU through group maxima, as :func:`row_top_k` per row, against one top-k over all
+    ``n * d`` entries (that flat top-k cost about one encoder product, most of a BatchTopK
+    step: docs/benchmarks.md). The flat entries are cut into groups of up to
+    :data:`ROW_TOP_K_GROUP` consecutive ones (a group may span two rows), and the ``floor`` is
+    the ``count``-th largest group maximum. Exact: the ``count`` groups with the largest maxima
+    hold ``count`` entries of at least the floor, so the cut-off (the ``count``-th largest entry)
+    is at least the floor, and every entry at or above the cut-off, ties included, lies in a
+    group whose maximum reaches the floor. The entries of those groups that reach the floor (few
+    more than ``count`` unless the large entries crowd into the same groups) are gathered in
+    flat order, and the cut-off is the ``count``-th largest of them. Groups are made smaller
+    where ``count`` is a large share of the batch, so that at least half of the groups can be
+    left out; below groups of 4 the flat top-k runs. On CUDA, where compacting the candidates
+    would be a synchronisation and the flat top-k is a radix select, the flat top-k runs
+    directly (not measured on a GPU).
     """
-    n, d = scores.shape
     if count == 0:
         return scores.new_empty(0), torch.empty(0, dtype=torch.long, device=scores.device)
-    per_row = min(d, 2 * -(-count // max(n, 1)))
-    if scores.device.type != "cpu" or not 0 < per_row < d:
-        flat_scores = scores.flatten()
+    flat_scores = scores.reshape(-1)
+    group = ROW_TOP_K_GROUP
+    while group >= 4 and (flat_scores.numel() % group or flat_scores.numel() // group < 2 * count):
+        group //= 2
+    if scores.device.type != "cpu" or group < 4:
         cutoff = flat_scores.topk(count, sorted=False).values.min()
         ties = count - (flat_scores > cutoff).sum()
         keep = keep_above_and_first_ties(flat_scores, cutoff, ties)
         flat = torch.nonzero_static(keep, size=count).squeeze(1)  # no host synchronisation
         return flat_scores[flat], flat
-    candidates, columns = row_top_k(scores, per_row)
-    flat = (torch.arange(n, device=scores.device)[:, None] * d + columns).flatten()
-    candidates = candidates.flatten()
-    cutoff = candidates.topk(count, sorted=False).values.min()
-    overflowing = candidates.view(n, per_row).amin(1) >= cutoff
-    rows = overflowing.nonzero().squeeze(1)  # computed in place on CPU: nothing to wait for
-    if rows.numel():
-        kept = ~overflowing.repeat_interleave(per_row)
-        whole_rows = (rows[:, None] * d + torch.arange(d, device=scores.device)).flatten()
-        candidates = torch.cat([candidates[kept], scores[rows].flatten()])
-        flat = torch.cat([flat[kept], whole_rows])
-        cutoff = candidates.topk(count, sorted=False).values.min()
-    flat, order = flat.sort()  # flat order, so that the first ties are the earliest
-    candidates = candidates[order]
+    groups = flat_scores.view(-1, group)
+    maxima = groups.amax(1)
+    floor = maxima.topk(count, sorted=False).values.min()
+    reaching = (maxima >= floor).nonzero().squeeze(1)  # ascending: the groups in flat order
+    members = groups.index_select(0, reaching)
+    slots, offsets = (members >= floor).nonzero(as_tuple=True)  # row-major: flat order kept
+    candidates = members[slots, offsets]
+    flat = reaching[slots] * group + offsets
+    cutoff = candidates.kthvalue(candidates.numel() - count + 1).values
     keep = keep_above_and_first_ties(candidates, cutoff, count - (candidates > cutoff).sum())
     return candidates[keep], flat[keep]
 
@@ -270,3 +270,54 @@ def sparse_encoder_values(
     if code.rows is None:
         return pre_acts.gather(1, code.indices)
     return pre_acts[code.rows, code.indices]
+
+
+class _DecoderGradientByLatent(torch.autograd.Function):
+    """The identity on a sparse decode's output, giving ``W_dec`` its gradient: for latent j,
+    the sum over the entries of j of ``value * grad[bag]``, one ``embedding_bag`` with a bag
+    per latent (as the encoder's weight gradient in :class:`_SparseEncoderGather`).
+
+    embedding_bag's own weight backward took 30-40 ms more for 131k entries of 512 features
+    on one CPU thread (docs/benchmarks.md); results are equal in float32.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, decoded: Tensor, W_dec: Tensor, values: Tensor, latents: Tensor,
+        bags: Tensor,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(values, latents, bags)
+        ctx.W_dec_shape, ctx.W_dec_dtype = W_dec.shape, W_dec.dtype
+        return decoded.view_as(decoded)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        values, latents, bags = ctx.saved_tensors
+        grad_W = None
+        if ctx.needs_input_grad[1]:
+            by_latent, order = latents.sort(stable=True)
+            d_sae = ctx.W_dec_shape[0]
+            starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
+            dtype = ctx.W_dec_dtype
+            grad_W = F.embedding_bag(
+                bags[order], grad.to(dtype), starts, mode="sum",
+                per_sample_weights=values[order].to(dtype),
+            )  # fmt: skip
+        return grad, grad_W, None, None, None
+
+
+def decode_with_latent_bags(code: SparseCode, W_dec: Tensor) -> Tensor:
+    """``code.decode(W_dec)``, with the same values and gradients, whose backward computes
+    ``W_dec``'s gradient by :class:`_DecoderGradientByLatent` instead of embedding_bag's own
+    weight backward (the values' gradient is still embedding_bag's). On CPU only, where it was
+    measured faster; elsewhere ``code.decode`` itself."""
+    if not (torch.is_grad_enabled() and W_dec.requires_grad and W_dec.device.type == "cpu"):
+        return code.decode(W_dec)
+    detached = SparseCode(code.indices, code.values, code.n_rows, code.rows)
+    decoded = detached.decode(W_dec.detach())
+    latents = code.indices.reshape(-1)
+    bags = _entry_rows(code.indices, code.rows)
+    values = code.values.detach().reshape(-1)
+    return _DecoderGradientByLatent.apply(decoded, W_dec, values, latents, bags)

@@ -32,12 +32,17 @@ from lightning_sae.models.sparse import (
     DecodeImpl,
     SparseCode,
     check_decode_impl,
+    decode_with_latent_bags,
     decodes_sparsely,
     keep_above_and_first_ties,
     largest_of_batch,
     row_top_k,
     sparse_encoder_values,
 )
+
+# The TopK family's dead window: the tokens in which an average latent fires this many times
+# (docs/defaults.md, "Dead latents of the TopK family").
+DEAD_WINDOW_AVERAGE_FIRINGS = 100
 
 
 class TopKSAE(SparseAutoencoder):
@@ -48,17 +53,23 @@ class TopKSAE(SparseAutoencoder):
     residual already excludes ``b_dec``, so the auxiliary reconstruction is W_dec-only (adding
     ``b_dec`` again, as some implementations do, biases the target). The term is scaled by
     min(n_dead / aux_k, 1), so that a handful of dead latents do not receive the full weight.
-    A latent is dead when it has not fired for ``dead_window_tokens`` tokens (base class).
+    A latent is dead when it has not fired for ``dead_window_tokens`` tokens (base class); by
+    default the tokens in which an average latent fires 100 times (``100 * d_sae / k``, at
+    most 10M: :meth:`default_dead_window_tokens`), so that AuxK engages in runs of any length.
 
     Args:
         k: active latents per sample.
         aux_k: dead latents used by AuxK per sample; default ``d_in // 2``.
-        aux_coefficient: weight of AuxK; 0 turns it off.
+        aux_coefficient: weight of AuxK; 0 turns it off. Default 1 (SAELens's), on the same
+            raw squared error as the main MSE, so their ratio does not move with the data's
+            scale (docs/defaults.md: 1/32 on the raw error revived fewer latents on the toy and
+            MiniLM data).
         auxk_normalization: ``none`` (the squared error as it is) or ``residual_variance``: the
             squared error divided by the residual's variance over the (global) batch, the error
             of its best constant predictor, as in Gao et al.'s code (a normalised MSE; their
-            coefficient of 1/32 goes with this form). It makes the term scale-free, so its
-            weight no longer moves with how well the main pass reconstructs.
+            coefficient of 1/32 goes with this form, and with their MSE normalised too). It
+            makes the term scale-free, so its weight no longer moves with how well the main
+            pass reconstructs.
         decode_impl: ``dense`` (acts @ W_dec), ``sparse`` (embedding_bag over the k active rows)
             or ``auto`` (sparse up to a density k / d_sae measured per device type: 1/16 on
             CPU, 1/64 on CUDA; see ``SPARSE_DECODE_MAX_DENSITY`` and docs/benchmarks.md).
@@ -71,7 +82,7 @@ class TopKSAE(SparseAutoencoder):
         *args: Any,
         k: int = 32,
         aux_k: int | None = None,
-        aux_coefficient: float = 1 / 32,
+        aux_coefficient: float = 1.0,
         auxk_normalization: Literal["none", "residual_variance"] = "none",
         decode_impl: DecodeImpl = "auto",
         **kwargs: Any,
@@ -101,6 +112,24 @@ class TopKSAE(SparseAutoencoder):
         # Measured (docs/defaults.md): on MiniLM, clipping at 1 lowers the FVU by ~0.02 at k
         # 16, 32 and 64 (the gap to SAELens, which clips at 1 in its trainer step).
         return 1.0
+
+    def default_dead_window_tokens(self) -> int:
+        """The tokens in which a latent firing at the average rate (k / d_sae per token) fires
+        ``DEAD_WINDOW_AVERAGE_FIRINGS`` times, at most the base class's 10M.
+
+        A window fixed in tokens suits one size of run: 10M (Gao et al.'s) never engages AuxK
+        in a run of fewer tokens, and a latent that fires once per few thousand tokens is
+        already useless to a small dictionary (docs/defaults.md: on the toy side-by-side no
+        latent stayed silent for 1000 steps of 256 while 173 of 512 never fired on 8192
+        held-out samples). Sized by the dictionary, the window grows with d_sae / k as
+        legitimately rare features do. The whole dictionary's d_sae (``hparams``), so that
+        a latent-sharded member judges as the whole module does.
+        """
+        # the tokens between two firings of an average latent
+        average_gap = self.hparams.d_sae / self.hparams.k
+        return min(
+            super().default_dead_window_tokens(), round(DEAD_WINDOW_AVERAGE_FIRINGS * average_gap)
+        )
 
     def decodes_sparsely(self, active_per_sample: int) -> bool:
         return decodes_sparsely(
@@ -173,7 +202,7 @@ class TopKSAE(SparseAutoencoder):
         """W_dec-part of the reconstruction (no bias), sparse or dense as configured; ``acts``
         (the dense activations) is needed only for a dense decode."""
         if self.decodes_code_sparsely(code):
-            return code.decode(self.W_dec)
+            return decode_with_latent_bags(code, self.W_dec)
         return acts @ self.W_dec
 
     def forward_normalized(self, x_n: Tensor) -> SAEOutput:
@@ -211,7 +240,7 @@ class TopKSAE(SparseAutoencoder):
         code = SparseCode(dead_latents[slots], pre_acts.new_empty(0), pre_acts.shape[0])
         code.values = self.encoder_values(code, out)
         if self.decodes_sparsely(k_aux):
-            residual_hat = code.decode(self.W_dec)
+            residual_hat = decode_with_latent_bags(code, self.W_dec)
         else:
             residual_hat = code.to_dense(self.d_sae) @ self.W_dec
         # The residual is the target; its gradient would push the main pass, not the dead ones.
@@ -308,28 +337,31 @@ class BatchTopKSAE(TopKSAE):
         gathering those candidates (one all_gather of k * global batch values per rank, not the
         pre-activations) gives the global cut-off exactly.
         """
-        world = dist.get_world_size()
-        n_global = min(self.k * pre_acts.shape[0], pre_acts.numel()) * world
-        candidates, _ = largest_of_batch(pre_acts.detach(), min(n_global, pre_acts.numel()))
+        world, n = dist.get_world_size(), pre_acts.shape[0]
+        n_global = min(self.k * n, pre_acts.numel()) * world
+        candidates, flat = largest_of_batch(pre_acts.detach(), min(n_global, pre_acts.numel()))
         gathered = [torch.empty_like(candidates) for _ in range(world)]
         dist.all_gather(gathered, candidates)
         everyone = torch.cat(gathered)
         cutoff = everyone.topk(n_global, sorted=False).values.min()
         # Of the entries tied at the cut-off, the first in the global batch's row order, as
         # one process keeps them (largest_of_batch): those of the lower ranks first. A rank's
-        # candidates hold as many of its ties as it may be given (its own n_global largest).
+        # candidates hold all of its entries above the cut-off (fewer than n_global, globally)
+        # and as many of its ties as it may be given (its own n_global largest, first ties
+        # first), so the kept entries are chosen among them, in flat order.
         ties = torch.stack([(rank_candidates == cutoff).sum() for rank_candidates in gathered])
         ties_before = (ties.cumsum(0) - ties)[dist.get_rank()]
         ours = n_global - (everyone > cutoff).sum() - ties_before
-        code = SparseCode.from_mask(keep_above_and_first_ties(pre_acts, cutoff, ours), pre_acts)
-        code.values = torch.relu(code.values)  # ReLU after selecting, as in one process
-        return code
+        keep = keep_above_and_first_ties(candidates, cutoff, ours)
+        flat = flat[keep]
+        # ReLU after selecting, as in one process.
+        return SparseCode(flat % self.d_sae, torch.relu(candidates[keep]), n, flat // self.d_sae)
 
     @torch.no_grad()
     def _update_threshold(self, values: Tensor) -> None:
         # The smallest kept positive activation of the global batch (inf when none): the
         # minimum over ranks' minima. Decided on the device: no host transfer per step.
-        inf = values.new_tensor(float("inf"))
+        inf = values.new_full((), float("inf"))  # a fill: a copy would wait
         batch_min = torch.where(values > 0, values, inf).min() if values.numel() else inf
         batch_min = batch_min.to(self.threshold.dtype)  # values are bf16 under autocast
         if _is_distributed():

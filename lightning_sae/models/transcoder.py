@@ -30,7 +30,15 @@ value per input dimension, constant within a layer). A site whose activations ar
 larger than another's (residual streams grow with depth; an MLP's output is often far smaller
 than its input) then weighs as much in the loss, instead of dominating it. Exporting folds the
 factors into the weights (``W_enc`` by the input's, ``W_dec`` and ``b_dec`` by the output's,
-``W_skip`` by their ratio), so the exported dictionary reads and writes model units.
+``W_skip`` by their ratio), so the exported dictionary reads and writes model units. The
+logged ``train/fvu`` and ``val/fvu`` are those of the model's units too: a transcoder's FVU
+does not see its output site's one scale, and a crosscoder reports its mse and fvu on its
+reconstruction unscaled layer by layer (:meth:`CrossCoding.in_reported_units`), since one scale
+per layer would change the FVU.
+
+Defaults (docs/defaults.md, measured on MiniLM): a transcoder's encoder starts with unit columns
+(``encoder_init_scale`` 1, :meth:`Transcoding.default_encoder_init_scale`); clipping and Adam's
+betas are its variant's. A crosscoder takes its variant's defaults as they are.
 """
 
 from __future__ import annotations
@@ -166,6 +174,14 @@ class Transcoding:
         # The output site's own factor (module docstring); fitted with the input's.
         self.register_buffer("output_scale", torch.tensor(1.0))
         self.val_mse, self.val_fvu = MSE(), FVU(self.d_out)
+
+    def default_encoder_init_scale(self) -> float:
+        # The encoder is drawn apart from the decoder (it reads another site), so the SAE's
+        # reason for a smaller start (the transpose's first reconstruction is too large) does
+        # not hold; measured on MiniLM (docs/defaults.md), the SAEs' smaller starts left most
+        # latents dead (TopK 425 of 1536 at d_sae/d_in 4, L1 1085, JumpReLU 1366) where unit
+        # columns left 151, 557 and 561, at about the same FVU or lower.
+        return 1.0
 
     # ----------------------------------------------------------------- per-site scales
     @torch.no_grad()
@@ -307,6 +323,12 @@ class CrossCoding:
 
     def scale_metadata(self) -> dict[str, Any]:
         return {"input_scale": self.input_scale[:: self.d_layer].tolist()}  # one per layer
+
+    def in_reported_units(self, x_hat_n: Tensor, y_n: Tensor) -> tuple[Tensor, Tensor]:
+        # Each layer's own scale weighs the layers alike in the loss, but would make the
+        # reported mse and fvu differ from what the crosscoder does to the model's activations
+        # (and from the exported crosscoder's): report those in the model's units.
+        return x_hat_n / self.input_scale, y_n / self.input_scale
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Saved before per-layer scales: one factor for every layer.

@@ -58,7 +58,7 @@ from lightning_sae.models.penalties import (
     l1_penalty,
     shaped_orthogonality,
 )
-from lightning_sae.models.sparse import SparseCode
+from lightning_sae.models.sparse import SparseCode, largest_of_batch
 from lightning_sae.models.topk import BatchTopKSAE
 from lightning_sae.parallel.comm import (
     all_reduce,
@@ -330,7 +330,8 @@ class ShardedSAE:
         is another site (a transcoder's input), checked for finiteness with it."""
         shard = self.shard
         values = self._global_terms(terms)
-        x64, x_hat64 = x_n.double(), out.x_hat.detach().double()
+        x_hat, x_n = self.in_reported_units(out.x_hat.detach(), x_n)
+        x64, x_hat64 = x_n.double(), x_hat.double()
         fired = out.fired(self.d_sae).double()
         scalars = torch.stack(
             [
@@ -418,8 +419,9 @@ class ShardedSAE:
         first = self.shard.latent_rank == 0
         rows = slice(None) if first else slice(0, 0)
         self.val_l0.update(out.acts)
-        self.val_mse.update(out.x_hat[rows], x_n[rows])
-        self.val_fvu.update(out.x_hat[rows], x_n[rows])
+        x_hat, x_n = self.in_reported_units(out.x_hat[rows], x_n[rows])
+        self.val_mse.update(x_hat, x_n)
+        self.val_fvu.update(x_hat, x_n)
         self.val_dead.update(out.acts)
         for name in ("l0", "mse", "fvu"):
             self.log(f"val/{name}", getattr(self, f"val_{name}"))
@@ -511,7 +513,8 @@ class ShardedBatchTopK(ShardedTopK):
         group = shard.world_group if self.training else shard.latent_group
         count = min(self.k * rows, rows * shard.d_sae)
         scores = pre_acts.detach()
-        candidates = scores.flatten().topk(min(count, scores.numel()), sorted=False).values
+        # This member's count largest: the only ones that can be among the mesh's count largest.
+        candidates, _ = largest_of_batch(scores, min(count, scores.numel()))
         cutoff = gather_last(candidates, group).topk(count, sorted=False).values.min()
         code = SparseCode.from_mask(self._above_and_first_ties(scores, cutoff, count), pre_acts)
         code.values = torch.relu(code.values)
@@ -553,23 +556,14 @@ class ShardedBatchTopK(ShardedTopK):
 
 
 class ShardedMatryoshka(ShardedBatchTopK):
-    def forward_normalized(self, x_n: Tensor) -> SAEOutput:
-        code, pre_acts = self._encode(x_n)
-        acts = code.to_dense(self.d_sae)
-        start, bounds = self.shard.start, [0, *self.group_ends.tolist()]
-        parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            lo, hi = (min(max(b - start, 0), self.d_sae) for b in (lo, hi))
-            parts.append(acts[:, lo:hi] @ self.W_dec[lo:hi].to(acts.dtype))
-        partial = torch.stack(parts, dim=1)  # [n, n_groups, d_in], this member's latents
-        prefix_x_hat = reduce_from_shards(partial, self.shard.latent_group).cumsum(1) + self.b_dec
-        lead = x_n.shape[:-1]
-        return SAEOutput(
-            x_hat=prefix_x_hat[:, -1].reshape(*lead, self.d_in),
-            acts=acts.reshape(*lead, self.d_sae),
-            pre_acts=pre_acts.reshape(*lead, self.d_sae),
-            extras={"prefix_x_hat": prefix_x_hat, "encoder_input": x_n},
-        )
+    def local_group_ends(self) -> Tensor:
+        # A group wholly outside this member's slice is empty here; its share comes from others.
+        return (self.group_ends - self.shard.start).clamp(0, self.d_sae)
+
+    def group_decode(self, code: SparseCode, acts: Tensor | None) -> Tensor:
+        """The groups' shares of the whole dictionary's reconstruction: this member's partial
+        decode of each group, summed over the latent group."""
+        return reduce_from_shards(super().group_decode(code, acts), self.shard.latent_group)
 
 
 class ShardedJumpReLU(ShardedSAE):

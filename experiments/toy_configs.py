@@ -1,0 +1,173 @@
+"""The toy configs' table in docs/variants.md: each config run as a user runs it.
+
+Every config runs through ``lightning-sae fit --config configs/toy/<name>.yaml`` in its own
+process, with nothing changed but the run folder and one added callback that measures the
+ground-truth MMCS every ``--every`` steps (it reads the weights and changes nothing). The final
+FVU, L0, dead fraction and ground-truth MMCS are the ones the command prints and keeps with
+the run (the validation split in eval mode).
+
+    python -m experiments.toy_configs                      # docs/experiments/toy_configs/
+    python -m experiments.toy_configs --configs topk gated # some of them
+    python -m experiments.toy_configs --smoke              # 20 steps of one config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning import Callback, LightningModule, Trainer
+
+from experiments._common import Timer, markdown_table, parser, start, write, write_json
+from lightning_sae.commands import FINAL_METRICS_FILENAME
+from lightning_sae.metrics.similarity import mean_max_cosine_similarity
+
+ROOT = Path(__file__).resolve().parent.parent
+# The command a user runs, from the environment that runs this script.
+LIGHTNING_SAE = str(Path(sys.executable).with_name("lightning-sae"))
+CONFIGS = ROOT / "configs" / "toy"
+# The configs of the table, in its order.
+TABLE = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "approx_l0", "tanh", "standard")
+CHECKPOINTS = (400, 800)
+THRESHOLD = 0.9
+FINAL_ROWS = {"FVU": "fvu", "L0": "l0", "dead fraction": "dead", "ground-truth MMCS": "gt_mmcs"}
+
+
+class GroundTruthProbe(Callback):
+    """Ground-truth MMCS every ``every`` optimizer steps, appended to the JSON file ``path``."""
+
+    def __init__(self, path: str, every: int = 100) -> None:
+        self.path = Path(path)
+        self.every = every
+        self.curve: list[tuple[int, float]] = []
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and (not self.curve or self.curve[-1][0] != step):
+            features = trainer.datamodule.ground_truth_features
+            gt = float(mean_max_cosine_similarity(features, pl_module.W_dec.detach()))
+            self.curve.append((step, gt))
+            self.path.write_text(json.dumps(self.curve))
+
+
+def final_metrics(text: str) -> dict[str, float]:
+    """The numbers of the command's final-metrics table."""
+    found = {}
+    for label, key in FINAL_ROWS.items():
+        match = re.search(rf"^{re.escape(label)}\s+(-?[0-9.]+)", text, re.MULTILINE)
+        if match:
+            found[key] = float(match[1])
+    return found
+
+
+def run_config(name: str, runs: Path, every: int, max_steps: int | None) -> dict[str, Any]:
+    run_dir = runs / name
+    curve_file = runs / f"{name}_curve.json"
+    probe = {
+        "class_path": "experiments.toy_configs.GroundTruthProbe",
+        "init_args": {"path": str(curve_file), "every": every},
+    }
+    command = [
+        *(LIGHTNING_SAE, "fit"),
+        *("--config", str(CONFIGS / f"{name}.yaml")),
+        *("--trainer.default_root_dir", str(run_dir)),
+        f"--trainer.callbacks+={json.dumps(probe)}",
+    ]
+    if max_steps is not None:
+        command += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10"]
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    }
+    with Timer() as timer:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: lightning-sae fit failed:\n{done.stderr[-3000:]}")
+    final_files = sorted(run_dir.rglob(FINAL_METRICS_FILENAME))
+    final = final_metrics(final_files[-1].read_text() if final_files else done.stdout)
+    curve = json.loads(curve_file.read_text())
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    return {
+        "config": name,
+        "variant": config["model"]["class_path"].rpartition(".")[2],
+        "d_sae": config["model"]["init_args"]["d_sae"],
+        "steps": curve[-1][0] if max_steps is None else max_steps,
+        "final": final,
+        "curve": curve,
+        "seconds": round(timer.seconds),
+    }
+
+
+def row(result: dict[str, Any]) -> list[Any]:
+    curve = dict(result["curve"])
+    at = " / ".join(f"{curve[s]:.3f}" if s in curve else "-" for s in CHECKPOINTS)
+    first = next(((s, gt) for s, gt in result["curve"] if gt >= THRESHOLD), None)
+    final = result["final"]
+    return [
+        f"`{result['config']}.yaml`",
+        result["variant"],
+        result["d_sae"],
+        result["steps"],
+        f"{final['gt_mmcs']:.3f}",
+        f"{final['fvu']:.3f}",
+        f"{final['l0']:.2f}",
+        f"{final['dead']:.3f}",
+        at,
+        "-" if first is None else f"{first[0]} ({first[1]:.3f})",
+    ]
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], "toy_configs")
+    p.add_argument("--configs", nargs="+", default=list(TABLE), choices=TABLE)
+    p.add_argument("--every", type=int, default=100, help="steps between MMCS probes")
+    p.add_argument("--runs", type=Path, default=Path("runs/experiments/toy_configs"))
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="results.json files of runs made in parts: the table of them all, nothing run",
+    )
+    args = p.parse_args()
+    out = start(args)
+    if args.merge:
+        merged = {}
+        for path in args.merge:
+            merged |= json.loads(path.read_text())
+        write_json(out, "results.json", merged)
+        write_table(out, merged)
+        return
+    max_steps = None
+    if args.smoke:
+        args.configs, args.every, max_steps = args.configs[:1], 10, 20
+        args.runs = args.runs / "smoke"
+    args.runs.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = (
+        {} if args.smoke or not results_file.exists() else json.loads(results_file.read_text())
+    )
+    for name in args.configs:
+        results[name] = run_config(name, args.runs, args.every, max_steps)
+        print(name, results[name]["final"], f"({results[name]['seconds']} s)", flush=True)
+        if not args.smoke:
+            write_json(out, "results.json", results)
+    write_table(out, results)
+
+
+def write_table(out: Path, results: dict[str, Any]) -> None:
+    header = ["config", "variant", "d_sae", "steps", "GT MMCS", "FVU", "L0", "dead"]
+    header += [f"MMCS at {' / '.join(map(str, CHECKPOINTS))} steps", "first probe >= 0.9"]
+    ordered = [results[name] for name in TABLE if name in results]
+    write(out, "table.md", markdown_table(header, [row(r) for r in ordered]))
+
+
+if __name__ == "__main__":
+    main()
