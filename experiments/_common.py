@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,24 @@ def publish(out: Path, text: str, results: Any, results_name: str = "results.jso
     print(text)
     write(out, "table.md", text)
     write_json(out, results_name, results)
+
+
+def run_once(path: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """``run()``'s result, kept in ``path`` as JSON; None, without running, when ``path`` already
+    holds it, so that a sweep stopped part-way resumes where it stopped."""
+    if path.exists():
+        return None
+    result = run()
+    path.write_text(json.dumps(result))
+    return result
+
+
+def fvu_line(name: str, seed: int, row: dict[str, Any]) -> str:
+    """A candidate run's one-line summary: L0, FVU, dead latents and seconds."""
+    return (
+        f"{name} seed {seed}: l0 {row['l0']:.1f} fvu {row['fvu']:.4f} dead {row['dead']} "
+        f"({row['seconds']:.0f}s)"
+    )
 
 
 def quiet_trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:

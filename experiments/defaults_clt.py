@@ -30,6 +30,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,14 @@ import yaml
 from lightning import LightningDataModule
 from torch import Tensor
 
-from experiments._common import DOCS, markdown_table, quiet_trainer, write, write_json
+from experiments._common import (
+    DOCS,
+    markdown_table,
+    quiet_trainer,
+    run_once,
+    write,
+    write_json,
+)
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.toy import ToySuperposition
@@ -409,11 +417,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for name in names:
-            path = work / f"{name}_s{seed}.json"
-            if path.exists():
+            row = run_once(work / f"{name}_s{seed}.json", partial(run, name, seed, data, setup))
+            if row is None:
                 continue
-            row = run(name, seed, data, setup)
-            path.write_text(json.dumps(row))
             layers = " ".join(f"{v:.3f}" for v in row["fvu_layers"])
             gt = f" gt {row['gt_mmcs']:.3f}" if "gt_mmcs" in row else ""
             summary = f"l0 {row['l0']:.1f} fvu {row['fvu']:.4f} [{layers}]{gt} dead {row['dead']}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 from experiments import _minilm
-from experiments._common import DOCS, markdown_table, quiet_trainer, write, write_json
+from experiments._common import (
+    DOCS,
+    fvu_line,
+    markdown_table,
+    quiet_trainer,
+    run_once,
+    write,
+    write_json,
+)
 from experiments.frontier import SavedOrder, prepare_data
 from experiments.frontier_data import DATA_FILE, training_batches
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
@@ -314,13 +323,10 @@ def main() -> None:
             if name not in CANDIDATES:
                 known = ", ".join(CANDIDATES)
                 raise SystemExit(f"error: unknown candidate {name!r}: one of {known}")
-            out = args.work / f"{name}_s{seed}.json"
-            if out.exists():
-                continue
-            row = run(name, seed, tensors, args)
-            out.write_text(json.dumps(row))
-            print(f"{name} seed {seed}: l0 {row['l0']:.1f} fvu {row['fvu']:.4f} "
-                  f"dead {row['dead']} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
+            path = args.work / f"{name}_s{seed}.json"
+            row = run_once(path, partial(run, name, seed, tensors, args))
+            if row is not None:
+                print(fvu_line(name, seed, row), flush=True)
 
 
 if __name__ == "__main__":

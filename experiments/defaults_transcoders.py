@@ -34,6 +34,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,15 @@ import yaml
 from lightning import LightningDataModule
 from torch import Tensor
 
-from experiments._common import DOCS, markdown_table, quiet_trainer, write, write_json
+from experiments._common import (
+    DOCS,
+    fvu_line,
+    markdown_table,
+    quiet_trainer,
+    run_once,
+    write,
+    write_json,
+)
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.models.base import SparseAutoencoder
@@ -267,13 +276,10 @@ def main() -> None:
     sites = load_sites(args.smoke, sites_of(names), args.cache_dir)
     for seed in args.seeds:
         for name in names:
-            out = args.work / f"{name}_s{seed}.json"
-            if out.exists():
-                continue
-            row = run(name, seed, sites, scale)
-            out.write_text(json.dumps(row))
-            print(f"{name} seed {seed}: l0 {row['l0']:.1f} fvu {row['fvu']:.4f} "
-                  f"dead {row['dead']} ({row['seconds']:.0f}s)", flush=True)  # fmt: skip
+            path = args.work / f"{name}_s{seed}.json"
+            row = run_once(path, partial(run, name, seed, sites, scale))
+            if row is not None:
+                print(fvu_line(name, seed, row), flush=True)
 
 
 if __name__ == "__main__":
