@@ -29,7 +29,7 @@ def prepared(**kwargs: object) -> tuple[MatryoshkaSAE, torch.Tensor]:
     with torch.no_grad():
         for param in sae.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    sae.tokens_since_fired[::3] = sae.hparams.dead_window_tokens
+    sae.tokens_since_fired[::3] = sae.dead_window()
     return sae, torch.randn(ROWS, D_IN)
 
 
