@@ -200,6 +200,22 @@ def _entry_rows(indices: Tensor, rows: Tensor | None) -> Tensor:
     return torch.arange(n * k, device=indices.device) // k
 
 
+def _sum_per_latent(
+    latents: Tensor, rows: Tensor, table: Tensor, weights: Tensor, d_sae: int
+) -> Tensor:
+    """[d_sae, table's width]: for each latent j, the sum over the entries of j of ``weights[e] *
+    table[rows[e]]``: one ``embedding_bag`` with a bag per latent (entries sorted by latent,
+    rows along). The weight gradient of a sparse encode or decode; torch's own embedding_bag
+    weight backward took 30-40 ms more for 131k entries of 512 features on one CPU thread.
+    Stable: each latent's rows in row order, so the sums are reproducible (and the stable
+    integer sort is the faster one on CPU)."""
+    by_latent, order = latents.sort(stable=True)
+    starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
+    return F.embedding_bag(
+        rows[order], table, starts, mode="sum", per_sample_weights=weights[order]
+    )
+
+
 class _SparseEncoderGather(torch.autograd.Function):
     """``pre_acts`` at the code's entries; gradients for x, W_enc and bias through those alone.
 
@@ -239,15 +255,8 @@ class _SparseEncoderGather(torch.autograd.Function):
         latents = indices.reshape(-1)
         grad_x = grad_W = grad_bias = None
         if needs_W:
-            # One bag per latent holding the rows that selected it (latents sorted, rows along).
-            # Stable: each latent's rows in row order, so the sums are reproducible (and the
-            # stable integer sort is the faster one on CPU).
-            by_latent, order = latents.sort(stable=True)
-            starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
-            entry_rows = _entry_rows(indices, rows)[order]
-            grad_W = F.embedding_bag(
-                entry_rows, x.to(W_enc.dtype), starts, mode="sum", per_sample_weights=grad[order]
-            ).T
+            entry_rows = _entry_rows(indices, rows)
+            grad_W = _sum_per_latent(latents, entry_rows, x.to(W_enc.dtype), grad, d_sae).T
         if needs_bias:
             grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad).to(ctx.bias_dtype)
         if needs_x:
@@ -297,14 +306,10 @@ class _DecoderGradientByLatent(torch.autograd.Function):
         values, latents, bags = ctx.saved_tensors
         grad_W = None
         if ctx.needs_input_grad[1]:
-            by_latent, order = latents.sort(stable=True)
-            d_sae = ctx.W_dec_shape[0]
-            starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
             dtype = ctx.W_dec_dtype
-            grad_W = F.embedding_bag(
-                bags[order], grad.to(dtype), starts, mode="sum",
-                per_sample_weights=values[order].to(dtype),
-            )  # fmt: skip
+            grad_W = _sum_per_latent(
+                latents, bags, grad.to(dtype), values.to(dtype), ctx.W_dec_shape[0]
+            )
         return grad, grad_W, None, None, None
 
 
