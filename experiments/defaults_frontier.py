@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning import Callback, LightningModule, Trainer
 from safetensors.torch import load_file
 
 from experiments import _minilm
@@ -113,13 +114,37 @@ for _k in (16, 32, 64):
 CANDIDATES |= {
     "topk4": ("topk", {"k": 4}, {}),
     "topk4_prev": ("topk", {"k": 4} | PREV_AUXK, {}),
+    "topk8": ("topk", {"k": 8}, {}),
+    "topk8_prev": ("topk", {"k": 8} | PREV_AUXK, {}),
     # the default window with the earlier AuxK weight 1/32
     **{
         f"topk{k}_a0.03": ("topk", {"k": k, "aux_coefficient": 1 / 32}, {}) for k in (4, 16, 32, 64)
     },
     "topk4_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0}, {}),
     "topk4_prev_noclip": ("topk", {"k": 4, "gradient_clip_norm": 0.0} | PREV_AUXK, {}),
+    "topk4_a0.03_noclip": (
+        "topk",
+        {"k": 4, "aux_coefficient": 1 / 32, "gradient_clip_norm": 0.0},
+        {},
+    ),
 }
+# Why AuxK at weight 1 costs at k 4 (docs/defaults.md, "Dead latents of the TopK family"):
+# "aX" AuxK weight X, "auxkN" N dead latents per sample in AuxK (the class's d_in / 2 = 192
+# here), "dwNk" a dead window of N thousand tokens (the default's 19.2k at k 4), "clipN" the
+# gradient's norm clipped at N; the rest this tree's defaults.
+for _k in (4, 8, 16, 32, 64):
+    for _weight in (1 / 8, 1 / 4, 1 / 2):
+        CANDIDATES[f"topk{_k}_a{_weight:g}"] = ("topk", {"k": _k, "aux_coefficient": _weight}, {})
+    for _aux_k in (4, 8, 16, 32, 64, 128, 384):
+        CANDIDATES[f"topk{_k}_auxk{_aux_k}"] = ("topk", {"k": _k, "aux_k": _aux_k}, {})
+    for _window in (5, 10, 50) if _k < 16 else ():  # k 16-64: the "dwNk_a1" rows above
+        CANDIDATES[f"topk{_k}_dw{_window}k_a1"] = (
+            "topk",
+            {"k": _k, "dead_window_tokens": _window * 1000},
+            {},
+        )
+    for _clip in (2.0, 4.0):
+        CANDIDATES[f"topk{_k}_clip{_clip:g}"] = ("topk", {"k": _k, "gradient_clip_norm": _clip}, {})
 CANDIDATES |= {
     "btopk32_old": _topk("batchtopk", 32, 1.0),
     "btopk32_old_clip": _topk("batchtopk", 32, 1.0, 1.0),
@@ -245,12 +270,52 @@ def candidate_sae(
     return sae
 
 
+class TermGradients(Callback):
+    """Every ``every`` steps, the gradient's norm of each loss term alone and of their sum, and
+    the factor the step's clipping scales the summed gradient by: how much of the clipped
+    step a term takes. An extra forward and backward per traced step, on the batch the step
+    is about to take, with the same dead latents (the clock moves after the loss)."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_start(
+        self, trainer: Trainer, sae: LightningModule, batch: torch.Tensor, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every:
+            return
+        x_n = sae.normalize(batch)
+        terms = sae.loss_terms(x_n, sae.forward_normalized(x_n))
+        params = [p for p in sae.parameters() if p.requires_grad]
+        row = {"step": float(trainer.global_step), "dead": float(sae.dead_count())}
+        summed = [torch.zeros_like(p) for p in params]
+        for name, term in terms.items():
+            grads = (  # AuxK is a constant 0 while no latent is dead
+                torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                if term.requires_grad
+                else [None] * len(params)
+            )
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+            ]
+            row[name] = float(term)
+            row[f"grad_{name}"] = float(torch.nn.utils.get_total_norm(grads))
+            summed = [s + g for s, g in zip(summed, grads, strict=True)]
+        total = float(torch.nn.utils.get_total_norm(summed))
+        clip = sae.gradient_clip_max_norm()
+        row |= {"grad_total": total, "clip_factor": min(1.0, clip / total) if clip > 0 else 1.0}
+        self.rows.append(row)
+
+
 def run(name: str, seed: int, tensors: dict[str, torch.Tensor], args: Any) -> dict[str, Any]:
     torch.manual_seed(seed)
     train, val = tensors["train"], tensors["val"]
     order = training_batches(tensors, seed)
     sae = candidate_sae(name, train.shape[1], args.d_sae, args.lr, seed, train[order[0]])
-    trainer = quiet_trainer(len(order), [DecoderNormConstraint()], **CANDIDATES[name][2])
+    trace = [TermGradients()] if args.trace else []
+    callbacks = [DecoderNormConstraint(), *trace]
+    trainer = quiet_trainer(len(order), callbacks, **CANDIDATES[name][2])
     started = time.perf_counter()
     trainer.fit(sae, SavedOrder(train, order))
     measured = _minilm.evaluate(sae, val)
@@ -259,7 +324,8 @@ def run(name: str, seed: int, tensors: dict[str, torch.Tensor], args: Any) -> di
         threshold = sae.threshold.detach()
         row |= {"threshold_" + k: float(f(threshold)) for k, f in
                 (("min", torch.min), ("median", torch.median), ("max", torch.max))}  # fmt: skip
-    return row | {"name": name, "seed": seed, "seconds": time.perf_counter() - started}
+    row |= {"name": name, "seed": seed, "seconds": time.perf_counter() - started}
+    return row | ({"trace": trace[0].rows} if trace else {})
 
 
 def table(work: Path, out: Path, stem: str = "frontier") -> None:
@@ -299,6 +365,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=DOCS / "defaults")
     p.add_argument("--stem", default="frontier", help="--table writes table_STEM.md")
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="every 10 steps, each loss term's gradient norm and the clipping factor (in the "
+        "run's JSON; an extra forward and backward per traced step)",
+    )
     _minilm.add_data_options(p)
     args = p.parse_args()
     torch.set_num_threads(1)
