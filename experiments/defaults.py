@@ -115,9 +115,9 @@ for _steps in (10, 25, 50, 100, 250, 1000):
             1.0,
         ),
     }
-# AuxK's dead latents per sample ("auxkN"; the class's d_in / 2 = 64 here) on the TopK default
-# (topk_dw25_a1): a number tied to k instead of d_in (docs/defaults.md, "Dead latents of the
-# TopK family": at k 4 on MiniLM, fewer revive more).
+# AuxK's dead latents per sample ("auxkN"; d_in / 2 = 64 here, the class's default before it
+# became k) on the TopK default (topk_dw25_a1): a number tied to k instead of d_in
+# (docs/defaults.md, "AuxK at low k": at k 4 on MiniLM, fewer revive more).
 for _aux_k in (4, 8, 16, 32):
     CANDIDATES[f"topk_dw25_a1_auxk{_aux_k}"] = (
         "topk",
@@ -126,6 +126,11 @@ for _aux_k in (4, 8, 16, 32):
         None,
         1.0,
     )
+# aux_k was d_in / 2 (64 here) until it became k: the TopK candidates that do not name it keep
+# the number they were measured with.
+for _variant, _options, *_ in CANDIDATES.values():
+    if _variant == "topk":
+        _options.setdefault("aux_k", 64)
 # JumpReLU, Gated and ApproxL0: the transpose, beta2 0.999 and no clipping were their defaults
 # before this measurement ("s1"); "s0.25" is d_in/d_sae here.
 for _variant, _short in (("jumprelu", "jump"), ("gated", "gated"), ("approx_l0", "al0")):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -129,13 +130,13 @@ CANDIDATES |= {
     ),
 }
 # Why AuxK at weight 1 costs at k 4 (docs/defaults.md, "Dead latents of the TopK family"):
-# "aX" AuxK weight X, "auxkN" N dead latents per sample in AuxK (the class's d_in / 2 = 192
-# here), "dwNk" a dead window of N thousand tokens (the default's 19.2k at k 4), "clipN" the
-# gradient's norm clipped at N; the rest this tree's defaults.
+# "aX" AuxK weight X, "auxkN" N dead latents per sample in AuxK (d_in / 2 = 192 here, the
+# class's default before it became k), "dwNk" a dead window of N thousand tokens (the default's
+# 19.2k at k 4), "clipN" the gradient's norm clipped at N; the rest this tree's defaults.
 for _k in (4, 8, 16, 32, 64):
     for _weight in (1 / 8, 1 / 4, 1 / 2):
         CANDIDATES[f"topk{_k}_a{_weight:g}"] = ("topk", {"k": _k, "aux_coefficient": _weight}, {})
-    for _aux_k in (4, 8, 16, 32, 64, 128, 384):
+    for _aux_k in (4, 8, 16, 32, 64, 128, 192, 384):
         CANDIDATES[f"topk{_k}_auxk{_aux_k}"] = ("topk", {"k": _k, "aux_k": _aux_k}, {})
     for _window in (5, 10, 50) if _k < 16 else ():  # k 16-64: the "dwNk_a1" rows above
         CANDIDATES[f"topk{_k}_dw{_window}k_a1"] = (
@@ -255,6 +256,12 @@ for _c in (
         f"std{_c:g}_s1_clip": ("standard", _l1 | CLIP | {"encoder_init_scale": 1.0}, {}),
         f"std{_c:g}_b2.999_clip": ("standard", _l1 | CLIP | {"betas": (0.9, 0.999)}, {}),
     }
+
+# aux_k was d_in / 2 (192 here) until it became k (docs/defaults.md, "AuxK at low k"): every
+# TopK candidate but the tree's defaults ("topkK") keeps the number it was measured with.
+for _name, (_variant, _options, *_rest) in CANDIDATES.items():
+    if _variant in ("topk", "batchtopk") and not re.fullmatch(r"topk\d+", _name):
+        _options.setdefault("aux_k", 192)
 
 
 def candidate_sae(

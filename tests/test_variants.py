@@ -196,7 +196,18 @@ def test_auxk_is_scaled_by_the_dead_fraction_of_aux_k_and_zero_without_dead_late
     z[:, :2] = out.pre_acts[:, :2].relu()
     unscaled = (z @ sae.W_dec - (x - out.x_hat)).pow(2).sum(-1).mean()
     torch.testing.assert_close(two_dead, 0.25 * unscaled)
-    assert TopKSAE(d_in=D_IN, d_sae=D_SAE).aux_k == D_IN // 2
+
+
+def test_auxk_reconstructs_with_k_dead_latents_by_default() -> None:
+    """aux_k defaults to k, the main pass's number (docs/defaults.md, "AuxK at low k": with
+    d_in / 2 = 192 dead latents per sample against k 4, AuxK's gradient took most of the clipped
+    norm on MiniLM); given, it is used as it is, at most d_sae."""
+    assert TopKSAE(d_in=D_IN, d_sae=D_SAE, k=3).aux_k == 3
+    assert BatchTopKSAE(d_in=D_IN, d_sae=D_SAE, k=5).aux_k == 5
+    transcoder = TopKTranscoder(d_in=D_IN, d_out=D_IN, d_sae=D_SAE, k=6)
+    assert transcoder.aux_k == 6
+    assert TopKSAE(d_in=D_IN, d_sae=D_SAE, k=3, aux_k=7).aux_k == 7
+    assert TopKSAE(d_in=D_IN, d_sae=D_SAE, k=3, aux_k=100).aux_k == D_SAE
 
 
 def test_batch_topk_keeps_k_per_sample_on_average_and_learns_a_threshold() -> None:
