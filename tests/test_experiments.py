@@ -386,10 +386,14 @@ def test_smoke_defaults_frontier(
     from experiments import defaults_frontier
 
     argv = ["--work", str(tmp_path / "w"), "--cache-dir", str(minilm_cache)]
-    run_main(defaults_frontier, [*argv, "topk16", "topk16_old"], monkeypatch)
+    run_main(defaults_frontier, [*argv, "topk16", "topk16_old", "--trace"], monkeypatch)
     run_main(defaults_frontier, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
     table = (tmp_path / "out" / "table_frontier.md").read_text()
     assert "| topk16_old | 0 |" in table and "| topk16 | 0 |" in table
+    # --trace: each loss term's gradient norm at step 0 (no latent dead yet: AuxK is 0)
+    (first, *_) = json.loads((tmp_path / "w" / "topk16_s0.json").read_text())["trace"]
+    assert first["step"] == 0 and first["grad_auxk"] == 0 and first["grad_mse"] > 0
+    assert first["grad_total"] == pytest.approx(first["grad_mse"])
 
 
 def test_smoke_defaults_clt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
