@@ -21,7 +21,9 @@ A candidate is a form and settings, e.g. ``tc_topk32_old_clip``:
   gets): ``old`` (encoder start 1, Adam (0.9, 0.999), no clipping: every variant before the
   measured defaults), ``sX`` (encoder start X), ``clip``/``clipN``/``noclip`` (gradient norm
   clipped at 1 / at N / not), ``b2.X`` (Adam beta2 0.X), ``wuN`` (N warm-up steps), ``sqrt``
-  (encoder start sqrt(d_in/d_sae)).
+  (encoder start sqrt(d_in/d_sae)), ``auxkN`` (AuxK's dead latents per sample: the TopK forms'
+  tables up to 2026-12-06 ran with ``d_in / 2``, 192 for a transcoder and 576 for a crosscoder,
+  before the default became k).
 
 A transcoder's encoder is drawn apart from its decoder (it reads another site), so its "start"
 is the norm of its encoder columns; a crosscoder's is a multiple of the decoder's transpose.
@@ -118,6 +120,8 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
             options["betas"] = (0.9, float("0." + setting[3:]))
         elif setting.startswith("wu"):
             options["lr_warmup_steps"] = int(setting[2:])
+        elif setting.startswith("auxk"):
+            options["aux_k"] = int(setting[4:])
         elif setting.startswith("s"):
             options["encoder_init_scale"] = float(setting[1:])
         else:
