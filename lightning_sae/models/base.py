@@ -33,6 +33,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
+from lightning_sae.models.host_log import LogEntry, log_host_scalars
 from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
 from lightning_sae.models.sparse import SparseCode
 
@@ -711,14 +712,19 @@ class SparseAutoencoder(LightningModule):
         if n > 1 and variance <= 1e-12 * sum_sq:
             raise ValueError(self._zero_variance_batch(sum_sq))
 
-        self.log("train/loss", total / world, prog_bar=True)
+        entries: list[LogEntry] = [("train/loss", total / world, {"prog_bar": True})]
         for name, value in zip(term_names, term_values, strict=True):
-            self.log(f"train/loss/{name}", value / world)
-        self.log("train/l0", n_active / n, prog_bar=True)
-        self.log("train/mse", sq_err / n)
-        self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
+            entries.append((f"train/loss/{name}", value / world, {}))
+        entries += [
+            ("train/l0", n_active / n, {"prog_bar": True}),
+            ("train/mse", sq_err / n, {}),
+            ("train/fvu", sq_err / variance if variance > 0 else float("nan"), {}),
+        ]
         if self.dead_window_passed(int(n)):
-            self.log("train/dead_fraction", n_dead / self.d_sae)
+            entries.append(("train/dead_fraction", n_dead / self.d_sae, {}))
+        # As host tensors, not one self.log of a number each: on a GPU every such call copies
+        # the number to the device and waits for it (host_log.py).
+        log_host_scalars(self, entries)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, target = self.input_and_target(batch)
