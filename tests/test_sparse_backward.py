@@ -245,3 +245,29 @@ def test_training_steps_reuse_the_last_steps_pre_activations(name: str) -> None:
             assert torch.equal(ours, theirs), param_name
     assert storage[0] == storage[1] == storage[2]
     assert torch.equal(outside.pre_acts, outside_pre_acts)
+
+
+class Calls(TorchDispatchMode):
+    """Counts the calls of each aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "topk-skip-transcoder"])
+def test_a_step_sorts_each_code_by_latent_once(name: str) -> None:
+    """The encoder's and the decoder's weight gradients sum over the same entries per latent:
+    one sort of the kept entries serves both, so a step with AuxK sorts twice (main pass and
+    AuxK), not four times."""
+    sae, x, y = prepared(name)
+    sae.hparams.decode_impl = "sparse"
+    with Calls() as calls:
+        out = sae.forward_normalized(x)
+        sum(sae.loss_terms(y, out).values()).backward()
+    assert calls.counts.get("sort", 0) == 2, calls.counts.get("sort")

@@ -18,7 +18,7 @@ choice by density: it costs O(nnz * d_in) against the dense backward's O(n * d_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,6 +42,30 @@ def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
+class LatentOrder:
+    """The entries of a code grouped by latent, sorted once: the weight gradients of the encoder
+    and of the decoder both sum per latent (:func:`_sum_per_latent`), over the same entries.
+
+    The stable sort keeps each latent's entries in entry order, so the sums are reproducible
+    (and the stable integer sort is the faster one on CPU). On a shared CPU the sort's two
+    threads can wait on each other for hundreds of milliseconds (docs/benchmarks.md), so one
+    sort a step instead of two matters beyond its own few milliseconds.
+    """
+
+    def __init__(self, latents: Tensor) -> None:
+        self.latents = latents.reshape(-1)
+        self._sorted: tuple[int, Tensor, Tensor] | None = None
+
+    def sorted(self, d_sae: int) -> tuple[Tensor, Tensor]:
+        """(order, starts): the entries' positions sorted by latent, and where the run of each
+        of the ``d_sae`` latents begins in that order."""
+        if self._sorted is None or self._sorted[0] != d_sae:
+            by_latent, order = self.latents.sort(stable=True)
+            latents = torch.arange(d_sae, device=by_latent.device)
+            self._sorted = (d_sae, order, torch.searchsorted(by_latent, latents))
+        return self._sorted[1], self._sorted[2]
+
+
 @dataclass
 class SparseCode:
     """The nonzero activations of ``n_rows`` samples, without the zeros.
@@ -55,6 +79,14 @@ class SparseCode:
     values: Tensor
     n_rows: int
     rows: Tensor | None = None
+    # The entries grouped by latent, made on first use (latent_order); a code over the same
+    # entries in other bags (Matryoshka's groups) may share its parent's.
+    grouped: LatentOrder | None = field(default=None, repr=False, compare=False)
+
+    def latent_order(self) -> LatentOrder:
+        if self.grouped is None:
+            self.grouped = LatentOrder(self.indices)
+        return self.grouped
 
     @classmethod
     def from_mask(cls, mask: Tensor, values: Tensor) -> SparseCode:
@@ -201,16 +233,13 @@ def _entry_rows(indices: Tensor, rows: Tensor | None) -> Tensor:
 
 
 def _sum_per_latent(
-    latents: Tensor, rows: Tensor, table: Tensor, weights: Tensor, d_sae: int
+    grouped: LatentOrder, rows: Tensor, table: Tensor, weights: Tensor, d_sae: int
 ) -> Tensor:
     """[d_sae, table's width]: for each latent j, the sum over the entries of j of ``weights[e] *
-    table[rows[e]]``: one ``embedding_bag`` with a bag per latent (entries sorted by latent,
+    table[rows[e]]``: one ``embedding_bag`` with a bag per latent (entries in ``grouped``'s order,
     rows along). The weight gradient of a sparse encode or decode; torch's own embedding_bag
-    weight backward took 30-40 ms more for 131k entries of 512 features on one CPU thread.
-    Stable: each latent's rows in row order, so the sums are reproducible (and the stable
-    integer sort is the faster one on CPU)."""
-    by_latent, order = latents.sort(stable=True)
-    starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
+    weight backward took 30-40 ms more for 131k entries of 512 features on one CPU thread."""
+    order, starts = grouped.sorted(d_sae)
     return F.embedding_bag(
         rows[order], table, starts, mode="sum", per_sample_weights=weights[order]
     )
@@ -237,9 +266,10 @@ class _SparseEncoderGather(torch.autograd.Function):
         bias: Tensor,
         indices: Tensor,
         rows: Tensor | None,
+        grouped: LatentOrder,
     ) -> Tensor:
         ctx.save_for_backward(x, W_enc, indices, rows)
-        ctx.bias_dtype = bias.dtype
+        ctx.bias_dtype, ctx.grouped = bias.dtype, grouped
         if rows is None:
             return pre_acts.gather(1, indices)
         return pre_acts[rows, indices]
@@ -256,7 +286,8 @@ class _SparseEncoderGather(torch.autograd.Function):
         grad_x = grad_W = grad_bias = None
         if needs_W:
             entry_rows = _entry_rows(indices, rows)
-            grad_W = _sum_per_latent(latents, entry_rows, x.to(W_enc.dtype), grad, d_sae).T
+            table = x.to(W_enc.dtype)
+            grad_W = _sum_per_latent(ctx.grouped, entry_rows, table, grad, d_sae).T
         if needs_bias:
             grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad).to(ctx.bias_dtype)
         if needs_x:
@@ -264,7 +295,7 @@ class _SparseEncoderGather(torch.autograd.Function):
             if rows is None:
                 code.values = grad.view_as(indices)
             grad_x = code.decode(W_enc.T).to(x.dtype)
-        return None, grad_x, grad_W, grad_bias, None, None
+        return None, grad_x, grad_W, grad_bias, None, None, None
 
 
 def sparse_encoder_values(
@@ -275,7 +306,9 @@ def sparse_encoder_values(
     entries alone; ``pre_acts`` must equal ``F.linear(x, W_enc.T, bias)`` computed without a graph.
     Without a gradient to compute this is the plain gather."""
     if torch.is_grad_enabled() and (x.requires_grad or W_enc.requires_grad or bias.requires_grad):
-        return _SparseEncoderGather.apply(pre_acts, x, W_enc, bias, code.indices, code.rows)
+        return _SparseEncoderGather.apply(
+            pre_acts, x, W_enc, bias, code.indices, code.rows, code.latent_order()
+        )
     if code.rows is None:
         return pre_acts.gather(1, code.indices)
     return pre_acts[code.rows, code.indices]
@@ -292,23 +325,23 @@ class _DecoderGradientByLatent(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, decoded: Tensor, W_dec: Tensor, values: Tensor, latents: Tensor,
-        bags: Tensor,
+        ctx: FunctionCtx, decoded: Tensor, W_dec: Tensor, values: Tensor, bags: Tensor,
+        grouped: LatentOrder,
     ) -> Tensor:  # fmt: skip
-        ctx.save_for_backward(values, latents, bags)
-        ctx.W_dec_shape, ctx.W_dec_dtype = W_dec.shape, W_dec.dtype
+        ctx.save_for_backward(values, bags)
+        ctx.W_dec_shape, ctx.W_dec_dtype, ctx.grouped = W_dec.shape, W_dec.dtype, grouped
         return decoded.view_as(decoded)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad: Tensor
     ) -> tuple[Tensor | None, ...]:
-        values, latents, bags = ctx.saved_tensors
+        values, bags = ctx.saved_tensors
         grad_W = None
         if ctx.needs_input_grad[1]:
             dtype = ctx.W_dec_dtype
             grad_W = _sum_per_latent(
-                latents, bags, grad.to(dtype), values.to(dtype), ctx.W_dec_shape[0]
+                ctx.grouped, bags, grad.to(dtype), values.to(dtype), ctx.W_dec_shape[0]
             )
         return grad, grad_W, None, None, None
 
@@ -322,7 +355,6 @@ def decode_with_latent_bags(code: SparseCode, W_dec: Tensor) -> Tensor:
         return code.decode(W_dec)
     detached = SparseCode(code.indices, code.values, code.n_rows, code.rows)
     decoded = detached.decode(W_dec.detach())
-    latents = code.indices.reshape(-1)
     bags = _entry_rows(code.indices, code.rows)
     values = code.values.detach().reshape(-1)
-    return _DecoderGradientByLatent.apply(decoded, W_dec, values, latents, bags)
+    return _DecoderGradientByLatent.apply(decoded, W_dec, values, bags, code.latent_order())
