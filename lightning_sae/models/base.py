@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
 from lightning_sae.models.host_log import LogEntry, log_host_scalars
+from lightning_sae.models.optimizers import Adam, AdamW
 from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
 from lightning_sae.models.sparse import SparseCode
 
@@ -777,7 +778,8 @@ class SparseAutoencoder(LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        # torch's, without the fused kernel's unused copy of W_enc's gradient (optimizers.py)
+        optimizer_cls = AdamW if hp.optimizer == "adamw" else Adam
         kwargs = {"weight_decay": hp.weight_decay} if hp.optimizer == "adamw" else {}
         # The fused kernel updates all parameters in one pass (CPU and CUDA).
         kwargs["fused"] = self.device.type in ("cpu", "cuda")
