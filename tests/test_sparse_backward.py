@@ -91,25 +91,31 @@ def test_sparse_backward_under_bf16_autocast_matches_dense_within_bf16() -> None
         torch.testing.assert_close(sparse_run["grads"][param], grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("source", [False, True], ids=["bias", "bias and input offset"])
 @pytest.mark.parametrize("flat", [False, True], ids=["per-row", "flat"])
-def test_encoder_values_give_the_input_its_gradient_too(flat: bool) -> None:
-    """A caller whose input needs a gradient (an SAE on a trained layer) gets it sparsely."""
+def test_encoder_values_give_the_input_its_gradient_too(flat: bool, source: bool) -> None:
+    """A caller whose input needs a gradient (an SAE on a trained layer) gets it sparsely; so
+    does the input offset's source (``b_dec``, folded into the bias as ``-b_dec @ W_enc``),
+    whose share of W_enc's gradient is added in place."""
     torch.manual_seed(1)
     x = torch.randn(7, 5, requires_grad=True)
     W_enc = torch.randn(5, 11, requires_grad=True)
     bias = torch.randn(11, requires_grad=True)
+    b_dec = torch.randn(5, requires_grad=True) if source else None
     with torch.no_grad():
-        pre_acts = torch.nn.functional.linear(x, W_enc.T, bias)
+        folded = bias if b_dec is None else bias + -(b_dec @ W_enc)
+        pre_acts = torch.nn.functional.linear(x, W_enc.T, folded)
     values, indices = pre_acts.topk(3, dim=-1)
     code = SparseCode(indices, values, 7)
     if flat:
         code = SparseCode.from_mask(torch.zeros_like(pre_acts, dtype=torch.bool).scatter(
             1, indices, True), pre_acts)  # fmt: skip
     weights = torch.randn(code.values.shape)
-    ours = (sparse_encoder_values(code, pre_acts, x, W_enc, bias) * weights).sum()
-    ours_grads = torch.autograd.grad(ours, (x, W_enc, bias))
-    theirs = (dense_encoder_values(code, pre_acts, x, W_enc, bias) * weights).sum()
-    theirs_grads = torch.autograd.grad(theirs, (x, W_enc, bias))
+    inputs = (x, W_enc, bias) if b_dec is None else (x, W_enc, bias, b_dec)
+    ours = (sparse_encoder_values(code, pre_acts, x, W_enc, bias, b_dec) * weights).sum()
+    ours_grads = torch.autograd.grad(ours, inputs)
+    theirs = (dense_encoder_values(code, pre_acts, x, W_enc, bias, b_dec) * weights).sum()
+    theirs_grads = torch.autograd.grad(theirs, inputs)
     assert torch.equal(ours.detach(), theirs.detach())
     for mine, reference in zip(ours_grads, theirs_grads, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)

@@ -339,6 +339,10 @@ class SparseAutoencoder(LightningModule):
     def normalize(self, x: Tensor) -> Tensor:
         return x.to(self.W_enc.dtype) * self.input_scale
 
+    def input_offset_source(self) -> Tensor | None:
+        """What is subtracted from the input before encoding (``b_dec``), or None."""
+        return self.b_dec if self.hparams.apply_b_dec_to_input else None
+
     def input_offset(self) -> Tensor | None:
         """-b_dec @ W_enc when b_dec is subtracted from the input, else None.
 
@@ -346,7 +350,8 @@ class SparseAutoencoder(LightningModule):
         spares the backward pass a full [batch, d_sae] x [d_sae, d_in] product, the gradient of
         the batch-sized x - b_dec, which would only be summed into b_dec's gradient.
         """
-        return -(self.b_dec @ self.W_enc) if self.hparams.apply_b_dec_to_input else None
+        source = self.input_offset_source()
+        return None if source is None else -(source @ self.W_enc)
 
     def encoder_bias(self) -> Tensor:
         """``b_enc``, with the input offset folded in when there is one."""

@@ -248,13 +248,17 @@ def _sum_per_latent(
 class _SparseEncoderGather(torch.autograd.Function):
     """``pre_acts`` at the code's entries; gradients for x, W_enc and bias through those alone.
 
-    ``pre_acts`` (detached) is ``F.linear(x, W_enc.T, bias)``; the forward only gathers from it,
-    so the values are those of the dense pass bit for bit. Backward, with g the gradient of the
-    gathered values: ``dbias[j] = sum of g over the entries of latent j``; ``dW_enc[:, j] = sum of
-    g * x[row]`` over the same entries, one ``embedding_bag`` of x with a bag per latent;
-    ``dx[row] = sum of g * W_enc[:, j]`` over the row's entries (a sparse decode with W_enc^T).
-    Gradients come in the parameters' dtype (float32 under bf16 autocast: no bf16 rounding of
-    the sums, where the dense path would round its bf16 product).
+    ``pre_acts`` (detached) is ``F.linear(x, W_enc.T, bias - source @ W_enc)`` (``source`` None:
+    no such term); the forward only gathers from it, so the values are those of the dense pass
+    bit for bit. Backward, with g the gradient of the gathered values: ``dbias[j] = sum of g over
+    the entries of latent j``; ``dW_enc[:, j] = sum of g * x[row]`` over the same entries, one
+    ``embedding_bag`` of x with a bag per latent, less ``source * dbias[j]``; ``dsource = -W_enc
+    dbias``; ``dx[row] = sum of g * W_enc[:, j]`` over the row's entries (a sparse decode with
+    W_enc^T). The source term (an SAE's ``b_dec`` subtracted from its input) is an in-place
+    rank-1 update of the weight gradient here, where autograd would make a [d_in, d_sae] outer
+    product and a second [d_in, d_sae] tensor for its sum with this one. Gradients come in the
+    parameters' dtype (float32 under bf16 autocast: no bf16 rounding of the sums, where the
+    dense path would round its bf16 product).
     """
 
     @staticmethod
@@ -264,11 +268,12 @@ class _SparseEncoderGather(torch.autograd.Function):
         x: Tensor,
         W_enc: Tensor,
         bias: Tensor,
+        source: Tensor | None,
         indices: Tensor,
         rows: Tensor | None,
         grouped: LatentOrder,
     ) -> Tensor:
-        ctx.save_for_backward(x, W_enc, indices, rows)
+        ctx.save_for_backward(x, W_enc, source, indices, rows)
         ctx.bias_dtype, ctx.grouped = bias.dtype, grouped
         if rows is None:
             return pre_acts.gather(1, indices)
@@ -278,36 +283,51 @@ class _SparseEncoderGather(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_values: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x, W_enc, indices, rows = ctx.saved_tensors
-        needs_x, needs_W, needs_bias = ctx.needs_input_grad[1:4]
+        x, W_enc, source, indices, rows = ctx.saved_tensors
+        needs_x, needs_W, needs_bias, needs_source = ctx.needs_input_grad[1:5]
         d_sae = W_enc.shape[1]
         grad = grad_values.reshape(-1).to(W_enc.dtype)
         latents = indices.reshape(-1)
-        grad_x = grad_W = grad_bias = None
+        grad_x = grad_W = grad_bias = grad_source = None
+        folds = source is not None and (needs_W or needs_source)
+        if needs_bias or folds:
+            grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad)
         if needs_W:
             entry_rows = _entry_rows(indices, rows)
             table = x.to(W_enc.dtype)
-            grad_W = _sum_per_latent(ctx.grouped, entry_rows, table, grad, d_sae).T
-        if needs_bias:
-            grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad).to(ctx.bias_dtype)
+            grad_W_rows = _sum_per_latent(ctx.grouped, entry_rows, table, grad, d_sae)
+            if source is not None:
+                grad_W_rows.addr_(grad_bias, source.to(W_enc.dtype), alpha=-1)
+            grad_W = grad_W_rows.T
+        if needs_source:
+            grad_source = -(W_enc @ grad_bias).to(source.dtype)
         if needs_x:
             code = SparseCode(latents if rows is not None else indices, grad, x.shape[0], rows)
             if rows is None:
                 code.values = grad.view_as(indices)
             grad_x = code.decode(W_enc.T).to(x.dtype)
-        return None, grad_x, grad_W, grad_bias, None, None, None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype) if needs_bias else None
+        return None, grad_x, grad_W, grad_bias, grad_source, None, None, None
 
 
 def sparse_encoder_values(
-    code: SparseCode, pre_acts: Tensor, x: Tensor, W_enc: Tensor, bias: Tensor
+    code: SparseCode,
+    pre_acts: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    bias: Tensor,
+    source: Tensor | None = None,
 ) -> Tensor:
     """``pre_acts`` [n, d_sae] at ``code``'s entries (shaped as ``code.values``), differentiable
-    with respect to ``x`` [n, d_in], ``W_enc`` [d_in, d_sae] and ``bias`` [d_sae] through those
-    entries alone; ``pre_acts`` must equal ``F.linear(x, W_enc.T, bias)`` computed without a graph.
-    Without a gradient to compute this is the plain gather."""
-    if torch.is_grad_enabled() and (x.requires_grad or W_enc.requires_grad or bias.requires_grad):
+    with respect to ``x`` [n, d_in], ``W_enc`` [d_in, d_sae], ``bias`` [d_sae] and ``source``
+    [d_in] through those entries alone; ``pre_acts`` must equal ``F.linear(x, W_enc.T, bias -
+    source @ W_enc)`` (without the source term when it is None; an SAE's ``input_offset``)
+    computed without a graph. Without a gradient to compute this is the plain gather."""
+    inputs = (x, W_enc, bias) if source is None else (x, W_enc, bias, source)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
         return _SparseEncoderGather.apply(
-            pre_acts, x, W_enc, bias, code.indices, code.rows, code.latent_order()
+            pre_acts, x, W_enc, bias, source, code.indices, code.rows, code.latent_order()
         )
     if code.rows is None:
         return pre_acts.gather(1, code.indices)
