@@ -57,7 +57,9 @@ CLASS_DEFAULTS = {"encoder_init_scale": None, "betas": None, "gradient_clip_norm
 # torch seeded with the seed before it builds its SAE (the start is all the seed changes).
 SAELENS_ROWS = {"saelens_std": "standard", "saelens_topk": "topk"}
 CANDIDATES = {
-    # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
+    # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip);
+    # a decoder norm N: rows start at norm N, free (no constraint), the encoder at the model's
+    # encoder scale times the decoder's transpose
     "std_s1": ("standard", {}, 1.0, None, None),
     "std_s0.25": ("standard", {}, 0.25, None, None),
     "std_s0.1": ("standard", {}, 0.1, None, None),
@@ -91,6 +93,12 @@ CANDIDATES = {
     "std_default_s0.5": ("standard", CLASS_DEFAULTS | {"encoder_init_scale": 0.5}, 1.0, None, None),
     "std_default_b2.95": ("standard", CLASS_DEFAULTS | {"betas": (0.9, 0.95)}, 1.0, None, None),
     "std_default_l1wu100": ("standard", CLASS_DEFAULTS | {"l1_warmup_steps": 100}, 1.0, None, None),
+    # Which part of SAELens's start helps at beta2 0.99: the encoder's small start (decoder
+    # norms held at 1) or the free decoder norms (from unit rows and the default encoder start)
+    "std_default_s0.1": ("standard", CLASS_DEFAULTS | {"encoder_init_scale": 0.1}, 1.0, None, None),
+    "std_s0.25_b2_free": ("standard", {"betas": (0.9, 0.99)}, 0.25, 1.0, None),
+    "std_s1_b2_free": ("standard", {"betas": (0.9, 0.99)}, 1.0, 1.0, None),
+    "std_default_free": ("standard", CLASS_DEFAULTS, 1.0, 1.0, None),
     # SAELens's start (clipping never engages from it on this data: std_dec0.1_free_clip)
     "std_dec0.1_free_b2.95": ("standard", {"betas": (0.9, 0.95)}, 1.0, 0.1, None),
     "topk_b2": ("topk", PREV_AUXK | {"betas": (0.9, 0.99)}, 1.0, None, None),
@@ -226,7 +234,7 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
     with torch.no_grad():
         if dec_norm is not None:
             sae.W_dec.mul_(dec_norm)
-            sae.W_enc.copy_(sae.W_dec.T)
+            sae.W_enc.copy_(sae.W_dec.T * sae.encoder_init_factor())
     measure = Measure(data, every)
     callbacks = [measure] if dec_norm is not None else [DecoderNormConstraint(), measure]
     trainer = quiet_trainer(len(data["train"]), callbacks)
@@ -308,8 +316,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=WORK, help="data and one JSON per run")
     args = p.parse_args()
     start(args)
-    if args.smoke:  # tiny data, two candidates, then the table
-        args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2"], [0], 3
+    if args.smoke:  # tiny data, three candidates, then the table
+        args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2", "std_default_free"], [0], 3
     if not args.smoke and args.table:
         table(args.work, args.out, args.stem)
         return
