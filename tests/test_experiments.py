@@ -372,10 +372,13 @@ def test_smoke_defaults_transcoders(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # Its own cache: its sites and token counts are not the other MiniLM smoke runs' (sharing
     # the folder made the next of them refuse it as built for another configuration).
     argv = ["--work", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "cache")]
-    run_main(defaults_transcoders, [*argv, "tc_topk32_old_clip", "cc_l12"], monkeypatch)
+    run_main(
+        defaults_transcoders, [*argv, "tc_topk32_old_clip", "cc_l12", "stc_btopk32"], monkeypatch
+    )
     run_main(defaults_transcoders, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
     table = (tmp_path / "out" / "table_transcoders.md").read_text()
     assert "| tc_topk32_old_clip | 0 |" in table and "| cc_l12 | 0 |" in table
+    assert "| stc_btopk32 | 0 |" in table
     with pytest.raises(SystemExit, match="unknown setting"):
         run_main(defaults_transcoders, [*argv, "tc_topk32_nope"], monkeypatch)
 
