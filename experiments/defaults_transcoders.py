@@ -3,6 +3,7 @@
 
     python -m experiments.defaults_transcoders NAME [NAME ...] --seeds 0 1
     python -m experiments.defaults_transcoders --table    # docs/experiments/defaults/
+    python -m experiments.defaults_transcoders --table --work W --table-name transcoders_btopk
 
 The data are those of ``configs/minilm/transcoder-l3.yaml`` (all-MiniLM-L6-v2 from the PyPI
 package, ~100k tokens of ``pydoc_data.topics``), with the residual stream after blocks 1, 3 and
@@ -13,9 +14,9 @@ same order for its seed (200 steps of 512 rows, lr 1e-3, normalised sites, d_sae
 A candidate is a form and settings, e.g. ``tc_topk32_old_clip``:
 
 - forms: ``tc_l1C`` (:class:`Transcoder`, L1 coefficient C), ``tc_topkK``, ``stc_topkK`` (skip),
-  ``tc_jumpT`` (JumpReLU, target L0 T, ``threshold_init`` 0.75: the frontier's start, which
-  200 steps can reach), ``cc_l1C`` and ``cc_topkK`` (crosscoders over the three residual
-  streams);
+  ``tc_btopkK`` and ``stc_btopkK`` (BatchTopK, k per row on average), ``tc_jumpT`` (JumpReLU,
+  target L0 T, ``threshold_init`` 0.75: the frontier's start, which 200 steps can reach),
+  ``cc_l1C``, ``cc_topkK`` and ``cc_btopkK`` (crosscoders over the three residual streams);
 - settings, applied left to right over the class's defaults (the form alone is what a user
   gets): ``old`` (encoder start 1, Adam (0.9, 0.999), no clipping: every variant before the
   measured defaults), ``sX`` (encoder start X), ``clip``/``clipN``/``noclip`` (gradient norm
@@ -56,7 +57,11 @@ from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.transcoder import (
+    BatchTopKCrossCoder,
+    BatchTopKSkipTranscoder,
+    BatchTopKTranscoder,
     CrossCoder,
+    CrossCoding,
     JumpReLUTranscoder,
     TopKCrossCoder,
     TopKSkipTranscoder,
@@ -71,7 +76,7 @@ MLP_IN, MLP_OUT = "blocks.3.hook_mlp_in", "blocks.3.hook_mlp_out"
 LAYERS = [f"blocks.{layer}.hook_resid_post" for layer in (1, 3, 5)]
 STEPS, BATCH, D_SAE, LR = 200, 512, 1536, 1e-3
 OLD = {"encoder_init_scale": 1.0, "betas": (0.9, 0.999), "gradient_clip_norm": 0.0}
-FORM = re.compile(r"^(tc|stc|cc)_(l1|topk|jump)([0-9.]+)$")
+FORM = re.compile(r"^(tc|stc|cc)_(l1|topk|btopk|jump)([0-9.]+)$")
 
 
 def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
@@ -85,15 +90,19 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
         ("tc", "l1"): Transcoder,
         ("tc", "topk"): TopKTranscoder,
         ("stc", "topk"): TopKSkipTranscoder,
+        ("tc", "btopk"): BatchTopKTranscoder,
+        ("stc", "btopk"): BatchTopKSkipTranscoder,
         ("tc", "jump"): JumpReLUTranscoder,
         ("cc", "l1"): CrossCoder,
         ("cc", "topk"): TopKCrossCoder,
+        ("cc", "btopk"): BatchTopKCrossCoder,
     }
     if (kind, sparsity) not in classes:
         raise SystemExit(f"error: no form {kind}_{sparsity}: one of {sorted(classes)}")
     options: dict[str, Any] = {
         "l1": {"l1_coefficient": float(value)},
         "topk": {"k": int(value)},
+        "btopk": {"k": int(value)},
         "jump": {"l0_target": float(value), "threshold_init": 0.75},
     }[sparsity]
     for setting in settings:
@@ -118,7 +127,7 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
 
 def build(name: str, seed: int, d_sae: int = D_SAE) -> SparseAutoencoder:
     cls, options = parse(name)
-    if cls in (CrossCoder, TopKCrossCoder):
+    if issubclass(cls, CrossCoding):
         shapes: dict[str, Any] = {"d_in": 384 * len(LAYERS), "hooks": LAYERS}
     else:
         shapes = {"d_in": 384, "d_out": 384, "input_hook": MLP_IN, "output_hook": MLP_OUT}
@@ -222,9 +231,9 @@ def _form(name: str) -> str:
     return f"{head}_{sparsity.rstrip('0123456789.')}"
 
 
-def table(work: Path, out: Path) -> None:
+def table(work: Path, out: Path, stem: str = "transcoders") -> None:
     """Mean (min-max over seeds) of every candidate run in ``work``, by form, in the order
-    first run."""
+    first run: ``table_<stem>.md`` and ``results_<stem>.json`` in ``out``."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(work.glob("*_s[0-9].json"), key=lambda p: p.stat().st_mtime):
         row = json.loads(path.read_text())
@@ -250,8 +259,8 @@ def table(work: Path, out: Path) -> None:
     header = ["candidate", "seeds", "L0", "FVU", "FVU per layer (mean)", f"dead (of {D_SAE})"]
     text = markdown_table(header, rows)
     print(text)
-    write(out, "table_transcoders.md", text)
-    write_json(out, "results_transcoders.json", runs)
+    write(out, f"table_{stem}.md", text)
+    write_json(out, f"results_{stem}.json", runs)
 
 
 def main() -> None:
@@ -261,12 +270,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=DOCS / "defaults")
+    p.add_argument(
+        "--table-name", default="transcoders", help="table_<NAME>.md, results_<NAME>.json"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
     p.add_argument("--cache-dir", default=None, help="activation cache folder (default: ~/.cache)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.table:
-        table(args.work, args.out)
+        table(args.work, args.out, args.table_name)
         return
     for name in args.names:
         parse(name)  # every name is checked before the data are read

@@ -262,6 +262,8 @@ def test_smoke_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "| std_s1 | 0 |" in table and "| std_s0.25_b2 | 0 |" in table
     runs = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["step"] for row in runs["std_s1"][0]["curve"]] == [0, 3, 6]
+    # the free-rows path (no constraint; the class's defaults resolved from None) runs too
+    assert "| std_default_free | 0 |" in table
 
 
 def test_smoke_frontier_ours_side(
@@ -372,10 +374,13 @@ def test_smoke_defaults_transcoders(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # Its own cache: its sites and token counts are not the other MiniLM smoke runs' (sharing
     # the folder made the next of them refuse it as built for another configuration).
     argv = ["--work", str(tmp_path / "w"), "--cache-dir", str(tmp_path / "cache")]
-    run_main(defaults_transcoders, [*argv, "tc_topk32_old_clip", "cc_l12"], monkeypatch)
+    run_main(
+        defaults_transcoders, [*argv, "tc_topk32_old_clip", "cc_l12", "stc_btopk32"], monkeypatch
+    )
     run_main(defaults_transcoders, [*argv, "--table", "--out", str(tmp_path / "out")], monkeypatch)
     table = (tmp_path / "out" / "table_transcoders.md").read_text()
     assert "| tc_topk32_old_clip | 0 |" in table and "| cc_l12 | 0 |" in table
+    assert "| stc_btopk32 | 0 |" in table
     with pytest.raises(SystemExit, match="unknown setting"):
         run_main(defaults_transcoders, [*argv, "tc_topk32_nope"], monkeypatch)
 

@@ -17,7 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.sparse import (
+    ROW_TOP_K_GROUP,
     SparseCode,
+    _interleaved_group_size,
     largest_of_batch,
     row_top_k,
     sparse_encoder_values,
@@ -152,25 +154,53 @@ def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("case", ["spread", "one group holds all", "ties", "narrow"])
-def test_row_top_k_keeps_what_torch_topk_keeps(case: str) -> None:
-    """The grouped selection (wide rows on CPU: group maxima first) keeps each row's k largest
-    values, including when one group of columns holds all of them, and with ties, where any
-    of the tied entries may be kept but the values are the k largest all the same."""
+def _group_columns(layout: str, d: int, k: int) -> list[list[int]]:
+    """The columns of each group :func:`row_top_k` makes of rows of ``d`` at ``k``, in order."""
+    if layout == "runs":
+        return [list(range(j, j + ROW_TOP_K_GROUP)) for j in range(0, d, ROW_TOP_K_GROUP)]
+    group = _interleaved_group_size(d, k)
+    assert group is not None  # the grouped path runs at this shape
+    return [list(range(j, d, d // group)) for j in range(d // group)]
+
+
+@pytest.mark.parametrize(
+    ("layout", "d", "k"),
+    [("runs", 1024, 8), ("interleaved", 1536, 16), ("interleaved", 1536, 64)],
+)
+@pytest.mark.parametrize("case", ["spread", "few groups hold all", "ties", "narrow"])
+def test_row_top_k_keeps_what_torch_topk_keeps(layout: str, d: int, k: int, case: str) -> None:
+    """The grouped selection (on CPU: group maxima first; runs of consecutive columns on wide
+    rows, interleaved groups on narrower ones) keeps each row's k largest values, including when
+    the fewest groups that can hold them hold all of them, and with ties, where any of the tied
+    entries may be kept but the values are the k largest all the same."""
     torch.manual_seed(0)
-    scores, k = torch.randn(24, 1024), 8
-    if case == "one group holds all":
-        scores[3, 64:96] += 10.0  # row 3's 8 largest all in one group of 32 columns
+    scores = torch.randn(24, d)
+    if case == "few groups hold all":
+        groups = _group_columns(layout, d, k)
+        columns = [c for group in groups[5:] for c in group][:k]  # whole groups, from the 6th
+        scores[3, columns] += 10.0  # row 3's k largest in as few groups as hold k entries
     if case == "ties":
         scores = (scores * 2).round()
     if case == "narrow":
-        scores = scores[:, :96]  # too few groups to gain: torch's top-k itself
+        scores = scores[:, : 3 * k]  # too few groups to gain: torch's top-k itself
     values, columns = row_top_k(scores, k)
     expected_values, expected_columns = scores.topk(k, dim=1)
     assert torch.equal(values, scores.gather(1, columns))
     assert torch.equal(values.sort(1).values, expected_values.sort(1).values)
     if case != "ties":
         assert torch.equal(columns.sort(1).values, expected_columns.sort(1).values)
+
+
+def test_row_top_k_groups_where_the_two_top_ks_see_at_most_half_the_row() -> None:
+    """The interleaved groups' size: the divisor of d that the two top-k's see fewest entries
+    at, and none (torch's top-k) where they would see more than half of the row."""
+    assert _interleaved_group_size(1536, 16) == 8  # 192 maxima + 16 * 8 entries
+    assert _interleaved_group_size(1536, 32) == 6  # 256 + 192
+    assert _interleaved_group_size(1536, 64) == 4  # 384 + 256
+    assert _interleaved_group_size(1536, 128) is None  # 512 + 384 > 768
+    assert _interleaved_group_size(1531, 8) is None  # a prime: no groups
+    values, columns = row_top_k(torch.randn(0, 1536), 32)  # no rows
+    assert values.shape == columns.shape == (0, 32)
 
 
 @pytest.mark.parametrize(

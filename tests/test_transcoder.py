@@ -159,17 +159,20 @@ def test_crosscoder_reads_and_writes_every_layer_with_per_layer_norm_penalty() -
 
 def test_null_options_resolve_to_the_transcoders_and_crosscoders_measured_defaults() -> None:
     """docs/defaults.md ("Transcoders and crosscoders"): a transcoder's encoder, drawn apart from
-    its decoder, starts with unit columns (the SAEs' smaller starts left most latents dead on
-    MiniLM); clipping and Adam's betas are its variant's. A crosscoder keeps its variant's
-    defaults (measured better than the old ones)."""
+    its decoder, starts with unit columns for L1 and JumpReLU (their SAEs' smaller starts left
+    most latents dead on MiniLM) and with columns of the variant's start for the TopK family
+    (0.5: AuxK revives what the smaller start leaves silent, at a lower FVU, two seeds); clipping
+    and Adam's betas are its variant's. A crosscoder keeps its variant's defaults (measured
+    better than the old ones)."""
     sites = dict(d_in=D_IN, d_out=D_OUT, d_sae=48)
     for cls in TRANSCODERS:
         variant = next(base for base in cls.__mro__ if base.__module__ != cls.__module__)
         options = {"k": 4} if "TopK" in cls.__name__ else {}
         tc = cls(**sites, **options, encoder_init_scale=None, betas=None, gradient_clip_norm=None)
-        assert tc.encoder_init_factor() == 1.0, cls.__name__
-        torch.testing.assert_close(tc.W_enc.norm(dim=0), torch.ones(48))
         plain = variant(d_in=D_IN, d_sae=48, **options)  # what the transcoder's form resolves
+        start = 0.5 if issubclass(variant, TopKSAE) else 1.0
+        assert tc.encoder_init_factor() == start, cls.__name__
+        torch.testing.assert_close(tc.W_enc.norm(dim=0), torch.full((48,), start))
         assert tc.adam_betas() == plain.adam_betas(), cls.__name__
         assert tc.gradient_clip_max_norm() == plain.gradient_clip_max_norm() == 1.0, cls.__name__
         chosen = cls(**sites, **options, encoder_init_scale=0.25)  # a number is used as given

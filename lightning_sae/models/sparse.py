@@ -116,9 +116,10 @@ class SparseCode:
         )
 
 
-# Columns per group in the first stage of :func:`row_top_k` on CPU. Measured (one thread, batch
-# 4096, k 32, docs/benchmarks.md): groups of 32 took 62-65 ms against torch.topk's 86-95 ms at
-# d 8192 and 98 ms against 181 ms at d 24576; groups of 16 and 64 were slower than 32.
+# Columns per group in the first stage of :func:`row_top_k` on CPU, for rows wide against k.
+# Measured (one thread, batch 4096, k 32, docs/benchmarks.md): groups of 32 took 62-65 ms against
+# torch.topk's 86-95 ms at d 8192 and 98 ms against 181 ms at d 24576; groups of 16 and 64 were
+# slower than 32.
 ROW_TOP_K_GROUP = 32
 
 
@@ -126,24 +127,69 @@ def row_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest entries of each row of ``scores`` [n, d], unsorted: (values, columns),
     as ``scores.topk(k, dim=1, sorted=False)``.
 
-    torch's CPU top-k costs about 10 ns an entry. On CPU, for rows wide against k, this takes
-    the maximum of every group of :data:`ROW_TOP_K_GROUP` consecutive columns (one vectorised
-    pass), the k groups with the largest maxima, and the top k of those groups' entries alone.
-    Exact: with m the k-th largest group maximum, every group left out has its maximum at most
-    m and the k groups kept hold k entries of at least m, so every entry above the kept
-    entries' k-th largest is among them. Which of several entries tied at the k-th value are
-    kept is the kernels' choice, as it is between torch's own top-k kernels.
+    torch's CPU top-k costs 10-25 ns an entry. On CPU this splits each row into groups of
+    columns, takes every group's maximum (one vectorised pass), the k groups with the largest
+    maxima, and the top k of those groups' entries alone, so the two top-k's see ``d / group +
+    k * group`` entries instead of ``d``. Exact: with m the k-th largest group maximum, every
+    group left out has its maximum at most m and the k groups kept hold k entries of at least
+    m, so every entry above the kept entries' k-th largest is among them. Which of several
+    entries tied at the k-th value are kept is the kernels' choice, as it is between torch's
+    own top-k kernels.
+
+    Two layouts of the groups, each where it measured faster (docs/benchmarks.md):
+
+    - rows wide against k (``d / 32 >= 4k``, e.g. 8192 or 24576 latents at k 32): runs of
+      :data:`ROW_TOP_K_GROUP` consecutive columns, whose kept entries are copied run by run
+      (rows too large for the cache: few memory lines per kept group);
+    - narrower rows (e.g. 1536 latents at k 16-64): interleaved groups (group j holds columns
+      j, j + d/g, j + 2d/g, ...), whose maxima are an elementwise maximum of g slices of the
+      row, of the size g that the two top-k's see fewest entries at; used only where those are
+      at most half of d (:func:`_interleaved_group_size`).
     """
     n, d = scores.shape
-    group = ROW_TOP_K_GROUP
-    if scores.device.type != "cpu" or d % group or d // group < 4 * k or not scores.is_contiguous():
+    if scores.device.type != "cpu" or not scores.is_contiguous():
         return scores.topk(k, dim=1, sorted=False)
+    if d % ROW_TOP_K_GROUP == 0 and d // ROW_TOP_K_GROUP >= 4 * k:
+        return _top_k_through_runs(scores, k, ROW_TOP_K_GROUP)
+    group = _interleaved_group_size(d, k)
+    if group is None:
+        return scores.topk(k, dim=1, sorted=False)
+    return _top_k_through_interleaved_groups(scores, k, group)
+
+
+def _top_k_through_runs(scores: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
+    """:func:`row_top_k` with groups of ``group`` consecutive columns."""
+    n, d = scores.shape
     n_groups = d // group
     best = scores.view(n, n_groups, group).amax(2).topk(k, dim=1, sorted=False).indices
     first_of_row = torch.arange(n, device=scores.device)[:, None] * n_groups
     kept = scores.view(n * n_groups, group).index_select(0, (best + first_of_row).view(-1))
     values, slots = kept.view(n, k * group).topk(k, dim=1, sorted=False)
     return values, best.gather(1, slots // group) * group + slots % group
+
+
+def _interleaved_group_size(d: int, k: int) -> int | None:
+    """The number of columns g per interleaved group (a divisor of d, at least k groups) at
+    which the two top-k's of :func:`row_top_k` see fewest entries, ``d / g + k * g`` (near
+    sqrt(d / k)); None when that is more than half of d. Measured (one thread, 1024 rows; d 768,
+    1536 and 3072, k 8-192): 0.2-0.8 of torch.topk's time where at most 0.42 d entries are
+    seen, 0.6-0.9 at 0.5 d, 0.8-1.6 above."""
+    sizes = [g for g in range(2, d // k + 1) if d % g == 0]
+    if not sizes:
+        return None
+    group = min(sizes, key=lambda g: d // g + k * g)
+    return group if 2 * (d // group + k * group) <= d else None
+
+
+def _top_k_through_interleaved_groups(scores: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
+    """:func:`row_top_k` with ``d / group`` groups, group j the columns j + i * (d / group)."""
+    n, d = scores.shape
+    n_groups = d // group
+    slices = scores.view(n, group, n_groups)  # slices[r, i, j] = scores[r, j + i * n_groups]
+    best = slices.amax(1).topk(k, dim=1, sorted=False).indices  # [n, k] group numbers
+    kept = slices.gather(2, best[:, None, :].expand(n, group, k))  # [n, group, k]
+    values, slots = kept.view(n, group * k).topk(k, dim=1, sorted=False)
+    return values, best.gather(1, slots % k) + slots // k * n_groups
 
 
 def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:

@@ -37,8 +37,9 @@ reconstruction unscaled layer by layer (:meth:`CrossCoding.in_reported_units`), 
 per layer would change the FVU.
 
 Defaults (docs/defaults.md, measured on MiniLM): a transcoder's encoder starts with unit columns
-(``encoder_init_scale`` 1, :meth:`Transcoding.default_encoder_init_scale`); clipping and Adam's
-betas are its variant's. A crosscoder takes its variant's defaults as they are.
+(``encoder_init_scale`` 1, :meth:`Transcoding.default_encoder_init_scale`), a TopK or BatchTopK
+transcoder's with columns of norm 0.5 (its variant's start); clipping and Adam's betas are its
+variant's. A crosscoder takes its variant's defaults as they are.
 """
 
 from __future__ import annotations
@@ -181,9 +182,14 @@ class Transcoding:
     def default_encoder_init_scale(self) -> float:
         # The encoder is drawn apart from the decoder (it reads another site), so the SAE's
         # reason for a smaller start (the transpose's first reconstruction is too large) does
-        # not hold; measured on MiniLM (docs/defaults.md), the SAEs' smaller starts left most
-        # latents dead (TopK 425 of 1536 at d_sae/d_in 4, L1 1085, JumpReLU 1366) where unit
-        # columns left 151, 557 and 561, at about the same FVU or lower.
+        # not hold; measured on MiniLM (docs/defaults.md), the L1 and JumpReLU SAEs' smaller
+        # starts left most latents dead (1085 and 1366 of 1536 at d_sae/d_in 4) where unit
+        # columns left 557 and 561, at a lower FVU. The TopK family keeps its variant's 0.5:
+        # its AuxK (a dead window of 100 d_sae / k tokens) revives what the smaller start
+        # leaves silent, and columns of norm 0.5 reach a lower FVU than unit columns for the
+        # TopK and BatchTopK transcoders, skip or not (two seeds each).
+        if isinstance(self, TopKSAE):
+            return super().default_encoder_init_scale()
         return 1.0
 
     # ----------------------------------------------------------------- per-site scales
