@@ -16,10 +16,19 @@ bit, without the copy. Anything else (other layouts, the unfused paths) is left 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
+
+# The private hook this relies on, as torch 2.13 calls it. A torch whose Adam or AdamW collects a
+# group's tensors otherwise gets its own step unchanged (the copy stays; nothing breaks).
+_COLLECTS = ("self", "group", "params_with_grad", "grads", "exp_avgs", "exp_avg_sqs")
+_KNOWN_HOOK = all(
+    tuple(inspect.signature(cls._init_group).parameters)[: len(_COLLECTS)] == _COLLECTS
+    for cls in (torch.optim.Adam, torch.optim.AdamW)
+)
 
 
 def _transposed_alike(tensors: list[Tensor]) -> bool:
@@ -51,7 +60,7 @@ class _FusedWithoutTransposedCopies:
         result = super()._init_group(  # type: ignore[misc]
             group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *args
         )
-        if not group["fused"]:
+        if not (_KNOWN_HOOK and group.get("fused")):
             return result
         lists = [params, grads, exp_avgs, exp_avg_sqs]
         if group["amsgrad"]:
