@@ -11,8 +11,10 @@ column is the step time as a multiple of ONE dense encoder product [batch, d_in]
 (timed right after each variant): a TopK step cannot cost less, since selecting needs every
 pre-activation, and with the sparse encoder backward it should cost little more. The TopK
 family's transcoders (``transcoder, ...``: d_out = d_in, trained on pairs (x, y)) and
-crosscoders (``crosscoder, ...``: two layers of d_in / 2) have the same encoder product and are
-timed beside the SAEs.
+crosscoders (``crosscoder, ...``: two layers of d_in / 2, so d_in is the layers' total width
+and the encoder product is the SAE's) have the same encoder product and are timed beside the
+SAEs. A skip transcoder also needs its skip's products (forward and weight gradient, each
+d_out / d_sae of the encoder's): the "x own floor" column divides by the GEMM plus those.
 
 ``--decode-sweep`` also times decoding k active latents per sample from (indices, values) with
 ``embedding_bag`` against the dense product (both forward + backward), the measurement behind
@@ -216,6 +218,25 @@ def time_encoder_gemm(args: argparse.Namespace) -> float:
     return time_fn(timed, device, warmup=1, repeats=max(3, args.steps))
 
 
+def time_skip_products(args: argparse.Namespace) -> float:
+    """Seconds for a skip transcoder's own products beside its encoder's (d_out = d_in here):
+    the skip's forward ``x W_skip^T`` [batch, d_in] x [d_in, d_out] and its weight gradient
+    ``grad^T x``, each d_out / d_sae of an encoder product. The least a skip transcoder's step
+    can cost is one encoder GEMM plus these (its "own floor")."""
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, device=device, generator=gen)
+    W_skip = torch.randn(args.d_in, args.d_in, device=device, generator=gen)
+    grad = torch.randn(args.batch, args.d_in, device=device, generator=gen)
+
+    def timed() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            F.linear(x, W_skip)
+            grad.T @ x
+
+    return time_fn(timed, device, warmup=1, repeats=max(3, args.steps))
+
+
 def decode_sweep(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -281,7 +302,10 @@ def main() -> None:
         )
         gemm = time_encoder_gemm(args)
         print(f"one encoder GEMM [batch, d_in] x [d_in, d_sae]: {gemm * 1e3:.1f} ms")
-        print(f"{'variant':<28}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}{'x GEMM':>9}")
+        print(
+            f"{'variant':<28}{'ms/step':>10}{'tokens/s':>12}{'of roofline':>13}{'x GEMM':>9}"
+            f"{'x own floor':>13}"
+        )
         x = torch.randn(args.batch, args.d_in, generator=torch.Generator().manual_seed(0))
         for label, make in variants(args.k, x, args.l0).items():
             if args.only and not any(label.startswith(prefix) for prefix in args.only):
@@ -289,9 +313,11 @@ def main() -> None:
             seconds = time_training_step(make, x, args)
             # The GEMM is timed again beside each variant: on a shared machine the load drifts.
             gemm = time_encoder_gemm(args)
+            # A crosscoder's d_in is all its layers together, so its encoder GEMM is this one.
+            floor = gemm + (time_skip_products(args) if "skip" in label else 0.0)
             print(
                 f"{label:<28}{seconds * 1e3:>10.1f}{args.batch / seconds:>12,.0f}"
-                f"{roofline / seconds:>13.2f}{seconds / gemm:>9.2f}",
+                f"{roofline / seconds:>13.2f}{seconds / gemm:>9.2f}{seconds / floor:>13.2f}",
                 flush=True,
             )
     if args.decode_sweep:

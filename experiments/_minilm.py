@@ -88,9 +88,12 @@ def train(
     callbacks: list[Any] | None = None,
     record: tuple[str, ...] = ("train/l0", "train/fvu", "train/dead_fraction"),
     every: int = 10,
+    decoder_norm_constraint: bool = True,
 ) -> Recorder:
-    """Fit ``sae`` for ``steps`` batches with a decoder-norm constraint; returns the curves."""
+    """Fit ``sae`` for ``steps`` batches, with a decoder-norm constraint unless told otherwise;
+    returns the curves."""
     recorder = Recorder(record, every)
-    trainer = quiet_trainer(steps, [DecoderNormConstraint(), recorder, *(callbacks or [])])
+    constraint = [DecoderNormConstraint()] if decoder_norm_constraint else []
+    trainer = quiet_trainer(steps, [*constraint, recorder, *(callbacks or [])])
     trainer.fit(sae, data)
     return recorder

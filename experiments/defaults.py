@@ -6,6 +6,7 @@ python -m experiments.defaults_sweep NAME [NAME ...] --seeds 0 1
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from experiments._common import (
     write,
     write_json,
 )
-from experiments.vs_saelens import Measure, SavedBatches, make_data
+from experiments.vs_saelens import SAELENS_VENV, Measure, SavedBatches, make_data
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.models.approx_l0 import ApproxL0SAE
 from lightning_sae.models.gated import GatedSAE
@@ -50,8 +51,15 @@ VARIANTS = {
 # The TopK family's AuxK settings before the dead-window change (docs/defaults.md): the TopK
 # candidates measured before it keep them, so that they run as they were measured.
 PREV_AUXK = {"dead_window_tokens": 10_000_000, "aux_coefficient": 1 / 32}
+CLASS_DEFAULTS = {"encoder_init_scale": None, "betas": None, "gradient_clip_norm": None}
+# SAELens 6.x's own training SAE and SAETrainer with its own defaults
+# (experiments/saelens_side.py, run by the python of its venv) on the same data and batches,
+# torch seeded with the seed before it builds its SAE (the start is all the seed changes).
+SAELENS_ROWS = {"saelens_std": "standard", "saelens_topk": "topk"}
 CANDIDATES = {
-    # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip)
+    # name: (variant, model kwargs, encoder scale, decoder norm (None: unit + constraint), clip);
+    # a decoder norm N: rows start at norm N, free (no constraint), the encoder at the model's
+    # encoder scale times the decoder's transpose
     "std_s1": ("standard", {}, 1.0, None, None),
     "std_s0.25": ("standard", {}, 0.25, None, None),
     "std_s0.1": ("standard", {}, 0.1, None, None),
@@ -70,6 +78,29 @@ CANDIDATES = {
     "std_s0.1_b2": ("standard", {"betas": (0.9, 0.99)}, 0.1, None, None),
     "std_s1_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, None, None),
     "std_dec0.1_free_b2": ("standard", {"betas": (0.9, 0.99)}, 1.0, 0.1, None),
+    # The class's defaults as a user gets them: every option left None resolves through the
+    # default_*() hooks (these keys override the scale and clip slots below).
+    "std_default": ("standard", CLASS_DEFAULTS, 1.0, None, None),
+    # One knob on top of the class's defaults: the encoder's start, beta2 0.95, the L1
+    # coefficient ramped in over the first 100 steps.
+    "std_default_s0.125": (
+        "standard",
+        CLASS_DEFAULTS | {"encoder_init_scale": 0.125},
+        1.0,
+        None,
+        None,
+    ),
+    "std_default_s0.5": ("standard", CLASS_DEFAULTS | {"encoder_init_scale": 0.5}, 1.0, None, None),
+    "std_default_b2.95": ("standard", CLASS_DEFAULTS | {"betas": (0.9, 0.95)}, 1.0, None, None),
+    "std_default_l1wu100": ("standard", CLASS_DEFAULTS | {"l1_warmup_steps": 100}, 1.0, None, None),
+    # Which part of SAELens's start helps at beta2 0.99: the encoder's small start (decoder
+    # norms held at 1) or the free decoder norms (from unit rows and the default encoder start)
+    "std_default_s0.1": ("standard", CLASS_DEFAULTS | {"encoder_init_scale": 0.1}, 1.0, None, None),
+    "std_s0.25_b2_free": ("standard", {"betas": (0.9, 0.99)}, 0.25, 1.0, None),
+    "std_s1_b2_free": ("standard", {"betas": (0.9, 0.99)}, 1.0, 1.0, None),
+    "std_default_free": ("standard", CLASS_DEFAULTS, 1.0, 1.0, None),
+    # SAELens's start (clipping never engages from it on this data: std_dec0.1_free_clip)
+    "std_dec0.1_free_b2.95": ("standard", {"betas": (0.9, 0.95)}, 1.0, 0.1, None),
     "topk_b2": ("topk", PREV_AUXK | {"betas": (0.9, 0.99)}, 1.0, None, None),
     "topk_s1": ("topk", PREV_AUXK, 1.0, None, None),
     "topk_s0.25": ("topk", PREV_AUXK, 0.25, None, None),
@@ -219,7 +250,7 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
     with torch.no_grad():
         if dec_norm is not None:
             sae.W_dec.mul_(dec_norm)
-            sae.W_enc.copy_(sae.W_dec.T)
+            sae.W_enc.copy_(sae.W_dec.T * sae.encoder_init_factor())
     measure = Measure(data, every)
     callbacks = [measure] if dec_norm is not None else [DecoderNormConstraint(), measure]
     trainer = quiet_trainer(len(data["train"]), callbacks)
@@ -233,6 +264,27 @@ def run(name: str, seed: int, data: dict, every: int) -> dict:
     }
 
 
+def run_saelens(name: str, seed: int, work: Path, steps: int, every: int) -> dict:
+    variant = SAELENS_ROWS[name]
+    options = {"d_sae": 512, "lr": 3e-3, "seed": seed}
+    options |= {"l1_coefficient": VARIANTS["standard"][1]["l1_coefficient"]}
+    options |= {"k": VARIANTS["topk"][1]["k"]}
+    python = SAELENS_VENV / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(
+            f"error: SAELens venv not found at {SAELENS_VENV}: set LIGHTNING_SAE_SAELENS_VENV."
+        )
+    curve_path = work / f"{name}_s{seed}.curve.json"
+    side = Path(__file__).with_name("saelens_side.py")
+    command = [str(python), str(side), str(work), variant, str(steps), str(every)]
+    start = time.perf_counter()
+    subprocess.run([*command, json.dumps(options), str(curve_path)], check=True)
+    seconds = time.perf_counter() - start
+    curve = json.loads(curve_path.read_text())
+    curve_path.unlink()
+    return {"name": name, "seed": seed, "seconds": seconds, "curve": curve}
+
+
 def table(work: Path, out: Path, stem: str = "") -> None:
     """Mean (min-max over seeds) of every candidate's final metrics, and the raw runs."""
     runs: dict[str, list[dict]] = {}
@@ -240,7 +292,7 @@ def table(work: Path, out: Path, stem: str = "") -> None:
         run = json.loads(path.read_text())
         runs.setdefault(run["name"], []).append(run)
     rows = []
-    for name in CANDIDATES:
+    for name in [*CANDIDATES, *SAELENS_ROWS]:
         if name not in runs:
             continue
         finals = [r["curve"][-1] for r in sorted(runs[name], key=lambda r: r["seed"])]
@@ -270,7 +322,9 @@ def table(work: Path, out: Path, stem: str = "") -> None:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "defaults")
-    p.add_argument("names", nargs="*", help=f"candidates: {', '.join(CANDIDATES)}")
+    p.add_argument(
+        "names", nargs="*", help=f"candidates: {', '.join([*CANDIDATES, *SAELENS_ROWS])}"
+    )
     p.add_argument("--table", action="store_true", help="tabulate the runs in --work")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--every", type=int, default=100)
@@ -278,8 +332,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=WORK, help="data and one JSON per run")
     args = p.parse_args()
     start(args)
-    if args.smoke:  # tiny data, two candidates, then the table
-        args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2"], [0], 3
+    if args.smoke:  # tiny data, three candidates, then the table
+        args.names, args.seeds, args.every = ["std_s1", "std_s0.25_b2", "std_default_free"], [0], 3
     if not args.smoke and args.table:
         table(args.work, args.out, args.stem)
         return
@@ -294,7 +348,10 @@ def main() -> None:
             out = args.work / f"{name}_s{seed}.json"
             if out.exists():
                 continue
-            result = run(name, seed, data, args.every)
+            if name in SAELENS_ROWS:
+                result = run_saelens(name, seed, args.work, len(data["train"]), args.every)
+            else:
+                result = run(name, seed, data, args.every)
             out.write_text(json.dumps(result))
             f = result["curve"][-1]
             print(

@@ -19,7 +19,9 @@ from lightning_sae.models.topk import TopKSAE
 
 WORK = Path("/tmp/lightning-sae-defaults-minilm")
 STEPS = 300
-CANDIDATES = {  # name: (variant, options, encoder scale)
+# The class's defaults as a user gets them (None resolves through the default_*() hooks).
+CLASS_DEFAULTS = {"encoder_init_scale": None, "betas": None, "gradient_clip_norm": None}
+CANDIDATES = {  # name: (variant, options, encoder scale); options override the shared ones
     **{
         f"std_l1={c}_s{s}": ("standard", {"l1_coefficient": c}, s)
         for c in (1.0, 2.0, 4.0)
@@ -27,6 +29,26 @@ CANDIDATES = {  # name: (variant, options, encoder scale)
     },
     **{
         f"std_l1={c}_s0.25_b2": ("standard", {"l1_coefficient": c, "betas": (0.9, 0.99)}, 0.25)
+        for c in (1.0, 2.0, 4.0)
+    },
+    # "_free": decoder rows not held at unit norm (no DecoderNormConstraint), the L1 weighted
+    # by their norms, as SAELens trains (the toy side-by-side's std_default_free)
+    **{
+        f"std_l1={c}_default{free}": (
+            "standard",
+            CLASS_DEFAULTS | {"l1_coefficient": c, "weight_by_decoder_norm": bool(free)},
+            1.0,
+        )
+        for c in (1.0, 1.75, 2.0, 2.25, 4.0)
+        for free in ("", "_free")
+    },
+    # SAELens's start: decoder rows at norm 0.1, free, the encoder their transpose
+    **{
+        f"std_l1={c}_b2_dec0.1_free": (
+            "standard",
+            CLASS_DEFAULTS | {"l1_coefficient": c, "weight_by_decoder_norm": True},
+            1.0,
+        )
         for c in (1.0, 2.0, 4.0)
     },
     **{f"topk_k={k}_s{s}": ("topk", {"k": k}, s) for k in (16, 32) for s in (1.0, 0.25)},
@@ -83,8 +105,12 @@ def main() -> None:
             )
             cls = StandardSAE if variant == "standard" else TopKSAE
             sae = cls(**(common | {"betas": (0.9, 0.999)} | options))
+            if "_dec0.1" in name:
+                with torch.no_grad():
+                    sae.W_dec.mul_(0.1)
+                    sae.W_enc.copy_(sae.W_dec.T)
             start = time.perf_counter()
-            _minilm.train(sae, data, STEPS)
+            _minilm.train(sae, data, STEPS, decoder_norm_constraint=not name.endswith("_free"))
             measured = _minilm.evaluate(sae, val)
             row = {k: v for k, v in measured.items() if k != "frequency"}
             row |= {"name": name, "seed": seed, "seconds": time.perf_counter() - start}

@@ -1,10 +1,11 @@
 """The SAELens half of experiments/vs_saelens.py, run by the python of SAELens's own venv.
 
-Usage: python saelens_side.py WORK_DIR VARIANT STEPS EVERY JSON_OPTIONS
+Usage: python saelens_side.py WORK_DIR VARIANT STEPS EVERY JSON_OPTIONS [OUT]
 
 Trains SAELens's own TrainingSAE (standard or topk) with its own SAETrainer on the batches of
 WORK_DIR/data.safetensors in their saved order, measures it every EVERY steps with
-experiments/toy_eval.py, and writes WORK_DIR/saelens_<VARIANT>.json.
+experiments/toy_eval.py, and writes the curve to OUT (default WORK_DIR/saelens_<VARIANT>.json).
+The options' seed seeds torch before SAELens builds its SAE: it changes the start only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     work, variant = Path(sys.argv[1]), sys.argv[2]
     steps, every = int(sys.argv[3]), int(sys.argv[4])
     options = json.loads(sys.argv[5])
+    out = Path(sys.argv[6]) if len(sys.argv) > 6 else work / f"saelens_{variant}.json"
     torch.manual_seed(options["seed"])
     data = load_file(work / "data.safetensors")
     batches = data["train"]  # [steps, batch, d_in], in training order
@@ -64,7 +66,7 @@ def main() -> None:
     )
     SAETrainer(config, sae, data_provider=provider()).fit()
     measure(steps)
-    (work / f"saelens_{variant}.json").write_text(json.dumps(curve))
+    out.write_text(json.dumps(curve))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ the run (the validation split in eval mode).
     python -m experiments.toy_configs                      # docs/experiments/toy_configs/
     python -m experiments.toy_configs --configs topk gated # some of them
     python -m experiments.toy_configs --smoke              # 20 steps of one config
+    python -m experiments.toy_configs --configs gated --set model.init_args.gradient_clip_norm=0
+                                                           # one setting changed, as a user would
+
+A run with ``--set KEY=VALUE`` passes ``--KEY VALUE`` to the command and is kept under the
+config's name followed by its changes (``gated gradient_clip_norm=0``), next to the plain runs.
 """
 
 from __future__ import annotations
@@ -68,9 +73,41 @@ def final_metrics(text: str) -> dict[str, float]:
     return found
 
 
-def run_config(name: str, runs: Path, every: int, max_steps: int | None) -> dict[str, Any]:
-    run_dir = runs / name
-    curve_file = runs / f"{name}_curve.json"
+def label(name: str, settings: list[str], half_width: bool = False) -> str:
+    """The config's name and the settings changed from it (the last dotted part of each key)."""
+    return " ".join([name, *(["half-width"] if half_width else []), *map(short, settings)])
+
+
+def half_width_settings(config: dict[str, Any]) -> list[str]:
+    """Every size of the config halved, as tests/test_variants_training.py runs it."""
+    sizes = ("d_in", "d_sae", "n_features", "batch_size")
+    settings = []
+    for part in ("model", "data"):
+        for key, value in config[part]["init_args"].items():
+            if key in sizes:
+                settings.append(f"{part}.init_args.{key}={value // 2}")
+            elif key == "group_sizes":
+                settings.append(f"{part}.init_args.{key}={json.dumps([g // 2 for g in value])}")
+    return settings
+
+
+def short(setting: str) -> str:
+    key, _, value = setting.partition("=")
+    return f"{key.rpartition('.')[2]}={value}"
+
+
+def run_config(
+    name: str,
+    runs: Path,
+    every: int,
+    max_steps: int | None,
+    settings: list[str],
+    half_width: bool = False,
+) -> dict[str, Any]:
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    run_name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", label(name, settings, half_width))
+    run_dir = runs / run_name
+    curve_file = runs / f"{run_name}_curve.json"
     probe = {
         "class_path": "experiments.toy_configs.GroundTruthProbe",
         "init_args": {"path": str(curve_file), "every": every},
@@ -81,6 +118,9 @@ def run_config(name: str, runs: Path, every: int, max_steps: int | None) -> dict
         *("--trainer.default_root_dir", str(run_dir)),
         f"--trainer.callbacks+={json.dumps(probe)}",
     ]
+    for setting in (half_width_settings(config) if half_width else []) + settings:
+        key, _, value = setting.partition("=")
+        command += [f"--{key}", value]
     if max_steps is not None:
         command += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "10"]
     env = os.environ | {
@@ -93,11 +133,12 @@ def run_config(name: str, runs: Path, every: int, max_steps: int | None) -> dict
     final_files = sorted(run_dir.rglob(FINAL_METRICS_FILENAME))
     final = final_metrics(final_files[-1].read_text() if final_files else done.stdout)
     curve = json.loads(curve_file.read_text())
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     return {
         "config": name,
+        "settings": settings,
+        "half_width": half_width,
         "variant": config["model"]["class_path"].rpartition(".")[2],
-        "d_sae": config["model"]["init_args"]["d_sae"],
+        "d_sae": config["model"]["init_args"]["d_sae"] // (2 if half_width else 1),
         "steps": curve[-1][0] if max_steps is None else max_steps,
         "final": final,
         "curve": curve,
@@ -110,8 +151,9 @@ def row(result: dict[str, Any]) -> list[Any]:
     at = " / ".join(f"{curve[s]:.3f}" if s in curve else "-" for s in CHECKPOINTS)
     first = next(((s, gt) for s, gt in result["curve"] if gt >= THRESHOLD), None)
     final = result["final"]
+    changed = label("", result.get("settings", []), result.get("half_width", False)).strip()
     return [
-        f"`{result['config']}.yaml`",
+        f"`{result['config']}.yaml`" + (f" {changed}" if changed else ""),
         result["variant"],
         result["d_sae"],
         result["steps"],
@@ -127,6 +169,19 @@ def row(result: dict[str, Any]) -> list[Any]:
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "toy_configs")
     p.add_argument("--configs", nargs="+", default=list(TABLE), choices=TABLE)
+    p.add_argument(
+        "--set",
+        dest="settings",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings changed from the config, e.g. model.init_args.betas=[0.9,0.999]",
+    )
+    p.add_argument(
+        "--half-width",
+        action="store_true",
+        help="every size halved (widths, dictionary, features, batch), as the tests run them",
+    )
     p.add_argument("--every", type=int, default=100, help="steps between MMCS probes")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments/toy_configs"))
     p.add_argument(
@@ -155,8 +210,11 @@ def main() -> None:
         {} if args.smoke or not results_file.exists() else json.loads(results_file.read_text())
     )
     for name in args.configs:
-        results[name] = run_config(name, args.runs, args.every, max_steps)
-        print(name, results[name]["final"], f"({results[name]['seconds']} s)", flush=True)
+        key = label(name, args.settings, args.half_width)
+        results[key] = run_config(
+            name, args.runs, args.every, max_steps, args.settings, args.half_width
+        )
+        print(key, results[key]["final"], f"({results[key]['seconds']} s)", flush=True)
         if not args.smoke:
             write_json(out, "results.json", results)
     write_table(out, results)
@@ -165,7 +223,11 @@ def main() -> None:
 def write_table(out: Path, results: dict[str, Any]) -> None:
     header = ["config", "variant", "d_sae", "steps", "GT MMCS", "FVU", "L0", "dead"]
     header += [f"MMCS at {' / '.join(map(str, CHECKPOINTS))} steps", "first probe >= 0.9"]
-    ordered = [results[name] for name in TABLE if name in results]
+    # The plain runs in the table's order, each followed by its runs with settings changed.
+    ordered = sorted(
+        results.values(),
+        key=lambda r: (TABLE.index(r["config"]), r.get("half_width", False), r.get("settings", [])),
+    )
     write(out, "table.md", markdown_table(header, [row(r) for r in ordered]))
 
 

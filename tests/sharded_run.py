@@ -114,10 +114,13 @@ class Silence(L.Callback):
 
 def dense_encoder_values(
     code: SparseCode, pre_acts: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
-    bias: torch.Tensor,
+    bias: torch.Tensor, source: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The reference of ``models.sparse.sparse_encoder_values``: dense autograd through the same
-    entries (the pre-activations recomputed with a graph, bit for bit the ones given)."""
+    entries (the pre-activations recomputed with a graph, bit for bit the ones given; the input
+    offset folded into the bias as ``SparseAutoencoder.encoder_bias`` folds it)."""
+    if source is not None:
+        bias = bias + -(source @ W_enc)
     dense = torch.nn.functional.linear(x, W_enc.T, bias)
     assert torch.equal(dense.detach(), pre_acts)
     return dense.gather(1, code.indices) if code.rows is None else dense[code.rows, code.indices]

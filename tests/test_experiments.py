@@ -262,6 +262,8 @@ def test_smoke_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "| std_s1 | 0 |" in table and "| std_s0.25_b2 | 0 |" in table
     runs = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["step"] for row in runs["std_s1"][0]["curve"]] == [0, 3, 6]
+    # the free-rows path (no constraint; the class's defaults resolved from None) runs too
+    assert "| std_default_free | 0 |" in table
 
 
 def test_smoke_frontier_ours_side(

@@ -291,6 +291,23 @@ def test_a_group_step_waits_for_the_device_once() -> None:
     assert transfers.per_step[1:] == [1] * 4, transfers.per_step
 
 
+@pytest.mark.parametrize("cls", ["TopKSAE", "StandardSAE"])
+def test_a_single_sae_step_waits_for_the_device_once(cls: str) -> None:
+    """An SAE trained alone logs its step's scalars as a group does (``host_log``): one transfer
+    of the statistics per step and no copy of a logged number to the device. (There was a
+    ``self.log`` of a Python number per scalar, each a host-to-device copy.)"""
+    options = {"k": 4} if cls == "TopKSAE" else {"decode_impl": "dense"}
+    sae = solo(spec(cls, "alone", "resid", dead_window_tokens=128, **options))
+    with torch.no_grad():
+        sae.b_enc[[1, 5, 9]] = -1e3  # dead after a step: AuxK runs and dead_fraction is logged
+    transfers = HostTransfers()
+    sae.optimizer_step = transfers.counting(sae.optimizer_step)
+    sae.lr_scheduler_step = transfers.counting(sae.lr_scheduler_step, same_step=True)
+    fit(sae, TwoHookToy(serve="resid", batches_per_epoch=5), 5)
+    assert int(sae.dead_mask().sum()) > 0
+    assert transfers.per_step[1:] == [1] * 4, transfers.per_step
+
+
 def test_transcoders_are_members_that_read_their_own_sites(tmp_path: Path) -> None:
     """One stream, an SAE and a skip transcoder (resid -> mlp): each trains with every callback
     exactly as alone, and the group's export gives the transcoder its two sites."""
@@ -420,6 +437,46 @@ def test_members_log_under_their_names(tmp_path: Path, monkeypatch: pytest.Monke
         for kind in SeenMetrics.KINDS:
             assert_same_metrics(ours[kind], theirs[kind], f"step {step} {kind}")
     assert "k4/train/loss" in seen.steps[-1]["progress_bar_metrics"]
+
+
+def test_a_single_sae_logs_what_one_log_per_scalar_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SAE alone logs its step's scalars at once (``host_log``); callbacks, the progress bar
+    and the logger see exactly what one ``self.log`` of a Python number per scalar gives them."""
+
+    def run(name: str) -> tuple[list[dict[str, str]], SeenMetrics]:
+        seen = SeenMetrics()
+        sae = solo(spec("TopKSAE", "alone", "resid", k=4, dead_window_tokens=4 * 128))
+        fit(
+            sae,
+            TwoHookToy(serve="resid"),
+            6,
+            callbacks=[seen],
+            logger=CSVLogger(tmp_path, name=name, version=0),
+            log_every_n_steps=1,
+            limit_val_batches=None,
+            val_check_interval=6,
+        )
+        with open(tmp_path / name / "version_0" / "metrics.csv") as handle:
+            return list(csv.DictReader(handle)), seen
+
+    rows, seen = run("at-once")
+    dead = [int(row["step"]) for row in rows if row.get("train/dead_fraction")]
+    assert dead == [3, 4, 5] and rows[-1]["val/fvu"], rows[-1]
+
+    def one_by_one(module: L.LightningModule, entries: list) -> None:
+        for name, value, kwargs in entries:
+            module.log(name, value, **kwargs)
+
+    monkeypatch.setattr("lightning_sae.models.base.log_host_scalars", one_by_one)
+    plain_rows, plain_seen = run("one-by-one")
+    assert rows == plain_rows
+    assert len(seen.steps) == len(plain_seen.steps) == 6
+    for step, (ours, theirs) in enumerate(zip(seen.steps, plain_seen.steps, strict=True)):
+        for kind in SeenMetrics.KINDS:
+            assert_same_metrics(ours[kind], theirs[kind], f"step {step} {kind}")
+    assert {"train/loss", "train/l0"} <= set(seen.steps[-1]["progress_bar_metrics"])
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -17,7 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.sparse import (
+    ROW_TOP_K_GROUP,
     SparseCode,
+    _interleaved_group_size,
     largest_of_batch,
     row_top_k,
     sparse_encoder_values,
@@ -91,25 +93,31 @@ def test_sparse_backward_under_bf16_autocast_matches_dense_within_bf16() -> None
         torch.testing.assert_close(sparse_run["grads"][param], grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("source", [False, True], ids=["bias", "bias and input offset"])
 @pytest.mark.parametrize("flat", [False, True], ids=["per-row", "flat"])
-def test_encoder_values_give_the_input_its_gradient_too(flat: bool) -> None:
-    """A caller whose input needs a gradient (an SAE on a trained layer) gets it sparsely."""
+def test_encoder_values_give_the_input_its_gradient_too(flat: bool, source: bool) -> None:
+    """A caller whose input needs a gradient (an SAE on a trained layer) gets it sparsely; so
+    does the input offset's source (``b_dec``, folded into the bias as ``-b_dec @ W_enc``),
+    whose share of W_enc's gradient is added in place."""
     torch.manual_seed(1)
     x = torch.randn(7, 5, requires_grad=True)
     W_enc = torch.randn(5, 11, requires_grad=True)
     bias = torch.randn(11, requires_grad=True)
+    b_dec = torch.randn(5, requires_grad=True) if source else None
     with torch.no_grad():
-        pre_acts = torch.nn.functional.linear(x, W_enc.T, bias)
+        folded = bias if b_dec is None else bias + -(b_dec @ W_enc)
+        pre_acts = torch.nn.functional.linear(x, W_enc.T, folded)
     values, indices = pre_acts.topk(3, dim=-1)
     code = SparseCode(indices, values, 7)
     if flat:
         code = SparseCode.from_mask(torch.zeros_like(pre_acts, dtype=torch.bool).scatter(
             1, indices, True), pre_acts)  # fmt: skip
     weights = torch.randn(code.values.shape)
-    ours = (sparse_encoder_values(code, pre_acts, x, W_enc, bias) * weights).sum()
-    ours_grads = torch.autograd.grad(ours, (x, W_enc, bias))
-    theirs = (dense_encoder_values(code, pre_acts, x, W_enc, bias) * weights).sum()
-    theirs_grads = torch.autograd.grad(theirs, (x, W_enc, bias))
+    inputs = (x, W_enc, bias) if b_dec is None else (x, W_enc, bias, b_dec)
+    ours = (sparse_encoder_values(code, pre_acts, x, W_enc, bias, b_dec) * weights).sum()
+    ours_grads = torch.autograd.grad(ours, inputs)
+    theirs = (dense_encoder_values(code, pre_acts, x, W_enc, bias, b_dec) * weights).sum()
+    theirs_grads = torch.autograd.grad(theirs, inputs)
     assert torch.equal(ours.detach(), theirs.detach())
     for mine, reference in zip(ours_grads, theirs_grads, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
@@ -146,25 +154,53 @@ def test_backward_makes_no_dense_batch_by_latents_tensor(name: str) -> None:
     assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("case", ["spread", "one group holds all", "ties", "narrow"])
-def test_row_top_k_keeps_what_torch_topk_keeps(case: str) -> None:
-    """The grouped selection (wide rows on CPU: group maxima first) keeps each row's k largest
-    values, including when one group of columns holds all of them, and with ties, where any
-    of the tied entries may be kept but the values are the k largest all the same."""
+def _group_columns(layout: str, d: int, k: int) -> list[list[int]]:
+    """The columns of each group :func:`row_top_k` makes of rows of ``d`` at ``k``, in order."""
+    if layout == "runs":
+        return [list(range(j, j + ROW_TOP_K_GROUP)) for j in range(0, d, ROW_TOP_K_GROUP)]
+    group = _interleaved_group_size(d, k)
+    assert group is not None  # the grouped path runs at this shape
+    return [list(range(j, d, d // group)) for j in range(d // group)]
+
+
+@pytest.mark.parametrize(
+    ("layout", "d", "k"),
+    [("runs", 1024, 8), ("interleaved", 1536, 16), ("interleaved", 1536, 64)],
+)
+@pytest.mark.parametrize("case", ["spread", "few groups hold all", "ties", "narrow"])
+def test_row_top_k_keeps_what_torch_topk_keeps(layout: str, d: int, k: int, case: str) -> None:
+    """The grouped selection (on CPU: group maxima first; runs of consecutive columns on wide
+    rows, interleaved groups on narrower ones) keeps each row's k largest values, including when
+    the fewest groups that can hold them hold all of them, and with ties, where any of the tied
+    entries may be kept but the values are the k largest all the same."""
     torch.manual_seed(0)
-    scores, k = torch.randn(24, 1024), 8
-    if case == "one group holds all":
-        scores[3, 64:96] += 10.0  # row 3's 8 largest all in one group of 32 columns
+    scores = torch.randn(24, d)
+    if case == "few groups hold all":
+        groups = _group_columns(layout, d, k)
+        columns = [c for group in groups[5:] for c in group][:k]  # whole groups, from the 6th
+        scores[3, columns] += 10.0  # row 3's k largest in as few groups as hold k entries
     if case == "ties":
         scores = (scores * 2).round()
     if case == "narrow":
-        scores = scores[:, :96]  # too few groups to gain: torch's top-k itself
+        scores = scores[:, : 3 * k]  # too few groups to gain: torch's top-k itself
     values, columns = row_top_k(scores, k)
     expected_values, expected_columns = scores.topk(k, dim=1)
     assert torch.equal(values, scores.gather(1, columns))
     assert torch.equal(values.sort(1).values, expected_values.sort(1).values)
     if case != "ties":
         assert torch.equal(columns.sort(1).values, expected_columns.sort(1).values)
+
+
+def test_row_top_k_groups_where_the_two_top_ks_see_at_most_half_the_row() -> None:
+    """The interleaved groups' size: the divisor of d that the two top-k's see fewest entries
+    at, and none (torch's top-k) where they would see more than half of the row."""
+    assert _interleaved_group_size(1536, 16) == 8  # 192 maxima + 16 * 8 entries
+    assert _interleaved_group_size(1536, 32) == 6  # 256 + 192
+    assert _interleaved_group_size(1536, 64) == 4  # 384 + 256
+    assert _interleaved_group_size(1536, 128) is None  # 512 + 384 > 768
+    assert _interleaved_group_size(1531, 8) is None  # a prime: no groups
+    values, columns = row_top_k(torch.randn(0, 1536), 32)  # no rows
+    assert values.shape == columns.shape == (0, 32)
 
 
 @pytest.mark.parametrize(
@@ -245,3 +281,29 @@ def test_training_steps_reuse_the_last_steps_pre_activations(name: str) -> None:
             assert torch.equal(ours, theirs), param_name
     assert storage[0] == storage[1] == storage[2]
     assert torch.equal(outside.pre_acts, outside_pre_acts)
+
+
+class Calls(TorchDispatchMode):
+    """Counts the calls of each aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "topk-skip-transcoder"])
+def test_a_step_sorts_each_code_by_latent_once(name: str) -> None:
+    """The encoder's and the decoder's weight gradients sum over the same entries per latent:
+    one sort of the kept entries serves both, so a step with AuxK sorts twice (main pass and
+    AuxK), not four times."""
+    sae, x, y = prepared(name)
+    sae.hparams.decode_impl = "sparse"
+    with Calls() as calls:
+        out = sae.forward_normalized(x)
+        sum(sae.loss_terms(y, out).values()).backward()
+    assert calls.counts.get("sort", 0) == 2, calls.counts.get("sort")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -10,9 +11,11 @@ import lightning as L
 import pytest
 import torch
 from _trainer import quiet_trainer
+from torch.profiler import ProfilerActivity, profile
 
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.toy import ToySuperpositionDataModule
+from lightning_sae.models import optimizers
 from lightning_sae.models.base import SAEOutput, SparseAutoencoder
 
 VARIANTS = {
@@ -89,3 +92,39 @@ def test_compiled_step_trains_like_eager(name: str) -> None:
     fit(eager, 12, callbacks=[DecoderNormConstraint()])
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True}, {"weight_decay": 0.01}])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fused_adam_steps_a_transposed_encoder_without_copying_it(
+    optimizer: str, options: dict[str, Any]
+) -> None:
+    """W_enc lies latent by latent (its transpose is contiguous). torch's fused CPU Adam copies
+    such a gradient to a contiguous tensor that it never reads; the module's optimizer hands
+    the kernel the transposes instead: the same steps bit for bit, and no copy of W_enc."""
+    sae = build("topk_sparse")
+    assert not sae.W_enc.is_contiguous() and sae.W_enc.T.is_contiguous()
+    twin = copy.deepcopy(sae)
+    ours_cls, torch_cls = {
+        "adam": (optimizers.Adam, torch.optim.Adam),
+        "adamw": (optimizers.AdamW, torch.optim.AdamW),
+    }[optimizer]
+    ours = ours_cls(sae.parameters(), lr=0.01, fused=True, **options)
+    theirs = torch_cls(twin.parameters(), lr=0.01, fused=True, **options)
+    for step in range(3):
+        for module in (sae, twin):
+            for param in module.parameters():  # gradients in their parameters' layouts
+                generator = torch.Generator().manual_seed(step)
+                grad = torch.randn(param.T.shape if param.ndim == 2 else param.shape,
+                                   generator=generator)  # fmt: skip
+                param.grad = grad.T if not param.is_contiguous() else grad.view(param.shape)
+        theirs.step()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as seen:
+            ours.step()
+        copies = [e for e in seen.events() if e.name in ("aten::clone", "aten::copy_")]
+        assert not [e for e in copies if e.input_shapes and e.input_shapes[0] == [32, 128]]
+    for (name, param), twin_param in zip(sae.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(param, twin_param), name
+        state, twin_state = ours.state[param], theirs.state[twin_param]
+        for key, value in twin_state.items():
+            assert torch.equal(state[key], value) and state[key].stride() == value.stride(), key

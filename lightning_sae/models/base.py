@@ -33,6 +33,8 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from lightning_sae.metrics.reconstruction import FVU, L0, MSE, DeadFraction
+from lightning_sae.models.host_log import LogEntry, log_host_scalars
+from lightning_sae.models.optimizers import Adam, AdamW
 from lightning_sae.models.penalties import OrthogonalityShape, orthogonality_penalty
 from lightning_sae.models.sparse import SparseCode
 
@@ -337,6 +339,10 @@ class SparseAutoencoder(LightningModule):
     def normalize(self, x: Tensor) -> Tensor:
         return x.to(self.W_enc.dtype) * self.input_scale
 
+    def input_offset_source(self) -> Tensor | None:
+        """What is subtracted from the input before encoding (``b_dec``), or None."""
+        return self.b_dec if self.hparams.apply_b_dec_to_input else None
+
     def input_offset(self) -> Tensor | None:
         """-b_dec @ W_enc when b_dec is subtracted from the input, else None.
 
@@ -344,7 +350,8 @@ class SparseAutoencoder(LightningModule):
         spares the backward pass a full [batch, d_sae] x [d_sae, d_in] product, the gradient of
         the batch-sized x - b_dec, which would only be summed into b_dec's gradient.
         """
-        return -(self.b_dec @ self.W_enc) if self.hparams.apply_b_dec_to_input else None
+        source = self.input_offset_source()
+        return None if source is None else -(source @ self.W_enc)
 
     def encoder_bias(self) -> Tensor:
         """``b_enc``, with the input offset folded in when there is one."""
@@ -711,14 +718,19 @@ class SparseAutoencoder(LightningModule):
         if n > 1 and variance <= 1e-12 * sum_sq:
             raise ValueError(self._zero_variance_batch(sum_sq))
 
-        self.log("train/loss", total / world, prog_bar=True)
+        entries: list[LogEntry] = [("train/loss", total / world, {"prog_bar": True})]
         for name, value in zip(term_names, term_values, strict=True):
-            self.log(f"train/loss/{name}", value / world)
-        self.log("train/l0", n_active / n, prog_bar=True)
-        self.log("train/mse", sq_err / n)
-        self.log("train/fvu", sq_err / variance if variance > 0 else float("nan"))
+            entries.append((f"train/loss/{name}", value / world, {}))
+        entries += [
+            ("train/l0", n_active / n, {"prog_bar": True}),
+            ("train/mse", sq_err / n, {}),
+            ("train/fvu", sq_err / variance if variance > 0 else float("nan"), {}),
+        ]
         if self.dead_window_passed(int(n)):
-            self.log("train/dead_fraction", n_dead / self.d_sae)
+            entries.append(("train/dead_fraction", n_dead / self.d_sae, {}))
+        # As host tensors, not one self.log of a number each: on a GPU every such call copies
+        # the number to the device and waits for it (host_log.py).
+        log_host_scalars(self, entries)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, target = self.input_and_target(batch)
@@ -771,7 +783,8 @@ class SparseAutoencoder(LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+        # torch's, without the fused kernel's unused copy of W_enc's gradient (optimizers.py)
+        optimizer_cls = AdamW if hp.optimizer == "adamw" else Adam
         kwargs = {"weight_decay": hp.weight_decay} if hp.optimizer == "adamw" else {}
         # The fused kernel updates all parameters in one pass (CPU and CUDA).
         kwargs["fused"] = self.device.type in ("cpu", "cuda")

@@ -41,7 +41,8 @@ def _registered(module: LightningModule, name: str, prog_bar: bool) -> Any:
     """The result record of ``name`` when a plain ``module.log(name, cpu_scalar,
     prog_bar=prog_bar)`` in this hook would only update it (registered with exactly those
     options, on the CPU); else None, and the entry takes the public path."""
-    results = getattr(module.trainer, "_results", None)
+    # Outside a fit (no trainer attached) module.log warns and logs nothing: let it say so.
+    results = getattr(module._trainer, "_results", None)
     if (
         results is None
         or results.dataloader_idx is not None

@@ -78,7 +78,11 @@ class MatryoshkaSAE(BatchTopKSAE):
             n_groups = len(ends)
             group = torch.bucketize(code.indices, ends, right=True)
             bags = SparseCode(
-                code.indices, code.values, code.n_rows * n_groups, code.rows * n_groups + group
+                code.indices,
+                code.values,
+                code.n_rows * n_groups,
+                code.rows * n_groups + group,
+                grouped=code.latent_order(),  # the same entries: one sort for both gradients
             )
             decoded = decode_with_latent_bags(bags, self.W_dec)
             return decoded.reshape(code.n_rows, n_groups, self.d_out)

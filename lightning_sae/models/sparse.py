@@ -18,7 +18,7 @@ choice by density: it costs O(nnz * d_in) against the dense backward's O(n * d_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -42,6 +42,30 @@ def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
+class LatentOrder:
+    """The entries of a code grouped by latent, sorted once: the weight gradients of the encoder
+    and of the decoder both sum per latent (:func:`_sum_per_latent`), over the same entries.
+
+    The stable sort keeps each latent's entries in entry order, so the sums are reproducible
+    (and the stable integer sort is the faster one on CPU). On a shared CPU the sort's two
+    threads can wait on each other for hundreds of milliseconds (docs/benchmarks.md), so one
+    sort a step instead of two matters beyond its own few milliseconds.
+    """
+
+    def __init__(self, latents: Tensor) -> None:
+        self.latents = latents.reshape(-1)
+        self._sorted: tuple[int, Tensor, Tensor] | None = None
+
+    def sorted(self, d_sae: int) -> tuple[Tensor, Tensor]:
+        """(order, starts): the entries' positions sorted by latent, and where the run of each
+        of the ``d_sae`` latents begins in that order."""
+        if self._sorted is None or self._sorted[0] != d_sae:
+            by_latent, order = self.latents.sort(stable=True)
+            latents = torch.arange(d_sae, device=by_latent.device)
+            self._sorted = (d_sae, order, torch.searchsorted(by_latent, latents))
+        return self._sorted[1], self._sorted[2]
+
+
 @dataclass
 class SparseCode:
     """The nonzero activations of ``n_rows`` samples, without the zeros.
@@ -55,6 +79,14 @@ class SparseCode:
     values: Tensor
     n_rows: int
     rows: Tensor | None = None
+    # The entries grouped by latent, made on first use (latent_order); a code over the same
+    # entries in other bags (Matryoshka's groups) may share its parent's.
+    grouped: LatentOrder | None = field(default=None, repr=False, compare=False)
+
+    def latent_order(self) -> LatentOrder:
+        if self.grouped is None:
+            self.grouped = LatentOrder(self.indices)
+        return self.grouped
 
     @classmethod
     def from_mask(cls, mask: Tensor, values: Tensor) -> SparseCode:
@@ -84,9 +116,10 @@ class SparseCode:
         )
 
 
-# Columns per group in the first stage of :func:`row_top_k` on CPU. Measured (one thread, batch
-# 4096, k 32, docs/benchmarks.md): groups of 32 took 62-65 ms against torch.topk's 86-95 ms at
-# d 8192 and 98 ms against 181 ms at d 24576; groups of 16 and 64 were slower than 32.
+# Columns per group in the first stage of :func:`row_top_k` on CPU, for rows wide against k.
+# Measured (one thread, batch 4096, k 32, docs/benchmarks.md): groups of 32 took 62-65 ms against
+# torch.topk's 86-95 ms at d 8192 and 98 ms against 181 ms at d 24576; groups of 16 and 64 were
+# slower than 32.
 ROW_TOP_K_GROUP = 32
 
 
@@ -94,24 +127,69 @@ def row_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest entries of each row of ``scores`` [n, d], unsorted: (values, columns),
     as ``scores.topk(k, dim=1, sorted=False)``.
 
-    torch's CPU top-k costs about 10 ns an entry. On CPU, for rows wide against k, this takes
-    the maximum of every group of :data:`ROW_TOP_K_GROUP` consecutive columns (one vectorised
-    pass), the k groups with the largest maxima, and the top k of those groups' entries alone.
-    Exact: with m the k-th largest group maximum, every group left out has its maximum at most
-    m and the k groups kept hold k entries of at least m, so every entry above the kept
-    entries' k-th largest is among them. Which of several entries tied at the k-th value are
-    kept is the kernels' choice, as it is between torch's own top-k kernels.
+    torch's CPU top-k costs 10-25 ns an entry. On CPU this splits each row into groups of
+    columns, takes every group's maximum (one vectorised pass), the k groups with the largest
+    maxima, and the top k of those groups' entries alone, so the two top-k's see ``d / group +
+    k * group`` entries instead of ``d``. Exact: with m the k-th largest group maximum, every
+    group left out has its maximum at most m and the k groups kept hold k entries of at least
+    m, so every entry above the kept entries' k-th largest is among them. Which of several
+    entries tied at the k-th value are kept is the kernels' choice, as it is between torch's
+    own top-k kernels.
+
+    Two layouts of the groups, each where it measured faster (docs/benchmarks.md):
+
+    - rows wide against k (``d / 32 >= 4k``, e.g. 8192 or 24576 latents at k 32): runs of
+      :data:`ROW_TOP_K_GROUP` consecutive columns, whose kept entries are copied run by run
+      (rows too large for the cache: few memory lines per kept group);
+    - narrower rows (e.g. 1536 latents at k 16-64): interleaved groups (group j holds columns
+      j, j + d/g, j + 2d/g, ...), whose maxima are an elementwise maximum of g slices of the
+      row, of the size g that the two top-k's see fewest entries at; used only where those are
+      at most half of d (:func:`_interleaved_group_size`).
     """
     n, d = scores.shape
-    group = ROW_TOP_K_GROUP
-    if scores.device.type != "cpu" or d % group or d // group < 4 * k or not scores.is_contiguous():
+    if scores.device.type != "cpu" or not scores.is_contiguous():
         return scores.topk(k, dim=1, sorted=False)
+    if d % ROW_TOP_K_GROUP == 0 and d // ROW_TOP_K_GROUP >= 4 * k:
+        return _top_k_through_runs(scores, k, ROW_TOP_K_GROUP)
+    group = _interleaved_group_size(d, k)
+    if group is None:
+        return scores.topk(k, dim=1, sorted=False)
+    return _top_k_through_interleaved_groups(scores, k, group)
+
+
+def _top_k_through_runs(scores: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
+    """:func:`row_top_k` with groups of ``group`` consecutive columns."""
+    n, d = scores.shape
     n_groups = d // group
     best = scores.view(n, n_groups, group).amax(2).topk(k, dim=1, sorted=False).indices
     first_of_row = torch.arange(n, device=scores.device)[:, None] * n_groups
     kept = scores.view(n * n_groups, group).index_select(0, (best + first_of_row).view(-1))
     values, slots = kept.view(n, k * group).topk(k, dim=1, sorted=False)
     return values, best.gather(1, slots // group) * group + slots % group
+
+
+def _interleaved_group_size(d: int, k: int) -> int | None:
+    """The number of columns g per interleaved group (a divisor of d, at least k groups) at
+    which the two top-k's of :func:`row_top_k` see fewest entries, ``d / g + k * g`` (near
+    sqrt(d / k)); None when that is more than half of d. Measured (one thread, 1024 rows; d 768,
+    1536 and 3072, k 8-192): 0.2-0.8 of torch.topk's time where at most 0.42 d entries are
+    seen, 0.6-0.9 at 0.5 d, 0.8-1.6 above."""
+    sizes = [g for g in range(2, d // k + 1) if d % g == 0]
+    if not sizes:
+        return None
+    group = min(sizes, key=lambda g: d // g + k * g)
+    return group if 2 * (d // group + k * group) <= d else None
+
+
+def _top_k_through_interleaved_groups(scores: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
+    """:func:`row_top_k` with ``d / group`` groups, group j the columns j + i * (d / group)."""
+    n, d = scores.shape
+    n_groups = d // group
+    slices = scores.view(n, group, n_groups)  # slices[r, i, j] = scores[r, j + i * n_groups]
+    best = slices.amax(1).topk(k, dim=1, sorted=False).indices  # [n, k] group numbers
+    kept = slices.gather(2, best[:, None, :].expand(n, group, k))  # [n, group, k]
+    values, slots = kept.view(n, group * k).topk(k, dim=1, sorted=False)
+    return values, best.gather(1, slots % k) + slots // k * n_groups
 
 
 def largest_of_batch(scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -201,16 +279,13 @@ def _entry_rows(indices: Tensor, rows: Tensor | None) -> Tensor:
 
 
 def _sum_per_latent(
-    latents: Tensor, rows: Tensor, table: Tensor, weights: Tensor, d_sae: int
+    grouped: LatentOrder, rows: Tensor, table: Tensor, weights: Tensor, d_sae: int
 ) -> Tensor:
     """[d_sae, table's width]: for each latent j, the sum over the entries of j of ``weights[e] *
-    table[rows[e]]``: one ``embedding_bag`` with a bag per latent (entries sorted by latent,
+    table[rows[e]]``: one ``embedding_bag`` with a bag per latent (entries in ``grouped``'s order,
     rows along). The weight gradient of a sparse encode or decode; torch's own embedding_bag
-    weight backward took 30-40 ms more for 131k entries of 512 features on one CPU thread.
-    Stable: each latent's rows in row order, so the sums are reproducible (and the stable
-    integer sort is the faster one on CPU)."""
-    by_latent, order = latents.sort(stable=True)
-    starts = torch.searchsorted(by_latent, torch.arange(d_sae, device=latents.device))
+    weight backward took 30-40 ms more for 131k entries of 512 features on one CPU thread."""
+    order, starts = grouped.sorted(d_sae)
     return F.embedding_bag(
         rows[order], table, starts, mode="sum", per_sample_weights=weights[order]
     )
@@ -219,13 +294,17 @@ def _sum_per_latent(
 class _SparseEncoderGather(torch.autograd.Function):
     """``pre_acts`` at the code's entries; gradients for x, W_enc and bias through those alone.
 
-    ``pre_acts`` (detached) is ``F.linear(x, W_enc.T, bias)``; the forward only gathers from it,
-    so the values are those of the dense pass bit for bit. Backward, with g the gradient of the
-    gathered values: ``dbias[j] = sum of g over the entries of latent j``; ``dW_enc[:, j] = sum of
-    g * x[row]`` over the same entries, one ``embedding_bag`` of x with a bag per latent;
-    ``dx[row] = sum of g * W_enc[:, j]`` over the row's entries (a sparse decode with W_enc^T).
-    Gradients come in the parameters' dtype (float32 under bf16 autocast: no bf16 rounding of
-    the sums, where the dense path would round its bf16 product).
+    ``pre_acts`` (detached) is ``F.linear(x, W_enc.T, bias - source @ W_enc)`` (``source`` None:
+    no such term); the forward only gathers from it, so the values are those of the dense pass
+    bit for bit. Backward, with g the gradient of the gathered values: ``dbias[j] = sum of g over
+    the entries of latent j``; ``dW_enc[:, j] = sum of g * x[row]`` over the same entries, one
+    ``embedding_bag`` of x with a bag per latent, less ``source * dbias[j]``; ``dsource = -W_enc
+    dbias``; ``dx[row] = sum of g * W_enc[:, j]`` over the row's entries (a sparse decode with
+    W_enc^T). The source term (an SAE's ``b_dec`` subtracted from its input) is an in-place
+    rank-1 update of the weight gradient here, where autograd would make a [d_in, d_sae] outer
+    product and a second [d_in, d_sae] tensor for its sum with this one. Gradients come in the
+    parameters' dtype (float32 under bf16 autocast: no bf16 rounding of the sums, where the
+    dense path would round its bf16 product).
     """
 
     @staticmethod
@@ -235,11 +314,13 @@ class _SparseEncoderGather(torch.autograd.Function):
         x: Tensor,
         W_enc: Tensor,
         bias: Tensor,
+        source: Tensor | None,
         indices: Tensor,
         rows: Tensor | None,
+        grouped: LatentOrder,
     ) -> Tensor:
-        ctx.save_for_backward(x, W_enc, indices, rows)
-        ctx.bias_dtype = bias.dtype
+        ctx.save_for_backward(x, W_enc, source, indices, rows)
+        ctx.bias_dtype, ctx.grouped = bias.dtype, grouped
         if rows is None:
             return pre_acts.gather(1, indices)
         return pre_acts[rows, indices]
@@ -248,34 +329,52 @@ class _SparseEncoderGather(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_values: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x, W_enc, indices, rows = ctx.saved_tensors
-        needs_x, needs_W, needs_bias = ctx.needs_input_grad[1:4]
+        x, W_enc, source, indices, rows = ctx.saved_tensors
+        needs_x, needs_W, needs_bias, needs_source = ctx.needs_input_grad[1:5]
         d_sae = W_enc.shape[1]
         grad = grad_values.reshape(-1).to(W_enc.dtype)
         latents = indices.reshape(-1)
-        grad_x = grad_W = grad_bias = None
+        grad_x = grad_W = grad_bias = grad_source = None
+        folds = source is not None and (needs_W or needs_source)
+        if needs_bias or folds:
+            grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad)
         if needs_W:
             entry_rows = _entry_rows(indices, rows)
-            grad_W = _sum_per_latent(latents, entry_rows, x.to(W_enc.dtype), grad, d_sae).T
-        if needs_bias:
-            grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad).to(ctx.bias_dtype)
+            table = x.to(W_enc.dtype)
+            grad_W_rows = _sum_per_latent(ctx.grouped, entry_rows, table, grad, d_sae)
+            if source is not None:
+                grad_W_rows.addr_(grad_bias, source.to(W_enc.dtype), alpha=-1)
+            grad_W = grad_W_rows.T
+        if needs_source:
+            grad_source = -(W_enc @ grad_bias).to(source.dtype)
         if needs_x:
             code = SparseCode(latents if rows is not None else indices, grad, x.shape[0], rows)
             if rows is None:
                 code.values = grad.view_as(indices)
             grad_x = code.decode(W_enc.T).to(x.dtype)
-        return None, grad_x, grad_W, grad_bias, None, None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype) if needs_bias else None
+        return None, grad_x, grad_W, grad_bias, grad_source, None, None, None
 
 
 def sparse_encoder_values(
-    code: SparseCode, pre_acts: Tensor, x: Tensor, W_enc: Tensor, bias: Tensor
+    code: SparseCode,
+    pre_acts: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    bias: Tensor,
+    source: Tensor | None = None,
 ) -> Tensor:
     """``pre_acts`` [n, d_sae] at ``code``'s entries (shaped as ``code.values``), differentiable
-    with respect to ``x`` [n, d_in], ``W_enc`` [d_in, d_sae] and ``bias`` [d_sae] through those
-    entries alone; ``pre_acts`` must equal ``F.linear(x, W_enc.T, bias)`` computed without a graph.
-    Without a gradient to compute this is the plain gather."""
-    if torch.is_grad_enabled() and (x.requires_grad or W_enc.requires_grad or bias.requires_grad):
-        return _SparseEncoderGather.apply(pre_acts, x, W_enc, bias, code.indices, code.rows)
+    with respect to ``x`` [n, d_in], ``W_enc`` [d_in, d_sae], ``bias`` [d_sae] and ``source``
+    [d_in] through those entries alone; ``pre_acts`` must equal ``F.linear(x, W_enc.T, bias -
+    source @ W_enc)`` (without the source term when it is None; an SAE's ``input_offset``)
+    computed without a graph. Without a gradient to compute this is the plain gather."""
+    inputs = (x, W_enc, bias) if source is None else (x, W_enc, bias, source)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
+        return _SparseEncoderGather.apply(
+            pre_acts, x, W_enc, bias, source, code.indices, code.rows, code.latent_order()
+        )
     if code.rows is None:
         return pre_acts.gather(1, code.indices)
     return pre_acts[code.rows, code.indices]
@@ -292,23 +391,23 @@ class _DecoderGradientByLatent(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, decoded: Tensor, W_dec: Tensor, values: Tensor, latents: Tensor,
-        bags: Tensor,
+        ctx: FunctionCtx, decoded: Tensor, W_dec: Tensor, values: Tensor, bags: Tensor,
+        grouped: LatentOrder,
     ) -> Tensor:  # fmt: skip
-        ctx.save_for_backward(values, latents, bags)
-        ctx.W_dec_shape, ctx.W_dec_dtype = W_dec.shape, W_dec.dtype
+        ctx.save_for_backward(values, bags)
+        ctx.W_dec_shape, ctx.W_dec_dtype, ctx.grouped = W_dec.shape, W_dec.dtype, grouped
         return decoded.view_as(decoded)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad: Tensor
     ) -> tuple[Tensor | None, ...]:
-        values, latents, bags = ctx.saved_tensors
+        values, bags = ctx.saved_tensors
         grad_W = None
         if ctx.needs_input_grad[1]:
             dtype = ctx.W_dec_dtype
             grad_W = _sum_per_latent(
-                latents, bags, grad.to(dtype), values.to(dtype), ctx.W_dec_shape[0]
+                ctx.grouped, bags, grad.to(dtype), values.to(dtype), ctx.W_dec_shape[0]
             )
         return grad, grad_W, None, None, None
 
@@ -322,7 +421,6 @@ def decode_with_latent_bags(code: SparseCode, W_dec: Tensor) -> Tensor:
         return code.decode(W_dec)
     detached = SparseCode(code.indices, code.values, code.n_rows, code.rows)
     decoded = detached.decode(W_dec.detach())
-    latents = code.indices.reshape(-1)
     bags = _entry_rows(code.indices, code.rows)
     values = code.values.detach().reshape(-1)
-    return _DecoderGradientByLatent.apply(decoded, W_dec, values, latents, bags)
+    return _DecoderGradientByLatent.apply(decoded, W_dec, values, bags, code.latent_order())

@@ -112,8 +112,8 @@ class StandardSAE(SparseAutoencoder):
         for param in (self.W_enc, self.b_enc):
             param.copy_(torch.rand(param.shape, generator=generator) * 2 * bound - bound)
 
-    def input_offset(self) -> Tensor | None:
-        return super().input_offset() if self.hparams.use_b_dec else None
+    def input_offset_source(self) -> Tensor | None:
+        return super().input_offset_source() if self.hparams.use_b_dec else None
 
     def reconstruct(self, acts: Tensor) -> Tensor:
         impl = self.hparams.decode_impl

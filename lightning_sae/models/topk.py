@@ -150,19 +150,26 @@ class TopKSAE(SparseAutoencoder):
     def _encode(self, x_n: Tensor) -> tuple[SparseCode, Tensor]:
         """The kept code of ``x_n`` and the dense pre-activations (without a graph)."""
         x_rows = x_n.reshape(-1, x_n.shape[-1])
-        bias = self.encoder_bias()
-        pre_acts = self._pre_activations_without_graph(x_rows, bias)
+        pre_acts = self._pre_activations_without_graph(x_rows)
         code = self.sparse_code(pre_acts)
-        code.values = torch.relu(sparse_encoder_values(code, pre_acts, x_rows, self.W_enc, bias))
+        code.values = self._encoder_values(code, pre_acts, x_rows)
         return code, pre_acts
 
+    def _encoder_values(self, code: SparseCode, pre_acts: Tensor, x_rows: Tensor) -> Tensor:
+        """ReLU'd ``pre_acts`` at ``code``'s entries, the gradients through them alone; the
+        input offset's gradient (``b_dec`` subtracted from the input) is folded in there too."""
+        source = self.input_offset_source()
+        values = sparse_encoder_values(code, pre_acts, x_rows, self.W_enc, self.b_enc, source)
+        return torch.relu(values)
+
     @torch.no_grad()
-    def _pre_activations_without_graph(self, x_rows: Tensor, bias: Tensor) -> Tensor:
+    def _pre_activations_without_graph(self, x_rows: Tensor) -> Tensor:
         """``F.linear(x_rows, W_enc.T, bias)``, as pre_activation computes it (the bias inside
         the product: bf16 under autocast), into the last training step's pre-activations when
         :meth:`recycle` kept them. On CPU a fresh [n, d_sae] tensor is a fresh mapping whose
         page faults cost about an eighth of the product itself (32k faults, ~55 ms, for the
         128 MB at batch 4096 and d_sae 8192; docs/benchmarks.md)."""
+        bias = self.encoder_bias()
         buffer = None if torch.compiler.is_compiling() else self.__dict__.pop("_recycled", None)
         if (
             buffer is None
@@ -191,9 +198,7 @@ class TopKSAE(SparseAutoencoder):
         """ReLU'd pre-activations of ``out`` at ``code``'s entries, with the encoder's gradient
         through them alone (AuxK's dead latents)."""
         x_rows = out.extras["encoder_input"].reshape(-1, self.d_in)
-        pre_acts = out.pre_acts.reshape(-1, self.d_sae)
-        bias = self.encoder_bias()
-        return torch.relu(sparse_encoder_values(code, pre_acts, x_rows, self.W_enc, bias))
+        return self._encoder_values(code, out.pre_acts.reshape(-1, self.d_sae), x_rows)
 
     def encode_normalized(self, x_n: Tensor) -> tuple[Tensor, Tensor]:
         code, pre_acts = self._encode(x_n)

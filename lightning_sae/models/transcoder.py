@@ -159,8 +159,11 @@ class Transcoding:
         self.W_dec = nn.Parameter(
             _unit_rows(torch.randn(self.d_sae, self.d_out, generator=generator))
         )
+        # Stored latent by latent (the transpose of a contiguous [d_sae, d_in]), as an SAE's
+        # encoder: the layout the TopK family's sparse gradient is computed in, so autograd
+        # need not copy it into another (a transposing copy of d_in x d_sae every step).
         self.W_enc = nn.Parameter(
-            _unit_rows(torch.randn(self.d_sae, self.d_in, generator=generator)).T.contiguous()
+            _unit_rows(torch.randn(self.d_sae, self.d_in, generator=generator)).T
             * self.encoder_init_factor()
         )
         if "b_dec" in self._buffers:  # StandardSAE with use_b_dec=False: a zero buffer

@@ -236,10 +236,10 @@ class ShardedSAE:
             shard_module(self, self.device_mesh)
 
     # ------------------------------------------------------------- encode / decode
-    def input_offset(self) -> Tensor | None:
+    def input_offset_source(self) -> Tensor | None:
         if not self.hparams.apply_b_dec_to_input:
             return None
-        return -(copy_to_shards(self.b_dec, self.shard.latent_group) @ self.W_enc)
+        return copy_to_shards(self.b_dec, self.shard.latent_group)
 
     def reconstruct(self, acts: Tensor) -> Tensor:
         partial = acts @ self.W_dec.to(acts.dtype)
@@ -468,9 +468,9 @@ class ShardedStandard(ShardedSAE):
         # (reconstruct above), and the members would pick by their own slices' densities.
         return False
 
-    def input_offset(self) -> Tensor | None:
+    def input_offset_source(self) -> Tensor | None:
         # use_b_dec: false keeps b_dec a zero buffer and subtracts nothing.
-        return super().input_offset() if self.hparams.get("use_b_dec", True) else None
+        return super().input_offset_source() if self.hparams.get("use_b_dec", True) else None
 
 
 class ShardedTopK(ShardedSAE):
