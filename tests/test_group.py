@@ -385,6 +385,19 @@ def assert_same_metrics(a: dict[str, Any], b: dict[str, Any], label: str) -> Non
             assert value == other or value != value and other != other, (label, key)
 
 
+def log_one_by_one(module: L.LightningModule, entries: list) -> None:
+    """As before host_log: one self.log of a Python number per scalar."""
+    for name, value, kwargs in entries:
+        module.log(name, value, **kwargs)
+
+
+def assert_same_steps(seen: SeenMetrics, plain_seen: SeenMetrics, steps: int) -> None:
+    assert len(seen.steps) == len(plain_seen.steps) == steps
+    for step, (ours, theirs) in enumerate(zip(seen.steps, plain_seen.steps, strict=True)):
+        for kind in SeenMetrics.KINDS:
+            assert_same_metrics(ours[kind], theirs[kind], f"step {step} {kind}")
+
+
 def test_members_log_under_their_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Member ``m`` logs what it logs alone under ``m/``; the group logs every member's step
     scalars at once (``host_log``), and callbacks, the progress bar and the logger see exactly
@@ -424,18 +437,10 @@ def test_members_log_under_their_names(tmp_path: Path, monkeypatch: pytest.Monke
         assert f"lr/{name}" in columns
     assert "train/loss" not in columns
 
-    # As before host_log: one self.log of a Python number per scalar.
-    def one_by_one(module: L.LightningModule, entries: list) -> None:
-        for name, value, kwargs in entries:
-            module.log(name, value, **kwargs)
-
-    monkeypatch.setattr("lightning_sae.models.group.log_host_scalars", one_by_one)
+    monkeypatch.setattr("lightning_sae.models.group.log_host_scalars", log_one_by_one)
     plain_rows, plain_seen = run("one-by-one")
     assert rows == plain_rows
-    assert len(seen.steps) == len(plain_seen.steps) == 8
-    for step, (ours, theirs) in enumerate(zip(seen.steps, plain_seen.steps, strict=True)):
-        for kind in SeenMetrics.KINDS:
-            assert_same_metrics(ours[kind], theirs[kind], f"step {step} {kind}")
+    assert_same_steps(seen, plain_seen, 8)
     assert "k4/train/loss" in seen.steps[-1]["progress_bar_metrics"]
 
 
@@ -465,17 +470,10 @@ def test_a_single_sae_logs_what_one_log_per_scalar_gives(
     dead = [int(row["step"]) for row in rows if row.get("train/dead_fraction")]
     assert dead == [3, 4, 5] and rows[-1]["val/fvu"], rows[-1]
 
-    def one_by_one(module: L.LightningModule, entries: list) -> None:
-        for name, value, kwargs in entries:
-            module.log(name, value, **kwargs)
-
-    monkeypatch.setattr("lightning_sae.models.base.log_host_scalars", one_by_one)
+    monkeypatch.setattr("lightning_sae.models.base.log_host_scalars", log_one_by_one)
     plain_rows, plain_seen = run("one-by-one")
     assert rows == plain_rows
-    assert len(seen.steps) == len(plain_seen.steps) == 6
-    for step, (ours, theirs) in enumerate(zip(seen.steps, plain_seen.steps, strict=True)):
-        for kind in SeenMetrics.KINDS:
-            assert_same_metrics(ours[kind], theirs[kind], f"step {step} {kind}")
+    assert_same_steps(seen, plain_seen, 6)
     assert {"train/loss", "train/l0"} <= set(seen.steps[-1]["progress_bar_metrics"])
 
 
