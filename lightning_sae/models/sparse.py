@@ -335,25 +335,24 @@ class _SparseEncoderGather(torch.autograd.Function):
         grad = grad_values.reshape(-1).to(W_enc.dtype)
         latents = indices.reshape(-1)
         grad_x = grad_W = grad_bias = grad_source = None
-        folds = source is not None and (needs_W or needs_source)
-        if needs_bias or folds:
-            grad_bias = grad.new_zeros(d_sae).index_add_(0, latents, grad)
+        # g summed per latent: the bias's gradient, and what the source's terms are made of.
+        per_latent = grad.new_zeros(d_sae).index_add_(0, latents, grad)
         if needs_W:
             entry_rows = _entry_rows(indices, rows)
             table = x.to(W_enc.dtype)
             grad_W_rows = _sum_per_latent(ctx.grouped, entry_rows, table, grad, d_sae)
             if source is not None:
-                grad_W_rows.addr_(grad_bias, source.to(W_enc.dtype), alpha=-1)
+                grad_W_rows.addr_(per_latent, source.to(W_enc.dtype), alpha=-1)
             grad_W = grad_W_rows.T
+        if needs_bias:
+            grad_bias = per_latent.to(ctx.bias_dtype)
         if needs_source:
-            grad_source = -(W_enc @ grad_bias).to(source.dtype)
+            grad_source = -(W_enc @ per_latent).to(source.dtype)
         if needs_x:
             code = SparseCode(latents if rows is not None else indices, grad, x.shape[0], rows)
             if rows is None:
                 code.values = grad.view_as(indices)
             grad_x = code.decode(W_enc.T).to(x.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype) if needs_bias else None
         return None, grad_x, grad_W, grad_bias, grad_source, None, None, None
 
 
