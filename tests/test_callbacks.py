@@ -164,6 +164,20 @@ def test_density_resumes_mid_window_exactly(tmp_path: Path) -> None:
     assert torch.equal(straight.last_density, resumed.last_density)
 
 
+# ----------------------------------------------------------------------------- decoder norms
+def test_under_the_norm_constraint_the_weighted_penalty_trains_as_the_plain_one() -> None:
+    """Unit rows make the weights 1, and the gradient the weighting adds to W_dec is parallel
+    to each row, which the callback projects out: the default (weighted) and the plain L1 give
+    the same run to float noise (configs that keep the constraint are unchanged)."""
+    runs = []
+    for weighted in (True, False):
+        model = StandardSAE(d_in=32, d_sae=64, lr=3e-3, weight_by_decoder_norm=weighted)
+        fit(model, toy(), [DecoderNormConstraint()], steps=40)
+        runs.append(model)
+    for name, param in runs[0].named_parameters():
+        torch.testing.assert_close(param, dict(runs[1].named_parameters())[name], msg=name)
+
+
 # ----------------------------------------------------------------------------- resampling
 def _dead_prone_run(strategy: str | None, seed: int = 0) -> tuple[float, float]:
     """A toy run set up to kill features: high L1 and learning rate, a short dead window.
