@@ -236,6 +236,7 @@ class _Snapshot(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: StandardSAE, *args: Any) -> None:
         self.W_enc = pl_module.W_enc.detach().clone()
+        self.W_dec = pl_module.W_dec.detach().clone()
         state = trainer.optimizers[0].state
         self.moments = {
             (name, key): state[getattr(pl_module, name)][key].clone()
@@ -247,6 +248,8 @@ class _Snapshot(Callback):
 def test_resampling_rewrites_rows_restarts_adam_and_the_dead_clock(tmp_path: Path) -> None:
     dead = [3, 10, 40]
     model = StandardSAE(d_in=32, d_sae=64, lr=1e-3)
+    with torch.no_grad():  # free rows (the standard SAE's default) that grew to about 2
+        model.W_dec.mul_(2.0)
     snapshot = _Snapshot()
     resampler = DeadFeatureResampler(at_steps=[2], strategy="worst", n_batches=2, batch_size=256)
     loggers = CSVLogger(tmp_path, name="csv")
@@ -254,7 +257,10 @@ def test_resampling_rewrites_rows_restarts_adam_and_the_dead_clock(tmp_path: Pat
 
     alive = torch.ones(64, dtype=torch.bool)
     alive[dead] = False
-    expected_norm = 0.2 * snapshot.W_enc.norm(dim=0)[alive].mean()
+    # A restarted latent writes 0.2 of what a live one writes (encoder norm x decoder norm): with
+    # its decoder row at unit norm, its encoder takes the live rows' size too.
+    written = snapshot.W_enc.norm(dim=0) * snapshot.W_dec.norm(dim=1)
+    expected_norm = 0.2 * written[alive].mean()
     assert resampler.total_resampled == 3
     assert torch.allclose(model.W_dec[dead].norm(dim=1), torch.ones(3))
     assert torch.allclose(model.W_enc[:, dead].norm(dim=0), expected_norm.expand(3))
