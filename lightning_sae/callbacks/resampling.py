@@ -196,12 +196,12 @@ class DeadFeatureResampler(Callback):
     encoder norm of live features times their decoder norm (so a restarted latent writes that
     fraction of what a live one writes, whether the rows are held at unit norm or left free),
     ``b_enc`` 0, the dead clock reset, and whatever per-feature state the variant has (Gated's
-    magnitude path, JumpReLU's threshold, ApproxL0's frequency window). In Adam's state for every restarted slice the first moment is zeroed and the
-    second set to the live features' mean, so that the new rows take steps the size of the
-    others' (zeroed second moments under the tensor's old step count made the first ~50 steps
-    3-6 times larger). The candidates are measured in eval mode (``pl_module.measuring()``),
-    which joins no collective, on rank 0 alone; the choice is broadcast, so DDP ranks stay
-    identical. It logs ``resampling/n_resampled``.
+    magnitude path, JumpReLU's threshold, ApproxL0's frequency window). In Adam's state for every
+    restarted slice the first moment is zeroed and the second set to the live features' mean, so
+    that the new rows take steps the size of the others' (zeroed second moments under the tensor's
+    old step count made the first ~50 steps 3-6 times larger). The candidates are measured in eval
+    mode (``pl_module.measuring()``), which joins no collective, on rank 0 alone; the choice is
+    broadcast, so DDP ranks stay identical. It logs ``resampling/n_resampled``.
 
     In an ``SAEGroup`` every member is resampled at the same steps, each from its own hook's
     samples and with its own generator (seeded alike), so each member's resampling is the one
