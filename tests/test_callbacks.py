@@ -188,7 +188,7 @@ def _dead_prone_run(strategy: str | None, seed: int = 0) -> tuple[float, float]:
     model = StandardSAE(
         d_in=128, d_sae=256, lr=1e-2, l1_coefficient=0.5, dead_window_tokens=2560, init_seed=seed
     )
-    callbacks: list[Callback] = [DecoderNormConstraint()]
+    callbacks: list[Callback] = []  # decoder rows free, as configs/toy/resampling.yaml trains
     if strategy is not None:
         callbacks.append(
             DeadFeatureResampler(
@@ -211,9 +211,10 @@ def without_resampling() -> tuple[float, float]:
 def test_resampling_recovers_more_ground_truth(
     strategy: str, without_resampling: tuple[float, float]
 ) -> None:
-    """Every strategy recovers more ground truth: +0.12 to +0.18 MMCS at seed 0, ``cluster``
-    the most (+0.15 to +0.18 over seeds 0-2). The fraction of features dead at the end stays
-    about where it was without resampling (docs/callbacks.md has all seeds)."""
+    """Every strategy recovers more ground truth. With free decoder rows at seed 0: 0.62 without,
+    0.93 with ``cluster``, 0.85 with ``worst`` (0.58, 0.92 and 0.82 with unit rows,
+    ``DecoderNormConstraint``). The fraction of features dead at the end stays about where it
+    was without resampling, or falls (27% without; 9% and 16%)."""
     dead_before, gt_before = without_resampling
     assert dead_before > 0.05  # the setup really does produce dead features
     dead_after, gt_after = _dead_prone_run(strategy)
