@@ -340,6 +340,9 @@ def main() -> None:
     )
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
     p.add_argument("--cache-dir", default=None, help="activation cache folder (default: ~/.cache)")
+    p.add_argument(
+        "--steps", type=int, default=STEPS, help="training steps (use its own --work folder)"
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.table:
@@ -347,7 +350,7 @@ def main() -> None:
         return
     for name in args.names:
         parse(name)  # every name is checked before the data are read
-    scale = (3, 64, 64) if args.smoke else (STEPS, BATCH, D_SAE)
+    scale = (3, 64, 64) if args.smoke else (args.steps, BATCH, D_SAE)
     names = args.names or (["tc_topk32", "cc_l12"] if args.smoke else [])
     args.work.mkdir(parents=True, exist_ok=True)
     sites = load_sites(args.smoke, sites_of(names), args.cache_dir)
