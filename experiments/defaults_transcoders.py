@@ -287,9 +287,11 @@ def table(work: Path, out: Path, stem: str = "transcoders") -> None:
         write(out, f"table_{stem}_matched.md", text)
 
 
-def _arm(name: str) -> str:
-    """A candidate without its sparsity value, e.g. ``tc_l1_free`` for ``tc_l12_free``."""
-    return "_".join([_form(name), *name.split("_")[2:]])
+def _arm(name: str) -> tuple[str, tuple[str, ...], bool]:
+    """(form, settings other than ``free``, free): ``tc_l12_s1_free`` is ``tc_l1``, ``("s1",)``,
+    free; runs of one arm differ in their sparsity value alone."""
+    settings = name.split("_")[2:]
+    return _form(name), tuple(s for s in settings if s != "free"), "free" in settings
 
 
 def _interpolate(curve: list[tuple[float, float]], l0: float) -> float | None:
@@ -307,7 +309,7 @@ def free_against_held(runs: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
     """Free decoder rows against rows held at unit norm at matched L0: every run of either arm
     beside the other arm's FVU at the same L0 (same form, settings and seed; interpolated
     between that arm's coefficients, only inside their L0 range)."""
-    curves: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    curves: dict[tuple[tuple[str, tuple[str, ...], bool], int], list[tuple[float, float]]] = {}
     for name, mine in runs.items():
         for r in mine:
             curves.setdefault((_arm(name), r["seed"]), []).append((r["l0"], r["fvu"]))
@@ -315,11 +317,10 @@ def free_against_held(runs: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
         curve.sort()
     rows = []
     for name, mine in runs.items():
-        arm = _arm(name)
-        free = "free" in arm.split("_")[2:]
-        other = arm.replace("_free", "") if free else arm + "_free"
+        form, settings, free = _arm(name)
         for r in sorted(mine, key=lambda r: r["seed"]):
-            at = _interpolate(curves.get((other, r["seed"]), []), r["l0"])
+            other = curves.get(((form, settings, not free), r["seed"]), [])
+            at = _interpolate(other, r["l0"])
             if at is None:
                 continue
             gap = r["fvu"] - at if free else at - r["fvu"]
