@@ -71,7 +71,7 @@ def main() -> None:
     _minilm.add_data_options(p)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--d-sae", type=int, default=768)
-    p.add_argument("--k", type=int, default=32, help="TopK k (about the ReLU SAEs' L0, 31)")
+    p.add_argument("--k", type=int, default=32, help="TopK k (about the ReLU SAEs' L0, 29)")
     p.add_argument("--eval-windows", type=int, default=16, help="windows for the splice test")
     p.add_argument(
         "--saes", type=Path, default=Path("runs/experiments/matching"), help="exported SAEs"
