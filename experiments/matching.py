@@ -1,11 +1,11 @@
 """004: do two SAEs learn the same features? And how much does splicing one in hurt?
 
 On MiniLM activations (configs/minilm/resid-l3-standard.yaml, whose learning rate, warm-up and
-input normalisation every SAE here takes): two ReLU SAEs that differ only
-in their initialisation seed, and a TopK SAE with k near the ReLU SAEs' L0. Each pair is
-compared with the project's ``lightning-sae compare`` (in-process: max cosine A->B and B->A,
-and the one-to-one Hungarian matching, for decoder rows and encoder columns), and the fraction
-of features with a one-to-one match above 0.9 is broken down by the feature's firing frequency.
+input normalisation every SAE here takes): two ReLU SAEs that differ only in their
+initialisation seed, and a TopK SAE with k near the ReLU SAEs' L0. Each pair is compared with
+the project's ``lightning-sae compare`` (in-process: max cosine A->B and B->A, and the
+one-to-one Hungarian matching, for decoder rows and encoder columns), and the fraction of
+features with a one-to-one match above 0.9 is broken down by the feature's firing frequency.
 
 Then the baseline reference 004 asks for: the damage of splicing the SAE's reconstruction into
 the model, against a random perturbation of the same norm at every position. MiniLM is
