@@ -429,6 +429,39 @@ def test_smoke_defaults_transcoders(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         run_main(defaults_transcoders, [*argv, "tc_topk32_nope"], monkeypatch)
 
 
+def test_defaults_transcoders_free_rows_at_matched_l0() -> None:
+    from experiments.defaults_transcoders import callbacks, free_against_held, parse
+    from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+    from lightning_sae.models.transcoder import SkipTranscoder, Transcoder
+
+    # A fractional L1 coefficient is a float (each form's value was parsed by every form's rule,
+    # so int("1.5") failed), and ``free`` drops the constraint and weights the L1 by the rows.
+    assert parse("tc_l11.5_free") == (
+        Transcoder,
+        {"l1_coefficient": 1.5, "weight_by_decoder_norm": True},
+    )
+    assert parse("stc_l10.5") == (SkipTranscoder, {"l1_coefficient": 0.5})
+    assert callbacks("tc_l11.5_free") == []
+    assert [type(c) for c in callbacks("tc_l11.5")] == [DecoderNormConstraint]
+
+    def runs(*points: tuple[float, float]) -> list[dict]:
+        return [{"seed": 0, "l0": l0, "fvu": fvu} for l0, fvu in points]
+
+    rows = free_against_held({
+        "tc_l11": runs((30.0, 0.20)),
+        "tc_l12": runs((10.0, 0.30)),
+        "tc_l12_free": runs((20.0, 0.24)),  # the held curve at L0 20: 0.25
+        "tc_l13_free": runs((5.0, 0.35)),  # below the held range: no extrapolation
+        "tc_topk32": runs((20.0, 0.10)),  # no free arm of its own: not compared
+    })  # fmt: skip
+    # Both directions, each inside the other arm's range: the held run at L0 10 against the
+    # free curve there (0.35 + (0.24 - 0.35) / 3), the free run at 20 against the held curve.
+    assert rows == [
+        ["tc_l12", 0, "10.0", "0.3000", "0.3133", "+0.0133"],
+        ["tc_l12_free", 0, "20.0", "0.2400", "0.2500", "-0.0100"],
+    ]
+
+
 def test_smoke_defaults_frontier(
     minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
