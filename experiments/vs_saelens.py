@@ -1,15 +1,15 @@
 """Side by side with SAELens 6.x on identical toy data and batch order (standard and TopK SAEs).
 
-The toy activation vectors are drawn once with ToySuperpositionDataModule (512 ground-truth
-features in 128 dimensions, decay 0.99, 5 active on average) and saved to one safetensors file
-with a held-out evaluation set and the ground-truth features. Both libraries then train on those
-batches in the saved order, with the same objective weights (learning rate, L1 coefficient or
-k, dictionary size) and each library's own defaults otherwise: ours through a Lightning
-``Trainer.fit`` as the configs run it (TopK with the DecoderNormConstraint callback; the
-standard SAE's decoder rows free, its L1 weighted by their norms), SAELens through its
-``SAETrainer`` in its own virtualenv (SAELens pins TransformerLens 3.x; see tests/test_io.py). Every ``--every``
-steps both sides are measured with the same code (experiments/toy_eval.py): ground-truth MMCS,
-L0, FVU and dead latents (never firing on the 8192 evaluation samples).
+The toy activation vectors are drawn once with ToySuperpositionDataModule (512 ground-truth features
+in 128 dimensions, decay 0.99, 5 active on average) and saved to one safetensors file with a
+held-out evaluation set and the ground-truth features. Both libraries then train on those batches in
+the saved order, with the same objective weights (learning rate, L1 coefficient or k, dictionary
+size) and each library's own defaults otherwise: ours through a Lightning ``Trainer.fit`` as the
+configs run it (TopK with the DecoderNormConstraint callback; the standard SAE's decoder rows free,
+its L1 weighted by their norms), SAELens through its ``SAETrainer`` in its own virtualenv (SAELens
+pins TransformerLens 3.x; see tests/test_io.py). Every ``--every`` steps both sides are measured
+with the same code (experiments/toy_eval.py): ground-truth MMCS, L0, FVU and dead latents (never
+firing on the 8192 evaluation samples).
 
     python -m experiments.vs_saelens            # docs/experiments/vs_saelens/
     python -m experiments.vs_saelens --smoke    # (skips SAELens when its venv is absent)
