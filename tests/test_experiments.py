@@ -263,6 +263,25 @@ def test_smoke_minilm_experiments(
     assert results
 
 
+def test_experiments_hold_decoder_rows_at_unit_norm_as_the_configs_do() -> None:
+    """The scripts run the configs' recipe: a standard SAE's rows free (its L1 weighted by
+    their norms), every other class's (and a standard SAE with the plain L1) at unit norm."""
+    from experiments._common import norm_constraint
+    from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+    from lightning_sae.models.topk import TopKSAE
+    from lightning_sae.models.transcoder import Transcoder
+
+    sizes = {"d_in": 8, "d_sae": 16}
+    assert norm_constraint(StandardSAE(**sizes)) == []
+    for held in (
+        StandardSAE(**sizes, weight_by_decoder_norm=False),
+        TopKSAE(**sizes, k=2),
+        Transcoder(**sizes),
+    ):
+        (callback,) = norm_constraint(held)
+        assert isinstance(callback, DecoderNormConstraint)
+
+
 def test_minilm_experiments_take_per_class_options_for_the_configs_class_only(
     tmp_path: Path,
 ) -> None:
