@@ -101,14 +101,17 @@ class MatryoshkaSAE(BatchTopKSAE):
         acts = None if self.decodes_code_sparsely(code) else code.to_dense(self.d_sae)
         groups = self.group_decode(code, acts)
         lead = x_n.shape[:-1]
-        return SAEOutput(
-            x_hat=(groups.sum(1) + self.b_dec).reshape(*lead, self.d_out),
+        out = _GroupsOutput(
+            self.b_dec,
             acts=None if acts is None else acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
             extras={"group_x_hat": groups, "encoder_input": x_n},
             code=code,
             acts_shape=(*lead, self.d_sae),
         )
+        if torch.compiler.is_compiling():
+            out.x_hat = out.x_hat  # a compiled forward returns it made, not a recipe
+        return out
 
     def prefix_reconstructions(self, out: SAEOutput) -> Tensor:
         """Every prefix's reconstruction of ``out``'s rows, [n, n_groups, d_out]: prefix m
@@ -122,7 +125,12 @@ class MatryoshkaSAE(BatchTopKSAE):
         # as the cumulative sum itself (as the pre-activations, TopKSAE.recycle).
         reuse = self.training and x.device.type == "cpu" and not torch.compiler.is_compiling()
         pool = self.__dict__.setdefault("_spare_errors", []) if reuse else None
-        per_prefix = prefix_squared_errors(out.extras["group_x_hat"], self.b_dec, x, pool)
+        groups = out.extras["group_x_hat"]
+        per_prefix, x_hat = _PrefixSquaredErrors.apply(groups, self.b_dec, x, pool)
+        if isinstance(out, _GroupsOutput) and not out.has_x_hat():
+            # The last prefix's error holds the full reconstruction: AuxK's residual and the
+            # step's statistics read it from there rather than from a second pass over groups.
+            out.x_hat = x_hat.reshape(*out.acts_shape[:-1], self.d_out)
         reduced = per_prefix.sum() if self.hparams.prefix_loss == "sum" else per_prefix.mean()
         terms = {"prefix_mse": reduced}
         if self.hparams.aux_coefficient > 0:
@@ -136,14 +144,18 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 
 class _PrefixSquaredErrors(torch.autograd.Function):
-    """Mean over rows of each prefix's squared error, from the groups' partial reconstructions.
+    """Mean over rows of each prefix's squared error, from the groups' partial reconstructions,
+    and the full reconstruction (the groups summed, plus ``b_dec``) beside it.
 
     With ``P[:, g]`` group g's share of the reconstruction, prefix m's error is ``E_m = P_0 +
-    ... + P_m + b_dec - x``. Forward: one cumulative sum into an [n, groups, d] tensor, shifted
-    in place by ``b_dec - x``: it holds every ``E_m``. Backward, with ``w_m`` the gradient of
-    prefix m's value: group g enters every prefix from g on, so its gradient is ``sum over
-    m >= g of 2 w_m E_m / n``, a running sum from the last group down, computed in place in
-    ``E``; ``b_dec`` gets group 0's (it is in every prefix), ``x`` minus that. Through
+    ... + P_m + b_dec - x``. Forward: ``E_0 = P_0 + (b_dec - x)`` and ``E_m = E_{m-1} + P_m``,
+    group by group into an [n, groups, d] tensor (one pass, where a cumulative sum and then
+    the shift took two); the full reconstruction is ``E_last + x``, so the step need not sum
+    the groups a second time for it. Backward, with ``w_m`` the gradient of prefix m's value:
+    group g enters every prefix from g on, so its gradient is ``sum over m >= g of 2 w_m E_m /
+    n`` (plus the reconstruction's gradient, when it has one), a running sum from the last
+    group down, scaled as it goes (one pass), in place in ``E``; ``b_dec`` gets group 0's (it
+    is in every prefix), ``x`` minus that (``x`` cancels out of the reconstruction). Through
     autograd's ``cumsum``, ``sub``, ``pow`` and their backward this took about eight
     [n, groups, d] tensors; here ``E`` is the only one, and it becomes the gradient of ``P``.
     Sums in float32 at least (under bf16 autocast ``P`` is bf16), the gradient of ``P`` in its
@@ -157,7 +169,10 @@ class _PrefixSquaredErrors(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: FunctionCtx, groups: Tensor, b_dec: Tensor, x: Tensor, pool: list[Tensor] | None
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        # Gradients that are not wanted (the reconstruction's, in a training step) come as None
+        # rather than as tensors of zeros to add.
+        ctx.set_materialize_grads(False)
         dtype = functools.reduce(torch.promote_types, (groups.dtype, b_dec.dtype, x.dtype))
         dtype = torch.promote_types(dtype, torch.float32)
         spare = pool.pop() if pool else None
@@ -166,36 +181,75 @@ class _PrefixSquaredErrors(torch.autograd.Function):
             dtype,
             groups.device,
         )
-        errors = torch.cumsum(groups, 1, dtype=dtype, out=spare if fits else None)
-        errors += (b_dec.to(dtype) - x.to(dtype))[:, None]
+        errors = spare if fits else groups.new_empty(groups.shape, dtype=dtype)
+        shift = b_dec.to(dtype) - x.to(dtype)
+        torch.add(shift, groups[:, 0], out=errors[:, 0])
+        for group in range(1, groups.shape[1]):
+            torch.add(errors[:, group - 1], groups[:, group], out=errors[:, group])
+        x_hat = (errors[:, -1] + x.to(dtype)).to(torch.promote_types(groups.dtype, b_dec.dtype))
         ctx.save_for_backward(errors)
         ctx.dtypes, ctx.pool = (groups.dtype, b_dec.dtype, x.dtype), pool
         # Squared norms of each (row, prefix) first: a reduction over the contiguous last
         # dimension, several times faster than one over rows and features at once.
         per_row = torch.linalg.vector_norm(errors, dim=2).square_()
-        return per_row.sum(0) / errors.shape[0]
+        return per_row.sum(0) / errors.shape[0], x_hat
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: FunctionCtx, grad_per_prefix: Tensor
+        ctx: FunctionCtx, grad_per_prefix: Tensor | None, grad_x_hat: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         # The gradient is made in place of the saved errors: a second backward through a
         # retained graph fails autograd's version check rather than reading gradients.
         (errors,) = ctx.saved_tensors
         groups_dtype, b_dec_dtype, x_dtype = ctx.dtypes
-        grad = errors.mul_((2 / errors.shape[0]) * grad_per_prefix.to(errors.dtype)[:, None])
-        for group in range(grad.shape[1] - 2, -1, -1):
-            grad[:, group] += grad[:, group + 1]
+        n, n_groups = errors.shape[:2]
+        if grad_per_prefix is None:
+            grad_per_prefix = errors.new_zeros(n_groups)
+        scales = (2 / n) * grad_per_prefix.to(errors.dtype)
+        grad = errors
+        grad[:, -1].mul_(scales[-1])
+        if grad_x_hat is not None:
+            grad[:, -1] += grad_x_hat.to(errors.dtype)
+        for group in range(n_groups - 2, -1, -1):
+            # grad[:, group] = grad[:, group + 1] + scales[group] * grad[:, group]
+            torch.addcmul(grad[:, group + 1], grad[:, group], scales[group], out=grad[:, group])
         grad_b_dec = grad_x = None
         if ctx.needs_input_grad[1]:
             grad_b_dec = grad[:, 0].sum(0).to(b_dec_dtype)
         if ctx.needs_input_grad[2]:
-            grad_x = grad[:, 0].neg().to(x_dtype)
+            grad_x = grad[:, 0].neg() if grad_x_hat is None else grad_x_hat - grad[:, 0]
+            grad_x = grad_x.to(x_dtype)
         grad_groups = grad.to(groups_dtype) if ctx.needs_input_grad[0] else None
         if ctx.pool is not None:
             ctx.pool[:] = [errors]
         return grad_groups, grad_b_dec, grad_x, None
+
+
+class _GroupsOutput(SAEOutput):
+    """A Matryoshka forward's output whose ``x_hat`` (the groups summed, plus ``b_dec``) is made
+    on first use. In a training step the prefix loss sets it first, from its own running sums
+    (:meth:`MatryoshkaSAE.loss_terms`): one pass over the [n, groups, d] table fewer."""
+
+    def __init__(self, b_dec: Tensor, **kwargs: Any) -> None:
+        self._x_hat: Tensor | None = None
+        self.b_dec = b_dec
+        super().__init__(x_hat=None, **kwargs)  # type: ignore[arg-type]
+
+    @property  # type: ignore[override]
+    def x_hat(self) -> Tensor:
+        if self._x_hat is None:
+            groups = self.extras["group_x_hat"]
+            lead = self.acts_shape[:-1]
+            self._x_hat = (groups.sum(1) + self.b_dec).reshape(*lead, groups.shape[-1])
+        return self._x_hat
+
+    @x_hat.setter
+    def x_hat(self, value: Tensor | None) -> None:
+        self._x_hat = value
+
+    def has_x_hat(self) -> bool:
+        return self._x_hat is not None
 
 
 def prefix_squared_errors(
@@ -206,4 +260,4 @@ def prefix_squared_errors(
     group's share of the reconstruction of ``x`` [n, d], without ``b_dec``), with one
     [n, n_groups, d] tensor instead of autograd's several, lent by ``pool`` when it has one
     (:class:`_PrefixSquaredErrors`)."""
-    return _PrefixSquaredErrors.apply(groups, b_dec, x, pool)
+    return _PrefixSquaredErrors.apply(groups, b_dec, x, pool)[0]
