@@ -101,7 +101,7 @@ def test_prefix_errors_under_bf16_autocast_sum_in_float32() -> None:
     """Under bf16 autocast the groups' decode is bf16; the errors are summed in float32, and
     each input's gradient comes back in its own dtype."""
     torch.manual_seed(0)
-    groups = torch.randn(ROWS, 3, D_IN).bfloat16().requires_grad_()
+    groups = torch.randn(3, ROWS, D_IN).bfloat16().requires_grad_()
     b_dec = torch.randn(D_IN, requires_grad=True)
     x = torch.randn(ROWS, D_IN, requires_grad=True)
     weights = torch.tensor([0.5, 1.0, 2.0])
@@ -110,7 +110,7 @@ def test_prefix_errors_under_bf16_autocast_sum_in_float32() -> None:
     assert ours.dtype == torch.float32
     grads = torch.autograd.grad((ours * weights).sum(), (groups, b_dec, x))
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
-    exact = (groups.float().cumsum(1) + b_dec - x[:, None]).pow(2).sum(-1).mean(0)
+    exact = (groups.float().cumsum(0) + b_dec - x).pow(2).sum(-1).mean(1)
     torch.testing.assert_close(ours, exact, rtol=1e-6, atol=0)
     reference = torch.autograd.grad((exact * weights).sum(), (groups, b_dec, x))
     for mine, theirs in zip(grads, reference, strict=True):
@@ -120,9 +120,9 @@ def test_prefix_errors_under_bf16_autocast_sum_in_float32() -> None:
 def test_the_reconstruction_beside_the_prefix_errors_has_its_own_gradients() -> None:
     """The prefix loss also returns the full reconstruction (its last error plus x), which the
     step's ``out.x_hat`` is taken from: its value and its gradients are those of
-    ``groups.sum(1) + b_dec`` (x cancels), added to the prefixes' own."""
+    ``groups.sum(0) + b_dec`` (x cancels), added to the prefixes' own."""
     torch.manual_seed(0)
-    groups = torch.randn(ROWS, 3, D_IN, requires_grad=True)
+    groups = torch.randn(3, ROWS, D_IN, requires_grad=True)
     b_dec = torch.randn(D_IN, requires_grad=True)
     x = torch.randn(ROWS, D_IN, requires_grad=True)
     weights, probe = torch.tensor([0.5, 1.0, 2.0]), torch.randn(ROWS, D_IN)
@@ -130,8 +130,8 @@ def test_the_reconstruction_beside_the_prefix_errors_has_its_own_gradients() -> 
     ours = torch.autograd.grad(
         (per_prefix * weights).sum() + (x_hat * probe).sum(), (groups, b_dec, x)
     )
-    exact_prefixes = (groups.cumsum(1) + b_dec - x[:, None]).pow(2).sum(-1).mean(0)
-    exact_x_hat = groups.sum(1) + b_dec
+    exact_prefixes = (groups.cumsum(0) + b_dec - x).pow(2).sum(-1).mean(1)
+    exact_x_hat = groups.sum(0) + b_dec
     torch.testing.assert_close(x_hat, exact_x_hat)
     exact = (exact_prefixes * weights).sum() + (exact_x_hat * probe).sum()
     for mine, theirs in zip(ours, torch.autograd.grad(exact, (groups, b_dec, x)), strict=True):
