@@ -141,7 +141,7 @@ def on_paper(args: argparse.Namespace, ranks: int, shards: dict[str, int] | None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--d_in", type=int, default=64)
     parser.add_argument("--d_sae", type=int, default=2048)

@@ -278,7 +278,7 @@ def fvu_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # The default: what configs/minilm/stream-standard.yaml buys, about the memory of the
     # stream before the mixing buffer (two generations of 129 windows and 5 queued batches).
     parser.add_argument("--buffer-bytes", type=int, default=56 << 20)

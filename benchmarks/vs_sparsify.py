@@ -172,6 +172,12 @@ def run_sparsify(args: argparse.Namespace) -> float:
 
 def sparsify_python(requested: str | None) -> str:
     if requested:
+        if not Path(requested).is_file():
+            raise SystemExit(
+                f"error: --sparsify-python {requested}: no such interpreter; give the python of"
+                f" a venv with eai-sparsify=={SPARSIFY_VERSION}, or leave the option out to"
+                " create one"
+            )
         return requested
     for venv in VENVS:
         if (venv / "bin" / "python").exists():

@@ -391,7 +391,7 @@ def table(work: Path, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="candidates (see the module docstring)")
     p.add_argument("--data", choices=list(SETUPS), default="toy")
     p.add_argument("--table", action="store_true", help="tabulate the runs in --work")

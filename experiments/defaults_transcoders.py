@@ -268,7 +268,7 @@ def table(work: Path, out: Path, stem: str = "transcoders") -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="candidates, e.g. tc_topk32 tc_topk32_old")
     p.add_argument("--table", action="store_true", help="tabulate the runs in --work")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
