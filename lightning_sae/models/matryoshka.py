@@ -145,7 +145,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().recycle(out)
         groups = out.extras["group_x_hat"]
         compiled = hasattr(self.forward_normalized, "_torchdynamo_orig_callable")
-        if self.training and groups.device.type == "cpu" and not compiled:
+        sparse = out.code is not None and self.decodes_code_sparsely(out.code)
+        if self.training and sparse and groups.device.type == "cpu" and not compiled:
             self._spare_groups = groups
 
     def train(self, mode: bool = True) -> MatryoshkaSAE:
