@@ -14,7 +14,11 @@ import copy
 import pytest
 import torch
 
-from lightning_sae.models.matryoshka import MatryoshkaSAE, prefix_squared_errors
+from lightning_sae.models.matryoshka import (
+    MatryoshkaSAE,
+    _PrefixSquaredErrors,
+    prefix_squared_errors,
+)
 
 D_IN, D_SAE, ROWS, GROUPS = 12, 48, 40, [8, 16, 24]
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -97,7 +101,7 @@ def test_prefix_errors_under_bf16_autocast_sum_in_float32() -> None:
     """Under bf16 autocast the groups' decode is bf16; the errors are summed in float32, and
     each input's gradient comes back in its own dtype."""
     torch.manual_seed(0)
-    groups = torch.randn(ROWS, 3, D_IN).bfloat16().requires_grad_()
+    groups = torch.randn(3, ROWS, D_IN).bfloat16().requires_grad_()
     b_dec = torch.randn(D_IN, requires_grad=True)
     x = torch.randn(ROWS, D_IN, requires_grad=True)
     weights = torch.tensor([0.5, 1.0, 2.0])
@@ -106,11 +110,44 @@ def test_prefix_errors_under_bf16_autocast_sum_in_float32() -> None:
     assert ours.dtype == torch.float32
     grads = torch.autograd.grad((ours * weights).sum(), (groups, b_dec, x))
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
-    exact = (groups.float().cumsum(1) + b_dec - x[:, None]).pow(2).sum(-1).mean(0)
+    exact = (groups.float().cumsum(0) + b_dec - x).pow(2).sum(-1).mean(1)
     torch.testing.assert_close(ours, exact, rtol=1e-6, atol=0)
     reference = torch.autograd.grad((exact * weights).sum(), (groups, b_dec, x))
     for mine, theirs in zip(grads, reference, strict=True):
         torch.testing.assert_close(mine.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_the_reconstruction_beside_the_prefix_errors_has_its_own_gradients() -> None:
+    """The prefix loss also returns the full reconstruction (its last error plus x), which the
+    step's ``out.x_hat`` is taken from: its value and its gradients are those of
+    ``groups.sum(0) + b_dec`` (x cancels), added to the prefixes' own."""
+    torch.manual_seed(0)
+    groups = torch.randn(3, ROWS, D_IN, requires_grad=True)
+    b_dec = torch.randn(D_IN, requires_grad=True)
+    x = torch.randn(ROWS, D_IN, requires_grad=True)
+    weights, probe = torch.tensor([0.5, 1.0, 2.0]), torch.randn(ROWS, D_IN)
+    per_prefix, x_hat = _PrefixSquaredErrors.apply(groups, b_dec, x, None)
+    ours = torch.autograd.grad(
+        (per_prefix * weights).sum() + (x_hat * probe).sum(), (groups, b_dec, x)
+    )
+    exact_prefixes = (groups.cumsum(0) + b_dec - x).pow(2).sum(-1).mean(1)
+    exact_x_hat = groups.sum(0) + b_dec
+    torch.testing.assert_close(x_hat, exact_x_hat)
+    exact = (exact_prefixes * weights).sum() + (exact_x_hat * probe).sum()
+    for mine, theirs in zip(ours, torch.autograd.grad(exact, (groups, b_dec, x)), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # In a step the loss sets out.x_hat; read first, it is built from the groups: same gradients.
+    sae, x = prepared(aux_coefficient=0.0)
+    sae.train()
+    grads = []
+    for read_first in (False, True):
+        out = sae.forward_normalized(x)
+        if read_first:
+            out.x_hat  # noqa: B018
+        total = sae.loss_terms(x, out)["prefix_mse"] + (out.x_hat * probe).sum()
+        grads.append(gradients(sae, {"total": total}))
+    for name in PARAMS:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
 
 
 def test_the_error_tensor_is_reused_only_after_its_backward() -> None:

@@ -256,14 +256,18 @@ def test_largest_of_batch_equals_one_flat_top_k(case: str) -> None:
 @pytest.mark.parametrize("name", ["topk", "matryoshka", "batchtopk-skip-transcoder"])
 def test_training_steps_reuse_the_last_steps_pre_activations(name: str) -> None:
     """On CPU a training step writes its pre-activations into the last step's tensor (no fresh
-    [rows, d_sae] allocation): the steps equal, bit for bit, those of a twin that allocates
-    every time, and an output taken outside a step is never overwritten."""
+    [rows, d_sae] allocation), and Matryoshka its groups' decodes into the last step's [groups,
+    rows, d] table: the steps equal, bit for bit, those of a twin that allocates every time,
+    and an output taken outside a step is never overwritten."""
     sae, x, y = prepared(name)
+    if name == "matryoshka":
+        sae.hparams.decode_impl = "sparse"  # the table is decoded group by group
     batch = x if y is x else (x, y)
     twin = copy.deepcopy(sae)
     outside = sae.forward_normalized(x)
     outside_pre_acts = outside.pre_acts.clone()
-    storage = []
+    outside_extras = {key: value.clone() for key, value in outside.extras.items()}
+    storage, tables = [], []
     for _ in range(3):
         for model in (sae, twin):
             loss, _, _ = model.step_and_statistics(batch)
@@ -275,12 +279,17 @@ def test_training_steps_reuse_the_last_steps_pre_activations(name: str) -> None:
         twin.train(False)  # drops what it kept: the twin's next step allocates afresh
         twin.train(True)
         storage.append(sae._recycled.data_ptr())
+        if name == "matryoshka":
+            tables.append(sae._spare_groups.data_ptr())
         for (param_name, ours), theirs in zip(
             sae.named_parameters(), twin.parameters(), strict=True
         ):
             assert torch.equal(ours, theirs), param_name
     assert storage[0] == storage[1] == storage[2]
+    assert len(set(tables)) == (1 if name == "matryoshka" else 0)
     assert torch.equal(outside.pre_acts, outside_pre_acts)
+    for key, value in outside_extras.items():
+        assert torch.equal(outside.extras[key], value), key
 
 
 class Calls(TorchDispatchMode):

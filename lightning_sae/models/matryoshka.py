@@ -12,11 +12,17 @@ import functools
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_sae.models.base import SAEOutput
-from lightning_sae.models.sparse import SparseCode, decode_with_latent_bags
+from lightning_sae.models.sparse import (
+    SparseCode,
+    bag_offsets,
+    decode_with_latent_bags,
+    decoder_gradient_by_latent,
+)
 from lightning_sae.models.topk import BatchTopKSAE
 
 
@@ -30,7 +36,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     single MSE, so its balance with AuxK carries over from BatchTopK; the full-dictionary MSE
     is the last prefix's and is still logged as ``train/mse``. Every prefix sum comes out of
     one pass of the decoder: per-group partial reconstructions (``extras["group_x_hat"]``,
-    one sparse decode with a bag per sample and group), whose running sum over groups the loss
+    [groups, n, d], one sparse decode a group on CPU), whose running sum over groups the loss
     takes inside one autograd function (:func:`prefix_squared_errors`), forward and backward;
     :meth:`prefix_reconstructions` builds the prefixes themselves when they are wanted.
 
@@ -70,26 +76,20 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.register_buffer("group_ends", torch.tensor(group_sizes).cumsum(0), persistent=False)
 
     def group_decode(self, code: SparseCode, acts: Tensor | None) -> Tensor:
-        """Each group's share of the reconstruction, [n, n_groups, d_out], without bias."""
+        """Each group's share of the reconstruction, [n_groups, n, d_out], without bias.
+
+        Group-major, so that each group's rows are one contiguous block (its slab of the
+        gradient too, which the decode's backward reads group by group)."""
         ends = self.local_group_ends()
         if self.decodes_code_sparsely(code):
-            # Entries are sorted by (sample, latent) and groups are latent ranges, so bag ids
-            # sample * n_groups + group are already ascending.
-            n_groups = len(ends)
             group = torch.bucketize(code.indices, ends, right=True)
-            bags = SparseCode(
-                code.indices,
-                code.values,
-                code.n_rows * n_groups,
-                code.rows * n_groups + group,
-                grouped=code.latent_order(),  # the same entries: one sort for both gradients
-            )
-            decoded = decode_with_latent_bags(bags, self.W_dec)
-            return decoded.reshape(code.n_rows, n_groups, self.d_out)
+            compiling = torch.compiler.is_compiling()
+            spare = None if compiling else self.__dict__.pop("_spare_groups", None)
+            return decode_groups(code, group, len(ends), self.W_dec, spare)
         sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
         W_dec = self.W_dec.to(acts.dtype)
         parts = zip(acts.split(sizes, -1), W_dec.split(sizes), strict=True)
-        return torch.stack([a @ w for a, w in parts], dim=1)
+        return torch.stack([a @ w for a, w in parts])
 
     def local_group_ends(self) -> Tensor:
         """Where each group ends among the latents this module holds (all of them here; a
@@ -101,19 +101,22 @@ class MatryoshkaSAE(BatchTopKSAE):
         acts = None if self.decodes_code_sparsely(code) else code.to_dense(self.d_sae)
         groups = self.group_decode(code, acts)
         lead = x_n.shape[:-1]
-        return SAEOutput(
-            x_hat=(groups.sum(1) + self.b_dec).reshape(*lead, self.d_out),
+        out = _GroupsOutput(
+            self.b_dec,
             acts=None if acts is None else acts.reshape(*lead, self.d_sae),
             pre_acts=pre_acts.reshape(*lead, self.d_sae),
             extras={"group_x_hat": groups, "encoder_input": x_n},
             code=code,
             acts_shape=(*lead, self.d_sae),
         )
+        if torch.compiler.is_compiling():
+            out.x_hat = out.x_hat  # a compiled forward returns it made, not a recipe
+        return out
 
     def prefix_reconstructions(self, out: SAEOutput) -> Tensor:
         """Every prefix's reconstruction of ``out``'s rows, [n, n_groups, d_out]: prefix m
         decodes groups 0..m alone, plus ``b_dec`` (the training loss never builds these)."""
-        return out.extras["group_x_hat"].cumsum(1) + self.b_dec
+        return (out.extras["group_x_hat"].cumsum(0) + self.b_dec).transpose(0, 1)
 
     def loss_terms(self, x_n: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         x = x_n.reshape(-1, self.d_out)
@@ -122,30 +125,128 @@ class MatryoshkaSAE(BatchTopKSAE):
         # as the cumulative sum itself (as the pre-activations, TopKSAE.recycle).
         reuse = self.training and x.device.type == "cpu" and not torch.compiler.is_compiling()
         pool = self.__dict__.setdefault("_spare_errors", []) if reuse else None
-        per_prefix = prefix_squared_errors(out.extras["group_x_hat"], self.b_dec, x, pool)
+        groups = out.extras["group_x_hat"]
+        per_prefix, x_hat = _PrefixSquaredErrors.apply(groups, self.b_dec, x, pool)
+        if isinstance(out, _GroupsOutput) and not out.has_x_hat():
+            # The last prefix's error holds the full reconstruction: AuxK's residual and the
+            # step's statistics read it from there rather than from a second pass over groups.
+            out.x_hat = x_hat.reshape(*out.acts_shape[:-1], self.d_out)
         reduced = per_prefix.sum() if self.hparams.prefix_loss == "sum" else per_prefix.mean()
         terms = {"prefix_mse": reduced}
         if self.hparams.aux_coefficient > 0:
             terms["auxk"] = self.hparams.aux_coefficient * self.auxk_loss(x_n, out)
         return terms
 
+    def recycle(self, out: SAEOutput) -> None:
+        # The groups' table is written into again by the next training step's decode (CPU:
+        # a fresh 42 MB tensor at batch 4096 x 5 groups x 512 cost about as much in page
+        # faults as the decode itself). Nothing reads it after the step: the backward needs
+        # only the errors' tensor and the code (as the pre-activations, TopKSAE.recycle).
+        super().recycle(out)
+        groups = out.extras["group_x_hat"]
+        compiled = hasattr(self.forward_normalized, "_torchdynamo_orig_callable")
+        sparse = out.code is not None and self.decodes_code_sparsely(out.code)
+        if self.training and sparse and groups.device.type == "cpu" and not compiled:
+            self._spare_groups = groups
+
     def train(self, mode: bool = True) -> MatryoshkaSAE:
         if not mode:
             self.__dict__.pop("_spare_errors", None)
+            self.__dict__.pop("_spare_groups", None)
         return super().train(mode)
 
 
-class _PrefixSquaredErrors(torch.autograd.Function):
-    """Mean over rows of each prefix's squared error, from the groups' partial reconstructions.
+def decode_groups(
+    code: SparseCode, group: Tensor, n_groups: int, W_dec: Tensor, spare: Tensor | None = None
+) -> Tensor:
+    """[n_groups, n, d]: slab g is the decode of ``code``'s entries in group g (``group``, that
+    of each entry), into ``spare`` when it fits; ``W_dec``'s gradient summed per latent as in
+    :func:`decode_with_latent_bags`, the values' by embedding_bag.
 
-    With ``P[:, g]`` group g's share of the reconstruction, prefix m's error is ``E_m = P_0 +
-    ... + P_m + b_dec - x``. Forward: one cumulative sum into an [n, groups, d] tensor, shifted
-    in place by ``b_dec - x``: it holds every ``E_m``. Backward, with ``w_m`` the gradient of
-    prefix m's value: group g enters every prefix from g on, so its gradient is ``sum over
-    m >= g of 2 w_m E_m / n``, a running sum from the last group down, computed in place in
-    ``E``; ``b_dec`` gets group 0's (it is in every prefix), ``x`` minus that. Through
+    On CPU one decode a group, each [n, d] into its slab: embedding_bag cannot write into a
+    given tensor, and one decode with a bag per (row, group) made a fresh [n, n_groups, d]
+    tensor every step, whose page faults cost about as much as the decode (at batch 4096,
+    5 groups, d 512: 37 ms against 20 ms for the decodes by group and the copies, one
+    thread). Each group's [n, d] output is freed once copied and the next takes its memory.
+    The entries are put in group order once (a counting sort: each entry's rank within its
+    group, in row order), so that each group's decode reads a slice; selecting each group's
+    entries apart took about twice the operations, each a wait for a thread on a shared CPU.
+    Elsewhere (and under compile, where the groups' sizes are data) one decode with a bag per
+    (row, group), viewed group-major."""
+    n = code.n_rows
+    if W_dec.device.type != "cpu" or torch.compiler.is_compiling():
+        # Entries are sorted by (sample, latent) and groups are latent ranges, so bag ids
+        # sample * n_groups + group are already ascending.
+        by_row = SparseCode(
+            code.indices,
+            code.values,
+            n * n_groups,
+            code.rows * n_groups + group,
+            grouped=code.latent_order(),  # the same entries: one sort for both gradients
+        )
+        decoded = decode_with_latent_bags(by_row, W_dec)
+        return decoded.view(n, n_groups, -1).transpose(0, 1)
+    in_group = F.one_hot(group, n_groups)
+    rank = in_group.cumsum(0).gather(1, group[:, None]).squeeze(1)  # from 1, in row order
+    sizes = in_group.sum(0)
+    starts = sizes.cumsum(0) - sizes
+    order = torch.empty_like(rank).scatter_(0, starts[group] + rank - 1, torch.arange(len(rank)))
+    bags = group * n + code.rows  # each entry's row of the table viewed as [n_groups * n, d]
+    offsets = bag_offsets(bags, n_groups * n)  # of the bags in group order
+    indices, values = code.indices[order], code.values[order]
+    W_rows = W_dec.detach().to(code.values.dtype)  # the weight's gradient comes below
+    parts = []
+    for g, (start, size) in enumerate(torch.stack([starts, sizes], 1).tolist()):
+        part = slice(start, start + size)
+        group_offsets = offsets[g * n : (g + 1) * n] - start
+        parts.append(
+            F.embedding_bag(
+                indices[part], W_rows, group_offsets, mode="sum", per_sample_weights=values[part]
+            )
+        )
+    table = _StackGroups.apply([] if spare is None else [spare], *parts)
+    if not (torch.is_grad_enabled() and W_dec.requires_grad):
+        return table
+    flat = table.view(n_groups * n, -1)
+    entry_values = code.values.detach().reshape(-1)
+    flat = decoder_gradient_by_latent(flat, W_dec, entry_values, bags, code.latent_order())
+    return flat.view_as(table)
+
+
+class _StackGroups(torch.autograd.Function):
+    """``torch.stack(parts)`` into ``spare[0]`` when it fits (``spare``, a list, holds it);
+    backward: each part its slab of the gradient."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, spare: list[Tensor], *parts: Tensor) -> Tensor:  # type: ignore[override]
+        shape = (len(parts), *parts[0].shape)
+        fits = bool(spare) and (spare[0].shape, spare[0].dtype, spare[0].device) == (
+            shape,
+            parts[0].dtype,
+            parts[0].device,
+        )
+        return torch.stack(parts, out=spare[0]) if fits else torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return None, *grad.unbind(0)
+
+
+class _PrefixSquaredErrors(torch.autograd.Function):
+    """Mean over rows of each prefix's squared error, from the groups' partial reconstructions,
+    and the full reconstruction (the groups summed, plus ``b_dec``) beside it.
+
+    With ``P[g]`` group g's share of the reconstruction, prefix m's error is ``E_m = P_0 +
+    ... + P_m + b_dec - x``. Forward: ``E_0 = P_0 + (b_dec - x)`` and ``E_m = E_{m-1} + P_m``,
+    group by group into a [groups, n, d] tensor (one pass, where a cumulative sum and then the
+    shift took two); the full reconstruction is ``E_last + x``, so the step need not sum
+    the groups a second time for it. Backward, with ``w_m`` the gradient of prefix m's value:
+    group g enters every prefix from g on, so its gradient is ``sum over m >= g of 2 w_m E_m /
+    n`` (plus the reconstruction's gradient, when it has one), a running sum from the last
+    group down, scaled as it goes (one pass), in place in ``E``; ``b_dec`` gets group 0's (it
+    is in every prefix), ``x`` minus that (``x`` cancels out of the reconstruction). Through
     autograd's ``cumsum``, ``sub``, ``pow`` and their backward this took about eight
-    [n, groups, d] tensors; here ``E`` is the only one, and it becomes the gradient of ``P``.
+    [groups, n, d] tensors; here ``E`` is the only one, and it becomes the gradient of ``P``.
     Sums in float32 at least (under bf16 autocast ``P`` is bf16), the gradient of ``P`` in its
     dtype.
 
@@ -157,7 +258,10 @@ class _PrefixSquaredErrors(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: FunctionCtx, groups: Tensor, b_dec: Tensor, x: Tensor, pool: list[Tensor] | None
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        # Gradients that are not wanted (the reconstruction's, in a training step) come as None
+        # rather than as tensors of zeros to add.
+        ctx.set_materialize_grads(False)
         dtype = functools.reduce(torch.promote_types, (groups.dtype, b_dec.dtype, x.dtype))
         dtype = torch.promote_types(dtype, torch.float32)
         spare = pool.pop() if pool else None
@@ -166,44 +270,83 @@ class _PrefixSquaredErrors(torch.autograd.Function):
             dtype,
             groups.device,
         )
-        errors = torch.cumsum(groups, 1, dtype=dtype, out=spare if fits else None)
-        errors += (b_dec.to(dtype) - x.to(dtype))[:, None]
+        errors = spare if fits else groups.new_empty(groups.shape, dtype=dtype)
+        shift = b_dec.to(dtype) - x.to(dtype)
+        torch.add(shift, groups[0], out=errors[0])
+        for group in range(1, groups.shape[0]):
+            torch.add(errors[group - 1], groups[group], out=errors[group])
+        x_hat = (errors[-1] + x.to(dtype)).to(torch.promote_types(groups.dtype, b_dec.dtype))
         ctx.save_for_backward(errors)
         ctx.dtypes, ctx.pool = (groups.dtype, b_dec.dtype, x.dtype), pool
         # Squared norms of each (row, prefix) first: a reduction over the contiguous last
         # dimension, several times faster than one over rows and features at once.
         per_row = torch.linalg.vector_norm(errors, dim=2).square_()
-        return per_row.sum(0) / errors.shape[0]
+        return per_row.sum(1) / errors.shape[1], x_hat
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: FunctionCtx, grad_per_prefix: Tensor
+        ctx: FunctionCtx, grad_per_prefix: Tensor | None, grad_x_hat: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         # The gradient is made in place of the saved errors: a second backward through a
         # retained graph fails autograd's version check rather than reading gradients.
         (errors,) = ctx.saved_tensors
         groups_dtype, b_dec_dtype, x_dtype = ctx.dtypes
-        grad = errors.mul_((2 / errors.shape[0]) * grad_per_prefix.to(errors.dtype)[:, None])
-        for group in range(grad.shape[1] - 2, -1, -1):
-            grad[:, group] += grad[:, group + 1]
+        n_groups, n = errors.shape[:2]
+        if grad_per_prefix is None:
+            grad_per_prefix = errors.new_zeros(n_groups)
+        scales = (2 / n) * grad_per_prefix.to(errors.dtype)
+        grad = errors
+        grad[-1].mul_(scales[-1])
+        if grad_x_hat is not None:
+            grad[-1] += grad_x_hat.to(errors.dtype)
+        for group in range(n_groups - 2, -1, -1):
+            # grad[group] = grad[group + 1] + scales[group] * grad[group]
+            torch.addcmul(grad[group + 1], grad[group], scales[group], out=grad[group])
         grad_b_dec = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_b_dec = grad[:, 0].sum(0).to(b_dec_dtype)
+            grad_b_dec = grad[0].sum(0).to(b_dec_dtype)
         if ctx.needs_input_grad[2]:
-            grad_x = grad[:, 0].neg().to(x_dtype)
+            grad_x = grad[0].neg() if grad_x_hat is None else grad_x_hat - grad[0]
+            grad_x = grad_x.to(x_dtype)
         grad_groups = grad.to(groups_dtype) if ctx.needs_input_grad[0] else None
         if ctx.pool is not None:
             ctx.pool[:] = [errors]
         return grad_groups, grad_b_dec, grad_x, None
 
 
+class _GroupsOutput(SAEOutput):
+    """A Matryoshka forward's output whose ``x_hat`` (the groups summed, plus ``b_dec``) is made
+    on first use. In a training step the prefix loss sets it first, from its own running sums
+    (:meth:`MatryoshkaSAE.loss_terms`): one pass over the [n, groups, d] table fewer."""
+
+    def __init__(self, b_dec: Tensor, **kwargs: Any) -> None:
+        self._x_hat: Tensor | None = None
+        self.b_dec = b_dec
+        super().__init__(x_hat=None, **kwargs)  # type: ignore[arg-type]
+
+    @property  # type: ignore[override]
+    def x_hat(self) -> Tensor:
+        if self._x_hat is None:
+            groups = self.extras["group_x_hat"]
+            lead = self.acts_shape[:-1]
+            self._x_hat = (groups.sum(0) + self.b_dec).reshape(*lead, groups.shape[-1])
+        return self._x_hat
+
+    @x_hat.setter
+    def x_hat(self, value: Tensor | None) -> None:
+        self._x_hat = value
+
+    def has_x_hat(self) -> bool:
+        return self._x_hat is not None
+
+
 def prefix_squared_errors(
     groups: Tensor, b_dec: Tensor, x: Tensor, pool: list[Tensor] | None = None
 ) -> Tensor:
-    """``(groups.cumsum(1) + b_dec - x[:, None]).pow(2).sum(-1).mean(0)``, the mean over the
-    rows of each prefix's squared error, [n_groups], from ``groups`` [n, n_groups, d] (each
-    group's share of the reconstruction of ``x`` [n, d], without ``b_dec``), with one
-    [n, n_groups, d] tensor instead of autograd's several, lent by ``pool`` when it has one
+    """``(groups.cumsum(0) + b_dec - x).pow(2).sum(-1).mean(1)``, the mean over the rows of
+    each prefix's squared error, [n_groups], from ``groups`` [n_groups, n, d] (each group's
+    share of the reconstruction of ``x`` [n, d], without ``b_dec``), with one
+    [n_groups, n, d] tensor instead of autograd's several, lent by ``pool`` when it has one
     (:class:`_PrefixSquaredErrors`)."""
-    return _PrefixSquaredErrors.apply(groups, b_dec, x, pool)
+    return _PrefixSquaredErrors.apply(groups, b_dec, x, pool)[0]

@@ -423,3 +423,13 @@ def decode_with_latent_bags(code: SparseCode, W_dec: Tensor) -> Tensor:
     bags = _entry_rows(code.indices, code.rows)
     values = code.values.detach().reshape(-1)
     return _DecoderGradientByLatent.apply(decoded, W_dec, values, bags, code.latent_order())
+
+
+def decoder_gradient_by_latent(
+    decoded: Tensor, W_dec: Tensor, values: Tensor, bags: Tensor, grouped: LatentOrder
+) -> Tensor:
+    """``decoded`` [n_bags, d] itself, through which ``W_dec`` gets the gradient of a sparse
+    decode of entries (``values``, each entry's bag ``bags``, latents in ``grouped``) summed
+    per latent (:class:`_DecoderGradientByLatent`), for a decode made without ``W_dec``'s own
+    gradient (:func:`decode_with_latent_bags` is the one-call form)."""
+    return _DecoderGradientByLatent.apply(decoded, W_dec, values, bags, grouped)
