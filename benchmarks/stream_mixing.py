@@ -128,7 +128,7 @@ def mixing_table(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         refills, decay = profile.split(":")
         dm = stream(args.buffer_bytes, int(refills), args.cursors, float(decay))
         measured = dm.mixing(args.batches, first_batch=args.skip)
-        peak = peak_bytes(args.buffer_bytes, int(refills), args.cursors, float(decay), n)
+        peak = peak_bytes(args.buffer_bytes, int(refills), args.cursors, float(decay))
         results[f"mixing r{refills} d{decay}"] = {
             **mixing_summary(measured),
             "generation_windows": dm._stream_options[2],
@@ -189,32 +189,33 @@ def live_tensor_bytes() -> int:
     )
 
 
-def peak_run(
-    buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float, batches: int
-) -> None:
-    """(In a child process.) Serves ``batches`` batches of the mixing stream whose model is
-    replaced by random rows, and prints the most bytes of live tensors seen after a batch
-    (the buffer, the queue, and whatever the worker making a generation holds then)."""
+def peak_run(buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float) -> None:
+    """(In a child process.) Serves the mixing stream whose model is replaced by random rows,
+    and prints the most bytes of live tensors seen after a batch (the buffer, the queue, and
+    whatever the worker making a generation holds then) over three full pools after the
+    smaller first ones (every later pool holds the same; scanning the heap after every batch
+    of the warm-up too would take an hour on a shared machine)."""
     dm = stream(buffer_bytes, mix_refills, cursors, mix_decay)
     dm.setup("fit")
     dm._forward.capture = lambda windows, labels: {HOOK: torch.randn(len(windows), 128, 384)}
+    plan, batch = dm.train_batches.plan(0), dm.train_batches.stream_batch
+    warm_up = -(-sum(plan.pool_rows(t) for t in range(plan.spread)) // batch)
+    measured = range(warm_up, warm_up + 3 * -(-plan.generation_rows // batch) + 2)
     iterator = iter(dm.train_dataloader())
     before, most = live_tensor_bytes(), 0
-    for _ in range(batches):
+    for i in range(measured.stop):
         next(iterator)
-        most = max(most, live_tensor_bytes() - before)
+        if i in measured:
+            most = max(most, live_tensor_bytes() - before)
     iterator.close()
     print(most)
 
 
-def peak_bytes(
-    buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float, batches: int
-) -> int:
-    """Peak bytes of the mixing stream's live tensors over ``batches`` batches, measured in a
-    child process."""
+def peak_bytes(buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float) -> int:
+    """Peak bytes of the mixing stream's live tensors, measured in a child process."""
     command = [sys.executable, __file__, "--peak-run", "--buffer-bytes", str(buffer_bytes),
                "--mix-refills", str(mix_refills), "--cursors", str(cursors),
-               "--mix-decay", str(mix_decay), "--batches", str(batches)]  # fmt: skip
+               "--mix-decay", str(mix_decay)]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, check=True)
     return int(run.stdout.strip().splitlines()[-1])
 
@@ -222,9 +223,7 @@ def peak_bytes(
 def peaks(args: argparse.Namespace, saelens_rows: int) -> tuple[int, int]:
     """Peak bytes of the mixing stream's live tensors (measured) and of SAELens's buffer at
     ``saelens_rows`` (twice the most rows it permutes at once, measured), float32 rows of 384."""
-    ours = peak_bytes(
-        args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay, args.skip + args.batches
-    )
+    ours = peak_bytes(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     chunk = MODEL_BATCH * TEXT.positions
     theirs = [str(args.saelens_python), "-c", SAELENS_PEAK, str(saelens_rows), str(BATCH),
               str(chunk), str(args.skip + args.batches)]  # fmt: skip
@@ -336,8 +335,7 @@ def main() -> None:
     parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_run:
-        peak_run(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay, args.batches)
-        return
+        return peak_run(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
