@@ -58,7 +58,9 @@ def data(batch_size: int) -> StreamingActivationDataModule:
         text=TextOptions(dataset="pydoc_data.topics", context_size=128),
         val_tokens=0,
         batch_size=batch_size,
-        buffer_bytes=19 * batch_size * 384 * 4,  # the memory of 2 generations of 8 batches
+        # The memory of 2 generations of 8 batches; at least 19 windows of 128 rows, so that a
+        # small --batch_size still leaves the stream a whole window per refill.
+        buffer_bytes=19 * max(batch_size, 128) * 384 * 4,
         seed=0,
     )
 

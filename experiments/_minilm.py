@@ -5,6 +5,10 @@ The data options come from the project's config ``configs/minilm/resid-l3-standa
 of ``pydoc_data.topics``, 100k training tokens), so every experiment reuses one cache.
 ``--smoke`` shrinks it to a few windows. Pythia-70M needs the Hugging Face hub: pass
 ``--data-config configs/pythia-70m/resid-l3-standard.yaml`` where the hub is reachable.
+
+The experiments' SAEs also take that config's training options (:func:`model_options`), so that
+no experiment trains with a setting (learning rate, warm-up, ...) a user of the config does not
+get; each experiment chooses only the width, the steps and what it compares.
 """
 
 from __future__ import annotations
@@ -27,11 +31,43 @@ DEFAULT_CONFIG = ROOT / "configs" / "minilm" / "resid-l3-standard.yaml"
 PYTHIA_CONFIG = ROOT / "configs" / "pythia-70m" / "resid-l3-standard.yaml"
 SMOKE_TOKENS = {"n_tokens": 1024, "val_tokens": 256}
 DENSE = 0.1  # a feature firing on more than 10% of tokens is "dense"
+# Options of the data config's model that mean the same for every SAE class: the optimiser's
+# schedule and the input normalisation.
+SCHEDULE_OPTIONS = (
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "lr_warmup_steps",
+    "lr_decay_steps",
+    "lr_end_factor",
+    "normalize_activations",
+)
+# Options whose defaults are measured per class (docs/defaults.md): the config's values are for
+# its own class only, and every other class keeps its own.
+PER_CLASS_OPTIONS = ("encoder_init_scale", "betas", "gradient_clip_norm")
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-config", type=Path, default=DEFAULT_CONFIG, help="YAML with data:")
     p.add_argument("--cache-dir", default=None, help="activation cache folder (default: ~/.cache)")
+
+
+def model_options(args: argparse.Namespace, cls: type[SparseAutoencoder]) -> dict[str, Any]:
+    """The options of ``--data-config``'s model that an experiment's ``cls`` takes: the schedule
+    options, and the per-class ones when ``cls`` is the config's class. An option the config
+    leaves out stays at the class default, as for a user."""
+    model = yaml.safe_load(args.data_config.read_text())["model"]
+    init_args = model.get("init_args", {})
+    names = SCHEDULE_OPTIONS
+    if model["class_path"] == f"{cls.__module__}.{cls.__qualname__}":
+        names += PER_CLASS_OPTIONS
+    return {name: init_args[name] for name in names if name in init_args}
+
+
+def schedule_text(sae: SparseAutoencoder) -> str:
+    """The learning rate and warm-up an SAE trained with, for a table's caption."""
+    warmup = sae.hparams.lr_warmup_steps
+    return f"lr {sae.hparams.lr:g}, " + (f"{warmup} warm-up steps" if warmup else "no warm-up")
 
 
 def data_options(args: argparse.Namespace, batch_size: int) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 On MiniLM activations (configs/minilm/resid-l3-standard.yaml, offline) a StandardSAE (L1) and an
 ApproxL0SAE (a / (a + eps) per activation at the class's eps, plus the frequency floor at s_min
-1e-4) are each trained at three sparsity coefficients, with the same width, steps, learning
-rate and normalised inputs. Reported on the training tokens: L0, FVU, dead (never fires) and dense
-(fires on more than 10% of tokens) feature counts, and a figure of FVU and dead features
-against L0. The claim tested (reference 002): at matched L0, approx-L0 with the floor leaves far
-fewer dead features than L1.
+1e-4) are each trained at three sparsity coefficients, with the same width, steps, batches, and
+the config's learning rate, warm-up and input normalisation (``_minilm.model_options``).
+Reported on the training tokens: L0, FVU, dead (never fires) and dense (fires on more than 10%
+of tokens) feature counts, and a figure of FVU and dead features against L0. The claim tested
+(reference 002): at matched L0, approx-L0 with the floor leaves far fewer dead features than L1.
 
 Pythia-70M (the post's setting is GPT-2 small) needs the Hugging Face hub:
 ``--data-config configs/pythia-70m/resid-l3-standard.yaml`` where it is reachable.
@@ -63,14 +63,14 @@ def main() -> None:
         args.steps, args.d_sae, args.l1, args.approx_l0 = 4, 64, [2.0], [1.0]
     data = _minilm.datamodule(args, batch_size=128 if args.smoke else 1024)
     x = _minilm.all_activations(data)
-    common = dict(d_in=data.d_in, d_sae=args.d_sae, lr=2e-3, normalize_activations=True)
-    common["lr_warmup_steps"] = min(50, args.steps)
-
-    approx_l0_options = (
-        standard_settings(data.d_in, args.d_sae) if args.approx_l0_settings == "standard" else {}
-    )
+    shape = dict(d_in=data.d_in, d_sae=args.d_sae)
+    l1_options = shape | _minilm.model_options(args, StandardSAE)
+    approx_l0_options = shape | _minilm.model_options(args, ApproxL0SAE)
+    ablated = args.approx_l0_settings == "standard"
+    if ablated:
+        approx_l0_options |= standard_settings(data.d_in, args.d_sae)
     runs: list[tuple[str, float, Any]] = [
-        ("L1", c, lambda c=c: StandardSAE(l1_coefficient=c, **common)) for c in args.l1
+        ("L1", c, lambda c=c: StandardSAE(l1_coefficient=c, **l1_options)) for c in args.l1
     ]
     runs += [
         (
@@ -81,7 +81,6 @@ def main() -> None:
                 frequency_floor_coefficient=args.floor,
                 min_frequency=args.min_frequency,
                 **approx_l0_options,
-                **common,
             ),
         )
         for c in args.approx_l0
@@ -116,13 +115,15 @@ def main() -> None:
     header = ["method", "coefficient", "L0", "FVU", "dead", "dense (> 10%)"]
     text = (
         f"MiniLM `{data.hparams.hook}`, {len(x)} training tokens, d_in {data.d_in}, d_sae "
-        f"{args.d_sae}, {args.steps} steps of batch {data.hparams.batch_size}, lr 2e-3. "
-        f"Floor: coefficient {args.floor:g}, s_min {args.min_frequency:g}, window 100 steps. "
-        "Each class at its own defaults (docs/defaults.md)"
+        f"{args.d_sae}, {args.steps} steps of batch {data.hparams.batch_size}, "
+        f"{_minilm.schedule_text(sae)} "
+        f"({args.data_config.name}). Floor: coefficient {args.floor:g}, s_min "
+        f"{args.min_frequency:g}, window 100 steps. Each class at its own defaults "
+        "(docs/defaults.md)"
         + (
             "; approx-L0 with StandardSAE's encoder start, betas and clipping "
-            f"{approx_l0_options}.\n\n"
-            if approx_l0_options
+            f"{standard_settings(data.d_in, args.d_sae)}.\n\n"
+            if ablated
             else ".\n\n"
         )
         + markdown_table(header, rows)

@@ -1,9 +1,10 @@
 """003: dead latents of a TopK SAE on MiniLM, without AuxK, with AuxK, and Gao-normalised AuxK.
 
-TopKSAE (k 4, d_sae 1536, lr 2e-3, normalised inputs) on the block-3 residual stream of MiniLM
-(configs/minilm/resid-l3-standard.yaml). A latent counts as dead once it has not fired for
-``--dead-window`` tokens (the library's ``dead_window_tokens``, here a fifth of an epoch of the 100k
-cached tokens, so that a short run can show the effect); the fraction is logged every step.
+TopKSAE (k 4, d_sae 1536) on the block-3 residual stream of MiniLM, with the learning rate,
+warm-up and input normalisation of configs/minilm/resid-l3-standard.yaml (``--data-config``).
+A latent counts as dead once it has not fired for ``--dead-window`` tokens (the library's
+``dead_window_tokens``, here a fifth of an epoch of the 100k cached tokens, so that a short run
+can show the effect); the fraction is logged every step.
 Four runs: ``aux_coefficient`` 0, 1/32 on the raw squared error (the class's default before
 docs/defaults.md's dead-window change), 1/32 divided by the residual's variance as in Gao et
 al. / EleutherAI (``residual_variance``), all three with ``--dead-window``, and the class's
@@ -63,9 +64,7 @@ def main() -> None:
             d_in=data.d_in,
             d_sae=args.d_sae,
             k=args.k,
-            lr=2e-3,
-            lr_warmup_steps=min(50, args.steps),
-            normalize_activations=True,
+            **_minilm.model_options(args, TopKSAE),
             **options,
         )
         recorder = _minilm.train(sae, data, args.steps, every=1 if args.smoke else 5)
@@ -97,7 +96,8 @@ def main() -> None:
     text = (
         f"MiniLM `{data.hparams.hook}`, {len(x)} training tokens, d_in {data.d_in}, "
         f"d_sae {args.d_sae}, k {args.k}, {args.steps} steps of batch "
-        f"{data.hparams.batch_size}; dead window {args.dead_window} tokens (the class's "
+        f"{data.hparams.batch_size}, {_minilm.schedule_text(sae)}; dead window "
+        f"{args.dead_window} tokens (the class's "
         f"defaults: {default_window}). 'never fires': "
         "latents with no activation over all training tokens after training.\n\n"
         + markdown_table(header, rows)

@@ -1,10 +1,11 @@
 """004: do two SAEs learn the same features? And how much does splicing one in hurt?
 
-On MiniLM activations (configs/minilm/resid-l3-standard.yaml): two ReLU SAEs that differ only
-in their initialisation seed, and a TopK SAE with k near the ReLU SAEs' L0. Each pair is
-compared with the project's ``lightning-sae compare`` (in-process: max cosine A->B and B->A,
-and the one-to-one Hungarian matching, for decoder rows and encoder columns), and the fraction
-of features with a one-to-one match above 0.9 is broken down by the feature's firing frequency.
+On MiniLM activations (configs/minilm/resid-l3-standard.yaml, whose learning rate, warm-up and
+input normalisation every SAE here takes): two ReLU SAEs that differ only in their
+initialisation seed, and a TopK SAE with k near the ReLU SAEs' L0. Each pair is compared with
+the project's ``lightning-sae compare`` (in-process: max cosine A->B and B->A, and the
+one-to-one Hungarian matching, for decoder rows and encoder columns), and the fraction of
+features with a one-to-one match above 0.9 is broken down by the feature's firing frequency.
 
 Then the baseline reference 004 asks for: the damage of splicing the SAE's reconstruction into
 the model, against a random perturbation of the same norm at every position. MiniLM is
@@ -70,7 +71,7 @@ def main() -> None:
     _minilm.add_data_options(p)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--d-sae", type=int, default=768)
-    p.add_argument("--k", type=int, default=32, help="TopK k (about the ReLU SAEs' L0, 31)")
+    p.add_argument("--k", type=int, default=32, help="TopK k (about the ReLU SAEs' L0, 29)")
     p.add_argument("--eval-windows", type=int, default=16, help="windows for the splice test")
     p.add_argument(
         "--saes", type=Path, default=Path("runs/experiments/matching"), help="exported SAEs"
@@ -81,14 +82,15 @@ def main() -> None:
         args.steps, args.d_sae, args.k, args.eval_windows = 4, 64, 8, 1
     data = _minilm.datamodule(args, batch_size=128 if args.smoke else 1024)
     x = _minilm.all_activations(data)
-    common = dict(d_in=data.d_in, d_sae=args.d_sae, lr=2e-3, normalize_activations=True)
-    common["lr_warmup_steps"] = min(50, args.steps)
+    shape = dict(d_in=data.d_in, d_sae=args.d_sae)
+    relu_options = shape | _minilm.model_options(args, StandardSAE)
     saes: dict[str, SparseAutoencoder] = {}
     for name, seed in (("relu_seed0", 0), ("relu_seed1", 1)):
         torch.manual_seed(seed)
-        saes[name] = StandardSAE(l1_coefficient=2.0, init_seed=seed, **common)
+        saes[name] = StandardSAE(l1_coefficient=2.0, init_seed=seed, **relu_options)
     torch.manual_seed(2)
-    saes["topk_seed2"] = TopKSAE(k=args.k, init_seed=2, **common)
+    topk_options = shape | _minilm.model_options(args, TopKSAE)
+    saes["topk_seed2"] = TopKSAE(k=args.k, init_seed=2, **topk_options)
     measured: dict[str, dict[str, Any]] = {}
     for name, sae in saes.items():
         _minilm.train(sae, data, args.steps)
@@ -152,7 +154,8 @@ def main() -> None:
     header = ["SAE", "L0", "FVU", "rel. MSE: SAE", "rel. MSE: random", "cos: SAE", "cos: random"]
     text = (
         f"MiniLM `{data.hparams.hook}`, {len(x)} training tokens, d_sae {args.d_sae}, "
-        f"{args.steps} steps of batch {data.hparams.batch_size}; TopK k={args.k}.\n\n"
+        f"{args.steps} steps of batch {data.hparams.batch_size}, "
+        f"{_minilm.schedule_text(saes['relu_seed0'])}; TopK k={args.k}.\n\n"
         + "\n".join(sections)
         + f"\n### Splicing vs a random perturbation of the same norm\n\nFinal hidden state "
         f"(block {model.cfg.n_layers - 1} output) on {tokens.numel()} held-out tokens "

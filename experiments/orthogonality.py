@@ -1,11 +1,11 @@
 """000: the orthogonality regulariser on MiniLM: decoder max-cos-sim histograms, FVU and L0.
 
-StandardSAE (the options of configs/minilm/resid-l3-standard.yaml but d_sae 768: lr 2e-3, L1 2,
-normalised inputs) trained with ``orthogonality_coefficient`` 0, positive and negative (sigmoid
-shape on each active feature's nearest decoder neighbour). For each: the histogram of every
-decoder row's max cosine with another row, next to random unit vectors of the same shape, and
-L0, FVU, dead and dense counts on the 100k training tokens. Also the random baseline at the
-reference's 500 x 2k.
+StandardSAE (the options of configs/minilm/resid-l3-standard.yaml but d_sae 768: its learning
+rate, warm-up and normalised inputs, ``--data-config``; L1 2) trained with
+``orthogonality_coefficient`` 0, positive and negative (sigmoid shape on each active feature's
+nearest decoder neighbour). For each: the histogram of every decoder row's max cosine with
+another row, next to random unit vectors of the same shape, and L0, FVU, dead and dense counts
+on the 100k training tokens. Also the random baseline at the reference's 500 x 2k.
 
     python -m experiments.orthogonality            # docs/experiments/orthogonality/
     python -m experiments.orthogonality --smoke
@@ -57,11 +57,9 @@ def main() -> None:
         sae = StandardSAE(
             d_in=data.d_in,
             d_sae=args.d_sae,
-            lr=2e-3,
             l1_coefficient=2.0,
-            lr_warmup_steps=min(50, args.steps),
-            normalize_activations=True,
             orthogonality_coefficient=coefficient,
+            **_minilm.model_options(args, StandardSAE),
         )
         _minilm.train(sae, data, args.steps)
         measured = _minilm.evaluate(sae, x)
@@ -95,7 +93,8 @@ def main() -> None:
     header = ["coefficient", "decoder MMCS", "frac max-cos > 0.9", "L0", "FVU", "dead", "dense"]
     text = (
         f"MiniLM `blocks.3.hook_resid_post`, {len(x)} training tokens, d_in {data.d_in}, "
-        f"d_sae {args.d_sae}, {args.steps} steps of batch {data.hparams.batch_size}. "
+        f"d_sae {args.d_sae}, {args.steps} steps of batch {data.hparams.batch_size}, "
+        f"{_minilm.schedule_text(sae)}. "
         "L0 / FVU / dead (never fires) / dense (fires on > 10% of tokens) on the training "
         "tokens.\n\n"
         + markdown_table(header, rows)

@@ -220,21 +220,65 @@ def minilm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("minilm-cache")
 
 
+def minilm_config_with(tmp_path: Path, **model_options: object) -> Path:
+    """configs/minilm/resid-l3-standard.yaml (the same data, so the same cache) with its model's
+    ``init_args`` changed."""
+    config = yaml.safe_load((ROOT / "configs/minilm/resid-l3-standard.yaml").read_text())
+    config["model"]["init_args"] |= model_options
+    path = tmp_path / "data-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.mark.parametrize("name", ["orthogonality", "auxk", "approx_l0", "matching"])
 def test_smoke_minilm_experiments(
     name: str, minilm_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each script runs, and every SAE it trains takes the data config's learning rate and
+    warm-up (issue 23: no experiment runs a setting the config's user does not get)."""
     import importlib
 
+    from experiments import _minilm
+
     module = importlib.import_module(f"experiments.{name}")
-    argv = ["--out", str(tmp_path), "--cache-dir", str(minilm_cache)]
+    config = minilm_config_with(tmp_path, lr=0.003, lr_warmup_steps=3)
+    argv = ["--out", str(tmp_path), "--cache-dir", str(minilm_cache), "--data-config", str(config)]
     if name == "matching":
         argv += ["--saes", str(tmp_path / "saes")]
+    trained, original_train = [], _minilm.train
+
+    def train(sae, *args, **kwargs):
+        trained.append(dict(sae.hparams))
+        return original_train(sae, *args, **kwargs)
+
+    monkeypatch.setattr(_minilm, "train", train)
     run_main(module, argv, monkeypatch)
+    assert trained and all(
+        (h["lr"], h["lr_warmup_steps"], h["normalize_activations"]) == (0.003, 3, True)
+        for h in trained
+    )
     table = (tmp_path / "table.md").read_text()
-    assert "MiniLM" in table and "| --- |" not in table
+    assert "MiniLM" in table and "| --- |" not in table and "lr 0.003, 3 warm-up steps" in table
     results = json.loads((tmp_path / "results.json").read_text())
     assert results
+
+
+def test_minilm_experiments_take_per_class_options_for_the_configs_class_only(
+    tmp_path: Path,
+) -> None:
+    """Betas, clipping and the encoder start have measured defaults per class: a config's values
+    are its own class's (here StandardSAE's), and every other class keeps its own."""
+    import argparse
+
+    from experiments import _minilm
+    from lightning_sae.models.topk import TopKSAE
+
+    schedule = {"lr": 0.002, "lr_warmup_steps": 7, "normalize_activations": True}
+    per_class = {"betas": [0.8, 0.9], "gradient_clip_norm": 2.0}
+    args = argparse.Namespace(data_config=minilm_config_with(tmp_path, **schedule, **per_class))
+    standard = _minilm.model_options(args, StandardSAE)
+    assert standard == schedule | per_class
+    assert _minilm.model_options(args, TopKSAE) == schedule
 
 
 def test_smoke_vs_saelens_ours_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
