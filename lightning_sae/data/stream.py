@@ -676,6 +676,8 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
 
     def _held_rows(self, generation_rows: int) -> int:
         hp = self.hparams
+        if hp.mix_decay == 1:  # equal parts: sized as before mix_decay, so old runs resume
+            return -(-generation_rows * (hp.mix_refills + 3) // 2)
         if generation_rows < hp.mix_refills:
             return generation_rows * hp.mix_refills  # too few to deal: refused by the caller
         plan = MixingPlan(generation_rows, hp.mix_refills, [0], decay=hp.mix_decay)
