@@ -7,7 +7,8 @@ from pydoc_data.topics, context 128, batches of 1024: ``configs/minilm/stream-st
    contexts also in the batch before, for
    - ``before``: one reader, each generation served alone (``mix_refills 1, cursors 1``: the
      stream as it was before the mixing buffer, at the same memory);
-   - ``mixing``: the mixing stream (``--mix-refills``, ``--cursors``);
+   - ``mixing``: the mixing stream (``--mix-refills``, ``--mix-decay``, ``--cursors``), and
+     ``mixing rR dD`` for each ``--profiles R:D`` (other refills and part decays, same budget);
    - ``saelens``: SAELens's own ``mixing_buffer`` (run in its venv, ``--saelens-python``) with
      ``buffer_size`` = every row of the budget and ``mix_fraction`` 0.5, fed the same rows
      labelled (context, document) in LLM batches of ``model_batch_size`` windows: the text in
@@ -15,7 +16,8 @@ from pydoc_data.topics, context 128, batches of 1024: ``configs/minilm/stream-st
      stream's cursor order (SAELens's buffer on our text order). Its peak memory is about twice
      ``buffer_size`` (the permuted copy), so equal ``buffer_size`` favours it: ``@equal_peak``
      runs it at the ``buffer_size`` whose measured peak (twice the most rows it permutes)
-     equals the mixing stream's measured peak of live tensors (model replaced by random rows).
+     equals the mixing stream's measured peak of live tensors (model replaced by random rows;
+     the most after any batch of three full pools after the warm-up).
    Measured on batches ``--skip`` .. ``--skip + --batches`` (after every buffer has filled).
 2. ``--fvu``: held-out FVU of a StandardSAE (the config's) trained ``--steps`` steps on the
    mixing stream, and on the shuffled cache of the same tokens: the training text's activations
@@ -324,7 +326,8 @@ def main() -> None:
         help="also measure the mixing stream with these (mix_refills, mix_decay)",
     )  # fmt: skip
     parser.add_argument("--cursors", type=int, default=64)
-    parser.add_argument("--skip", type=int, default=40)
+    # After every buffer has filled: the default stream's first 15 pools end near batch 110.
+    parser.add_argument("--skip", type=int, default=200)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--saelens-python", type=Path, default=SAELENS_PYTHON)
     parser.add_argument("--fvu", action="store_true")
