@@ -43,7 +43,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import yaml
 
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.data.lm import LanguageModel
 from lightning_sae.data.loader import batch_mixing, mixing_summary
@@ -56,6 +58,10 @@ HOOK = "blocks.3.hook_resid_post"
 TEXT = TextOptions(context_size=128)
 BATCH = 1024
 MODEL_BATCH = 32
+# The FVU comparison trains this config's SAE (its model and callbacks, read from it).
+CONFIG = Path(__file__).resolve().parents[1] / "configs/minilm/stream-standard.yaml"
+# The config's callbacks that do not change the weights (the benchmark saves nothing).
+CALLBACKS_WITHOUT_EFFECT = {"lightning.pytorch.callbacks.ModelCheckpoint"}
 SAELENS_PYTHON = Path("~/.cache/lightning-sae/saelens-venv/bin/python").expanduser()
 
 # SAELens's own function, unchanged: labelled rows in, the served batches' labels out.
@@ -233,20 +239,29 @@ def peaks(args: argparse.Namespace, saelens_rows: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- FVU
-def sae() -> StandardSAE:
-    return StandardSAE(
-        d_in=384, d_sae=1536, lr=2e-3, l1_coefficient=2.0, lr_warmup_steps=50,
-        normalize_activations=True,
-    )  # fmt: skip
+def config_sae() -> tuple[StandardSAE, list[L.Callback]]:
+    """The SAE and the training callbacks that ``lightning-sae fit --config CONFIG`` builds: the
+    model's init_args as configured (no setting here that a user of the config does not get)."""
+    config = yaml.safe_load(CONFIG.read_text())
+    model = config["model"]
+    if model["class_path"] != "lightning_sae.models.standard.StandardSAE":
+        raise SystemExit(f"error: {CONFIG} trains {model['class_path']}, not a StandardSAE")
+    callbacks: list[L.Callback] = []
+    for callback in config["trainer"].get("callbacks", []):
+        if callback["class_path"] == "lightning_sae.callbacks.decoder_norm.DecoderNormConstraint":
+            callbacks.append(DecoderNormConstraint(**callback.get("init_args", {})))
+        elif callback["class_path"] not in CALLBACKS_WITHOUT_EFFECT:
+            raise SystemExit(f"error: {CONFIG} uses {callback['class_path']}, not built here")
+    return StandardSAE(**model["init_args"]), callbacks
 
 
 def train(data: L.LightningDataModule, steps: int) -> StandardSAE:
     L.seed_everything(0)
-    module = sae()
+    module, callbacks = config_sae()
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, gradient_clip_val=1.0,
+        num_sanity_val_steps=0, callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     return module

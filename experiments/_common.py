@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from lightning import Callback, Trainer
 
+from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+from lightning_sae.models.standard import StandardSAE
+
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "experiments"
 
 
@@ -75,6 +78,14 @@ def fvu_line(name: str, seed: int, row: dict[str, Any]) -> str:
         f"{name} seed {seed}: l0 {row['l0']:.1f} fvu {row['fvu']:.4f} dead {row['dead']} "
         f"({row['seconds']:.0f}s)"
     )
+
+
+def norm_constraint(sae: torch.nn.Module) -> list[Callback]:
+    """``[DecoderNormConstraint()]`` where the configs add it: for every class but the standard
+    SAE, whose decoder rows are left free with its L1 weighted by their norms (its default;
+    docs/defaults.md, "The standard SAE against SAELens over three seeds")."""
+    free = type(sae) is StandardSAE and sae.hparams.weight_by_decoder_norm
+    return [] if free else [DecoderNormConstraint()]
 
 
 def quiet_trainer(max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:

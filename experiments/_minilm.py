@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from experiments._common import Recorder, quiet_trainer
+from experiments._common import Recorder, norm_constraint, quiet_trainer
 from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.activations import ActivationDataModule
 from lightning_sae.models.base import SparseAutoencoder
@@ -124,12 +124,16 @@ def train(
     callbacks: list[Any] | None = None,
     record: tuple[str, ...] = ("train/l0", "train/fvu", "train/dead_fraction"),
     every: int = 10,
-    decoder_norm_constraint: bool = True,
+    decoder_norm_constraint: bool | None = None,
 ) -> Recorder:
-    """Fit ``sae`` for ``steps`` batches, with a decoder-norm constraint unless told otherwise;
-    returns the curves."""
+    """Fit ``sae`` for ``steps`` batches, with a decoder-norm constraint where the configs add
+    one (:func:`experiments._common.norm_constraint`: every class but the standard SAE) unless
+    told otherwise; returns the curves."""
     recorder = Recorder(record, every)
-    constraint = [DecoderNormConstraint()] if decoder_norm_constraint else []
+    if decoder_norm_constraint is None:
+        constraint = norm_constraint(sae)
+    else:
+        constraint = [DecoderNormConstraint()] if decoder_norm_constraint else []
     trainer = quiet_trainer(steps, [*constraint, recorder, *(callbacks or [])])
     trainer.fit(sae, data)
     return recorder

@@ -9,21 +9,23 @@ The data are those of ``configs/minilm/transcoder-l3.yaml`` (all-MiniLM-L6-v2 fr
 package, ~100k tokens of ``pydoc_data.topics``), with the residual stream after blocks 1, 3 and
 5 cached in the same forward passes for the crosscoder. Every run sees the same batches in the
 same order for its seed (200 steps of 512 rows, lr 1e-3, normalised sites, d_sae 1536,
-``DecoderNormConstraint``), as ``experiments/defaults_frontier.py`` does for SAEs.
+``DecoderNormConstraint`` unless ``free``), as ``experiments/defaults_frontier.py`` does for SAEs.
 
 A candidate is a form and settings, e.g. ``tc_topk32_old_clip``:
 
 - forms: ``tc_l1C`` (:class:`Transcoder`, L1 coefficient C), ``tc_topkK``, ``stc_topkK`` (skip),
   ``tc_btopkK`` and ``stc_btopkK`` (BatchTopK, k per row on average), ``tc_jumpT`` (JumpReLU,
   target L0 T, ``threshold_init`` 0.75: the frontier's start, which 200 steps can reach),
-  ``cc_l1C``, ``cc_topkK`` and ``cc_btopkK`` (crosscoders over the three residual streams);
+  ``stc_l1C`` (:class:`SkipTranscoder`), ``cc_l1C``, ``cc_topkK`` and ``cc_btopkK``
+  (crosscoders over the three residual streams);
 - settings, applied left to right over the class's defaults (the form alone is what a user
   gets): ``old`` (encoder start 1, Adam (0.9, 0.999), no clipping: every variant before the
   measured defaults), ``sX`` (encoder start X), ``clip``/``clipN``/``noclip`` (gradient norm
   clipped at 1 / at N / not), ``b2.X`` (Adam beta2 0.X), ``wuN`` (N warm-up steps), ``sqrt``
   (encoder start sqrt(d_in/d_sae)), ``auxkN`` (AuxK's dead latents per sample: the TopK forms'
   tables up to 2026-12-06 ran with ``d_in / 2``, 192 for a transcoder and 576 for a crosscoder,
-  before the default became k).
+  before the default became k), ``free`` (decoder rows left free: no ``DecoderNormConstraint``,
+  the L1 weighted by the rows' norms; without it every run holds the rows at unit norm).
 
 A transcoder's encoder is drawn apart from its decoder (it reads another site), so its "start"
 is the norm of its encoder columns; a crosscoder's is a multiple of the decoder's transpose.
@@ -38,12 +40,13 @@ import re
 import time
 from collections.abc import Iterator
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from lightning import LightningDataModule
+from lightning import Callback, LightningDataModule
 from torch import Tensor
 
 from experiments._common import (
@@ -65,6 +68,7 @@ from lightning_sae.models.transcoder import (
     CrossCoder,
     CrossCoding,
     JumpReLUTranscoder,
+    SkipTranscoder,
     TopKCrossCoder,
     TopKSkipTranscoder,
     TopKTranscoder,
@@ -90,6 +94,7 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
     kind, sparsity, value = form.groups()
     classes = {
         ("tc", "l1"): Transcoder,
+        ("stc", "l1"): SkipTranscoder,
         ("tc", "topk"): TopKTranscoder,
         ("stc", "topk"): TopKSkipTranscoder,
         ("tc", "btopk"): BatchTopKTranscoder,
@@ -101,12 +106,12 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
     }
     if (kind, sparsity) not in classes:
         raise SystemExit(f"error: no form {kind}_{sparsity}: one of {sorted(classes)}")
-    options: dict[str, Any] = {
-        "l1": {"l1_coefficient": float(value)},
-        "topk": {"k": int(value)},
-        "btopk": {"k": int(value)},
-        "jump": {"l0_target": float(value), "threshold_init": 0.75},
-    }[sparsity]
+    options: dict[str, Any] = {  # a function each: only this form's value is parsed
+        "l1": lambda: {"l1_coefficient": float(value)},
+        "topk": lambda: {"k": int(value)},
+        "btopk": lambda: {"k": int(value)},
+        "jump": lambda: {"l0_target": float(value), "threshold_init": 0.75},
+    }[sparsity]()
     for setting in settings:
         if setting == "old":
             options |= OLD
@@ -120,6 +125,8 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
             options["betas"] = (0.9, float("0." + setting[3:]))
         elif setting.startswith("wu"):
             options["lr_warmup_steps"] = int(setting[2:])
+        elif setting == "free":  # the L1 would be dodged by growing rows without the weight
+            options["weight_by_decoder_norm"] = True
         elif setting.startswith("auxk"):
             options["aux_k"] = int(setting[4:])
         elif setting.startswith("s"):
@@ -127,6 +134,11 @@ def parse(name: str) -> tuple[type[SparseAutoencoder], dict[str, Any]]:
         else:
             raise SystemExit(f"error: unknown setting {setting!r} in {name!r}")
     return classes[(kind, sparsity)], options
+
+
+def callbacks(name: str) -> list[Callback]:
+    """Rows held at unit norm, unless the candidate leaves them ``free``."""
+    return [] if "free" in name.split("_")[2:] else [DecoderNormConstraint()]
 
 
 def build(name: str, seed: int, d_sae: int = D_SAE) -> SparseAutoencoder:
@@ -220,7 +232,7 @@ def run(
     sae = build(name, seed, d_sae)
     train = sites["train"]
     order = batch_order(len(next(iter(train.values()))), seed, steps, batch)
-    trainer = quiet_trainer(steps, [DecoderNormConstraint()])
+    trainer = quiet_trainer(steps, callbacks(name))
     started = time.perf_counter()
     trainer.fit(sae, Batches(train, order))
     row = evaluate(sae, sites["val"])
@@ -265,6 +277,56 @@ def table(work: Path, out: Path, stem: str = "transcoders") -> None:
     print(text)
     write(out, f"table_{stem}.md", text)
     write_json(out, f"results_{stem}.json", runs)
+    matched = free_against_held(runs)
+    if matched:
+        text = markdown_table(
+            ["candidate", "seed", "L0", "FVU", "other arm's FVU at this L0", "free - held"],
+            matched,
+        )
+        print(text)
+        write(out, f"table_{stem}_matched.md", text)
+
+
+def _arm(name: str) -> tuple[str, tuple[str, ...], bool]:
+    """(form, settings other than ``free``, free): ``tc_l12_s1_free`` is ``tc_l1``, ``("s1",)``,
+    free; runs of one arm differ in their sparsity value alone."""
+    settings = name.split("_")[2:]
+    return _form(name), tuple(s for s in settings if s != "free"), "free" in settings
+
+
+def _interpolate(curve: list[tuple[float, float]], l0: float) -> float | None:
+    """FVU at ``l0`` on a curve of (L0, FVU) points, linear between the two measured points
+    around it; None outside the measured range (no extrapolation)."""
+    for (l0_a, fvu_a), (l0_b, fvu_b) in pairwise(curve):
+        if l0_a == l0 == l0_b:
+            return fvu_a
+        if l0_a <= l0 <= l0_b:
+            return fvu_a + (fvu_b - fvu_a) * (l0 - l0_a) / (l0_b - l0_a)
+    return None
+
+
+def free_against_held(runs: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
+    """Free decoder rows against rows held at unit norm at matched L0: every run of either arm
+    beside the other arm's FVU at the same L0 (same form, settings and seed; interpolated
+    between that arm's coefficients, only inside their L0 range)."""
+    curves: dict[tuple[tuple[str, tuple[str, ...], bool], int], list[tuple[float, float]]] = {}
+    for name, mine in runs.items():
+        for r in mine:
+            curves.setdefault((_arm(name), r["seed"]), []).append((r["l0"], r["fvu"]))
+    for curve in curves.values():
+        curve.sort()
+    rows = []
+    for name, mine in runs.items():
+        form, settings, free = _arm(name)
+        for r in sorted(mine, key=lambda r: r["seed"]):
+            other = curves.get(((form, settings, not free), r["seed"]), [])
+            at = _interpolate(other, r["l0"])
+            if at is None:
+                continue
+            gap = r["fvu"] - at if free else at - r["fvu"]
+            rows.append([name, r["seed"], f"{r['l0']:.1f}", f"{r['fvu']:.4f}", f"{at:.4f}",
+                         f"{gap:+.4f}"])  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -279,6 +341,9 @@ def main() -> None:
     )
     p.add_argument("--smoke", action="store_true", help="tiny data: checks the script runs")
     p.add_argument("--cache-dir", default=None, help="activation cache folder (default: ~/.cache)")
+    p.add_argument(
+        "--steps", type=int, default=STEPS, help="training steps (use its own --work folder)"
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.table:
@@ -286,7 +351,7 @@ def main() -> None:
         return
     for name in args.names:
         parse(name)  # every name is checked before the data are read
-    scale = (3, 64, 64) if args.smoke else (STEPS, BATCH, D_SAE)
+    scale = (3, 64, 64) if args.smoke else (args.steps, BATCH, D_SAE)
     names = args.names or (["tc_topk32", "cc_l12"] if args.smoke else [])
     args.work.mkdir(parents=True, exist_ok=True)
     sites = load_sites(args.smoke, sites_of(names), args.cache_dir)

@@ -9,7 +9,8 @@ learning rate (the project and SAELens; sparsify picks its own for its default o
 each run's sparsity setting:
 
 - lightning-sae: TopK (k 16/32/64), BatchTopK (k 32), JumpReLU (target L0 32) and standard
-  (3 L1 coefficients), through ``Trainer.fit`` with ``DecoderNormConstraint``, as the configs;
+  (3 L1 coefficients), through ``Trainer.fit`` as the configs run them: ``DecoderNormConstraint``
+  for all but the standard SAE, whose decoder rows are free (its L1 weighted by their norms);
 - SAELens: the same families through its ``SAETrainer`` in its own venv
   (experiments/saelens_frontier_side.py; its own L1 coefficients, since its L1 has other units);
 - sparsify: TopK (k 16/32/64) through its ``Trainer.fit`` in its own venv
@@ -52,14 +53,21 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from experiments import _minilm  # noqa: E402
-from experiments._common import DOCS, Timer, markdown_table, parser, quiet_trainer, start  # noqa: E402
+from experiments._common import (  # noqa: E402
+    DOCS,
+    Timer,
+    markdown_table,
+    norm_constraint,
+    parser,
+    quiet_trainer,
+    start,
+)
 from experiments.frontier_data import (  # noqa: E402
     DATA_FILE,
     batch_order,
     training_batches,
     write_reconstructions,
 )
-from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint  # noqa: E402
 from lightning_sae.data import lm  # noqa: E402
 from lightning_sae.metrics.downstream import downstream_metrics  # noqa: E402
 from lightning_sae.models.base import SparseAutoencoder  # noqa: E402
@@ -179,7 +187,7 @@ def train_ours(setting: Setting, data: dict[str, Any], args: Any, seed: int, wor
     sae = build_ours(setting, data["d_in"], args, seed)
     order = training_batches(tensors, seed)
     clip = {} if args.gradient_clip is None else {"gradient_clip_val": args.gradient_clip}
-    trainer = quiet_trainer(len(order), [DecoderNormConstraint()], **clip)
+    trainer = quiet_trainer(len(order), norm_constraint(sae), **clip)
     trainer.fit(sae, SavedOrder(tensors["train"], order))
     sae.eval()
 

@@ -1,14 +1,15 @@
 """Side by side with SAELens 6.x on identical toy data and batch order (standard and TopK SAEs).
 
-The toy activation vectors are drawn once with ToySuperpositionDataModule (512 ground-truth
-features in 128 dimensions, decay 0.99, 5 active on average) and saved to one safetensors file
-with a held-out evaluation set and the ground-truth features. Both libraries then train on those
-batches in the saved order, with the same objective weights (learning rate, L1 coefficient or
-k, dictionary size) and each library's own defaults otherwise: ours through a Lightning
-``Trainer.fit`` with the DecoderNormConstraint callback, SAELens through its ``SAETrainer`` in
-its own virtualenv (SAELens pins TransformerLens 3.x; see tests/test_io.py). Every ``--every``
-steps both sides are measured with the same code (experiments/toy_eval.py): ground-truth MMCS,
-L0, FVU and dead latents (never firing on the 8192 evaluation samples).
+The toy activation vectors are drawn once with ToySuperpositionDataModule (512 ground-truth features
+in 128 dimensions, decay 0.99, 5 active on average) and saved to one safetensors file with a
+held-out evaluation set and the ground-truth features. Both libraries then train on those batches in
+the saved order, with the same objective weights (learning rate, L1 coefficient or k, dictionary
+size) and each library's own defaults otherwise: ours through a Lightning ``Trainer.fit`` as the
+configs run it (TopK with the DecoderNormConstraint callback; the standard SAE's decoder rows free,
+its L1 weighted by their norms), SAELens through its ``SAETrainer`` in its own virtualenv (SAELens
+pins TransformerLens 3.x; see tests/test_io.py). Every ``--every`` steps both sides are measured
+with the same code (experiments/toy_eval.py): ground-truth MMCS, L0, FVU and dead latents (never
+firing on the 8192 evaluation samples).
 
     python -m experiments.vs_saelens            # docs/experiments/vs_saelens/
     python -m experiments.vs_saelens --smoke    # (skips SAELens when its venv is absent)
@@ -27,10 +28,16 @@ import torch
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from safetensors.torch import load_file, save_file
 
-from experiments._common import markdown_table, parser, publish, quiet_trainer, start
+from experiments._common import (
+    markdown_table,
+    norm_constraint,
+    parser,
+    publish,
+    quiet_trainer,
+    start,
+)
 from experiments.toy_eval import toy_metrics
 from lightning_sae import plots
-from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
 from lightning_sae.data.toy import ToySuperpositionDataModule
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import TopKSAE
@@ -95,14 +102,12 @@ def run_ours(data: dict[str, torch.Tensor], variant: str, options: dict, every: 
     torch.manual_seed(options["seed"])
     common = dict(d_in=128, d_sae=options["d_sae"], lr=options["lr"], init_seed=options["seed"])
     if variant == "standard":
-        sae = StandardSAE(
-            l1_coefficient=options["l1_coefficient"], weight_by_decoder_norm=True, **common
-        )
+        sae = StandardSAE(l1_coefficient=options["l1_coefficient"], **common)
     else:
         sae = TopKSAE(k=options["k"], **common)
     measure = Measure(data, every)
     steps = len(data["train"])
-    trainer = quiet_trainer(steps, [DecoderNormConstraint(), measure])
+    trainer = quiet_trainer(steps, [*norm_constraint(sae), measure])
     trainer.fit(sae, SavedBatches(data["train"], data["features"]))
     return measure.curve
 

@@ -263,6 +263,25 @@ def test_smoke_minilm_experiments(
     assert results
 
 
+def test_experiments_hold_decoder_rows_at_unit_norm_as_the_configs_do() -> None:
+    """The scripts run the configs' recipe: a standard SAE's rows free (its L1 weighted by
+    their norms), every other class's (and a standard SAE with the plain L1) at unit norm."""
+    from experiments._common import norm_constraint
+    from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+    from lightning_sae.models.topk import TopKSAE
+    from lightning_sae.models.transcoder import Transcoder
+
+    sizes = {"d_in": 8, "d_sae": 16}
+    assert norm_constraint(StandardSAE(**sizes)) == []
+    for held in (
+        StandardSAE(**sizes, weight_by_decoder_norm=False),
+        TopKSAE(**sizes, k=2),
+        Transcoder(**sizes),
+    ):
+        (callback,) = norm_constraint(held)
+        assert isinstance(callback, DecoderNormConstraint)
+
+
 def test_minilm_experiments_take_per_class_options_for_the_configs_class_only(
     tmp_path: Path,
 ) -> None:
@@ -427,6 +446,39 @@ def test_smoke_defaults_transcoders(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "| stc_btopk32 | 0 |" in table
     with pytest.raises(SystemExit, match="unknown setting"):
         run_main(defaults_transcoders, [*argv, "tc_topk32_nope"], monkeypatch)
+
+
+def test_defaults_transcoders_free_rows_at_matched_l0() -> None:
+    from experiments.defaults_transcoders import callbacks, free_against_held, parse
+    from lightning_sae.callbacks.decoder_norm import DecoderNormConstraint
+    from lightning_sae.models.transcoder import SkipTranscoder, Transcoder
+
+    # A fractional L1 coefficient is a float (each form's value was parsed by every form's rule,
+    # so int("1.5") failed), and ``free`` drops the constraint and weights the L1 by the rows.
+    assert parse("tc_l11.5_free") == (
+        Transcoder,
+        {"l1_coefficient": 1.5, "weight_by_decoder_norm": True},
+    )
+    assert parse("stc_l10.5") == (SkipTranscoder, {"l1_coefficient": 0.5})
+    assert callbacks("tc_l11.5_free") == []
+    assert [type(c) for c in callbacks("tc_l11.5")] == [DecoderNormConstraint]
+
+    def runs(*points: tuple[float, float]) -> list[dict]:
+        return [{"seed": 0, "l0": l0, "fvu": fvu} for l0, fvu in points]
+
+    rows = free_against_held({
+        "tc_l11": runs((30.0, 0.20)),
+        "tc_l12": runs((10.0, 0.30)),
+        "tc_l12_free": runs((20.0, 0.24)),  # the held curve at L0 20: 0.25
+        "tc_l13_free": runs((5.0, 0.35)),  # below the held range: no extrapolation
+        "tc_topk32": runs((20.0, 0.10)),  # no free arm of its own: not compared
+    })  # fmt: skip
+    # Both directions, each inside the other arm's range: the held run at L0 10 against the
+    # free curve there (0.35 + (0.24 - 0.35) / 3), the free run at 20 against the held curve.
+    assert rows == [
+        ["tc_l12", 0, "10.0", "0.3000", "0.3133", "+0.0133"],
+        ["tc_l12_free", 0, "20.0", "0.2400", "0.2500", "-0.0100"],
+    ]
 
 
 def test_smoke_defaults_frontier(

@@ -19,6 +19,7 @@ from lightning_sae.data.toy import ToySuperpositionDataModule
 from lightning_sae.models.approx_l0 import ApproxL0SAE
 from lightning_sae.models.base import SparseAutoencoder
 from lightning_sae.models.gated import GatedSAE
+from lightning_sae.models.group import build_members
 from lightning_sae.models.jumprelu import HeavisideFunction, JumpReLUFunction, JumpReLUSAE
 from lightning_sae.models.matryoshka import MatryoshkaSAE
 from lightning_sae.models.penalties import (
@@ -29,10 +30,11 @@ from lightning_sae.models.penalties import (
 from lightning_sae.models.sparse import SparseCode
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.models.topk import BatchTopKSAE, TopKSAE
-from lightning_sae.models.transcoder import TopKTranscoder
+from lightning_sae.models.transcoder import TopKTranscoder, Transcoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 D_IN, D_SAE = 16, 48
+SIZES = {"d_in": D_IN, "d_sae": D_SAE}
 
 
 def _x(n: int = 32, seed: int = 0) -> torch.Tensor:
@@ -99,6 +101,44 @@ def test_standard_auto_decode_goes_sparse_once_l0_is_low(monkeypatch: pytest.Mon
     assert calls and 0 < (sparse_out.acts != 0).float().mean() <= 1 / 16
     expected = sparse_out.acts @ sae.W_dec + sae.b_dec
     torch.testing.assert_close(sparse_out.x_hat, expected, atol=1e-5, rtol=1e-5)
+
+
+def _group_member(class_path: str) -> SparseAutoencoder:
+    """An SAEGroup member as the group builds it from a config's spec."""
+    (member, _hook), *_ = build_members([{"class_path": class_path, "init_args": SIZES}]).values()
+    return member
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: StandardSAE(d_in=D_IN, d_sae=D_SAE),
+        lambda: StandardSAE(d_in=D_IN, d_sae=D_SAE, sparsity_penalty="tanh"),
+        lambda: StandardSAE(d_in=D_IN, d_sae=D_SAE, decode_impl="sparse"),
+        lambda: Transcoder(d_in=D_IN, d_sae=D_SAE),  # target width = d_in: x is the target
+        lambda: _group_member("StandardSAE"),
+    ],
+    ids=["l1", "tanh", "l1-sparse", "transcoder", "group-member"],
+)
+def test_the_default_penalty_cannot_be_dodged_by_growing_decoder_rows(make) -> None:
+    """A latent's activation scaled by c and its decoder row by 1/c reconstruct exactly the same;
+    the default sparsity penalty must not change either, or training (with nothing holding the
+    rows at unit norm, as a plain ``lightning.Trainer`` runs it) lowers it for free."""
+    sae = make()
+    x = _x()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.1)  # every latent fires on some rows
+    name = sae.hparams.sparsity_penalty
+    before = sae.forward_normalized(x)
+    penalty = sae.loss_terms(x, before)[name]
+    scale = torch.linspace(0.25, 4.0, D_SAE)  # c per latent; ReLU(c z) = c ReLU(z) for c > 0
+    with torch.no_grad():
+        sae.W_enc.mul_(scale)
+        sae.b_enc.mul_(scale)
+        sae.W_dec.div_(scale[:, None])
+    after = sae.forward_normalized(x)
+    torch.testing.assert_close(after.x_hat, before.x_hat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.loss_terms(x, after)[name], penalty, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

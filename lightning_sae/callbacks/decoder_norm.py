@@ -14,9 +14,14 @@ from lightning_sae.callbacks._reporting import decoder_parameters, saes
 class DecoderNormConstraint(Callback):
     """Project out the gradient parallel to each decoder row, then renormalise rows after the step.
 
-    With unit-norm rows the L1 penalty cannot be lowered by shrinking activations and growing the
-    decoder. Removing the parallel gradient component first means Adam spends its step only on
-    changing directions, not on norm changes that the renormalisation would undo. In an
+    With unit-norm rows a penalty on the activations alone cannot be lowered by shrinking
+    activations and growing the decoder. Removing the parallel gradient component first means Adam
+    spends its step only on changing directions, not on norm changes that the renormalisation
+    would undo. The configs add it for every variant but the standard SAE, whose penalty is
+    weighted by the rows' norms (``weight_by_decoder_norm``, its default) and whose rows train
+    free: measured better on toy data and MiniLM (docs/defaults.md). Under this callback that
+    weighting changes nothing (the norms are 1; the gradient it adds is along each row, which is
+    projected out here). In an
     ``SAEGroup`` every member's decoder is constrained. A cross-layer transcoder's feature row is
     everything the feature writes, every target layer together.
     """

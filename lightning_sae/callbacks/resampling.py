@@ -168,6 +168,15 @@ def _whole(sae: SparseAutoencoder, per_feature: Tensor) -> Tensor:
     return per_feature if shard is None else shard.gather_features(per_feature)
 
 
+def _decoder_row_norms(sae: SparseAutoencoder) -> Tensor | float:
+    """Each latent's whole decoder row norm (every site it writes), or 1 where the decoder is not
+    one [d_sae, ...] tensor (a cross-layer transcoder's rows span several tensors)."""
+    W_dec = sae.W_dec
+    if not isinstance(W_dec, Tensor) or W_dec.shape[0] != sae.W_enc.shape[-1]:
+        return 1.0
+    return W_dec.flatten(1).norm(dim=1)
+
+
 class DeadFeatureResampler(Callback):
     """Re-initialise dead features towards inputs the SAE reconstructs badly.
 
@@ -184,14 +193,15 @@ class DeadFeatureResampler(Callback):
 
     The module restarts those features (``pl_module.reset_features``): decoder row = the unit
     direction, encoder column = the same direction scaled to ``encoder_norm_factor`` x the mean
-    encoder norm of live features, ``b_enc`` 0, the dead clock reset, and whatever per-feature
-    state the variant has (Gated's magnitude path, JumpReLU's threshold, ApproxL0's frequency
-    window). In Adam's state for every restarted slice the first moment is zeroed and the
-    second set to the live features' mean, so that the new rows take steps the size of the
-    others' (zeroed second moments under the tensor's old step count made the first ~50 steps
-    3-6 times larger). The candidates are measured in eval mode (``pl_module.measuring()``),
-    which joins no collective, on rank 0 alone; the choice is broadcast, so DDP ranks stay
-    identical. It logs ``resampling/n_resampled``.
+    encoder norm of live features times their decoder norm (so a restarted latent writes that
+    fraction of what a live one writes, whether the rows are held at unit norm or left free),
+    ``b_enc`` 0, the dead clock reset, and whatever per-feature state the variant has (Gated's
+    magnitude path, JumpReLU's threshold, ApproxL0's frequency window). In Adam's state for every
+    restarted slice the first moment is zeroed and the second set to the live features' mean, so
+    that the new rows take steps the size of the others' (zeroed second moments under the tensor's
+    old step count made the first ~50 steps 3-6 times larger). The candidates are measured in eval
+    mode (``pl_module.measuring()``), which joins no collective, on rank 0 alone; the choice is
+    broadcast, so DDP ranks stay identical. It logs ``resampling/n_resampled``.
 
     In an ``SAEGroup`` every member is resampled at the same steps, each from its own hook's
     samples and with its own generator (seeded alike), so each member's resampling is the one
@@ -204,7 +214,8 @@ class DeadFeatureResampler(Callback):
         strategy: ``worst``, ``loss_weighted`` or ``cluster``.
         n_batches: batches of candidate inputs drawn per resampling.
         batch_size: inputs per batch.
-        encoder_norm_factor: new encoder norm relative to the mean live encoder norm.
+        encoder_norm_factor: what a restarted latent writes relative to the mean live latent
+            (encoder norm x decoder norm; with unit rows, the mean live encoder norm).
         candidate_fraction: ``cluster``: fraction of the drawn inputs (the worst) clustered.
         n_clusters: ``cluster``: number of clusters; default the number of dead features.
         seed: seed of this callback's own generator (sample seeds, loss-weighted draws).
@@ -334,8 +345,11 @@ class DeadFeatureResampler(Callback):
                 directions = pick_clustered(
                     residuals, losses, n, self.candidate_fraction, self.n_clusters, seed
                 )
-            # Per feature (the last axis; a cross-layer transcoder's per layer, flattened).
-            encoder_norms = _whole(sae, sae.W_enc.norm(dim=-2).reshape(-1))[~dead]
+            # Per feature (the last axis; a cross-layer transcoder's per layer, flattened), the
+            # size a live latent writes: encoder norm x decoder norm (rows left free, as the
+            # standard SAE's, need not be at the unit norm a restarted row starts at).
+            written = sae.W_enc.norm(dim=-2) * _decoder_row_norms(sae)
+            encoder_norms = _whole(sae, written.reshape(-1))[~dead]
             plan.update(
                 indices=dead_indices[: len(directions)],
                 directions=directions.cpu(),

@@ -36,8 +36,13 @@ class StandardSAE(SparseAutoencoder):
         l1_coefficient: weight of the sparsity penalty, ramped linearly from 0 over
             ``l1_warmup_steps`` optimizer steps.
         l1_warmup_steps: length of that ramp.
-        weight_by_decoder_norm: penalise |a_j| * ||W_dec_j||, so the penalty cannot be dodged by
-            shrinking activations and growing decoder rows (needed when decoder rows are free).
+        weight_by_decoder_norm: penalise |a_j| * ||W_dec_j|| (the default, as SAELens and
+            Anthropic's April 2024 update), so the penalty cannot be dodged by shrinking
+            activations and growing decoder rows: the decoder rows are free, and nothing else
+            has to hold them at unit norm. ``False`` penalises |a_j| alone, which is sound only
+            with :class:`~lightning_sae.callbacks.DecoderNormConstraint` (under it both forms
+            train alike: the weights are 1 and the gradient they add is parallel to each row,
+            which the callback projects out).
         sparsity_penalty: ``l1`` or ``tanh`` (sum of tanh(tanh_scale * |a_j| * ||W_dec_j||)).
         tanh_scale: the scale c inside the tanh penalty.
         decode_impl: ``dense`` (acts @ W_dec), ``sparse`` (embedding_bag over the active
@@ -61,7 +66,7 @@ class StandardSAE(SparseAutoencoder):
         *args: Any,
         l1_coefficient: float = 5.0,
         l1_warmup_steps: int = 0,
-        weight_by_decoder_norm: bool = False,
+        weight_by_decoder_norm: bool = True,
         sparsity_penalty: Literal["l1", "tanh"] = "l1",
         tanh_scale: float = 1.0,
         decode_impl: DecodeImpl = "auto",
