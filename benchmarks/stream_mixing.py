@@ -7,7 +7,8 @@ from pydoc_data.topics, context 128, batches of 1024: ``configs/minilm/stream-st
    contexts also in the batch before, for
    - ``before``: one reader, each generation served alone (``mix_refills 1, cursors 1``: the
      stream as it was before the mixing buffer, at the same memory);
-   - ``mixing``: the mixing stream (``--mix-refills``, ``--cursors``);
+   - ``mixing``: the mixing stream (``--mix-refills``, ``--mix-decay``, ``--cursors``), and
+     ``mixing rR dD`` for each ``--profiles R:D`` (other refills and part decays, same budget);
    - ``saelens``: SAELens's own ``mixing_buffer`` (run in its venv, ``--saelens-python``) with
      ``buffer_size`` = every row of the budget and ``mix_fraction`` 0.5, fed the same rows
      labelled (context, document) in LLM batches of ``model_batch_size`` windows: the text in
@@ -15,7 +16,8 @@ from pydoc_data.topics, context 128, batches of 1024: ``configs/minilm/stream-st
      stream's cursor order (SAELens's buffer on our text order). Its peak memory is about twice
      ``buffer_size`` (the permuted copy), so equal ``buffer_size`` favours it: ``@equal_peak``
      runs it at the ``buffer_size`` whose measured peak (twice the most rows it permutes)
-     equals the mixing stream's measured peak of live tensors (model replaced by random rows).
+     equals the mixing stream's measured peak of live tensors (model replaced by random rows;
+     the most after any batch from the start to three full pools after the warm-up).
    Measured on batches ``--skip`` .. ``--skip + --batches`` (after every buffer has filled).
 2. ``--fvu``: held-out FVU of a StandardSAE (the config's) trained ``--steps`` steps on the
    mixing stream, and on the shuffled cache of the same tokens: the training text's activations
@@ -79,7 +81,9 @@ np.save(sys.argv[2], np.stack(out))
 """
 
 
-def stream(buffer_bytes: int, mix_refills: int, cursors: int, **kw: Any) -> Any:
+def stream(
+    buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float = 1.0, **kw: Any
+) -> Any:
     return StreamingActivationDataModule(
         model=MODEL,
         hooks=[HOOK],
@@ -88,6 +92,7 @@ def stream(buffer_bytes: int, mix_refills: int, cursors: int, **kw: Any) -> Any:
         batch_size=BATCH,
         buffer_bytes=buffer_bytes,
         mix_refills=mix_refills,
+        mix_decay=mix_decay,
         cursors=cursors,
         model_batch_size=MODEL_BATCH,
         device="cpu",
@@ -123,10 +128,20 @@ def mixing_table(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results = {}
     n = args.skip + args.batches
     before = stream(args.buffer_bytes, 1, 1)
-    mixing = stream(args.buffer_bytes, args.mix_refills, args.cursors)
+    mixing = stream(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     for name, dm in (("before", before), ("mixing", mixing)):
         measured = dm.mixing(args.batches, first_batch=args.skip)
         results[name] = {**mixing_summary(measured), "generation_windows": dm._stream_options[2]}
+    for profile in args.profiles:  # other (mix_refills, mix_decay) at the same budget
+        refills, decay = profile.split(":")
+        dm = stream(args.buffer_bytes, int(refills), args.cursors, float(decay))
+        measured = dm.mixing(args.batches, first_batch=args.skip)
+        peak = peak_bytes(args.buffer_bytes, int(refills), args.cursors, float(decay))
+        results[f"mixing r{refills} d{decay}"] = {
+            **mixing_summary(measured),
+            "generation_windows": dm._stream_options[2],
+            "peak_bytes": peak,
+        }
     if args.saelens_python.exists():
         buffer_rows = args.buffer_bytes // (384 * 4)  # every row of the budget, queue included
         ours, theirs = peaks(args, buffer_rows)
@@ -182,35 +197,45 @@ def live_tensor_bytes() -> int:
     )
 
 
-def peak_run(buffer_bytes: int, mix_refills: int, cursors: int, batches: int) -> None:
-    """(In a child process.) Serves ``batches`` batches of the mixing stream whose model is
-    replaced by random rows, and prints the most bytes of live tensors seen after a batch
-    (the buffer, the queue, and whatever the worker making a generation holds then)."""
-    dm = stream(buffer_bytes, mix_refills, cursors)
+def peak_run(buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float) -> None:
+    """(In a child process.) Serves the mixing stream whose model is replaced by random rows,
+    and prints the most bytes of live tensors seen after a batch (the buffer, the queue, and
+    whatever the worker making a generation holds then), over every batch from the start to
+    three full pools after the smaller first ones (every later pool holds the same). The start
+    counts: the default's peak was 74.2 MB over the first 120 batches, 60.2 MB over three
+    full pools after the warm-up only."""
+    dm = stream(buffer_bytes, mix_refills, cursors, mix_decay)
     dm.setup("fit")
     dm._forward.capture = lambda windows, labels: {HOOK: torch.randn(len(windows), 128, 384)}
+    plan, batch = dm.train_batches.plan(0), dm.train_batches.stream_batch
+    warm_up = -(-sum(plan.pool_rows(t) for t in range(plan.spread)) // batch)
     iterator = iter(dm.train_dataloader())
     before, most = live_tensor_bytes(), 0
-    for _ in range(batches):
+    for _ in range(warm_up + 3 * -(-plan.generation_rows // batch) + 2):
         next(iterator)
         most = max(most, live_tensor_bytes() - before)
     iterator.close()
     print(most)
 
 
+def peak_bytes(buffer_bytes: int, mix_refills: int, cursors: int, mix_decay: float) -> int:
+    """Peak bytes of the mixing stream's live tensors, measured in a child process."""
+    command = [sys.executable, __file__, "--peak-run", "--buffer-bytes", str(buffer_bytes),
+               "--mix-refills", str(mix_refills), "--cursors", str(cursors),
+               "--mix-decay", str(mix_decay)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(run.stdout.strip().splitlines()[-1])
+
+
 def peaks(args: argparse.Namespace, saelens_rows: int) -> tuple[int, int]:
     """Peak bytes of the mixing stream's live tensors (measured) and of SAELens's buffer at
     ``saelens_rows`` (twice the most rows it permutes at once, measured), float32 rows of 384."""
-    ours = [sys.executable, __file__, "--peak-run", "--buffer-bytes", str(args.buffer_bytes),
-            "--mix-refills", str(args.mix_refills), "--cursors", str(args.cursors)]  # fmt: skip
+    ours = peak_bytes(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     chunk = MODEL_BATCH * TEXT.positions
     theirs = [str(args.saelens_python), "-c", SAELENS_PEAK, str(saelens_rows), str(BATCH),
               str(chunk), str(args.skip + args.batches)]  # fmt: skip
-    measured = []
-    for command in (ours, theirs):
-        run = subprocess.run(command, capture_output=True, text=True, check=True)
-        measured.append(int(run.stdout.strip().splitlines()[-1]))
-    return measured[0], 2 * measured[1] * 384 * 4
+    run = subprocess.run(theirs, capture_output=True, text=True, check=True)
+    return ours, 2 * int(run.stdout.strip().splitlines()[-1]) * 384 * 4
 
 
 # --------------------------------------------------------------------------- FVU
@@ -251,6 +276,13 @@ def held_out_fvu(module: StandardSAE, x: torch.Tensor) -> float:
     return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
+@torch.no_grad()
+def held_out_l0(module: StandardSAE, x: torch.Tensor) -> float:
+    """Mean active latents per row on ``x``."""
+    module.eval()
+    return float((module(x).acts != 0).sum(-1).double().mean())
+
+
 def training_text_cache(dm: StreamingActivationDataModule, folder: Path) -> int:
     """The training text's activations, read once in order from where training starts (as
     far as the text goes without wrapping), written as a .npy file; the rows written."""
@@ -270,7 +302,7 @@ def training_text_cache(dm: StreamingActivationDataModule, folder: Path) -> int:
 
 
 def fvu_table(args: argparse.Namespace) -> dict[str, Any]:
-    mixing = stream(args.buffer_bytes, args.mix_refills, args.cursors)
+    mixing = stream(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     mixing.setup("fit")
     held_out = torch.cat(list(mixing.val_dataloader()))
     results: dict[str, Any] = {"held_out_rows": len(held_out), "steps": args.steps}
@@ -281,9 +313,13 @@ def fvu_table(args: argparse.Namespace) -> dict[str, Any]:
             shuffle_buffer_tokens=2 * rows, mix_refills=1, pin_memory=False,
         )  # fmt: skip
         results["cache_rows"] = rows
-        results["cache"] = held_out_fvu(train(cache, args.steps), held_out)
+        trained = train(cache, args.steps)
+        results["cache"] = held_out_fvu(trained, held_out)
+        results["cache_l0"] = held_out_l0(trained, held_out)
         print(json.dumps(results), flush=True)
-    results["mixing"] = held_out_fvu(train(mixing, args.steps), held_out)
+    trained = train(mixing, args.steps)
+    results["mixing"] = held_out_fvu(trained, held_out)
+    results["mixing_l0"] = held_out_l0(trained, held_out)
     print(json.dumps(results), flush=True)
     if args.fvu_before:
         before = stream(args.buffer_bytes, 1, 1)
@@ -298,8 +334,14 @@ def main() -> None:
     # stream before the mixing buffer (two generations of 129 windows and 5 queued batches).
     parser.add_argument("--buffer-bytes", type=int, default=56 << 20)
     parser.add_argument("--mix-refills", type=int, default=16)
+    parser.add_argument("--mix-decay", type=float, default=0.75)
+    parser.add_argument(
+        "--profiles", nargs="*", default=[], metavar="REFILLS:DECAY",
+        help="also measure the mixing stream with these (mix_refills, mix_decay)",
+    )  # fmt: skip
     parser.add_argument("--cursors", type=int, default=64)
-    parser.add_argument("--skip", type=int, default=40)
+    # After every buffer has filled: the default stream's first 15 pools end near batch 110.
+    parser.add_argument("--skip", type=int, default=200)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--saelens-python", type=Path, default=SAELENS_PYTHON)
     parser.add_argument("--fvu", action="store_true")
@@ -310,7 +352,7 @@ def main() -> None:
     parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_run:
-        return peak_run(args.buffer_bytes, args.mix_refills, args.cursors, 120)
+        return peak_run(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",

@@ -9,6 +9,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -47,12 +48,18 @@ def _one_thread() -> Any:
 
 
 def budget(
-    windows: int, hooks: int = 2, spread: int = 1, stream_batch: int = 60, dtype_bytes: int = 4
+    windows: int,
+    hooks: int = 2,
+    spread: int = 1,
+    stream_batch: int = 60,
+    dtype_bytes: int = 4,
+    decay: float = 0.75,
 ) -> int:
     """The buffer_bytes that buys generations of ``windows`` windows (15 rows of 32 per hook),
     the stream's share of 3 queued batches included (the module's own arithmetic)."""
     row = 32 * hooks * dtype_bytes
-    return -(-windows * 15 * (spread + 3) // 2) * row + 3 * stream_batch * 32 * hooks * 4
+    held = MixingPlan(windows * 15, spread, [0], decay=decay).held_rows()
+    return held * row + 3 * stream_batch * 32 * hooks * 4
 
 
 def tiny(**overrides: Any) -> StreamingActivationDataModule:
@@ -270,6 +277,8 @@ def test_bad_options_are_refused_before_any_forward() -> None:
         tiny(streams=7).setup("fit")
     with pytest.raises(ValueError, match="dtype"):
         LanguageModel("x", dtype="float64")
+    with pytest.raises(ValueError, match=r"mix_decay must be in \(0, 1\]"):
+        tiny(mix_decay=0)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -363,6 +372,12 @@ def test_a_budget_that_cannot_hold_a_batch_is_one_line_and_bf16_holds_twice_the_
     tiny(buffer_bytes=least).setup("fit")
     with pytest.raises(ValueError, match="cannot hold one batch"):
         tiny(buffer_bytes=least - 1).setup("fit")
+    # Parts that fall per refill: the buffer the plan holds fits the budget, one window more
+    # does not (the rounded parts counted, not an estimate).
+    forward = SimpleNamespace(widths={HOOKS[0]: 32}, dtype=torch.float32)  # what sizing reads
+    for less, bought in ((0, 12), (1, 11)):
+        dm = tiny(buffer_bytes=budget(12, 1, 16) - less, mix_refills=16)
+        assert dm._generation_windows(forward, 1) == bought
     halves = tiny(hooks=HOOKS[:1], buffer_bytes=budget(40, 1) - 20_000, buffer_dtype="bfloat16")
     halves.setup("fit")
     full = tiny(hooks=HOOKS[:1], buffer_bytes=budget(40, 1) - 20_000)

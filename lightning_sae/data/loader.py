@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from fractions import Fraction
+from math import floor
 from queue import Full, Queue
 from typing import TypeVar
 
@@ -70,17 +72,36 @@ def in_background(
 
 
 # --------------------------------------------------------------------------- the mixing buffer
+def part_shares(spread: int, decay: float = 1.0) -> list[Fraction]:
+    """The share of a generation dealt to each of its ``spread`` parts: part ``j``'s share is
+    ``decay`` times part ``j - 1``'s (1: equal parts). Exact fractions, so that equal parts
+    round as they always did."""
+    weights = [Fraction(decay) ** j for j in range(spread)]
+    return [w / sum(weights) for w in weights]
+
+
+def held_generations(spread: int, decay: float = 1.0) -> Fraction:
+    """Generations a buffer holds at most (:meth:`MixingPlan.held_rows` over its generation
+    rows, before rounding): ``(spread + 3) / 2`` with equal parts."""
+    return 1 + sum((j + 1) * share for j, share in enumerate(part_shares(spread, decay)))
+
+
 class MixingPlan:
     """Which rows a mixing buffer serves at each refill: index arithmetic only, a pure function
     of ``(seed, generation, refill)``, so a resumed run recomputes what it held.
 
     The source is read in *generations* of ``generation_rows`` rows: without end (the stream),
     or ``total_rows`` in all (the cache's pass over its rows; the last generation is shorter).
-    Generation ``g``'s rows are dealt at random into ``spread`` parts (sizes differing by at
-    most one) and part ``j`` joins the pool of refill ``g + j``. Refill ``t``'s pool, part ``j``
-    of generation ``t - j`` for every ``j < spread``, is served in a random order. So a batch
-    mixes rows of ``spread`` generations, and a row waits at most ``spread - 1`` refills: to
-    serve refill ``t`` a buffer needs generations ``t - spread + 1 .. t`` and nothing older
+    Generation ``g``'s rows are dealt at random into ``spread`` parts and part ``j`` joins the
+    pool of refill ``g + j``; part ``j`` holds ``decay`` times the rows of part ``j - 1``
+    (:func:`part_shares`; ``decay`` 1: sizes differing by at most one). Every full generation
+    is split alike, so every steady pool holds ``generation_rows`` rows. A decay below 1 serves
+    a generation mostly in its first refills while its tail lingers, so the buffer holds fewer
+    rows per live context (:meth:`held_rows`) and consecutive batches share fewer contexts.
+    Refill ``t``'s pool, part ``j`` of generation ``t - j`` for every ``j < spread``, is
+    served in a random order. So a batch mixes rows of ``spread`` generations, and a row waits
+    at most ``spread - 1`` refills: to serve refill ``t`` a buffer needs generations
+    ``t - spread + 1 .. t`` and nothing older
     (SAELens's buffer keeps a random half, so a row can wait without bound and its state cannot
     be recomputed). ``spread`` 1 serves each generation alone, in a random order. A finite
     source serves every row once: its first and last ``spread - 1`` pools are smaller.
@@ -92,10 +113,15 @@ class MixingPlan:
         spread: int,
         seed: Sequence[int],
         total_rows: int | None = None,
+        decay: float = 1.0,
     ) -> None:
         if generation_rows < spread:
             raise ValueError(f"{generation_rows} rows cannot be dealt into {spread} parts.")
+        if not 0 < decay <= 1:
+            raise ValueError(f"mix_decay={decay} must be in (0, 1]: 1 deals parts of equal size.")
         self.generation_rows, self.spread, self.seed = generation_rows, spread, list(seed)
+        self.shares = part_shares(spread, decay)
+        self._splits: dict[int, list[int]] = {}  # rows -> rows of each part
         self.generations = None if total_rows is None else -(-total_rows // generation_rows)
         self.last_rows = generation_rows
         self.ends: np.ndarray | None = None  # a finite plan's served rows at each refill's end
@@ -109,8 +135,25 @@ class MixingPlan:
         return self.last_rows if last else self.generation_rows
 
     def part_rows(self, generation: int) -> list[int]:
-        base, extra = divmod(self.rows(generation), self.spread)
-        return [base + (j < extra) for j in range(self.spread)]
+        """Rows of each part of ``generation``: every full generation is split alike, so every
+        steady pool holds ``generation_rows`` rows."""
+        return self._split(self.rows(generation))
+
+    def _split(self, rows: int) -> list[int]:
+        """``rows * shares[j]`` rounded (largest remainders first, ties to the earlier part),
+        at least one row each (a part of none would leave its pool without the generation)."""
+        if rows not in self._splits:
+            exact = [rows * share for share in self.shares]
+            sizes = [floor(x) for x in exact]
+            by_remainder = sorted(range(self.spread), key=lambda j: (sizes[j] - exact[j], j))
+            for j in by_remainder[: rows - sum(sizes)]:
+                sizes[j] += 1
+            for j in range(self.spread):
+                if sizes[j] == 0:
+                    largest = sizes.index(max(sizes))
+                    sizes[j], sizes[largest] = 1, sizes[largest] - 1
+            self._splits[rows] = sizes
+        return list(self._splits[rows])
 
     def parts(self, generation: int) -> list[np.ndarray]:
         """Rows of ``generation`` (indices into it) in each of its parts, ascending."""
@@ -155,8 +198,11 @@ class MixingPlan:
 
     def held_rows(self) -> int:
         """Rows a buffer holds at most: the parts not yet served of the ``spread`` generations
-        in the pool, ``R (spread + 1) / 2``, and the next generation made ahead, ``R``."""
-        return self.generation_rows * (self.spread + 3) // 2
+        in the pool (generation ``t - a`` still holds its parts ``a ..``, so part ``j`` is held
+        by ``j + 1`` of them: ``R (spread + 1) / 2`` with equal parts), and the next generation
+        made ahead, ``R``."""
+        parts = self._split(self.generation_rows)
+        return sum((j + 1) * n for j, n in enumerate(parts)) + self.generation_rows
 
 
 Rows = dict[str, Tensor]  # hook (or label) -> [rows, width]
@@ -246,7 +292,9 @@ class MixingBuffer:
             ahead = make(refill + 1)
             pool, order = self._pool(held, refill)
             while True:
-                segments, need = [], n  # (pool, positions in it) making up the block
+                # The block's kept rows, gathered pool by pool, so that a block straddling
+                # two pools does not keep the served pool's parts alive (held_rows' bound).
+                blocks, need = [], n
                 while need:
                     if offset == len(order):  # this pool is served: the next refill
                         for g, j in plan.pool(refill):
@@ -264,28 +312,22 @@ class MixingBuffer:
                         pool, order = self._pool(held, refill)
                     take = min(need, len(order) - offset)
                     # A batch is a set of rows: served ascending, each part's rows are one run.
-                    segments.append((pool, order[offset : offset + take].sort().values))
+                    first = n - need  # the block's row at this segment's start
+                    a, b = max(lo - first, 0), min(hi - first, take)
+                    if b > a:
+                        positions = order[offset : offset + take].sort().values[a:b]
+                        blocks.append(_gather(pool, positions, self.pin_memory))
                     offset, need = offset + take, need - take
                 oldest = plan.oldest(refill + 1 if offset == len(order) else refill)
                 # With spread 1 the next row may be in the generation made ahead: it starts
                 # where the last held one ended.
                 resume = held[oldest].start if oldest in held else held[oldest - 1].end
-                yield self._kept(segments, lo, hi), resume
+                yield cat_rows(blocks), resume
 
     def _pool(self, held: dict[int, Generation], refill: int) -> tuple[list[Rows], Tensor]:
         pool = [held[g].parts[j] for g, j in self.plan.pool(refill)]
         device = next(iter(pool[0].values())).device
         return pool, torch.from_numpy(self.plan.order(refill)).to(device)
-
-    def _kept(self, segments: list[tuple[list[Rows], Tensor]], lo: int, hi: int) -> Rows:
-        """Rows ``[lo, hi)`` of the block that ``segments`` make up, gathered."""
-        blocks, start = [], 0
-        for pool, positions in segments:
-            a, b = max(lo - start, 0), min(hi - start, len(positions))
-            if b > a:
-                blocks.append(_gather(pool, positions[a:b], self.pin_memory))
-            start += len(positions)
-        return cat_rows(blocks)
 
 
 def _gather(pool: Sequence[Rows], positions: Tensor, pin_memory: bool = False) -> Rows:

@@ -6,11 +6,13 @@ reads the documents ``d`` with ``d % streams == s``, through ``cursors`` readers
 over its documents, whose windows are taken in turn. The model runs on *generations* of windows
 and their rows go through a mixing buffer (``data/loader.py``, the cache's too): generation
 ``g``'s rows are dealt at random into ``mix_refills`` parts, part ``j`` joins refill ``g + j``,
-and each refill's pool is served in a random order drawn from ``(seed, stream, refill)``. So a
-batch holds rows of ``mix_refills`` generations of windows from many places in the text, and one
-context's positions are spread over many batches. Each stream's part of global batch ``i`` is
-rows ``[i * b, (i + 1) * b)`` of its serving sequence (``b = batch_size / streams``); a global
-batch is the streams' parts side by side, and under DDP each process serves its streams' parts,
+and each refill's pool is served in a random order drawn from ``(seed, stream, refill)``. Part
+sizes fall by ``mix_decay`` from one refill to the next, so a generation is mostly served in its
+first refills and its tail lingers. So a batch holds rows of ``mix_refills`` generations of
+windows from many places in the text, and one context's positions are spread over many
+batches. Each stream's part of global batch ``i`` is rows ``[i * b, (i + 1) * b)`` of its
+serving sequence (``b = batch_size / streams``); a global batch is the streams' parts side by
+side, and under DDP each process serves its streams' parts,
 so a DDP run sees exactly the batches one process with the same ``streams`` sees.
 
 Memory is ``buffer_bytes`` per process, across all hooks: the generation size follows from it
@@ -36,6 +38,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
+from math import floor
 from typing import Any, Literal
 
 import numpy as np
@@ -56,6 +59,7 @@ from lightning_sae.data.loader import (
     Rows,
     batch_mixing,
     cat_rows,
+    held_generations,
     in_background,
     mixing_summary,
     rank_and_world,
@@ -196,6 +200,7 @@ class StreamBatches:
         batch_size: int,
         generation_windows: int,
         spread: int,
+        decay: float,
         seed: int,
         prefetch_batches: int,
         served_dtype: torch.dtype,
@@ -203,7 +208,7 @@ class StreamBatches:
         self.forward, self.cursors, self.seed = forward, cursors, seed
         self.n_streams = len(starts)
         self.batch_size, self.stream_batch = batch_size, batch_size // self.n_streams
-        self.generation_windows, self.spread = generation_windows, spread
+        self.generation_windows, self.spread, self.decay = generation_windows, spread, decay
         self.generation_rows = generation_windows * forward.text.positions
         self.prefetch_batches = max(1, prefetch_batches)
         self.served_dtype = served_dtype
@@ -219,7 +224,7 @@ class StreamBatches:
         return sys.maxsize
 
     def plan(self, stream: int) -> MixingPlan:
-        return MixingPlan(self.generation_rows, self.spread, [self.seed, stream])
+        return MixingPlan(self.generation_rows, self.spread, [self.seed, stream], decay=self.decay)
 
     def _stream(
         self, stream: int, first_batch: int, start: Sequence[TextPosition], stop: threading.Event
@@ -277,6 +282,7 @@ class StreamBatches:
             "batch_size": self.batch_size,
             "generation_rows": self.generation_rows,
             "mix_refills": self.spread,
+            "mix_decay": self.decay,
             "cursors": len(next(iter(self.positions.values()))),
         }
 
@@ -296,12 +302,14 @@ class StreamBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved, here = {k: state.get(k) for k in self._shape()}, self._shape()
+        # A checkpoint from before mix_decay dealt equal parts.
+        saved = {k: state.get(k, 1.0 if k == "mix_decay" else None) for k in self._shape()}
+        here = self._shape()
         if saved != here:
             raise ValueError(
                 f"the checkpoint's stream position is for {saved}, but this run has {here}: "
                 "resume with the same data.init_args (streams, batch_size, buffer_bytes, "
-                "buffer_dtype, mix_refills, cursors, hooks, text.context_size)."
+                "buffer_dtype, mix_refills, mix_decay, cursors, hooks, text.context_size)."
             )
         self.batches = int(state["batches"])
         self.positions = {s: [TextPosition(*p) for p in state["positions"][s]] for s in self.mine}
@@ -384,6 +392,11 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
             holds twice the rows of ``float32`` in the same budget.
         mix_refills: refills each generation's rows are dealt over: a batch mixes rows of
             this many generations (1: each generation served alone, as a shuffle buffer).
+        mix_decay: each refill serves this fraction of what the refill before served of a
+            generation (1: equal parts). Below 1 a generation is mostly served in its first
+            refills and its tail lingers, which holds fewer rows per context: at the same
+            memory, generations are larger and consecutive batches share fewer contexts
+            (0.75, the default: docs/benchmarks.md "Stream mixing").
         cursors: readers per stream, spaced evenly over its documents, whose windows are
             taken in turn: a generation holds windows of this many places in the text.
         model_batch_size: windows per forward pass.
@@ -407,6 +420,7 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
         buffer_bytes: int = 1 << 30,
         buffer_dtype: ServedDtype | None = None,
         mix_refills: int = 16,
+        mix_decay: float = 0.75,
         cursors: int = 64,
         model_batch_size: int = 32,
         dtype: ServedDtype = "float32",
@@ -428,6 +442,7 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
                 "buffer_bytes": buffer_bytes,
                 "buffer_dtype": buffer_dtype,
                 "mix_refills": mix_refills,
+                "mix_decay": mix_decay,
                 "cursors": cursors,
                 "model_batch_size": model_batch_size,
                 "dtype": dtype,
@@ -456,6 +471,10 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
                 raise ValueError(f"data.init_args.{name} must be positive, got {value}.")
         if val_tokens < 0:
             raise ValueError(f"data.init_args.val_tokens must be >= 0, got {val_tokens}.")
+        if not 0 < mix_decay <= 1:
+            raise ValueError(
+                f"data.init_args.mix_decay must be in (0, 1] (1: equal parts), got {mix_decay}."
+            )
         lm.torch_dtype(dtype)
         lm.torch_dtype(buffer_dtype or dtype)
         self.model, self.hooks, self.text = model, list(hooks), text
@@ -618,6 +637,7 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
             self.batch_size,
             generation_windows,
             hp.mix_refills,
+            hp.mix_decay,
             self.seed,
             hp.prefetch_batches,
             served_dtype,
@@ -636,11 +656,15 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
         queued = (hp.prefetch_batches + 1) * stream_batch * served
         row_bytes = self._row_bytes(forward)
         rows = max(hp.buffer_bytes - queued, 0) // row_bytes
-        # A buffer holds (mix_refills + 3) / 2 generations (MixingPlan.held_rows).
-        windows = 2 * rows // ((hp.mix_refills + 3) * positions)
+        # A buffer holds about this many generations ((mix_refills + 3) / 2 with equal parts);
+        # rounding parts to rows moves it by a few rows, so the plan's own count decides.
+        held = held_generations(hp.mix_refills, hp.mix_decay)
+        windows = floor(rows / (held * positions)) + hp.mix_refills
+        while windows > 0 and self._held_rows(windows * positions) > rows:
+            windows -= 1
         least = max(stream_batch, hp.mix_refills)
         if windows * positions < least:
-            need = -(-least // positions) * positions * (hp.mix_refills + 3) // 2
+            need = self._held_rows(-(-least // positions) * positions)
             raise ValueError(
                 f"data.init_args.buffer_bytes={hp.buffer_bytes:,} cannot hold one batch: a "
                 f"stream's part of a batch is {stream_batch} rows of {row_bytes:,} bytes "
@@ -649,6 +673,15 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
                 ", or lower batch_size or mix_refills, or set buffer_dtype bfloat16."
             )
         return windows
+
+    def _held_rows(self, generation_rows: int) -> int:
+        hp = self.hparams
+        if hp.mix_decay == 1:  # equal parts: sized as before mix_decay, so old runs resume
+            return -(-generation_rows * (hp.mix_refills + 3) // 2)
+        if generation_rows < hp.mix_refills:
+            return generation_rows * hp.mix_refills  # too few to deal: refused by the caller
+        plan = MixingPlan(generation_rows, hp.mix_refills, [0], decay=hp.mix_decay)
+        return plan.held_rows()
 
     def describe_buffer(self, batches: int | None = None) -> str:
         """The budget and the mixing it buys, measured on the text (no model run): one line."""
@@ -660,8 +693,8 @@ class StreamingActivationDataModule(IdentifiedData, LightningDataModule):
             f"stream buffer: {hp.buffer_bytes / 2**20:,.1f} MiB per stream ({local} here) for "
             f"{len(forward.widths)} hook(s) ({self._row_bytes(forward):,} bytes per row in "
             f"{forward.dtype}): generations of {generation_windows} windows from "
-            f"{hp.cursors} cursor(s), each dealt over {hp.mix_refills} refill(s), pools of "
-            f"{generation_windows * hp.mix_refills} contexts per stream; a batch holds "
+            f"{hp.cursors} cursor(s), each dealt over {hp.mix_refills} refill(s) (each serving"
+            f" {hp.mix_decay:g} of the refill before); a batch holds "
             f"{summary['contexts']:.0f} contexts of {summary['documents']:.1f} documents "
             f"(fewest {summary['min_documents']:.0f}), {summary['overlap']:.0%} of its "
             "contexts also in the batch before (measured on this process's streams)."
