@@ -239,9 +239,10 @@ def peaks(args: argparse.Namespace, saelens_rows: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- FVU
-def config_sae() -> tuple[StandardSAE, list[L.Callback]]:
+def config_sae(init_seed: int = 0) -> tuple[StandardSAE, list[L.Callback]]:
     """The SAE and the training callbacks that ``lightning-sae fit --config CONFIG`` builds: the
-    model's init_args as configured (no setting here that a user of the config does not get)."""
+    model's init_args as configured (no setting here that a user of the config does not get),
+    the weights drawn from ``init_seed``."""
     config = yaml.safe_load(CONFIG.read_text())
     model = config["model"]
     if model["class_path"] != "lightning_sae.models.standard.StandardSAE":
@@ -252,12 +253,12 @@ def config_sae() -> tuple[StandardSAE, list[L.Callback]]:
             callbacks.append(DecoderNormConstraint(**callback.get("init_args", {})))
         elif callback["class_path"] not in CALLBACKS_WITHOUT_EFFECT:
             raise SystemExit(f"error: {CONFIG} uses {callback['class_path']}, not built here")
-    return StandardSAE(**model["init_args"]), callbacks
+    return StandardSAE(**{**model["init_args"], "init_seed": init_seed}), callbacks
 
 
-def train(data: L.LightningDataModule, steps: int) -> StandardSAE:
-    L.seed_everything(0)
-    module, callbacks = config_sae()
+def train(data: L.LightningDataModule, steps: int, init_seed: int = 0) -> StandardSAE:
+    L.seed_everything(init_seed)
+    module, callbacks = config_sae(init_seed)
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -305,7 +306,9 @@ def fvu_table(args: argparse.Namespace) -> dict[str, Any]:
     mixing = stream(args.buffer_bytes, args.mix_refills, args.cursors, args.mix_decay)
     mixing.setup("fit")
     held_out = torch.cat(list(mixing.val_dataloader()))
-    results: dict[str, Any] = {"held_out_rows": len(held_out), "steps": args.steps}
+    results: dict[str, Any] = {
+        "held_out_rows": len(held_out), "steps": args.steps, "init_seed": args.init_seed
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         rows = training_text_cache(mixing, Path(tmp))
         cache = ActivationDataModule(  # one generation of every row, served in a random order
@@ -313,17 +316,17 @@ def fvu_table(args: argparse.Namespace) -> dict[str, Any]:
             shuffle_buffer_tokens=2 * rows, mix_refills=1, pin_memory=False,
         )  # fmt: skip
         results["cache_rows"] = rows
-        trained = train(cache, args.steps)
+        trained = train(cache, args.steps, args.init_seed)
         results["cache"] = held_out_fvu(trained, held_out)
         results["cache_l0"] = held_out_l0(trained, held_out)
         print(json.dumps(results), flush=True)
-    trained = train(mixing, args.steps)
+    trained = train(mixing, args.steps, args.init_seed)
     results["mixing"] = held_out_fvu(trained, held_out)
     results["mixing_l0"] = held_out_l0(trained, held_out)
     print(json.dumps(results), flush=True)
     if args.fvu_before:
         before = stream(args.buffer_bytes, 1, 1)
-        results["before"] = held_out_fvu(train(before, args.steps), held_out)
+        results["before"] = held_out_fvu(train(before, args.steps, args.init_seed), held_out)
     results["mixing_vs_cache"] = results["mixing"] / results["cache"] - 1
     return results
 
@@ -348,6 +351,7 @@ def main() -> None:
     parser.add_argument("--no-mixing", action="store_true", help="the FVU comparison only")
     parser.add_argument("--fvu-before", action="store_true")
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--init-seed", type=int, default=0, help="the FVU comparison's SAEs' seed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--peak-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
