@@ -103,3 +103,28 @@ def test_sparse_step_under_bf16_autocast_matches_dense_within_bf16() -> None:
     for param, grad in runs["dense"]["grads"].items():
         assert runs["sparse"]["grads"][param].dtype == torch.float32
         torch.testing.assert_close(runs["sparse"]["grads"][param], grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "tanh"])
+def test_the_weighted_penalty_of_a_sparse_step_has_the_same_gradient_every_run(
+    penalty: str,
+) -> None:
+    # Many entries per latent: the decoder norms' gradient sums each latent's entries. Autograd's
+    # own backward of a gather (index_put with accumulate) adds them in an order that varies
+    # between runs on a multi-threaded CPU, so two identical runs drifted apart by an ulp a step
+    # (a group's members then no longer equalled their separate runs bitwise).
+    generator = torch.Generator().manual_seed(0)
+    sae = StandardSAE(d_in=16, d_sae=64, decode_impl="sparse", sparsity_penalty=penalty)
+    x = torch.randn(4096, 16, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            sae.zero_grad(set_to_none=True)
+            out = sae(x)
+            sae.loss_terms(x, out)[penalty].backward()
+            grads.append(sae.W_dec.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

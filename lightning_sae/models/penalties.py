@@ -7,10 +7,37 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_sae.models.sparse import SparseCode
 
 OrthogonalityShape = Literal["sigmoid", "power", "linear"]
+
+
+class _PerEntry(torch.autograd.Function):
+    """``per_latent[indices]``, whose gradient sums each latent's entries with a bincount.
+
+    Autograd's own backward of the gather (index_put with accumulate) adds a latent's many
+    entries in an order that varies between runs on a multi-threaded CPU, so two identical runs
+    drifted apart; a bincount adds them in entry order.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, per_latent: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(indices)
+        ctx.n_latents = per_latent.shape[0]
+        return per_latent[indices]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (indices,) = ctx.saved_tensors
+        if grad.device.type != "cpu":  # CUDA's bincount adds atomically: no order to keep
+            return torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(
+                0, indices, grad
+            ), None
+        summed = torch.bincount(indices, weights=grad.float(), minlength=ctx.n_latents)
+        return summed.to(grad.dtype), None
 
 
 def l1_penalty(acts: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
@@ -30,7 +57,7 @@ def l1_penalty_of_code(code: SparseCode, decoder_norms: Tensor | None = None) ->
     (a zero adds nothing to the sum)."""
     magnitudes = code.values.abs()
     if decoder_norms is not None:
-        magnitudes = magnitudes * decoder_norms[code.indices]
+        magnitudes = magnitudes * _PerEntry.apply(decoder_norms, code.indices)
     return magnitudes.sum() / max(code.n_rows, 1)
 
 
@@ -40,7 +67,7 @@ def tanh_penalty_of_code(
     """:func:`tanh_penalty` of the dense activations ``code`` stands for (tanh(0) = 0)."""
     weighted = code.values.abs()
     if decoder_norms is not None:
-        weighted = weighted * decoder_norms[code.indices]
+        weighted = weighted * _PerEntry.apply(decoder_norms, code.indices)
     return torch.tanh(scale * weighted).sum() / max(code.n_rows, 1)
 
 
