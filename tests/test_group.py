@@ -238,6 +238,28 @@ def test_members_clip_by_their_own_default_as_alone() -> None:
             assert not torch.equal(unclipped.W_enc, alone.W_enc), member["name"]
 
 
+def test_the_decoder_norm_constraint_acts_on_the_members_it_names() -> None:
+    """``DecoderNormConstraint(members=[...])``: the named members end exactly as alone under
+    the constraint, the others exactly as alone without it (a sweep's L1 member trains free
+    beside constrained TopK members); a name the group lacks fails before training, named."""
+    members = [
+        spec("TopKSAE", "k4", "resid", k=4, lr=3e-3),
+        spec("StandardSAE", "l1", "resid", lr=1e-3, l1_coefficient=0.5),
+    ]
+    group = SAEGroup(members=copy.deepcopy(members))
+    fit(group, TwoHookToy(serve="resid"), 4, callbacks=[DecoderNormConstraint(members=["k4"])])
+    for member, constrained in zip(members, [True, False]):
+        alone = solo(member)
+        constraint = [DecoderNormConstraint()] if constrained else []
+        fit(alone, TwoHookToy(serve="resid"), 4, callbacks=constraint)
+        assert_same_weights(alone, group.members[member["name"]], member["name"])
+    row_norms = group.members["l1"].W_dec.norm(dim=1)
+    assert not torch.allclose(row_norms, torch.ones_like(row_norms))  # free rows moved
+    with pytest.raises(ValueError, match=r"members \['k8'\] name no member.*\['k4', 'l1'\]"):
+        wrong = SAEGroup(members=copy.deepcopy(members))
+        fit(wrong, TwoHookToy(serve="resid"), 1, callbacks=[DecoderNormConstraint(members=["k8"])])
+
+
 @pytest.mark.parametrize("serve", ["dict", "tensor"])
 def test_each_member_trains_exactly_as_alone(serve: str) -> None:
     """Members with their own optimizers (Adam, AdamW), schedules, clipping and callbacks end
