@@ -248,7 +248,7 @@ def test_the_decoder_norm_constraint_acts_on_the_members_it_names() -> None:
     ]
     group = SAEGroup(members=copy.deepcopy(members))
     fit(group, TwoHookToy(serve="resid"), 4, callbacks=[DecoderNormConstraint(members=["k4"])])
-    for member, constrained in zip(members, [True, False]):
+    for member, constrained in zip(members, [True, False], strict=True):
         alone = solo(member)
         constraint = [DecoderNormConstraint()] if constrained else []
         fit(alone, TwoHookToy(serve="resid"), 4, callbacks=constraint)
