@@ -14,8 +14,11 @@ for s in 0 1; do
   [ $s = 0 ] || run $s approx_l0
   run $s approx_l0 $M.lr_warmup_steps=0
   run $s approx_l0 $M.epsilon=0.3
-  for c in topk batchtopk; do
+  for c in topk batchtopk matryoshka; do  # matryoshka: session 18
     run $s $c
     run $s $c $M.dead_window_tokens=100000
   done
 done
+# topk-sharded.yaml (4 gloo processes; not a toy_configs config), session 18: as configured and
+# with --model.init_args.dead_window_tokens 100000, each with --model.init_args.init_seed S
+# --seed_everything S; its final-metrics tables: sharded_{asconf,w100k}_s{0,1}.txt here.
