@@ -7,19 +7,20 @@ The AuxK term stays the one-process term. One gloo launch of two processes, a 1x
 dictionary split in two). Cost: about 10 s (two processes importing torch).
 """
 
-import os
-import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lightning_sae.parallel.sharded as sharded
 from lightning_sae.models.topk import TopKSAE
 from lightning_sae.parallel.layers import sharded_class
 from lightning_sae.parallel.sharded import LatentShard, slice_to_shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gloo import reports_of_ranks  # noqa: E402
 
 D_IN, D_SAE, K, AUX_K, ROWS = 16, 32, 4, 8, 24
 WINDOW = 64
@@ -42,51 +43,40 @@ def auxk_term(sae: TopKSAE, x: torch.Tensor, dead: list[int]) -> float:
     return float(sae.auxk_loss(x_n, sae.forward_normalized(x_n)))
 
 
-def _rank(rank: int, port: int, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        everyone = dist.group.WORLD
-        shard = LatentShard(D_SAE, rank, 2, 1, everyone, None, everyone)
-        sae = new_sae()
-        sae.__class__ = sharded_class(TopKSAE)
-        slice_to_shard(sae, shard)
-        x = shard.gather_rows(batch().chunk(2)[rank])  # the member's rows joined: the batch
-        sent: dict[str, list[tuple[int, ...]]] = {}
-        terms = {}
-        real_gather = sharded.gather_last
-        for case, dead in CASES.items():
-            widths: list[tuple[int, ...]] = []
+def _report(rank: int, world: int) -> dict:
+    everyone = dist.group.WORLD
+    shard = LatentShard(D_SAE, rank, world, 1, everyone, None, everyone)
+    sae = new_sae()
+    sae.__class__ = sharded_class(TopKSAE)
+    slice_to_shard(sae, shard)
+    x = shard.gather_rows(batch().chunk(2)[rank])  # the member's rows joined: the batch
+    sent: dict[str, list[tuple[int, ...]]] = {}
+    terms = {}
+    real_gather = sharded.gather_last
+    for case, dead in CASES.items():
+        held = [i - shard.start for i in dead if shard.start <= i < shard.stop]
+        sae.tokens_since_fired.zero_()
+        sae.tokens_since_fired[held] = WINDOW
+        x_n = sae.normalize(x)
+        output = sae.forward_normalized(x_n)
+        widths: list[tuple[int, ...]] = []
 
-            def recording(t: torch.Tensor, group: object, widths: list = widths) -> torch.Tensor:
-                widths.append(tuple(t.shape))
-                return real_gather(t, group)
+        def recording(t: torch.Tensor, group: object, widths: list = widths) -> torch.Tensor:
+            widths.append(tuple(t.shape))
+            return real_gather(t, group)
 
-            local_dead = [i - shard.start for i in dead if shard.start <= i < shard.stop]
-            sharded.gather_last = recording
-            try:
-                sae.tokens_since_fired.zero_()
-                sae.tokens_since_fired[local_dead] = WINDOW
-                x_n = sae.normalize(x)
-                output = sae.forward_normalized(x_n)
-                widths.clear()  # the forward's own top-k gather is not AuxK's
-                terms[case] = float(sae.auxk_loss(x_n, output))
-            finally:
-                sharded.gather_last = real_gather
-            sent[case] = widths
-        torch.save({"sent": sent, "terms": terms}, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        sharded.gather_last = recording  # what AuxK sends, from here on
+        try:
+            terms[case] = float(sae.auxk_loss(x_n, output))
+        finally:
+            sharded.gather_last = real_gather
+        sent[case] = widths
+    return {"sent": sent, "terms": terms}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sharded_auxk")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(port, out), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return reports_of_ranks(_report, 2, tmp_path_factory.mktemp("sharded_auxk"))
 
 
 def test_auxk_sends_no_candidates_while_no_latent_is_dead(two_ranks: list[dict]) -> None:

@@ -7,8 +7,7 @@ dictionary. One gloo launch of two processes checks both meshes a pair of ranks 
 the dictionary split in two; 2x1: each rank a whole copy) against the one-process init.
 """
 
-import os
-import socket
+import sys
 from pathlib import Path
 
 import faiss
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_sae.callbacks.init import METHODS as ALL_METHODS
@@ -25,6 +23,9 @@ from lightning_sae.models.clt import JumpReLUCrossLayerTranscoder
 from lightning_sae.models.standard import StandardSAE
 from lightning_sae.parallel.kmeans import _SplitRandom, sharded_spherical_kmeans
 from lightning_sae.parallel.sharded import LatentShard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gloo import reports_of_ranks  # noqa: E402
 
 # The dictionary's 32 rows are a size no other tensor of the init has (the sample's 48 rows,
 # 16 per member, width 16, 3 rare rows), so a tensor with a dimension of 32 is the dictionary.
@@ -94,39 +95,29 @@ class LargestTensors(TorchDispatchMode):
         return out
 
 
-def _rank(rank: int, port: int, world: int, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        everyone = dist.group.WORLD
-        meshes = {
-            "1x2": LatentShard(D_SAE, rank, world, 1, everyone, None, everyone),
-            "2x1": LatentShard(D_SAE, 0, 1, world, None, everyone, everyone),
-        }
-        report = {}
-        for mesh, shard in meshes.items():
-            sae = StandardSAE(d_in=D_IN, d_sae=D_SAE)
-            sae.shard = shard  # what shard_of reads: the dictionary's size is the shard's
-            for method in METHODS:
-                init = DataInformedInit(method=method, n_samples=N, rare_fraction=0.1)
-                with LargestTensors() as created:
-                    weights = init.initial_weights(clustered_sample(), sae, None, shard)
-                report[mesh, method] = weights, created.shapes
-            for method in ALL_METHODS:  # a CLT's slice of every layer
-                report[mesh, "clt", method] = clt_init(method, shard)
-        torch.save(report, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _report(rank: int, world: int) -> dict:
+    everyone = dist.group.WORLD
+    meshes = {
+        "1x2": LatentShard(D_SAE, rank, world, 1, everyone, None, everyone),
+        "2x1": LatentShard(D_SAE, 0, 1, world, None, everyone, everyone),
+    }
+    report = {}
+    for mesh, shard in meshes.items():
+        sae = StandardSAE(d_in=D_IN, d_sae=D_SAE)
+        sae.shard = shard  # what shard_of reads: the dictionary's size is the shard's
+        for method in METHODS:
+            init = DataInformedInit(method=method, n_samples=N, rare_fraction=0.1)
+            with LargestTensors() as created:
+                weights = init.initial_weights(clustered_sample(), sae, None, shard)
+            report[mesh, method] = weights, created.shapes
+        for method in ALL_METHODS:  # a CLT's slice of every layer
+            report[mesh, "clt", method] = clt_init(method, shard)
+    return report
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sharded_init")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(port, 2, out), nprocs=2)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return reports_of_ranks(_report, 2, tmp_path_factory.mktemp("sharded_init"))
 
 
 @pytest.mark.parametrize("method", METHODS)
