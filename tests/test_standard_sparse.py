@@ -128,3 +128,18 @@ def test_the_weighted_penalty_of_a_sparse_step_has_the_same_gradient_every_run(
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_the_weighted_penalty_of_a_float64_sparse_step_keeps_float64_precision() -> None:
+    # The decoder norms' gradient of the sparse step's weighted L1 sums each latent's entries
+    # (a bincount on CPU): in a float64 run those sums stay float64, as dense autograd's do.
+    grads = {}
+    for impl in ("dense", "sparse"):
+        torch.manual_seed(0)
+        sae = StandardSAE(**SIZES, decode_impl=impl).double()
+        x = torch.randn(ROWS, D_IN, dtype=torch.float64)
+        out = sae.forward_normalized(x)
+        sae.loss_terms(x, out)["l1"].backward()
+        grads[impl] = sae.W_dec.grad
+    assert grads["sparse"].dtype == torch.float64
+    torch.testing.assert_close(grads["sparse"], grads["dense"], rtol=1e-12, atol=1e-12)

@@ -36,7 +36,9 @@ class _PerEntry(torch.autograd.Function):
             return torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(
                 0, indices, grad
             ), None
-        summed = torch.bincount(indices, weights=grad.float(), minlength=ctx.n_latents)
+        # bincount sums in its weights' dtype: float64 stays, half precisions add in float32.
+        weights = grad if grad.dtype == torch.float64 else grad.float()
+        summed = torch.bincount(indices, weights=weights, minlength=ctx.n_latents)
         return summed.to(grad.dtype), None
 
 
