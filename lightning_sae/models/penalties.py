@@ -15,11 +15,12 @@ OrthogonalityShape = Literal["sigmoid", "power", "linear"]
 
 
 class _PerEntry(torch.autograd.Function):
-    """``per_latent[indices]``, whose gradient sums each latent's entries with a bincount.
+    """``per_latent[indices]``, whose gradient sums each latent's entries with ``index_add_``.
 
     Autograd's own backward of the gather (index_put with accumulate) adds a latent's many
     entries in an order that varies between runs on a multi-threaded CPU, so two identical runs
-    drifted apart; a bincount adds them in entry order.
+    drifted apart; ``index_add_`` adds them in entry order on CPU (as the sparse encoder's bias
+    gradient, ``models/sparse.py``), in the gradient's own dtype.
     """
 
     @staticmethod
@@ -32,14 +33,8 @@ class _PerEntry(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (indices,) = ctx.saved_tensors
-        if grad.device.type != "cpu":  # CUDA's bincount adds atomically: no order to keep
-            return torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device).index_add_(
-                0, indices, grad
-            ), None
-        # bincount sums in its weights' dtype: float64 stays, half precisions add in float32.
-        weights = grad if grad.dtype == torch.float64 else grad.float()
-        summed = torch.bincount(indices, weights=weights, minlength=ctx.n_latents)
-        return summed.to(grad.dtype), None
+        summed = torch.zeros(ctx.n_latents, dtype=grad.dtype, device=grad.device)
+        return summed.index_add_(0, indices, grad), None
 
 
 def l1_penalty(acts: Tensor, decoder_norms: Tensor | None = None) -> Tensor:
